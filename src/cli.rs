@@ -1,0 +1,45 @@
+//! Command-line flags, parsed by argh; validation lives in `config`.
+
+use argh::FromArgs;
+
+/// uringproxy: a transparent TUN proxy that relays every TCP flow routed into its TUN
+/// device through ordinary kernel sockets bound to one physical interface.
+#[derive(FromArgs, Debug)]
+pub struct Args {
+    /// outbound interface that relayed connections leave through (SO_BINDTODEVICE)
+    #[argh(option, short = 'i')]
+    pub interface: String,
+
+    /// name of the TUN device to create (default: uringproxy0)
+    #[argh(option, default = "String::from(\"uringproxy0\")")]
+    pub tun: String,
+
+    /// address of the TUN device as CIDR, repeatable, IPv4 and/or IPv6
+    /// (default: 198.18.0.1/30 and fd7a:7072:7879::1/64)
+    #[argh(option)]
+    pub tun_addr: Vec<String>,
+
+    /// MTU of the TUN device (default: 1500)
+    #[argh(option, default = "1500")]
+    pub mtu: u32,
+
+    /// pin the proxy's thread to this CPU core
+    #[argh(option)]
+    pub cpu: Option<usize>,
+
+    /// disable checksum and segmentation offload on the TUN device
+    #[argh(switch)]
+    pub no_offload: bool,
+
+    /// most TCP flows relayed at once; further SYNs are answered with RST (default: 16384)
+    #[argh(option, default = "16384")]
+    pub max_flows: usize,
+
+    /// bytes of receive and of send buffer for each relayed flow (default: 262144)
+    #[argh(option, default = "262144")]
+    pub flow_buffer: usize,
+
+    /// seconds to wait for an outbound connect before the client gets RST (default: 10)
+    #[argh(option, default = "10")]
+    pub connect_timeout: u64,
+}

@@ -1,0 +1,70 @@
+//! Start-up errors: each names the problem in one line for the user.
+
+use std::fmt;
+use std::io;
+
+/// Why the proxy could not start (or had to stop).
+#[derive(Debug)]
+pub enum Error {
+    /// A flag value is invalid; the text says which and why.
+    Usage(String),
+    /// `-i` names an interface that does not exist.
+    UnknownInterface(String),
+    /// Creating network devices and binding to interfaces needs root (CAP_NET_ADMIN, CAP_NET_RAW).
+    NotPermitted(&'static str),
+    /// The kernel offers no TUN driver.
+    NoTun(io::Error),
+    /// The TUN name is already taken by an interface we did not create.
+    TunExists(String),
+    /// io_uring could not be set up (disabled by sysctl, seccomp, or too old a kernel).
+    IoUring(io::Error),
+    /// Any other system call failure during set-up or in the event loop.
+    Io(&'static str, io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Usage(text) => write!(f, "{text}"),
+            Error::UnknownInterface(name) => {
+                write!(
+                    f,
+                    "unknown interface '{name}' (see `ip link` for the names)"
+                )
+            }
+            Error::NotPermitted(what) => {
+                write!(
+                    f,
+                    "not permitted to {what}: run as root (needs CAP_NET_ADMIN and CAP_NET_RAW)"
+                )
+            }
+            Error::NoTun(err) => write!(
+                f,
+                "cannot open /dev/net/tun: {err} (is the tun module loaded?)"
+            ),
+            Error::TunExists(name) => {
+                write!(
+                    f,
+                    "interface '{name}' already exists; pick another --tun name"
+                )
+            }
+            Error::IoUring(err) => write!(
+                f,
+                "io_uring unavailable: {err} (check the kernel.io_uring_disabled sysctl and seccomp)"
+            ),
+            Error::Io(what, err) => write!(f, "{what}: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Error {
+    /// Maps EPERM/EACCES to `NotPermitted`, anything else to `Io`.
+    pub fn from_io(what: &'static str, err: io::Error) -> Error {
+        match err.kind() {
+            io::ErrorKind::PermissionDenied => Error::NotPermitted(what),
+            _ => Error::Io(what, err),
+        }
+    }
+}

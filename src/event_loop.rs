@@ -1,0 +1,675 @@
+//! The single-threaded event loop: TUN packets and outbound socket I/O all complete on
+//! one io_uring ring; each turn drains completions, runs smoltcp for the flows that have
+//! work, queues the resulting writes and sleeps until the next completion or timer.
+#![allow(unsafe_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types};
+use log::{debug, info, warn};
+use nix::libc;
+use slab::Slab;
+use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{IpAddress, IpEndpoint, IpListenEndpoint};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::relay::{Phase, Relay, Teardown};
+use crate::stack::{self, FlowKey, Parsed, StackDevice, TxPool};
+use crate::stats::Stats;
+use crate::tun::Tun;
+use crate::uring::{self, BufRing, Completion, Op, Ring, Token};
+
+/// TUN read buffers (kernel-provided ring); each holds one packet.
+const TUN_READ_BUFFERS: u16 = 512;
+/// Buffer group id of the TUN read buffers.
+const TUN_READ_GROUP: u16 = 0;
+/// TUN write buffers; when all are in flight smoltcp holds data back.
+const TUN_WRITE_BUFFERS: u16 = 1024;
+/// Completions handled per turn before smoltcp runs and writes go out.
+const MAX_COMPLETIONS_PER_TURN: usize = 1024;
+/// Packets one flow may emit per turn, so one bulk flow cannot starve the rest.
+const EGRESS_BUDGET: usize = 256;
+/// Timers fired per turn.
+const MAX_TIMERS_PER_TURN: usize = 1024;
+/// Bytes of server data staged per flow between a recv and the smoltcp send buffer.
+const STAGING_BYTES: usize = 64 * 1024;
+/// How often counters are logged at debug level.
+const STATS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Sets up the TUN, the ring and the stack, then runs until a fatal error.
+pub fn run(config: Config) -> Result<(), Error> {
+    check_bind_permission(&config.interface)?;
+    let tun = Tun::create(&config)?;
+    if let Some(cpu) = config.cpu {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu)
+            .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set))
+            .map_err(|err| Error::Io("pin to --cpu", err.into()))?;
+    }
+    // Each flow holds one outbound socket; leave room for the ring, TUN and stdio.
+    let fd_limit = crate::sys::raise_fd_limit(config.max_flows as u64 + 64);
+    let mut proxy = Proxy::new(config, tun)?;
+    if proxy.config.offload {
+        info!("TUN offload is not negotiated by this build; packets are MTU-sized");
+    }
+    info!(
+        "relaying TCP from {} ({}) via {}, mtu {}, up to {} flows (fd limit {})",
+        proxy.tun.name(),
+        proxy
+            .config
+            .tun_addrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        proxy.config.interface,
+        proxy.config.mtu,
+        proxy.config.max_flows,
+        fd_limit
+    );
+    proxy.run()
+}
+
+/// SO_BINDTODEVICE needs CAP_NET_RAW: find out at start-up, not on the first flow.
+fn check_bind_permission(interface: &str) -> Result<(), Error> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(|err| Error::Io("create a TCP socket", err))?;
+    socket
+        .bind_device(Some(interface.as_bytes()))
+        .map_err(|err| Error::from_io("bind sockets to the interface (SO_BINDTODEVICE)", err))
+}
+
+/// One relayed TCP connection. Boxed in the slab so the buffers and the address that
+/// in-flight operations point into never move.
+struct Flow {
+    key: FlowKey,
+    generation: u32,
+    sockets: SocketSet<'static>,
+    handle: SocketHandle,
+    /// `None` once the close has been submitted.
+    outbound: Option<Socket>,
+    /// Read by the kernel when the connect is submitted.
+    server_addr: SockAddr,
+    relay: Relay,
+    /// Already on the work list for this turn.
+    queued: bool,
+    /// Waiting for a TUN write buffer.
+    starved: bool,
+    /// The live entry of this flow in the timer heap, if any.
+    timer_at: Option<Instant>,
+    teardown_started: bool,
+}
+
+impl Flow {
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.outbound.as_ref().map_or(-1, |s| s.as_raw_fd()))
+    }
+}
+
+struct Proxy {
+    /// Declared first so it is dropped first: it points into the buffers below.
+    ring: Ring,
+    tun_reads: BufRing,
+    tx: TxPool,
+    tun: Tun,
+    iface: Interface,
+    flows: Slab<Box<Flow>>,
+    by_key: HashMap<FlowKey, usize>,
+    /// Packets for no known flow go through an empty set: smoltcp answers with RST.
+    no_flow: SocketSet<'static>,
+    work: Vec<usize>,
+    starved: Vec<usize>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    completions: Vec<Completion>,
+    next_generation: u32,
+    /// The kernel copies it when a connect's linked timeout is submitted.
+    connect_timeout: Box<types::Timespec>,
+    tun_read_armed: bool,
+    stats: Stats,
+    epoch: std::time::Instant,
+    last_stats: std::time::Instant,
+    config: Config,
+}
+
+impl Proxy {
+    fn new(config: Config, tun: Tun) -> Result<Proxy, Error> {
+        let ring = Ring::new().map_err(Error::IoUring)?;
+        let mtu = config.mtu as usize;
+        let tun_reads = BufRing::new(ring.inner(), TUN_READ_GROUP, TUN_READ_BUFFERS, mtu)
+            .map_err(|err| Error::Io("register TUN read buffers", err))?;
+        let mut tx = TxPool::new(TUN_WRITE_BUFFERS, mtu);
+        let epoch = std::time::Instant::now();
+        let iface = stack::new_interface(
+            &mut StackDevice::egress(&mut tx, mtu),
+            Instant::ZERO,
+            random_seed(),
+        );
+        Ok(Proxy {
+            ring,
+            tun_reads,
+            tx,
+            tun,
+            iface,
+            flows: Slab::new(),
+            by_key: HashMap::new(),
+            no_flow: SocketSet::new(Vec::new()),
+            work: Vec::new(),
+            starved: Vec::new(),
+            timers: BinaryHeap::new(),
+            completions: Vec::with_capacity(MAX_COMPLETIONS_PER_TURN),
+            next_generation: 0,
+            connect_timeout: Box::new(types::Timespec::from(config.connect_timeout)),
+            tun_read_armed: false,
+            stats: Stats::default(),
+            epoch,
+            last_stats: epoch,
+            config,
+        })
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    fn run(&mut self) -> Result<(), Error> {
+        loop {
+            if !self.tun_read_armed {
+                self.arm_tun_read()?;
+            }
+            self.flush_tun_writes()?;
+            let timeout = self.next_timeout();
+            self.ring
+                .submit_and_wait(timeout)
+                .map_err(|err| Error::Io("io_uring_enter", err))?;
+
+            let mut completions = std::mem::take(&mut self.completions);
+            self.ring.drain(&mut completions, MAX_COMPLETIONS_PER_TURN);
+            for completion in &completions {
+                self.on_completion(*completion);
+            }
+            self.completions = completions;
+            self.tun_reads.publish();
+
+            self.fire_timers();
+            self.service_work();
+            self.compact_timers();
+            self.log_stats();
+        }
+    }
+
+    fn arm_tun_read(&mut self) -> Result<(), Error> {
+        let read =
+            opcode::ReadMulti::new(types::Fd(self.tun.as_raw_fd()), 0, self.tun_reads.group())
+                .build()
+                .user_data(Token::new(Op::TunRead, 0, 0).encode());
+        // SAFETY: the read only uses buffers of the registered ring, which lives as
+        // long as the ring.
+        unsafe { self.ring.push(&[read]) }.map_err(|err| Error::Io("queue TUN read", err))?;
+        self.tun_read_armed = true;
+        Ok(())
+    }
+
+    fn flush_tun_writes(&mut self) -> Result<(), Error> {
+        let fd = types::Fd(self.tun.as_raw_fd());
+        let ring = &mut self.ring;
+        let mut result = Ok(());
+        self.tx.take_ready(|index, packet| {
+            let write = opcode::Write::new(fd, packet.as_ptr(), packet.len() as u32)
+                .build()
+                .user_data(Token::new(Op::TunWrite, 0, usize::from(index)).encode());
+            // SAFETY: the buffer stays in the pool, unused, until this write's completion
+            // releases it (`on_completion`, Op::TunWrite).
+            if let Err(err) = unsafe { ring.push(&[write]) } {
+                result = Err(Error::Io("queue TUN write", err));
+            }
+        });
+        result
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        if !self.work.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let Reverse((at, _, _)) = self.timers.peek()?;
+        let now = self.now();
+        Some(if *at > now {
+            Duration::from_micros((*at - now).total_micros())
+        } else {
+            Duration::ZERO
+        })
+    }
+
+    fn on_completion(&mut self, completion: Completion) {
+        let Some(token) = Token::decode(completion.user_data) else {
+            return;
+        };
+        let result = completion.result;
+        match token.op {
+            Op::TunRead => self.on_tun_read(result, completion.flags),
+            Op::TunWrite => {
+                self.tx.release(token.key as u16);
+                if result < 0 {
+                    self.stats.tun_write_errors += 1;
+                } else {
+                    self.stats.tun_writes += 1;
+                    self.stats.tun_write_bytes += result as u64;
+                }
+                // Flows that found no buffer can make progress again.
+                for key in self.starved.drain(..) {
+                    if let Some(flow) = self.flows.get_mut(key) {
+                        flow.starved = false;
+                        enqueue(&mut self.work, flow, key);
+                    }
+                }
+            }
+            Op::Ignore => {}
+            Op::Connect | Op::Send | Op::Recv | Op::Shutdown => {
+                let key = token.key as usize;
+                let Some(flow) = self.flows.get_mut(key) else {
+                    return;
+                };
+                if flow.generation != token.generation {
+                    return;
+                }
+                let socket = flow.sockets.get_mut::<tcp::Socket>(flow.handle);
+                match token.op {
+                    Op::Connect => flow.relay.on_connected(socket, result),
+                    Op::Send => {
+                        self.stats.bytes_up += result.max(0) as u64;
+                        flow.relay.on_sent(socket, result);
+                    }
+                    Op::Recv => {
+                        self.stats.bytes_down += result.max(0) as u64;
+                        flow.relay.on_received(socket, result);
+                    }
+                    _ => flow.relay.on_shutdown(socket, result),
+                }
+                enqueue(&mut self.work, flow, key);
+            }
+        }
+    }
+
+    fn on_tun_read(&mut self, result: i32, flags: u32) {
+        if !uring::more(flags) {
+            self.tun_read_armed = false;
+        }
+        let Some(bid) = uring::buffer_id(flags) else {
+            if result != -libc::ENOBUFS {
+                warn!(
+                    "TUN read failed: {}",
+                    std::io::Error::from_raw_os_error(-result)
+                );
+            }
+            return;
+        };
+        if result > 0 {
+            self.stats.tun_reads += 1;
+            self.stats.tun_read_bytes += result as u64;
+            self.on_tun_packet(bid, result as usize);
+        }
+        self.tun_reads.recycle(bid);
+    }
+
+    fn on_tun_packet(&mut self, bid: u16, len: usize) {
+        let Some(packet) = self.tun_reads.packet(bid, len) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let (key, opens) = match stack::parse(packet) {
+            Parsed::Tcp { key, opens } => (key, opens),
+            Parsed::Unsupported => {
+                self.stats.unsupported += 1;
+                return;
+            }
+            Parsed::Malformed => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        let slot = match self.by_key.get(&key) {
+            Some(&slot) => Some(slot),
+            None if opens => self.open_flow(key),
+            None => None,
+        };
+        let now = self.now();
+        let mtu = self.config.mtu as usize;
+        let Some(packet) = self.tun_reads.packet(bid, len) else {
+            return;
+        };
+        let mut device = StackDevice::ingress(packet, &mut self.tx, mtu);
+        match slot.and_then(|slot| self.flows.get_mut(slot).map(|flow| (slot, flow))) {
+            Some((slot, flow)) => {
+                self.iface
+                    .poll_ingress_single(now, &mut device, &mut flow.sockets);
+                enqueue(&mut self.work, flow, slot);
+            }
+            None => {
+                self.stats.no_flow += 1;
+                self.iface
+                    .poll_ingress_single(now, &mut device, &mut self.no_flow);
+            }
+        }
+    }
+
+    /// Starts a flow for a new SYN: a held-back listening socket plus an outbound connect.
+    /// `None` (the SYN is then answered with RST) when a limit is hit.
+    fn open_flow(&mut self, key: FlowKey) -> Option<usize> {
+        if self.flows.len() >= self.config.max_flows {
+            self.stats.refused_limit += 1;
+            return None;
+        }
+        let outbound = match outbound_socket(key.server, &self.config.interface) {
+            Ok(socket) => socket,
+            Err(err) => {
+                self.stats.socket_errors += 1;
+                debug!("cannot open outbound socket for {}: {err}", key.server);
+                return None;
+            }
+        };
+        let buffer = self.config.flow_buffer;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; buffer]),
+            tcp::SocketBuffer::new(vec![0u8; buffer]),
+        );
+        // Nagle would delay small writes a second time: the client's kernel already
+        // coalesced them.
+        socket.set_nagle_enabled(false);
+        socket.pause_synack(true);
+        let listen = IpListenEndpoint {
+            addr: Some(key.server.addr),
+            port: key.server.port,
+        };
+        socket.listen(listen).ok()?;
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(socket);
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let slot = self.flows.insert(Box::new(Flow {
+            key,
+            generation,
+            sockets,
+            handle,
+            outbound: Some(outbound),
+            server_addr: SockAddr::from(endpoint_to_socket_addr(key.server)),
+            relay: Relay::new(STAGING_BYTES),
+            queued: false,
+            starved: false,
+            timer_at: None,
+            teardown_started: false,
+        }));
+        self.by_key.insert(key, slot);
+        self.stats.flows_opened += 1;
+
+        let flow = &self.flows[slot];
+        let connect = opcode::Connect::new(
+            flow.fd(),
+            flow.server_addr.as_ptr().cast(),
+            flow.server_addr.len(),
+        )
+        .build()
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(Token::new(Op::Connect, generation, slot).encode());
+        let timeout = opcode::LinkTimeout::new(&*self.connect_timeout)
+            .build()
+            .user_data(Token::new(Op::Ignore, 0, 0).encode());
+        // SAFETY: the address lives in the boxed flow, which is freed only after all its
+        // operations completed; the timespec lives as long as the proxy.
+        if unsafe { self.ring.push(&[connect, timeout]) }.is_err() {
+            warn!("cannot queue connect for {}", key.server);
+        }
+        Some(slot)
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.now();
+        for _ in 0..MAX_TIMERS_PER_TURN {
+            match self.timers.peek() {
+                Some(Reverse((at, _, _))) if *at <= now => {}
+                _ => break,
+            }
+            let Some(Reverse((at, key, generation))) = self.timers.pop() else {
+                break;
+            };
+            if let Some(flow) = self.flows.get_mut(key)
+                && flow.generation == generation
+                && flow.timer_at == Some(at)
+            {
+                flow.timer_at = None;
+                enqueue(&mut self.work, flow, key);
+            }
+        }
+    }
+
+    fn service_work(&mut self) {
+        let mut work = std::mem::take(&mut self.work);
+        for &key in &work {
+            self.service(key);
+        }
+        work.clear();
+        // Flows whose egress budget ran out were re-queued into `self.work` meanwhile.
+        std::mem::swap(&mut work, &mut self.work);
+        self.work.extend(work);
+    }
+
+    /// Runs one flow: relay I/O, smoltcp egress, teardown, timer.
+    fn service(&mut self, key: usize) {
+        let now = self.now();
+        let mtu = self.config.mtu as usize;
+        let Some(flow) = self.flows.get_mut(key) else {
+            return;
+        };
+        flow.queued = false;
+        submit_relay_io(&mut self.ring, flow, key);
+
+        let mut device = StackDevice::egress(&mut self.tx, mtu);
+        let mut budget_left = true;
+        for sent in 0.. {
+            if sent == EGRESS_BUDGET {
+                budget_left = false;
+                break;
+            }
+            if self.iface.poll_egress(now, &mut device, &mut flow.sockets) == PollResult::None {
+                break;
+            }
+        }
+        if self.tx.take_exhausted() && !flow.starved {
+            flow.starved = true;
+            self.starved.push(key);
+        }
+        if !budget_left {
+            enqueue(&mut self.work, flow, key);
+        }
+
+        let socket = flow.sockets.get::<tcp::Socket>(flow.handle);
+        flow.relay.update_phase(socket);
+        match flow.relay.phase() {
+            Phase::Closing(teardown) => self.teardown(key, teardown),
+            Phase::Connecting => {}
+            Phase::Open => {
+                if !flow.starved && !flow.queued {
+                    schedule(&mut self.timers, &mut self.iface, flow, key, now);
+                }
+            }
+        }
+    }
+
+    /// Cancels the flow's outbound I/O and, once nothing is in flight, closes and frees it.
+    fn teardown(&mut self, key: usize, teardown: Teardown) {
+        let flow = &mut self.flows[key];
+        if !flow.teardown_started {
+            flow.teardown_started = true;
+            if teardown == Teardown::Abortive {
+                if let Some(socket) = &flow.outbound {
+                    // Closing with linger 0 sends RST, which is what the server must see.
+                    let _ = socket.set_linger(Some(Duration::ZERO));
+                }
+                if flow.relay.inflight() > 0 {
+                    let cancel =
+                        opcode::AsyncCancel2::new(types::CancelBuilder::fd(flow.fd()).all())
+                            .build()
+                            .user_data(Token::new(Op::Ignore, 0, 0).encode());
+                    // SAFETY: a cancel points at no memory.
+                    let _ = unsafe { self.ring.push(&[cancel]) };
+                }
+            }
+        }
+        if flow.relay.inflight() > 0 {
+            return;
+        }
+        if let Some(failure) = flow.relay.failure() {
+            self.stats.count_failure(failure);
+        }
+        if let Some(socket) = flow.outbound.take() {
+            let close = opcode::Close::new(types::Fd(socket.into_raw_fd()))
+                .build()
+                .user_data(Token::new(Op::Ignore, 0, 0).encode());
+            // SAFETY: a close points at no memory; the fd is no longer owned by anyone.
+            let _ = unsafe { self.ring.push(&[close]) };
+        }
+        let flow_key = flow.key;
+        self.by_key.remove(&flow_key);
+        self.flows.remove(key);
+        self.stats.flows_closed += 1;
+    }
+
+    /// Superseded heap entries are skipped when popped; this bounds how many pile up.
+    fn compact_timers(&mut self) {
+        if self.timers.len() <= 2 * self.flows.len() + 4096 {
+            return;
+        }
+        let flows = &self.flows;
+        self.timers.retain(|Reverse((at, key, generation))| {
+            flows
+                .get(*key)
+                .is_some_and(|flow| flow.generation == *generation && flow.timer_at == Some(*at))
+        });
+    }
+
+    fn log_stats(&mut self) {
+        if self.last_stats.elapsed() < STATS_INTERVAL || !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        self.last_stats = std::time::Instant::now();
+        self.stats.reply_drops = self.tx.dropped_replies;
+        for line in self.stats.to_string().lines() {
+            debug!("{line} (active flows {})", self.flows.len());
+        }
+        if log::log_enabled!(log::Level::Trace) {
+            for (_, flow) in &self.flows {
+                let state = flow.sockets.get::<tcp::Socket>(flow.handle).state();
+                log::trace!("flow {:?}: {state} {:?}", flow.key, flow.relay);
+            }
+        }
+    }
+}
+
+/// Puts a flow on this turn's work list once.
+fn enqueue(work: &mut Vec<usize>, flow: &mut Flow, key: usize) {
+    if !flow.queued {
+        flow.queued = true;
+        work.push(key);
+    }
+}
+
+/// Starts the outbound sends, receives and shutdowns the relay asks for.
+fn submit_relay_io(ring: &mut Ring, flow: &mut Flow, key: usize) {
+    let fd = flow.fd();
+    let generation = flow.generation;
+    let socket = flow.sockets.get_mut::<tcp::Socket>(flow.handle);
+    let actions = flow.relay.pump(socket);
+    let mut entries = [None, None, None];
+    if let Some(data) = actions.send {
+        entries[0] = Some(
+            opcode::Send::new(fd, data.as_ptr(), data.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(Token::new(Op::Send, generation, key).encode()),
+        );
+    }
+    if let Some(space) = actions.recv {
+        entries[1] = Some(
+            opcode::Recv::new(fd, space.as_mut_ptr(), space.len() as u32)
+                .build()
+                .user_data(Token::new(Op::Recv, generation, key).encode()),
+        );
+    }
+    if actions.shutdown {
+        entries[2] = Some(
+            opcode::Shutdown::new(fd, libc::SHUT_WR)
+                .build()
+                .user_data(Token::new(Op::Shutdown, generation, key).encode()),
+        );
+    }
+    for entry in entries.into_iter().flatten() {
+        // SAFETY: `send` points into the smoltcp receive buffer and `recv` into the
+        // relay's staging buffer, both owned by this boxed flow. The relay leaves those
+        // bytes alone until the completion (`on_sent`/`on_received`), and the flow is
+        // freed only once no operation is in flight.
+        if unsafe { ring.push(&[entry]) }.is_err() {
+            warn!("cannot queue outbound I/O for {}", flow.key.server);
+        }
+    }
+}
+
+/// Arms the flow's next smoltcp timer (retransmit, delayed ACK, keep-alive).
+fn schedule(
+    timers: &mut BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    iface: &mut Interface,
+    flow: &mut Flow,
+    key: usize,
+    now: Instant,
+) {
+    let Some(at) = iface.poll_at(now, &flow.sockets) else {
+        return;
+    };
+    // "Now" after a full egress pass means smoltcp is waiting on something that is not a
+    // packet (e.g. a zero window); never spin on it.
+    let at = at.max(now + smoltcp::time::Duration::from_millis(1));
+    // An earlier live entry stays: it fires, the flow runs and re-arms with the real time.
+    if flow.timer_at.is_some_and(|current| current <= at) {
+        return;
+    }
+    flow.timer_at = Some(at);
+    timers.push(Reverse((at, key, flow.generation)));
+}
+
+/// A TCP socket bound to the outbound interface, so it leaves through `-i` even when
+/// policy routing would send its destination back into the TUN.
+fn outbound_socket(server: IpEndpoint, interface: &str) -> std::io::Result<Socket> {
+    let domain = match server.addr {
+        IpAddress::Ipv4(_) => Domain::IPV4,
+        IpAddress::Ipv6(_) => Domain::IPV6,
+    };
+    let socket = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    socket.bind_device(Some(interface.as_bytes()))?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket)
+}
+
+fn endpoint_to_socket_addr(endpoint: IpEndpoint) -> SocketAddr {
+    SocketAddr::new(endpoint.addr.into(), endpoint.port)
+}
+
+/// smoltcp's initial sequence numbers and ports derive from this; it must not repeat
+/// across runs.
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut bytes))
+        .is_ok()
+    {
+        return u64::from_ne_bytes(bytes);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()) << 32
+}

@@ -1,0 +1,257 @@
+//! Classifies a raw IP packet from the TUN and extracts the TCP 4-tuple that names its flow.
+
+use smoltcp::wire::{
+    IpAddress, IpEndpoint, IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpPacket,
+};
+
+/// The 4-tuple of a TCP flow as the client sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client: IpEndpoint,
+    pub server: IpEndpoint,
+}
+
+/// What a packet read from the TUN is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A TCP segment; `opens` is set for a SYN without ACK (a new connection).
+    Tcp { key: FlowKey, opens: bool },
+    /// A well-formed packet of a protocol we do not relay (yet), or an IP fragment.
+    Unsupported,
+    /// Too short, wrong version, lengths that do not add up.
+    Malformed,
+}
+
+/// Parses just enough of `packet` to route it: bounds-checked, never panics.
+pub fn parse(packet: &[u8]) -> Parsed {
+    // `IpVersion::of_packet` indexes the first byte unchecked.
+    if packet.is_empty() {
+        return Parsed::Malformed;
+    }
+    match IpVersion::of_packet(packet) {
+        Ok(IpVersion::Ipv4) => parse_ipv4(packet),
+        Ok(IpVersion::Ipv6) => parse_ipv6(packet),
+        _ => Parsed::Malformed,
+    }
+}
+
+fn parse_ipv4(packet: &[u8]) -> Parsed {
+    let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+        return Parsed::Malformed;
+    };
+    if ip.more_frags() || ip.frag_offset() != 0 || ip.next_header() != IpProtocol::Tcp {
+        return Parsed::Unsupported;
+    }
+    parse_tcp(
+        IpAddress::Ipv4(ip.src_addr()),
+        IpAddress::Ipv4(ip.dst_addr()),
+        ip.payload(),
+    )
+}
+
+fn parse_ipv6(packet: &[u8]) -> Parsed {
+    let Ok(ip) = Ipv6Packet::new_checked(packet) else {
+        return Parsed::Malformed;
+    };
+    // Extension headers (fragments, hop-by-hop options) are not produced by the kernel's
+    // own TCP; anything but TCP directly after the fixed header is not ours.
+    if ip.next_header() != IpProtocol::Tcp {
+        return Parsed::Unsupported;
+    }
+    parse_tcp(
+        IpAddress::Ipv6(ip.src_addr()),
+        IpAddress::Ipv6(ip.dst_addr()),
+        ip.payload(),
+    )
+}
+
+fn parse_tcp(src: IpAddress, dst: IpAddress, segment: &[u8]) -> Parsed {
+    let Ok(tcp) = TcpPacket::new_checked(segment) else {
+        return Parsed::Malformed;
+    };
+    if tcp.src_port() == 0 || tcp.dst_port() == 0 {
+        return Parsed::Malformed;
+    }
+    Parsed::Tcp {
+        key: FlowKey {
+            client: IpEndpoint::new(src, tcp.src_port()),
+            server: IpEndpoint::new(dst, tcp.dst_port()),
+        },
+        opens: tcp.syn() && !tcp.ack() && !tcp.rst(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        Ipv4Address, Ipv4Repr, Ipv6Address, Ipv6Repr, TcpControl, TcpRepr, TcpSeqNumber,
+    };
+
+    /// Builds a TCP segment in an IPv4 or IPv6 packet, the way the kernel would send it.
+    pub(crate) fn tcp_packet(
+        src: IpEndpoint,
+        dst: IpEndpoint,
+        control: TcpControl,
+        ack: bool,
+    ) -> Vec<u8> {
+        let tcp = TcpRepr {
+            src_port: src.port,
+            dst_port: dst.port,
+            control,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: ack.then_some(TcpSeqNumber(1)),
+            window_len: 64240,
+            window_scale: None,
+            max_seg_size: (control == TcpControl::Syn).then_some(1460),
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        let caps = ChecksumCapabilities::default();
+        match (src.addr, dst.addr) {
+            (IpAddress::Ipv4(s), IpAddress::Ipv4(d)) => {
+                let ip = Ipv4Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: tcp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+                let mut packet = Ipv4Packet::new_unchecked(&mut buf);
+                ip.emit(&mut packet, &caps);
+                let mut segment = TcpPacket::new_unchecked(packet.payload_mut());
+                tcp.emit(&mut segment, &src.addr, &dst.addr, &caps);
+                buf
+            }
+            (IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => {
+                let ip = Ipv6Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: tcp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+                let mut packet = Ipv6Packet::new_unchecked(&mut buf);
+                ip.emit(&mut packet);
+                let mut segment = TcpPacket::new_unchecked(packet.payload_mut());
+                tcp.emit(&mut segment, &src.addr, &dst.addr, &caps);
+                buf
+            }
+            _ => unreachable!("mixed address families"),
+        }
+    }
+
+    pub(crate) fn v4(a: [u8; 4], port: u16) -> IpEndpoint {
+        IpEndpoint::new(IpAddress::Ipv4(Ipv4Address::from(a)), port)
+    }
+
+    pub(crate) fn v6(last: u16, port: u16) -> IpEndpoint {
+        IpEndpoint::new(
+            IpAddress::Ipv6(Ipv6Address::new(0xfd00, 0, 0, 0, 0, 0, 0, last)),
+            port,
+        )
+    }
+
+    #[test]
+    fn syn_opens_a_flow_with_its_4_tuple() {
+        for (client, server) in [
+            (v4([10, 0, 0, 1], 40000), v4([10, 0, 0, 2], 80)),
+            (v6(1, 40000), v6(2, 443)),
+        ] {
+            let syn = tcp_packet(client, server, TcpControl::Syn, false);
+            assert_eq!(
+                parse(&syn),
+                Parsed::Tcp {
+                    key: FlowKey { client, server },
+                    opens: true
+                }
+            );
+            let ack = tcp_packet(client, server, TcpControl::None, true);
+            assert_eq!(
+                parse(&ack),
+                Parsed::Tcp {
+                    key: FlowKey { client, server },
+                    opens: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn syn_ack_does_not_open() {
+        let packet = tcp_packet(
+            v4([1, 1, 1, 1], 1),
+            v4([2, 2, 2, 2], 2),
+            TcpControl::Syn,
+            true,
+        );
+        assert!(matches!(parse(&packet), Parsed::Tcp { opens: false, .. }));
+    }
+
+    #[test]
+    fn every_truncation_is_malformed_not_a_panic() {
+        let syn = tcp_packet(
+            v4([10, 0, 0, 1], 40000),
+            v4([10, 0, 0, 2], 80),
+            TcpControl::Syn,
+            false,
+        );
+        for len in 0..syn.len() {
+            assert_eq!(
+                parse(&syn[..len]),
+                Parsed::Malformed,
+                "prefix of {len} bytes"
+            );
+        }
+        let syn6 = tcp_packet(v6(1, 1), v6(2, 2), TcpControl::Syn, false);
+        for len in 0..syn6.len() {
+            assert_eq!(
+                parse(&syn6[..len]),
+                Parsed::Malformed,
+                "prefix of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn other_protocols_and_fragments_are_unsupported() {
+        let mut packet = tcp_packet(
+            v4([10, 0, 0, 1], 1),
+            v4([10, 0, 0, 2], 2),
+            TcpControl::Syn,
+            false,
+        );
+        packet[9] = 17; // UDP
+        assert_eq!(parse(&packet), Parsed::Unsupported);
+        let mut fragment = tcp_packet(
+            v4([10, 0, 0, 1], 1),
+            v4([10, 0, 0, 2], 2),
+            TcpControl::Syn,
+            false,
+        );
+        fragment[6] = 0x20; // more fragments
+        assert_eq!(parse(&fragment), Parsed::Unsupported);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut buf = [0u8; 128];
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 128) as usize;
+            for (i, byte) in buf.iter_mut().enumerate() {
+                *byte = (state >> (i % 8 * 8)) as u8 ^ i as u8;
+            }
+            buf[0] = if state & 1 == 0 { 0x45 } else { 0x60 };
+            let _ = parse(&buf[..len]);
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Thin wrappers over the Linux ioctls and syscalls that nix and socket2 do not cover.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::libc;
+
+/// Turns a libc-style `-1` return into `io::Error::last_os_error()`.
+macro_rules! syscall {
+    ($call:expr) => {{
+        let ret = $call;
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }};
+}
+
+/// An `ifreq` with `ifr_name` set; rejects names the kernel would truncate or misread.
+fn ifreq_named(name: &str) -> io::Result<libc::ifreq> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name must be 1-15 bytes without NUL",
+        ));
+    }
+    // SAFETY: ifreq is a plain C struct/union; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// Index of a network interface by name, or `None` if it does not exist.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let c_name = CString::new(name).ok()?;
+    nix::net::if_::if_nametoindex(c_name.as_c_str()).ok()
+}
+
+/// Attaches the open /dev/net/tun `fd` to a new TUN interface `name` (TUNSETIFF).
+pub fn tun_set_iff(fd: RawFd, name: &str, flags: libc::c_int) -> io::Result<()> {
+    let mut req = ifreq_named(name)?;
+    req.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes an ifreq; `req` is a valid, live ifreq.
+    syscall!(unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut req) })?;
+    Ok(())
+}
+
+/// Sets the MTU of interface `name` through control socket `ctl` (SIOCSIFMTU).
+pub fn set_mtu(ctl: &impl AsRawFd, name: &str, mtu: u32) -> io::Result<()> {
+    let mut req = ifreq_named(name)?;
+    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    // SAFETY: SIOCSIFMTU reads an ifreq; `req` is valid for the call.
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut req) })?;
+    Ok(())
+}
+
+fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size on Linux; this is how the
+    // SIOCSIFADDR family of ioctls expect an IPv4 address.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Assigns an IPv4 address and netmask to interface `name` (SIOCSIFADDR, SIOCSIFNETMASK).
+pub fn set_ipv4(ctl: &impl AsRawFd, name: &str, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+    let mut req = ifreq_named(name)?;
+    req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    // SAFETY: SIOCSIFADDR reads an ifreq; `req` is valid for the call.
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFADDR, &mut req) })?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    req.ifr_ifru.ifru_netmask = sockaddr_v4(Ipv4Addr::from(mask));
+    // SAFETY: as above, SIOCSIFNETMASK reads an ifreq.
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFNETMASK, &mut req) })?;
+    Ok(())
+}
+
+/// Assigns an IPv6 address to interface `index` through an AF_INET6 control socket.
+pub fn set_ipv6(ctl6: &impl AsRawFd, index: u32, addr: Ipv6Addr, prefix: u8) -> io::Result<()> {
+    let mut req = libc::in6_ifreq {
+        ifr6_addr: libc::in6_addr {
+            s6_addr: addr.octets(),
+        },
+        ifr6_prefixlen: u32::from(prefix),
+        ifr6_ifindex: index as libc::c_int,
+    };
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads an in6_ifreq; `req` is valid.
+    syscall!(unsafe { libc::ioctl(ctl6.as_raw_fd(), libc::SIOCSIFADDR, &mut req) })?;
+    Ok(())
+}
+
+/// Sets IFF_UP on interface `name` (SIOCGIFFLAGS + SIOCSIFFLAGS).
+pub fn set_up(ctl: &impl AsRawFd, name: &str) -> io::Result<()> {
+    let mut req = ifreq_named(name)?;
+    // SAFETY: SIOCGIFFLAGS writes the flags into the valid `req`.
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the union was just filled in as flags by the kernel.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads the valid `req`.
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) })?;
+    Ok(())
+}
+
+/// Raises the soft RLIMIT_NOFILE towards `want` (capped by the hard limit); returns the result.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let target = want.min(hard).max(soft);
+    if target > soft && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
+        return target;
+    }
+    soft
+}
