@@ -133,6 +133,8 @@ struct Proxy {
     /// The kernel copies it when a connect's linked timeout is submitted.
     connect_timeout: Box<types::Timespec>,
     tun_read_armed: bool,
+    /// Set when the TUN itself fails; the loop ends with it.
+    fatal: Option<Error>,
     stats: Stats,
     epoch: std::time::Instant,
     last_stats: std::time::Instant,
@@ -168,6 +170,7 @@ impl Proxy {
             next_generation: 0,
             connect_timeout: Box::new(types::Timespec::from(config.connect_timeout)),
             tun_read_armed: false,
+            fatal: None,
             stats: Stats::default(),
             epoch,
             last_stats: epoch,
@@ -197,6 +200,9 @@ impl Proxy {
             }
             self.completions = completions;
             self.tun_reads.publish();
+            if let Some(err) = self.fatal.take() {
+                return Err(err);
+            }
 
             self.fire_timers();
             self.service_work();

@@ -61,6 +61,16 @@ pub fn set_mtu(ctl: &impl AsRawFd, name: &str, mtu: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets the transmit queue length of interface `name` (SIOCSIFTXQLEN). For a TUN this is
+/// the queue of packets the kernel holds for us to read.
+pub fn set_tx_queue_len(ctl: &impl AsRawFd, name: &str, len: u32) -> io::Result<()> {
+    let mut req = ifreq_named(name)?;
+    req.ifr_ifru.ifru_metric = len as libc::c_int;
+    // SAFETY: SIOCSIFTXQLEN reads ifr_qlen (the int member of the union) from `req`.
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut req) })?;
+    Ok(())
+}
+
 fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,

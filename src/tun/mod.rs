@@ -13,6 +13,11 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::sys;
 
+/// Packets the kernel may queue for us to read. The default (500) overflows while the
+/// proxy is busy with a burst, and a dropped window update from a client costs a
+/// zero-window-probe backoff of seconds; 4096 MTU packets are ~10 MB at most.
+const TX_QUEUE_LEN: u32 = 4096;
+
 /// An open TUN device. The kernel removes the (non-persistent) interface when it closes.
 pub struct Tun {
     fd: OwnedFd,
@@ -56,6 +61,8 @@ impl Tun {
             .map_err(|err| Error::Io("open control socket", err))?;
         sys::set_mtu(&ctl4, &self.name, config.mtu)
             .map_err(|err| Error::from_io("set the TUN MTU", err))?;
+        sys::set_tx_queue_len(&ctl4, &self.name, TX_QUEUE_LEN)
+            .map_err(|err| Error::from_io("set the TUN queue length", err))?;
         let index = sys::interface_index(&self.name)
             .ok_or_else(|| Error::Io("look up the new TUN", io::ErrorKind::NotFound.into()))?;
         for cidr in &config.tun_addrs {

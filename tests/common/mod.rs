@@ -1,0 +1,725 @@
+//! Shared harness for the end-to-end tests.
+//!
+//! Every test builds its own [`Topology`]: a client and a server network
+//! namespace joined by a veth pair. The proxy runs in the client namespace;
+//! policy routing sends traffic for the server's addresses into the proxy's
+//! TUN device, and the proxy re-originates it over the veth. Sockets are
+//! created inside a namespace by running code on a thread that has joined
+//! it (see [`in_netns`]).
+//!
+//! Everything here needs root and iproute2; [`Topology::for_test`] skips (or,
+//! in CI, fails) when they are missing.
+
+// Each test binary compiles its own copy of this module and uses only part of
+// it, so unused helpers are expected rather than a sign of dead code.
+#![allow(dead_code)]
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, Once};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sched::{CloneFlags, setns};
+use sha2::{Digest, Sha256};
+use socket2::SockRef;
+
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+
+/// Read/write/accept timeout on every socket, so a stuck proxy fails a test
+/// instead of hanging it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Upper bound on any single receive, so a proxy that invents data cannot
+/// keep a read loop going forever.
+pub const MAX_TRANSFER: u64 = 1 << 30;
+
+/// Write/read granularity of payload streams.
+const CHUNK: usize = 64 * 1024;
+
+const PROXY_BIN: &str = env!("CARGO_BIN_EXE_uringproxy");
+const NETNS_DIR: &str = "/var/run/netns";
+const TUN_NAME: &str = "upxtun0";
+const ROUTE_TABLE: &str = "200";
+const PROXY_STARTUP_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Returns whether a privileged test can run. Otherwise prints
+/// `SKIPPED (needs ...): <test>` and returns false, or panics when
+/// `URINGPROXY_REQUIRE_ROOT_TESTS=1` so CI cannot silently skip everything.
+pub fn privileged_or_skip(test: &str) -> bool {
+    let missing = if !nix::unistd::geteuid().is_root() {
+        "root"
+    } else if !ip_available() {
+        "iproute2 `ip`"
+    } else {
+        return true;
+    };
+    if std::env::var_os("URINGPROXY_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+        panic!("URINGPROXY_REQUIRE_ROOT_TESTS=1 but {test} cannot run: needs {missing}");
+    }
+    // Straight to stderr rather than eprintln!, which the test harness
+    // captures: a skip should be visible in a normal `cargo test` run.
+    let _ = writeln!(io::stderr(), "SKIPPED (needs {missing}): {test}");
+    false
+}
+
+fn ip_available() -> bool {
+    Command::new("ip")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Runs a command to completion and returns its stdout; panics with its
+/// stderr if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "`{program} {}` failed ({}): {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim_end()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `ip` with a whitespace-separated argument string (none of our
+/// arguments contain spaces).
+pub fn ip(args: &str) -> String {
+    run("ip", &args.split_whitespace().collect::<Vec<_>>())
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns
+/// whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Joins a thread, re-raising its panic so the original message reaches the
+/// test output.
+pub fn join<T>(handle: JoinHandle<T>) -> T {
+    handle.join().unwrap_or_else(|e| panic::resume_unwind(e))
+}
+
+/// Runs `f` on a new thread that has joined network namespace `ns`; sockets
+/// it creates live in that namespace. Threads spawned from inside `f` inherit
+/// the namespace too.
+pub fn in_netns<T, F>(ns: &str, f: F) -> JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let path = format!("{NETNS_DIR}/{ns}");
+    thread::Builder::new()
+        .name(format!("in-{ns}"))
+        .spawn(move || {
+            let ns_file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            setns(&ns_file, CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+        .expect("spawn namespace thread")
+}
+
+/// Two namespaces, `upx-c-*` (client, runs the proxy) and `upx-s-*`
+/// (server), joined by veth `vc<N>` (10.201.N.1, fd00:201:N::1) <->
+/// `vs<N>` (10.201.N.2, fd00:201:N::2). Deleted on drop.
+pub struct Topology {
+    n: u32,
+    client_ns: String,
+    server_ns: String,
+    client_veth: String,
+    server_veth: String,
+}
+
+/// Serialises `ip netns add`/`del`: the first `ip netns add` on a machine
+/// sets up the shared mount on /var/run/netns, and concurrent first calls
+/// would stack mounts on top of each other.
+static NETNS_LOCK: Mutex<()> = Mutex::new(());
+
+impl Topology {
+    /// Creates a topology for `test`, or returns None after printing a skip
+    /// notice when the test cannot run here (see [`privileged_or_skip`]).
+    pub fn for_test(test: &str) -> Option<Topology> {
+        privileged_or_skip(test).then(Topology::new)
+    }
+
+    pub fn new() -> Topology {
+        static REAP: Once = Once::new();
+        REAP.call_once(reap_stale_namespaces);
+
+        // N keeps subnets and veth names distinct between the topologies of
+        // concurrently running tests; the namespace names add the pid and a
+        // time-derived suffix so that other test processes and leftovers of
+        // killed runs cannot collide with them.
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+        let n = seq % 254 + 1;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let suffix = format!("{}-{seq}-{:04x}", std::process::id(), nanos & 0xffff);
+        // Construct first so that Drop cleans up whatever setup managed to
+        // create before a failure.
+        let topo = Topology {
+            n,
+            client_ns: format!("upx-c-{suffix}"),
+            server_ns: format!("upx-s-{suffix}"),
+            client_veth: format!("vc{n}"),
+            server_veth: format!("vs{n}"),
+        };
+        topo.setup();
+        topo
+    }
+
+    fn setup(&self) {
+        let (c, s) = (self.client_ns.as_str(), self.server_ns.as_str());
+        let (vc, vs) = (self.client_veth.as_str(), self.server_veth.as_str());
+        {
+            let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            ip(&format!("netns add {c}"));
+            ip(&format!("netns add {s}"));
+        }
+        // New namespaces inherit the host's IPv4 rp_filter. Our policy route
+        // sends the server address into the TUN while the proxy's replies
+        // from that address arrive on the veth, which strict reverse-path
+        // filtering would drop.
+        ip(&format!(
+            "netns exec {c} sysctl -qw \
+             net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
+        ));
+        // Create the ends directly inside their namespaces so the names never
+        // meet those of other processes in the root namespace.
+        ip(&format!(
+            "-n {c} link add {vc} type veth peer name {vs} netns {s}"
+        ));
+        let (c4, c6) = (self.client_v4(), self.client_v6());
+        let (s4, s6) = (self.server_v4(), self.server_v6());
+        for (ns, dev, v4, v6) in [(c, vc, c4, c6), (s, vs, s4, s6)] {
+            ip(&format!("-n {ns} addr add {v4}/24 dev {dev}"));
+            // nodad: the address is usable at once instead of after DAD.
+            ip(&format!("-n {ns} addr add {v6}/64 dev {dev} nodad"));
+            ip(&format!("-n {ns} link set lo up"));
+            ip(&format!("-n {ns} link set {dev} up"));
+        }
+        // Until the kernel's link watcher has processed carrier-up (which
+        // can take up to a second), a veth end silently drops what it sends,
+        // e.g. the first neighbour advertisement, costing a full SYN
+        // retransmission timeout. Operational state UP is set in the same
+        // step, so wait for it on both ends.
+        for (ns, dev) in [(c, vc), (s, vs)] {
+            let up = wait_until(Duration::from_secs(5), || {
+                link_json(ns, dev).is_some_and(|json| json.contains(r#""operstate":"UP""#))
+            });
+            assert!(up, "{dev} in {ns} not operationally up after 5 s");
+        }
+    }
+
+    pub fn client_ns(&self) -> &str {
+        &self.client_ns
+    }
+
+    pub fn server_ns(&self) -> &str {
+        &self.server_ns
+    }
+
+    pub fn client_veth(&self) -> &str {
+        &self.client_veth
+    }
+
+    pub fn server_veth(&self) -> &str {
+        &self.server_veth
+    }
+
+    pub fn tun_name(&self) -> &str {
+        TUN_NAME
+    }
+
+    pub fn client_v4(&self) -> IpAddr {
+        self.addr(&format!("10.201.{}.1", self.n))
+    }
+
+    pub fn client_v6(&self) -> IpAddr {
+        self.addr(&format!("fd00:201:{}::1", self.n))
+    }
+
+    pub fn server_v4(&self) -> IpAddr {
+        self.addr(&format!("10.201.{}.2", self.n))
+    }
+
+    pub fn server_v6(&self) -> IpAddr {
+        self.addr(&format!("fd00:201:{}::2", self.n))
+    }
+
+    fn addr(&self, text: &str) -> IpAddr {
+        text.parse().expect("valid topology address")
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    pub fn in_client<T, F>(&self, f: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        in_netns(&self.client_ns, f)
+    }
+
+    /// Runs `f` on a thread inside the server namespace.
+    pub fn in_server<T, F>(&self, f: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        in_netns(&self.server_ns, f)
+    }
+
+    /// Listens on `ip` (kernel-chosen port) in the server namespace, accepts
+    /// exactly `conns` connections and runs `handler` on each one in its own
+    /// thread. `::` listens on both families.
+    pub fn serve<T, F>(&self, ip: IpAddr, conns: usize, handler: F) -> Server<T>
+    where
+        F: Fn(TcpStream) -> T + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        let listener = join(self.in_server(move || {
+            TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"))
+        }));
+        // Linux bounds accept() by SO_RCVTIMEO, so a client that never
+        // arrives fails the test instead of hanging it.
+        SockRef::from(&listener)
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .expect("set accept timeout");
+        let addr = listener.local_addr().expect("listener address");
+        let acceptor = thread::spawn(move || {
+            thread::scope(|scope| {
+                let handler = &handler;
+                let handles: Vec<_> = (0..conns)
+                    .map(|i| {
+                        let (stream, _) = listener
+                            .accept()
+                            .unwrap_or_else(|e| panic!("accept #{i} on {addr}: {e}"));
+                        set_timeouts(&stream);
+                        scope.spawn(move || handler(stream))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|e| panic::resume_unwind(e)))
+                    .collect()
+            })
+        });
+        Server { addr, acceptor }
+    }
+
+    /// Spawns the proxy in the client namespace with `-i iface --tun <tun>`
+    /// plus `extra_args`, without waiting for it to come up.
+    pub fn spawn_proxy(&self, iface: &str, extra_args: &[&str]) -> Proxy {
+        let stderr_path = std::env::temp_dir().join(format!("{}.proxy.log", self.client_ns));
+        let log = File::create(&stderr_path)
+            .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
+        // `ip netns exec` execs the proxy, so the child's pid is the proxy's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.client_ns, PROXY_BIN])
+            .args(["-i", iface, "--tun", TUN_NAME])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {PROXY_BIN}: {e}"));
+        Proxy { child, stderr_path }
+    }
+
+    /// Starts the proxy on the client veth, waits for its TUN to be up and
+    /// routes both server addresses into it.
+    pub fn start_proxy(&self, extra_args: &[&str]) -> Proxy {
+        let mut proxy = self.spawn_proxy(&self.client_veth, extra_args);
+        let c = self.client_ns.as_str();
+        let tun_up = wait_until(PROXY_STARTUP_TIMEOUT, || {
+            proxy.assert_running();
+            // Exact flag match: `"UP"` is not a substring of `"LOWER_UP"`.
+            link_json(c, TUN_NAME).is_some_and(|json| json.contains(r#""UP""#))
+        });
+        // The proxy's output is printed when it is dropped during the panic.
+        assert!(
+            tun_up,
+            "TUN {TUN_NAME} not up after {PROXY_STARTUP_TIMEOUT:?}"
+        );
+        // Only connections to the server addresses go through the proxy. Its
+        // own outbound sockets are bound to the veth, so the lookup in this
+        // table (whose route points at the TUN) fails for them and falls
+        // through to the main table.
+        for (family, server) in [("-4", self.server_v4()), ("-6", self.server_v6())] {
+            ip(&format!(
+                "-n {c} {family} rule add to {server} table {ROUTE_TABLE}"
+            ));
+            ip(&format!(
+                "-n {c} {family} route add default dev {TUN_NAME} table {ROUTE_TABLE}"
+            ));
+        }
+        proxy
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        for ns in [&self.client_ns, &self.server_ns] {
+            // No panicking here: this may run while a test is unwinding.
+            match Command::new("ip").args(["netns", "del", ns]).output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "warning: ip netns del {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim_end()
+                ),
+                Err(e) => eprintln!("warning: ip netns del {ns}: {e}"),
+            }
+        }
+    }
+}
+
+/// `ip -j link show` output for `dev` in `ns`, or None if there is no such
+/// link (yet).
+fn link_json(ns: &str, dev: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-j", "link", "show", "dev", dev])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deletes `upx-[cs]-<pid>-*` namespaces whose creating process is gone,
+/// left behind by test runs that were killed before their Drop guards ran.
+fn reap_stale_namespaces() {
+    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("upx-c-")
+            .or_else(|| name.strip_prefix("upx-s-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().filter(|p| !p.is_empty()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A server started by [`Topology::serve`].
+pub struct Server<T> {
+    addr: SocketAddr,
+    acceptor: JoinHandle<Vec<T>>,
+}
+
+impl<T> Server<T> {
+    /// The listening address; with an unspecified listen address only the
+    /// port is meaningful.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Waits for all handlers and returns their results in accept order.
+    pub fn join(self) -> Vec<T> {
+        join(self.acceptor)
+    }
+}
+
+/// The running proxy. Killed (SIGKILL) and reaped on drop; its output is
+/// printed then if the test is failing, so panic messages need not repeat it.
+pub struct Proxy {
+    child: Child,
+    stderr_path: PathBuf,
+}
+
+impl Proxy {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Number of open file descriptors of the proxy process.
+    pub fn fd_count(&self) -> usize {
+        let dir = format!("/proc/{}/fd", self.pid());
+        fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("read {dir}: {e}"))
+            .count()
+    }
+
+    /// Fd count once it has stopped changing (ten equal samples in a row, at
+    /// most 5 s), for a baseline that excludes connections still closing.
+    pub fn settled_fd_count(&self) -> usize {
+        let mut last = self.fd_count();
+        let mut stable = 0;
+        wait_until(Duration::from_secs(5), || {
+            let now = self.fd_count();
+            stable = if now == last { stable + 1 } else { 0 };
+            last = now;
+            stable >= 10
+        });
+        last
+    }
+
+    /// Everything the proxy wrote to stderr (and stdout) so far.
+    pub fn stderr(&self) -> String {
+        fs::read(&self.stderr_path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.stderr_path.display()))
+    }
+
+    /// Panics with the proxy's output if it has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("poll proxy") {
+            panic!("proxy exited unexpectedly ({status})");
+        }
+    }
+
+    /// Waits up to `timeout` for the proxy to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().expect("poll proxy");
+            status.is_some()
+        });
+        status
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!(
+                "--- proxy output ({}) ---\n{}--- end of proxy output ---",
+                self.stderr_path.display(),
+                self.stderr()
+            );
+        } else {
+            let _ = fs::remove_file(&self.stderr_path);
+        }
+    }
+}
+
+/// Applies [`IO_TIMEOUT`] to both directions of `stream`.
+pub fn set_timeouts(stream: &TcpStream) {
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("set read timeout");
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .expect("set write timeout");
+}
+
+/// Connects (from the calling thread's namespace) with timeouts applied.
+pub fn try_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    set_timeouts(&stream);
+    Ok(stream)
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    try_connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+}
+
+/// Closes `stream` with an RST instead of a FIN (SO_LINGER 0).
+pub fn abort(stream: TcpStream) {
+    SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("set SO_LINGER 0");
+    drop(stream);
+}
+
+/// Whether `e` is a socket timeout rather than a real failure.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+/// Echoes everything it reads until EOF, then closes its write side.
+pub fn echo(stream: TcpStream) -> u64 {
+    let bytes = io::copy(&mut &stream, &mut &stream).expect("echo");
+    stream.shutdown(Shutdown::Write).expect("echo shutdown");
+    bytes
+}
+
+/// Length and SHA-256 of a byte stream.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Transfer {
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+impl fmt::Debug for Transfer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hex: String = self.sha256.iter().map(|b| format!("{b:02x}")).collect();
+        write!(f, "Transfer {{ bytes: {}, sha256: {hex} }}", self.bytes)
+    }
+}
+
+/// Running length and hash of a stream.
+struct Tally {
+    bytes: u64,
+    hasher: Sha256,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            bytes: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    fn add(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        self.hasher.update(data);
+    }
+
+    fn finish(self) -> Transfer {
+        Transfer {
+            bytes: self.bytes,
+            sha256: self.hasher.finalize().into(),
+        }
+    }
+}
+
+/// Deterministic pseudo-random byte stream of a given length (xorshift64),
+/// produced chunk by chunk so large payloads never sit in memory.
+struct Payload {
+    state: u64,
+    remaining: u64,
+}
+
+impl Payload {
+    fn new(seed: u64, len: u64) -> Payload {
+        // One splitmix64 step: turns small consecutive seeds into unrelated
+        // xorshift states, and `| 1` avoids the all-zero fixed point.
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Payload {
+            state: (z ^ (z >> 31)) | 1,
+            remaining: len,
+        }
+    }
+
+    /// Fills and returns the next chunk, or None at the end. Chunks are
+    /// always CHUNK bytes except the last, so the stream depends only on
+    /// the seed and length.
+    fn next_chunk<'a>(&mut self, buf: &'a mut [u8; CHUNK]) -> Option<&'a [u8]> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let len = usize::try_from(self.remaining).map_or(CHUNK, |r| r.min(CHUNK));
+        for word in buf[..len].chunks_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            word.copy_from_slice(&self.state.to_le_bytes()[..word.len()]);
+        }
+        self.remaining -= len as u64;
+        Some(&buf[..len])
+    }
+}
+
+/// The length and hash of payload `seed` without sending it.
+pub fn payload_digest(seed: u64, len: u64) -> Transfer {
+    let mut payload = Payload::new(seed, len);
+    let mut buf = [0; CHUNK];
+    let mut tally = Tally::new();
+    while let Some(chunk) = payload.next_chunk(&mut buf) {
+        tally.add(chunk);
+    }
+    tally.finish()
+}
+
+/// Writes `len` bytes of payload `seed`; returns what was sent.
+pub fn send_payload(out: &mut impl Write, seed: u64, len: u64) -> Transfer {
+    let mut payload = Payload::new(seed, len);
+    let mut buf = [0; CHUNK];
+    let mut tally = Tally::new();
+    while let Some(chunk) = payload.next_chunk(&mut buf) {
+        out.write_all(chunk)
+            .unwrap_or_else(|e| panic!("send failed after {} of {len} bytes: {e}", tally.bytes));
+        tally.add(chunk);
+    }
+    tally.finish()
+}
+
+/// Reads until EOF and returns what was received, or the first read error
+/// (a timeout shows up as [`is_timeout`]).
+pub fn try_recv_to_end(input: &mut impl Read) -> io::Result<Transfer> {
+    let mut buf = vec![0; CHUNK];
+    let mut tally = Tally::new();
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => return Ok(tally.finish()),
+            Ok(n) => {
+                tally.add(&buf[..n]);
+                assert!(
+                    tally.bytes <= MAX_TRANSFER,
+                    "received more than {MAX_TRANSFER} bytes"
+                );
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn recv_to_end(input: &mut impl Read) -> Transfer {
+    try_recv_to_end(input).unwrap_or_else(|e| panic!("receive failed: {e}"))
+}
+
+/// Sends payload `seed` on `stream` and half-closes it while concurrently
+/// reading whatever comes back until EOF, so an echo peer can never
+/// deadlock us on full buffers. Returns (sent, received).
+pub fn exchange(stream: TcpStream, seed: u64, len: u64) -> (Transfer, Transfer) {
+    let mut writer = stream.try_clone().expect("clone stream");
+    let sender = thread::spawn(move || {
+        let sent = send_payload(&mut writer, seed, len);
+        writer.shutdown(Shutdown::Write).expect("shutdown write");
+        sent
+    });
+    let mut reader = stream;
+    let received = recv_to_end(&mut reader);
+    (join(sender), received)
+}
