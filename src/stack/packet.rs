@@ -85,9 +85,7 @@ fn parse_tcp(src: IpAddress, dst: IpAddress, segment: &[u8]) -> Parsed {
 pub(crate) mod tests {
     use super::*;
     use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        Ipv4Address, Ipv4Repr, Ipv6Address, Ipv6Repr, TcpControl, TcpRepr, TcpSeqNumber,
-    };
+    use smoltcp::wire::{IpRepr, Ipv4Address, Ipv6Address, TcpControl, TcpRepr, TcpSeqNumber};
 
     /// Builds a TCP segment in an IPv4 or IPv6 packet, the way the kernel would send it.
     pub(crate) fn tcp_packet(
@@ -111,39 +109,12 @@ pub(crate) mod tests {
             payload: &[],
         };
         let caps = ChecksumCapabilities::default();
-        match (src.addr, dst.addr) {
-            (IpAddress::Ipv4(s), IpAddress::Ipv4(d)) => {
-                let ip = Ipv4Repr {
-                    src_addr: s,
-                    dst_addr: d,
-                    next_header: IpProtocol::Tcp,
-                    payload_len: tcp.buffer_len(),
-                    hop_limit: 64,
-                };
-                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-                let mut packet = Ipv4Packet::new_unchecked(&mut buf);
-                ip.emit(&mut packet, &caps);
-                let mut segment = TcpPacket::new_unchecked(packet.payload_mut());
-                tcp.emit(&mut segment, &src.addr, &dst.addr, &caps);
-                buf
-            }
-            (IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => {
-                let ip = Ipv6Repr {
-                    src_addr: s,
-                    dst_addr: d,
-                    next_header: IpProtocol::Tcp,
-                    payload_len: tcp.buffer_len(),
-                    hop_limit: 64,
-                };
-                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-                let mut packet = Ipv6Packet::new_unchecked(&mut buf);
-                ip.emit(&mut packet);
-                let mut segment = TcpPacket::new_unchecked(packet.payload_mut());
-                tcp.emit(&mut segment, &src.addr, &dst.addr, &caps);
-                buf
-            }
-            _ => unreachable!("mixed address families"),
-        }
+        let ip = IpRepr::new(src.addr, dst.addr, IpProtocol::Tcp, tcp.buffer_len(), 64);
+        let mut buf = vec![0u8; ip.buffer_len()];
+        ip.emit(&mut buf[..], &caps);
+        let mut segment = TcpPacket::new_unchecked(&mut buf[ip.header_len()..]);
+        tcp.emit(&mut segment, &src.addr, &dst.addr, &caps);
+        buf
     }
 
     pub(crate) fn v4(a: [u8; 4], port: u16) -> IpEndpoint {
