@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::cli::Args;
 use crate::error::Error;
 use crate::sys;
+use crate::tun::Offload;
 
 /// An interface address with its prefix length, such as `198.18.0.1/30`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,11 +54,15 @@ pub struct Config {
     pub tun_addrs: Vec<Cidr>,
     pub mtu: u32,
     pub cpu: Option<usize>,
-    pub offload: bool,
+    /// The most offload to negotiate; probing steps down from here.
+    pub offload_cap: Offload,
     pub max_flows: usize,
     pub flow_buffer: usize,
     pub connect_timeout: Duration,
 }
+
+/// Environment variable capping the offload probe (none, header, csum, tso, uso).
+pub const OFFLOAD_CAP_ENV: &str = "URINGPROXY_MAX_OFFLOAD";
 
 /// Smallest MTU IPv6 allows; IPv4 alone could go lower but no real link does.
 const MIN_MTU: u32 = 1280;
@@ -109,6 +114,16 @@ impl Config {
                 )));
             }
         }
+        // Tests cap the probe to exercise each fallback level on any kernel.
+        let offload_cap = match (args.no_offload, std::env::var(OFFLOAD_CAP_ENV)) {
+            (true, _) => Offload::None,
+            (false, Ok(text)) => Offload::parse(&text).ok_or_else(|| {
+                Error::Usage(format!(
+                    "{OFFLOAD_CAP_ENV}={text}: expected none, header, csum, tso or uso"
+                ))
+            })?,
+            (false, Err(_)) => Offload::Uso,
+        };
         if sys::interface_index(&args.interface).is_none() {
             return Err(Error::UnknownInterface(args.interface));
         }
@@ -118,7 +133,7 @@ impl Config {
             tun_addrs,
             mtu: args.mtu,
             cpu: args.cpu,
-            offload: !args.no_offload,
+            offload_cap,
             max_flows: args.max_flows,
             flow_buffer: args.flow_buffer,
             connect_timeout: Duration::from_secs(args.connect_timeout),
@@ -170,7 +185,7 @@ mod tests {
         let config = Config::from_args(args(&[])).unwrap();
         assert_eq!(config.tun_name, "uringproxy0");
         assert_eq!(config.mtu, 1500);
-        assert!(config.offload);
+        assert_eq!(config.offload_cap, Offload::Uso);
         assert!(config.tun_addrs[0].addr.is_ipv4());
         assert!(config.tun_addrs[1].addr.is_ipv6());
     }

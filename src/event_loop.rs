@@ -22,17 +22,21 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::config::Config;
 use crate::error::Error;
 use crate::relay::{Phase, Relay, Teardown};
+use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stack::{self, FlowKey, Parsed, StackDevice, TxPool};
 use crate::stats::Stats;
-use crate::tun::Tun;
+use crate::tun::{Tun, vnet};
 use crate::uring::{self, BufRing, Completion, Op, Ring, Token};
 
-/// TUN read buffers (kernel-provided ring); each holds one packet.
+/// TUN read buffers (kernel-provided ring); each holds one packet, up to 64 KiB with
+/// segmentation offload.
 const TUN_READ_BUFFERS: u16 = 512;
+const TUN_READ_BUFFERS_TSO: u16 = 256;
 /// Buffer group id of the TUN read buffers.
 const TUN_READ_GROUP: u16 = 0;
 /// TUN write buffers; when all are in flight smoltcp holds data back.
 const TUN_WRITE_BUFFERS: u16 = 1024;
+const TUN_WRITE_BUFFERS_TSO: u16 = 256;
 /// Completions handled per turn before smoltcp runs and writes go out.
 const MAX_COMPLETIONS_PER_TURN: usize = 1024;
 /// Packets one flow may emit per turn, so one bulk flow cannot starve the rest.
@@ -47,7 +51,7 @@ const STATS_INTERVAL: Duration = Duration::from_secs(10);
 /// Sets up the TUN, the ring and the stack, then runs until a fatal error.
 pub fn run(config: Config) -> Result<(), Error> {
     check_bind_permission(&config.interface)?;
-    let tun = Tun::create(&config)?;
+    let tun = Tun::create(&config, config.offload_cap)?;
     if let Some(cpu) = config.cpu {
         let mut set = nix::sched::CpuSet::new();
         set.set(cpu)
@@ -57,9 +61,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     // Each flow holds one outbound socket; leave room for the ring, TUN and stdio.
     let fd_limit = crate::sys::raise_fd_limit(config.max_flows as u64 + 64);
     let mut proxy = Proxy::new(config, tun)?;
-    if proxy.config.offload {
-        info!("TUN offload is not negotiated by this build; packets are MTU-sized");
-    }
+    info!("TUN offload: {}", proxy.tun.offload());
     info!(
         "relaying TCP from {} ({}) via {}, mtu {}, up to {} flows (fd limit {})",
         proxy.tun.name(),
@@ -145,12 +147,28 @@ impl Proxy {
     fn new(config: Config, tun: Tun) -> Result<Proxy, Error> {
         let ring = Ring::new().map_err(Error::IoUring)?;
         let mtu = config.mtu as usize;
-        let tun_reads = BufRing::new(ring.inner(), TUN_READ_GROUP, TUN_READ_BUFFERS, mtu)
-            .map_err(|err| Error::Io("register TUN read buffers", err))?;
-        let mut tx = TxPool::new(TUN_WRITE_BUFFERS, mtu);
+        let offload = tun.offload();
+        let header = if offload.vnet_header() { vnet::LEN } else { 0 };
+        let (read_buffers, write_buffers, max_packet) = if offload.tso() {
+            (
+                TUN_READ_BUFFERS_TSO,
+                TUN_WRITE_BUFFERS_TSO,
+                MAX_SEGMENTATION_PACKET,
+            )
+        } else {
+            (TUN_READ_BUFFERS, TUN_WRITE_BUFFERS, mtu)
+        };
+        let tun_reads = BufRing::new(
+            ring.inner(),
+            TUN_READ_GROUP,
+            read_buffers,
+            header + max_packet,
+        )
+        .map_err(|err| Error::Io("register TUN read buffers", err))?;
+        let mut tx = TxPool::new(write_buffers, mtu, offload);
         let epoch = std::time::Instant::now();
         let iface = stack::new_interface(
-            &mut StackDevice::egress(&mut tx, mtu),
+            &mut StackDevice::egress(&mut tx),
             Instant::ZERO,
             random_seed(),
         );
@@ -325,11 +343,13 @@ impl Proxy {
     }
 
     fn on_tun_packet(&mut self, bid: u16, len: usize) {
-        let Some(packet) = self.tun_reads.packet(bid, len) else {
-            self.stats.malformed += 1;
+        let Some(offset) = self.check_vnet_header(bid, len) else {
             return;
         };
-        let (key, opens) = match stack::parse(packet) {
+        let Some(packet) = self.tun_reads.packet(bid, len) else {
+            return;
+        };
+        let (key, opens) = match stack::parse(&packet[offset..]) {
             Parsed::Tcp { key, opens } => (key, opens),
             Parsed::Unsupported => {
                 self.stats.unsupported += 1;
@@ -346,11 +366,10 @@ impl Proxy {
             None => None,
         };
         let now = self.now();
-        let mtu = self.config.mtu as usize;
         let Some(packet) = self.tun_reads.packet(bid, len) else {
             return;
         };
-        let mut device = StackDevice::ingress(packet, &mut self.tx, mtu);
+        let mut device = StackDevice::ingress(&packet[offset..], &mut self.tx);
         match slot.and_then(|slot| self.flows.get_mut(slot).map(|flow| (slot, flow))) {
             Some((slot, flow)) => {
                 self.iface
@@ -361,6 +380,28 @@ impl Proxy {
                 self.stats.no_flow += 1;
                 self.iface
                     .poll_ingress_single(now, &mut device, &mut self.no_flow);
+            }
+        }
+    }
+
+    /// Checks and counts the virtio-net header of TUN read buffer `bid`; returns where
+    /// the IP packet starts, or `None` (counted) when the buffer or header is malformed.
+    fn check_vnet_header(&mut self, bid: u16, len: usize) -> Option<usize> {
+        let Some(buffer) = self.tun_reads.packet(bid, len) else {
+            self.stats.malformed += 1;
+            return None;
+        };
+        if !self.tun.offload().vnet_header() {
+            return Some(0);
+        }
+        match vnet::Header::parse(buffer) {
+            Ok((header, packet)) => {
+                self.stats.count_read_header(&header, packet.len());
+                Some(vnet::LEN)
+            }
+            Err(_) => {
+                self.stats.bad_vnet_header += 1;
+                None
             }
         }
     }
@@ -468,14 +509,13 @@ impl Proxy {
     /// Runs one flow: relay I/O, smoltcp egress, teardown, timer.
     fn service(&mut self, key: usize) {
         let now = self.now();
-        let mtu = self.config.mtu as usize;
         let Some(flow) = self.flows.get_mut(key) else {
             return;
         };
         flow.queued = false;
         submit_relay_io(&mut self.ring, flow, key);
 
-        let mut device = StackDevice::egress(&mut self.tx, mtu);
+        let mut device = StackDevice::egress(&mut self.tx);
         let mut budget_left = true;
         for sent in 0.. {
             if sent == EGRESS_BUDGET {
@@ -564,7 +604,7 @@ impl Proxy {
             return;
         }
         self.last_stats = std::time::Instant::now();
-        self.stats.reply_drops = self.tx.dropped_replies;
+        self.stats.tx = self.tx.counters.clone();
         for line in self.stats.to_string().lines() {
             debug!("{line} (active flows {})", self.flows.len());
         }

@@ -2,6 +2,14 @@
 
 use std::fmt;
 
+use crate::stack::device::TxCounters;
+use crate::tun::vnet;
+
+/// Mean of `total` over `count`, 0 when there is nothing to average.
+fn mean(total: u64, count: u64) -> u64 {
+    total.checked_div(count).unwrap_or(0)
+}
+
 /// Plain counters; single-threaded, so no atomics.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -24,10 +32,23 @@ pub struct Stats {
     pub client_resets: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
-    pub reply_drops: u64,
+    pub bad_vnet_header: u64,
+    /// Super-packets read (a GSO type in the virtio-net header), and their bytes.
+    pub segmented_reads: u64,
+    pub segmented_read_bytes: u64,
+    /// Copied from the transmit pool when printed.
+    pub tx: TxCounters,
 }
 
 impl Stats {
+    /// Counts the virtio-net header of a packet read from the TUN.
+    pub fn count_read_header(&mut self, header: &vnet::Header, packet_len: usize) {
+        if header.gso != vnet::Gso::None {
+            self.segmented_reads += 1;
+            self.segmented_read_bytes += packet_len as u64;
+        }
+    }
+
     /// Counts the failure a finished flow ended with.
     pub fn count_failure(&mut self, failure: crate::relay::Failure) {
         use crate::relay::Failure;
@@ -65,17 +86,29 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "tun: reads {} ({} B) writes {} ({} B) write-errors {}",
+            "tun: reads {} (mean {} B) writes {} (mean {} B) write-errors {}",
             self.tun_reads,
-            self.tun_read_bytes,
+            mean(self.tun_read_bytes, self.tun_reads),
             self.tun_writes,
-            self.tun_write_bytes,
+            mean(self.tun_write_bytes, self.tun_writes),
             self.tun_write_errors
+        )?;
+        writeln!(
+            f,
+            "offload: super-packets in {} (mean {} B) out {} (mean {} B)",
+            self.segmented_reads,
+            mean(self.segmented_read_bytes, self.segmented_reads),
+            self.tx.segmented,
+            mean(self.tx.segmented_bytes, self.tx.segmented)
         )?;
         write!(
             f,
-            "drops: malformed {} unsupported {} no-flow {} replies-without-buffer {}",
-            self.malformed, self.unsupported, self.no_flow, self.reply_drops
+            "drops: malformed {} bad-vnet-header {} unsupported {} no-flow {} replies-without-buffer {}",
+            self.malformed,
+            self.bad_vnet_header,
+            self.unsupported,
+            self.no_flow,
+            self.tx.dropped_replies
         )
     }
 }

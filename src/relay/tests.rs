@@ -15,6 +15,7 @@ use smoltcp::wire::{
 
 use super::{Failure, Phase, Relay, Teardown};
 use crate::stack::{self, Parsed, StackDevice, TxPool};
+use crate::tun::Offload;
 
 const MTU: usize = 1500;
 const SERVER: IpEndpoint = IpEndpoint {
@@ -120,8 +121,8 @@ impl Harness {
             .unwrap();
         let mut client_sockets = SocketSet::new(Vec::new());
         let client = client_sockets.add(new_tcp_socket(64 * 1024));
-        let mut tx = TxPool::new(64, MTU);
-        let proxy_iface = stack::new_interface(&mut StackDevice::egress(&mut tx, MTU), now, 7);
+        let mut tx = TxPool::new(64, MTU, Offload::None);
+        let proxy_iface = stack::new_interface(&mut StackDevice::egress(&mut tx), now, 7);
         let mut harness = Harness {
             now,
             client_iface,
@@ -165,7 +166,7 @@ impl Harness {
         if self.flow.is_some() {
             self.run_relay_io();
             let (sockets, _) = self.flow.as_mut().unwrap();
-            let mut device = StackDevice::egress(&mut self.tx, MTU);
+            let mut device = StackDevice::egress(&mut self.tx);
             while self.proxy_iface.poll_egress(self.now, &mut device, sockets)
                 != smoltcp::iface::PollResult::None
             {}
@@ -201,7 +202,7 @@ impl Harness {
             self.flow = Some((sockets, handle));
         }
         let (sockets, _) = self.flow.as_mut().expect("segment before SYN");
-        let mut device = StackDevice::ingress(packet, &mut self.tx, MTU);
+        let mut device = StackDevice::ingress(packet, &mut self.tx);
         self.proxy_iface
             .poll_ingress_single(self.now, &mut device, sockets);
     }

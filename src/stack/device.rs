@@ -1,8 +1,26 @@
 //! The smoltcp `Device` for one poll call: at most one received packet in, transmitted
 //! packets out into a fixed pool of buffers that become TUN writes.
 
-use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use std::num::NonZeroUsize;
+
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
+
+use super::offload;
+use crate::tun::{Offload, vnet};
+
+/// Largest packet smoltcp may hand the TUN for segmentation: the IPv4 length limit.
+pub const MAX_SEGMENTATION_PACKET: usize = 65535;
+
+/// Transmit counters, by what the TUN is asked to do with each packet.
+#[derive(Clone, Debug, Default)]
+pub struct TxCounters {
+    /// Packets handed to the kernel for TCP segmentation, and their bytes.
+    pub segmented: u64,
+    pub segmented_bytes: u64,
+    /// Replies to ingress dropped because no buffer was free.
+    pub dropped_replies: u64,
+}
 
 /// Fixed transmit buffers; each filled buffer becomes one TUN write, and returns to the
 /// pool when that write completes. When the pool is empty smoltcp holds its data back.
@@ -14,11 +32,23 @@ pub struct TxPool {
     scratch: Box<[u8]>,
     /// Set when smoltcp asked for a buffer and none was free.
     exhausted: bool,
-    pub dropped_replies: u64,
+    mtu: usize,
+    offload: Offload,
+    /// Bytes in front of each packet: the virtio-net header, if negotiated.
+    header_len: usize,
+    pub counters: TxCounters,
 }
 
 impl TxPool {
-    pub fn new(count: u16, buf_size: usize) -> TxPool {
+    /// `count` buffers, each big enough for the largest packet `offload` allows.
+    pub fn new(count: u16, mtu: usize, offload: Offload) -> TxPool {
+        let header_len = if offload.vnet_header() { vnet::LEN } else { 0 };
+        let max_packet = if offload.tso() {
+            MAX_SEGMENTATION_PACKET
+        } else {
+            mtu
+        };
+        let buf_size = header_len + max_packet;
         TxPool {
             buffers: (0..count)
                 .map(|_| vec![0u8; buf_size].into_boxed_slice())
@@ -27,7 +57,10 @@ impl TxPool {
             ready: Vec::with_capacity(usize::from(count)),
             scratch: vec![0u8; buf_size].into_boxed_slice(),
             exhausted: false,
-            dropped_replies: 0,
+            mtu,
+            offload,
+            header_len,
+            counters: TxCounters::default(),
         }
     }
 
@@ -54,22 +87,65 @@ impl TxPool {
         std::mem::take(&mut self.exhausted)
     }
 
-    fn fill<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        match self.free.pop() {
-            Some(index) if len <= self.buffers[usize::from(index)].len() => {
-                let result = f(&mut self.buffers[usize::from(index)][..len]);
-                self.ready.push((index, len as u32));
-                result
-            }
+    fn fill<R>(&mut self, len: usize, meta: PacketMeta, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let total = self.header_len + len;
+        let index = match self.free.pop() {
+            Some(index) if total <= self.buffers[usize::from(index)].len() => index,
             other => {
                 if let Some(index) = other {
                     self.free.push(index);
                 }
-                self.dropped_replies += 1;
-                let len = len.min(self.scratch.len());
-                f(&mut self.scratch[..len])
+                self.counters.dropped_replies += 1;
+                let len = len.min(self.scratch.len() - self.header_len);
+                return f(&mut self.scratch[self.header_len..self.header_len + len]);
             }
+        };
+        let buffer = &mut self.buffers[usize::from(index)][..total];
+        let (header, packet) = buffer.split_at_mut(self.header_len);
+        let result = f(packet);
+        if self.offload.vnet_header() {
+            let vnet_header = if self.offload.checksum() {
+                let segment_size = meta.segmentation_offload_size.map(|size| size.get());
+                offload::finish_tcp(packet, segment_size)
+            } else {
+                vnet::Header::PLAIN
+            };
+            if vnet_header.gso != vnet::Gso::None {
+                self.counters.segmented += 1;
+                self.counters.segmented_bytes += packet.len() as u64;
+            }
+            vnet_header.emit(header);
         }
+        self.ready.push((index, total as u32));
+        result
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        // Packets read from the TUN were built by the local kernel; verifying their
+        // checksums again only burns CPU (and with offload they are partial anyway).
+        // What we send must carry valid ones, unless the kernel completes them.
+        let mut checksum = ChecksumCapabilities::default();
+        checksum.ipv4 = Checksum::Tx;
+        checksum.tcp = if self.offload.checksum() {
+            Checksum::None
+        } else {
+            Checksum::Tx
+        };
+        checksum.udp = Checksum::Tx;
+        checksum.icmpv4 = Checksum::Tx;
+        checksum.icmpv6 = Checksum::Tx;
+        caps.checksum = checksum;
+        if self.offload.tso() {
+            // IPv4 only: smoltcp 0.14 drops IPv6 packets above the MTU instead of passing
+            // them on for segmentation (dispatch_ip ignores the segmentation metadata), so
+            // IPv6 flows send MTU-sized segments (with checksum offload) and receive
+            // super-packets.
+            caps.segmentation.tcpv4 = NonZeroUsize::new(MAX_SEGMENTATION_PACKET);
+        }
+        caps
     }
 }
 
@@ -77,21 +153,19 @@ impl TxPool {
 pub struct StackDevice<'a> {
     rx: Option<&'a [u8]>,
     tx: &'a mut TxPool,
-    mtu: usize,
 }
 
 impl<'a> StackDevice<'a> {
     /// For egress: nothing to receive.
-    pub fn egress(tx: &'a mut TxPool, mtu: usize) -> StackDevice<'a> {
-        StackDevice { rx: None, tx, mtu }
+    pub fn egress(tx: &'a mut TxPool) -> StackDevice<'a> {
+        StackDevice { rx: None, tx }
     }
 
-    /// For ingress of one packet.
-    pub fn ingress(packet: &'a [u8], tx: &'a mut TxPool, mtu: usize) -> StackDevice<'a> {
+    /// For ingress of one IP packet (without its virtio-net header).
+    pub fn ingress(packet: &'a [u8], tx: &'a mut TxPool) -> StackDevice<'a> {
         StackDevice {
             rx: Some(packet),
             tx,
-            mtu,
         }
     }
 }
@@ -110,12 +184,12 @@ impl phy::Device for StackDevice<'_> {
         let packet = self.rx.take()?;
         // A reply to an ingress packet (RST, challenge ACK) must never block ingress:
         // without a free buffer it is dropped (and counted), like a full NIC queue would.
-        Some((RxToken { packet }, TxToken { pool: self.tx }))
+        Some((RxToken { packet }, TxToken::new(self.tx)))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
         if self.tx.has_free() {
-            Some(TxToken { pool: self.tx })
+            Some(TxToken::new(self.tx))
         } else {
             self.tx.exhausted = true;
             None
@@ -123,19 +197,7 @@ impl phy::Device for StackDevice<'_> {
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
-        // Packets read from the TUN were built by the local kernel; verifying their
-        // checksums again only burns CPU. What we send must carry valid ones.
-        let mut checksum = ChecksumCapabilities::default();
-        checksum.ipv4 = Checksum::Tx;
-        checksum.tcp = Checksum::Tx;
-        checksum.udp = Checksum::Tx;
-        checksum.icmpv4 = Checksum::Tx;
-        checksum.icmpv6 = Checksum::Tx;
-        caps.checksum = checksum;
-        caps
+        self.tx.capabilities()
     }
 }
 
@@ -151,11 +213,26 @@ impl phy::RxToken for RxToken<'_> {
 
 pub struct TxToken<'a> {
     pool: &'a mut TxPool,
+    /// smoltcp sets the segment size here when the packet needs segmentation.
+    meta: PacketMeta,
+}
+
+impl<'a> TxToken<'a> {
+    fn new(pool: &'a mut TxPool) -> TxToken<'a> {
+        TxToken {
+            pool,
+            meta: PacketMeta::default(),
+        }
+    }
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        self.pool.fill(len, f)
+        self.pool.fill(len, self.meta, f)
+    }
+
+    fn set_meta(&mut self, meta: PacketMeta) {
+        self.meta = meta;
     }
 }
 
@@ -165,12 +242,13 @@ mod tests {
 
     #[test]
     fn pool_hands_out_each_buffer_once_until_released() {
-        let mut pool = TxPool::new(2, 64);
-        pool.fill(10, |b| b.fill(1));
-        pool.fill(20, |b| b.fill(2));
+        let mut pool = TxPool::new(2, 64, Offload::None);
+        let meta = PacketMeta::default();
+        pool.fill(10, meta, |b| b.fill(1));
+        pool.fill(20, meta, |b| b.fill(2));
         assert!(!pool.has_free());
-        pool.fill(5, |b| b.fill(3));
-        assert_eq!(pool.dropped_replies, 1);
+        pool.fill(5, meta, |b| b.fill(3));
+        assert_eq!(pool.counters.dropped_replies, 1);
         let mut seen = Vec::new();
         pool.take_ready(|index, bytes| seen.push((index, bytes.len(), bytes[0])));
         assert_eq!(seen.len(), 2);
@@ -182,9 +260,36 @@ mod tests {
 
     #[test]
     fn oversized_request_goes_to_scratch_not_a_panic() {
-        let mut pool = TxPool::new(1, 16);
-        pool.fill(100, |b| assert_eq!(b.len(), 16));
-        assert_eq!(pool.dropped_replies, 1);
+        let mut pool = TxPool::new(1, 16, Offload::None);
+        pool.fill(100, PacketMeta::default(), |b| assert_eq!(b.len(), 16));
+        assert_eq!(pool.counters.dropped_replies, 1);
         assert!(pool.has_free());
+    }
+
+    #[test]
+    fn vnet_header_goes_in_front_of_each_packet() {
+        let mut pool = TxPool::new(1, 1500, Offload::Header);
+        pool.fill(40, PacketMeta::default(), |b| b.fill(0x45));
+        let mut seen = Vec::new();
+        pool.take_ready(|_, bytes| seen.push(bytes.to_vec()));
+        assert_eq!(seen[0].len(), vnet::LEN + 40);
+        assert_eq!(&seen[0][..vnet::LEN], &[0; vnet::LEN]);
+    }
+
+    #[test]
+    fn offload_capabilities_follow_the_negotiated_level() {
+        let none = TxPool::new(1, 1500, Offload::None).capabilities();
+        assert!(none.checksum.tcp.tx());
+        assert!(none.segmentation.tcpv4.is_none());
+        let csum = TxPool::new(1, 1500, Offload::Checksum).capabilities();
+        assert!(!csum.checksum.tcp.tx());
+        assert!(csum.segmentation.tcpv4.is_none());
+        let tso = TxPool::new(1, 1500, Offload::Tso).capabilities();
+        assert_eq!(
+            tso.segmentation.tcpv4.map(|n| n.get()),
+            Some(MAX_SEGMENTATION_PACKET)
+        );
+        assert!(tso.segmentation.tcpv6.is_none());
+        assert_eq!(tso.max_transmission_unit, 1500);
     }
 }

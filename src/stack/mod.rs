@@ -2,6 +2,7 @@
 //! the pool of transmit buffers, and the 4-tuple parser that picks a packet's flow.
 
 pub mod device;
+pub mod offload;
 pub mod packet;
 
 pub use device::{StackDevice, TxPool};

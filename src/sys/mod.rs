@@ -52,6 +52,21 @@ pub fn tun_set_iff(fd: RawFd, name: &str, flags: libc::c_int) -> io::Result<()> 
     Ok(())
 }
 
+/// Asks the TUN to hand us (and accept from us) the offloads in `flags` (TUNSETOFFLOAD);
+/// EINVAL means the kernel does not know one of them.
+pub fn tun_set_offload(fd: RawFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+    syscall!(unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) })?;
+    Ok(())
+}
+
+/// Writes one packet with write(2); only used for the start-up offload probe.
+pub fn write_packet(fd: RawFd, packet: &[u8]) -> io::Result<usize> {
+    // SAFETY: `packet` is a valid, initialised slice for the duration of the call.
+    let written = syscall!(unsafe { libc::write(fd, packet.as_ptr().cast(), packet.len()) })?;
+    Ok(written as usize)
+}
+
 /// Sets the MTU of interface `name` through control socket `ctl` (SIOCSIFMTU).
 pub fn set_mtu(ctl: &impl AsRawFd, name: &str, mtu: u32) -> io::Result<()> {
     let mut req = ifreq_named(name)?;

@@ -1,12 +1,19 @@
-//! The TUN device: created and configured in-process (name, addresses, MTU, link up).
+//! The TUN device: created and configured in-process (name, addresses, MTU, queue length,
+//! link up), with checksum and segmentation offload negotiated through virtio-net headers.
 
+pub mod vnet;
+
+use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use log::warn;
 use nix::libc;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, TcpPacket};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::Config;
@@ -18,41 +25,132 @@ use crate::sys;
 /// zero-window-probe backoff of seconds; 4096 MTU packets are ~10 MB at most.
 const TX_QUEUE_LEN: u32 = 4096;
 
+/// How much offload the TUN uses, from most to least. Probing starts at the cap and
+/// steps down until the kernel accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Offload {
+    /// No virtio-net header at all (`--no-offload`).
+    None,
+    /// Virtio-net headers, but no offload: every packet complete and MTU-sized.
+    Header,
+    /// Checksums completed by the kernel (TUN_F_CSUM).
+    Checksum,
+    /// Plus TCP segmentation: 64 KiB super-packets each way (TUN_F_TSO4/6).
+    Tso,
+    /// Plus UDP segmentation (TUN_F_USO4/6, kernel 6.2+).
+    Uso,
+}
+
+impl Offload {
+    /// Parses a cap such as `tso` (from URINGPROXY_MAX_OFFLOAD, used by tests).
+    pub fn parse(text: &str) -> Option<Offload> {
+        Some(match text {
+            "none" => Offload::None,
+            "header" => Offload::Header,
+            "csum" => Offload::Checksum,
+            "tso" => Offload::Tso,
+            "uso" => Offload::Uso,
+            _ => return None,
+        })
+    }
+
+    pub fn vnet_header(self) -> bool {
+        self >= Offload::Header
+    }
+
+    pub fn checksum(self) -> bool {
+        self >= Offload::Checksum
+    }
+
+    pub fn tso(self) -> bool {
+        self >= Offload::Tso
+    }
+
+    fn tun_flags(self) -> libc::c_uint {
+        match self {
+            Offload::None | Offload::Header => 0,
+            Offload::Checksum => libc::TUN_F_CSUM,
+            Offload::Tso => libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6,
+            Offload::Uso => Offload::Tso.tun_flags() | libc::TUN_F_USO4 | libc::TUN_F_USO6,
+        }
+    }
+
+    fn lower(self) -> Offload {
+        match self {
+            Offload::Uso => Offload::Tso,
+            Offload::Tso => Offload::Checksum,
+            Offload::Checksum => Offload::Header,
+            Offload::Header | Offload::None => Offload::None,
+        }
+    }
+}
+
+impl fmt::Display for Offload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Offload::None => "none (no virtio-net header)",
+            Offload::Header => "none (virtio-net header only)",
+            Offload::Checksum => "checksum",
+            Offload::Tso => "checksum + TCP segmentation",
+            Offload::Uso => "checksum + TCP and UDP segmentation",
+        })
+    }
+}
+
 /// An open TUN device. The kernel removes the (non-persistent) interface when it closes.
 pub struct Tun {
     fd: OwnedFd,
     name: String,
+    offload: Offload,
 }
 
 impl Tun {
-    /// Creates TUN `config.tun_name`, assigns `config.tun_addrs` and the MTU, brings it up.
-    pub fn create(config: &Config) -> Result<Tun, Error> {
+    /// Creates TUN `config.tun_name`, negotiates offload up to `cap`, assigns
+    /// `config.tun_addrs` and the MTU, and brings it up.
+    pub fn create(config: &Config, cap: Offload) -> Result<Tun, Error> {
         // Refuse to attach to an interface someone else made: we would then configure
         // and, on exit, tear down state we do not own.
         if sys::interface_index(&config.tun_name).is_some() {
             return Err(Error::TunExists(config.tun_name.clone()));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(|err| match err.kind() {
-                io::ErrorKind::PermissionDenied => Error::NotPermitted("open /dev/net/tun"),
-                _ => Error::NoTun(err),
-            })?;
-        let fd = OwnedFd::from(file);
-        sys::tun_set_iff(
-            fd.as_raw_fd(),
-            &config.tun_name,
-            libc::IFF_TUN | libc::IFF_NO_PI,
-        )
-        .map_err(|err| Error::from_io("create the TUN device (TUNSETIFF)", err))?;
-        let tun = Tun {
+        let mut offload = cap;
+        let fd = loop {
+            let fd = open_tun()?;
+            let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+            if offload.vnet_header() {
+                flags |= libc::IFF_VNET_HDR;
+            }
+            match sys::tun_set_iff(fd.as_raw_fd(), &config.tun_name, flags) {
+                Ok(()) => break fd,
+                Err(err) if offload.vnet_header() && err.raw_os_error() == Some(libc::EINVAL) => {
+                    offload = Offload::None;
+                }
+                Err(err) => return Err(Error::from_io("create the TUN device (TUNSETIFF)", err)),
+            }
+        };
+        while offload.vnet_header() {
+            match sys::tun_set_offload(fd.as_raw_fd(), offload.tun_flags()) {
+                Ok(()) => break,
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => offload = offload.lower(),
+                Err(err) => {
+                    return Err(Error::from_io("negotiate TUN offload (TUNSETOFFLOAD)", err));
+                }
+            }
+        }
+        let mut tun = Tun {
             fd,
             name: config.tun_name.clone(),
+            offload,
         };
         tun.configure(config)?;
+        if tun.offload.tso() && !tun.accepts_gso_writes(config) {
+            warn!(
+                "the kernel refuses segmentation-offload writes to the TUN; using checksum offload only"
+            );
+            sys::tun_set_offload(tun.fd.as_raw_fd(), Offload::Checksum.tun_flags())
+                .map_err(|err| Error::from_io("negotiate TUN offload (TUNSETOFFLOAD)", err))?;
+            tun.offload = Offload::Checksum;
+        }
         Ok(tun)
     }
 
@@ -80,13 +178,129 @@ impl Tun {
         sys::set_up(&ctl4, &self.name).map_err(|err| Error::from_io("bring the TUN up", err))
     }
 
+    /// Some kernels (e.g. 6.6.44, 6.10.3) reject GSO writes with EINVAL. Find out with a
+    /// two-segment TCP packet from our own address to itself: the kernel validates the
+    /// virtio-net header in write(2), then drops the packet as a martian.
+    fn accepts_gso_writes(&self, config: &Config) -> bool {
+        let Some(own) = config
+            .tun_addrs
+            .first()
+            .map(|cidr| IpAddress::from(cidr.addr))
+        else {
+            return true;
+        };
+        let probe = gso_probe(own);
+        match sys::write_packet(self.fd.as_raw_fd(), &probe) {
+            Ok(_) => true,
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => false,
+            // Anything else says nothing about GSO; let the data path find out.
+            Err(_) => true,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    pub fn offload(&self) -> Offload {
+        self.offload
+    }
+}
+
+fn open_tun() -> Result<OwnedFd, Error> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|err| match err.kind() {
+            io::ErrorKind::PermissionDenied => Error::NotPermitted("open /dev/net/tun"),
+            _ => Error::NoTun(err),
+        })?;
+    Ok(OwnedFd::from(file))
+}
+
+/// A virtio-net header plus a TCP packet of two 100-byte segments from `addr` to itself.
+fn gso_probe(addr: IpAddress) -> Vec<u8> {
+    const SEGMENT: u16 = 100;
+    const TCP_HEADER: usize = 20;
+    let payload = 2 * usize::from(SEGMENT);
+    let ip = IpRepr::new(addr, addr, IpProtocol::Tcp, TCP_HEADER + payload, 64);
+    let mut buf = vec![0u8; vnet::LEN + ip.buffer_len()];
+    let (header, packet) = buf.split_at_mut(vnet::LEN);
+    ip.emit(&mut *packet, &ChecksumCapabilities::default());
+    let ip_len = ip.header_len();
+    let mut tcp = TcpPacket::new_unchecked(&mut packet[ip_len..]);
+    tcp.set_src_port(9);
+    tcp.set_dst_port(9);
+    tcp.set_header_len(TCP_HEADER as u8);
+    tcp.set_ack(true);
+    tcp.set_window_len(1024);
+    vnet::Header {
+        needs_csum: true,
+        gso: match addr {
+            IpAddress::Ipv4(_) => vnet::Gso::TcpV4,
+            IpAddress::Ipv6(_) => vnet::Gso::TcpV6,
+        },
+        ecn: false,
+        hdr_len: (ip_len + TCP_HEADER) as u16,
+        gso_size: SEGMENT,
+        csum_start: ip_len as u16,
+        csum_offset: 16,
+    }
+    .emit(header);
+    buf
 }
 
 impl AsRawFd for Tun {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probing_steps_down_to_no_header() {
+        let mut level = Offload::Uso;
+        let mut seen = vec![level];
+        while level != Offload::None {
+            level = level.lower();
+            seen.push(level);
+        }
+        assert_eq!(
+            seen,
+            [
+                Offload::Uso,
+                Offload::Tso,
+                Offload::Checksum,
+                Offload::Header,
+                Offload::None
+            ]
+        );
+        assert_eq!(Offload::Tso.tun_flags(), 0x07);
+        assert_eq!(Offload::Uso.tun_flags(), 0x67);
+        assert_eq!(Offload::Header.tun_flags(), 0);
+    }
+
+    #[test]
+    fn gso_probe_is_a_valid_two_segment_packet() {
+        for addr in [
+            IpAddress::v4(198, 18, 0, 1),
+            IpAddress::v6(0xfd7a, 0, 0, 0, 0, 0, 0, 1),
+        ] {
+            let probe = gso_probe(addr);
+            let (header, packet) = vnet::Header::parse(&probe).unwrap();
+            assert!(header.needs_csum);
+            assert_ne!(header.gso, vnet::Gso::None);
+            let payload = packet.len() - usize::from(header.hdr_len);
+            assert_eq!(payload, 2 * usize::from(header.gso_size));
+            assert!(matches!(
+                crate::stack::parse(packet),
+                crate::stack::Parsed::Tcp { .. }
+            ));
+        }
     }
 }

@@ -1,0 +1,156 @@
+//! Turns a packet smoltcp just emitted into what the TUN expects with offload on: the
+//! virtio-net header describing it, and the partial (pseudo-header) TCP checksum that the
+//! kernel completes.
+
+use smoltcp::wire::checksum;
+use smoltcp::wire::{IpAddress, IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpPacket};
+
+use crate::tun::vnet::{self, Gso};
+
+/// Offset of the checksum field in a TCP header.
+const TCP_CHECKSUM_OFFSET: u16 = 16;
+
+/// Completes `packet` for a TUN that finishes checksums (and segments when `segment_size`
+/// is set: the MSS smoltcp asked for). Returns the header to send in front of it.
+/// Anything but a well-formed TCP packet gets a plain header and is left as it is.
+pub fn finish_tcp(packet: &mut [u8], segment_size: Option<u16>) -> vnet::Header {
+    let Some((src, dst, ip_len, l4_len)) = tcp_addresses(packet) else {
+        return vnet::Header::PLAIN;
+    };
+    let Ok(mut tcp) = TcpPacket::new_checked(&mut packet[ip_len..]) else {
+        return vnet::Header::PLAIN;
+    };
+    // The kernel adds the segment's own bytes to this and folds it (per segment when it
+    // segments, adjusting the length).
+    tcp.set_checksum(checksum::pseudo_header(
+        &src,
+        &dst,
+        IpProtocol::Tcp,
+        l4_len as u32,
+    ));
+    let tcp_header_len = usize::from(tcp.header_len());
+    let gso = match (segment_size, src) {
+        (Some(_), IpAddress::Ipv4(_)) => Gso::TcpV4,
+        (Some(_), IpAddress::Ipv6(_)) => Gso::TcpV6,
+        (None, _) => Gso::None,
+    };
+    vnet::Header {
+        needs_csum: true,
+        gso,
+        ecn: false,
+        hdr_len: (ip_len + tcp_header_len) as u16,
+        gso_size: segment_size.unwrap_or(0),
+        csum_start: ip_len as u16,
+        csum_offset: TCP_CHECKSUM_OFFSET,
+    }
+}
+
+/// Source, destination, IP header length and TCP length of a TCP packet.
+fn tcp_addresses(packet: &[u8]) -> Option<(IpAddress, IpAddress, usize, usize)> {
+    match IpVersion::of_packet(packet.get(..1)?).ok()? {
+        IpVersion::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            (ip.next_header() == IpProtocol::Tcp).then(|| {
+                let header_len = usize::from(ip.header_len());
+                (
+                    IpAddress::Ipv4(ip.src_addr()),
+                    IpAddress::Ipv4(ip.dst_addr()),
+                    header_len,
+                    packet.len() - header_len,
+                )
+            })
+        }
+        IpVersion::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            (ip.next_header() == IpProtocol::Tcp).then(|| {
+                (
+                    IpAddress::Ipv6(ip.src_addr()),
+                    IpAddress::Ipv6(ip.dst_addr()),
+                    ip.header_len(),
+                    packet.len() - ip.header_len(),
+                )
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::packet::tests::{tcp_packet, v4, v6};
+    use smoltcp::wire::TcpControl;
+
+    /// Completing the partial checksum the way the kernel does must give a valid packet.
+    fn complete(packet: &mut [u8], header: &vnet::Header) {
+        let start = usize::from(header.csum_start);
+        let field = start + usize::from(header.csum_offset);
+        let partial = u16::from_be_bytes([packet[field], packet[field + 1]]);
+        packet[field..field + 2].copy_from_slice(&[0, 0]);
+        let sum = checksum::combine(&[partial, checksum::data(&packet[start..])]);
+        packet[field..field + 2].copy_from_slice(&(!sum).to_be_bytes());
+    }
+
+    #[test]
+    fn partial_checksum_completes_to_a_valid_one() {
+        for (client, server) in [
+            (v4([10, 0, 0, 1], 5000), v4([10, 0, 0, 2], 80)),
+            (v6(1, 5000), v6(2, 80)),
+        ] {
+            let mut packet = tcp_packet(server, client, TcpControl::Psh, true);
+            let header = finish_tcp(&mut packet, None);
+            assert!(header.needs_csum);
+            assert_eq!(header.gso, Gso::None);
+            complete(&mut packet, &header);
+            let ip_len = usize::from(header.csum_start);
+            let tcp = TcpPacket::new_checked(&packet[ip_len..]).unwrap();
+            assert!(tcp.verify_checksum(&server.addr, &client.addr));
+        }
+    }
+
+    #[test]
+    fn segment_size_selects_the_gso_type_of_the_family() {
+        let mut packet4 = tcp_packet(
+            v4([1, 1, 1, 1], 1),
+            v4([2, 2, 2, 2], 2),
+            TcpControl::None,
+            true,
+        );
+        let header = finish_tcp(&mut packet4, Some(1460));
+        assert_eq!(
+            (
+                header.gso,
+                header.gso_size,
+                header.csum_start,
+                header.hdr_len
+            ),
+            (Gso::TcpV4, 1460, 20, 40)
+        );
+        let mut packet6 = tcp_packet(v6(1, 1), v6(2, 2), TcpControl::None, true);
+        let header = finish_tcp(&mut packet6, Some(1440));
+        assert_eq!(
+            (
+                header.gso,
+                header.gso_size,
+                header.csum_start,
+                header.hdr_len
+            ),
+            (Gso::TcpV6, 1440, 40, 60)
+        );
+    }
+
+    #[test]
+    fn non_tcp_and_garbage_get_a_plain_header() {
+        let mut udp = tcp_packet(
+            v4([1, 1, 1, 1], 1),
+            v4([2, 2, 2, 2], 2),
+            TcpControl::None,
+            true,
+        );
+        udp[9] = 17;
+        assert_eq!(finish_tcp(&mut udp, None), vnet::Header::PLAIN);
+        for len in 0..40 {
+            let mut garbage = vec![0x45u8; len];
+            assert_eq!(finish_tcp(&mut garbage, Some(1000)), vnet::Header::PLAIN);
+        }
+    }
+}
