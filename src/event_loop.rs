@@ -12,6 +12,8 @@ use std::time::Duration;
 use io_uring::{opcode, squeue, types};
 use log::{debug, info, warn};
 use nix::libc;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use slab::Slab;
 use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -45,6 +47,8 @@ const EGRESS_BUDGET: usize = 256;
 const MAX_TIMERS_PER_TURN: usize = 1024;
 /// Bytes of server data staged per flow between a recv and the smoltcp send buffer.
 const STAGING_BYTES: usize = 64 * 1024;
+/// Size of `struct signalfd_siginfo`.
+const SIGINFO_LEN: usize = 128;
 /// How often counters are logged at debug level.
 const STATS_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -60,7 +64,17 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     // Each flow holds one outbound socket; leave room for the ring, TUN and stdio.
     let fd_limit = crate::sys::raise_fd_limit(config.max_flows as u64 + 64);
-    let mut proxy = Proxy::new(config, tun)?;
+    // Signals arrive through the ring like any other event: block them for the thread
+    // and read them from a signalfd.
+    let mut mask = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1] {
+        mask.add(signal);
+    }
+    mask.thread_block()
+        .map_err(|err| Error::Io("block signals", err.into()))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
+        .map_err(|err| Error::Io("create signalfd", err.into()))?;
+    let mut proxy = Proxy::new(config, tun, signals)?;
     info!("TUN offload: {}", proxy.tun.offload());
     info!(
         "relaying TCP from {} ({}) via {}, mtu {}, up to {} flows (fd limit {})",
@@ -135,6 +149,12 @@ struct Proxy {
     /// The kernel copies it when a connect's linked timeout is submitted.
     connect_timeout: Box<types::Timespec>,
     tun_read_armed: bool,
+    signals: SignalFd,
+    /// One `signalfd_siginfo`, filled by the pending signal read.
+    signal_info: Box<[u8; SIGINFO_LEN]>,
+    signal_armed: bool,
+    /// Set by SIGINT/SIGTERM: the loop ends after this turn.
+    stop: bool,
     /// Set when the TUN itself fails; the loop ends with it.
     fatal: Option<Error>,
     stats: Stats,
@@ -144,7 +164,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn new(config: Config, tun: Tun) -> Result<Proxy, Error> {
+    fn new(config: Config, tun: Tun, signals: SignalFd) -> Result<Proxy, Error> {
         let ring = Ring::new().map_err(Error::IoUring)?;
         let mtu = config.mtu as usize;
         let offload = tun.offload();
@@ -188,6 +208,10 @@ impl Proxy {
             next_generation: 0,
             connect_timeout: Box::new(types::Timespec::from(config.connect_timeout)),
             tun_read_armed: false,
+            signals,
+            signal_info: Box::new([0; SIGINFO_LEN]),
+            signal_armed: false,
+            stop: false,
             fatal: None,
             stats: Stats::default(),
             epoch,
@@ -205,6 +229,9 @@ impl Proxy {
             if !self.tun_read_armed {
                 self.arm_tun_read()?;
             }
+            if !self.signal_armed {
+                self.arm_signal_read()?;
+            }
             self.flush_tun_writes()?;
             let timeout = self.next_timeout();
             self.ring
@@ -220,6 +247,10 @@ impl Proxy {
             self.tun_reads.publish();
             if let Some(err) = self.fatal.take() {
                 return Err(err);
+            }
+            if self.stop {
+                self.shut_down();
+                return Ok(());
             }
 
             self.fire_timers();
@@ -239,6 +270,71 @@ impl Proxy {
         unsafe { self.ring.push(&[read]) }.map_err(|err| Error::Io("queue TUN read", err))?;
         self.tun_read_armed = true;
         Ok(())
+    }
+
+    fn arm_signal_read(&mut self) -> Result<(), Error> {
+        let read = opcode::Read::new(
+            types::Fd(self.signals.as_raw_fd()),
+            self.signal_info.as_mut_ptr(),
+            SIGINFO_LEN as u32,
+        )
+        .build()
+        .user_data(Token::new(Op::Signal, 0, 0).encode());
+        // SAFETY: the boxed buffer lives as long as the proxy and only this read uses it.
+        unsafe { self.ring.push(&[read]) }.map_err(|err| Error::Io("queue signal read", err))?;
+        self.signal_armed = true;
+        Ok(())
+    }
+
+    fn on_signal(&mut self, result: i32) {
+        self.signal_armed = false;
+        if result != SIGINFO_LEN as i32 {
+            return;
+        }
+        let signo = u32::from_ne_bytes([
+            self.signal_info[0],
+            self.signal_info[1],
+            self.signal_info[2],
+            self.signal_info[3],
+        ]) as i32;
+        match Signal::try_from(signo) {
+            Ok(Signal::SIGUSR1) => self.print_stats(),
+            Ok(signal) => {
+                info!("{signal}: resetting {} flows and exiting", self.flows.len());
+                self.stop = true;
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Resets every flow (RST to the client and to the server), sends what that
+    /// produces to the TUN, and prints the counters.
+    fn shut_down(&mut self) {
+        let now = self.now();
+        let mut device = StackDevice::egress(&mut self.tx);
+        for (_, flow) in &mut self.flows {
+            if let Some(socket) = &flow.outbound {
+                let _ = socket.set_linger(Some(Duration::ZERO));
+            }
+            flow.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
+            self.iface.poll_egress(now, &mut device, &mut flow.sockets);
+        }
+        if self.flush_tun_writes().is_ok() {
+            let _ = self.ring.submit_and_wait(Some(Duration::from_millis(100)));
+        }
+        self.print_stats();
+    }
+
+    fn print_stats(&mut self) {
+        self.stats.tx = self.tx.counters.clone();
+        info!(
+            "active flows {}, TUN offload {}",
+            self.flows.len(),
+            self.tun.offload()
+        );
+        for line in self.stats.to_string().lines() {
+            info!("{line}");
+        }
     }
 
     fn flush_tun_writes(&mut self) -> Result<(), Error> {
@@ -295,6 +391,7 @@ impl Proxy {
                 }
             }
             Op::Ignore => {}
+            Op::Signal => self.on_signal(result),
             Op::Connect | Op::Send | Op::Recv | Op::Shutdown => {
                 let key = token.key as usize;
                 let Some(flow) = self.flows.get_mut(key) else {

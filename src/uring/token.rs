@@ -18,6 +18,8 @@ pub enum Op {
     Shutdown = 6,
     /// Completions nobody waits for: cancels, closes, link timeouts.
     Ignore = 7,
+    /// A signal read from the signalfd.
+    Signal = 8,
 }
 
 impl Op {
@@ -30,6 +32,7 @@ impl Op {
             5 => Op::Recv,
             6 => Op::Shutdown,
             7 => Op::Ignore,
+            8 => Op::Signal,
             _ => return None,
         })
     }
@@ -86,6 +89,7 @@ mod tests {
             Op::Recv,
             Op::Shutdown,
             Op::Ignore,
+            Op::Signal,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));

@@ -338,6 +338,16 @@ impl Topology {
     /// Spawns the proxy in the client namespace with `-i iface --tun <tun>`
     /// plus `extra_args`, without waiting for it to come up.
     pub fn spawn_proxy(&self, iface: &str, extra_args: &[&str]) -> Proxy {
+        self.spawn_proxy_with_env(iface, extra_args, &[])
+    }
+
+    /// Like [`Topology::spawn_proxy`], with extra environment variables.
+    pub fn spawn_proxy_with_env(
+        &self,
+        iface: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let stderr_path = std::env::temp_dir().join(format!("{}.proxy.log", self.client_ns));
         let log = File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
@@ -346,6 +356,7 @@ impl Topology {
             .args(["netns", "exec", &self.client_ns, PROXY_BIN])
             .args(["-i", iface, "--tun", TUN_NAME])
             .args(extra_args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log file"))
             .stderr(log)
@@ -357,7 +368,12 @@ impl Topology {
     /// Starts the proxy on the client veth, waits for its TUN to be up and
     /// routes both server addresses into it.
     pub fn start_proxy(&self, extra_args: &[&str]) -> Proxy {
-        let mut proxy = self.spawn_proxy(&self.client_veth, extra_args);
+        self.start_proxy_with_env(extra_args, &[])
+    }
+
+    /// Like [`Topology::start_proxy`], with extra environment variables.
+    pub fn start_proxy_with_env(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut proxy = self.spawn_proxy_with_env(&self.client_veth, extra_args, env);
         let c = self.client_ns.as_str();
         let tun_up = wait_until(PROXY_STARTUP_TIMEOUT, || {
             proxy.assert_running();
@@ -503,6 +519,18 @@ impl Proxy {
         fs::read(&self.stderr_path)
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.stderr_path.display()))
+    }
+
+    /// Asks the proxy for its counters (SIGUSR1) and returns its output once the
+    /// new report is complete (its last line starts with `drops:`).
+    pub fn stats(&self) -> String {
+        let reports = |text: &str| text.matches("drops:").count();
+        let before = reports(&self.stderr());
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("send SIGUSR1");
+        let printed = wait_until(Duration::from_secs(5), || reports(&self.stderr()) > before);
+        assert!(printed, "no counters printed after SIGUSR1");
+        self.stderr()
     }
 
     /// Panics with the proxy's output if it has exited.
