@@ -10,16 +10,16 @@ use std::os::fd::{AsRawFd, IntoRawFd};
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
-use log::{debug, info, warn};
+use log::{debug, info};
 use nix::libc;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use slab::Slab;
 use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
-use smoltcp::socket::tcp;
+use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpEndpoint, IpListenEndpoint};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -47,6 +47,13 @@ const EGRESS_BUDGET: usize = 256;
 const MAX_TIMERS_PER_TURN: usize = 1024;
 /// Bytes of server data staged per flow between a recv and the smoltcp send buffer.
 const STAGING_BYTES: usize = 64 * 1024;
+/// Idle time before either side of a flow is probed for liveness, the probe interval,
+/// and (smoltcp side) how long a silent client is tolerated: a client or server that
+/// vanished without FIN or RST is detected in about three minutes instead of never.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_PROBES: u32 = 6;
+const CLIENT_SILENCE_LIMIT: Duration = Duration::from_secs(180);
 /// Size of `struct signalfd_siginfo`.
 const SIGINFO_LEN: usize = 128;
 /// How often counters are logged at debug level.
@@ -227,12 +234,12 @@ impl Proxy {
     fn run(&mut self) -> Result<(), Error> {
         loop {
             if !self.tun_read_armed {
-                self.arm_tun_read()?;
+                self.arm_tun_read();
             }
             if !self.signal_armed {
-                self.arm_signal_read()?;
+                self.arm_signal_read();
             }
-            self.flush_tun_writes()?;
+            self.flush_tun_writes();
             let timeout = self.next_timeout();
             self.ring
                 .submit_and_wait(timeout)
@@ -260,19 +267,18 @@ impl Proxy {
         }
     }
 
-    fn arm_tun_read(&mut self) -> Result<(), Error> {
+    fn arm_tun_read(&mut self) {
         let read =
             opcode::ReadMulti::new(types::Fd(self.tun.as_raw_fd()), 0, self.tun_reads.group())
                 .build()
                 .user_data(Token::new(Op::TunRead, 0, 0).encode());
         // SAFETY: the read only uses buffers of the registered ring, which lives as
         // long as the ring.
-        unsafe { self.ring.push(&[read]) }.map_err(|err| Error::Io("queue TUN read", err))?;
+        unsafe { self.ring.push(&[read]) };
         self.tun_read_armed = true;
-        Ok(())
     }
 
-    fn arm_signal_read(&mut self) -> Result<(), Error> {
+    fn arm_signal_read(&mut self) {
         let read = opcode::Read::new(
             types::Fd(self.signals.as_raw_fd()),
             self.signal_info.as_mut_ptr(),
@@ -281,9 +287,8 @@ impl Proxy {
         .build()
         .user_data(Token::new(Op::Signal, 0, 0).encode());
         // SAFETY: the boxed buffer lives as long as the proxy and only this read uses it.
-        unsafe { self.ring.push(&[read]) }.map_err(|err| Error::Io("queue signal read", err))?;
+        unsafe { self.ring.push(&[read]) };
         self.signal_armed = true;
-        Ok(())
     }
 
     fn on_signal(&mut self, result: i32) {
@@ -319,9 +324,8 @@ impl Proxy {
             flow.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
             self.iface.poll_egress(now, &mut device, &mut flow.sockets);
         }
-        if self.flush_tun_writes().is_ok() {
-            let _ = self.ring.submit_and_wait(Some(Duration::from_millis(100)));
-        }
+        self.flush_tun_writes();
+        let _ = self.ring.submit_and_wait(Some(Duration::from_millis(100)));
         self.print_stats();
     }
 
@@ -337,21 +341,17 @@ impl Proxy {
         }
     }
 
-    fn flush_tun_writes(&mut self) -> Result<(), Error> {
+    fn flush_tun_writes(&mut self) {
         let fd = types::Fd(self.tun.as_raw_fd());
         let ring = &mut self.ring;
-        let mut result = Ok(());
         self.tx.take_ready(|index, packet| {
             let write = opcode::Write::new(fd, packet.as_ptr(), packet.len() as u32)
                 .build()
                 .user_data(Token::new(Op::TunWrite, 0, usize::from(index)).encode());
             // SAFETY: the buffer stays in the pool, unused, until this write's completion
             // releases it (`on_completion`, Op::TunWrite).
-            if let Err(err) = unsafe { ring.push(&[write]) } {
-                result = Err(Error::Io("queue TUN write", err));
-            }
+            unsafe { ring.push(&[write]) };
         });
-        result
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -423,11 +423,14 @@ impl Proxy {
             self.tun_read_armed = false;
         }
         let Some(bid) = uring::buffer_id(flags) else {
-            if result != -libc::ENOBUFS {
-                warn!(
-                    "TUN read failed: {}",
-                    std::io::Error::from_raw_os_error(-result)
-                );
+            // ENOBUFS: every buffer was in use; re-armed after they are recycled.
+            // Anything else (EINVAL from a kernel without multishot reads, EBADFD from a
+            // TUN deleted under us) will not get better by retrying.
+            if result < 0 && result != -libc::ENOBUFS {
+                self.fatal.get_or_insert(Error::Io(
+                    "read from the TUN (multishot reads need kernel 6.7+)",
+                    std::io::Error::from_raw_os_error(-result),
+                ));
             }
             return;
         };
@@ -526,6 +529,8 @@ impl Proxy {
         // Nagle would delay small writes a second time: the client's kernel already
         // coalesced them.
         socket.set_nagle_enabled(false);
+        socket.set_keep_alive(Some(KEEPALIVE_IDLE.into()));
+        socket.set_timeout(Some(CLIENT_SILENCE_LIMIT.into()));
         socket.pause_synack(true);
         let listen = IpListenEndpoint {
             addr: Some(key.server.addr),
@@ -534,8 +539,9 @@ impl Proxy {
         socket.listen(listen).ok()?;
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
         let handle = sockets.add(socket);
-        let generation = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1);
+        // Tokens carry 24 bits of generation; keep the flow's copy comparable.
+        let generation = self.next_generation & uring::token::GENERATION_MASK;
+        self.next_generation = generation.wrapping_add(1);
         let slot = self.flows.insert(Box::new(Flow {
             key,
             generation,
@@ -566,9 +572,7 @@ impl Proxy {
             .user_data(Token::new(Op::Ignore, 0, 0).encode());
         // SAFETY: the address lives in the boxed flow, which is freed only after all its
         // operations completed; the timespec lives as long as the proxy.
-        if unsafe { self.ring.push(&[connect, timeout]) }.is_err() {
-            warn!("cannot queue connect for {}", key.server);
-        }
+        unsafe { self.ring.push(&[connect, timeout]) };
         Some(slot)
     }
 
@@ -612,15 +616,31 @@ impl Proxy {
         flow.queued = false;
         submit_relay_io(&mut self.ring, flow, key);
 
-        let mut device = StackDevice::egress(&mut self.tx);
+        let socket = flow.sockets.get_mut::<tcp::Socket>(flow.handle);
+        let state = socket.state();
+        if matches!(
+            state,
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        ) {
+            // The client closed: acknowledge at once, so no ACK is still owed when the
+            // flow is freed.
+            socket.set_ack_delay(None);
+        }
+        // smoltcp ends TIME-WAIT (and clears the receive buffer) from its egress timer;
+        // hold it off while client bytes are still going to the server.
+        let holding_time_wait = state == State::TimeWait && flow.relay.owes_server(socket);
+
         let mut budget_left = true;
-        for sent in 0.. {
-            if sent == EGRESS_BUDGET {
-                budget_left = false;
-                break;
-            }
-            if self.iface.poll_egress(now, &mut device, &mut flow.sockets) == PollResult::None {
-                break;
+        if !holding_time_wait {
+            let mut device = StackDevice::egress(&mut self.tx);
+            for sent in 0.. {
+                if sent == EGRESS_BUDGET {
+                    budget_left = false;
+                    break;
+                }
+                if self.iface.poll_egress(now, &mut device, &mut flow.sockets) == PollResult::None {
+                    break;
+                }
             }
         }
         if self.tx.take_exhausted() && !flow.starved {
@@ -634,10 +654,10 @@ impl Proxy {
         let socket = flow.sockets.get::<tcp::Socket>(flow.handle);
         flow.relay.update_phase(socket);
         match flow.relay.phase() {
-            Phase::Closing(teardown) => self.teardown(key, teardown),
+            Phase::Closing(teardown) => self.teardown(key, teardown, now),
             Phase::Connecting => {}
             Phase::Open => {
-                if !flow.starved && !flow.queued {
+                if !flow.starved && !flow.queued && !holding_time_wait {
                     schedule(&mut self.timers, &mut self.iface, flow, key, now);
                 }
             }
@@ -645,7 +665,7 @@ impl Proxy {
     }
 
     /// Cancels the flow's outbound I/O and, once nothing is in flight, closes and frees it.
-    fn teardown(&mut self, key: usize, teardown: Teardown) {
+    fn teardown(&mut self, key: usize, teardown: Teardown, now: Instant) {
         let flow = &mut self.flows[key];
         if !flow.teardown_started {
             flow.teardown_started = true;
@@ -660,11 +680,18 @@ impl Proxy {
                             .build()
                             .user_data(Token::new(Op::Ignore, 0, 0).encode());
                     // SAFETY: a cancel points at no memory.
-                    let _ = unsafe { self.ring.push(&[cancel]) };
+                    unsafe { self.ring.push(&[cancel]) };
                 }
             }
         }
-        if flow.relay.inflight() > 0 {
+        if flow.relay.inflight() > 0 || flow.starved {
+            return;
+        }
+        // An aborted socket keeps its peer until its RST is out (the tuple is cleared
+        // once sent); freeing it earlier would swallow the reset.
+        let socket = flow.sockets.get::<tcp::Socket>(flow.handle);
+        if socket.state() == State::Closed && self.iface.poll_at(now, &flow.sockets).is_some() {
+            enqueue(&mut self.work, flow, key);
             return;
         }
         if let Some(failure) = flow.relay.failure() {
@@ -675,7 +702,7 @@ impl Proxy {
                 .build()
                 .user_data(Token::new(Op::Ignore, 0, 0).encode());
             // SAFETY: a close points at no memory; the fd is no longer owned by anyone.
-            let _ = unsafe { self.ring.push(&[close]) };
+            unsafe { self.ring.push(&[close]) };
         }
         let flow_key = flow.key;
         self.by_key.remove(&flow_key);
@@ -756,9 +783,7 @@ fn submit_relay_io(ring: &mut Ring, flow: &mut Flow, key: usize) {
         // relay's staging buffer, both owned by this boxed flow. The relay leaves those
         // bytes alone until the completion (`on_sent`/`on_received`), and the flow is
         // freed only once no operation is in flight.
-        if unsafe { ring.push(&[entry]) }.is_err() {
-            warn!("cannot queue outbound I/O for {}", flow.key.server);
-        }
+        unsafe { ring.push(&[entry]) };
     }
 }
 
@@ -794,6 +819,12 @@ fn outbound_socket(server: IpEndpoint, interface: &str) -> std::io::Result<Socke
     let socket = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     socket.bind_device(Some(interface.as_bytes()))?;
     socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
     Ok(socket)
 }
 

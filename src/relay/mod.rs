@@ -30,6 +30,8 @@ pub enum Teardown {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ClientFin {
     NotSeen,
+    /// Received, but client bytes before it are still on their way to the server.
+    Seen,
     ShutdownInFlight,
     Forwarded,
 }
@@ -198,14 +200,9 @@ impl Relay {
         let want_recv = !self.receiving && !self.server_eof && self.staged.is_empty();
 
         // Client -> server: send what the client has sent, then forward its FIN.
-        let client_closed = matches!(
-            socket.state(),
-            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
-        );
-        let want_shutdown = self.sending == 0
-            && client_closed
-            && socket.recv_queue() == 0
-            && self.client_fin == ClientFin::NotSeen;
+        self.note_client_fin(socket);
+        let want_shutdown =
+            self.sending == 0 && socket.recv_queue() == 0 && self.client_fin == ClientFin::Seen;
         if want_shutdown {
             self.client_fin = ClientFin::ShutdownInFlight;
             self.started();
@@ -228,22 +225,47 @@ impl Relay {
         actions
     }
 
-    /// After smoltcp has run: moves the flow to `Closing` once its socket is done.
+    /// Records the client's FIN once smoltcp is in a state that implies it. Every such
+    /// state is reached by ingress or by our own `close`, both followed by a `pump` or
+    /// `update_phase`, so the FIN is noted before the socket can move on to `Closed`.
+    fn note_client_fin(&mut self, socket: &tcp::Socket) {
+        let fin_received = matches!(
+            socket.state(),
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        );
+        if fin_received && self.client_fin == ClientFin::NotSeen {
+            self.client_fin = ClientFin::Seen;
+        }
+    }
+
+    /// Whether client bytes or the client's FIN still have to reach the server.
+    pub fn owes_server(&self, socket: &tcp::Socket) -> bool {
+        self.sending > 0 || socket.recv_queue() > 0 || self.client_fin == ClientFin::Seen
+    }
+
+    /// After smoltcp has run: moves the flow to `Closing` once its socket is done and
+    /// everything the client sent has been handed to the server.
     pub fn update_phase(&mut self, socket: &tcp::Socket) {
-        let teardown = match (self.phase, socket.state()) {
-            (Phase::Closing(_), _) => return,
+        if matches!(self.phase, Phase::Closing(_)) {
+            return;
+        }
+        self.note_client_fin(socket);
+        let both_fins = self.client_fin != ClientFin::NotSeen && self.server_fin_forwarded;
+        let teardown = match socket.state() {
             // Listen again means the client reset the half-open connection.
-            (_, State::Closed | State::Listen) => {
-                if self.client_fin == ClientFin::NotSeen || !self.server_fin_forwarded {
-                    self.failure.get_or_insert(Failure::ClientReset);
-                    Teardown::Abortive
-                } else {
-                    Teardown::Graceful
+            State::Listen => Teardown::Abortive,
+            State::Closed if !both_fins => Teardown::Abortive,
+            State::Closed | State::TimeWait if both_fins => {
+                if self.owes_server(socket) {
+                    return;
                 }
+                Teardown::Graceful
             }
-            (_, State::TimeWait) if self.client_fin != ClientFin::NotSeen => Teardown::Graceful,
             _ => return,
         };
+        if teardown == Teardown::Abortive {
+            self.failure.get_or_insert(Failure::ClientReset);
+        }
         self.phase = Phase::Closing(teardown);
     }
 }

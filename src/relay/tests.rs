@@ -80,6 +80,10 @@ struct Server {
     reset: bool,
     /// A receive the relay started while the server had nothing to give.
     recv_pending: bool,
+    /// Leave sends in flight (a slow server) until this is cleared.
+    stall_sends: bool,
+    /// A send held in flight by `stall_sends`: its bytes.
+    send_pending: Option<Vec<u8>>,
     received: Vec<u8>,
     shutdowns: usize,
 }
@@ -213,8 +217,12 @@ impl Harness {
         let socket = sockets.get_mut::<tcp::Socket>(*handle);
         let actions = self.relay.pump(socket);
         let sent = actions.send.map(|data| {
+            if self.server.stall_sends {
+                self.server.send_pending = Some(data.to_vec());
+                return None;
+            }
             self.server.received.extend_from_slice(data);
-            data.len()
+            Some(data.len())
         });
         let received = actions.recv.map(|space| {
             let n = space.len().min(self.server.to_send.len());
@@ -224,8 +232,14 @@ impl Harness {
             n
         });
         let shutdown = actions.shutdown;
-        if let Some(n) = sent {
+        if let Some(Some(n)) = sent {
             self.relay.on_sent(socket, n as i32);
+        }
+        if !self.server.stall_sends
+            && let Some(data) = self.server.send_pending.take()
+        {
+            self.server.received.extend_from_slice(&data);
+            self.relay.on_sent(socket, data.len() as i32);
         }
         match received {
             Some(0) => self.server.recv_pending = true,
@@ -394,4 +408,32 @@ fn a_slow_client_stops_reads_from_the_server() {
         "server drained {taken} bytes"
     );
     assert!(taken > 0);
+}
+
+#[test]
+fn client_bytes_still_buffered_when_both_sides_closed_reach_the_server() {
+    let upload = pattern(12_000, 5);
+    let mut h = Harness::new(Server {
+        eof: true,
+        stall_sends: true,
+        ..Server::default()
+    });
+    connect(&mut h, 0);
+    h.steps_until(20, |h| h.client().state() == State::Established);
+    h.client().send_slice(&upload).unwrap();
+    h.client().close();
+    // The server sends EOF at once but reads slowly: both FINs cross while the client's
+    // bytes still sit in the proxy, and the client's socket finishes.
+    h.steps_until(200, |h| h.client().state() == State::TimeWait);
+    assert_eq!(
+        h.relay.phase(),
+        Phase::Open,
+        "flow must stay until the bytes are out"
+    );
+    h.server.stall_sends = false;
+    h.steps_until(200, |h| h.relay.phase() != Phase::Open);
+    assert_eq!(h.relay.phase(), Phase::Closing(Teardown::Graceful));
+    assert_eq!(h.server.received, upload);
+    assert_eq!(h.server.shutdowns, 1);
+    assert_eq!(h.relay.failure(), None);
 }

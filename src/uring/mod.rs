@@ -4,6 +4,7 @@
 pub mod buf_ring;
 pub mod token;
 
+use std::collections::VecDeque;
 use std::io;
 use std::time::Duration;
 
@@ -30,6 +31,11 @@ pub struct Completion {
 /// The ring, set up for one thread that submits and reaps everything itself.
 pub struct Ring {
     ring: IoUring,
+    /// Entries that found the SQ full while the kernel refused to take more (EBUSY:
+    /// completions must be reaped first). Kept in order, flushed on the next submit;
+    /// `groups` holds the length of each chain so links are never split.
+    backlog: VecDeque<squeue::Entry>,
+    groups: VecDeque<usize>,
 }
 
 impl Ring {
@@ -40,26 +46,37 @@ impl Ring {
             .setup_submit_all()
             .setup_cqsize(CQ_ENTRIES)
             .build(SQ_ENTRIES)?;
-        Ok(Ring { ring })
+        Ok(Ring {
+            ring,
+            backlog: VecDeque::new(),
+            groups: VecDeque::new(),
+        })
     }
 
     pub fn inner(&self) -> &IoUring {
         &self.ring
     }
 
-    /// Queues `entries` back to back (a linked chain must not be split by an early submit).
+    /// Queues `entries` back to back (a linked chain is never split across submits).
+    /// Never fails: when the kernel cannot take more yet, they wait in a backlog.
     ///
     /// # Safety
     /// Every buffer, address and timespec an entry points to must stay valid and unmoved
     /// until its completion has been reaped (the kernel may read or write it until then).
-    pub unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
-        if self.free_slots() < entries.len() {
-            self.submit_pending()?;
+    pub unsafe fn push(&mut self, entries: &[squeue::Entry]) {
+        if self.backlog.is_empty() && self.free_slots() < entries.len() {
+            self.submit_pending();
         }
-        let mut sq = self.ring.submission();
-        // SAFETY: the caller guarantees the buffers outlive the operations; there is room
-        // because we submitted above if there was not.
-        unsafe { sq.push_multiple(entries) }.map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))
+        if self.backlog.is_empty() && self.free_slots() >= entries.len() {
+            let mut sq = self.ring.submission();
+            // SAFETY: the caller guarantees the buffers outlive the operations, and we
+            // just checked there is room for all of them.
+            let pushed = unsafe { sq.push_multiple(entries) };
+            debug_assert!(pushed.is_ok());
+            return;
+        }
+        self.backlog.extend(entries.iter().cloned());
+        self.groups.push_back(entries.len());
     }
 
     fn free_slots(&mut self) -> usize {
@@ -67,18 +84,34 @@ impl Ring {
         sq.capacity() - sq.len()
     }
 
-    /// Submits queued entries without waiting; EBUSY (CQ backlog) is not an error here,
-    /// the entries stay queued until the next wait drains completions.
-    fn submit_pending(&mut self) -> io::Result<()> {
-        match self.ring.submit() {
-            Ok(_) => Ok(()),
-            Err(err) if is_transient(&err) => Ok(()),
-            Err(err) => Err(err),
+    /// Submits queued entries without waiting; EBUSY (completion backlog) leaves them
+    /// queued until the next wait has reaped completions.
+    fn submit_pending(&mut self) {
+        let _ = self.ring.submit();
+    }
+
+    /// Moves backlogged chains into the SQ while they fit.
+    fn flush_backlog(&mut self) {
+        while let Some(&len) = self.groups.front() {
+            if self.free_slots() < len {
+                self.submit_pending();
+                if self.free_slots() < len {
+                    return;
+                }
+            }
+            let chain: Vec<squeue::Entry> = self.backlog.drain(..len).collect();
+            let mut sq = self.ring.submission();
+            // SAFETY: these entries were handed to `push` under its contract; there is
+            // room for the whole chain.
+            let pushed = unsafe { sq.push_multiple(&chain) };
+            debug_assert!(pushed.is_ok());
+            self.groups.pop_front();
         }
     }
 
     /// Submits everything queued and waits for at least one completion or `timeout`.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.flush_backlog();
         let result = match timeout {
             None => self.ring.submit_and_wait(1),
             Some(timeout) => {
