@@ -82,6 +82,17 @@ fn open_idle(
     (clients, join(acceptor))
 }
 
+/// Resident memory of `pid` (VmRSS).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -119,6 +130,10 @@ fn main() {
         drop(held);
         // Let the proxy tear the idle flows down before the next baseline.
         common::wait_until(Duration::from_secs(10), || proxy.fd_count() < 64);
+        eprintln!(
+            "round {round}: idle flows closed, proxy RSS {} KiB",
+            rss_kib(proxy.pid())
+        );
         let ratio = loaded / base;
         ratios.push(ratio);
         println!("| {round} | {base:.2} | {loaded:.2} | {ratio:.3} |");

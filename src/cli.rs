@@ -35,8 +35,8 @@ pub struct Args {
     #[argh(option, default = "16384")]
     pub max_flows: usize,
 
-    /// bytes of receive and of send buffer for each relayed flow (default: 262144)
-    #[argh(option, default = "262144")]
+    /// bytes of receive and of send buffer for each relayed flow (default: 1048576)
+    #[argh(option, default = "1048576")]
     pub flow_buffer: usize,
 
     /// seconds to wait for an outbound connect before the client gets RST (default: 10)

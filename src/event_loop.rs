@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::time::Duration;
 
+use crate::stack::Interfaces;
 use io_uring::{opcode, squeue, types};
 use log::{debug, info};
 use nix::libc;
@@ -46,7 +47,9 @@ const EGRESS_BUDGET: usize = 256;
 /// Timers fired per turn.
 const MAX_TIMERS_PER_TURN: usize = 1024;
 /// Bytes of server data staged per flow between a recv and the smoltcp send buffer.
-const STAGING_BYTES: usize = 64 * 1024;
+/// At 128 KiB the allocation is a private mapping (see `keep_large_allocations_mapped`):
+/// an idle flow pays only for the pages its receives touched.
+const STAGING_BYTES: usize = 128 * 1024;
 /// Idle time before either side of a flow is probed for liveness, the probe interval,
 /// and (smoltcp side) how long a silent client is tolerated: a client or server that
 /// vanished without FIN or RST is detected in about three minutes instead of never.
@@ -62,6 +65,7 @@ const STATS_INTERVAL: Duration = Duration::from_secs(10);
 /// Sets up the TUN, the ring and the stack, then runs until a fatal error.
 pub fn run(config: Config) -> Result<(), Error> {
     check_bind_permission(&config.interface)?;
+    crate::sys::keep_large_allocations_mapped();
     let tun = Tun::create(&config, config.offload_cap)?;
     if let Some(cpu) = config.cpu {
         let mut set = nix::sched::CpuSet::new();
@@ -121,6 +125,9 @@ struct Flow {
     outbound: Option<Socket>,
     /// Read by the kernel when the connect is submitted.
     server_addr: SockAddr,
+    /// Largest TCP payload per packet towards the client (its MSS, capped by our MTU);
+    /// the kernel segments bigger IPv6 writes to this.
+    segment_size: u16,
     relay: Relay,
     /// Already on the work list for this turn.
     queued: bool,
@@ -143,7 +150,7 @@ struct Proxy {
     tun_reads: BufRing,
     tx: TxPool,
     tun: Tun,
-    iface: Interface,
+    ifaces: Interfaces,
     flows: Slab<Box<Flow>>,
     by_key: HashMap<FlowKey, usize>,
     /// Packets for no known flow go through an empty set: smoltcp answers with RST.
@@ -194,17 +201,13 @@ impl Proxy {
         .map_err(|err| Error::Io("register TUN read buffers", err))?;
         let mut tx = TxPool::new(write_buffers, mtu, offload);
         let epoch = std::time::Instant::now();
-        let iface = stack::new_interface(
-            &mut StackDevice::egress(&mut tx),
-            Instant::ZERO,
-            random_seed(),
-        );
+        let ifaces = Interfaces::new(&mut tx, Instant::ZERO, random_seed());
         Ok(Proxy {
             ring,
             tun_reads,
             tx,
             tun,
-            iface,
+            ifaces,
             flows: Slab::new(),
             by_key: HashMap::new(),
             no_flow: SocketSet::new(Vec::new()),
@@ -322,7 +325,8 @@ impl Proxy {
                 let _ = socket.set_linger(Some(Duration::ZERO));
             }
             flow.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
-            self.iface.poll_egress(now, &mut device, &mut flow.sockets);
+            let iface = self.ifaces.serving(&flow.key.server.addr);
+            iface.poll_egress(now, &mut device, &mut flow.sockets);
         }
         self.flush_tun_writes();
         let _ = self.ring.submit_and_wait(Some(Duration::from_millis(100)));
@@ -449,8 +453,8 @@ impl Proxy {
         let Some(packet) = self.tun_reads.packet(bid, len) else {
             return;
         };
-        let (key, opens) = match stack::parse(&packet[offset..]) {
-            Parsed::Tcp { key, opens } => (key, opens),
+        let (key, opens, mss) = match stack::parse(&packet[offset..]) {
+            Parsed::Tcp { key, opens, mss } => (key, opens, mss),
             Parsed::Unsupported => {
                 self.stats.unsupported += 1;
                 return;
@@ -462,24 +466,25 @@ impl Proxy {
         };
         let slot = match self.by_key.get(&key) {
             Some(&slot) => Some(slot),
-            None if opens => self.open_flow(key),
+            None if opens => self.open_flow(key, mss),
             None => None,
         };
         let now = self.now();
         let Some(packet) = self.tun_reads.packet(bid, len) else {
             return;
         };
-        let mut device = StackDevice::ingress(&packet[offset..], &mut self.tx);
+        let iface = self.ifaces.serving(&key.server.addr);
         match slot.and_then(|slot| self.flows.get_mut(slot).map(|flow| (slot, flow))) {
             Some((slot, flow)) => {
-                self.iface
-                    .poll_ingress_single(now, &mut device, &mut flow.sockets);
+                self.tx.set_ipv6_segment_size(flow.segment_size);
+                let mut device = StackDevice::ingress(&packet[offset..], &mut self.tx);
+                iface.poll_ingress_single(now, &mut device, &mut flow.sockets);
                 enqueue(&mut self.work, flow, slot);
             }
             None => {
                 self.stats.no_flow += 1;
-                self.iface
-                    .poll_ingress_single(now, &mut device, &mut self.no_flow);
+                let mut device = StackDevice::ingress(&packet[offset..], &mut self.tx);
+                iface.poll_ingress_single(now, &mut device, &mut self.no_flow);
             }
         }
     }
@@ -508,7 +513,7 @@ impl Proxy {
 
     /// Starts a flow for a new SYN: a held-back listening socket plus an outbound connect.
     /// `None` (the SYN is then answered with RST) when a limit is hit.
-    fn open_flow(&mut self, key: FlowKey) -> Option<usize> {
+    fn open_flow(&mut self, key: FlowKey, mss: Option<u16>) -> Option<usize> {
         if self.flows.len() >= self.config.max_flows {
             self.stats.refused_limit += 1;
             return None;
@@ -521,11 +526,16 @@ impl Proxy {
                 return None;
             }
         };
-        let buffer = self.config.flow_buffer;
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; buffer]),
-            tcp::SocketBuffer::new(vec![0u8; buffer]),
-        );
+        let size = self.config.flow_buffer;
+        let (Some(rx), Some(tx), Some(staging)) = (
+            crate::sys::try_zeroed_buffer(size),
+            crate::sys::try_zeroed_buffer(size),
+            crate::sys::try_zeroed_buffer(STAGING_BYTES),
+        ) else {
+            self.stats.memory_refusals += 1;
+            return None;
+        };
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         // Nagle would delay small writes a second time: the client's kernel already
         // coalesced them.
         socket.set_nagle_enabled(false);
@@ -549,7 +559,8 @@ impl Proxy {
             handle,
             outbound: Some(outbound),
             server_addr: SockAddr::from(endpoint_to_socket_addr(key.server)),
-            relay: Relay::new(STAGING_BYTES),
+            segment_size: segment_size(key.server.addr, mss, self.config.mtu),
+            relay: Relay::new(staging.into_boxed_slice()),
             queued: false,
             starved: false,
             timer_at: None,
@@ -630,15 +641,17 @@ impl Proxy {
         // hold it off while client bytes are still going to the server.
         let holding_time_wait = state == State::TimeWait && flow.relay.owes_server(socket);
 
+        let iface = self.ifaces.serving(&flow.key.server.addr);
         let mut budget_left = true;
         if !holding_time_wait {
+            self.tx.set_ipv6_segment_size(flow.segment_size);
             let mut device = StackDevice::egress(&mut self.tx);
             for sent in 0.. {
                 if sent == EGRESS_BUDGET {
                     budget_left = false;
                     break;
                 }
-                if self.iface.poll_egress(now, &mut device, &mut flow.sockets) == PollResult::None {
+                if iface.poll_egress(now, &mut device, &mut flow.sockets) == PollResult::None {
                     break;
                 }
             }
@@ -658,7 +671,7 @@ impl Proxy {
             Phase::Connecting => {}
             Phase::Open => {
                 if !flow.starved && !flow.queued && !holding_time_wait {
-                    schedule(&mut self.timers, &mut self.iface, flow, key, now);
+                    schedule(&mut self.timers, iface, flow, key, now);
                 }
             }
         }
@@ -690,7 +703,8 @@ impl Proxy {
         // An aborted socket keeps its peer until its RST is out (the tuple is cleared
         // once sent); freeing it earlier would swallow the reset.
         let socket = flow.sockets.get::<tcp::Socket>(flow.handle);
-        if socket.state() == State::Closed && self.iface.poll_at(now, &flow.sockets).is_some() {
+        let iface = self.ifaces.serving(&flow.key.server.addr);
+        if socket.state() == State::Closed && iface.poll_at(now, &flow.sockets).is_some() {
             enqueue(&mut self.work, flow, key);
             return;
         }
@@ -828,6 +842,16 @@ fn outbound_socket(server: IpEndpoint, interface: &str) -> std::io::Result<Socke
     Ok(socket)
 }
 
+/// The client's MSS (RFC 9293 defaults when it sent none), capped by what fits our MTU.
+fn segment_size(server: IpAddress, client_mss: Option<u16>, mtu: u32) -> u16 {
+    let (default_mss, headers) = match server {
+        IpAddress::Ipv4(_) => (536, 40),
+        IpAddress::Ipv6(_) => (1220, 60),
+    };
+    let ours = u16::try_from(mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
+    client_mss.unwrap_or(default_mss).clamp(1, ours)
+}
+
 fn endpoint_to_socket_addr(endpoint: IpEndpoint) -> SocketAddr {
     SocketAddr::new(endpoint.addr.into(), endpoint.port)
 }
@@ -846,4 +870,22 @@ fn random_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     nanos ^ u64::from(std::process::id()) << 32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_size_is_the_client_mss_capped_by_our_mtu() {
+        let v4 = IpAddress::v4(10, 0, 0, 1);
+        let v6 = IpAddress::v6(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+        assert_eq!(segment_size(v4, Some(1460), 1500), 1460);
+        assert_eq!(segment_size(v6, Some(1440), 1500), 1440);
+        assert_eq!(segment_size(v6, Some(8960), 1500), 1440);
+        assert_eq!(segment_size(v4, Some(1000), 1500), 1000);
+        assert_eq!(segment_size(v4, None, 1500), 536);
+        assert_eq!(segment_size(v6, None, 1500), 1220);
+        assert_eq!(segment_size(v4, Some(0), 1500), 1);
+    }
 }

@@ -25,6 +25,8 @@ pub struct Stats {
     pub flows_closed: u64,
     pub refused_limit: u64,
     pub socket_errors: u64,
+    /// SYNs refused because the flow's buffers could not be allocated.
+    pub memory_refusals: u64,
     pub connect_refused: u64,
     pub connect_timeout: u64,
     pub connect_other: u64,
@@ -67,8 +69,12 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "flows: opened {} closed {} refused-at-limit {} socket-errors {}",
-            self.flows_opened, self.flows_closed, self.refused_limit, self.socket_errors
+            "flows: opened {} closed {} refused-at-limit {} socket-errors {} out-of-memory {}",
+            self.flows_opened,
+            self.flows_closed,
+            self.refused_limit,
+            self.socket_errors,
+            self.memory_refusals
         )?;
         writeln!(
             f,

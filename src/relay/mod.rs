@@ -80,13 +80,13 @@ pub struct Relay {
 const MAX_SEND: usize = 256 * 1024;
 
 impl Relay {
-    /// A relay waiting for its outbound connect, with `staging` bytes for server data.
-    pub fn new(staging: usize) -> Relay {
+    /// A relay waiting for its outbound connect, staging server data in `staging`.
+    pub fn new(staging: Box<[u8]>) -> Relay {
         Relay {
             phase: Phase::Connecting,
             sending: 0,
             client_fin: ClientFin::NotSeen,
-            staging: vec![0u8; staging].into_boxed_slice(),
+            staging,
             staged: 0..0,
             receiving: false,
             server_eof: false,

@@ -136,7 +136,7 @@ impl Harness {
             proxy_iface,
             tx,
             flow: None,
-            relay: Relay::new(4096),
+            relay: Relay::new(vec![0u8; 4096].into_boxed_slice()),
             server,
         };
         let cx = harness.client_iface.context();
@@ -188,7 +188,7 @@ impl Harness {
     }
 
     fn proxy_ingress(&mut self, packet: &[u8]) {
-        let Parsed::Tcp { key, opens } = stack::parse(packet) else {
+        let Parsed::Tcp { key, opens, .. } = stack::parse(packet) else {
             panic!("client sent a non-TCP packet");
         };
         assert_eq!(key.server, SERVER);

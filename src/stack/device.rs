@@ -5,6 +5,7 @@ use std::num::NonZeroUsize;
 
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
+use smoltcp::wire::IpVersion;
 
 use super::offload;
 use crate::tun::{Offload, vnet};
@@ -36,6 +37,9 @@ pub struct TxPool {
     offload: Offload,
     /// Bytes in front of each packet: the virtio-net header, if negotiated.
     header_len: usize,
+    /// MSS of the flow being polled, for IPv6 packets that need segmenting: smoltcp
+    /// does not pass its segmentation metadata along for IPv6.
+    ipv6_segment_size: u16,
     pub counters: TxCounters,
 }
 
@@ -60,6 +64,7 @@ impl TxPool {
             mtu,
             offload,
             header_len,
+            ipv6_segment_size: 0,
             counters: TxCounters::default(),
         }
     }
@@ -70,6 +75,11 @@ impl TxPool {
             each(index, &self.buffers[usize::from(index)][..len as usize]);
         }
         self.ready.clear();
+    }
+
+    /// Sets the MSS used to segment the IPv6 packets of the flow polled next.
+    pub fn set_ipv6_segment_size(&mut self, mss: u16) {
+        self.ipv6_segment_size = mss;
     }
 
     /// Returns buffer `index` after its write completed.
@@ -105,7 +115,10 @@ impl TxPool {
         let result = f(packet);
         if self.offload.vnet_header() {
             let vnet_header = if self.offload.checksum() {
-                let segment_size = meta.segmentation_offload_size.map(|size| size.get());
+                let segment_size = match packet.first().map(|byte| byte >> 4) {
+                    Some(6) if self.offload.tso() => Some(self.ipv6_segment_size),
+                    _ => meta.segmentation_offload_size.map(|size| size.get()),
+                };
                 offload::finish_tcp(packet, segment_size)
             } else {
                 vnet::Header::PLAIN
@@ -120,7 +133,11 @@ impl TxPool {
         result
     }
 
-    fn capabilities(&self) -> DeviceCapabilities {
+    /// What an interface for `version` may assume. smoltcp 0.14 hands IPv4 packets above
+    /// the MTU to the device for segmentation but drops IPv6 ones, so the IPv6 interface
+    /// is given a 64 KiB MTU instead and the segment size comes from the flow (see
+    /// `set_ipv6_segment_size`).
+    fn capabilities(&self, version: IpVersion) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.mtu;
@@ -139,11 +156,14 @@ impl TxPool {
         checksum.icmpv6 = Checksum::Tx;
         caps.checksum = checksum;
         if self.offload.tso() {
-            // IPv4 only: smoltcp 0.14 drops IPv6 packets above the MTU instead of passing
-            // them on for segmentation (dispatch_ip ignores the segmentation metadata), so
-            // IPv6 flows send MTU-sized segments (with checksum offload) and receive
-            // super-packets.
-            caps.segmentation.tcpv4 = NonZeroUsize::new(MAX_SEGMENTATION_PACKET);
+            let max = NonZeroUsize::new(MAX_SEGMENTATION_PACKET);
+            match version {
+                IpVersion::Ipv4 => caps.segmentation.tcpv4 = max,
+                IpVersion::Ipv6 => {
+                    caps.max_transmission_unit = MAX_SEGMENTATION_PACKET;
+                    caps.segmentation.tcpv6 = max;
+                }
+            }
         }
         caps
     }
@@ -153,12 +173,18 @@ impl TxPool {
 pub struct StackDevice<'a> {
     rx: Option<&'a [u8]>,
     tx: &'a mut TxPool,
+    /// Only read when an interface is created (smoltcp caches the capabilities).
+    version: IpVersion,
 }
 
 impl<'a> StackDevice<'a> {
     /// For egress: nothing to receive.
     pub fn egress(tx: &'a mut TxPool) -> StackDevice<'a> {
-        StackDevice { rx: None, tx }
+        StackDevice {
+            rx: None,
+            tx,
+            version: IpVersion::Ipv4,
+        }
     }
 
     /// For ingress of one IP packet (without its virtio-net header).
@@ -166,6 +192,16 @@ impl<'a> StackDevice<'a> {
         StackDevice {
             rx: Some(packet),
             tx,
+            version: IpVersion::Ipv4,
+        }
+    }
+
+    /// For creating the interface that serves IP `version`.
+    pub fn for_interface(tx: &'a mut TxPool, version: IpVersion) -> StackDevice<'a> {
+        StackDevice {
+            rx: None,
+            tx,
+            version,
         }
     }
 }
@@ -197,7 +233,7 @@ impl phy::Device for StackDevice<'_> {
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        self.tx.capabilities()
+        self.tx.capabilities(self.version)
     }
 }
 
@@ -278,18 +314,22 @@ mod tests {
 
     #[test]
     fn offload_capabilities_follow_the_negotiated_level() {
-        let none = TxPool::new(1, 1500, Offload::None).capabilities();
+        let v4 = IpVersion::Ipv4;
+        let none = TxPool::new(1, 1500, Offload::None).capabilities(v4);
         assert!(none.checksum.tcp.tx());
         assert!(none.segmentation.tcpv4.is_none());
-        let csum = TxPool::new(1, 1500, Offload::Checksum).capabilities();
+        let csum = TxPool::new(1, 1500, Offload::Checksum).capabilities(v4);
         assert!(!csum.checksum.tcp.tx());
         assert!(csum.segmentation.tcpv4.is_none());
-        let tso = TxPool::new(1, 1500, Offload::Tso).capabilities();
+        let tso = TxPool::new(1, 1500, Offload::Tso);
+        let tso4 = tso.capabilities(v4);
         assert_eq!(
-            tso.segmentation.tcpv4.map(|n| n.get()),
+            tso4.segmentation.tcpv4.map(|n| n.get()),
             Some(MAX_SEGMENTATION_PACKET)
         );
-        assert!(tso.segmentation.tcpv6.is_none());
-        assert_eq!(tso.max_transmission_unit, 1500);
+        assert_eq!(tso4.max_transmission_unit, 1500);
+        let tso6 = tso.capabilities(IpVersion::Ipv6);
+        assert!(tso6.segmentation.tcpv6.is_some());
+        assert_eq!(tso6.max_transmission_unit, MAX_SEGMENTATION_PACKET);
     }
 }

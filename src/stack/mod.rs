@@ -10,7 +10,7 @@ pub use packet::{FlowKey, Parsed, parse};
 
 use smoltcp::iface::{Config, Interface};
 use smoltcp::time::Instant;
-use smoltcp::wire::HardwareAddress;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpVersion};
 
 /// An interface that accepts packets for any destination address: every flow routed
 /// into the TUN is ours to terminate, whatever address it was meant for.
@@ -20,4 +20,29 @@ pub fn new_interface(device: &mut StackDevice<'_>, now: Instant, seed: u64) -> I
     let mut iface = Interface::new(config, device, now);
     iface.set_any_ip(true);
     iface
+}
+
+/// One interface per IP version: they differ in how segmentation offload is set up
+/// (see `TxPool::capabilities`). Interfaces hold no sockets, so this costs nothing.
+pub struct Interfaces {
+    v4: Interface,
+    v6: Interface,
+}
+
+impl Interfaces {
+    pub fn new(tx: &mut TxPool, now: Instant, seed: u64) -> Interfaces {
+        let mut v4 = StackDevice::for_interface(tx, IpVersion::Ipv4);
+        let v4 = new_interface(&mut v4, now, seed);
+        let mut v6 = StackDevice::for_interface(tx, IpVersion::Ipv6);
+        let v6 = new_interface(&mut v6, now, seed.rotate_left(32));
+        Interfaces { v4, v6 }
+    }
+
+    /// The interface for flows with this server address.
+    pub fn serving(&mut self, addr: &IpAddress) -> &mut Interface {
+        match addr {
+            IpAddress::Ipv4(_) => &mut self.v4,
+            IpAddress::Ipv6(_) => &mut self.v6,
+        }
+    }
 }

@@ -10,9 +10,9 @@ use crate::tun::vnet::{self, Gso};
 /// Offset of the checksum field in a TCP header.
 const TCP_CHECKSUM_OFFSET: u16 = 16;
 
-/// Completes `packet` for a TUN that finishes checksums (and segments when `segment_size`
-/// is set: the MSS smoltcp asked for). Returns the header to send in front of it.
-/// Anything but a well-formed TCP packet gets a plain header and is left as it is.
+/// Completes `packet` for a TUN that finishes checksums, and asks the kernel to segment it
+/// when its payload exceeds `segment_size` (the flow's MSS). Returns the header to send in
+/// front of it. Anything but a well-formed TCP packet gets a plain header, unchanged.
 pub fn finish_tcp(packet: &mut [u8], segment_size: Option<u16>) -> vnet::Header {
     let Some((src, dst, ip_len, l4_len)) = tcp_addresses(packet) else {
         return vnet::Header::PLAIN;
@@ -29,6 +29,8 @@ pub fn finish_tcp(packet: &mut [u8], segment_size: Option<u16>) -> vnet::Header 
         l4_len as u32,
     ));
     let tcp_header_len = usize::from(tcp.header_len());
+    let payload_len = l4_len.saturating_sub(tcp_header_len);
+    let segment_size = segment_size.filter(|&size| size > 0 && payload_len > usize::from(size));
     let gso = match (segment_size, src) {
         (Some(_), IpAddress::Ipv4(_)) => Gso::TcpV4,
         (Some(_), IpAddress::Ipv6(_)) => Gso::TcpV6,
@@ -107,14 +109,43 @@ mod tests {
         }
     }
 
+    /// `packet` with `extra` payload bytes appended (lengths in the IP header fixed up).
+    fn with_payload(mut packet: Vec<u8>, extra: usize) -> Vec<u8> {
+        packet.resize(packet.len() + extra, 0xab);
+        let len = packet.len();
+        if packet[0] >> 4 == 4 {
+            let mut ip = Ipv4Packet::new_unchecked(&mut packet);
+            ip.set_total_len(len as u16);
+            ip.fill_checksum();
+        } else {
+            Ipv6Packet::new_unchecked(&mut packet).set_payload_len((len - 40) as u16);
+        }
+        packet
+    }
+
     #[test]
-    fn segment_size_selects_the_gso_type_of_the_family() {
-        let mut packet4 = tcp_packet(
+    fn only_payloads_above_the_segment_size_are_segmented() {
+        let base = tcp_packet(
             v4([1, 1, 1, 1], 1),
             v4([2, 2, 2, 2], 2),
             TcpControl::None,
             true,
         );
+        let mut small = with_payload(base.clone(), 1000);
+        assert_eq!(finish_tcp(&mut small, Some(1000)).gso, Gso::None);
+        let mut big = with_payload(base, 1001);
+        assert_eq!(finish_tcp(&mut big, Some(1000)).gso, Gso::TcpV4);
+    }
+
+    #[test]
+    fn segment_size_selects_the_gso_type_of_the_family() {
+        let packet4 = tcp_packet(
+            v4([1, 1, 1, 1], 1),
+            v4([2, 2, 2, 2], 2),
+            TcpControl::None,
+            true,
+        );
+        let mut packet4 = with_payload(packet4, 5000);
         let header = finish_tcp(&mut packet4, Some(1460));
         assert_eq!(
             (
@@ -125,7 +156,8 @@ mod tests {
             ),
             (Gso::TcpV4, 1460, 20, 40)
         );
-        let mut packet6 = tcp_packet(v6(1, 1), v6(2, 2), TcpControl::None, true);
+        let packet6 = tcp_packet(v6(1, 1), v6(2, 2), TcpControl::None, true);
+        let mut packet6 = with_payload(packet6, 5000);
         let header = finish_tcp(&mut packet6, Some(1440));
         assert_eq!(
             (

@@ -1,7 +1,8 @@
 //! Classifies a raw IP packet from the TUN and extracts the TCP 4-tuple that names its flow.
 
+use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    IpAddress, IpEndpoint, IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpPacket,
+    IpAddress, IpEndpoint, IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpPacket, TcpRepr,
 };
 
 /// The 4-tuple of a TCP flow as the client sees it.
@@ -14,8 +15,13 @@ pub struct FlowKey {
 /// What a packet read from the TUN is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parsed {
-    /// A TCP segment; `opens` is set for a SYN without ACK (a new connection).
-    Tcp { key: FlowKey, opens: bool },
+    /// A TCP segment; `opens` is set for a SYN without ACK (a new connection), with the
+    /// MSS the client announced in it, if any.
+    Tcp {
+        key: FlowKey,
+        opens: bool,
+        mss: Option<u16>,
+    },
     /// A well-formed packet of a protocol we do not relay (yet), or an IP fragment.
     Unsupported,
     /// Too short, wrong version, lengths that do not add up.
@@ -72,19 +78,28 @@ fn parse_tcp(src: IpAddress, dst: IpAddress, segment: &[u8]) -> Parsed {
     if tcp.src_port() == 0 || tcp.dst_port() == 0 {
         return Parsed::Malformed;
     }
+    let opens = tcp.syn() && !tcp.ack() && !tcp.rst();
+    // Options are parsed only for the one SYN that opens a flow.
+    let mss = if opens {
+        TcpRepr::parse(&tcp, &src, &dst, &ChecksumCapabilities::ignored())
+            .ok()
+            .and_then(|repr| repr.max_seg_size)
+    } else {
+        None
+    };
     Parsed::Tcp {
         key: FlowKey {
             client: IpEndpoint::new(src, tcp.src_port()),
             server: IpEndpoint::new(dst, tcp.dst_port()),
         },
-        opens: tcp.syn() && !tcp.ack() && !tcp.rst(),
+        opens,
+        mss,
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::{IpRepr, Ipv4Address, Ipv6Address, TcpControl, TcpRepr, TcpSeqNumber};
 
     /// Builds a TCP segment in an IPv4 or IPv6 packet, the way the kernel would send it.
@@ -139,7 +154,8 @@ pub(crate) mod tests {
                 parse(&syn),
                 Parsed::Tcp {
                     key: FlowKey { client, server },
-                    opens: true
+                    opens: true,
+                    mss: Some(1460),
                 }
             );
             let ack = tcp_packet(client, server, TcpControl::None, true);
@@ -147,7 +163,8 @@ pub(crate) mod tests {
                 parse(&ack),
                 Parsed::Tcp {
                     key: FlowKey { client, server },
-                    opens: false
+                    opens: false,
+                    mss: None,
                 }
             );
         }

@@ -140,6 +140,32 @@ pub fn set_up(ctl: &impl AsRawFd, name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes every allocation of 128 KiB or more a private mapping, also after large blocks
+/// were freed (glibc otherwise raises the threshold dynamically). Flow buffers then
+/// cost memory only for the pages a flow touches, and return it to the OS when freed.
+pub fn keep_large_allocations_mapped() {
+    // SAFETY: mallopt only sets an allocator tunable; called before other threads exist.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+}
+
+/// A zeroed buffer of `len` bytes, or `None` when memory (or the map count) is
+/// exhausted: unlike `vec![0; len]`, running out fails one flow, not the process.
+/// Large buffers come straight from mmap, so untouched pages cost nothing.
+pub fn try_zeroed_buffer(len: usize) -> Option<Vec<u8>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with exactly this layout (u8,
+    // `len` bytes), is zero-initialised, and ownership passes to the Vec.
+    Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
 /// Raises the soft RLIMIT_NOFILE towards `want` (capped by the hard limit); returns the result.
 pub fn raise_fd_limit(want: u64) -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
