@@ -122,9 +122,10 @@ fn main() {
         let base = bulk(&topo, bulk_addr, seconds);
         let held = open_idle(&topo, idle_addr, idle);
         eprintln!(
-            "round {round}: {} idle flows open, proxy fds {}",
+            "round {round}: {} idle flows open, proxy fds {}, proxy RSS {} KiB",
             held.0.len(),
-            proxy.fd_count()
+            proxy.fd_count(),
+            rss_kib(proxy.pid())
         );
         let loaded = bulk(&topo, bulk_addr, seconds);
         drop(held);

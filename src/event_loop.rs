@@ -28,6 +28,7 @@ use crate::relay::{Phase, Relay, Teardown};
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stack::{self, FlowKey, Parsed, StackDevice, TxPool};
 use crate::stats::Stats;
+use crate::sys::Mapping;
 use crate::tun::{Tun, vnet};
 use crate::uring::{self, BufRing, Completion, Op, Ring, Token};
 
@@ -47,8 +48,6 @@ const EGRESS_BUDGET: usize = 256;
 /// Timers fired per turn.
 const MAX_TIMERS_PER_TURN: usize = 1024;
 /// Bytes of server data staged per flow between a recv and the smoltcp send buffer.
-/// At 128 KiB the allocation is a private mapping (see `keep_large_allocations_mapped`):
-/// an idle flow pays only for the pages its receives touched.
 const STAGING_BYTES: usize = 128 * 1024;
 /// Idle time before either side of a flow is probed for liveness, the probe interval,
 /// and (smoltcp side) how long a silent client is tolerated: a client or server that
@@ -65,7 +64,6 @@ const STATS_INTERVAL: Duration = Duration::from_secs(10);
 /// Sets up the TUN, the ring and the stack, then runs until a fatal error.
 pub fn run(config: Config) -> Result<(), Error> {
     check_bind_permission(&config.interface)?;
-    crate::sys::keep_large_allocations_mapped();
     let tun = Tun::create(&config, config.offload_cap)?;
     if let Some(cpu) = config.cpu {
         let mut set = nix::sched::CpuSet::new();
@@ -129,6 +127,9 @@ struct Flow {
     /// the kernel segments bigger IPv6 writes to this.
     segment_size: u16,
     relay: Relay,
+    /// Backs the socket buffers and the relay's staging buffer; declared after both so
+    /// it is unmapped only once they are gone.
+    _memory: Mapping,
     /// Already on the work list for this turn.
     queued: bool,
     /// Waiting for a TUN write buffer.
@@ -526,15 +527,17 @@ impl Proxy {
                 return None;
             }
         };
+        // One mapping per flow holds both smoltcp buffers and the staging buffer.
         let size = self.config.flow_buffer;
-        let (Some(rx), Some(tx), Some(staging)) = (
-            crate::sys::try_zeroed_buffer(size),
-            crate::sys::try_zeroed_buffer(size),
-            crate::sys::try_zeroed_buffer(STAGING_BYTES),
-        ) else {
+        let Some(mut memory) = Mapping::new(2 * size + STAGING_BYTES) else {
             self.stats.memory_refusals += 1;
             return None;
         };
+        // SAFETY: the slices go only into this flow's socket set and relay, which are
+        // declared before `memory` in `Flow` and so are dropped before it is unmapped.
+        let whole = unsafe { memory.as_static_mut() };
+        let (rx, rest) = whole.split_at_mut(size);
+        let (tx, staging) = rest.split_at_mut(size);
         let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         // Nagle would delay small writes a second time: the client's kernel already
         // coalesced them.
@@ -560,7 +563,8 @@ impl Proxy {
             outbound: Some(outbound),
             server_addr: SockAddr::from(endpoint_to_socket_addr(key.server)),
             segment_size: segment_size(key.server.addr, mss, self.config.mtu),
-            relay: Relay::new(staging.into_boxed_slice()),
+            relay: Relay::new(staging),
+            _memory: memory,
             queued: false,
             starved: false,
             timer_at: None,

@@ -65,7 +65,7 @@ pub struct Relay {
     sending: usize,
     client_fin: ClientFin,
     /// Server bytes received but not yet accepted by the smoltcp send buffer.
-    staging: Box<[u8]>,
+    staging: &'static mut [u8],
     staged: std::ops::Range<usize>,
     receiving: bool,
     server_eof: bool,
@@ -81,7 +81,7 @@ const MAX_SEND: usize = 256 * 1024;
 
 impl Relay {
     /// A relay waiting for its outbound connect, staging server data in `staging`.
-    pub fn new(staging: Box<[u8]>) -> Relay {
+    pub fn new(staging: &'static mut [u8]) -> Relay {
         Relay {
             phase: Phase::Connecting,
             sending: 0,

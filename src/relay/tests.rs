@@ -136,7 +136,7 @@ impl Harness {
             proxy_iface,
             tx,
             flow: None,
-            relay: Relay::new(vec![0u8; 4096].into_boxed_slice()),
+            relay: Relay::new(Vec::leak(vec![0u8; 4096])),
             server,
         };
         let cx = harness.client_iface.context();

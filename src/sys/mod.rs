@@ -140,30 +140,53 @@ pub fn set_up(ctl: &impl AsRawFd, name: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes every allocation of 128 KiB or more a private mapping, also after large blocks
-/// were freed (glibc otherwise raises the threshold dynamically). Flow buffers then
-/// cost memory only for the pages a flow touches, and return it to the OS when freed.
-pub fn keep_large_allocations_mapped() {
-    // SAFETY: mallopt only sets an allocator tunable; called before other threads exist.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+/// A private anonymous mapping: pages cost memory only once touched, and all of it goes
+/// back to the OS when dropped. Flow buffers live here rather than on the heap, where
+/// glibc may serve large requests from (and keep) fragmented heap memory.
+pub struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
 }
 
-/// A zeroed buffer of `len` bytes, or `None` when memory (or the map count) is
-/// exhausted: unlike `vec![0; len]`, running out fails one flow, not the process.
-/// Large buffers come straight from mmap, so untouched pages cost nothing.
-pub fn try_zeroed_buffer(len: usize) -> Option<Vec<u8>> {
-    if len == 0 {
-        return Some(Vec::new());
+impl Mapping {
+    /// Maps `len` zeroed bytes; `None` when memory or the map count is exhausted.
+    pub fn new(len: usize) -> Option<Mapping> {
+        use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+        let length = std::num::NonZeroUsize::new(len)?;
+        // SAFETY: a fresh private anonymous mapping aliases nothing.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            )
+        }
+        .ok()?;
+        Some(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
     }
-    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
-    // SAFETY: the layout has a non-zero size.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    if ptr.is_null() {
-        return None;
+
+    /// The whole mapping as a slice that claims to live forever.
+    ///
+    /// # Safety
+    /// The caller must stop using the slice (and everything it was split into) before
+    /// this `Mapping` is dropped, and must not call this twice while a slice is alive.
+    pub unsafe fn as_static_mut(&mut self) -> &'static mut [u8] {
+        // SAFETY: the mapping is `len` readable, writable, initialised (zero) bytes; the
+        // caller guarantees exclusive use and that it ends before the unmap.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
-    // SAFETY: `ptr` was allocated by the global allocator with exactly this layout (u8,
-    // `len` bytes), is zero-initialised, and ownership passes to the Vec.
-    Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mapped in `new`; by the contract of
+        // `as_static_mut` nothing refers to it any more.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 /// Raises the soft RLIMIT_NOFILE towards `want` (capped by the hard limit); returns the result.
