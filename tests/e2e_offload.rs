@@ -5,29 +5,9 @@
 
 mod common;
 
-use std::net::{IpAddr, Shutdown};
-
-use common::{MIB, Topology, connect, join, recv_to_end, send_payload};
+use common::{MIB, Topology, request_after_half_close};
 
 const LEN: u64 = 16 * MIB;
-
-/// Uploads then downloads `LEN` bytes on one connection to `ip`, checking both hashes.
-fn transfer_both_ways(topo: &Topology, ip: IpAddr) {
-    let server = topo.serve(ip, 1, |mut stream| {
-        let upload = recv_to_end(&mut stream);
-        (upload, send_payload(&mut stream, 20, LEN))
-    });
-    let addr = server.addr();
-    let (upload_sent, download_received) = join(topo.in_client(move || {
-        let mut stream = connect(addr);
-        let sent = send_payload(&mut stream, 10, LEN);
-        stream.shutdown(Shutdown::Write).expect("shutdown write");
-        (sent, recv_to_end(&mut stream))
-    }));
-    let (upload_received, download_sent) = server.join()[0];
-    assert_eq!(upload_received, upload_sent, "upload via {ip}");
-    assert_eq!(download_received, download_sent, "download via {ip}");
-}
 
 /// The number after `label` on the proxy's `offload:` counter line.
 fn counter(stats: &str, label: &str) -> u64 {
@@ -58,7 +38,7 @@ fn run_at_level(test: &str, args: &[&str], cap: Option<&str>, level: &str, segme
         .collect();
     let mut proxy = topo.start_proxy_with_env(args, &env);
     for ip in [topo.server_v4(), topo.server_v6()] {
-        transfer_both_ways(&topo, ip);
+        request_after_half_close(&topo, ip, LEN, LEN);
     }
     let stats = proxy.stats();
     assert!(

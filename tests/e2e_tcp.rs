@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     KIB, MIB, Topology, Transfer, abort, connect, echo, exchange, is_timeout, join, recv_to_end,
-    send_payload, try_connect, try_recv_to_end, wait_until,
+    request_after_half_close, send_payload, try_connect, try_recv_to_end, wait_until,
 };
 
 /// Listening on `::` accepts both families, so one server can take flows
@@ -173,20 +173,7 @@ fn half_close() {
     for ip in [topo.server_v4(), topo.server_v6()] {
         // The server answers only after the client's FIN, so the whole
         // response has to cross a connection that is already half-closed.
-        let server = topo.serve(ip, 1, |mut stream| {
-            let request = recv_to_end(&mut stream);
-            (request, send_payload(&mut stream, 2, RESPONSE))
-        });
-        let addr = server.addr();
-        let (request_sent, response_received) = join(topo.in_client(move || {
-            let mut stream = connect(addr);
-            let sent = send_payload(&mut stream, 1, REQUEST);
-            stream.shutdown(Shutdown::Write).expect("shutdown write");
-            (sent, recv_to_end(&mut stream))
-        }));
-        let (request_received, response_sent) = server.join()[0];
-        assert_eq!(request_received, request_sent, "request via {ip}");
-        assert_eq!(response_received, response_sent, "response via {ip}");
+        request_after_half_close(&topo, ip, REQUEST, RESPONSE);
     }
     proxy.assert_running();
 }

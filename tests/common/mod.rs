@@ -751,3 +751,22 @@ pub fn exchange(stream: TcpStream, seed: u64, len: u64) -> (Transfer, Transfer) 
     let received = recv_to_end(&mut reader);
     (join(sender), received)
 }
+
+/// One connection to `ip`: the client sends `request` bytes and half-closes; only then
+/// does the server answer with `response` bytes and close. Checks both hashes.
+pub fn request_after_half_close(topo: &Topology, ip: IpAddr, request: u64, response: u64) {
+    let server = topo.serve(ip, 1, move |mut stream| {
+        let received = recv_to_end(&mut stream);
+        (received, send_payload(&mut stream, 2, response))
+    });
+    let addr = server.addr();
+    let (request_sent, response_received) = join(topo.in_client(move || {
+        let mut stream = connect(addr);
+        let sent = send_payload(&mut stream, 1, request);
+        stream.shutdown(Shutdown::Write).expect("shutdown write");
+        (sent, recv_to_end(&mut stream))
+    }));
+    let (request_received, response_sent) = server.join()[0];
+    assert_eq!(request_received, request_sent, "request via {ip}");
+    assert_eq!(response_received, response_sent, "response via {ip}");
+}
