@@ -42,4 +42,16 @@ pub struct Args {
     /// seconds to wait for an outbound connect before the client gets RST (default: 10)
     #[argh(option, default = "10")]
     pub connect_timeout: u64,
+
+    /// seconds a UDP flow may stay idle before its socket is closed (default: 60)
+    #[argh(option, default = "60")]
+    pub udp_timeout: u64,
+
+    /// seconds a UDP flow to port 53 (DNS) may stay idle (default: 10)
+    #[argh(option, default = "10")]
+    pub dns_timeout: u64,
+
+    /// most UDP flows at once; the longest idle is closed to make room (default: 4096)
+    #[argh(option, default = "4096")]
+    pub max_udp_flows: usize,
 }

@@ -59,6 +59,7 @@ pub struct Config {
     pub max_flows: usize,
     pub flow_buffer: usize,
     pub connect_timeout: Duration,
+    pub udp: crate::relay::udp::Limits,
 }
 
 /// Environment variable capping the offload probe (none, header, csum, tso, uso).
@@ -66,6 +67,9 @@ pub const OFFLOAD_CAP_ENV: &str = "URINGPROXY_MAX_OFFLOAD";
 
 /// Smallest MTU IPv6 allows; IPv4 alone could go lower but no real link does.
 const MIN_MTU: u32 = 1280;
+/// Longest timeout accepted (a day): bigger values are typos, and would overflow the
+/// kernel's timespec arithmetic.
+const MAX_TIMEOUT_SECS: u64 = 86_400;
 /// smoltcp and the TUN length fields are 16-bit.
 const MAX_MTU: u32 = 65535;
 
@@ -102,8 +106,19 @@ impl Config {
                 args.flow_buffer
             )));
         }
-        if args.connect_timeout == 0 {
-            return Err(Error::Usage("--connect-timeout must be at least 1".into()));
+        for (flag, seconds) in [
+            ("--connect-timeout", args.connect_timeout),
+            ("--udp-timeout", args.udp_timeout),
+            ("--dns-timeout", args.dns_timeout),
+        ] {
+            if !(1..=MAX_TIMEOUT_SECS).contains(&seconds) {
+                return Err(Error::Usage(format!(
+                    "{flag} {seconds} out of range 1..={MAX_TIMEOUT_SECS}"
+                )));
+            }
+        }
+        if args.max_udp_flows == 0 {
+            return Err(Error::Usage("--max-udp-flows must be at least 1".into()));
         }
         if let Some(cpu) = args.cpu {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -137,6 +152,11 @@ impl Config {
             max_flows: args.max_flows,
             flow_buffer: args.flow_buffer,
             connect_timeout: Duration::from_secs(args.connect_timeout),
+            udp: crate::relay::udp::Limits {
+                idle_timeout: Duration::from_secs(args.udp_timeout),
+                dns_timeout: Duration::from_secs(args.dns_timeout),
+                max_flows: args.max_udp_flows,
+            },
         })
     }
 }
@@ -192,7 +212,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_values_with_a_message_naming_them() {
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 7] = [
+            (&["--connect-timeout", "1000000000000"], "--connect-timeout"),
+            (&["--max-udp-flows", "0"], "--max-udp-flows"),
             (&["--mtu", "100"], "--mtu"),
             (&["--tun-addr", "10.0.0.1"], "10.0.0.1"),
             (&["--tun", "name-that-is-far-too-long"], "--tun"),

@@ -24,6 +24,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::relay::udp::{self, UdpRelay};
 use crate::relay::{Phase, Relay, Teardown};
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stack::{self, FlowKey, Parsed, StackDevice, TxPool};
@@ -72,7 +73,8 @@ pub fn run(config: Config) -> Result<(), Error> {
             .map_err(|err| Error::Io("pin to --cpu", err.into()))?;
     }
     // Each flow holds one outbound socket; leave room for the ring, TUN and stdio.
-    let fd_limit = crate::sys::raise_fd_limit(config.max_flows as u64 + 64);
+    let fd_limit =
+        crate::sys::raise_fd_limit((config.max_flows + config.udp.max_flows) as u64 + 64);
     // Signals arrive through the ring like any other event: block them for the thread
     // and read them from a signalfd.
     let mut mask = SigSet::empty();
@@ -156,6 +158,8 @@ struct Proxy {
     by_key: HashMap<FlowKey, usize>,
     /// Packets for no known flow go through an empty set: smoltcp answers with RST.
     no_flow: SocketSet<'static>,
+    udp: UdpRelay,
+    next_udp_sweep: std::time::Instant,
     work: Vec<usize>,
     starved: Vec<usize>,
     timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
@@ -212,6 +216,11 @@ impl Proxy {
             flows: Slab::new(),
             by_key: HashMap::new(),
             no_flow: SocketSet::new(Vec::new()),
+            udp: UdpRelay::new(config.udp.clone(), config.interface.clone()).ok_or(Error::Io(
+                "map UDP send buffers",
+                std::io::ErrorKind::OutOfMemory.into(),
+            ))?,
+            next_udp_sweep: std::time::Instant::now(),
             work: Vec::new(),
             starved: Vec::new(),
             timers: BinaryHeap::new(),
@@ -265,6 +274,7 @@ impl Proxy {
             }
 
             self.fire_timers();
+            self.sweep_udp();
             self.service_work();
             self.compact_timers();
             self.log_stats();
@@ -336,6 +346,7 @@ impl Proxy {
 
     fn print_stats(&mut self) {
         self.stats.tx = self.tx.counters.clone();
+        self.stats.udp = self.udp.counters.clone();
         info!(
             "active flows {}, TUN offload {}",
             self.flows.len(),
@@ -363,13 +374,22 @@ impl Proxy {
         if !self.work.is_empty() {
             return Some(Duration::ZERO);
         }
-        let Reverse((at, _, _)) = self.timers.peek()?;
-        let now = self.now();
-        Some(if *at > now {
-            Duration::from_micros((*at - now).total_micros())
-        } else {
-            Duration::ZERO
-        })
+        let udp_sweep = (self.udp.active() > 0).then(|| {
+            self.next_udp_sweep
+                .saturating_duration_since(std::time::Instant::now())
+        });
+        let timer = self.timers.peek().map(|Reverse((at, _, _))| {
+            let now = self.now();
+            if *at > now {
+                Duration::from_micros((*at - now).total_micros())
+            } else {
+                Duration::ZERO
+            }
+        });
+        match (timer, udp_sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn on_completion(&mut self, completion: Completion) {
@@ -397,6 +417,10 @@ impl Proxy {
             }
             Op::Ignore => {}
             Op::Signal => self.on_signal(result),
+            Op::UdpSend => self.udp.on_sent(token.key, result),
+            Op::UdpRecv => self
+                .udp
+                .on_received(&mut self.ring, &mut self.tx, token, result),
             Op::Connect | Op::Send | Op::Recv | Op::Shutdown => {
                 let key = token.key as usize;
                 let Some(flow) = self.flows.get_mut(key) else {
@@ -448,14 +472,30 @@ impl Proxy {
     }
 
     fn on_tun_packet(&mut self, bid: u16, len: usize) {
-        let Some(offset) = self.check_vnet_header(bid, len) else {
+        let Some((offset, udp_segment)) = self.check_vnet_header(bid, len) else {
             return;
         };
         let Some(packet) = self.tun_reads.packet(bid, len) else {
             return;
         };
-        let (key, opens, mss) = match stack::parse(&packet[offset..]) {
+        let packet = &packet[offset..];
+        let (key, opens, mss) = match stack::parse(packet) {
             Parsed::Tcp { key, opens, mss } => (key, opens, mss),
+            Parsed::Udp {
+                key,
+                payload_start,
+                payload_len,
+            } => {
+                let payload = &packet[payload_start..payload_start + payload_len];
+                let now = std::time::Instant::now();
+                self.udp
+                    .on_datagram(&mut self.ring, key, payload, udp_segment, now);
+                return;
+            }
+            Parsed::Fragment => {
+                self.stats.fragments += 1;
+                return;
+            }
             Parsed::Unsupported => {
                 self.stats.unsupported += 1;
                 return;
@@ -492,18 +532,20 @@ impl Proxy {
 
     /// Checks and counts the virtio-net header of TUN read buffer `bid`; returns where
     /// the IP packet starts, or `None` (counted) when the buffer or header is malformed.
-    fn check_vnet_header(&mut self, bid: u16, len: usize) -> Option<usize> {
+    /// Also returns the datagram size of a UDP segmentation super-packet.
+    fn check_vnet_header(&mut self, bid: u16, len: usize) -> Option<(usize, Option<u16>)> {
         let Some(buffer) = self.tun_reads.packet(bid, len) else {
             self.stats.malformed += 1;
             return None;
         };
         if !self.tun.offload().vnet_header() {
-            return Some(0);
+            return Some((0, None));
         }
         match vnet::Header::parse(buffer) {
             Ok((header, packet)) => {
                 self.stats.count_read_header(&header, packet.len());
-                Some(vnet::LEN)
+                let udp_segment = (header.gso == vnet::Gso::UdpL4).then_some(header.gso_size);
+                Some((vnet::LEN, udp_segment))
             }
             Err(_) => {
                 self.stats.bad_vnet_header += 1;
@@ -589,6 +631,14 @@ impl Proxy {
         // operations completed; the timespec lives as long as the proxy.
         unsafe { self.ring.push(&[connect, timeout]) };
         Some(slot)
+    }
+
+    fn sweep_udp(&mut self) {
+        let now = std::time::Instant::now();
+        if now >= self.next_udp_sweep {
+            self.udp.expire(&mut self.ring, now);
+            self.next_udp_sweep = now + udp::SWEEP_INTERVAL;
+        }
     }
 
     fn fire_timers(&mut self) {
@@ -747,6 +797,7 @@ impl Proxy {
         }
         self.last_stats = std::time::Instant::now();
         self.stats.tx = self.tx.counters.clone();
+        self.stats.udp = self.udp.counters.clone();
         for line in self.stats.to_string().lines() {
             debug!("{line} (active flows {})", self.flows.len());
         }

@@ -40,6 +40,9 @@ pub struct Stats {
     pub segmented_read_bytes: u64,
     /// Copied from the transmit pool when printed.
     pub tx: TxCounters,
+    /// Copied from the UDP relay when printed.
+    pub udp: crate::relay::udp::Counters,
+    pub fragments: u64,
 }
 
 impl Stats {
@@ -107,14 +110,32 @@ impl fmt::Display for Stats {
             self.tx.segmented,
             mean(self.tx.segmented_bytes, self.tx.segmented)
         )?;
+        let udp = &self.udp;
+        writeln!(
+            f,
+            "udp: flows opened {} expired {} evicted {} socket-errors {}; up {} datagrams ({} B) down {} ({} B); send-errors {} recv-errors {}",
+            udp.flows_opened,
+            udp.flows_expired,
+            udp.flows_evicted,
+            udp.socket_errors,
+            udp.datagrams_up,
+            udp.bytes_up,
+            udp.datagrams_down,
+            udp.bytes_down,
+            udp.send_errors,
+            udp.recv_errors
+        )?;
         write!(
             f,
-            "drops: malformed {} bad-vnet-header {} unsupported {} no-flow {} replies-without-buffer {}",
+            "drops: malformed {} bad-vnet-header {} fragments {} unsupported {} no-flow {} replies-without-buffer {} udp-no-send-slot {} udp-replies-without-buffer {}",
             self.malformed,
             self.bad_vnet_header,
+            self.fragments,
             self.unsupported,
             self.no_flow,
-            self.tx.dropped_replies
+            self.tx.dropped_replies,
+            udp.no_send_slot,
+            udp.reply_drops
         )
     }
 }

@@ -97,6 +97,26 @@ impl TxPool {
         std::mem::take(&mut self.exhausted)
     }
 
+    /// Writes one packet of `len` bytes built by `f` (a complete IP packet with valid
+    /// checksums) for the TUN. False, with nothing queued, when no free buffer holds it.
+    pub fn emit(&mut self, len: usize, f: impl FnOnce(&mut [u8])) -> bool {
+        let total = self.header_len + len;
+        match self.free.last() {
+            Some(&index) if total <= self.buffers[usize::from(index)].len() => {
+                self.free.pop();
+                let buffer = &mut self.buffers[usize::from(index)][..total];
+                let (header, packet) = buffer.split_at_mut(self.header_len);
+                f(packet);
+                if self.offload.vnet_header() {
+                    vnet::Header::PLAIN.emit(header);
+                }
+                self.ready.push((index, total as u32));
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn fill<R>(&mut self, len: usize, meta: PacketMeta, f: impl FnOnce(&mut [u8]) -> R) -> R {
         let total = self.header_len + len;
         let index = match self.free.pop() {
@@ -300,6 +320,18 @@ mod tests {
         pool.fill(100, PacketMeta::default(), |b| assert_eq!(b.len(), 16));
         assert_eq!(pool.counters.dropped_replies, 1);
         assert!(pool.has_free());
+    }
+
+    #[test]
+    fn emit_refuses_what_does_not_fit() {
+        let mut pool = TxPool::new(1, 100, Offload::Header);
+        assert!(!pool.emit(101, |_| panic!("must not be called")));
+        assert!(pool.emit(100, |b| b.fill(7)));
+        assert!(!pool.emit(10, |_| panic!("pool is empty")));
+        let mut seen = Vec::new();
+        pool.take_ready(|_, bytes| seen.push(bytes.to_vec()));
+        assert_eq!(seen[0].len(), vnet::LEN + 100);
+        assert!(seen[0][vnet::LEN..].iter().all(|&b| b == 7));
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! Classifies a raw IP packet from the TUN and extracts the TCP 4-tuple that names its flow.
+//! Classifies a raw IP packet from the TUN and extracts the 4-tuple that names its flow.
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     IpAddress, IpEndpoint, IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpPacket, TcpRepr,
+    UdpPacket,
 };
 
-/// The 4-tuple of a TCP flow as the client sees it.
+/// The 4-tuple of a TCP or UDP flow as the client sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub client: IpEndpoint,
@@ -22,7 +23,15 @@ pub enum Parsed {
         opens: bool,
         mss: Option<u16>,
     },
-    /// A well-formed packet of a protocol we do not relay (yet), or an IP fragment.
+    /// A UDP datagram; its data is `payload_len` bytes at `payload_start` of the packet.
+    Udp {
+        key: FlowKey,
+        payload_start: usize,
+        payload_len: usize,
+    },
+    /// A fragment of an IPv4 datagram (not reassembled: dropped and counted).
+    Fragment,
+    /// A well-formed packet of a protocol we do not relay (yet).
     Unsupported,
     /// Too short, wrong version, lengths that do not add up.
     Malformed,
@@ -45,14 +54,19 @@ fn parse_ipv4(packet: &[u8]) -> Parsed {
     let Ok(ip) = Ipv4Packet::new_checked(packet) else {
         return Parsed::Malformed;
     };
-    if ip.more_frags() || ip.frag_offset() != 0 || ip.next_header() != IpProtocol::Tcp {
-        return Parsed::Unsupported;
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return Parsed::Fragment;
     }
-    parse_tcp(
+    let (src, dst) = (
         IpAddress::Ipv4(ip.src_addr()),
         IpAddress::Ipv4(ip.dst_addr()),
-        ip.payload(),
-    )
+    );
+    let header_len = usize::from(ip.header_len());
+    match ip.next_header() {
+        IpProtocol::Tcp => parse_tcp(src, dst, ip.payload()),
+        IpProtocol::Udp => parse_udp(src, dst, ip.payload(), header_len),
+        _ => Parsed::Unsupported,
+    }
 }
 
 fn parse_ipv6(packet: &[u8]) -> Parsed {
@@ -60,15 +74,36 @@ fn parse_ipv6(packet: &[u8]) -> Parsed {
         return Parsed::Malformed;
     };
     // Extension headers (fragments, hop-by-hop options) are not produced by the kernel's
-    // own TCP; anything but TCP directly after the fixed header is not ours.
-    if ip.next_header() != IpProtocol::Tcp {
-        return Parsed::Unsupported;
-    }
-    parse_tcp(
+    // own TCP or UDP; anything else directly after the fixed header is not ours.
+    let (src, dst) = (
         IpAddress::Ipv6(ip.src_addr()),
         IpAddress::Ipv6(ip.dst_addr()),
-        ip.payload(),
-    )
+    );
+    match ip.next_header() {
+        IpProtocol::Tcp => parse_tcp(src, dst, ip.payload()),
+        IpProtocol::Udp => parse_udp(src, dst, ip.payload(), ip.header_len()),
+        IpProtocol::Ipv6Frag => Parsed::Fragment,
+        _ => Parsed::Unsupported,
+    }
+}
+
+/// `offset` is where `datagram` starts in the IP packet.
+fn parse_udp(src: IpAddress, dst: IpAddress, datagram: &[u8], offset: usize) -> Parsed {
+    let Ok(udp) = UdpPacket::new_checked(datagram) else {
+        return Parsed::Malformed;
+    };
+    if udp.src_port() == 0 || udp.dst_port() == 0 {
+        return Parsed::Malformed;
+    }
+    const HEADER: usize = 8;
+    Parsed::Udp {
+        key: FlowKey {
+            client: IpEndpoint::new(src, udp.src_port()),
+            server: IpEndpoint::new(dst, udp.dst_port()),
+        },
+        payload_start: offset + HEADER,
+        payload_len: usize::from(udp.len()) - HEADER,
+    }
 }
 
 fn parse_tcp(src: IpAddress, dst: IpAddress, segment: &[u8]) -> Parsed {
@@ -100,7 +135,9 @@ fn parse_tcp(src: IpAddress, dst: IpAddress, segment: &[u8]) -> Parsed {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use smoltcp::wire::{IpRepr, Ipv4Address, Ipv6Address, TcpControl, TcpRepr, TcpSeqNumber};
+    use smoltcp::wire::{
+        IpRepr, Ipv4Address, Ipv6Address, TcpControl, TcpRepr, TcpSeqNumber, UdpRepr,
+    };
 
     /// Builds a TCP segment in an IPv4 or IPv6 packet, the way the kernel would send it.
     pub(crate) fn tcp_packet(
@@ -206,15 +243,73 @@ pub(crate) mod tests {
         }
     }
 
+    /// A UDP datagram carrying `payload`, as the kernel would send it.
+    pub(crate) fn udp_packet(src: IpEndpoint, dst: IpEndpoint, payload: &[u8]) -> Vec<u8> {
+        let udp = UdpRepr {
+            src_port: src.port,
+            dst_port: dst.port,
+        };
+        let caps = ChecksumCapabilities::default();
+        let ip = IpRepr::new(
+            src.addr,
+            dst.addr,
+            IpProtocol::Udp,
+            udp.header_len() + payload.len(),
+            64,
+        );
+        let mut buf = vec![0u8; ip.buffer_len()];
+        ip.emit(&mut buf[..], &caps);
+        let mut datagram = UdpPacket::new_unchecked(&mut buf[ip.header_len()..]);
+        udp.emit(
+            &mut datagram,
+            &src.addr,
+            &dst.addr,
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &caps,
+        );
+        buf
+    }
+
     #[test]
-    fn other_protocols_and_fragments_are_unsupported() {
+    fn udp_datagrams_give_their_flow_and_payload() {
+        for (client, server) in [
+            (v4([10, 0, 0, 1], 5353), v4([10, 0, 0, 2], 53)),
+            (v6(1, 5353), v6(2, 53)),
+        ] {
+            let packet = udp_packet(client, server, b"query");
+            let Parsed::Udp {
+                key,
+                payload_start,
+                payload_len,
+            } = parse(&packet)
+            else {
+                panic!("not UDP: {:?}", parse(&packet));
+            };
+            assert_eq!(key, FlowKey { client, server });
+            assert_eq!(
+                &packet[payload_start..payload_start + payload_len],
+                b"query"
+            );
+            for len in 0..packet.len() {
+                assert_eq!(
+                    parse(&packet[..len]),
+                    Parsed::Malformed,
+                    "prefix of {len} bytes"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn other_protocols_and_fragments_are_not_relayed() {
         let mut packet = tcp_packet(
             v4([10, 0, 0, 1], 1),
             v4([10, 0, 0, 2], 2),
             TcpControl::Syn,
             false,
         );
-        packet[9] = 17; // UDP
+        packet[9] = 47; // GRE
         assert_eq!(parse(&packet), Parsed::Unsupported);
         let mut fragment = tcp_packet(
             v4([10, 0, 0, 1], 1),
@@ -223,7 +318,7 @@ pub(crate) mod tests {
             false,
         );
         fragment[6] = 0x20; // more fragments
-        assert_eq!(parse(&fragment), Parsed::Unsupported);
+        assert_eq!(parse(&fragment), Parsed::Fragment);
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub enum Op {
     Ignore = 7,
     /// A signal read from the signalfd.
     Signal = 8,
+    /// Send of one client datagram; the key is the send slot.
+    UdpSend = 9,
+    /// Receive of one server datagram for a UDP flow.
+    UdpRecv = 10,
 }
 
 impl Op {
@@ -33,6 +37,8 @@ impl Op {
             6 => Op::Shutdown,
             7 => Op::Ignore,
             8 => Op::Signal,
+            9 => Op::UdpSend,
+            10 => Op::UdpRecv,
             _ => return None,
         })
     }
@@ -90,6 +96,8 @@ mod tests {
             Op::Shutdown,
             Op::Ignore,
             Op::Signal,
+            Op::UdpSend,
+            Op::UdpRecv,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));

@@ -1,0 +1,294 @@
+//! End-to-end UDP tests: echo over IPv4 and IPv6 with many flows at once, idle expiry
+//! closing the proxy's sockets, and DNS (1,000 queries over UDP from one socket, and
+//! over TCP) against a small DNS responder in the server namespace.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Topology, join, wait_until};
+
+const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Binds a UDP socket in the server namespace on `port` (both families) and echoes every
+/// datagram until `deadline`.
+fn udp_echo_server(topo: &Topology, port: u16, deadline: Duration) {
+    let (ready, is_ready) = mpsc::channel();
+    topo.in_server(move || {
+        let socket = UdpSocket::bind((ANY, port)).expect("bind echo server");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        ready.send(()).unwrap();
+        let end = Instant::now() + deadline;
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < end {
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }
+    });
+    is_ready.recv().expect("echo server started");
+}
+
+/// Sends `payload` and waits for it to come back, retrying a lost datagram twice.
+fn echo_once(socket: &UdpSocket, payload: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..3 {
+        socket.send(payload).expect("send");
+        if let Ok(n) = socket.recv(&mut buf) {
+            return buf[..n].to_vec();
+        }
+    }
+    panic!("no echo of {} bytes after 3 tries", payload.len());
+}
+
+fn payload(seed: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 131 + seed * 7) as u8).collect()
+}
+
+#[test]
+fn udp_echo_many_flows_ipv4_and_ipv6() {
+    const PORT: u16 = 7100;
+    const FLOWS: usize = 32;
+    let Some(topo) = Topology::for_test("udp_echo_many_flows_ipv4_and_ipv6") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    udp_echo_server(&topo, PORT, Duration::from_secs(60));
+    let servers = [topo.server_v4(), topo.server_v6()];
+    let results = join(topo.in_client(move || {
+        let clients: Vec<_> = (0..FLOWS)
+            .map(|flow| {
+                let server = SocketAddr::new(servers[flow % 2], PORT);
+                thread::spawn(move || {
+                    let bind: IpAddr = if server.is_ipv4() {
+                        [0, 0, 0, 0].into()
+                    } else {
+                        ANY
+                    };
+                    let socket = UdpSocket::bind((bind, 0)).expect("bind client");
+                    socket.connect(server).expect("connect");
+                    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                    let mut mismatches = 0;
+                    for (round, len) in [1, 64, 512, 1000, 1400].into_iter().enumerate() {
+                        let sent = payload(flow * 10 + round, len);
+                        if echo_once(&socket, &sent) != sent {
+                            mismatches += 1;
+                        }
+                    }
+                    mismatches
+                })
+            })
+            .collect();
+        clients.into_iter().map(join).collect::<Vec<_>>()
+    }));
+    assert_eq!(results, vec![0; FLOWS], "mismatched echoes per flow");
+    let stats = proxy.stats();
+    assert!(
+        stats.contains("udp: flows opened 32 "),
+        "expected 32 UDP flows:\n{stats}"
+    );
+    proxy.assert_running();
+}
+
+#[test]
+fn idle_udp_flows_expire_and_close_their_sockets() {
+    const PORT: u16 = 7101;
+    const FLOWS: usize = 20;
+    let Some(topo) = Topology::for_test("idle_udp_flows_expire_and_close_their_sockets") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&["--udp-timeout", "1"]);
+    udp_echo_server(&topo, PORT, Duration::from_secs(30));
+    let baseline = proxy.settled_fd_count();
+    let server = SocketAddr::new(topo.server_v4(), PORT);
+    // Keep the client sockets open: only the proxy's idle timeout may end the flows.
+    let sockets = join(topo.in_client(move || {
+        (0..FLOWS)
+            .map(|flow| {
+                let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("bind client");
+                socket.connect(server).expect("connect");
+                socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let sent = payload(flow, 100);
+                assert_eq!(echo_once(&socket, &sent), sent);
+                socket
+            })
+            .collect::<Vec<_>>()
+    }));
+    assert!(
+        proxy.fd_count() >= baseline + FLOWS,
+        "expected {FLOWS} outbound UDP sockets over the baseline {baseline}"
+    );
+    let closed = wait_until(Duration::from_secs(6), || proxy.fd_count() <= baseline);
+    assert!(
+        closed,
+        "UDP sockets still open: {} fds, baseline {baseline}",
+        proxy.fd_count()
+    );
+    let stats = proxy.stats();
+    assert!(
+        stats.contains(&format!("expired {FLOWS} ")),
+        "expected {FLOWS} expiries:\n{stats}"
+    );
+    drop(sockets);
+    proxy.assert_running();
+}
+
+/// A DNS query for `name` (type A, class IN) with transaction `id`.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&id.to_be_bytes());
+    msg.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD; 1 question
+    for label in name.split('.') {
+        msg.push(label.len() as u8);
+        msg.extend_from_slice(label.as_bytes());
+    }
+    msg.extend_from_slice(&[0, 0, 1, 0, 1]);
+    msg
+}
+
+/// The address the test responder gives `name`: derived from its bytes.
+fn answer_for(question: &[u8]) -> [u8; 4] {
+    let sum = question
+        .iter()
+        .fold(17u32, |acc, &b| acc.wrapping_mul(31).wrapping_add(b.into()));
+    [10, (sum >> 16) as u8, (sum >> 8) as u8, sum as u8]
+}
+
+/// The response to a query built by `dns_query`: same id and question, one A record.
+fn dns_response(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 17 {
+        return None;
+    }
+    let question = &query[12..];
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&query[..2]);
+    msg.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]); // response, 1 answer
+    msg.extend_from_slice(question);
+    msg.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]); // name ptr, A, IN, TTL, len
+    msg.extend_from_slice(&answer_for(question));
+    Some(msg)
+}
+
+/// Checks `response` answers `query` and returns its transaction id.
+fn check_response(query: &[u8], response: &[u8]) -> u16 {
+    assert!(response.len() >= query.len() + 16, "short response");
+    assert_eq!(&response[..2], &query[..2], "transaction id");
+    assert_eq!(&response[12..query.len()], &query[12..], "question echoed");
+    assert_eq!(
+        &response[response.len() - 4..],
+        &answer_for(&query[12..]),
+        "A record"
+    );
+    u16::from_be_bytes([query[0], query[1]])
+}
+
+#[test]
+fn dns_over_udp_and_tcp() {
+    const QUERIES: usize = 1000;
+    /// Queries in flight at once on the one client socket.
+    const WINDOW: usize = 50;
+    let Some(topo) = Topology::for_test("dns_over_udp_and_tcp") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    let (ready, is_ready) = mpsc::channel();
+    topo.in_server(move || {
+        let udp = UdpSocket::bind((ANY, 53)).expect("bind DNS/UDP");
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let tcp = TcpListener::bind((ANY, 53)).expect("bind DNS/TCP");
+        tcp.set_nonblocking(true).unwrap();
+        ready.send(()).unwrap();
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 512];
+        while Instant::now() < end {
+            if let Ok((n, from)) = udp.recv_from(&mut buf)
+                && let Some(response) = dns_response(&buf[..n])
+            {
+                let _ = udp.send_to(&response, from);
+            }
+            if let Ok((mut stream, _)) = tcp.accept() {
+                stream.set_nonblocking(false).unwrap();
+                stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let mut len = [0u8; 2];
+                let mut query = vec![0u8; 512];
+                if stream.read_exact(&mut len).is_ok() {
+                    let n = usize::from(u16::from_be_bytes(len)).min(512);
+                    if stream.read_exact(&mut query[..n]).is_ok()
+                        && let Some(response) = dns_response(&query[..n])
+                    {
+                        let _ = stream.write_all(&(response.len() as u16).to_be_bytes());
+                        let _ = stream.write_all(&response);
+                    }
+                }
+            }
+        }
+    });
+    is_ready.recv().expect("DNS responder started");
+
+    for server_ip in [topo.server_v4(), topo.server_v6()] {
+        let server = SocketAddr::new(server_ip, 53);
+        let answered = join(topo.in_client(move || {
+            let bind: IpAddr = if server.is_ipv4() {
+                [0, 0, 0, 0].into()
+            } else {
+                ANY
+            };
+            let socket = UdpSocket::bind((bind, 0)).expect("bind resolver");
+            socket.connect(server).expect("connect");
+            socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let queries: Vec<Vec<u8>> = (0..QUERIES)
+                .map(|i| dns_query(i as u16, &format!("host{i}.example.test")))
+                .collect();
+            let mut answered = vec![false; QUERIES];
+            let mut buf = [0u8; 512];
+            for window in queries.chunks(WINDOW) {
+                // Several queries in flight on one socket, as a stub resolver does.
+                for _attempt in 0..3 {
+                    for query in window {
+                        let id = usize::from(u16::from_be_bytes([query[0], query[1]]));
+                        if !answered[id] {
+                            socket.send(query).expect("send query");
+                        }
+                    }
+                    while window
+                        .iter()
+                        .any(|q| !answered[usize::from(u16::from_be_bytes([q[0], q[1]]))])
+                    {
+                        let Ok(n) = socket.recv(&mut buf) else { break };
+                        let id = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+                        assert!(id < QUERIES, "unknown id {id}");
+                        check_response(&queries[id], &buf[..n]);
+                        answered[id] = true;
+                    }
+                }
+            }
+            answered.iter().filter(|&&a| a).count()
+        }));
+        assert_eq!(answered, QUERIES, "answered queries via {server_ip}");
+
+        let tcp_ok = join(topo.in_client(move || {
+            let mut stream = TcpStream::connect_timeout(&server, IO_TIMEOUT).expect("DNS/TCP");
+            stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let query = dns_query(4242, "over-tcp.example.test");
+            stream
+                .write_all(&(query.len() as u16).to_be_bytes())
+                .unwrap();
+            stream.write_all(&query).unwrap();
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).expect("response length");
+            let mut response = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            stream.read_exact(&mut response).expect("response");
+            check_response(&query, &response)
+        }));
+        assert_eq!(tcp_ok, 4242);
+    }
+    proxy.assert_running();
+}
