@@ -59,7 +59,7 @@ pub struct Config {
     pub max_flows: usize,
     pub flow_buffer: usize,
     pub connect_timeout: Duration,
-    pub udp: crate::relay::udp::Limits,
+    pub udp: crate::relay::datagram::Limits,
 }
 
 /// Environment variable capping the offload probe (none, header, csum, tso, uso).
@@ -152,7 +152,7 @@ impl Config {
             max_flows: args.max_flows,
             flow_buffer: args.flow_buffer,
             connect_timeout: Duration::from_secs(args.connect_timeout),
-            udp: crate::relay::udp::Limits {
+            udp: crate::relay::datagram::Limits {
                 idle_timeout: Duration::from_secs(args.udp_timeout),
                 dns_timeout: Duration::from_secs(args.dns_timeout),
                 max_flows: args.max_udp_flows,

@@ -24,7 +24,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::relay::udp::{self, UdpRelay};
+use crate::relay::datagram::{self, Datagram, DatagramRelay};
 use crate::relay::{Phase, Relay, Teardown};
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stack::{self, FlowKey, Parsed, StackDevice, TxPool};
@@ -158,8 +158,8 @@ struct Proxy {
     by_key: HashMap<FlowKey, usize>,
     /// Packets for no known flow go through an empty set: smoltcp answers with RST.
     no_flow: SocketSet<'static>,
-    udp: UdpRelay,
-    next_udp_sweep: std::time::Instant,
+    datagrams: DatagramRelay,
+    next_datagram_sweep: std::time::Instant,
     work: Vec<usize>,
     starved: Vec<usize>,
     timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
@@ -216,11 +216,13 @@ impl Proxy {
             flows: Slab::new(),
             by_key: HashMap::new(),
             no_flow: SocketSet::new(Vec::new()),
-            udp: UdpRelay::new(config.udp.clone(), config.interface.clone()).ok_or(Error::Io(
-                "map UDP send buffers",
-                std::io::ErrorKind::OutOfMemory.into(),
-            ))?,
-            next_udp_sweep: std::time::Instant::now(),
+            datagrams: DatagramRelay::new(config.udp.clone(), config.interface.clone()).ok_or(
+                Error::Io(
+                    "map UDP send buffers",
+                    std::io::ErrorKind::OutOfMemory.into(),
+                ),
+            )?,
+            next_datagram_sweep: std::time::Instant::now(),
             work: Vec::new(),
             starved: Vec::new(),
             timers: BinaryHeap::new(),
@@ -274,7 +276,7 @@ impl Proxy {
             }
 
             self.fire_timers();
-            self.sweep_udp();
+            self.sweep_datagrams();
             self.service_work();
             self.compact_timers();
             self.log_stats();
@@ -346,7 +348,7 @@ impl Proxy {
 
     fn print_stats(&mut self) {
         self.stats.tx = self.tx.counters.clone();
-        self.stats.udp = self.udp.counters.clone();
+        self.stats.udp = self.datagrams.counters.clone();
         info!(
             "active flows {}, TUN offload {}",
             self.flows.len(),
@@ -374,8 +376,8 @@ impl Proxy {
         if !self.work.is_empty() {
             return Some(Duration::ZERO);
         }
-        let udp_sweep = (self.udp.active() > 0).then(|| {
-            self.next_udp_sweep
+        let udp_sweep = (self.datagrams.active() > 0).then(|| {
+            self.next_datagram_sweep
                 .saturating_duration_since(std::time::Instant::now())
         });
         let timer = self.timers.peek().map(|Reverse((at, _, _))| {
@@ -417,10 +419,11 @@ impl Proxy {
             }
             Op::Ignore => {}
             Op::Signal => self.on_signal(result),
-            Op::UdpSend => self.udp.on_sent(token.key, result),
-            Op::UdpRecv => self
-                .udp
-                .on_received(&mut self.ring, &mut self.tx, token, result),
+            Op::UdpSend => self.datagrams.on_sent(token.key, result),
+            Op::UdpRecv => {
+                let datagrams = &mut self.datagrams;
+                datagrams.on_received(&mut self.ring, &mut self.tx, token, result);
+            }
             Op::Connect | Op::Send | Op::Recv | Op::Shutdown => {
                 let key = token.key as usize;
                 let Some(flow) = self.flows.get_mut(key) else {
@@ -486,10 +489,28 @@ impl Proxy {
                 payload_start,
                 payload_len,
             } => {
-                let payload = &packet[payload_start..payload_start + payload_len];
+                let datagram = Datagram::Udp {
+                    payload: &packet[payload_start..payload_start + payload_len],
+                    segment_size: udp_segment,
+                };
                 let now = std::time::Instant::now();
-                self.udp
-                    .on_datagram(&mut self.ring, key, payload, udp_segment, now);
+                self.datagrams
+                    .on_datagram(&mut self.ring, key, datagram, now);
+                return;
+            }
+            Parsed::Echo {
+                key,
+                seq,
+                data_start,
+                data_len,
+            } => {
+                let datagram = Datagram::Echo {
+                    seq,
+                    data: &packet[data_start..data_start + data_len],
+                };
+                let now = std::time::Instant::now();
+                self.datagrams
+                    .on_datagram(&mut self.ring, key, datagram, now);
                 return;
             }
             Parsed::Fragment => {
@@ -633,11 +654,11 @@ impl Proxy {
         Some(slot)
     }
 
-    fn sweep_udp(&mut self) {
+    fn sweep_datagrams(&mut self) {
         let now = std::time::Instant::now();
-        if now >= self.next_udp_sweep {
-            self.udp.expire(&mut self.ring, now);
-            self.next_udp_sweep = now + udp::SWEEP_INTERVAL;
+        if now >= self.next_datagram_sweep {
+            self.datagrams.expire(&mut self.ring, now);
+            self.next_datagram_sweep = now + datagram::SWEEP_INTERVAL;
         }
     }
 
@@ -797,7 +818,7 @@ impl Proxy {
         }
         self.last_stats = std::time::Instant::now();
         self.stats.tx = self.tx.counters.clone();
-        self.stats.udp = self.udp.counters.clone();
+        self.stats.udp = self.datagrams.counters.clone();
         for line in self.stats.to_string().lines() {
             debug!("{line} (active flows {})", self.flows.len());
         }

@@ -41,7 +41,7 @@ pub struct Stats {
     /// Copied from the transmit pool when printed.
     pub tx: TxCounters,
     /// Copied from the UDP relay when printed.
-    pub udp: crate::relay::udp::Counters,
+    pub udp: crate::relay::datagram::Counters,
     pub fragments: u64,
 }
 

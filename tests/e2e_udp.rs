@@ -1,16 +1,18 @@
-//! End-to-end UDP tests: echo over IPv4 and IPv6 with many flows at once, idle expiry
-//! closing the proxy's sockets, and DNS (1,000 queries over UDP from one socket, and
-//! over TCP) against a small DNS responder in the server namespace.
+//! End-to-end datagram tests: UDP echo over IPv4 and IPv6 with many flows at once, idle
+//! expiry closing the proxy's sockets, DNS (1,000 queries over UDP from one socket, and
+//! over TCP) against a small DNS responder in the server namespace, and `ping` through
+//! the proxy to a live host and to an address with no host.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Topology, join, wait_until};
+use common::{Topology, ip, join, wait_until};
 
 const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -290,5 +292,71 @@ fn dns_over_udp_and_tcp() {
         }));
         assert_eq!(tcp_ok, 4242);
     }
+    proxy.assert_running();
+}
+
+/// Runs `ping` in the client namespace; returns whether it succeeded and its output.
+fn ping(topo: &Topology, target: IpAddr, count: u32) -> (bool, String) {
+    let count = count.to_string();
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            topo.client_ns(),
+            "ping",
+            "-n",
+            "-c",
+            &count,
+        ])
+        .args(["-i", "0.2", "-W", "1", &target.to_string()])
+        .output()
+        .expect("run ping (iputils-ping)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[test]
+fn ping_reaches_live_hosts_and_not_absent_ones() {
+    let Some(topo) = Topology::for_test("ping_reaches_live_hosts_and_not_absent_ones") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    for target in [topo.server_v4(), topo.server_v6()] {
+        let (ok, output) = ping(&topo, target, 3);
+        assert!(ok, "ping {target} through the proxy failed:\n{output}");
+        assert!(
+            output.contains("3 received"),
+            "replies from {target}:\n{output}"
+        );
+        assert!(
+            !output.contains("duplicates"),
+            "duplicate replies from {target}:\n{output}"
+        );
+    }
+    // An address on the server's subnet where no host answers, routed into the TUN.
+    let IpAddr::V4(server) = topo.server_v4() else {
+        unreachable!()
+    };
+    let [a, b, c, _] = server.octets();
+    let absent = IpAddr::V4(Ipv4Addr::new(a, b, c, 77));
+    ip(&format!(
+        "-n {} rule add to {absent} table 200",
+        topo.client_ns()
+    ));
+    let (ok, output) = ping(&topo, absent, 2);
+    assert!(
+        !ok,
+        "ping to an absent host succeeded through the proxy:\n{output}"
+    );
+    assert!(
+        output.contains(" 0 received"),
+        "replies from an absent host:\n{output}"
+    );
+    let stats = proxy.stats();
+    assert!(
+        stats.contains("udp: flows opened 3 "),
+        "three ping flows expected:\n{stats}"
+    );
     proxy.assert_running();
 }

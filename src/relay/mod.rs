@@ -2,7 +2,7 @@
 //! and an outbound kernel socket (the server side) and decides FIN, RST and teardown.
 //! It never touches a file descriptor: it returns the I/O to start, and is told results.
 
-pub mod udp;
+pub mod datagram;
 
 use smoltcp::socket::tcp::{self, State};
 

@@ -29,6 +29,14 @@ pub enum Parsed {
         payload_start: usize,
         payload_len: usize,
     },
+    /// An ICMP or ICMPv6 echo request; the key's client port is its identifier and the
+    /// server port 0. Its data is `data_len` bytes at `data_start` of the packet.
+    Echo {
+        key: FlowKey,
+        seq: u16,
+        data_start: usize,
+        data_len: usize,
+    },
     /// A fragment of an IPv4 datagram (not reassembled: dropped and counted).
     Fragment,
     /// A well-formed packet of a protocol we do not relay (yet).
@@ -65,6 +73,7 @@ fn parse_ipv4(packet: &[u8]) -> Parsed {
     match ip.next_header() {
         IpProtocol::Tcp => parse_tcp(src, dst, ip.payload()),
         IpProtocol::Udp => parse_udp(src, dst, ip.payload(), header_len),
+        IpProtocol::Icmp => parse_echo(src, dst, ip.payload(), header_len, ECHO_REQUEST_V4),
         _ => Parsed::Unsupported,
     }
 }
@@ -82,8 +91,40 @@ fn parse_ipv6(packet: &[u8]) -> Parsed {
     match ip.next_header() {
         IpProtocol::Tcp => parse_tcp(src, dst, ip.payload()),
         IpProtocol::Udp => parse_udp(src, dst, ip.payload(), ip.header_len()),
+        IpProtocol::Icmpv6 => parse_echo(src, dst, ip.payload(), ip.header_len(), ECHO_REQUEST_V6),
         IpProtocol::Ipv6Frag => Parsed::Fragment,
         _ => Parsed::Unsupported,
+    }
+}
+
+const ECHO_REQUEST_V4: u8 = 8;
+const ECHO_REQUEST_V6: u8 = 128;
+
+/// An echo request of type `request_type` at `offset` of the IP packet; any other ICMP
+/// message (errors, neighbour discovery, MLD) is not relayed.
+fn parse_echo(
+    src: IpAddress,
+    dst: IpAddress,
+    message: &[u8],
+    offset: usize,
+    request_type: u8,
+) -> Parsed {
+    const HEADER: usize = 8;
+    if message.len() < HEADER {
+        return Parsed::Malformed;
+    }
+    if message[0] != request_type || message[1] != 0 {
+        return Parsed::Unsupported;
+    }
+    let ident = u16::from_be_bytes([message[4], message[5]]);
+    Parsed::Echo {
+        key: FlowKey {
+            client: IpEndpoint::new(src, ident),
+            server: IpEndpoint::new(dst, 0),
+        },
+        seq: u16::from_be_bytes([message[6], message[7]]),
+        data_start: offset + HEADER,
+        data_len: message.len() - HEADER,
     }
 }
 
