@@ -25,8 +25,9 @@ use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 use crate::config::Config;
 use crate::error::Error;
 use crate::relay::datagram::{self, Datagram, DatagramRelay};
-use crate::relay::{Phase, Relay, Teardown};
+use crate::relay::{Failure, Phase, Relay, Teardown};
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
+use crate::stack::unreachable::{self, Quote, Reason};
 use crate::stack::{self, FlowKey, Parsed, StackDevice, TxPool};
 use crate::stats::Stats;
 use crate::sys::Mapping;
@@ -125,6 +126,8 @@ struct Flow {
     outbound: Option<Socket>,
     /// Read by the kernel when the connect is submitted.
     server_addr: SockAddr,
+    /// The client's SYN, quoted in the ICMP error if the server proves unreachable.
+    syn: Quote,
     /// Largest TCP payload per packet towards the client (its MSS, capped by our MTU);
     /// the kernel segments bigger IPv6 writes to this.
     segment_size: u16,
@@ -492,6 +495,7 @@ impl Proxy {
                 let datagram = Datagram::Udp {
                     payload: &packet[payload_start..payload_start + payload_len],
                     segment_size: udp_segment,
+                    quote: Quote::of(packet),
                 };
                 let now = std::time::Instant::now();
                 self.datagrams
@@ -528,7 +532,10 @@ impl Proxy {
         };
         let slot = match self.by_key.get(&key) {
             Some(&slot) => Some(slot),
-            None if opens => self.open_flow(key, mss),
+            None if opens => {
+                let syn = Quote::of(packet);
+                self.open_flow(key, mss, syn)
+            }
             None => None,
         };
         let now = self.now();
@@ -577,7 +584,7 @@ impl Proxy {
 
     /// Starts a flow for a new SYN: a held-back listening socket plus an outbound connect.
     /// `None` (the SYN is then answered with RST) when a limit is hit.
-    fn open_flow(&mut self, key: FlowKey, mss: Option<u16>) -> Option<usize> {
+    fn open_flow(&mut self, key: FlowKey, mss: Option<u16>, syn: Quote) -> Option<usize> {
         if self.flows.len() >= self.config.max_flows {
             self.stats.refused_limit += 1;
             return None;
@@ -625,6 +632,7 @@ impl Proxy {
             handle,
             outbound: Some(outbound),
             server_addr: SockAddr::from(endpoint_to_socket_addr(key.server)),
+            syn,
             segment_size: segment_size(key.server.addr, mss, self.config.mtu),
             relay: Relay::new(staging),
             _memory: memory,
@@ -757,6 +765,16 @@ impl Proxy {
         let flow = &mut self.flows[key];
         if !flow.teardown_started {
             flow.teardown_started = true;
+            let reason = match flow.relay.failure() {
+                Some(Failure::HostUnreachable) => Some(Reason::Host),
+                Some(Failure::NetUnreachable) => Some(Reason::Network),
+                _ => None,
+            };
+            if let Some(reason) = reason
+                && !unreachable::emit(&mut self.tx, &flow.syn, reason)
+            {
+                self.tx.counters.dropped_replies += 1;
+            }
             if teardown == Teardown::Abortive {
                 if let Some(socket) = &flow.outbound {
                     // Closing with linger 0 sends RST, which is what the server must see.

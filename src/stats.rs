@@ -30,6 +30,7 @@ pub struct Stats {
     pub connect_refused: u64,
     pub connect_timeout: u64,
     pub connect_other: u64,
+    pub connect_unreachable: u64,
     pub server_resets: u64,
     pub client_resets: u64,
     pub bytes_up: u64,
@@ -61,6 +62,7 @@ impl Stats {
             Failure::ConnectRefused => &mut self.connect_refused,
             Failure::ConnectTimeout => &mut self.connect_timeout,
             Failure::ConnectOther => &mut self.connect_other,
+            Failure::HostUnreachable | Failure::NetUnreachable => &mut self.connect_unreachable,
             Failure::ServerReset => &mut self.server_resets,
             Failure::ClientReset => &mut self.client_resets,
         };
@@ -81,8 +83,9 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "failures: connect-refused {} connect-timeout {} connect-other {} server-reset {} client-reset {}",
+            "failures: connect-refused {} connect-unreachable {} connect-timeout {} connect-other {} server-reset {} client-reset {}",
             self.connect_refused,
+            self.connect_unreachable,
             self.connect_timeout,
             self.connect_other,
             self.server_resets,

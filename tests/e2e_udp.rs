@@ -1,7 +1,8 @@
 //! End-to-end datagram tests: UDP echo over IPv4 and IPv6 with many flows at once, idle
 //! expiry closing the proxy's sockets, DNS (1,000 queries over UDP from one socket, and
-//! over TCP) against a small DNS responder in the server namespace, and `ping` through
-//! the proxy to a live host and to an address with no host.
+//! over TCP) against a small DNS responder in the server namespace, `ping` through the
+//! proxy to a live host and to an address with no host, and the ICMP errors that make
+//! failures look as they do on the direct path.
 
 mod common;
 
@@ -358,5 +359,58 @@ fn ping_reaches_live_hosts_and_not_absent_ones() {
         stats.contains("udp: flows opened 3 "),
         "three ping flows expected:\n{stats}"
     );
+    proxy.assert_running();
+}
+
+/// An address on the server's subnet where no host answers, routed into the TUN.
+fn absent_host(topo: &Topology) -> IpAddr {
+    let IpAddr::V4(server) = topo.server_v4() else {
+        unreachable!()
+    };
+    let [a, b, c, _] = server.octets();
+    let absent = IpAddr::V4(Ipv4Addr::new(a, b, c, 77));
+    ip(&format!(
+        "-n {} rule add to {absent} table 200",
+        topo.client_ns()
+    ));
+    absent
+}
+
+#[test]
+fn failures_reach_the_client_as_icmp_errors() {
+    let Some(topo) = Topology::for_test("failures_reach_the_client_as_icmp_errors") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    let absent = absent_host(&topo);
+    let servers = [topo.server_v4(), topo.server_v6()];
+    let (udp_errors, tcp_error) = join(topo.in_client(move || {
+        // A closed UDP port: the server's port unreachable becomes ECONNREFUSED.
+        let udp_errors: Vec<_> = servers
+            .iter()
+            .map(|&server| {
+                let bind: IpAddr = if server.is_ipv4() {
+                    [0, 0, 0, 0].into()
+                } else {
+                    ANY
+                };
+                let socket = UdpSocket::bind((bind, 0)).expect("bind");
+                socket.connect((server, 9)).expect("connect");
+                socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                socket.send(b"anyone there?").expect("send");
+                socket.recv(&mut [0u8; 64]).map(drop).map_err(|e| e.kind())
+            })
+            .collect();
+        // A host that does not exist: EHOSTUNREACH, not a reset.
+        let tcp_error =
+            TcpStream::connect_timeout(&SocketAddr::new(absent, 80), Duration::from_secs(10))
+                .map(drop)
+                .map_err(|e| e.kind());
+        (udp_errors, tcp_error)
+    }));
+    for error in udp_errors {
+        assert_eq!(error, Err(std::io::ErrorKind::ConnectionRefused));
+    }
+    assert_eq!(tcp_error, Err(std::io::ErrorKind::HostUnreachable));
     proxy.assert_running();
 }

@@ -18,9 +18,11 @@ use smoltcp::wire::{
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::stack::unreachable::{self, Quote, Reason};
 use crate::stack::{FlowKey, TxPool};
 use crate::sys::Mapping;
 use crate::uring::{Op, Ring, Token, token::GENERATION_MASK};
+use nix::libc;
 
 /// Largest UDP payload (IPv4 limit), the size of each receive and send buffer.
 const MAX_DATAGRAM: usize = 65507;
@@ -50,6 +52,8 @@ pub enum Datagram<'a> {
     Udp {
         payload: &'a [u8],
         segment_size: Option<u16>,
+        /// The datagram's start, for an ICMP error if the server's port is closed.
+        quote: Quote,
     },
     /// An echo request with its sequence number and data.
     Echo { seq: u16, data: &'a [u8] },
@@ -99,6 +103,8 @@ pub struct Counters {
 struct Flow {
     kind: Kind,
     key: FlowKey,
+    /// The start of the client's latest datagram, quoted in ICMP errors.
+    last_quote: Quote,
     /// Echo identifier on the outbound side. It differs from the client's: a local ping
     /// (raw or ping socket) would otherwise also take the reply meant for the proxy
     /// and count it twice.
@@ -183,7 +189,9 @@ impl DatagramRelay {
             Datagram::Udp {
                 payload,
                 segment_size,
+                quote,
             } => {
+                self.flows[slot].last_quote = quote;
                 let chunk = segment_size.map_or(payload.len(), usize::from).max(1);
                 for part in payload.chunks(chunk.min(MAX_DATAGRAM)) {
                     self.send(ring, fd, |buffer| {
@@ -261,6 +269,7 @@ impl DatagramRelay {
         let slot = self.flows.insert(Flow {
             kind,
             key,
+            last_quote: Quote::of(&[]),
             // Spread over the identifier space, never the client's own.
             echo_ident: (generation as u16).wrapping_mul(0x9e37) ^ key.client.port ^ 0x8000,
             generation,
@@ -322,9 +331,22 @@ impl DatagramRelay {
             return;
         }
         if result < 0 {
-            // ECONNREFUSED: the server's port is closed (ICMP port unreachable); the flow
-            // stays, as a direct client's socket would, and keeps receiving.
+            // The kernel turned an ICMP error from the path into this errno; pass the
+            // same error on to the client. The flow stays, as a direct client's socket
+            // would, and keeps receiving.
             self.counters.recv_errors += 1;
+            let reason = match -result {
+                libc::ECONNREFUSED => Some(Reason::Port),
+                libc::EHOSTUNREACH => Some(Reason::Host),
+                libc::ENETUNREACH => Some(Reason::Network),
+                _ => None,
+            };
+            if let Some(reason) = reason
+                && flow.kind == Kind::Udp
+                && !unreachable::emit(tx, &flow.last_quote, reason)
+            {
+                self.counters.reply_drops += 1;
+            }
         } else {
             flow.last_active = Instant::now();
             // SAFETY: the receive that wrote it has completed; nothing else uses it.

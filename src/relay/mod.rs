@@ -54,6 +54,9 @@ pub struct Actions<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
     ConnectRefused,
+    /// The client gets the ICMP error a direct connect would have got, not a RST.
+    HostUnreachable,
+    NetUnreachable,
     ConnectTimeout,
     ConnectOther,
     ServerReset,
@@ -128,6 +131,13 @@ impl Relay {
         self.phase = Phase::Closing(Teardown::Abortive);
     }
 
+    /// Ends a flow whose client is told by other means (an ICMP error): the smoltcp
+    /// socket, still holding back its SYN|ACK, is dropped without a RST.
+    fn fail_quietly(&mut self, failure: Failure) {
+        self.failure.get_or_insert(failure);
+        self.phase = Phase::Closing(Teardown::Abortive);
+    }
+
     /// The outbound connect finished with `result` (0 or -errno).
     pub fn on_connected(&mut self, socket: &mut tcp::Socket, result: i32) {
         self.completed();
@@ -140,6 +150,8 @@ impl Relay {
                 socket.pause_synack(false);
             }
             libc::ECONNREFUSED => self.fail(socket, Failure::ConnectRefused),
+            libc::EHOSTUNREACH => self.fail_quietly(Failure::HostUnreachable),
+            libc::ENETUNREACH => self.fail_quietly(Failure::NetUnreachable),
             libc::ECANCELED | libc::ETIMEDOUT => self.fail(socket, Failure::ConnectTimeout),
             _ => self.fail(socket, Failure::ConnectOther),
         }

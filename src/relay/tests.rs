@@ -315,6 +315,19 @@ fn refused_connect_resets_the_client() {
 }
 
 #[test]
+fn unreachable_host_ends_the_flow_without_rst() {
+    let mut h = Harness::new(Server::default());
+    connect(&mut h, -libc::EHOSTUNREACH);
+    for _ in 0..20 {
+        h.step();
+    }
+    // No SYN|ACK and no RST: the event loop sends the client an ICMP error instead.
+    assert_eq!(h.client().state(), State::SynSent);
+    assert_eq!(h.relay.phase(), Phase::Closing(Teardown::Abortive));
+    assert_eq!(h.relay.failure(), Some(Failure::HostUnreachable));
+}
+
+#[test]
 fn bytes_flow_both_ways_and_each_fin_is_forwarded_on_its_own() {
     let upload = pattern(100_000, 1);
     let download = pattern(150_000, 2);

@@ -4,6 +4,7 @@
 pub mod device;
 pub mod offload;
 pub mod packet;
+pub mod unreachable;
 
 pub use device::{StackDevice, TxPool};
 pub use packet::{FlowKey, Parsed, parse};
