@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Bulk TCP throughput and proxy CPU: direct veth path vs uringproxy with offload vs
-# uringproxy --no-offload, interleaved in one run so machine noise hits all three.
+# Bulk TCP and UDP throughput and proxy CPU: direct veth path vs uringproxy with offload
+# vs uringproxy --no-offload, interleaved in one run so machine noise hits all three.
+# UDP runs offer 1400-byte datagrams as fast as iperf3 can send them; the table gives
+# what arrived (Gbit/s and thousands of datagrams/s) and the share lost.
 #
 # Run as root from the repository: bash bench/throughput.sh
 # Env: SECONDS_PER_RUN (default 5), ROUNDS (default 2; the median is reported),
@@ -75,10 +77,20 @@ sleep 1
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# Starts a one-shot iperf3 server on address $1 once the previous one has let go of its
+# port. Bound to the address, so UDP replies come from the address the client targets.
+start_server() {
+    for _ in $(seq 40); do
+        ip netns exec "$S" ss -Hltn 'sport = :5201' | grep -q . || break
+        sleep 0.05
+    done
+    ip netns exec "$S" iperf3 -s -1 -D -B "$1" >/dev/null 2>&1
+    sleep 0.3
+}
+
 # run ADDR "IPERF ARGS" [PID] -> "Gbit/s cpu%"
 run() {
-    ip netns exec "$S" iperf3 -s -1 -D >/dev/null 2>&1
-    sleep 0.3
+    start_server "$1"
     local t0=0 t1=0 gbps
     [ -n "${3:-}" ] && t0=$(cpu_ticks "$3")
     # shellcheck disable=SC2086
@@ -91,6 +103,24 @@ run() {
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# udp ADDR "IPERF ARGS" [PID] -> "Gbit/s loss% cpu%"
+udp() {
+    start_server "$1"
+    local t0=0 t1=0 line
+    [ -n "${3:-}" ] && t0=$(cpu_ticks "$3")
+    # shellcheck disable=SC2086
+    line=$(timeout $((T + 20)) ip netns exec "$C" iperf3 -f g -u -b 0 -l 1400 -c "$1" $2 -t "$T" 2>/dev/null |
+        awk '/receiver/ { r = $0 } END { print r }')
+    [ -n "${3:-}" ] && t1=$(cpu_ticks "$3")
+    local hz
+    hz=$(getconf CLK_TCK)
+    echo "$line" | awk -v cpu=$(( (t1 - t0) * 100 / hz / T )) '{
+        g = 0; loss = 100
+        for (i = 2; i <= NF; i++) if ($i == "Gbits/sec") g = $(i - 1)
+        if (match($0, /\(([0-9.e+-]+)%\)/)) loss = substr($0, RSTART + 1, RLENGTH - 3)
+        print g + 0, loss + 0, cpu }'
+}
 
 echo "| scenario | direct Gbit/s | offload Gbit/s | ratio | CPU % | --no-offload Gbit/s | ratio | CPU % |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -119,3 +149,24 @@ IPv4 download, 4 streams|4|-R -P 4
 IPv6 upload, 1 stream|6|
 IPv6 download, 1 stream|6|-R
 EOF
+
+echo
+echo "| UDP, 1400-byte datagrams | direct Gbit/s (kpps, loss %) | offload Gbit/s (kpps, loss %, CPU %) | --no-offload Gbit/s (kpps, loss %, CPU %) |"
+echo "| --- | --- | --- | --- |"
+while IFS='|' read -r name family args; do
+    if [ "$family" = 4 ]; then direct=10.77.0.3; viaA=10.77.0.2; viaB=10.77.0.4
+    else direct=fd00:77::3; viaA=fd00:77::2; viaB=fd00:77::4; fi
+    echo "$name: UDP" >&2
+    read -r dg dl _ < <(udp "$direct" "$args")
+    read -r ag al ac < <(udp "$viaA" "$args" "$PID_OFFLOAD")
+    read -r bg bl bc < <(udp "$viaB" "$args" "$PID_PLAIN")
+    awk -v n="$name" -v dg="$dg" -v dl="$dl" -v ag="$ag" -v al="$al" -v ac="$ac" \
+        -v bg="$bg" -v bl="$bl" -v bc="$bc" 'BEGIN {
+        k = 1e9 / (1400 * 8) / 1000
+        printf "| %s | %.2f (%.0f, %.1f) | %.2f (%.0f, %.1f, %d) | %.2f (%.0f, %.1f, %d) |\n",
+            n, dg, dg * k, dl, ag, ag * k, al, ac, bg, bg * k, bl, bc }'
+done <<'SCENARIOS'
+IPv4 upload|4|
+IPv4 download|4|-R
+IPv6 upload|6|
+SCENARIOS
