@@ -208,6 +208,8 @@ impl Proxy {
         )
         .map_err(|err| Error::Io("register TUN read buffers", err))?;
         let mut tx = TxPool::new(write_buffers, mtu, offload);
+        let datagrams = DatagramRelay::new(&ring, config.udp.clone(), config.interface.clone())
+            .map_err(|err| Error::Io("set up UDP buffers", err))?;
         let epoch = std::time::Instant::now();
         let ifaces = Interfaces::new(&mut tx, Instant::ZERO, random_seed());
         Ok(Proxy {
@@ -219,12 +221,7 @@ impl Proxy {
             flows: Slab::new(),
             by_key: HashMap::new(),
             no_flow: SocketSet::new(Vec::new()),
-            datagrams: DatagramRelay::new(config.udp.clone(), config.interface.clone()).ok_or(
-                Error::Io(
-                    "map UDP send buffers",
-                    std::io::ErrorKind::OutOfMemory.into(),
-                ),
-            )?,
+            datagrams,
             next_datagram_sweep: std::time::Instant::now(),
             work: Vec::new(),
             starved: Vec::new(),
@@ -425,7 +422,12 @@ impl Proxy {
             Op::UdpSend => self.datagrams.on_sent(token.key, result),
             Op::UdpRecv => {
                 let datagrams = &mut self.datagrams;
-                datagrams.on_received(&mut self.ring, &mut self.tx, token, result);
+                let completion = (
+                    result,
+                    uring::buffer_id(completion.flags),
+                    uring::more(completion.flags),
+                );
+                datagrams.on_received(&mut self.ring, &mut self.tx, token, completion);
             }
             Op::Connect | Op::Send | Op::Recv | Op::Shutdown => {
                 let key = token.key as usize;

@@ -21,11 +21,15 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::stack::unreachable::{self, Quote, Reason};
 use crate::stack::{FlowKey, TxPool};
 use crate::sys::Mapping;
-use crate::uring::{Op, Ring, Token, token::GENERATION_MASK};
+use crate::uring::{BufRing, Op, Ring, Token, token::GENERATION_MASK};
 use nix::libc;
 
 /// Largest UDP payload (IPv4 limit), the size of each receive and send buffer.
 const MAX_DATAGRAM: usize = 65507;
+/// Buffers the kernel picks from for the flows' multishot receives, shared by all flows.
+const RECV_BUFFERS: u16 = 256;
+/// Buffer group id of those buffers (the TUN reads use group 0).
+const RECV_GROUP: u16 = 1;
 /// Datagrams from clients waiting for their send to complete, across all flows.
 const SEND_SLOTS: u16 = 256;
 /// Idle flows are looked for this often.
@@ -113,10 +117,9 @@ struct Flow {
     /// `None` once its close has been submitted.
     socket: Option<Socket>,
     last_active: Instant,
+    /// A multishot receive is armed.
     receiving: bool,
     closing: bool,
-    /// The reply being received; declared last, as it must outlive the receive.
-    recv_buf: Mapping,
 }
 
 /// Send buffers shared by all flows: a client datagram is copied into a free slot,
@@ -138,6 +141,8 @@ impl SendSlots {
 
 /// All UDP and ping flows.
 pub struct DatagramRelay {
+    /// Server datagrams land here (multishot receives with provided buffers).
+    recv_buffers: BufRing,
     flows: Slab<Flow>,
     by_key: HashMap<(Kind, FlowKey), usize>,
     slots: SendSlots,
@@ -148,12 +153,15 @@ pub struct DatagramRelay {
 }
 
 impl DatagramRelay {
-    pub fn new(limits: Limits, interface: String) -> Option<DatagramRelay> {
-        Some(DatagramRelay {
+    pub fn new(ring: &Ring, limits: Limits, interface: String) -> std::io::Result<DatagramRelay> {
+        let no_memory = || std::io::Error::from(std::io::ErrorKind::OutOfMemory);
+        Ok(DatagramRelay {
+            recv_buffers: BufRing::new(ring.inner(), RECV_GROUP, RECV_BUFFERS, MAX_DATAGRAM)?,
             flows: Slab::new(),
             by_key: HashMap::new(),
             slots: SendSlots {
-                memory: Mapping::new(usize::from(SEND_SLOTS) * MAX_DATAGRAM)?,
+                memory: Mapping::new(usize::from(SEND_SLOTS) * MAX_DATAGRAM)
+                    .ok_or_else(no_memory)?,
                 free: (0..SEND_SLOTS).rev().collect(),
             },
             limits,
@@ -260,10 +268,6 @@ impl DatagramRelay {
                 return None;
             }
         };
-        let Some(recv_buf) = Mapping::new(MAX_DATAGRAM) else {
-            self.counters.socket_errors += 1;
-            return None;
-        };
         let generation = self.next_generation & GENERATION_MASK;
         self.next_generation = generation.wrapping_add(1);
         let slot = self.flows.insert(Flow {
@@ -277,7 +281,6 @@ impl DatagramRelay {
             last_active: now,
             receiving: false,
             closing: false,
-            recv_buf,
         });
         self.by_key.insert((kind, key), slot);
         self.counters.flows_opened += 1;
@@ -289,17 +292,11 @@ impl DatagramRelay {
         let Some(socket) = &flow.socket else {
             return;
         };
-        // SAFETY: only this receive uses the buffer, and the flow (with the mapping) is
-        // removed only after its completion (`on_received` with `closing`).
-        let buffer = unsafe { flow.recv_buf.as_static_mut() };
-        let recv = opcode::Recv::new(
-            types::Fd(socket.as_raw_fd()),
-            buffer.as_mut_ptr(),
-            buffer.len() as u32,
-        )
-        .build()
-        .user_data(Token::new(Op::UdpRecv, flow.generation, slot).encode());
-        // SAFETY: see above: the buffer outlives the operation.
+        let recv = opcode::RecvMulti::new(types::Fd(socket.as_raw_fd()), RECV_GROUP)
+            .build()
+            .user_data(Token::new(Op::UdpRecv, flow.generation, slot).encode());
+        // SAFETY: the receive writes only into buffers of the registered ring, which
+        // lives as long as `self`.
         unsafe { ring.push(&[recv]) };
         flow.receiving = true;
     }
@@ -316,8 +313,32 @@ impl DatagramRelay {
         }
     }
 
-    /// A server datagram (or an error) arrived for flow `token.key`.
-    pub fn on_received(&mut self, ring: &mut Ring, tx: &mut TxPool, token: Token, result: i32) {
+    /// A server datagram (or an error) arrived for flow `token.key`, in provided buffer
+    /// `buffer_id` if any; `more` says whether the multishot receive stays armed.
+    pub fn on_received(
+        &mut self,
+        ring: &mut Ring,
+        tx: &mut TxPool,
+        token: Token,
+        completion: (i32, Option<u16>, bool),
+    ) {
+        let (result, buffer_id, more) = completion;
+        self.handle_received(ring, tx, token, result, buffer_id, more);
+        if let Some(bid) = buffer_id {
+            self.recv_buffers.recycle(bid);
+            self.recv_buffers.publish();
+        }
+    }
+
+    fn handle_received(
+        &mut self,
+        ring: &mut Ring,
+        tx: &mut TxPool,
+        token: Token,
+        result: i32,
+        buffer_id: Option<u16>,
+        more: bool,
+    ) {
         let slot = token.key as usize;
         let Some(flow) = self.flows.get_mut(slot) else {
             return;
@@ -325,54 +346,65 @@ impl DatagramRelay {
         if flow.generation != token.generation {
             return;
         }
-        flow.receiving = false;
+        if !more {
+            flow.receiving = false;
+        }
         if flow.closing {
-            self.finish_close(ring, slot);
+            if !flow.receiving {
+                self.finish_close(ring, slot);
+            }
             return;
         }
-        if result < 0 {
-            // The kernel turned an ICMP error from the path into this errno; pass the
-            // same error on to the client. The flow stays, as a direct client's socket
-            // would, and keeps receiving.
-            self.counters.recv_errors += 1;
-            let reason = match -result {
-                libc::ECONNREFUSED => Some(Reason::Port),
-                libc::EHOSTUNREACH => Some(Reason::Host),
-                libc::ENETUNREACH => Some(Reason::Network),
-                _ => None,
-            };
-            if let Some(reason) = reason
-                && flow.kind == Kind::Udp
-                && !unreachable::emit(tx, &flow.last_quote, reason)
-            {
-                self.counters.reply_drops += 1;
-            }
-        } else {
-            flow.last_active = Instant::now();
-            // SAFETY: the receive that wrote it has completed; nothing else uses it.
-            let buffer = unsafe { flow.recv_buf.as_static_mut() };
-            let received = &buffer[..(result as usize).min(buffer.len())];
-            let emitted = match flow.kind {
-                Kind::Udp => Some(emit_udp_reply(tx, flow.key, received)),
-                Kind::Echo => {
-                    let reply = emit_echo_reply(tx, flow.key, flow.echo_ident, received);
-                    if reply == Some(true) {
-                        self.counters.echo_replies += 1;
+        match (result, buffer_id) {
+            (n, Some(bid)) if n >= 0 => {
+                flow.last_active = Instant::now();
+                let Some(received) = self.recv_buffers.packet(bid, n as usize) else {
+                    return;
+                };
+                let emitted = match flow.kind {
+                    Kind::Udp => Some(emit_udp_reply(tx, flow.key, received)),
+                    Kind::Echo => {
+                        let reply = emit_echo_reply(tx, flow.key, flow.echo_ident, received);
+                        if reply == Some(true) {
+                            self.counters.echo_replies += 1;
+                        }
+                        reply
                     }
-                    reply
+                };
+                match emitted {
+                    Some(true) => {
+                        self.counters.datagrams_down += 1;
+                        self.counters.bytes_down += received.len() as u64;
+                    }
+                    Some(false) => self.counters.reply_drops += 1,
+                    // Not for this flow (another ping's reply, an ICMP error): ignored.
+                    None => {}
                 }
-            };
-            match emitted {
-                Some(true) => {
-                    self.counters.datagrams_down += 1;
-                    self.counters.bytes_down += received.len() as u64;
+            }
+            // Every provided buffer was in use: re-armed below, once they are recycled.
+            (n, _) if n == -libc::ENOBUFS => {}
+            (n, _) => {
+                // The kernel turned an ICMP error from the path into this errno; pass
+                // the same error on to the client. The flow stays, as a direct client's
+                // socket would, and keeps receiving.
+                self.counters.recv_errors += 1;
+                let reason = match -n {
+                    libc::ECONNREFUSED => Some(Reason::Port),
+                    libc::EHOSTUNREACH => Some(Reason::Host),
+                    libc::ENETUNREACH => Some(Reason::Network),
+                    _ => None,
+                };
+                if let Some(reason) = reason
+                    && flow.kind == Kind::Udp
+                    && !unreachable::emit(tx, &flow.last_quote, reason)
+                {
+                    self.counters.reply_drops += 1;
                 }
-                Some(false) => self.counters.reply_drops += 1,
-                // Not for this flow (another ping's reply, an ICMP error): ignored.
-                None => {}
             }
         }
-        self.arm_recv(ring, slot);
+        if needs_recv(&self.flows[slot]) {
+            self.arm_recv(ring, slot);
+        }
     }
 
     /// Closes flows idle past their timeout.
