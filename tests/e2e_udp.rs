@@ -143,6 +143,45 @@ fn idle_udp_flows_expire_and_close_their_sockets() {
     proxy.assert_running();
 }
 
+#[test]
+fn udp_table_evicts_the_longest_idle_flow_when_full() {
+    const PORT: u16 = 7102;
+    const LIMIT: usize = 4;
+    let Some(topo) = Topology::for_test("udp_table_evicts_the_longest_idle_flow_when_full") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&["--max-udp-flows", "4"]);
+    udp_echo_server(&topo, PORT, Duration::from_secs(30));
+    let baseline = proxy.settled_fd_count();
+    let server = SocketAddr::new(topo.server_v4(), PORT);
+    let sockets = join(topo.in_client(move || {
+        (0..2 * LIMIT)
+            .map(|flow| {
+                let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("bind client");
+                socket.connect(server).expect("connect");
+                socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let sent = payload(flow, 200);
+                assert_eq!(echo_once(&socket, &sent), sent, "flow {flow}");
+                socket
+            })
+            .collect::<Vec<_>>()
+    }));
+    // Every new flow past the limit closed an old one's socket.
+    assert!(
+        wait_until(Duration::from_secs(2), || proxy.fd_count()
+            <= baseline + LIMIT),
+        "{} fds with at most {LIMIT} UDP flows over the baseline {baseline}",
+        proxy.fd_count()
+    );
+    let stats = proxy.stats();
+    assert!(
+        stats.contains(&format!("evicted {LIMIT} ")),
+        "expected {LIMIT} evictions:\n{stats}"
+    );
+    drop(sockets);
+    proxy.assert_running();
+}
+
 /// A DNS query for `name` (type A, class IN) with transaction `id`.
 fn dns_query(id: u16, name: &str) -> Vec<u8> {
     let mut msg = Vec::new();

@@ -342,6 +342,65 @@ pub(crate) mod tests {
         }
     }
 
+    /// An echo request (ICMP or ICMPv6 by family) with `ident`, `seq` and `data`.
+    fn echo_packet(src: IpEndpoint, dst: IpEndpoint, ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let (protocol, kind) = match src.addr {
+            IpAddress::Ipv4(_) => (IpProtocol::Icmp, 8),
+            IpAddress::Ipv6(_) => (IpProtocol::Icmpv6, 128),
+        };
+        let ip = IpRepr::new(src.addr, dst.addr, protocol, 8 + data.len(), 64);
+        let mut buf = vec![0u8; ip.buffer_len()];
+        ip.emit(&mut buf[..], &ChecksumCapabilities::default());
+        let icmp = &mut buf[ip.header_len()..];
+        icmp[0] = kind;
+        icmp[4..6].copy_from_slice(&ident.to_be_bytes());
+        icmp[6..8].copy_from_slice(&seq.to_be_bytes());
+        icmp[8..].copy_from_slice(data);
+        buf
+    }
+
+    #[test]
+    fn echo_requests_give_identifier_sequence_and_data() {
+        for (client, server) in [
+            (v4([10, 0, 0, 1], 0), v4([10, 0, 0, 2], 0)),
+            (v6(1, 0), v6(2, 0)),
+        ] {
+            let packet = echo_packet(client, server, 0x4242, 7, b"abcdefgh");
+            let Parsed::Echo {
+                key,
+                seq,
+                data_start,
+                data_len,
+            } = parse(&packet)
+            else {
+                panic!("not an echo request: {:?}", parse(&packet));
+            };
+            assert_eq!(key.client, IpEndpoint::new(client.addr, 0x4242));
+            assert_eq!(key.server, IpEndpoint::new(server.addr, 0));
+            assert_eq!(seq, 7);
+            assert_eq!(&packet[data_start..data_start + data_len], b"abcdefgh");
+            let header_end = packet.len() - 8 - 8;
+            for len in header_end..header_end + 8 {
+                assert_eq!(
+                    parse(&packet[..len]),
+                    Parsed::Malformed,
+                    "prefix of {len} bytes"
+                );
+            }
+            let mut reply = packet.clone();
+            reply[header_end] = if client.addr.version() == IpVersion::Ipv4 {
+                0
+            } else {
+                129
+            };
+            assert_eq!(
+                parse(&reply),
+                Parsed::Unsupported,
+                "echo replies are not relayed"
+            );
+        }
+    }
+
     #[test]
     fn other_protocols_and_fragments_are_not_relayed() {
         let mut packet = tcp_packet(
