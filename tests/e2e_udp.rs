@@ -101,6 +101,56 @@ fn udp_echo_many_flows_ipv4_and_ipv6() {
 }
 
 #[test]
+fn udp_segmentation_super_packets_are_split_into_their_datagrams() {
+    const PORT: u16 = 7103;
+    const SEGMENT: usize = 1000;
+    const SEGMENTS: usize = 5;
+    let Some(topo) = Topology::for_test("udp_segmentation_super_packets_are_split") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    let (ready, is_ready) = mpsc::channel();
+    let server = SocketAddr::new(topo.server_v4(), PORT);
+    let receiver = topo.in_server(move || {
+        let socket = UdpSocket::bind(server).expect("bind");
+        socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        ready.send(()).unwrap();
+        let mut sizes = Vec::new();
+        let mut buf = [0u8; 65536];
+        while sizes.len() < SEGMENTS {
+            let Ok(n) = socket.recv(&mut buf) else { break };
+            sizes.push(n);
+        }
+        sizes
+    });
+    is_ready.recv().unwrap();
+    join(topo.in_client(move || {
+        let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("bind");
+        socket.connect(server).expect("connect");
+        // One send of 5 x 1000 bytes that the kernel hands the TUN as one UDP
+        // segmentation super-packet (USO is negotiated by default).
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::UdpGsoSegment,
+            &(SEGMENT as i32),
+        )
+        .expect("UDP_SEGMENT");
+        socket.send(&payload(1, SEGMENT * SEGMENTS)).expect("send");
+    }));
+    assert_eq!(
+        join(receiver),
+        vec![SEGMENT; SEGMENTS],
+        "datagrams the server received"
+    );
+    let stats = proxy.stats();
+    assert!(
+        !stats.contains("super-packets in 0 "),
+        "the send should have crossed the TUN as a super-packet:\n{stats}"
+    );
+    proxy.assert_running();
+}
+
+#[test]
 fn idle_udp_flows_expire_and_close_their_sockets() {
     const PORT: u16 = 7101;
     const FLOWS: usize = 20;
