@@ -326,3 +326,32 @@ fn bad_interface_exits_nonzero() {
         "expected exactly one `uringproxy: error:` line, naming doesnotexist0"
     );
 }
+
+#[test]
+fn unprivileged_start_exits_nonzero_naming_the_problem() {
+    if !common::privileged_or_skip("unprivileged_start_exits_nonzero_naming_the_problem") {
+        return;
+    }
+    // As an unprivileged user the TUN cannot be created: one clear line, non-zero exit.
+    let output = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "nobody",
+            "--",
+            env!("CARGO_BIN_EXE_uringproxy"),
+            "-i",
+            "lo",
+        ])
+        .output()
+        .expect("run runuser (util-linux)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "exit status {}", output.status);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("uringproxy: error:"))
+        .collect();
+    assert!(
+        matches!(errors[..], [line] if line.contains("run as root")),
+        "expected one error line asking for root, got:\n{stderr}"
+    );
+}
