@@ -58,6 +58,13 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_PROBES: u32 = 6;
 const CLIENT_SILENCE_LIMIT: Duration = Duration::from_secs(180);
+/// How long a server may leave bytes of a finished client unacknowledged.
+const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long into smoltcp's 10 s TIME-WAIT egress (ACKs) keeps running; past it egress
+/// stops so smoltcp's close timer cannot clear bytes still owed to the server.
+const TIME_WAIT_EGRESS: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(9);
+/// How long SIGINT/SIGTERM may take to reset every flow before the process exits.
+const SHUTDOWN_LIMIT: Duration = Duration::from_millis(800);
 /// Size of `struct signalfd_siginfo`.
 const SIGINFO_LEN: usize = 128;
 /// How often counters are logged at debug level.
@@ -142,6 +149,10 @@ struct Flow {
     /// The live entry of this flow in the timer heap, if any.
     timer_at: Option<Instant>,
     teardown_started: bool,
+    /// TCP_USER_TIMEOUT was set because the client finished with bytes still owed.
+    orphaned: bool,
+    /// When smoltcp's socket entered TIME-WAIT.
+    time_wait_since: Option<Instant>,
 }
 
 impl Flow {
@@ -331,18 +342,41 @@ impl Proxy {
     /// Resets every flow (RST to the client and to the server), sends what that
     /// produces to the TUN, and prints the counters.
     fn shut_down(&mut self) {
-        let now = self.now();
-        let mut device = StackDevice::egress(&mut self.tx);
         for (_, flow) in &mut self.flows {
             if let Some(socket) = &flow.outbound {
                 let _ = socket.set_linger(Some(Duration::ZERO));
             }
             flow.sockets.get_mut::<tcp::Socket>(flow.handle).abort();
-            let iface = self.ifaces.serving(&flow.key.server.addr);
-            iface.poll_egress(now, &mut device, &mut flow.sockets);
         }
-        self.flush_tun_writes();
-        let _ = self.ring.submit_and_wait(Some(Duration::from_millis(100)));
+        // More RSTs may be owed than there are TUN write buffers: send in rounds, reaping
+        // write completions in between, until every reset is out or time is up.
+        let deadline = std::time::Instant::now() + SHUTDOWN_LIMIT;
+        let mut completions = std::mem::take(&mut self.completions);
+        while std::time::Instant::now() < deadline {
+            let now = self.now();
+            let mut owed = false;
+            for (_, flow) in &mut self.flows {
+                let iface = self.ifaces.serving(&flow.key.server.addr);
+                let mut device = StackDevice::egress(&mut self.tx);
+                iface.poll_egress(now, &mut device, &mut flow.sockets);
+                owed |= iface.poll_at(now, &flow.sockets).is_some();
+            }
+            self.tx.take_exhausted();
+            self.flush_tun_writes();
+            let _ = self.ring.submit_and_wait(Some(Duration::from_millis(10)));
+            self.ring.drain(&mut completions, MAX_COMPLETIONS_PER_TURN);
+            for completion in &completions {
+                if let Some(token) = Token::decode(completion.user_data)
+                    && token.op == Op::TunWrite
+                {
+                    self.tx.release(token.key as u16);
+                }
+            }
+            if !owed {
+                break;
+            }
+        }
+        self.completions = completions;
         self.print_stats();
     }
 
@@ -642,6 +676,8 @@ impl Proxy {
             starved: false,
             timer_at: None,
             teardown_started: false,
+            orphaned: false,
+            time_wait_since: None,
         }));
         self.by_key.insert(key, slot);
         self.stats.flows_opened += 1;
@@ -722,9 +758,28 @@ impl Proxy {
             // flow is freed.
             socket.set_ack_delay(None);
         }
-        // smoltcp ends TIME-WAIT (and clears the receive buffer) from its egress timer;
-        // hold it off while client bytes are still going to the server.
-        let holding_time_wait = state == State::TimeWait && flow.relay.owes_server(socket);
+        let client_done =
+            matches!(state, State::TimeWait | State::Closed) && flow.relay.owes_server(socket);
+        if client_done && !flow.orphaned {
+            // The client is gone but bytes are still owed to the server. Like the
+            // kernel with an orphaned socket, bound how long a server that stops reading
+            // may hold the flow: the outbound connection then fails and the flow ends.
+            flow.orphaned = true;
+            if let Some(outbound) = &flow.outbound {
+                let _ = outbound.set_tcp_user_timeout(Some(ORPHAN_TIMEOUT));
+            }
+        }
+        // smoltcp ends TIME-WAIT (and clears the receive buffer) from its egress timer,
+        // 10 s after entering it. Keep egress (ACKs) running until shortly before that,
+        // then hold it off while client bytes are still going to the server.
+        if state == State::TimeWait {
+            flow.time_wait_since.get_or_insert(now);
+        }
+        let holding_time_wait = state == State::TimeWait
+            && flow.relay.owes_server(socket)
+            && flow
+                .time_wait_since
+                .is_some_and(|since| now - since >= TIME_WAIT_EGRESS);
 
         let iface = self.ifaces.serving(&flow.key.server.addr);
         let mut budget_left = true;

@@ -355,3 +355,48 @@ fn unprivileged_start_exits_nonzero_naming_the_problem() {
         "expected one error line asking for root, got:\n{stderr}"
     );
 }
+
+/// More flows than the proxy has TUN write buffers (256 with segmentation offload), so
+/// the resets must go out in rounds.
+#[test]
+fn sigterm_resets_every_client_and_exits_zero() {
+    const FLOWS: usize = 400;
+    let Some(topo) = Topology::for_test("sigterm_resets_every_client_and_exits_zero") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = topo.serve(ANY, FLOWS, move |mut stream| {
+        ready_tx.send(()).expect("report ready");
+        let _ = stream.read(&mut [0u8; 1]);
+    });
+    let addr = flow_addr(&topo, 0, server.port());
+    let clients =
+        join(topo.in_client(move || (0..FLOWS).map(|_| connect(addr)).collect::<Vec<_>>()));
+    for i in 0..FLOWS {
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("only {i} of {FLOWS} flows reached the server: {e}"));
+    }
+    let pid = nix::unistd::Pid::from_raw(proxy.pid() as i32);
+    let start = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .expect("no exit after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "exit took {:?}",
+        start.elapsed()
+    );
+    let reset = clients
+        .into_iter()
+        .filter(|stream| {
+            let mut stream = stream;
+            matches!((&mut stream).read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::ConnectionReset)
+        })
+        .count();
+    server.join();
+    assert_eq!(reset, FLOWS, "clients that saw a RST");
+}

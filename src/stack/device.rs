@@ -77,6 +77,11 @@ impl TxPool {
         self.ready.clear();
     }
 
+    /// The MSS our own MTU allows for IPv6 (40 bytes of IPv6, 20 of TCP header).
+    fn ipv6_mss_limit(&self) -> u16 {
+        u16::try_from(self.mtu.saturating_sub(60)).unwrap_or(u16::MAX)
+    }
+
     /// Sets the MSS used to segment the IPv6 packets of the flow polled next.
     pub fn set_ipv6_segment_size(&mut self, mss: u16) {
         self.ipv6_segment_size = mss;
@@ -130,13 +135,17 @@ impl TxPool {
                 return f(&mut self.scratch[self.header_len..self.header_len + len]);
             }
         };
+        let ipv6_mss_limit = self.ipv6_mss_limit();
         let buffer = &mut self.buffers[usize::from(index)][..total];
         let (header, packet) = buffer.split_at_mut(self.header_len);
         let result = f(packet);
         if self.offload.vnet_header() {
             let vnet_header = if self.offload.checksum() {
                 let segment_size = match packet.first().map(|byte| byte >> 4) {
-                    Some(6) if self.offload.tso() => Some(self.ipv6_segment_size),
+                    Some(6) if self.offload.tso() => {
+                        offload::clamp_syn_mss(packet, ipv6_mss_limit);
+                        Some(self.ipv6_segment_size)
+                    }
                     _ => meta.segmentation_offload_size.map(|size| size.get()),
                 };
                 offload::finish_tcp(packet, segment_size)

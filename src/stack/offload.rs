@@ -47,6 +47,45 @@ pub fn finish_tcp(packet: &mut [u8], segment_size: Option<u16>) -> vnet::Header 
     }
 }
 
+/// Lowers the MSS option of a SYN in `packet` to at most `max`. The IPv6 interface runs
+/// with a 64 KiB MTU (see `TxPool::capabilities`), so smoltcp would offer clients that
+/// much; a client whose own link MTU is larger than ours would then send segments our
+/// side cannot carry. Call before the checksum is finished.
+pub fn clamp_syn_mss(packet: &mut [u8], max: u16) {
+    let Some((_, _, ip_len, _)) = tcp_addresses(packet) else {
+        return;
+    };
+    let Ok(tcp) = TcpPacket::new_checked(&mut packet[ip_len..]) else {
+        return;
+    };
+    if !tcp.syn() {
+        return;
+    }
+    let header_len = usize::from(tcp.header_len());
+    let options = &mut packet[ip_len + 20..ip_len + header_len];
+    let mut at = 0;
+    while at < options.len() {
+        match options[at] {
+            0 => break,
+            1 => at += 1,
+            kind => {
+                let Some(&len) = options.get(at + 1) else {
+                    break;
+                };
+                let len = usize::from(len);
+                if len < 2 || at + len > options.len() {
+                    break;
+                }
+                if kind == 2 && len == 4 {
+                    let mss = u16::from_be_bytes([options[at + 2], options[at + 3]]);
+                    options[at + 2..at + 4].copy_from_slice(&mss.min(max).to_be_bytes());
+                }
+                at += len;
+            }
+        }
+    }
+}
+
 /// Source, destination, IP header length and TCP length of a TCP packet.
 fn tcp_addresses(packet: &[u8]) -> Option<(IpAddress, IpAddress, usize, usize)> {
     match IpVersion::of_packet(packet.get(..1)?).ok()? {
@@ -168,6 +207,29 @@ mod tests {
             ),
             (Gso::TcpV6, 1440, 40, 60)
         );
+    }
+
+    #[test]
+    fn syn_mss_is_clamped_and_other_packets_untouched() {
+        let mut syn = tcp_packet(v6(2, 80), v6(1, 5000), TcpControl::Syn, true);
+        clamp_syn_mss(&mut syn, 1440);
+        let tcp = TcpPacket::new_checked(&syn[40..]).unwrap();
+        let repr = smoltcp::wire::TcpRepr::parse(
+            &tcp,
+            &v6(2, 80).addr,
+            &v6(1, 5000).addr,
+            &smoltcp::phy::ChecksumCapabilities::ignored(),
+        )
+        .unwrap();
+        assert_eq!(repr.max_seg_size, Some(1440));
+        let mut ack = tcp_packet(v6(2, 80), v6(1, 5000), TcpControl::None, true);
+        let before = ack.clone();
+        clamp_syn_mss(&mut ack, 100);
+        assert_eq!(ack, before);
+        for len in 0..syn.len() {
+            let mut prefix = syn[..len].to_vec();
+            clamp_syn_mss(&mut prefix, 1);
+        }
     }
 
     #[test]

@@ -179,23 +179,22 @@ impl Tun {
     }
 
     /// Some kernels (e.g. 6.6.44, 6.10.3) reject GSO writes with EINVAL. Find out with a
-    /// two-segment TCP packet from our own address to itself: the kernel validates the
-    /// virtio-net header in write(2), then drops the packet as a martian.
+    /// two-segment TCP packet per configured family from the loopback address to ours:
+    /// the kernel validates the virtio-net header in write(2), then drops the packet
+    /// (a loopback source on another device is a martian for IPv4 and refused by
+    /// ip6_rcv for IPv6), so nothing is delivered or answered.
     fn accepts_gso_writes(&self, config: &Config) -> bool {
-        let Some(own) = config
-            .tun_addrs
-            .first()
-            .map(|cidr| IpAddress::from(cidr.addr))
-        else {
-            return true;
-        };
-        let probe = gso_probe(own);
-        match sys::write_packet(self.fd.as_raw_fd(), &probe) {
-            Ok(_) => true,
-            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => false,
-            // Anything else says nothing about GSO; let the data path find out.
-            Err(_) => true,
-        }
+        config.tun_addrs.iter().all(|cidr| {
+            let (from, to) = match cidr.addr {
+                IpAddr::V4(addr) => (IpAddress::v4(127, 0, 0, 1), IpAddress::Ipv4(addr)),
+                IpAddr::V6(addr) => (IpAddress::v6(0, 0, 0, 0, 0, 0, 0, 1), IpAddress::Ipv6(addr)),
+            };
+            match sys::write_packet(self.fd.as_raw_fd(), &gso_probe(from, to)) {
+                Err(err) => err.raw_os_error() != Some(libc::EINVAL),
+                // Anything else says nothing about GSO; let the data path find out.
+                Ok(_) => true,
+            }
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -220,12 +219,13 @@ fn open_tun() -> Result<OwnedFd, Error> {
     Ok(OwnedFd::from(file))
 }
 
-/// A virtio-net header plus a TCP packet of two 100-byte segments from `addr` to itself.
-fn gso_probe(addr: IpAddress) -> Vec<u8> {
+/// A virtio-net header plus a TCP packet of two 100-byte segments from `from` to `to`,
+/// with the partial checksum a segmentation request carries.
+fn gso_probe(from: IpAddress, to: IpAddress) -> Vec<u8> {
     const SEGMENT: u16 = 100;
     const TCP_HEADER: usize = 20;
     let payload = 2 * usize::from(SEGMENT);
-    let ip = IpRepr::new(addr, addr, IpProtocol::Tcp, TCP_HEADER + payload, 64);
+    let ip = IpRepr::new(from, to, IpProtocol::Tcp, TCP_HEADER + payload, 64);
     let mut buf = vec![0u8; vnet::LEN + ip.buffer_len()];
     let (header, packet) = buf.split_at_mut(vnet::LEN);
     ip.emit(&mut *packet, &ChecksumCapabilities::default());
@@ -236,19 +236,8 @@ fn gso_probe(addr: IpAddress) -> Vec<u8> {
     tcp.set_header_len(TCP_HEADER as u8);
     tcp.set_ack(true);
     tcp.set_window_len(1024);
-    vnet::Header {
-        needs_csum: true,
-        gso: match addr {
-            IpAddress::Ipv4(_) => vnet::Gso::TcpV4,
-            IpAddress::Ipv6(_) => vnet::Gso::TcpV6,
-        },
-        ecn: false,
-        hdr_len: (ip_len + TCP_HEADER) as u16,
-        gso_size: SEGMENT,
-        csum_start: ip_len as u16,
-        csum_offset: 16,
-    }
-    .emit(header);
+    let vnet_header = crate::stack::offload::finish_tcp(packet, Some(SEGMENT));
+    vnet_header.emit(header);
     buf
 }
 
@@ -287,11 +276,14 @@ mod tests {
 
     #[test]
     fn gso_probe_is_a_valid_two_segment_packet() {
-        for addr in [
-            IpAddress::v4(198, 18, 0, 1),
-            IpAddress::v6(0xfd7a, 0, 0, 0, 0, 0, 0, 1),
+        for (from, to) in [
+            (IpAddress::v4(127, 0, 0, 1), IpAddress::v4(198, 18, 0, 1)),
+            (
+                IpAddress::v6(0, 0, 0, 0, 0, 0, 0, 1),
+                IpAddress::v6(0xfd7a, 0, 0, 0, 0, 0, 0, 1),
+            ),
         ] {
-            let probe = gso_probe(addr);
+            let probe = gso_probe(from, to);
             let (header, packet) = vnet::Header::parse(&probe).unwrap();
             assert!(header.needs_csum);
             assert_ne!(header.gso, vnet::Gso::None);
