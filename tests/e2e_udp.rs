@@ -51,6 +51,23 @@ fn echo_once(socket: &UdpSocket, payload: &[u8]) -> Vec<u8> {
     panic!("no echo of {} bytes after 3 tries", payload.len());
 }
 
+/// Opens `count` UDP flows to `server` from the client namespace, one echo each, and
+/// returns the client sockets (still open).
+fn open_echo_flows(topo: &Topology, server: SocketAddr, count: usize) -> Vec<UdpSocket> {
+    join(topo.in_client(move || {
+        (0..count)
+            .map(|flow| {
+                let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("bind client");
+                socket.connect(server).expect("connect");
+                socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let sent = payload(flow, 100);
+                assert_eq!(echo_once(&socket, &sent), sent, "flow {flow}");
+                socket
+            })
+            .collect()
+    }))
+}
+
 fn payload(seed: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 131 + seed * 7) as u8).collect()
 }
@@ -160,20 +177,8 @@ fn idle_udp_flows_expire_and_close_their_sockets() {
     let mut proxy = topo.start_proxy(&["--udp-timeout", "1"]);
     udp_echo_server(&topo, PORT, Duration::from_secs(30));
     let baseline = proxy.settled_fd_count();
-    let server = SocketAddr::new(topo.server_v4(), PORT);
     // Keep the client sockets open: only the proxy's idle timeout may end the flows.
-    let sockets = join(topo.in_client(move || {
-        (0..FLOWS)
-            .map(|flow| {
-                let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("bind client");
-                socket.connect(server).expect("connect");
-                socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-                let sent = payload(flow, 100);
-                assert_eq!(echo_once(&socket, &sent), sent);
-                socket
-            })
-            .collect::<Vec<_>>()
-    }));
+    let sockets = open_echo_flows(&topo, SocketAddr::new(topo.server_v4(), PORT), FLOWS);
     assert!(
         proxy.fd_count() >= baseline + FLOWS,
         "expected {FLOWS} outbound UDP sockets over the baseline {baseline}"
@@ -203,19 +208,7 @@ fn udp_table_evicts_the_longest_idle_flow_when_full() {
     let mut proxy = topo.start_proxy(&["--max-udp-flows", "4"]);
     udp_echo_server(&topo, PORT, Duration::from_secs(30));
     let baseline = proxy.settled_fd_count();
-    let server = SocketAddr::new(topo.server_v4(), PORT);
-    let sockets = join(topo.in_client(move || {
-        (0..2 * LIMIT)
-            .map(|flow| {
-                let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("bind client");
-                socket.connect(server).expect("connect");
-                socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-                let sent = payload(flow, 200);
-                assert_eq!(echo_once(&socket, &sent), sent, "flow {flow}");
-                socket
-            })
-            .collect::<Vec<_>>()
-    }));
+    let sockets = open_echo_flows(&topo, SocketAddr::new(topo.server_v4(), PORT), 2 * LIMIT);
     // Every new flow past the limit closed an old one's socket.
     assert!(
         wait_until(Duration::from_secs(2), || proxy.fd_count()

@@ -516,76 +516,75 @@ fn emit_echo_reply(
 ) -> Option<bool> {
     let caps = ChecksumCapabilities::default();
     let ident = key.client.port;
+    let ignored = ChecksumCapabilities::ignored();
     match (key.server.addr, key.client.addr) {
         (IpAddress::Ipv4(_), IpAddress::Ipv4(_)) => {
             // IPv4 raw sockets deliver the IP header too.
             let ip = Ipv4Packet::new_checked(received).ok()?;
             let icmp = Icmpv4Packet::new_checked(ip.payload()).ok()?;
             let Icmpv4Repr::EchoReply {
-                ident: reply_ident,
+                ident: got,
                 seq_no,
                 data,
-            } = Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::ignored()).ok()?
+            } = Icmpv4Repr::parse(&icmp, &ignored).ok()?
             else {
                 return None;
             };
-            if reply_ident != outbound_ident {
-                return None;
-            }
             let repr = Icmpv4Repr::EchoReply {
                 ident,
                 seq_no,
                 data,
             };
-            let ip = IpRepr::new(
-                key.server.addr,
-                key.client.addr,
-                IpProtocol::Icmp,
-                repr.buffer_len(),
-                64,
-            );
-            Some(tx.emit(ip.buffer_len(), |buffer| {
-                ip.emit(&mut *buffer, &caps);
-                repr.emit(
-                    &mut Icmpv4Packet::new_unchecked(&mut buffer[ip.header_len()..]),
-                    &caps,
-                );
-            }))
+            (got == outbound_ident).then(|| {
+                emit_icmp(tx, key, IpProtocol::Icmp, repr.buffer_len(), |message| {
+                    repr.emit(&mut Icmpv4Packet::new_unchecked(message), &caps)
+                })
+            })
         }
         (IpAddress::Ipv6(server), IpAddress::Ipv6(client)) => {
             let icmp = Icmpv6Packet::new_checked(received).ok()?;
             let Icmpv6Repr::EchoReply {
-                ident: reply_ident,
+                ident: got,
                 seq_no,
                 data,
-            } = Icmpv6Repr::parse(&server, &client, &icmp, &ChecksumCapabilities::ignored())
-                .ok()?
+            } = Icmpv6Repr::parse(&server, &client, &icmp, &ignored).ok()?
             else {
                 return None;
             };
-            if reply_ident != outbound_ident {
-                return None;
-            }
             let repr = Icmpv6Repr::EchoReply {
                 ident,
                 seq_no,
                 data,
             };
-            let ip = IpRepr::new(
-                key.server.addr,
-                key.client.addr,
-                IpProtocol::Icmpv6,
-                repr.buffer_len(),
-                64,
-            );
-            Some(tx.emit(ip.buffer_len(), |buffer| {
-                ip.emit(&mut *buffer, &caps);
-                let mut packet = Icmpv6Packet::new_unchecked(&mut buffer[ip.header_len()..]);
-                repr.emit(&server, &client, &mut packet, &caps);
-            }))
+            (got == outbound_ident).then(|| {
+                emit_icmp(tx, key, IpProtocol::Icmpv6, repr.buffer_len(), |message| {
+                    repr.emit(
+                        &server,
+                        &client,
+                        &mut Icmpv6Packet::new_unchecked(message),
+                        &caps,
+                    )
+                })
+            })
         }
         _ => None,
     }
+}
+
+/// Writes an ICMP message of `len` bytes, built by `emit_message`, from the server of
+/// flow `key` to its client.
+fn emit_icmp(
+    tx: &mut TxPool,
+    key: FlowKey,
+    protocol: IpProtocol,
+    len: usize,
+    emit_message: impl FnOnce(&mut [u8]),
+) -> bool {
+    let ip = IpRepr::new(key.server.addr, key.client.addr, protocol, len, 64);
+    tx.emit(ip.buffer_len(), |buffer| {
+        ip.emit(&mut *buffer, &ChecksumCapabilities::default());
+        emit_message(&mut buffer[ip.header_len()..]);
+    })
 }
 
 /// Writes the server's `payload` to the TUN as a datagram from the server to the client.
