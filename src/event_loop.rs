@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::time::Duration;
 
-use crate::stack::Interfaces;
 use io_uring::{opcode, squeue, types};
 use log::{debug, info};
 use nix::libc;
@@ -28,7 +27,7 @@ use crate::relay::datagram::{self, Datagram, DatagramRelay};
 use crate::relay::{Failure, Phase, Relay, Teardown};
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stack::unreachable::{self, Quote, Reason};
-use crate::stack::{self, FlowKey, Parsed, StackDevice, TxPool};
+use crate::stack::{self, FlowKey, Interfaces, Parsed, StackDevice, TxPool};
 use crate::stats::Stats;
 use crate::sys::Mapping;
 use crate::tun::{Tun, vnet};
