@@ -2,6 +2,8 @@
 //! the pool of transmit buffers, and the 4-tuple parser that picks a packet's flow.
 
 pub mod device;
+#[cfg(test)]
+mod fuzz;
 pub mod offload;
 pub mod packet;
 pub mod unreachable;
