@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, IntoRawFd};
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
-use log::{debug, info};
+use log::{debug, info, warn};
 use nix::libc;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -66,6 +66,8 @@ const TIME_WAIT_EGRESS: smoltcp::time::Duration = smoltcp::time::Duration::from_
 const SHUTDOWN_LIMIT: Duration = Duration::from_millis(800);
 /// Size of `struct signalfd_siginfo`.
 const SIGINFO_LEN: usize = 128;
+/// Shortest time between two warnings about the same resource running out.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// How often counters are logged at debug level.
 const STATS_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -192,6 +194,8 @@ struct Proxy {
     stats: Stats,
     epoch: std::time::Instant,
     last_stats: std::time::Instant,
+    /// When running out of sockets was last logged.
+    last_socket_warning: Option<std::time::Instant>,
     config: Config,
 }
 
@@ -248,6 +252,7 @@ impl Proxy {
             stats: Stats::default(),
             epoch,
             last_stats: epoch,
+            last_socket_warning: None,
             config,
         })
     }
@@ -628,7 +633,19 @@ impl Proxy {
             Ok(socket) => socket,
             Err(err) => {
                 self.stats.socket_errors += 1;
-                debug!("cannot open outbound socket for {}: {err}", key.server);
+                // Usually fd exhaustion: worth saying, but not once per refused SYN.
+                let now = std::time::Instant::now();
+                if self
+                    .last_socket_warning
+                    .is_none_or(|at| now - at >= WARNING_INTERVAL)
+                {
+                    self.last_socket_warning = Some(now);
+                    warn!(
+                        "cannot open outbound sockets ({err}); new flows are refused with RST \
+                         ({} so far)",
+                        self.stats.socket_errors
+                    );
+                }
                 return None;
             }
         };

@@ -1,0 +1,252 @@
+//! End-to-end tests of running the proxy for a long time: a churn of connections in a
+//! mix of endings leaves no flow, fd or memory behind, and running out of file
+//! descriptors refuses new flows while existing ones keep working.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use common::{KIB, Topology, abort, echo, exchange, join, recv_to_end, send_payload, wait_until};
+
+const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+
+/// How a churn connection ends.
+#[derive(Clone, Copy)]
+enum Ending {
+    /// Bytes both ways, hash-checked, FIN each way.
+    Echo,
+    /// The client half-closes, then the server answers.
+    HalfClose,
+    /// The client resets mid-transfer.
+    ClientAbort,
+    /// The server resets mid-transfer.
+    ServerReset,
+}
+
+const ENDINGS: [Ending; 4] = [
+    Ending::Echo,
+    Ending::HalfClose,
+    Ending::ClientAbort,
+    Ending::ServerReset,
+];
+
+fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .expect("VmRSS of the proxy")
+}
+
+/// The server side of one churn connection; the first byte says how it ends.
+fn churn_server(mut stream: TcpStream) {
+    let mut mode = [0u8; 1];
+    if stream.read_exact(&mut mode).is_err() {
+        return;
+    }
+    match ENDINGS.get(usize::from(mode[0])) {
+        Some(Ending::Echo) => {
+            echo(stream);
+        }
+        Some(Ending::HalfClose) => {
+            recv_to_end(&mut stream);
+            send_payload(&mut stream, 7, 32 * KIB);
+        }
+        Some(Ending::ClientAbort) => {
+            let _ = std::io::copy(&mut stream, &mut std::io::sink());
+        }
+        Some(Ending::ServerReset) => {
+            let _ = stream.write_all(&[0x55; 16 * 1024]);
+            abort(stream);
+        }
+        None => {}
+    }
+}
+
+/// The client side; returns whether the connection ended as it should have.
+fn churn_client(addr: SocketAddr, index: usize) -> bool {
+    let ending = ENDINGS[index % ENDINGS.len()];
+    let Ok(mut stream) = common::try_connect(addr) else {
+        return false;
+    };
+    stream
+        .write_all(&[(index % ENDINGS.len()) as u8])
+        .expect("send mode");
+    let len = (4 + index % 61) as u64 * KIB;
+    match ending {
+        Ending::Echo => {
+            let (sent, received) = exchange(stream, index as u64, len);
+            sent == received
+        }
+        Ending::HalfClose => {
+            send_payload(&mut stream, index as u64, len);
+            stream.shutdown(Shutdown::Write).expect("shutdown");
+            recv_to_end(&mut stream).bytes == 32 * KIB
+        }
+        Ending::ClientAbort => {
+            send_payload(&mut stream, index as u64, len);
+            abort(stream);
+            true
+        }
+        Ending::ServerReset => {
+            let mut sink = Vec::new();
+            matches!(stream.read_to_end(&mut sink), Err(e) if e.kind() == ErrorKind::ConnectionReset)
+        }
+    }
+}
+
+#[test]
+fn connection_churn_leaves_nothing_behind() {
+    const CONNECTIONS: usize = 3000;
+    const WORKERS: usize = 12;
+    let Some(topo) = Topology::for_test("connection_churn_leaves_nothing_behind") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    let baseline_fds = proxy.settled_fd_count();
+    let baseline_rss = resident_kib(proxy.pid());
+    let server = topo.serve(ANY, CONNECTIONS, churn_server);
+    let port = server.port();
+    let servers = [topo.server_v4(), topo.server_v6()];
+    let next = Arc::new(AtomicUsize::new(0));
+    let failures = join(topo.in_client(move || {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                let next = Arc::clone(&next);
+                thread::spawn(move || {
+                    let mut failed = Vec::new();
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        if index >= CONNECTIONS {
+                            return failed;
+                        }
+                        let addr = SocketAddr::new(servers[index % 2], port);
+                        if !churn_client(addr, index) {
+                            failed.push(index);
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(join).collect::<Vec<_>>()
+    }));
+    server.join();
+    assert!(
+        failures.is_empty(),
+        "connections that ended wrongly: {failures:?}"
+    );
+
+    let settled = wait_until(Duration::from_secs(15), || proxy.fd_count() <= baseline_fds);
+    assert!(
+        settled,
+        "fds {} after churn, baseline {baseline_fds}",
+        proxy.fd_count()
+    );
+    let stats = proxy.stats();
+    assert!(
+        stats.contains("active flows 0,"),
+        "flows left in the table:\n{stats}"
+    );
+    let rss = resident_kib(proxy.pid());
+    eprintln!(
+        "churn: {CONNECTIONS} connections; fds {} (baseline {baseline_fds}); RSS {rss} KiB (baseline {baseline_rss} KiB)",
+        proxy.fd_count()
+    );
+    assert!(
+        rss <= baseline_rss + 16 * 1024,
+        "RSS {rss} KiB after churn, baseline {baseline_rss} KiB"
+    );
+    proxy.assert_running();
+}
+
+#[test]
+fn fd_exhaustion_refuses_new_flows_and_keeps_old_ones() {
+    const FD_LIMIT: usize = 40;
+    const ATTEMPTS: usize = 60;
+    let Some(topo) = Topology::for_test("fd_exhaustion_refuses_new_flows_and_keeps_old_ones")
+    else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    let server = topo.serve(ANY, ATTEMPTS + 1, echo);
+    let addr = SocketAddr::new(topo.server_v4(), server.port());
+    let limit = format!("--nofile={FD_LIMIT}:{FD_LIMIT}");
+    let status = Command::new("prlimit")
+        .args(["--pid", &proxy.pid().to_string(), &limit])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success(), "prlimit failed");
+
+    let (opened, refused, still_working) = join(topo.in_client(move || {
+        let mut open = Vec::new();
+        let mut refused = 0;
+        for _ in 0..ATTEMPTS {
+            match common::try_connect(addr) {
+                Ok(mut stream) => {
+                    // A flow the proxy accepted must really work.
+                    stream.write_all(b"ping").expect("write");
+                    let mut reply = [0u8; 4];
+                    stream.read_exact(&mut reply).expect("echo");
+                    open.push(stream);
+                }
+                Err(e) => {
+                    assert!(
+                        matches!(
+                            e.kind(),
+                            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+                        ),
+                        "refused flows get RST, got {e}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        // The flows opened before the limit was hit keep working.
+        let still_working = open
+            .iter()
+            .filter(|stream| {
+                let mut stream: &TcpStream = stream;
+                let mut reply = [0u8; 4];
+                stream.write_all(b"pong").is_ok()
+                    && stream.read_exact(&mut reply).is_ok()
+                    && &reply == b"pong"
+            })
+            .count();
+        let opened = open.len();
+        for stream in open {
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        (opened, refused, still_working)
+    }));
+    assert!(
+        opened > 0 && refused > 0,
+        "opened {opened}, refused {refused}"
+    );
+    assert!(
+        opened < FD_LIMIT,
+        "opened {opened} flows with {FD_LIMIT} fds"
+    );
+    assert_eq!(
+        still_working, opened,
+        "existing flows broke when fds ran out"
+    );
+    let warnings = proxy
+        .stderr()
+        .matches("cannot open outbound sockets")
+        .count();
+    assert_eq!(warnings, 1, "the condition is logged once per interval");
+    // With the old flows closed, new ones get through again.
+    wait_until(Duration::from_secs(5), || proxy.fd_count() < FD_LIMIT / 2);
+    let reopened = join(topo.in_client(move || common::try_connect(addr).is_ok()));
+    assert!(reopened, "no new flow after fds were freed");
+    proxy.assert_running();
+    drop(server);
+}
