@@ -35,6 +35,11 @@ pub struct Args {
     #[argh(option, default = "16384")]
     pub max_flows: usize,
 
+    /// most TCP flows waiting for their outbound connect; past it the oldest is reset to
+    /// make room, so a SYN flood cannot lock out real clients (default: 1024)
+    #[argh(option, default = "1024")]
+    pub max_half_open: usize,
+
     /// bytes of receive and of send buffer for each relayed flow (default: 1048576)
     #[argh(option, default = "1048576")]
     pub flow_buffer: usize,

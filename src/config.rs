@@ -57,6 +57,7 @@ pub struct Config {
     /// The most offload to negotiate; probing steps down from here.
     pub offload_cap: Offload,
     pub max_flows: usize,
+    pub max_half_open: usize,
     pub flow_buffer: usize,
     pub connect_timeout: Duration,
     pub udp: crate::relay::datagram::Limits,
@@ -99,6 +100,9 @@ impl Config {
         }
         if args.max_flows == 0 {
             return Err(Error::Usage("--max-flows must be at least 1".into()));
+        }
+        if args.max_half_open == 0 {
+            return Err(Error::Usage("--max-half-open must be at least 1".into()));
         }
         if !(4096..=64 << 20).contains(&args.flow_buffer) {
             return Err(Error::Usage(format!(
@@ -150,6 +154,7 @@ impl Config {
             cpu: args.cpu,
             offload_cap,
             max_flows: args.max_flows,
+            max_half_open: args.max_half_open,
             flow_buffer: args.flow_buffer,
             connect_timeout: Duration::from_secs(args.connect_timeout),
             udp: crate::relay::datagram::Limits {

@@ -154,6 +154,8 @@ struct Flow {
     orphaned: bool,
     /// When smoltcp's socket entered TIME-WAIT.
     time_wait_since: Option<Instant>,
+    /// Still waiting for the outbound connect, and counted in `half_open_count`.
+    half_open: bool,
 }
 
 impl Flow {
@@ -177,6 +179,10 @@ struct Proxy {
     next_datagram_sweep: std::time::Instant,
     work: Vec<usize>,
     starved: Vec<usize>,
+    /// Flows in the order they started connecting, for evicting the oldest; entries of
+    /// flows that have connected since are skipped (and pruned).
+    half_open: std::collections::VecDeque<(usize, u32)>,
+    half_open_count: usize,
     timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
     completions: Vec<Completion>,
     next_generation: u32,
@@ -239,6 +245,8 @@ impl Proxy {
             next_datagram_sweep: std::time::Instant::now(),
             work: Vec::new(),
             starved: Vec::new(),
+            half_open: std::collections::VecDeque::new(),
+            half_open_count: 0,
             timers: BinaryHeap::new(),
             completions: Vec::with_capacity(MAX_COMPLETIONS_PER_TURN),
             next_generation: 0,
@@ -629,6 +637,7 @@ impl Proxy {
             self.stats.refused_limit += 1;
             return None;
         }
+        while self.half_open_count >= self.config.max_half_open && self.evict_oldest_half_open() {}
         let outbound = match outbound_socket(key.server, &self.config.interface) {
             Ok(socket) => socket,
             Err(err) => {
@@ -694,7 +703,18 @@ impl Proxy {
             teardown_started: false,
             orphaned: false,
             time_wait_since: None,
+            half_open: true,
         }));
+        self.half_open_count += 1;
+        self.half_open.push_back((slot, generation));
+        if self.half_open.len() > 2 * self.config.max_half_open {
+            let flows = &self.flows;
+            self.half_open.retain(|&(slot, generation)| {
+                flows
+                    .get(slot)
+                    .is_some_and(|f| f.generation == generation && f.half_open)
+            });
+        }
         self.by_key.insert(key, slot);
         self.stats.flows_opened += 1;
 
@@ -822,6 +842,10 @@ impl Proxy {
 
         let socket = flow.sockets.get::<tcp::Socket>(flow.handle);
         flow.relay.update_phase(socket);
+        if flow.half_open && flow.relay.phase() != Phase::Connecting {
+            flow.half_open = false;
+            self.half_open_count -= 1;
+        }
         match flow.relay.phase() {
             Phase::Closing(teardown) => self.teardown(key, teardown, now),
             Phase::Connecting => {}
@@ -888,6 +912,25 @@ impl Proxy {
         self.by_key.remove(&flow_key);
         self.flows.remove(key);
         self.stats.flows_closed += 1;
+    }
+
+    /// Resets the longest-waiting flow that is still connecting. False when none is left.
+    fn evict_oldest_half_open(&mut self) -> bool {
+        while let Some((slot, generation)) = self.half_open.pop_front() {
+            let Some(flow) = self.flows.get_mut(slot) else {
+                continue;
+            };
+            if flow.generation != generation || !flow.half_open {
+                continue;
+            }
+            flow.half_open = false;
+            self.half_open_count -= 1;
+            let socket = flow.sockets.get_mut::<tcp::Socket>(flow.handle);
+            flow.relay.evict(socket);
+            enqueue(&mut self.work, flow, slot);
+            return true;
+        }
+        false
     }
 
     /// Superseded heap entries are skipped when popped; this bounds how many pile up.

@@ -24,6 +24,8 @@ pub struct Stats {
     pub flows_opened: u64,
     pub flows_closed: u64,
     pub refused_limit: u64,
+    /// Connecting flows dropped for newer SYNs when too many were half open.
+    pub half_open_evicted: u64,
     pub socket_errors: u64,
     /// SYNs refused because the flow's buffers could not be allocated.
     pub memory_refusals: u64,
@@ -64,6 +66,7 @@ impl Stats {
             Failure::ConnectOther => &mut self.connect_other,
             Failure::HostUnreachable | Failure::NetUnreachable => &mut self.connect_unreachable,
             Failure::ServerReset => &mut self.server_resets,
+            Failure::Evicted => &mut self.half_open_evicted,
             Failure::ClientReset => &mut self.client_resets,
         };
         *counter += 1;
@@ -74,10 +77,11 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "flows: opened {} closed {} refused-at-limit {} socket-errors {} out-of-memory {}",
+            "flows: opened {} closed {} refused-at-limit {} half-open-evicted {} socket-errors {} out-of-memory {}",
             self.flows_opened,
             self.flows_closed,
             self.refused_limit,
+            self.half_open_evicted,
             self.socket_errors,
             self.memory_refusals
         )?;

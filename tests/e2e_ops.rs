@@ -250,3 +250,93 @@ fn fd_exhaustion_refuses_new_flows_and_keeps_old_ones() {
     proxy.assert_running();
     drop(server);
 }
+
+/// A raw TCP SYN from `src_port` to `dst` (the kernel adds the IP header; the proxy does
+/// not verify checksums of packets from its own kernel, so none is computed).
+fn syn(src_port: u16, dst_port: u16, seq: u32) -> [u8; 20] {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&src_port.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst_port.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4; // header length: 5 words
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp
+}
+
+#[test]
+fn syn_flood_is_bounded_and_real_clients_get_through() {
+    const FLOOD: u32 = 50_000;
+    let Some(topo) = Topology::for_test("syn_flood_is_bounded_and_real_clients_get_through") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    let baseline_rss = resident_kib(proxy.pid());
+    // The flood goes to an address routed into the TUN where no host answers, so every
+    // outbound connect hangs (ARP) and its flow stays half open.
+    let IpAddr::V4(server) = topo.server_v4() else {
+        unreachable!()
+    };
+    let [a, b, c, _] = server.octets();
+    let absent = std::net::Ipv4Addr::new(a, b, c, 66);
+    common::ip(&format!(
+        "-n {} rule add to {absent} table 200",
+        topo.client_ns()
+    ));
+
+    let real_server = topo.serve(topo.server_v4(), 2, echo);
+    let real = SocketAddr::new(topo.server_v4(), real_server.port());
+    let flood = topo.in_client(move || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("raw socket");
+        let target = socket2::SockAddr::from(SocketAddr::new(absent.into(), 80));
+        let mut state = 0x1234_5678u32;
+        let mut sent = 0;
+        for i in 0..FLOOD {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let port = 1024 + (state % 64000) as u16;
+            if socket.send_to(&syn(port, 80, state ^ i), &target).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    });
+    let real_client = move || {
+        let stream =
+            TcpStream::connect_timeout(&real, Duration::from_secs(10)).expect("real client");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        exchange(stream, 99, 256 * KIB)
+    };
+    // A real client in the middle of the flood...
+    thread::sleep(Duration::from_millis(50));
+    let (sent, received) = join(topo.in_client(real_client));
+    assert_eq!(received, sent, "real client's echo during the flood");
+    let flooded = join(flood);
+    assert!(flooded > FLOOD / 2, "only {flooded} SYNs sent");
+    // ...and one right after it, while the flood's connects still hang: without the
+    // half-open bound the table would fill with them and this SYN would get RST.
+    let (sent, received) = join(topo.in_client(real_client));
+    assert_eq!(received, sent, "real client's echo right after the flood");
+    real_server.join();
+
+    let stats = proxy.stats();
+    let rss = resident_kib(proxy.pid());
+    eprintln!("syn flood: {flooded} SYNs; RSS {rss} KiB (baseline {baseline_rss} KiB)");
+    assert!(
+        !stats.contains("half-open-evicted 0 "),
+        "the flood should have hit the half-open bound:\n{stats}"
+    );
+    assert!(
+        rss <= baseline_rss + 64 * 1024,
+        "RSS {rss} KiB after the flood, baseline {baseline_rss} KiB"
+    );
+    proxy.assert_running();
+}

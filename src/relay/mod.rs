@@ -61,6 +61,8 @@ pub enum Failure {
     ConnectOther,
     ServerReset,
     ClientReset,
+    /// Evicted while still connecting, to make room for a newer SYN (e.g. a SYN flood).
+    Evicted,
 }
 
 /// Relay state of one flow, independent of how its I/O is carried out.
@@ -129,6 +131,13 @@ impl Relay {
         // abort() queues one RST to the client and closes the smoltcp socket.
         socket.abort();
         self.phase = Phase::Closing(Teardown::Abortive);
+    }
+
+    /// Gives up on a flow still waiting for its outbound connect: RST to the client.
+    pub fn evict(&mut self, socket: &mut tcp::Socket) {
+        if self.phase == Phase::Connecting {
+            self.fail(socket, Failure::Evicted);
+        }
     }
 
     /// Ends a flow whose client is told by other means (an ICMP error): the smoltcp
