@@ -19,6 +19,11 @@ pub struct Args {
     #[argh(option)]
     pub tun_addr: Vec<String>,
 
+    /// route this destination into the TUN (policy rule and table, removed at exit),
+    /// repeatable, IPv4 and/or IPv6; 0.0.0.0/0 and ::/0 route everything
+    #[argh(option)]
+    pub route: Vec<String>,
+
     /// MTU of the TUN device (default: 1500)
     #[argh(option, default = "1500")]
     pub mtu: u32,

@@ -36,6 +36,24 @@ impl FromStr for Cidr {
     }
 }
 
+impl Cidr {
+    /// A destination network for `--route`: like an address, but `0.0.0.0/0` and `::/0`
+    /// (everything) are allowed.
+    pub fn network(text: &str) -> Result<Cidr, String> {
+        match text.split_once('/') {
+            Some(("0.0.0.0", "0")) => Ok(Cidr {
+                addr: IpAddr::from([0u8; 4]),
+                prefix: 0,
+            }),
+            Some(("::", "0")) => Ok(Cidr {
+                addr: IpAddr::from([0u16; 8]),
+                prefix: 0,
+            }),
+            _ => text.parse(),
+        }
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -61,6 +79,8 @@ pub struct Config {
     pub flow_buffer: usize,
     pub connect_timeout: Duration,
     pub udp: crate::relay::datagram::Limits,
+    /// Destinations to route into the TUN (policy rules installed and removed by us).
+    pub routes: Vec<Cidr>,
 }
 
 /// Environment variable capping the offload probe (none, header, csum, tso, uso).
@@ -157,6 +177,11 @@ impl Config {
             max_half_open: args.max_half_open,
             flow_buffer: args.flow_buffer,
             connect_timeout: Duration::from_secs(args.connect_timeout),
+            routes: args
+                .route
+                .iter()
+                .map(|text| Cidr::network(text).map_err(Error::Usage))
+                .collect::<Result<Vec<_>, _>>()?,
             udp: crate::relay::datagram::Limits {
                 idle_timeout: Duration::from_secs(args.udp_timeout),
                 dns_timeout: Duration::from_secs(args.dns_timeout),
@@ -203,6 +228,15 @@ mod tests {
         let mut all = vec!["-i", "lo"];
         all.extend_from_slice(extra);
         argh::FromArgs::from_args(&["uringproxy"], &all).unwrap()
+    }
+
+    #[test]
+    fn route_networks_include_everything() {
+        assert_eq!(Cidr::network("0.0.0.0/0").unwrap().prefix, 0);
+        assert!(Cidr::network("::/0").unwrap().addr.is_ipv6());
+        assert_eq!(Cidr::network("10.0.0.0/8").unwrap().prefix, 8);
+        assert!(Cidr::network("0.0.0.0/8").is_err());
+        assert!(Cidr::network("nonsense").is_err());
     }
 
     #[test]

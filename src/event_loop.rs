@@ -57,6 +57,9 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_PROBES: u32 = 6;
 const CLIENT_SILENCE_LIMIT: Duration = Duration::from_secs(180);
+/// Routing table and rule priority of `--route`: numbers unlikely to be in use already.
+const ROUTE_TABLE: u32 = 0x7570;
+const ROUTE_PRIORITY: u32 = 0x7570;
 /// How long a server may leave bytes of a finished client unacknowledged.
 const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long into smoltcp's 10 s TIME-WAIT egress (ACKs) keeps running; past it egress
@@ -75,6 +78,22 @@ const STATS_INTERVAL: Duration = Duration::from_secs(10);
 pub fn run(config: Config) -> Result<(), Error> {
     check_bind_permission(&config.interface)?;
     let tun = Tun::create(&config, config.offload_cap)?;
+    // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
+    let _routes = if config.routes.is_empty() {
+        None
+    } else {
+        let index = crate::sys::interface_index(tun.name())
+            .ok_or_else(|| Error::Io("look up the new TUN", std::io::ErrorKind::NotFound.into()))?;
+        Some(
+            crate::sys::netlink::Routes::install(
+                &config.routes,
+                index,
+                ROUTE_TABLE,
+                ROUTE_PRIORITY,
+            )
+            .map_err(|err| Error::from_io("install --route rules", err))?,
+        )
+    };
     if let Some(cpu) = config.cpu {
         let mut set = nix::sched::CpuSet::new();
         set.set(cpu)

@@ -1,6 +1,8 @@
 //! Thin wrappers over the Linux ioctls and syscalls that nix and socket2 do not cover.
 #![allow(unsafe_code)]
 
+pub mod netlink;
+
 use std::ffi::CString;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};

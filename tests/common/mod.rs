@@ -373,18 +373,8 @@ impl Topology {
 
     /// Like [`Topology::start_proxy`], with extra environment variables.
     pub fn start_proxy_with_env(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Proxy {
-        let mut proxy = self.spawn_proxy_with_env(&self.client_veth, extra_args, env);
+        let proxy = self.start_proxy_unrouted(extra_args, env);
         let c = self.client_ns.as_str();
-        let tun_up = wait_until(PROXY_STARTUP_TIMEOUT, || {
-            proxy.assert_running();
-            // Exact flag match: `"UP"` is not a substring of `"LOWER_UP"`.
-            link_json(c, TUN_NAME).is_some_and(|json| json.contains(r#""UP""#))
-        });
-        // The proxy's output is printed when it is dropped during the panic.
-        assert!(
-            tun_up,
-            "TUN {TUN_NAME} not up after {PROXY_STARTUP_TIMEOUT:?}"
-        );
         // Only connections to the server addresses go through the proxy. Its
         // own outbound sockets are bound to the veth, so the lookup in this
         // table (whose route points at the TUN) fails for them and falls
@@ -397,6 +387,24 @@ impl Topology {
                 "-n {c} {family} route add default dev {TUN_NAME} table {ROUTE_TABLE}"
             ));
         }
+        proxy
+    }
+
+    /// Starts the proxy and waits for its TUN to be up, without routing anything into
+    /// it (for tests of the proxy's own `--route`).
+    pub fn start_proxy_unrouted(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut proxy = self.spawn_proxy_with_env(&self.client_veth, extra_args, env);
+        let c = self.client_ns.as_str();
+        let tun_up = wait_until(PROXY_STARTUP_TIMEOUT, || {
+            proxy.assert_running();
+            // Exact flag match: `"UP"` is not a substring of `"LOWER_UP"`.
+            link_json(c, TUN_NAME).is_some_and(|json| json.contains(r#""UP""#))
+        });
+        // The proxy's output is printed when it is dropped during the panic.
+        assert!(
+            tun_up,
+            "TUN {TUN_NAME} not up after {PROXY_STARTUP_TIMEOUT:?}"
+        );
         proxy
     }
 }
