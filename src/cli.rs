@@ -32,6 +32,10 @@ pub struct Args {
     #[argh(option)]
     pub cpu: Option<usize>,
 
+    /// after set-up, run as this user, keeping only CAP_NET_ADMIN and CAP_NET_RAW
+    #[argh(option)]
+    pub user: Option<String>,
+
     /// disable checksum and segmentation offload on the TUN device
     #[argh(switch)]
     pub no_offload: bool,

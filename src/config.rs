@@ -81,6 +81,8 @@ pub struct Config {
     pub udp: crate::relay::datagram::Limits,
     /// Destinations to route into the TUN (policy rules installed and removed by us).
     pub routes: Vec<Cidr>,
+    /// The user to switch to once set up.
+    pub user: Option<nix::unistd::User>,
 }
 
 /// Environment variable capping the offload probe (none, header, csum, tso, uso).
@@ -163,6 +165,15 @@ impl Config {
             })?,
             (false, Err(_)) => Offload::Uso,
         };
+        let user = match &args.user {
+            None => None,
+            Some(name) => Some(
+                nix::unistd::User::from_name(name)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| Error::Usage(format!("--user {name}: no such user")))?,
+            ),
+        };
         if sys::interface_index(&args.interface).is_none() {
             return Err(Error::UnknownInterface(args.interface));
         }
@@ -177,6 +188,7 @@ impl Config {
             max_half_open: args.max_half_open,
             flow_buffer: args.flow_buffer,
             connect_timeout: Duration::from_secs(args.connect_timeout),
+            user,
             routes: args
                 .route
                 .iter()

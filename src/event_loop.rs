@@ -114,6 +114,15 @@ pub fn run(config: Config) -> Result<(), Error> {
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
         .map_err(|err| Error::Io("create signalfd", err.into()))?;
     let mut proxy = Proxy::new(config, tun, signals)?;
+    // Everything that needs root is done: the TUN, the rules, the ring, the fd limit.
+    if let Some(user) = &proxy.config.user {
+        crate::sys::drop_privileges(user)
+            .map_err(|err| Error::Io("drop privileges (--user)", err))?;
+        info!(
+            "running as {} with CAP_NET_ADMIN and CAP_NET_RAW only",
+            user.name
+        );
+    }
     info!("TUN offload: {}", proxy.tun.offload());
     info!(
         "relaying TCP from {} ({}) via {}, mtu {}, up to {} flows (fd limit {})",

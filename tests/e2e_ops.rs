@@ -416,3 +416,51 @@ fn routing_everything_into_the_tun_does_not_loop() {
         "rules left after exit"
     );
 }
+
+#[test]
+fn user_flag_drops_root_and_keeps_working() {
+    let Some(topo) = Topology::for_test("user_flag_drops_root_and_keeps_working") else {
+        return;
+    };
+    let v4 = format!("{}/32", topo.server_v4());
+    let mut proxy = topo.start_proxy_unrouted(&["--user", "nobody", "--route", &v4], &[]);
+    // The TUN is up before the switch: wait for the proxy to report it.
+    let switched = wait_until(Duration::from_secs(5), || {
+        proxy.stderr().contains("running as nobody")
+    });
+    assert!(switched, "no privilege drop reported");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|line| line.starts_with(name))
+            .map(|line| {
+                line[name.len()..]
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        field("Uid:"),
+        "65534 65534 65534 65534",
+        "not running as nobody"
+    );
+    // CAP_NET_ADMIN (12) and CAP_NET_RAW (13) only.
+    assert_eq!(field("CapEff:"), "0000000000003000");
+    assert_eq!(field("CapPrm:"), "0000000000003000");
+    // New flows (sockets bound to the interface) still work without root...
+    let server = topo.serve(topo.server_v4(), 1, echo);
+    let addr = server.addr();
+    let (sent, received) =
+        join(topo.in_client(move || exchange(common::connect(addr), 8, 64 * KIB)));
+    assert_eq!(received, sent);
+    server.join();
+    // ...and so does removing the rules at exit.
+    terminate(&mut proxy);
+    assert!(
+        !rules(&topo).contains("lookup 30064"),
+        "rules left after exit"
+    );
+}
