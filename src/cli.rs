@@ -2,8 +2,10 @@
 
 use argh::FromArgs;
 
-/// uringproxy: a transparent TUN proxy that relays every TCP flow routed into its TUN
-/// device through ordinary kernel sockets bound to one physical interface.
+/// uringproxy: a transparent TUN proxy that relays every TCP and UDP flow (and ping)
+/// routed into its TUN device through ordinary kernel sockets bound to one physical
+/// interface. `uringproxy demo` (as root) shows it working between two network
+/// namespaces without touching the host's routing.
 #[derive(FromArgs, Debug)]
 pub struct Args {
     /// outbound interface that relayed connections leave through (SO_BINDTODEVICE)

@@ -125,7 +125,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     info!("TUN offload: {}", proxy.tun.offload());
     info!(
-        "relaying TCP from {} ({}) via {}, mtu {}, up to {} flows (fd limit {})",
+        "relaying from {} ({}) via {}, mtu {}, up to {} TCP flows (fd limit {})",
         proxy.tun.name(),
         proxy
             .config

@@ -3,6 +3,7 @@
 
 mod cli;
 mod config;
+mod demo;
 mod error;
 mod event_loop;
 mod logger;
@@ -16,9 +17,16 @@ mod uring;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args: cli::Args = argh::from_env();
-    logger::init();
-    match config::Config::from_args(args).and_then(event_loop::run) {
+    let demo = std::env::args().nth(1).as_deref() == Some("demo");
+    let result = if demo {
+        logger::init();
+        demo::run()
+    } else {
+        let args: cli::Args = argh::from_env();
+        logger::init();
+        config::Config::from_args(args).and_then(event_loop::run)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("uringproxy: error: {err}");

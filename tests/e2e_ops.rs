@@ -464,3 +464,41 @@ fn user_flag_drops_root_and_keeps_working() {
         "rules left after exit"
     );
 }
+
+#[test]
+fn demo_runs_end_to_end_and_cleans_up() {
+    if !common::privileged_or_skip("demo_runs_end_to_end_and_cleans_up") {
+        return;
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_uringproxy"))
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run uringproxy demo");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("demo output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "hash matches",
+        "100 of 100 datagrams echoed",
+        "flows: opened 1",
+        "namespaces removed",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "demo output lacks {expected:?}:\n{stdout}"
+        );
+    }
+    let namespaces = common::run("ip", &["netns", "list"]);
+    assert!(
+        !namespaces.contains(&format!("upd-c-{pid}"))
+            && !namespaces.contains(&format!("upd-s-{pid}")),
+        "demo namespaces left behind:\n{namespaces}"
+    );
+}
