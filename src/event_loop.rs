@@ -423,10 +423,22 @@ impl Proxy {
     fn print_stats(&mut self) {
         self.stats.tx = self.tx.counters.clone();
         self.stats.udp = self.datagrams.counters.clone();
+        let (mut connecting, mut open, mut closing) = (0, 0, 0);
+        for (_, flow) in &self.flows {
+            match flow.relay.phase() {
+                Phase::Connecting => connecting += 1,
+                Phase::Open => open += 1,
+                Phase::Closing(_) => closing += 1,
+            }
+        }
         info!(
             "active flows {}, TUN offload {}",
             self.flows.len(),
             self.tun.offload()
+        );
+        info!(
+            "flow states: connecting {connecting} open {open} closing {closing}; udp/ping flows {}",
+            self.datagrams.active()
         );
         for line in self.stats.to_string().lines() {
             info!("{line}");
