@@ -226,6 +226,9 @@ fn fd_exhaustion_refuses_new_flows_and_keeps_old_ones() {
         }
         (opened, refused, still_working)
     }));
+    eprintln!(
+        "fd exhaustion: limit {FD_LIMIT}: {opened} flows opened and kept working, {refused} refused"
+    );
     assert!(
         opened > 0 && refused > 0,
         "opened {opened}, refused {refused}"
