@@ -161,6 +161,7 @@ pub fn run() -> Result<(), Error> {
         )
         .expect("connect through the proxy");
         stream.set_read_timeout(Some(IO_TIMEOUT)).ok();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).ok();
         let mut hash = FNV_START;
         let chunk: Vec<u8> = (0..1 << 16).map(pattern).collect();
         for _ in 0..TCP_BYTES / chunk.len() {
