@@ -185,7 +185,8 @@ impl Config {
             cpu: args.cpu,
             offload_cap,
             max_flows: args.max_flows,
-            max_half_open: args.max_half_open,
+            // More half-open flows than flows could never be reached.
+            max_half_open: args.max_half_open.min(args.max_flows),
             flow_buffer: args.flow_buffer,
             connect_timeout: Duration::from_secs(args.connect_timeout),
             user,

@@ -673,11 +673,15 @@ impl Proxy {
     /// Starts a flow for a new SYN: a held-back listening socket plus an outbound connect.
     /// `None` (the SYN is then answered with RST) when a limit is hit.
     fn open_flow(&mut self, key: FlowKey, mss: Option<u16>, syn: Quote) -> Option<usize> {
-        if self.flows.len() >= self.config.max_flows {
+        // At the flow limit a connecting flow can still make room (evicted flows linger
+        // until their cancel completes, hence the hard bound above the limit).
+        let at_limit = self.flows.len() >= self.config.max_flows;
+        if (at_limit && self.half_open_count == 0)
+            || self.flows.len() >= self.config.max_flows + self.config.max_half_open
+        {
             self.stats.refused_limit += 1;
             return None;
         }
-        while self.half_open_count >= self.config.max_half_open && self.evict_oldest_half_open() {}
         let outbound = match outbound_socket(key.server, &self.config.interface) {
             Ok(socket) => socket,
             Err(err) => {
@@ -704,6 +708,15 @@ impl Proxy {
             self.stats.memory_refusals += 1;
             return None;
         };
+        // Only now that this flow has its socket and memory: evicting earlier would reset
+        // a connecting flow for a SYN that is refused anyway (e.g. out of fds).
+        if at_limit || self.half_open_count >= self.config.max_half_open {
+            let evicted = self.evict_oldest_half_open();
+            if at_limit && !evicted {
+                self.stats.refused_limit += 1;
+                return None;
+            }
+        }
         // SAFETY: the slices go only into this flow's socket set and relay, which are
         // declared before `memory` in `Flow` and so are dropped before it is unmapped.
         let whole = unsafe { memory.as_static_mut() };

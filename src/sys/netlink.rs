@@ -174,7 +174,12 @@ impl Routes {
             request(&routes.socket, &default_route(family, ifindex, table))?;
         }
         for cidr in cidrs {
-            request(&routes.socket, &rule(RTM_NEWRULE, cidr, table, priority))?;
+            match request(&routes.socket, &rule(RTM_NEWRULE, cidr, table, priority)) {
+                // Left by an earlier run that was killed before it could clean up: the
+                // same rule, ours to remove at exit.
+                Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
+                result => result?,
+            }
             routes.rules.push(*cidr);
         }
         Ok(routes)
