@@ -13,7 +13,7 @@ use io_uring::{opcode, types};
 use slab::Slab;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, IpRepr, Ipv4Packet,
+    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet,
     UdpPacket, UdpRepr,
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -536,9 +536,12 @@ fn emit_echo_reply(
                 data,
             };
             (got == outbound_ident).then(|| {
-                emit_icmp(tx, key, IpProtocol::Icmp, repr.buffer_len(), |message| {
-                    repr.emit(&mut Icmpv4Packet::new_unchecked(message), &caps)
-                })
+                tx.emit_ip(
+                    from_server(key),
+                    IpProtocol::Icmp,
+                    repr.buffer_len(),
+                    |message| repr.emit(&mut Icmpv4Packet::new_unchecked(message), &caps),
+                )
             })
         }
         (IpAddress::Ipv6(server), IpAddress::Ipv6(client)) => {
@@ -557,34 +560,28 @@ fn emit_echo_reply(
                 data,
             };
             (got == outbound_ident).then(|| {
-                emit_icmp(tx, key, IpProtocol::Icmpv6, repr.buffer_len(), |message| {
-                    repr.emit(
-                        &server,
-                        &client,
-                        &mut Icmpv6Packet::new_unchecked(message),
-                        &caps,
-                    )
-                })
+                tx.emit_ip(
+                    from_server(key),
+                    IpProtocol::Icmpv6,
+                    repr.buffer_len(),
+                    |message| {
+                        repr.emit(
+                            &server,
+                            &client,
+                            &mut Icmpv6Packet::new_unchecked(message),
+                            &caps,
+                        )
+                    },
+                )
             })
         }
         _ => None,
     }
 }
 
-/// Writes an ICMP message of `len` bytes, built by `emit_message`, from the server of
-/// flow `key` to its client.
-fn emit_icmp(
-    tx: &mut TxPool,
-    key: FlowKey,
-    protocol: IpProtocol,
-    len: usize,
-    emit_message: impl FnOnce(&mut [u8]),
-) -> bool {
-    let ip = IpRepr::new(key.server.addr, key.client.addr, protocol, len, 64);
-    tx.emit(ip.buffer_len(), |buffer| {
-        ip.emit(&mut *buffer, &ChecksumCapabilities::default());
-        emit_message(&mut buffer[ip.header_len()..]);
-    })
+/// Source and destination of a packet from the server of flow `key` to its client.
+fn from_server(key: FlowKey) -> (IpAddress, IpAddress) {
+    (key.server.addr, key.client.addr)
 }
 
 /// Writes the server's `payload` to the TUN as a datagram from the server to the client.
@@ -594,21 +591,13 @@ fn emit_udp_reply(tx: &mut TxPool, key: FlowKey, payload: &[u8]) -> bool {
         src_port: key.server.port,
         dst_port: key.client.port,
     };
-    let ip = IpRepr::new(
-        key.server.addr,
-        key.client.addr,
-        IpProtocol::Udp,
-        udp.header_len() + payload.len(),
-        64,
-    );
-    tx.emit(ip.buffer_len(), |buffer| {
-        // Replies are few and small next to TCP bulk data: the checksum is computed here
-        // rather than through the offload path.
-        let caps = ChecksumCapabilities::default();
-        ip.emit(&mut *buffer, &caps);
-        let mut packet = UdpPacket::new_unchecked(&mut buffer[ip.header_len()..]);
+    // Replies are few and small next to TCP bulk data: the checksum is computed here
+    // rather than through the offload path.
+    let caps = ChecksumCapabilities::default();
+    let len = udp.header_len() + payload.len();
+    tx.emit_ip(from_server(key), IpProtocol::Udp, len, |datagram| {
         udp.emit(
-            &mut packet,
+            &mut UdpPacket::new_unchecked(datagram),
             &key.server.addr,
             &key.client.addr,
             payload.len(),

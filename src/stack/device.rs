@@ -5,7 +5,7 @@ use std::num::NonZeroUsize;
 
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
-use smoltcp::wire::IpVersion;
+use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, IpVersion};
 
 use super::offload;
 use crate::tun::{Offload, vnet};
@@ -120,6 +120,22 @@ impl TxPool {
             }
             _ => false,
         }
+    }
+
+    /// Writes one IP packet from `src` to `dst` whose `len`-byte `protocol` payload is
+    /// built by `emit_payload` (with valid checksums). False when no buffer holds it.
+    pub fn emit_ip(
+        &mut self,
+        (src, dst): (IpAddress, IpAddress),
+        protocol: IpProtocol,
+        len: usize,
+        emit_payload: impl FnOnce(&mut [u8]),
+    ) -> bool {
+        let ip = IpRepr::new(src, dst, protocol, len, 64);
+        self.emit(ip.buffer_len(), |buffer| {
+            ip.emit(&mut *buffer, &ChecksumCapabilities::default());
+            emit_payload(&mut buffer[ip.header_len()..]);
+        })
     }
 
     fn fill<R>(&mut self, len: usize, meta: PacketMeta, f: impl FnOnce(&mut [u8]) -> R) -> R {

@@ -4,7 +4,7 @@
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr,
-    IpAddress, IpProtocol, IpRepr, IpVersion, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
+    IpAddress, IpProtocol, IpVersion, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
 };
 
 use super::TxPool;
@@ -66,17 +66,12 @@ pub fn emit(tx: &mut TxPool, quote: &Quote, reason: Reason) -> bool {
                 header,
                 data,
             };
-            let (from, to) = (
+            let back = (
                 IpAddress::Ipv4(header.dst_addr),
                 IpAddress::Ipv4(header.src_addr),
             );
-            let ip = IpRepr::new(from, to, IpProtocol::Icmp, icmp.buffer_len(), 64);
-            tx.emit(ip.buffer_len(), |buffer| {
-                ip.emit(&mut *buffer, &caps);
-                icmp.emit(
-                    &mut Icmpv4Packet::new_unchecked(&mut buffer[ip.header_len()..]),
-                    &caps,
-                );
+            tx.emit_ip(back, IpProtocol::Icmp, icmp.buffer_len(), |message| {
+                icmp.emit(&mut Icmpv4Packet::new_unchecked(message), &caps)
             })
         }
         Some(Ok(IpVersion::Ipv6)) => {
@@ -93,18 +88,12 @@ pub fn emit(tx: &mut TxPool, quote: &Quote, reason: Reason) -> bool {
                 data,
             };
             let (from, to) = (header.dst_addr, header.src_addr);
-            let ip = IpRepr::new(
-                from.into(),
-                to.into(),
+            tx.emit_ip(
+                (from.into(), to.into()),
                 IpProtocol::Icmpv6,
                 icmp.buffer_len(),
-                64,
-            );
-            tx.emit(ip.buffer_len(), |buffer| {
-                ip.emit(&mut *buffer, &caps);
-                let mut packet = Icmpv6Packet::new_unchecked(&mut buffer[ip.header_len()..]);
-                icmp.emit(&from, &to, &mut packet, &caps);
-            })
+                |message| icmp.emit(&from, &to, &mut Icmpv6Packet::new_unchecked(message), &caps),
+            )
         }
         _ => false,
     }
