@@ -82,17 +82,6 @@ fn open_idle(
     (clients, join(acceptor))
 }
 
-/// Resident memory of `pid` (VmRSS).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -125,7 +114,7 @@ fn main() {
             "round {round}: {} idle flows open, proxy fds {}, proxy RSS {} KiB",
             held.0.len(),
             proxy.fd_count(),
-            rss_kib(proxy.pid())
+            proxy.rss_kib()
         );
         let loaded = bulk(&topo, bulk_addr, seconds);
         drop(held);
@@ -133,7 +122,7 @@ fn main() {
         common::wait_until(Duration::from_secs(10), || proxy.fd_count() < 64);
         eprintln!(
             "round {round}: idle flows closed, proxy RSS {} KiB",
-            rss_kib(proxy.pid())
+            proxy.rss_kib()
         );
         let ratio = loaded / base;
         ratios.push(ratio);

@@ -36,16 +36,6 @@ const ENDINGS: [Ending; 4] = [
     Ending::ServerReset,
 ];
 
-fn resident_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
-        .expect("VmRSS of the proxy")
-}
-
 /// The server side of one churn connection; the first byte says how it ends.
 fn churn_server(mut stream: TcpStream) {
     let mut mode = [0u8; 1];
@@ -112,7 +102,7 @@ fn connection_churn_leaves_nothing_behind() {
     };
     let mut proxy = topo.start_proxy(&[]);
     let baseline_fds = proxy.settled_fd_count();
-    let baseline_rss = resident_kib(proxy.pid());
+    let baseline_rss = proxy.rss_kib();
     let server = topo.serve(ANY, CONNECTIONS, churn_server);
     let port = server.port();
     let servers = [topo.server_v4(), topo.server_v6()];
@@ -155,7 +145,7 @@ fn connection_churn_leaves_nothing_behind() {
         stats.contains("active flows 0,"),
         "flows left in the table:\n{stats}"
     );
-    let rss = resident_kib(proxy.pid());
+    let rss = proxy.rss_kib();
     eprintln!(
         "churn: {CONNECTIONS} connections; fds {} (baseline {baseline_fds}); RSS {rss} KiB (baseline {baseline_rss} KiB)",
         proxy.fd_count()
@@ -274,18 +264,10 @@ fn syn_flood_is_bounded_and_real_clients_get_through() {
         return;
     };
     let mut proxy = topo.start_proxy(&[]);
-    let baseline_rss = resident_kib(proxy.pid());
+    let baseline_rss = proxy.rss_kib();
     // The flood goes to an address routed into the TUN where no host answers, so every
     // outbound connect hangs (ARP) and its flow stays half open.
-    let IpAddr::V4(server) = topo.server_v4() else {
-        unreachable!()
-    };
-    let [a, b, c, _] = server.octets();
-    let absent = std::net::Ipv4Addr::new(a, b, c, 66);
-    common::ip(&format!(
-        "-n {} rule add to {absent} table 200",
-        topo.client_ns()
-    ));
+    let absent = topo.route_absent_host(66);
 
     let real_server = topo.serve(topo.server_v4(), 2, echo);
     let real = SocketAddr::new(topo.server_v4(), real_server.port());
@@ -296,7 +278,7 @@ fn syn_flood_is_bounded_and_real_clients_get_through() {
             Some(socket2::Protocol::TCP),
         )
         .expect("raw socket");
-        let target = socket2::SockAddr::from(SocketAddr::new(absent.into(), 80));
+        let target = socket2::SockAddr::from(SocketAddr::new(absent, 80));
         let mut state = 0x1234_5678u32;
         let mut sent = 0;
         for i in 0..FLOOD {
@@ -331,7 +313,7 @@ fn syn_flood_is_bounded_and_real_clients_get_through() {
     real_server.join();
 
     let stats = proxy.stats();
-    let rss = resident_kib(proxy.pid());
+    let rss = proxy.rss_kib();
     eprintln!("syn flood: {flooded} SYNs; RSS {rss} KiB (baseline {baseline_rss} KiB)");
     assert!(
         !stats.contains("half-open-evicted 0 "),
@@ -363,16 +345,6 @@ fn echo_both_families(topo: &Topology, proxy: &common::Proxy) -> String {
     proxy.stats()
 }
 
-/// SIGTERM, wait for exit 0.
-fn terminate(proxy: &mut common::Proxy) {
-    let pid = nix::unistd::Pid::from_raw(proxy.pid() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let status = proxy
-        .wait_exit(Duration::from_secs(5))
-        .expect("no exit after SIGTERM");
-    assert!(status.success(), "exit status {status}");
-}
-
 #[test]
 fn route_flag_installs_and_removes_policy_routing() {
     let Some(topo) = Topology::for_test("route_flag_installs_and_removes_policy_routing") else {
@@ -392,7 +364,7 @@ fn route_flag_installs_and_removes_policy_routing() {
         stats.contains("flows: opened 2 "),
         "traffic did not go through the proxy:\n{stats}"
     );
-    terminate(&mut proxy);
+    proxy.terminate();
     let left = rules(&topo);
     assert!(
         !left.contains("lookup 30064"),
@@ -413,7 +385,7 @@ fn routing_everything_into_the_tun_does_not_loop() {
         stats.contains("flows: opened 2 "),
         "expected exactly the two client flows:\n{stats}"
     );
-    terminate(&mut proxy);
+    proxy.terminate();
     assert!(
         !rules(&topo).contains("lookup 30064"),
         "rules left after exit"
@@ -461,7 +433,7 @@ fn user_flag_drops_root_and_keeps_working() {
     assert_eq!(received, sent);
     server.join();
     // ...and so does removing the rules at exit.
-    terminate(&mut proxy);
+    proxy.terminate();
     assert!(
         !rules(&topo).contains("lookup 30064"),
         "rules left after exit"

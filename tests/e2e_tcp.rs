@@ -378,18 +378,8 @@ fn sigterm_resets_every_client_and_exits_zero() {
             .recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("only {i} of {FLOWS} flows reached the server: {e}"));
     }
-    let pid = nix::unistd::Pid::from_raw(proxy.pid() as i32);
-    let start = Instant::now();
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let status = proxy
-        .wait_exit(Duration::from_secs(5))
-        .expect("no exit after SIGTERM");
-    assert!(status.success(), "exit status {status}");
-    assert!(
-        start.elapsed() < Duration::from_secs(1),
-        "exit took {:?}",
-        start.elapsed()
-    );
+    let took = proxy.terminate();
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
     let reset = clients
         .into_iter()
         .filter(|stream| {

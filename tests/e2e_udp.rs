@@ -7,13 +7,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Topology, ip, join, wait_until};
+use common::{Topology, join, wait_until};
 
 const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -417,16 +417,7 @@ fn ping_reaches_live_hosts_and_not_absent_ones() {
             "duplicate replies from {target}:\n{output}"
         );
     }
-    // An address on the server's subnet where no host answers, routed into the TUN.
-    let IpAddr::V4(server) = topo.server_v4() else {
-        unreachable!()
-    };
-    let [a, b, c, _] = server.octets();
-    let absent = IpAddr::V4(Ipv4Addr::new(a, b, c, 77));
-    ip(&format!(
-        "-n {} rule add to {absent} table 200",
-        topo.client_ns()
-    ));
+    let absent = topo.route_absent_host(77);
     let (ok, output) = ping(&topo, absent, 2);
     assert!(
         !ok,
@@ -444,27 +435,13 @@ fn ping_reaches_live_hosts_and_not_absent_ones() {
     proxy.assert_running();
 }
 
-/// An address on the server's subnet where no host answers, routed into the TUN.
-fn absent_host(topo: &Topology) -> IpAddr {
-    let IpAddr::V4(server) = topo.server_v4() else {
-        unreachable!()
-    };
-    let [a, b, c, _] = server.octets();
-    let absent = IpAddr::V4(Ipv4Addr::new(a, b, c, 77));
-    ip(&format!(
-        "-n {} rule add to {absent} table 200",
-        topo.client_ns()
-    ));
-    absent
-}
-
 #[test]
 fn failures_reach_the_client_as_icmp_errors() {
     let Some(topo) = Topology::for_test("failures_reach_the_client_as_icmp_errors") else {
         return;
     };
     let mut proxy = topo.start_proxy(&[]);
-    let absent = absent_host(&topo);
+    let absent = topo.route_absent_host(77);
     let servers = [topo.server_v4(), topo.server_v6()];
     let (udp_errors, tcp_error) = join(topo.in_client(move || {
         // A closed UDP port: the server's port unreachable becomes ECONNREFUSED.

@@ -390,6 +390,21 @@ impl Topology {
         proxy
     }
 
+    /// Routes address `.{last_octet}` of the server's IPv4 subnet, where no host answers,
+    /// into the TUN (same table as the server addresses) and returns it.
+    pub fn route_absent_host(&self, last_octet: u8) -> IpAddr {
+        let IpAddr::V4(server) = self.server_v4() else {
+            unreachable!("server_v4 is IPv4")
+        };
+        let [a, b, c, _] = server.octets();
+        let absent = IpAddr::from([a, b, c, last_octet]);
+        ip(&format!(
+            "-n {} rule add to {absent} table {ROUTE_TABLE}",
+            self.client_ns
+        ));
+        absent
+    }
+
     /// Starts the proxy and waits for its TUN to be up, without routing anything into
     /// it (for tests of the proxy's own `--route`).
     pub fn start_proxy_unrouted(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Proxy {
@@ -534,11 +549,37 @@ impl Proxy {
     pub fn stats(&self) -> String {
         let reports = |text: &str| text.matches("drops:").count();
         let before = reports(&self.stderr());
-        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("send SIGUSR1");
+        self.signal(nix::sys::signal::Signal::SIGUSR1);
         let printed = wait_until(Duration::from_secs(5), || reports(&self.stderr()) > before);
         assert!(printed, "no counters printed after SIGUSR1");
         self.stderr()
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap_or_else(|e| panic!("send {signal}: {e}"));
+    }
+
+    /// Sends SIGTERM, asserts a clean exit within 5 s and returns how long it took.
+    pub fn terminate(&mut self) -> Duration {
+        let start = Instant::now();
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self
+            .wait_exit(Duration::from_secs(5))
+            .expect("no exit after SIGTERM");
+        assert!(status.success(), "exit status {status}");
+        start.elapsed()
+    }
+
+    /// Resident memory of the proxy (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse().ok()
+            })
+            .expect("VmRSS of the proxy")
     }
 
     /// Panics with the proxy's output if it has exited.
