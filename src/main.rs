@@ -1,20 +1,9 @@
 //! uringproxy: parse the command line, validate it into a `Config`, run the proxy.
 #![deny(unsafe_code)]
 
-mod cli;
-mod config;
-mod demo;
-mod error;
-mod event_loop;
-mod logger;
-mod relay;
-mod stack;
-mod stats;
-mod sys;
-mod tun;
-mod uring;
-
 use std::process::ExitCode;
+
+use uringproxy::{cli, config, demo, event_loop, logger};
 
 fn main() -> ExitCode {
     let demo = std::env::args().nth(1).as_deref() == Some("demo");
