@@ -14,8 +14,6 @@ pub enum Op {
     Send = 4,
     /// Receive of server bytes from the outbound socket.
     Recv = 5,
-    /// shutdown(SHUT_WR) forwarding the client's FIN.
-    Shutdown = 6,
     /// Completions nobody waits for: cancels, closes, link timeouts.
     Ignore = 7,
     /// A signal read from the signalfd.
@@ -34,7 +32,6 @@ impl Op {
             3 => Op::Connect,
             4 => Op::Send,
             5 => Op::Recv,
-            6 => Op::Shutdown,
             7 => Op::Ignore,
             8 => Op::Signal,
             9 => Op::UdpSend,
@@ -93,7 +90,6 @@ mod tests {
             Op::Connect,
             Op::Send,
             Op::Recv,
-            Op::Shutdown,
             Op::Ignore,
             Op::Signal,
             Op::UdpSend,
