@@ -29,7 +29,7 @@ use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stack::unreachable::{self, Quote, Reason};
 use crate::stack::{self, FlowKey, Interfaces, Parsed, StackDevice, TxPool};
 use crate::stats::Stats;
-use crate::sys::Mapping;
+use crate::sys::{self, Mapping};
 use crate::tun::{Tun, vnet};
 use crate::uring::{self, BufRing, Completion, Op, Ring, Token};
 
@@ -37,6 +37,7 @@ use crate::uring::{self, BufRing, Completion, Op, Ring, Token};
 /// segmentation offload.
 const TUN_READ_BUFFERS: u16 = 512;
 const TUN_READ_BUFFERS_TSO: u16 = 256;
+const _: () = assert!(datagram::SEND_SLOTS >= TUN_READ_BUFFERS);
 /// Buffer group id of the TUN read buffers.
 const TUN_READ_GROUP: u16 = 0;
 /// TUN write buffers; when all are in flight smoltcp holds data back.
@@ -48,6 +49,10 @@ const MAX_COMPLETIONS_PER_TURN: usize = 1024;
 const EGRESS_BUDGET: usize = 256;
 /// Timers fired per turn.
 const MAX_TIMERS_PER_TURN: usize = 1024;
+/// Once this many TCP flows have closed since the most that were open, freed flow memory
+/// goes back to the kernel: glibc keeps the freed heap (each flow's state and smoltcp
+/// socket, ~2.7 KiB) mapped, and 10,000 closed flows left RSS 27 MiB above idle.
+const TRIM_AFTER_CLOSED_FLOWS: usize = 1024;
 /// Bytes of server data staged per flow between a recv and the smoltcp send buffer.
 const STAGING_BYTES: usize = 128 * 1024;
 /// Idle time before either side of a flow is probed for liveness, the probe interval,
@@ -201,10 +206,12 @@ struct Proxy {
     ifaces: Interfaces,
     flows: Slab<Box<Flow>>,
     by_key: HashMap<FlowKey, usize>,
+    /// Most TCP flows open at once since the heap was last trimmed.
+    flows_high_water: usize,
     /// Packets for no known flow go through an empty set: smoltcp answers with RST.
     no_flow: SocketSet<'static>,
     datagrams: DatagramRelay,
-    next_datagram_sweep: std::time::Instant,
+    next_housekeeping: std::time::Instant,
     work: Vec<usize>,
     starved: Vec<usize>,
     /// Flows in the order they started connecting, for evicting the oldest; entries of
@@ -268,9 +275,10 @@ impl Proxy {
             ifaces,
             flows: Slab::new(),
             by_key: HashMap::new(),
+            flows_high_water: 0,
             no_flow: SocketSet::new(Vec::new()),
             datagrams,
-            next_datagram_sweep: std::time::Instant::now(),
+            next_housekeeping: std::time::Instant::now(),
             work: Vec::new(),
             starved: Vec::new(),
             half_open: std::collections::VecDeque::new(),
@@ -327,7 +335,7 @@ impl Proxy {
             }
 
             self.fire_timers();
-            self.sweep_datagrams();
+            self.housekeeping();
             self.service_work();
             self.compact_timers();
             self.log_stats();
@@ -463,7 +471,7 @@ impl Proxy {
             return Some(Duration::ZERO);
         }
         let udp_sweep = (self.datagrams.active() > 0).then(|| {
-            self.next_datagram_sweep
+            self.next_housekeeping
                 .saturating_duration_since(std::time::Instant::now())
         });
         let timer = self.timers.peek().map(|Reverse((at, _, _))| {
@@ -757,6 +765,7 @@ impl Proxy {
             time_wait_since: None,
             half_open: true,
         }));
+        self.flows_high_water = self.flows_high_water.max(self.flows.len());
         self.half_open_count += 1;
         self.half_open.push_back((slot, generation));
         if self.half_open.len() > 2 * self.config.max_half_open {
@@ -788,11 +797,20 @@ impl Proxy {
         Some(slot)
     }
 
-    fn sweep_datagrams(&mut self) {
+    /// Once a second: expires idle datagram flows and returns the memory of many closed
+    /// flows to the kernel.
+    fn housekeeping(&mut self) {
         let now = std::time::Instant::now();
-        if now >= self.next_datagram_sweep {
-            self.datagrams.expire(&mut self.ring, now);
-            self.next_datagram_sweep = now + datagram::SWEEP_INTERVAL;
+        if now < self.next_housekeeping {
+            return;
+        }
+        self.next_housekeeping = now + datagram::SWEEP_INTERVAL;
+        self.datagrams.expire(&mut self.ring, now);
+        let open = self.flows.len();
+        if self.flows_high_water >= open + TRIM_AFTER_CLOSED_FLOWS {
+            self.by_key.shrink_to_fit();
+            sys::release_free_heap();
+            self.flows_high_water = open;
         }
     }
 

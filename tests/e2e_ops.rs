@@ -93,6 +93,58 @@ fn churn_client(addr: SocketAddr, index: usize) -> bool {
     }
 }
 
+/// The memory of closed flows goes back to the kernel: thousands of concurrent flows
+/// raise the proxy's RSS, and once they have closed most of that rise is gone (glibc
+/// would keep the freed heap mapped if the proxy did not trim it).
+#[test]
+fn memory_of_closed_flows_is_returned() {
+    const FLOWS: usize = 3000;
+    let Some(topo) = Topology::for_test("memory_of_closed_flows_is_returned") else {
+        return;
+    };
+    // Without offload: its buffer pools become resident as they are used, which would
+    // blur what the flows themselves cost.
+    let proxy = topo.start_proxy(&["--no-offload"]);
+    let baseline_fds = proxy.settled_fd_count();
+    let baseline = proxy.rss_kib();
+    // The server's kernel establishes the connections; nobody accepts them, so the
+    // test process holds one fd per flow, not two.
+    let addr = SocketAddr::new(topo.server_v4(), 7300);
+    let listener = join(topo.in_server(move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.bind(&addr.into()).expect("bind");
+        socket.listen(FLOWS as i32 + 64).expect("listen");
+        socket
+    }));
+    let clients = join(topo.in_client(move || {
+        (0..FLOWS)
+            .map(|_| common::connect(addr))
+            .collect::<Vec<_>>()
+    }));
+    let peak = proxy.rss_kib();
+    drop(clients);
+    drop(listener);
+    let closed = wait_until(Duration::from_secs(15), || proxy.fd_count() <= baseline_fds);
+    assert!(
+        closed,
+        "fds {} after closing, baseline {baseline_fds}",
+        proxy.fd_count()
+    );
+    // The proxy trims its heap in its once-a-second housekeeping.
+    thread::sleep(Duration::from_millis(2500));
+    let after = proxy.rss_kib();
+    eprintln!("closed flows: RSS {baseline} KiB -> {peak} KiB with {FLOWS} flows -> {after} KiB");
+    assert!(
+        peak >= baseline + 2 * 1024,
+        "{FLOWS} flows should cost megabytes: RSS {baseline} -> {peak} KiB"
+    );
+    assert!(
+        after <= baseline + (peak - baseline) / 2,
+        "RSS {after} KiB after the flows closed: baseline {baseline} KiB, peak {peak} KiB"
+    );
+}
+
 #[test]
 fn connection_churn_leaves_nothing_behind() {
     const CONNECTIONS: usize = 3000;
