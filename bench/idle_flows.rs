@@ -1,7 +1,7 @@
 //! Does per-packet cost grow with the number of flows? Bulk throughput through the proxy
 //! with no other flows vs with 5,000 established idle flows, interleaved in one run.
 //!
-//! Run as root: `cargo bench --bench idle_flows` (IDLE_FLOWS, ROUNDS, SECONDS override
+//! Run as root: `cargo bench --bench idle_flows` (IDLE_FLOWS, ROUNDS, SECONDS_PER_RUN override
 //! the defaults 5000, 3 and 3). It builds its own two namespaces and removes them after.
 
 #[path = "../tests/common/mod.rs"]
@@ -94,7 +94,7 @@ fn main() {
     }
     let idle = env_or("IDLE_FLOWS", 5000) as usize;
     let rounds = env_or("ROUNDS", 3) as usize;
-    let seconds = env_or("SECONDS", 3);
+    let seconds = env_or("SECONDS_PER_RUN", 3);
     // Client and server ends of every idle flow live in this process.
     let want = (2 * idle + 1024) as u64;
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, want);

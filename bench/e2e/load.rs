@@ -1,0 +1,516 @@
+//! Load generators: each scenario's server runs in the server namespace and its clients
+//! in the client namespace, on plain blocking sockets, bounded in time and count.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::common::{Topology, join};
+
+/// Write/read size of bulk streams.
+const BULK_CHUNK: usize = 256 * 1024;
+/// Bound on every blocking socket call, so a broken path ends a run instead of hanging it.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often blocked bulk readers look at the clock.
+const POLL: Duration = Duration::from_millis(200);
+/// Latency samples kept per client thread; a run stops early when they are full.
+const MAX_SAMPLES: usize = 4_000_000;
+/// Datagrams sent back to back when the paced UDP sender has fallen behind.
+const UDP_BURST: u64 = 64;
+/// UDP flows opened (one datagram each) before waiting for their echoes.
+const UDP_FLOW_BATCH: usize = 64;
+
+/// What one run of a scenario measured, from the application's point of view.
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    /// Completed units: bytes (bulk), transactions (rr, crr) or echoed datagrams.
+    pub units: u64,
+    /// Application bytes carried, both directions.
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Per-transaction latencies in nanoseconds (rr, crr).
+    pub latencies: Vec<u32>,
+    /// Datagrams sent (udp-echo).
+    pub offered: u64,
+    /// Operations that failed (connects refused or timed out, bad echoes).
+    pub errors: u64,
+}
+
+impl Sample {
+    pub fn per_second(&self) -> f64 {
+        self.units as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// A listener in the server namespace on `port` of `ip`.
+fn listen(topo: &Topology, ip: IpAddr, port: u16) -> TcpListener {
+    let listener = join(topo.in_server(move || {
+        TcpListener::bind((ip, port)).unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"))
+    }));
+    socket2::SockRef::from(&listener)
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("accept timeout");
+    listener
+}
+
+/// Connects from the client namespace; the socket stays there whatever thread uses it.
+fn connect_from_client(topo: &Topology, addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+    join(topo.in_client(move || {
+        (0..count)
+            .map(|i| {
+                let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                    .unwrap_or_else(|e| panic!("connect #{i} to {addr}: {e}"));
+                configure(&stream);
+                stream
+            })
+            .collect()
+    }))
+}
+
+fn configure(stream: &TcpStream) {
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_nodelay(true).expect("nodelay");
+}
+
+fn accept(listener: &TcpListener) -> TcpStream {
+    let (stream, _) = listener.accept().expect("accept");
+    configure(&stream);
+    stream
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+/// Bulk transfer on `streams` connections for `duration`: client to server (`upload`)
+/// or server to client. Units are bytes, counted by the receiving side.
+pub fn bulk(
+    topo: &Topology,
+    ip: IpAddr,
+    port: u16,
+    streams: usize,
+    upload: bool,
+    duration: Duration,
+) -> Sample {
+    let listener = listen(topo, ip, port);
+    let server = thread::spawn(move || {
+        let conns: Vec<_> = (0..streams).map(|_| accept(&listener)).collect();
+        conns
+    });
+    let clients = connect_from_client(topo, SocketAddr::new(ip, port), streams);
+    let servers = join(server);
+    let (senders, receivers) = if upload {
+        (clients, servers)
+    } else {
+        (servers, clients)
+    };
+    let start_line = Arc::new(Barrier::new(2 * streams + 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for mut stream in senders {
+        let (start_line, stop) = (start_line.clone(), stop.clone());
+        handles.push(thread::spawn(move || {
+            let chunk = vec![0x5a_u8; BULK_CHUNK];
+            start_line.wait();
+            while !stop.load(Ordering::Relaxed) {
+                // The receiver closing first (download) ends the stream with an error.
+                if stream.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+            let _ = stream.shutdown(Shutdown::Write);
+        }));
+    }
+    for mut stream in receivers {
+        let (start_line, stop, received) = (start_line.clone(), stop.clone(), received.clone());
+        handles.push(thread::spawn(move || {
+            stream.set_read_timeout(Some(POLL)).expect("timeout");
+            let mut buf = vec![0_u8; BULK_CHUNK];
+            start_line.wait();
+            let mut idle = Duration::ZERO;
+            // A receiver ends at EOF (upload) or, for downloads, when told to stop; a
+            // silent peer ends it after IO_TIMEOUT.
+            while idle < IO_TIMEOUT && (upload || !stop.load(Ordering::Relaxed)) {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        received.fetch_add(n as u64, Ordering::Relaxed);
+                        idle = Duration::ZERO;
+                    }
+                    Err(e) if is_timeout(&e) => idle += POLL,
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    start_line.wait();
+    let start = Instant::now();
+    thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    // A download's clients stop counting now; an upload's server counts what is still
+    // in flight, until EOF.
+    let mut elapsed = start.elapsed();
+    for handle in handles {
+        join(handle);
+    }
+    if upload {
+        elapsed = start.elapsed();
+    }
+    let bytes = received.load(Ordering::Relaxed);
+    Sample {
+        units: bytes,
+        bytes,
+        elapsed,
+        ..Sample::default()
+    }
+}
+
+/// Request/response of `size` bytes each way on `conns` connections for `duration`.
+/// Units are transactions; every response must equal its request.
+pub fn request_response(
+    topo: &Topology,
+    ip: IpAddr,
+    port: u16,
+    conns: usize,
+    size: usize,
+    duration: Duration,
+) -> Sample {
+    let listener = listen(topo, ip, port);
+    let server = thread::spawn(move || {
+        let echoes: Vec<_> = (0..conns)
+            .map(|_| {
+                let mut stream = accept(&listener);
+                thread::spawn(move || {
+                    let mut buf = vec![0_u8; size];
+                    while stream.read_exact(&mut buf).is_ok() {
+                        if stream.write_all(&buf).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        echoes.into_iter().for_each(join);
+    });
+    let clients = connect_from_client(topo, SocketAddr::new(ip, port), conns);
+    let start_line = Arc::new(Barrier::new(conns + 1));
+    let handles: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
+            let start_line = start_line.clone();
+            thread::spawn(move || {
+                let mut request = vec![0_u8; size];
+                let mut response = vec![0_u8; size];
+                let mut latencies = Vec::with_capacity(MAX_SAMPLES.min(1 << 20));
+                let mut errors = 0;
+                start_line.wait();
+                let deadline = Instant::now() + duration;
+                for n in 0_u64.. {
+                    let t0 = Instant::now();
+                    if t0 >= deadline || latencies.len() == MAX_SAMPLES {
+                        break;
+                    }
+                    request.fill((n as u8) ^ (i as u8));
+                    let ok = stream.write_all(&request).is_ok()
+                        && stream.read_exact(&mut response).is_ok();
+                    if !ok || response != request {
+                        errors += 1;
+                        break;
+                    }
+                    latencies.push(nanos(t0.elapsed()));
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    start_line.wait();
+    let start = Instant::now();
+    let mut sample = Sample::default();
+    for handle in handles {
+        let (latencies, errors) = join(handle);
+        sample.latencies.extend(latencies);
+        sample.errors += errors;
+    }
+    sample.elapsed = start.elapsed();
+    join(server);
+    sample.units = sample.latencies.len() as u64;
+    sample.bytes = sample.units * 2 * size as u64;
+    sample
+}
+
+/// Connect, one 1-byte request and response, close, in a loop for `duration`. The
+/// server closes first, as an HTTP/1.0 server would, so client ports do not pile up in
+/// TIME-WAIT. Units are connections.
+pub fn connect_request_response(
+    topo: &Topology,
+    ip: IpAddr,
+    port: u16,
+    duration: Duration,
+) -> Sample {
+    let listener = listen(topo, ip, port);
+    socket2::SockRef::from(&listener)
+        .set_read_timeout(Some(POLL))
+        .expect("accept timeout");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    continue;
+                };
+                configure(&stream);
+                let mut byte = [0_u8; 1];
+                if stream.read_exact(&mut byte).is_ok() {
+                    let _ = stream.write_all(&byte);
+                }
+            }
+        })
+    };
+    let addr = SocketAddr::new(ip, port);
+    let client = topo.in_client(move || {
+        let mut latencies = Vec::with_capacity(1 << 20);
+        let mut errors = 0_u64;
+        let start = Instant::now();
+        let deadline = start + duration;
+        for n in 0_u64.. {
+            let t0 = Instant::now();
+            if t0 >= deadline || latencies.len() == MAX_SAMPLES {
+                break;
+            }
+            let request = [n as u8];
+            let mut response = [0_u8; 1];
+            let ok = TcpStream::connect_timeout(&addr, IO_TIMEOUT).is_ok_and(|mut stream| {
+                configure(&stream);
+                stream.write_all(&request).is_ok()
+                    && stream.read_exact(&mut response).is_ok()
+                    && response == request
+                    && stream.read(&mut response).is_ok_and(|eof| eof == 0)
+            });
+            if ok {
+                latencies.push(nanos(t0.elapsed()));
+            } else {
+                errors += 1;
+            }
+        }
+        (latencies, errors, start.elapsed())
+    });
+    let (latencies, errors, elapsed) = join(client);
+    stop.store(true, Ordering::Relaxed);
+    join(server);
+    Sample {
+        units: latencies.len() as u64,
+        bytes: 2 * latencies.len() as u64,
+        elapsed,
+        latencies,
+        errors,
+        ..Sample::default()
+    }
+}
+
+/// UDP echo: `flows` client sockets offer `rate` datagrams/s of `size` bytes in total
+/// for `duration`. Units are datagrams echoed back intact.
+pub fn udp_echo(
+    topo: &Topology,
+    ip: IpAddr,
+    port: u16,
+    flows: usize,
+    rate: u64,
+    size: usize,
+    duration: Duration,
+) -> Sample {
+    let server = join(topo.in_server(move || UdpSocket::bind((ip, port)).expect("bind udp")));
+    server.set_read_timeout(Some(POLL)).expect("timeout");
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0_u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = server.recv_from(&mut buf) {
+                    let _ = server.send_to(&buf[..n], from);
+                }
+            }
+        })
+    };
+    let addr = SocketAddr::new(ip, port);
+    let sockets = join(topo.in_client(move || {
+        (0..flows)
+            .map(|_| {
+                let socket = UdpSocket::bind((unspecified(ip), 0)).expect("bind udp client");
+                socket.connect(addr).expect("connect udp");
+                socket.set_read_timeout(Some(POLL)).expect("timeout");
+                socket
+            })
+            .collect::<Vec<_>>()
+    }));
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let sent_all = Arc::new(AtomicBool::new(false));
+    let receivers: Vec<_> = sockets
+        .iter()
+        .enumerate()
+        .map(|(flow, socket)| {
+            let socket = socket.try_clone().expect("clone udp");
+            let sent_all = sent_all.clone();
+            thread::spawn(move || {
+                let mut buf = vec![0_u8; 65536];
+                let (mut good, mut bad) = (0_u64, 0_u64);
+                let mut quiet = Duration::ZERO;
+                // Echoes still in flight when sending ends get one second to arrive.
+                while quiet < Duration::from_secs(1) {
+                    match socket.recv(&mut buf) {
+                        Ok(n) if is_datagram(&buf[..n], flow, size) => good += 1,
+                        Ok(_) => bad += 1,
+                        Err(_) if sent_all.load(Ordering::Relaxed) => quiet += POLL,
+                        Err(_) => {}
+                    }
+                }
+                (good, bad)
+            })
+        })
+        .collect();
+    let mut datagram = vec![0_u8; size.max(16)];
+    let start = Instant::now();
+    let mut sent = 0_u64;
+    while sent < total {
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        if due <= sent {
+            thread::sleep(Duration::from_micros(50));
+            continue;
+        }
+        for _ in 0..(due - sent).min(UDP_BURST) {
+            let flow = (sent % flows as u64) as usize;
+            fill_datagram(&mut datagram, flow, sent);
+            // A full socket buffer loses the datagram, as it would for any sender.
+            let _ = sockets[flow].send(&datagram[..size]);
+            sent += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    sent_all.store(true, Ordering::Relaxed);
+    let mut sample = Sample {
+        offered: sent,
+        elapsed,
+        ..Sample::default()
+    };
+    for handle in receivers {
+        let (good, bad) = join(handle);
+        sample.units += good;
+        sample.errors += bad;
+    }
+    stop.store(true, Ordering::Relaxed);
+    join(echo);
+    sample.bytes = 2 * sample.units * size as u64;
+    sample
+}
+
+/// Datagram layout: flow index, sequence number, then a byte pattern of both.
+fn fill_datagram(buf: &mut [u8], flow: usize, seq: u64) {
+    buf[..8].copy_from_slice(&(flow as u64).to_le_bytes());
+    buf[8..16].copy_from_slice(&seq.to_le_bytes());
+    let pattern = (flow as u8) ^ (seq as u8);
+    buf[16..].fill(pattern);
+}
+
+fn is_datagram(buf: &[u8], flow: usize, size: usize) -> bool {
+    if buf.len() != size || size < 16 || buf[..8] != (flow as u64).to_le_bytes() {
+        return false;
+    }
+    let seq = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+    let pattern = (flow as u8) ^ (seq as u8);
+    buf[16..].iter().all(|&b| b == pattern)
+}
+
+fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::from([0, 0, 0, 0]),
+        IpAddr::V6(_) => IpAddr::from([0_u16; 8]),
+    }
+}
+
+fn nanos(d: Duration) -> u32 {
+    u32::try_from(d.as_nanos()).unwrap_or(u32::MAX)
+}
+
+/// Opens `count` connections that the server's kernel establishes but its application
+/// never accepts: idle flows through the proxy that hold no fd on the server side (this
+/// process could not hold both ends of 10,000 flows within its fd limit). The server
+/// namespace's somaxconn must allow the backlog. Dropping both results closes them.
+pub fn idle_tcp(
+    topo: &Topology,
+    ip: IpAddr,
+    port: u16,
+    count: usize,
+) -> (TcpListener, Vec<TcpStream>) {
+    let addr = SocketAddr::new(ip, port);
+    let listener = join(topo.in_server(move || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .expect("socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket.bind(&addr.into()).expect("bind idle listener");
+        let backlog = i32::try_from(count + 64).unwrap_or(i32::MAX);
+        socket.listen(backlog).expect("listen");
+        TcpListener::from(socket)
+    }));
+    (listener, connect_from_client(topo, addr, count))
+}
+
+/// `count` UDP flows, each one datagram echoed; returns the sockets (holding the flows
+/// open in the proxy until dropped) and how many were answered.
+pub fn udp_flows(topo: &Topology, ip: IpAddr, port: u16, count: usize) -> (Vec<UdpSocket>, u64) {
+    let server = join(topo.in_server(move || UdpSocket::bind((ip, port)).expect("bind udp")));
+    server.set_read_timeout(Some(POLL)).expect("timeout");
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut buf = [0_u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = server.recv_from(&mut buf) {
+                    let _ = server.send_to(&buf[..n], from);
+                }
+            }
+        })
+    };
+    let addr = SocketAddr::new(ip, port);
+    let (sockets, answered) = join(topo.in_client(move || {
+        // Flows open a batch at a time: a burst of all of them would overflow the one
+        // echo socket's receive buffer, which is not what this measures.
+        let deadline = Instant::now() + IO_TIMEOUT;
+        let mut sockets = Vec::with_capacity(count);
+        let mut answered = 0;
+        let mut buf = [0_u8; 64];
+        while sockets.len() < count {
+            let batch = (count - sockets.len()).min(UDP_FLOW_BATCH);
+            let opened = sockets.len();
+            for _ in 0..batch {
+                let socket = UdpSocket::bind((unspecified(ip), 0)).expect("bind udp client");
+                socket.connect(addr).expect("connect udp");
+                socket.send(b"flow").expect("send");
+                sockets.push(socket);
+            }
+            for socket in &sockets[opened..] {
+                // Lost datagrams share one deadline rather than a timeout each.
+                let left = deadline.saturating_duration_since(Instant::now());
+                socket
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .expect("timeout");
+                answered += u64::from(socket.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"flow"));
+            }
+        }
+        (sockets, answered)
+    }));
+    stop.store(true, Ordering::Relaxed);
+    join(echo);
+    (sockets, answered)
+}

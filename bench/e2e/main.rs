@@ -1,0 +1,660 @@
+//! End-to-end benchmark: every scenario on the direct path and through each proxy,
+//! interleaved, in two network namespaces this program builds and removes.
+//!
+//! Run as root: `cargo bench --bench e2e` (`-- --help` lists the options). A Markdown
+//! table goes to stdout, progress to stderr, raw results (JSON) and SVG charts to
+//! `target/bench-e2e/`.
+#![deny(unsafe_code)]
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+mod load;
+mod procfs;
+mod report;
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use argh::FromArgs;
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::unistd::Pid;
+
+use common::{Topology, wait_until};
+use load::Sample;
+
+const PROXY_BIN: &str = env!("CARGO_BIN_EXE_uringproxy");
+/// Policy-routing table whose only route, while a proxy runs, leads into its TUN.
+const ROUTE_TABLE: &str = "200";
+/// The server port that answers start-up probes (one byte echoed, then closed).
+const PROBE_PORT: u16 = 5000;
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// End-to-end benchmark of uringproxy against the direct path (run as root).
+#[derive(FromArgs)]
+struct Args {
+    /// seconds per scenario run (default 5)
+    #[argh(option, default = "5.0")]
+    seconds: f64,
+    /// rounds of every scenario; the median is reported (default 2)
+    #[argh(option, default = "2")]
+    rounds: usize,
+    /// another TUN proxy to run through the same scenarios, as a shell command in the
+    /// client namespace; {tun} and {iface} are replaced by the TUN name it must create
+    /// and the interface its outbound sockets must bind to (repeatable)
+    #[argh(option)]
+    compare: Vec<String>,
+    /// comma-separated scenarios to run (default: all)
+    #[argh(option)]
+    only: Option<String>,
+    /// offered rate of udp-echo, datagrams/s (default 50000)
+    #[argh(option, default = "50000")]
+    udp_rate: u64,
+    /// run against the server's IPv6 address instead of its IPv4 one
+    #[argh(switch)]
+    ipv6: bool,
+    /// skip the resource figures (start-up, idle RSS, idle flows, wake-ups)
+    #[argh(switch)]
+    no_resources: bool,
+    /// about one second per scenario and small resource figures: proves the harness
+    /// works, measures nothing
+    #[argh(switch)]
+    smoke: bool,
+    /// also copy the SVG charts into this directory (e.g. bench/charts)
+    #[argh(option)]
+    charts: Option<PathBuf>,
+    /// passed by `cargo bench`; ignored
+    #[argh(switch)]
+    #[allow(dead_code)]
+    bench: bool,
+}
+
+/// The scenarios, in the order they run and are reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    TcpUp1,
+    TcpDown1,
+    TcpUp8,
+    TcpDown8,
+    Rr,
+    Rr8x1k,
+    Crr,
+    UdpEcho,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 8] = [
+        Scenario::TcpUp1,
+        Scenario::TcpDown1,
+        Scenario::TcpUp8,
+        Scenario::TcpDown8,
+        Scenario::Rr,
+        Scenario::Rr8x1k,
+        Scenario::Crr,
+        Scenario::UdpEcho,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::TcpUp1 => "tcp-up-1",
+            Scenario::TcpDown1 => "tcp-down-1",
+            Scenario::TcpUp8 => "tcp-up-8",
+            Scenario::TcpDown8 => "tcp-down-8",
+            Scenario::Rr => "rr",
+            Scenario::Rr8x1k => "rr-8x1k",
+            Scenario::Crr => "crr",
+            Scenario::UdpEcho => "udp-echo",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Scenario::TcpUp1 | Scenario::TcpDown1 | Scenario::TcpUp8 | Scenario::TcpDown8 => {
+                "Gbit/s"
+            }
+            Scenario::Rr | Scenario::Rr8x1k => "trans/s",
+            Scenario::Crr => "conn/s",
+            Scenario::UdpEcho => "pkt/s",
+        }
+    }
+
+    /// The headline figure of a run, in [`Scenario::unit`].
+    pub fn value(self, sample: &Sample) -> f64 {
+        match self.unit() {
+            "Gbit/s" => sample.per_second() * 8.0 / 1e9,
+            _ => sample.per_second(),
+        }
+    }
+
+    fn run(self, topo: &Topology, ip: IpAddr, settings: &Settings) -> Sample {
+        let d = settings.duration;
+        match self {
+            Scenario::TcpUp1 => load::bulk(topo, ip, 5101, 1, true, d),
+            Scenario::TcpDown1 => load::bulk(topo, ip, 5102, 1, false, d),
+            Scenario::TcpUp8 => load::bulk(topo, ip, 5103, 8, true, d),
+            Scenario::TcpDown8 => load::bulk(topo, ip, 5104, 8, false, d),
+            Scenario::Rr => load::request_response(topo, ip, 5105, 1, 1, d),
+            Scenario::Rr8x1k => load::request_response(topo, ip, 5106, 8, 1024, d),
+            Scenario::Crr => load::connect_request_response(topo, ip, 5107, d),
+            Scenario::UdpEcho => load::udp_echo(topo, ip, 5108, 8, settings.udp_rate, 1024, d),
+        }
+    }
+}
+
+/// A path through which the scenarios run: direct, or a proxy command.
+pub struct Variant {
+    pub label: String,
+    /// Shell command with {tun} and {iface} placeholders; None for the direct path.
+    pub command: Option<String>,
+}
+
+struct Settings {
+    duration: Duration,
+    udp_rate: u64,
+    idle_window: Duration,
+    after_load_wait: Duration,
+    idle_tcp: [usize; 2],
+    udp_flows: usize,
+}
+
+/// One run of one scenario on one path.
+pub struct Run {
+    pub scenario: Scenario,
+    pub variant: usize,
+    pub round: usize,
+    pub outcome: Result<Measured, String>,
+}
+
+pub struct Measured {
+    pub sample: Sample,
+    /// The proxy's CPU time during the run, seconds (None on the direct path).
+    pub cpu_seconds: Option<f64>,
+    /// The proxy's peak RSS during the run, KiB.
+    pub peak_rss_kib: Option<u64>,
+}
+
+/// Resource figures of one proxy, from one start.
+#[derive(Default)]
+pub struct Resources {
+    pub startup: Option<Duration>,
+    pub idle_rss_kib: Option<u64>,
+    pub wakeups: Option<u64>,
+    pub wakeup_window: Duration,
+    /// (flows, RSS KiB) with that many idle TCP flows open.
+    pub tcp_flows_rss: Vec<(usize, Option<u64>)>,
+    pub udp_flows: usize,
+    pub udp_answered: u64,
+    pub udp_flows_rss_kib: Option<u64>,
+    pub load_peak_rss_kib: Option<u64>,
+    pub after_load_rss_kib: Option<u64>,
+    pub after_load_wait: Duration,
+    pub error: Option<String>,
+}
+
+/// Namespaces and proxy processes to remove if the benchmark is interrupted.
+static CLEANUP: Mutex<(Vec<String>, Vec<u32>)> = Mutex::new((Vec::new(), Vec::new()));
+
+/// Blocks the termination signals in every thread and lets one thread wait for them:
+/// on Ctrl-C the proxies are killed and the namespaces removed before exiting.
+fn handle_interrupts() {
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    signals.thread_block().expect("block termination signals");
+    thread::spawn(move || {
+        let signal = signals.wait().unwrap_or(Signal::SIGINT);
+        eprintln!("e2e: {signal}: removing namespaces");
+        let (namespaces, pids) = &*CLEANUP.lock().unwrap_or_else(|e| e.into_inner());
+        for &pid in pids {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        for ns in namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        std::process::exit(130);
+    });
+}
+
+fn cleanup_list() -> std::sync::MutexGuard<'static, (Vec<String>, Vec<u32>)> {
+    CLEANUP.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A proxy started for one run; stopped (SIGTERM, then SIGKILL) on drop.
+struct Running {
+    child: Child,
+    startup: Duration,
+}
+
+impl Running {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts `command` in the client namespace, routes the server into its TUN and
+    /// waits until a connection through it works.
+    fn start(
+        topo: &Topology,
+        command: &str,
+        server: IpAddr,
+        log: &File,
+    ) -> Result<Running, String> {
+        let command = command
+            .replace("{uringproxy}", PROXY_BIN)
+            .replace("{tun}", topo.tun_name())
+            .replace("{iface}", topo.client_veth());
+        let start = Instant::now();
+        let child = Command::new("ip")
+            .args(["netns", "exec", topo.client_ns(), "sh", "-c"])
+            .arg(format!("exec {command}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log.try_clone().map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("spawn `{command}`: {e}"))?;
+        cleanup_list().1.push(child.id());
+        let mut running = Running {
+            child,
+            startup: Duration::ZERO,
+        };
+        let (ns, tun) = (topo.client_ns(), topo.tun_name());
+        let mut exited = None;
+        let tun_exists = wait_until(STARTUP_TIMEOUT, || {
+            exited = running.child.try_wait().ok().flatten();
+            exited.is_none() && ip_ok(&format!("-n {ns} link show dev {tun}"))
+        });
+        if let Some(status) = exited {
+            return Err(format!("`{command}` exited ({status})"));
+        }
+        if !tun_exists {
+            return Err(format!(
+                "`{command}` made no TUN {tun} in {STARTUP_TIMEOUT:?}"
+            ));
+        }
+        // Whatever the proxy did itself: the TUN must be up and hold the route that
+        // the policy rule (see `route_server`) looks up.
+        let family = if server.is_ipv4() { "-4" } else { "-6" };
+        let routed = wait_until(STARTUP_TIMEOUT, || {
+            ip_ok(&format!("-n {ns} link set dev {tun} up"))
+                && ip_ok(&format!(
+                    "-n {ns} {family} route replace default dev {tun} table {ROUTE_TABLE}"
+                ))
+        });
+        if !routed {
+            return Err(format!("cannot route into {tun}"));
+        }
+        let probe = SocketAddr::new(server, PROBE_PORT);
+        let works =
+            common::join(topo.in_client(move || wait_until(STARTUP_TIMEOUT, || probe_once(probe))));
+        if !works {
+            return Err(format!(
+                "no connection through `{command}` in {STARTUP_TIMEOUT:?}"
+            ));
+        }
+        running.startup = start.elapsed();
+        Ok(running)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let pid = self.pid();
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        let exited = wait_until(Duration::from_secs(3), || {
+            self.child.try_wait().ok().flatten().is_some()
+        });
+        if !exited {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        cleanup_list().1.retain(|&p| p != pid);
+    }
+}
+
+fn ip_ok(args: &str) -> bool {
+    Command::new("ip")
+        .args(args.split_whitespace())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// One connection to the probe server: one byte there and back.
+fn probe_once(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut byte = [0_u8];
+    stream.write_all(b"p").is_ok() && stream.read_exact(&mut byte).is_ok() && byte == *b"p"
+}
+
+/// Answers start-up probes for as long as the benchmark runs.
+fn serve_probes(topo: &Topology, server: IpAddr) {
+    let listener =
+        common::join(topo.in_server(move || {
+            TcpListener::bind((server, PROBE_PORT)).expect("bind probe listener")
+        }));
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut byte = [0_u8];
+            if stream.read_exact(&mut byte).is_ok() {
+                let _ = stream.write_all(&byte);
+            }
+        }
+    });
+}
+
+/// Sends everything for `server` from the client namespace to the routing table that
+/// holds the TUN route while a proxy runs; without a proxy the table is empty and the
+/// lookup falls through to the direct route. Proxies bind their outbound sockets to the
+/// veth, which no route in that table leads to, so their own traffic goes direct.
+fn route_server(topo: &Topology, server: IpAddr) {
+    let ns = topo.client_ns();
+    let family = if server.is_ipv4() { "-4" } else { "-6" };
+    common::ip(&format!(
+        "-n {ns} {family} rule add to {server} table {ROUTE_TABLE}"
+    ));
+    // Crr and the idle-flow figures open tens of thousands of connections, and the
+    // idle flows wait in the server's accept queue.
+    let range = "net.ipv4.ip_local_port_range=10000 65000";
+    common::run("ip", &["netns", "exec", ns, "sysctl", "-qw", range]);
+    let backlog = "net.core.somaxconn=65535";
+    common::run(
+        "ip",
+        &["netns", "exec", topo.server_ns(), "sysctl", "-qw", backlog],
+    );
+}
+
+fn measure(
+    topo: &Topology,
+    scenario: Scenario,
+    variant: &Variant,
+    server: IpAddr,
+    settings: &Settings,
+    log: &File,
+) -> Result<Measured, String> {
+    let proxy = match &variant.command {
+        Some(command) => Some(Running::start(topo, command, server, log)?),
+        None => None,
+    };
+    let pid = proxy.as_ref().map(Running::pid);
+    if let Some(pid) = pid {
+        procfs::reset_peak_rss(pid);
+    }
+    let cpu_before = pid.and_then(procfs::cpu_seconds);
+    let sample = panic::catch_unwind(AssertUnwindSafe(|| scenario.run(topo, server, settings)))
+        .map_err(|e| panic_message(&e))?;
+    let cpu_seconds = pid
+        .and_then(procfs::cpu_seconds)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let peak_rss_kib = pid.and_then(procfs::peak_rss_kib);
+    Ok(Measured {
+        sample,
+        cpu_seconds,
+        peak_rss_kib,
+    })
+}
+
+fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
+}
+
+fn resources(
+    topo: &Topology,
+    command: &str,
+    server: IpAddr,
+    settings: &Settings,
+    log: &File,
+) -> Resources {
+    let mut figures = Resources {
+        udp_flows: settings.udp_flows,
+        tcp_flows_rss: settings.idle_tcp.iter().map(|&n| (n, None)).collect(),
+        wakeup_window: settings.idle_window,
+        after_load_wait: settings.after_load_wait,
+        ..Resources::default()
+    };
+    let proxy = match Running::start(topo, command, server, log) {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            figures.error = Some(e);
+            return figures;
+        }
+    };
+    let pid = proxy.pid();
+    figures.startup = Some(proxy.startup);
+    thread::sleep(Duration::from_secs(1));
+    figures.idle_rss_kib = procfs::rss_kib(pid);
+    let before = procfs::context_switches(pid);
+    thread::sleep(settings.idle_window);
+    figures.wakeups = procfs::context_switches(pid)
+        .zip(before)
+        .map(|(after, before)| after - before);
+
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut held = Vec::new();
+        let mut open = 0;
+        for (i, (count, rss)) in figures.tcp_flows_rss.iter_mut().enumerate() {
+            held.push(load::idle_tcp(topo, server, 5201 + i as u16, *count - open));
+            open = *count;
+            thread::sleep(Duration::from_millis(500));
+            *rss = procfs::rss_kib(pid);
+        }
+        drop(held);
+        thread::sleep(Duration::from_secs(1));
+        procfs::reset_peak_rss(pid);
+        load::bulk(topo, server, 5210, 8, true, settings.duration);
+        load::bulk(topo, server, 5211, 8, false, settings.duration);
+        figures.load_peak_rss_kib = procfs::peak_rss_kib(pid);
+        thread::sleep(settings.after_load_wait);
+        figures.after_load_rss_kib = procfs::rss_kib(pid);
+
+        let (sockets, answered) = load::udp_flows(topo, server, 5220, settings.udp_flows);
+        thread::sleep(Duration::from_millis(500));
+        figures.udp_answered = answered;
+        figures.udp_flows_rss_kib = procfs::rss_kib(pid);
+        drop(sockets);
+    }));
+    if let Err(e) = outcome {
+        figures.error = Some(panic_message(&e));
+    }
+    figures
+}
+
+fn main() {
+    let args: Args = argh::from_env();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("e2e: needs root (it builds network namespaces); run it with sudo");
+        std::process::exit(1);
+    }
+    handle_interrupts();
+    let scenarios: Vec<Scenario> = match &args.only {
+        None => Scenario::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|name| {
+                Scenario::ALL
+                    .into_iter()
+                    .find(|s| s.name() == name.trim())
+                    .unwrap_or_else(|| {
+                        eprintln!("e2e: unknown scenario {name:?}");
+                        std::process::exit(2)
+                    })
+            })
+            .collect(),
+    };
+    let settings = if args.smoke {
+        Settings {
+            duration: Duration::from_millis(300),
+            udp_rate: args.udp_rate.min(5_000),
+            idle_window: Duration::from_secs(1),
+            after_load_wait: Duration::from_secs(1),
+            idle_tcp: [20, 100],
+            udp_flows: 20,
+        }
+    } else {
+        Settings {
+            duration: Duration::from_secs_f64(args.seconds),
+            udp_rate: args.udp_rate,
+            idle_window: Duration::from_secs(20),
+            after_load_wait: Duration::from_secs(5),
+            idle_tcp: [1_000, 10_000],
+            udp_flows: 1_000,
+        }
+    };
+    let rounds = if args.smoke { 1 } else { args.rounds.max(1) };
+
+    let mut variants = vec![
+        Variant {
+            label: "direct".into(),
+            command: None,
+        },
+        Variant {
+            label: "uringproxy".into(),
+            command: Some("{uringproxy} -i {iface} --tun {tun}".into()),
+        },
+        Variant {
+            label: "uringproxy --no-offload".into(),
+            command: Some("{uringproxy} -i {iface} --tun {tun} --no-offload".into()),
+        },
+    ];
+    for (i, command) in args.compare.iter().enumerate() {
+        variants.push(Variant {
+            label: format!("compare {}", i + 1),
+            command: Some(command.clone()),
+        });
+    }
+
+    // The client end of every idle flow lives in this process.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("RLIMIT_NOFILE");
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e");
+    fs::create_dir_all(&out_dir).expect("create target/bench-e2e");
+    let log_path = out_dir.join("proxies.log");
+    let log = File::create(&log_path).expect("create proxy log");
+
+    let topo = Topology::new();
+    cleanup_list()
+        .0
+        .extend([topo.client_ns().to_string(), topo.server_ns().to_string()]);
+    let server = if args.ipv6 {
+        topo.server_v6()
+    } else {
+        topo.server_v4()
+    };
+    route_server(&topo, server);
+    serve_probes(&topo, server);
+
+    let total = rounds * scenarios.len() * variants.len();
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        for &scenario in &scenarios {
+            // Alternate the order so that drift in machine load does not always favour
+            // the same path.
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..variants.len()).collect()
+            } else {
+                (0..variants.len()).rev().collect()
+            };
+            for v in order {
+                let variant = &variants[v];
+                let outcome = measure(&topo, scenario, variant, server, &settings, &log);
+                eprintln!(
+                    "[{}/{total}] round {} {} via {}: {}",
+                    runs.len() + 1,
+                    round + 1,
+                    scenario.name(),
+                    variant.label,
+                    report::describe(scenario, &outcome)
+                );
+                runs.push(Run {
+                    scenario,
+                    variant: v,
+                    round,
+                    outcome,
+                });
+            }
+        }
+    }
+
+    let mut figures = Vec::new();
+    if !args.no_resources {
+        for (v, variant) in variants.iter().enumerate() {
+            let Some(command) = &variant.command else {
+                continue;
+            };
+            eprintln!("resources of {}...", variant.label);
+            let result = resources(&topo, command, server, &settings, &log);
+            if let Some(e) = &result.error {
+                eprintln!("resources of {}: {e}", variant.label);
+            }
+            figures.push((v, result));
+        }
+    }
+
+    let date = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let context = report::Context {
+        machine: procfs::machine(),
+        unix_time: date,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        seconds: settings.duration.as_secs_f64(),
+        rounds,
+        udp_rate: settings.udp_rate,
+        family: if args.ipv6 { "IPv6" } else { "IPv4" },
+        smoke: args.smoke,
+    };
+    let summary = report::summarize(&scenarios, &variants, &runs);
+    print!(
+        "{}",
+        report::markdown(&context, &variants, &summary, &figures)
+    );
+
+    let json = report::json(&context, &variants, &runs, &summary, &figures);
+    fs::write(out_dir.join("results.json"), json).expect("write results.json");
+    let charts = report::charts(&variants, &summary, &figures);
+    for (name, svg) in &charts {
+        fs::write(out_dir.join(name), svg).expect("write chart");
+        if let Some(dir) = &args.charts {
+            fs::create_dir_all(dir).expect("create charts directory");
+            fs::write(dir.join(name), svg).expect("write chart");
+        }
+    }
+    eprintln!(
+        "raw results and charts in {}; proxy output in {}",
+        out_dir.display(),
+        log_path.display()
+    );
+    drop(log);
+    drop(topo);
+
+    // A smoke run proves the harness: every run must have worked without a single
+    // failed operation.
+    let failed = runs
+        .iter()
+        .filter(|run| match &run.outcome {
+            Err(_) => true,
+            Ok(m) => args.smoke && m.sample.errors > 0,
+        })
+        .count()
+        + figures.iter().filter(|(_, r)| r.error.is_some()).count();
+    if failed > 0 {
+        eprintln!("e2e: {failed} runs failed (see above)");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,690 @@
+//! Results: medians per scenario and path, the Markdown table, JSON and SVG charts.
+
+use std::fmt::Write;
+
+use crate::load::Sample;
+use crate::{Measured, Resources, Run, Scenario, Variant};
+
+pub struct Context {
+    pub machine: String,
+    pub unix_time: u64,
+    pub command: String,
+    pub seconds: f64,
+    pub rounds: usize,
+    pub udp_rate: u64,
+    pub family: &'static str,
+    pub smoke: bool,
+}
+
+/// Medians over the rounds of one scenario on one path.
+#[derive(Default)]
+pub struct Cell {
+    pub value: Option<f64>,
+    /// `value` over the direct path's.
+    pub ratio: Option<f64>,
+    /// p50, p99, p99.9 in microseconds (rr, crr).
+    pub latency_us: Option<[f64; 3]>,
+    /// Proxy CPU time over wall time, in % of one core.
+    pub cpu_pct: Option<f64>,
+    pub cpu_s_per_gb: Option<f64>,
+    /// Proxy CPU time per transaction, connection or datagram, microseconds.
+    pub cpu_us_per_op: Option<f64>,
+    /// Highest of the runs' peaks.
+    pub peak_rss_kib: Option<u64>,
+    /// Share of offered datagrams echoed back (udp-echo).
+    pub answered_pct: Option<f64>,
+    /// Failed operations summed over the runs, and messages of runs that failed.
+    pub errors: u64,
+    pub failures: Vec<String>,
+}
+
+pub struct Summary {
+    pub scenarios: Vec<Scenario>,
+    /// Indexed [scenario][variant].
+    pub cells: Vec<Vec<Cell>>,
+}
+
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// p50, p99 and p99.9 of latencies in nanoseconds, as microseconds.
+fn percentiles(latencies: &[u32]) -> Option<[f64; 3]> {
+    if latencies.is_empty() {
+        return None;
+    }
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    let at = |q: f64| {
+        let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+        f64::from(sorted[index]) / 1e3
+    };
+    Some([at(0.5), at(0.99), at(0.999)])
+}
+
+fn cpu_pct(m: &Measured) -> Option<f64> {
+    Some(m.cpu_seconds? / m.sample.elapsed.as_secs_f64() * 100.0)
+}
+
+fn cpu_s_per_gb(m: &Measured) -> Option<f64> {
+    let gb = m.sample.bytes as f64 / 1e9;
+    (gb > 0.0).then_some(m.cpu_seconds? / gb)
+}
+
+fn cpu_us_per_op(scenario: Scenario, m: &Measured) -> Option<f64> {
+    if scenario.unit() == "Gbit/s" || m.sample.units == 0 {
+        return None;
+    }
+    Some(m.cpu_seconds? / m.sample.units as f64 * 1e6)
+}
+
+fn answered_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
+    (scenario == Scenario::UdpEcho && sample.offered > 0)
+        .then(|| sample.units as f64 / sample.offered as f64 * 100.0)
+}
+
+pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> Summary {
+    let cells = scenarios
+        .iter()
+        .map(|&scenario| {
+            let mut row: Vec<Cell> = (0..variants.len())
+                .map(|v| {
+                    let of_cell = || {
+                        runs.iter()
+                            .filter(move |r| r.scenario == scenario && r.variant == v)
+                    };
+                    let measured: Vec<&Measured> =
+                        of_cell().filter_map(|r| r.outcome.as_ref().ok()).collect();
+                    let med = |f: &dyn Fn(&Measured) -> Option<f64>| {
+                        median(&mut measured.iter().filter_map(|m| f(m)).collect::<Vec<_>>())
+                    };
+                    let latencies: Vec<[f64; 3]> = measured
+                        .iter()
+                        .filter_map(|m| percentiles(&m.sample.latencies))
+                        .collect();
+                    let latency_us = (!latencies.is_empty()).then(|| {
+                        [0, 1, 2].map(|i| {
+                            median(&mut latencies.iter().map(|l| l[i]).collect::<Vec<_>>())
+                                .unwrap_or(0.0)
+                        })
+                    });
+                    Cell {
+                        value: med(&|m| Some(scenario.value(&m.sample))),
+                        ratio: None,
+                        latency_us,
+                        cpu_pct: med(&cpu_pct),
+                        cpu_s_per_gb: med(&cpu_s_per_gb),
+                        cpu_us_per_op: med(&|m| cpu_us_per_op(scenario, m)),
+                        peak_rss_kib: measured.iter().filter_map(|m| m.peak_rss_kib).max(),
+                        answered_pct: med(&|m| answered_pct(scenario, &m.sample)),
+                        errors: measured.iter().map(|m| m.sample.errors).sum(),
+                        failures: of_cell()
+                            .filter_map(|r| r.outcome.as_ref().err().cloned())
+                            .collect(),
+                    }
+                })
+                .collect();
+            let direct = row
+                .iter()
+                .zip(variants)
+                .find(|(_, v)| v.command.is_none())
+                .and_then(|(cell, _)| cell.value);
+            for cell in &mut row {
+                cell.ratio = cell.value.zip(direct).map(|(v, d)| v / d);
+            }
+            row
+        })
+        .collect();
+    Summary {
+        scenarios: scenarios.to_vec(),
+        cells,
+    }
+}
+
+/// One line of progress about a finished run.
+pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> String {
+    match outcome {
+        Err(e) => format!("failed: {e}"),
+        Ok(m) => {
+            let mut text = format_value(scenario, scenario.value(&m.sample));
+            if let Some(pct) = answered_pct(scenario, &m.sample) {
+                let _ = write!(text, " ({pct:.1}% answered)");
+            }
+            if let Some(cpu) = cpu_pct(m) {
+                let _ = write!(text, ", proxy CPU {cpu:.0}%");
+            }
+            if m.sample.errors > 0 {
+                let _ = write!(text, ", {} errors", m.sample.errors);
+            }
+            text
+        }
+    }
+}
+
+fn format_value(scenario: Scenario, value: f64) -> String {
+    match scenario.unit() {
+        "Gbit/s" => format!("{value:.2} Gbit/s"),
+        unit => format!("{} {unit}", thousands(value)),
+    }
+}
+
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn opt(value: Option<f64>, digits: usize) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn date(unix_time: u64) -> String {
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let days = (unix_time / 86_400) as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let doe = days.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+pub fn markdown(
+    context: &Context,
+    variants: &[Variant],
+    summary: &Summary,
+    resources: &[(usize, Resources)],
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "## uringproxy end-to-end benchmark\n");
+    if context.smoke {
+        let _ = writeln!(md, "**Smoke run: the numbers below mean nothing.**\n");
+    }
+    let _ = writeln!(
+        md,
+        "{}; {}; {}; {:.1} s per run, median of {} round(s); udp-echo offers {} datagrams/s \
+         of 1 KiB over 8 flows. `{}`\n",
+        date(context.unix_time),
+        context.machine,
+        context.family,
+        context.seconds,
+        context.rounds,
+        thousands(context.udp_rate as f64),
+        context.command
+    );
+    for variant in variants {
+        if let Some(command) = &variant.command {
+            let _ = writeln!(md, "- {}: `{command}`", variant.label);
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n| scenario | path | result | vs direct | latency p50 / p99 / p99.9 (µs) | \
+         proxy CPU (% of a core) | proxy CPU-s per GB | proxy CPU µs per op | proxy peak RSS |"
+    );
+    let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+    for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
+        for (variant, cell) in variants.iter().zip(row) {
+            let mut result = cell
+                .value
+                .map_or_else(|| "failed".into(), |v| format_value(*scenario, v));
+            if let Some(pct) = cell.answered_pct {
+                let _ = write!(result, " ({pct:.1}% answered)");
+            }
+            if cell.errors > 0 || !cell.failures.is_empty() {
+                let _ = write!(
+                    result,
+                    " ({} errors, {} failed runs)",
+                    cell.errors,
+                    cell.failures.len()
+                );
+            }
+            let latency = cell.latency_us.map_or_else(
+                || "".into(),
+                |[p50, p99, p999]| format!("{p50:.0} / {p99:.0} / {p999:.0}"),
+            );
+            let proxied = variant.command.is_some();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {result} | {} | {latency} | {} | {} | {} | {} |",
+                scenario.name(),
+                variant.label,
+                opt(cell.ratio, 2),
+                if proxied {
+                    opt(cell.cpu_pct, 0)
+                } else {
+                    "".into()
+                },
+                if proxied {
+                    opt(cell.cpu_s_per_gb, 2)
+                } else {
+                    "".into()
+                },
+                if proxied {
+                    opt(cell.cpu_us_per_op, 1)
+                } else {
+                    "".into()
+                },
+                if proxied {
+                    mib(cell.peak_rss_kib)
+                } else {
+                    "".into()
+                },
+            );
+        }
+    }
+    if resources.is_empty() {
+        return md;
+    }
+    let _ = write!(md, "\n| resource |");
+    for (v, _) in resources {
+        let _ = write!(md, " {} |", variants[*v].label);
+    }
+    let _ = write!(md, "\n|---|");
+    for _ in resources {
+        let _ = write!(md, "--:|");
+    }
+    md.push('\n');
+    let mut row = |name: String, cell: &dyn Fn(&Resources) -> String| {
+        let _ = write!(md, "| {name} |");
+        for (_, figures) in resources {
+            let _ = write!(md, " {} |", cell(figures));
+        }
+        md.push('\n');
+    };
+    let first = &resources[0].1;
+    row("start-up to a working TUN".into(), &|r| {
+        r.startup
+            .map_or_else(|| "-".into(), |d| format!("{} ms", d.as_millis()))
+    });
+    row("RSS idle".into(), &|r| mib(r.idle_rss_kib));
+    row(
+        format!("wake-ups in {} s idle", first.wakeup_window.as_secs()),
+        &|r| r.wakeups.map_or_else(|| "-".into(), |w| w.to_string()),
+    );
+    for (i, &(flows, _)) in first.tcp_flows_rss.iter().enumerate() {
+        row(
+            format!("RSS with {} idle TCP flows", thousands(flows as f64)),
+            &|r| {
+                let Some(&(flows, rss)) = r.tcp_flows_rss.get(i) else {
+                    return "-".into();
+                };
+                match rss.zip(r.idle_rss_kib) {
+                    Some((rss, idle)) => format!(
+                        "{} ({:.0} B/flow)",
+                        mib(Some(rss)),
+                        (rss as f64 - idle as f64) * 1024.0 / flows as f64
+                    ),
+                    None => "-".into(),
+                }
+            },
+        );
+    }
+    row(
+        format!("RSS with {} UDP flows", thousands(first.udp_flows as f64)),
+        &|r| format!("{} ({} answered)", mib(r.udp_flows_rss_kib), r.udp_answered),
+    );
+    row("peak RSS, 8 streams up then down".into(), &|r| {
+        mib(r.load_peak_rss_kib)
+    });
+    row(
+        format!("RSS {} s after that load", first.after_load_wait.as_secs()),
+        &|r| mib(r.after_load_rss_kib),
+    );
+    for (v, figures) in resources {
+        if let Some(e) = &figures.error {
+            let _ = writeln!(md, "\n{}: {e}", variants[*v].label);
+        }
+    }
+    md
+}
+
+fn json_str(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_num(value: Option<f64>) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{v}"),
+        _ => "null".into(),
+    }
+}
+
+fn json_int(value: Option<u64>) -> String {
+    value.map_or_else(|| "null".into(), |v| v.to_string())
+}
+
+fn json_latency(latency: Option<[f64; 3]>) -> String {
+    latency.map_or_else(
+        || "null".into(),
+        |[p50, p99, p999]| format!(r#"{{"p50":{p50},"p99":{p99},"p999":{p999}}}"#),
+    )
+}
+
+pub fn json(
+    context: &Context,
+    variants: &[Variant],
+    runs: &[Run],
+    summary: &Summary,
+    resources: &[(usize, Resources)],
+) -> String {
+    let mut out = String::from("{\n");
+    let _ = writeln!(
+        out,
+        r#""machine":{},"unix_time":{},"command":{},"seconds_per_run":{},"rounds":{},"udp_rate":{},"family":{},"smoke":{},"#,
+        json_str(&context.machine),
+        context.unix_time,
+        json_str(&context.command),
+        context.seconds,
+        context.rounds,
+        context.udp_rate,
+        json_str(context.family),
+        context.smoke
+    );
+    let list = |items: Vec<String>| format!("[\n{}\n]", items.join(",\n"));
+    let variant_items = variants
+        .iter()
+        .map(|v| {
+            let command = v.command.as_deref().map_or_else(|| "null".into(), json_str);
+            format!(r#"{{"label":{},"command":{command}}}"#, json_str(&v.label))
+        })
+        .collect();
+    let _ = writeln!(out, r#""variants":{},"#, list(variant_items));
+    let run_items = runs
+        .iter()
+        .map(|run| {
+            let head = format!(
+                r#""scenario":{},"variant":{},"round":{}"#,
+                json_str(run.scenario.name()),
+                json_str(&variants[run.variant].label),
+                run.round + 1
+            );
+            match &run.outcome {
+                Err(e) => format!(r#"{{{head},"error":{}}}"#, json_str(e)),
+                Ok(m) => format!(
+                    r#"{{{head},"value":{},"unit":{},"units":{},"bytes":{},"elapsed_s":{},"offered":{},"errors":{},"latency_us":{},"cpu_seconds":{},"peak_rss_kib":{}}}"#,
+                    json_num(Some(run.scenario.value(&m.sample))),
+                    json_str(run.scenario.unit()),
+                    m.sample.units,
+                    m.sample.bytes,
+                    m.sample.elapsed.as_secs_f64(),
+                    m.sample.offered,
+                    m.sample.errors,
+                    json_latency(percentiles(&m.sample.latencies)),
+                    json_num(m.cpu_seconds),
+                    json_int(m.peak_rss_kib),
+                ),
+            }
+        })
+        .collect();
+    let _ = writeln!(out, r#""runs":{},"#, list(run_items));
+    let mut summary_items = Vec::new();
+    for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
+        for (variant, cell) in variants.iter().zip(row) {
+            summary_items.push(format!(
+                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"errors":{},"failed_runs":{}}}"#,
+                json_str(scenario.name()),
+                json_str(&variant.label),
+                json_num(cell.value),
+                json_str(scenario.unit()),
+                json_num(cell.ratio),
+                json_latency(cell.latency_us),
+                json_num(cell.cpu_pct),
+                json_num(cell.cpu_s_per_gb),
+                json_num(cell.cpu_us_per_op),
+                json_int(cell.peak_rss_kib),
+                json_num(cell.answered_pct),
+                cell.errors,
+                cell.failures.len(),
+            ));
+        }
+    }
+    let _ = writeln!(out, r#""summary":{},"#, list(summary_items));
+    let resource_items = resources
+        .iter()
+        .map(|(v, r)| {
+            let tcp: Vec<String> = r
+                .tcp_flows_rss
+                .iter()
+                .map(|&(flows, rss)| format!(r#"{{"flows":{flows},"rss_kib":{}}}"#, json_int(rss)))
+                .collect();
+            format!(
+                r#"{{"variant":{},"startup_ms":{},"idle_rss_kib":{},"wakeups":{},"wakeup_window_s":{},"tcp_idle_flows":[{}],"udp_flows":{},"udp_answered":{},"udp_flows_rss_kib":{},"load_peak_rss_kib":{},"after_load_rss_kib":{},"after_load_wait_s":{},"error":{}}}"#,
+                json_str(&variants[*v].label),
+                json_num(r.startup.map(|d| d.as_secs_f64() * 1e3)),
+                json_int(r.idle_rss_kib),
+                json_int(r.wakeups),
+                r.wakeup_window.as_secs_f64(),
+                tcp.join(","),
+                r.udp_flows,
+                r.udp_answered,
+                json_int(r.udp_flows_rss_kib),
+                json_int(r.load_peak_rss_kib),
+                json_int(r.after_load_rss_kib),
+                r.after_load_wait.as_secs_f64(),
+                r.error.as_deref().map_or_else(|| "null".into(), json_str),
+            )
+        })
+        .collect();
+    let _ = writeln!(out, r#""resources":{}"#, list(resource_items));
+    out.push_str("}\n");
+    out
+}
+
+/// One bar of a chart: which series (colour) it belongs to, its length and its label.
+struct Bar {
+    series: usize,
+    value: f64,
+    label: String,
+}
+
+struct Group {
+    name: String,
+    bars: Vec<Bar>,
+}
+
+const COLOURS: [&str; 6] = [
+    "#8c8c8c", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#d62728",
+];
+const BAR: f64 = 14.0;
+const LEFT: f64 = 120.0;
+const WIDTH: f64 = 760.0;
+const LABEL_ROOM: f64 = 170.0;
+
+/// A horizontal grouped bar chart; bar lengths are relative to the largest value.
+fn bar_chart(title: &str, series: &[&str], groups: &[Group]) -> String {
+    let max = groups
+        .iter()
+        .flat_map(|g| &g.bars)
+        .map(|b| b.value)
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max)
+        .max(f64::MIN_POSITIVE);
+    let scale = (WIDTH - LEFT - LABEL_ROOM) / max;
+    let legend_rows = series.len().div_ceil(3) as f64;
+    let mut y = 40.0 + legend_rows * 18.0;
+    let mut body = String::new();
+    for group in groups {
+        let height = group.bars.len() as f64 * (BAR + 2.0);
+        let _ = writeln!(
+            body,
+            r#"<text x="{}" y="{:.1}" text-anchor="end" dominant-baseline="middle">{}</text>"#,
+            LEFT - 8.0,
+            y + height / 2.0,
+            xml(&group.name)
+        );
+        for bar in &group.bars {
+            let length = if bar.value.is_finite() {
+                bar.value * scale
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                body,
+                r#"<rect x="{LEFT}" y="{y:.1}" width="{length:.1}" height="{BAR}" fill="{}"/><text x="{:.1}" y="{:.1}" dominant-baseline="middle" font-size="11">{}</text>"#,
+                COLOURS[bar.series % COLOURS.len()],
+                LEFT + length + 4.0,
+                y + BAR / 2.0,
+                xml(&bar.label)
+            );
+            y += BAR + 2.0;
+        }
+        y += 10.0;
+    }
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{:.0}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="20" font-size="14" font-weight="bold">{}</text>
+"#,
+        y + 10.0,
+        xml(title)
+    );
+    for (i, name) in series.iter().enumerate() {
+        let (x, ly) = (10.0 + (i % 3) as f64 * 250.0, 34.0 + (i / 3) as f64 * 18.0);
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x}" y="{ly}" width="12" height="12" fill="{}"/><text x="{}" y="{}" dominant-baseline="middle">{}</text>"#,
+            COLOURS[i % COLOURS.len()],
+            x + 16.0,
+            ly + 6.0,
+            xml(name)
+        );
+    }
+    svg.push_str(&body);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn xml(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Throughput relative to direct, proxy CPU, and proxy memory, as (file name, SVG).
+pub fn charts(
+    variants: &[Variant],
+    summary: &Summary,
+    resources: &[(usize, Resources)],
+) -> Vec<(&'static str, String)> {
+    let labels: Vec<&str> = variants.iter().map(|v| v.label.as_str()).collect();
+    let per_scenario = |bar: &dyn Fn(Scenario, usize, &Cell) -> Option<Bar>| -> Vec<Group> {
+        summary
+            .scenarios
+            .iter()
+            .zip(&summary.cells)
+            .map(|(&scenario, row)| Group {
+                name: scenario.name().into(),
+                bars: row
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(v, cell)| bar(scenario, v, cell))
+                    .collect(),
+            })
+            .collect()
+    };
+    let throughput = per_scenario(&|scenario, v, cell| {
+        Some(Bar {
+            series: v,
+            value: cell.ratio.unwrap_or(0.0),
+            label: match (cell.value, cell.ratio) {
+                (Some(value), Some(ratio)) => {
+                    format!("{} ({ratio:.2})", format_value(scenario, value))
+                }
+                _ => "failed".into(),
+            },
+        })
+    });
+    let cpu = per_scenario(&|_, v, cell| {
+        variants[v].command.as_ref()?;
+        Some(Bar {
+            series: v,
+            value: cell.cpu_pct.unwrap_or(0.0),
+            label: match (cell.cpu_pct, cell.cpu_s_per_gb) {
+                (Some(pct), Some(per_gb)) => format!("{pct:.0}% ({per_gb:.2} CPU-s/GB)"),
+                (Some(pct), None) => format!("{pct:.0}%"),
+                _ => "-".into(),
+            },
+        })
+    });
+    let mut memory = Vec::new();
+    if let Some((_, first)) = resources.first() {
+        let mut figure = |name: String, kib: &dyn Fn(&Resources) -> Option<u64>| {
+            memory.push(Group {
+                name,
+                bars: resources
+                    .iter()
+                    .map(|(v, r)| Bar {
+                        series: *v,
+                        value: kib(r).unwrap_or(0) as f64,
+                        label: mib(kib(r)),
+                    })
+                    .collect(),
+            });
+        };
+        figure("idle".into(), &|r| r.idle_rss_kib);
+        for (i, &(flows, _)) in first.tcp_flows_rss.iter().enumerate() {
+            figure(format!("{} TCP flows", thousands(flows as f64)), &|r| {
+                r.tcp_flows_rss.get(i)?.1
+            });
+        }
+        figure(
+            format!("{} UDP flows", thousands(first.udp_flows as f64)),
+            &|r| r.udp_flows_rss_kib,
+        );
+        figure("peak, 8 streams".into(), &|r| r.load_peak_rss_kib);
+        figure(
+            format!("{} s after load", first.after_load_wait.as_secs()),
+            &|r| r.after_load_rss_kib,
+        );
+    }
+    vec![
+        (
+            "throughput.svg",
+            bar_chart(
+                "Throughput relative to the direct path (higher is better)",
+                &labels,
+                &throughput,
+            ),
+        ),
+        (
+            "cpu.svg",
+            bar_chart("Proxy CPU, % of one core (lower is better)", &labels, &cpu),
+        ),
+        (
+            "memory.svg",
+            bar_chart("Proxy resident memory (RSS)", &labels, &memory),
+        ),
+    ]
+}
