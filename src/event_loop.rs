@@ -23,7 +23,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::relay::datagram::{self, Datagram, DatagramRelay};
+use crate::relay::datagram::{Datagram, DatagramRelay};
 use crate::relay::{Failure, Phase, Relay, Teardown};
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stack::unreachable::{self, Quote, Reason};
@@ -37,7 +37,6 @@ use crate::uring::{self, BufRing, Completion, Op, Ring, Token};
 /// segmentation offload.
 const TUN_READ_BUFFERS: u16 = 512;
 const TUN_READ_BUFFERS_TSO: u16 = 256;
-const _: () = assert!(datagram::SEND_SLOTS >= TUN_READ_BUFFERS);
 /// Buffer group id of the TUN read buffers.
 const TUN_READ_GROUP: u16 = 0;
 /// TUN write buffers; when all are in flight smoltcp holds data back.
@@ -53,6 +52,8 @@ const MAX_TIMERS_PER_TURN: usize = 1024;
 /// goes back to the kernel: glibc keeps the freed heap (each flow's state and smoltcp
 /// socket, ~2.7 KiB) mapped, and 10,000 closed flows left RSS 27 MiB above idle.
 const TRIM_AFTER_CLOSED_FLOWS: usize = 1024;
+/// How often idle datagram flows are looked for and a heap trim is considered.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Bytes of server data staged per flow between a recv and the smoltcp send buffer.
 const STAGING_BYTES: usize = 128 * 1024;
 /// Idle time before either side of a flow is probed for liveness, the probe interval,
@@ -470,7 +471,10 @@ impl Proxy {
         if !self.work.is_empty() {
             return Some(Duration::ZERO);
         }
-        let udp_sweep = (self.datagrams.active() > 0).then(|| {
+        // Idle datagram flows must expire, and a pending heap trim must not wait for
+        // traffic that may never come.
+        let trim_due = self.flows_high_water >= self.flows.len() + TRIM_AFTER_CLOSED_FLOWS;
+        let housekeeping = (self.datagrams.active() > 0 || trim_due).then(|| {
             self.next_housekeeping
                 .saturating_duration_since(std::time::Instant::now())
         });
@@ -482,7 +486,7 @@ impl Proxy {
                 Duration::ZERO
             }
         });
-        match (timer, udp_sweep) {
+        match (timer, housekeeping) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -804,7 +808,7 @@ impl Proxy {
         if now < self.next_housekeeping {
             return;
         }
-        self.next_housekeeping = now + datagram::SWEEP_INTERVAL;
+        self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
         self.datagrams.expire(&mut self.ring, now);
         let open = self.flows.len();
         if self.flows_high_water >= open + TRIM_AFTER_CLOSED_FLOWS {

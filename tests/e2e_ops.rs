@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
 use common::{KIB, Topology, abort, echo, exchange, join, recv_to_end, send_payload, wait_until};
 
 const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
@@ -104,6 +106,13 @@ fn memory_of_closed_flows_is_returned() {
     };
     // Without offload: its buffer pools become resident as they are used, which would
     // blur what the flows themselves cost.
+    // This process holds one socket per flow.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("RLIMIT_NOFILE");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise RLIMIT_NOFILE");
+    assert!(
+        hard >= FLOWS as u64 + 256,
+        "fd limit {hard} too low for {FLOWS} flows"
+    );
     let proxy = topo.start_proxy(&["--no-offload"]);
     let baseline_fds = proxy.settled_fd_count();
     let baseline = proxy.rss_kib();

@@ -30,14 +30,13 @@ const MAX_DATAGRAM: usize = 65507;
 const RECV_BUFFERS: u16 = 256;
 /// Buffer group id of those buffers (the TUN reads use group 0).
 const RECV_GROUP: u16 = 1;
-/// Datagrams from clients waiting for their send to complete, across all flows. Sends
-/// complete at the next submit unless a socket buffer is full, so slots run out only if
-/// one turn reads more datagrams than this: the event loop reads at most as many TUN
-/// packets as it has read buffers (a burst of 1,000 new flows lost a quarter of its
-/// datagrams with 256 slots and 512 buffers). Slot pages are touched only when used.
+/// Datagrams from clients waiting for their send to complete, across all flows. A send
+/// completes at the next submit unless its socket buffer is full, so this many lets a
+/// full turn of TUN reads without offload (512 packets) be in flight at once: with 256,
+/// a burst of 1,000 new flows lost a quarter of its datagrams. Bursts beyond it (sends
+/// of the previous turn still pending, USO super-packets split into many datagrams) are
+/// dropped and counted (`udp-no-send-slot`). Slot pages are touched only when used.
 pub const SEND_SLOTS: u16 = 512;
-/// Idle flows are looked for this often.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Idle timeout of ping flows: `ping` sends one request a second.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -34,6 +34,8 @@ enum ClientFin {
     NotSeen,
     /// Received, but client bytes before it are still on their way to the server.
     Seen,
+    /// Asked of the event loop (which does it at once today; the relay does not rely on
+    /// that).
     ShutdownInFlight,
     Forwarded,
 }

@@ -250,11 +250,16 @@ fn set_capabilities(caps: u32) -> io::Result<()> {
 }
 
 /// Hands free heap pages back to the kernel (glibc otherwise keeps them mapped).
+#[cfg(target_env = "gnu")]
 pub fn release_free_heap() {
     // SAFETY: malloc_trim has no preconditions; it only walks the allocator's own free
     // lists (under the allocator's lock) and returns whole free pages with madvise.
     unsafe { libc::malloc_trim(0) };
 }
+
+/// Other C libraries have no malloc_trim; their allocators decide for themselves.
+#[cfg(not(target_env = "gnu"))]
+pub fn release_free_heap() {}
 
 /// Raises the soft RLIMIT_NOFILE towards `want` (capped by the hard limit); returns the result.
 pub fn raise_fd_limit(want: u64) -> u64 {
