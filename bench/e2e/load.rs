@@ -1,20 +1,21 @@
 //! Load generators: each scenario's server runs in the server namespace and its clients
 //! in the client namespace, on plain blocking sockets, bounded in time and count.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::{Topology, join};
+use crate::common::{Topology, is_timeout, join};
+use crate::procfs;
 
 /// Write/read size of bulk streams.
 const BULK_CHUNK: usize = 256 * 1024;
 /// Bound on every blocking socket call, so a broken path ends a run instead of hanging it.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often blocked bulk readers look at the clock.
+/// How often blocked readers look at the clock.
 const POLL: Duration = Duration::from_millis(200);
 /// Latency samples kept per client thread; a run stops early when they are full.
 const MAX_SAMPLES: usize = 4_000_000;
@@ -22,6 +23,11 @@ const MAX_SAMPLES: usize = 4_000_000;
 const UDP_BURST: u64 = 64;
 /// UDP flows opened (one datagram each) before waiting for their echoes.
 const UDP_FLOW_BATCH: usize = 64;
+/// How long echoes may keep arriving after the last datagram was sent.
+const UDP_DRAIN: Duration = Duration::from_secs(1);
+/// Payload of each udp-echo datagram, and the flows they are spread over.
+pub const UDP_ECHO_SIZE: usize = 1024;
+pub const UDP_ECHO_FLOWS: usize = 8;
 
 /// What one run of a scenario measured, from the application's point of view.
 #[derive(Clone, Debug, Default)]
@@ -35,7 +41,7 @@ pub struct Sample {
     pub latencies: Vec<u32>,
     /// Datagrams sent (udp-echo).
     pub offered: u64,
-    /// Operations that failed (connects refused or timed out, bad echoes).
+    /// Operations that failed: connects, resets and timeouts mid-run, bad echoes.
     pub errors: u64,
 }
 
@@ -45,15 +51,47 @@ impl Sample {
     }
 }
 
-/// A listener in the server namespace on `port` of `ip`.
-fn listen(topo: &Topology, ip: IpAddr, port: u16) -> TcpListener {
+/// The proxy's CPU time over the timed part of a run (set-up and drain excluded).
+#[derive(Clone)]
+pub struct Meter {
+    pid: Option<u32>,
+    samples: Arc<Mutex<(Option<f64>, Option<f64>)>>,
+}
+
+impl Meter {
+    /// Meters process `pid`; with None (the direct path) it measures nothing.
+    pub fn new(pid: Option<u32>) -> Meter {
+        Meter {
+            pid,
+            samples: Arc::new(Mutex::new((None, None))),
+        }
+    }
+
+    fn start(&self) {
+        self.samples.lock().expect("meter").0 = self.pid.and_then(procfs::cpu_seconds);
+    }
+
+    fn stop(&self) {
+        self.samples.lock().expect("meter").1 = self.pid.and_then(procfs::cpu_seconds);
+    }
+
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let (start, stop) = *self.samples.lock().expect("meter");
+        Some(stop? - start?)
+    }
+}
+
+/// A listener on a free port of `ip` in the server namespace. Every run gets its own
+/// port, so nothing left of an earlier run can be in the way.
+fn listen(topo: &Topology, ip: IpAddr) -> (TcpListener, SocketAddr) {
     let listener = join(topo.in_server(move || {
-        TcpListener::bind((ip, port)).unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"))
+        TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"))
     }));
     socket2::SockRef::from(&listener)
         .set_read_timeout(Some(IO_TIMEOUT))
         .expect("accept timeout");
-    listener
+    let addr = listener.local_addr().expect("listener address");
+    (listener, addr)
 }
 
 /// Connects from the client namespace; the socket stays there whatever thread uses it.
@@ -76,33 +114,36 @@ fn configure(stream: &TcpStream) {
     stream.set_nodelay(true).expect("nodelay");
 }
 
-fn accept(listener: &TcpListener) -> TcpStream {
-    let (stream, _) = listener.accept().expect("accept");
-    configure(&stream);
-    stream
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+/// Accepts `count` connections on a thread of its own.
+fn accept_all(listener: TcpListener, count: usize) -> thread::JoinHandle<Vec<TcpStream>> {
+    thread::spawn(move || {
+        (0..count)
+            .map(|i| {
+                let (stream, _) = listener
+                    .accept()
+                    .unwrap_or_else(|e| panic!("accept #{i}: {e}"));
+                configure(&stream);
+                stream
+            })
+            .collect()
+    })
 }
 
 /// Bulk transfer on `streams` connections for `duration`: client to server (`upload`)
-/// or server to client. Units are bytes, counted by the receiving side.
+/// or server to client. Units are bytes, counted by the receiving side; a stream that
+/// fails or stalls before the end counts as an error.
 pub fn bulk(
     topo: &Topology,
     ip: IpAddr,
-    port: u16,
     streams: usize,
     upload: bool,
     duration: Duration,
+    meter: &Meter,
 ) -> Sample {
-    let listener = listen(topo, ip, port);
-    let server = thread::spawn(move || {
-        let conns: Vec<_> = (0..streams).map(|_| accept(&listener)).collect();
-        conns
-    });
-    let clients = connect_from_client(topo, SocketAddr::new(ip, port), streams);
-    let servers = join(server);
+    let (listener, addr) = listen(topo, ip);
+    let acceptor = accept_all(listener, streams);
+    let clients = connect_from_client(topo, addr, streams);
+    let servers = join(acceptor);
     let (senders, receivers) = if upload {
         (clients, servers)
     } else {
@@ -111,61 +152,80 @@ pub fn bulk(
     let start_line = Arc::new(Barrier::new(2 * streams + 1));
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     for mut stream in senders {
-        let (start_line, stop) = (start_line.clone(), stop.clone());
+        let (start_line, stop, errors) = (start_line.clone(), stop.clone(), errors.clone());
         handles.push(thread::spawn(move || {
             let chunk = vec![0x5a_u8; BULK_CHUNK];
             start_line.wait();
             while !stop.load(Ordering::Relaxed) {
-                // The receiver closing first (download) ends the stream with an error.
                 if stream.write_all(&chunk).is_err() {
-                    return;
+                    // A download's client closes at the end, failing the last writes.
+                    if !stop.load(Ordering::Relaxed) {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return None;
                 }
             }
             let _ = stream.shutdown(Shutdown::Write);
+            None
         }));
     }
     for mut stream in receivers {
-        let (start_line, stop, received) = (start_line.clone(), stop.clone(), received.clone());
+        stream.set_read_timeout(Some(POLL)).expect("timeout");
+        let (start_line, stop) = (start_line.clone(), stop.clone());
+        let (received, errors) = (received.clone(), errors.clone());
         handles.push(thread::spawn(move || {
-            stream.set_read_timeout(Some(POLL)).expect("timeout");
             let mut buf = vec![0_u8; BULK_CHUNK];
             start_line.wait();
-            let mut idle = Duration::ZERO;
-            // A receiver ends at EOF (upload) or, for downloads, when told to stop; a
-            // silent peer ends it after IO_TIMEOUT.
-            while idle < IO_TIMEOUT && (upload || !stop.load(Ordering::Relaxed)) {
+            let mut last_byte = Instant::now();
+            // An upload's receiver reads until EOF, a download's until told to stop.
+            while upload || !stop.load(Ordering::Relaxed) {
                 match stream.read(&mut buf) {
-                    Ok(0) => break,
+                    Ok(0) if stop.load(Ordering::Relaxed) => break,
+                    Ok(0) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                     Ok(n) => {
                         received.fetch_add(n as u64, Ordering::Relaxed);
-                        idle = Duration::ZERO;
+                        last_byte = Instant::now();
                     }
-                    Err(e) if is_timeout(&e) => idle += POLL,
-                    Err(_) => break,
+                    Err(e) if is_timeout(&e) && last_byte.elapsed() < IO_TIMEOUT => {}
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                 }
             }
+            Some(last_byte)
         }));
     }
     start_line.wait();
     let start = Instant::now();
+    meter.start();
     thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
     // A download's clients stop counting now; an upload's server counts what is still
-    // in flight, until EOF.
+    // in flight, until its last byte.
     let mut elapsed = start.elapsed();
-    for handle in handles {
-        join(handle);
+    if !upload {
+        meter.stop();
     }
+    let last_bytes: Vec<Instant> = handles.into_iter().filter_map(join).collect();
     if upload {
-        elapsed = start.elapsed();
+        meter.stop();
+        if let Some(last) = last_bytes.into_iter().max() {
+            elapsed = last.saturating_duration_since(start);
+        }
     }
     let bytes = received.load(Ordering::Relaxed);
     Sample {
         units: bytes,
         bytes,
         elapsed,
+        errors: errors.load(Ordering::Relaxed),
         ..Sample::default()
     }
 }
@@ -175,29 +235,23 @@ pub fn bulk(
 pub fn request_response(
     topo: &Topology,
     ip: IpAddr,
-    port: u16,
     conns: usize,
     size: usize,
     duration: Duration,
+    meter: &Meter,
 ) -> Sample {
-    let listener = listen(topo, ip, port);
-    let server = thread::spawn(move || {
-        let echoes: Vec<_> = (0..conns)
-            .map(|_| {
-                let mut stream = accept(&listener);
-                thread::spawn(move || {
-                    let mut buf = vec![0_u8; size];
-                    while stream.read_exact(&mut buf).is_ok() {
-                        if stream.write_all(&buf).is_err() {
-                            break;
-                        }
-                    }
-                })
+    let (listener, addr) = listen(topo, ip);
+    let acceptor = accept_all(listener, conns);
+    let clients = connect_from_client(topo, addr, conns);
+    let echoes: Vec<_> = join(acceptor)
+        .into_iter()
+        .map(|mut stream| {
+            thread::spawn(move || {
+                let mut buf = vec![0_u8; size];
+                while stream.read_exact(&mut buf).is_ok() && stream.write_all(&buf).is_ok() {}
             })
-            .collect();
-        echoes.into_iter().for_each(join);
-    });
-    let clients = connect_from_client(topo, SocketAddr::new(ip, port), conns);
+        })
+        .collect();
     let start_line = Arc::new(Barrier::new(conns + 1));
     let handles: Vec<_> = clients
         .into_iter()
@@ -207,7 +261,7 @@ pub fn request_response(
             thread::spawn(move || {
                 let mut request = vec![0_u8; size];
                 let mut response = vec![0_u8; size];
-                let mut latencies = Vec::with_capacity(MAX_SAMPLES.min(1 << 20));
+                let mut latencies = Vec::with_capacity(1 << 20);
                 let mut errors = 0;
                 start_line.wait();
                 let deadline = Instant::now() + duration;
@@ -231,6 +285,7 @@ pub fn request_response(
         .collect();
     start_line.wait();
     let start = Instant::now();
+    meter.start();
     let mut sample = Sample::default();
     for handle in handles {
         let (latencies, errors) = join(handle);
@@ -238,7 +293,9 @@ pub fn request_response(
         sample.errors += errors;
     }
     sample.elapsed = start.elapsed();
-    join(server);
+    meter.stop();
+    // The clients' sockets closed with their threads: every echo thread sees EOF.
+    echoes.into_iter().for_each(join);
     sample.units = sample.latencies.len() as u64;
     sample.bytes = sample.units * 2 * size as u64;
     sample
@@ -250,10 +307,10 @@ pub fn request_response(
 pub fn connect_request_response(
     topo: &Topology,
     ip: IpAddr,
-    port: u16,
     duration: Duration,
+    meter: &Meter,
 ) -> Sample {
-    let listener = listen(topo, ip, port);
+    let (listener, addr) = listen(topo, ip);
     socket2::SockRef::from(&listener)
         .set_read_timeout(Some(POLL))
         .expect("accept timeout");
@@ -273,11 +330,12 @@ pub fn connect_request_response(
             }
         })
     };
-    let addr = SocketAddr::new(ip, port);
+    let meter = meter.clone();
     let client = topo.in_client(move || {
         let mut latencies = Vec::with_capacity(1 << 20);
         let mut errors = 0_u64;
         let start = Instant::now();
+        meter.start();
         let deadline = start + duration;
         for n in 0_u64.. {
             let t0 = Instant::now();
@@ -299,7 +357,9 @@ pub fn connect_request_response(
                 errors += 1;
             }
         }
-        (latencies, errors, start.elapsed())
+        let elapsed = start.elapsed();
+        meter.stop();
+        (latencies, errors, elapsed)
     });
     let (latencies, errors, elapsed) = join(client);
     stop.store(true, Ordering::Relaxed);
@@ -314,37 +374,51 @@ pub fn connect_request_response(
     }
 }
 
-/// UDP echo: `flows` client sockets offer `rate` datagrams/s of `size` bytes in total
-/// for `duration`. Units are datagrams echoed back intact.
+/// A UDP socket in the server namespace that echoes every datagram until `stop`.
+fn udp_echo_server(
+    topo: &Topology,
+    ip: IpAddr,
+    stop: &Arc<AtomicBool>,
+) -> (SocketAddr, thread::JoinHandle<()>) {
+    let server = join(topo.in_server(move || UdpSocket::bind((ip, 0)).expect("bind udp")));
+    server.set_read_timeout(Some(POLL)).expect("timeout");
+    let addr = server.local_addr().expect("udp address");
+    let stop = stop.clone();
+    let echo = thread::spawn(move || {
+        let mut buf = vec![0_u8; 65536];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = server.recv_from(&mut buf) {
+                let _ = server.send_to(&buf[..n], from);
+            }
+        }
+    });
+    (addr, echo)
+}
+
+/// A UDP socket in the calling thread's namespace, connected to `addr`.
+fn udp_client(addr: SocketAddr) -> UdpSocket {
+    let socket = UdpSocket::bind((unspecified(addr.ip()), 0)).expect("bind udp client");
+    socket.connect(addr).expect("connect udp");
+    socket
+}
+
+/// UDP echo: `UDP_ECHO_FLOWS` client sockets offer `rate` datagrams/s of
+/// `UDP_ECHO_SIZE` bytes in total for `duration`. Units are datagrams echoed back
+/// intact; `offered` counts those the client's kernel accepted.
 pub fn udp_echo(
     topo: &Topology,
     ip: IpAddr,
-    port: u16,
-    flows: usize,
     rate: u64,
-    size: usize,
     duration: Duration,
+    meter: &Meter,
 ) -> Sample {
-    let server = join(topo.in_server(move || UdpSocket::bind((ip, port)).expect("bind udp")));
-    server.set_read_timeout(Some(POLL)).expect("timeout");
+    let (flows, size) = (UDP_ECHO_FLOWS, UDP_ECHO_SIZE);
     let stop = Arc::new(AtomicBool::new(false));
-    let echo = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let mut buf = vec![0_u8; 65536];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = server.recv_from(&mut buf) {
-                    let _ = server.send_to(&buf[..n], from);
-                }
-            }
-        })
-    };
-    let addr = SocketAddr::new(ip, port);
+    let (addr, echo) = udp_echo_server(topo, ip, &stop);
     let sockets = join(topo.in_client(move || {
         (0..flows)
             .map(|_| {
-                let socket = UdpSocket::bind((unspecified(ip), 0)).expect("bind udp client");
-                socket.connect(addr).expect("connect udp");
+                let socket = udp_client(addr);
                 socket.set_read_timeout(Some(POLL)).expect("timeout");
                 socket
             })
@@ -361,41 +435,51 @@ pub fn udp_echo(
             thread::spawn(move || {
                 let mut buf = vec![0_u8; 65536];
                 let (mut good, mut bad) = (0_u64, 0_u64);
-                let mut quiet = Duration::ZERO;
-                // Echoes still in flight when sending ends get one second to arrive.
-                while quiet < Duration::from_secs(1) {
+                let mut quiet_since: Option<Instant> = None;
+                // Echoes still in flight when sending ends get UDP_DRAIN to arrive.
+                while quiet_since.is_none_or(|since| since.elapsed() < UDP_DRAIN) {
                     match socket.recv(&mut buf) {
                         Ok(n) if is_datagram(&buf[..n], flow, size) => good += 1,
                         Ok(_) => bad += 1,
-                        Err(_) if sent_all.load(Ordering::Relaxed) => quiet += POLL,
+                        // An ICMP error from the path: counted, and it ends nothing.
+                        Err(e) if !is_timeout(&e) => bad += 1,
                         Err(_) => {}
+                    }
+                    if sent_all.load(Ordering::Relaxed) && quiet_since.is_none() {
+                        quiet_since = Some(Instant::now());
                     }
                 }
                 (good, bad)
             })
         })
         .collect();
-    let mut datagram = vec![0_u8; size.max(16)];
+    let mut datagram = vec![0_u8; size];
     let start = Instant::now();
-    let mut sent = 0_u64;
-    while sent < total {
+    meter.start();
+    let (mut due_sent, mut offered) = (0_u64, 0_u64);
+    while due_sent < total {
         let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
-        if due <= sent {
+        if due <= due_sent {
             thread::sleep(Duration::from_micros(50));
             continue;
         }
-        for _ in 0..(due - sent).min(UDP_BURST) {
-            let flow = (sent % flows as u64) as usize;
-            fill_datagram(&mut datagram, flow, sent);
-            // A full socket buffer loses the datagram, as it would for any sender.
-            let _ = sockets[flow].send(&datagram[..size]);
-            sent += 1;
+        for _ in 0..(due - due_sent).min(UDP_BURST) {
+            let flow = (due_sent % flows as u64) as usize;
+            fill_datagram(&mut datagram, flow, due_sent);
+            // MSG_DONTWAIT: a full socket buffer loses the datagram instead of stalling
+            // the pacing; only datagrams the kernel took count as offered.
+            let sent = socket2::SockRef::from(&sockets[flow])
+                .send_with_flags(&datagram, nix::libc::MSG_DONTWAIT);
+            if sent.is_ok() {
+                offered += 1;
+            }
+            due_sent += 1;
         }
     }
     let elapsed = start.elapsed();
     sent_all.store(true, Ordering::Relaxed);
     let mut sample = Sample {
-        offered: sent,
+        offered,
         elapsed,
         ..Sample::default()
     };
@@ -404,6 +488,7 @@ pub fn udp_echo(
         sample.units += good;
         sample.errors += bad;
     }
+    meter.stop();
     stop.store(true, Ordering::Relaxed);
     join(echo);
     sample.bytes = 2 * sample.units * size as u64;
@@ -442,47 +527,30 @@ fn nanos(d: Duration) -> u32 {
 /// never accepts: idle flows through the proxy that hold no fd on the server side (this
 /// process could not hold both ends of 10,000 flows within its fd limit). The server
 /// namespace's somaxconn must allow the backlog. Dropping both results closes them.
-pub fn idle_tcp(
-    topo: &Topology,
-    ip: IpAddr,
-    port: u16,
-    count: usize,
-) -> (TcpListener, Vec<TcpStream>) {
-    let addr = SocketAddr::new(ip, port);
+pub fn idle_tcp(topo: &Topology, ip: IpAddr, count: usize) -> (TcpListener, Vec<TcpStream>) {
     let listener = join(topo.in_server(move || {
+        let addr = SocketAddr::new(ip, 0);
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,
             None,
         )
         .expect("socket");
-        socket.set_reuse_address(true).expect("SO_REUSEADDR");
         socket.bind(&addr.into()).expect("bind idle listener");
         let backlog = i32::try_from(count + 64).unwrap_or(i32::MAX);
         socket.listen(backlog).expect("listen");
         TcpListener::from(socket)
     }));
-    (listener, connect_from_client(topo, addr, count))
+    let addr = listener.local_addr().expect("listener address");
+    let clients = connect_from_client(topo, addr, count);
+    (listener, clients)
 }
 
 /// `count` UDP flows, each one datagram echoed; returns the sockets (holding the flows
 /// open in the proxy until dropped) and how many were answered.
-pub fn udp_flows(topo: &Topology, ip: IpAddr, port: u16, count: usize) -> (Vec<UdpSocket>, u64) {
-    let server = join(topo.in_server(move || UdpSocket::bind((ip, port)).expect("bind udp")));
-    server.set_read_timeout(Some(POLL)).expect("timeout");
+pub fn udp_flows(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<UdpSocket>, u64) {
     let stop = Arc::new(AtomicBool::new(false));
-    let echo = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let mut buf = [0_u8; 64];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = server.recv_from(&mut buf) {
-                    let _ = server.send_to(&buf[..n], from);
-                }
-            }
-        })
-    };
-    let addr = SocketAddr::new(ip, port);
+    let (addr, echo) = udp_echo_server(topo, ip, &stop);
     let (sockets, answered) = join(topo.in_client(move || {
         // Flows open a batch at a time: a burst of all of them would overflow the one
         // echo socket's receive buffer, which is not what this measures.
@@ -494,8 +562,7 @@ pub fn udp_flows(topo: &Topology, ip: IpAddr, port: u16, count: usize) -> (Vec<U
             let batch = (count - sockets.len()).min(UDP_FLOW_BATCH);
             let opened = sockets.len();
             for _ in 0..batch {
-                let socket = UdpSocket::bind((unspecified(ip), 0)).expect("bind udp client");
-                socket.connect(addr).expect("connect udp");
+                let socket = udp_client(addr);
                 socket.send(b"flow").expect("send");
                 sockets.push(socket);
             }

@@ -27,7 +27,7 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;
 
 use common::{Topology, wait_until};
-use load::Sample;
+use load::{Meter, Sample};
 
 const PROXY_BIN: &str = env!("CARGO_BIN_EXE_uringproxy");
 /// Policy-routing table whose only route, while a proxy runs, leads into its TUN.
@@ -47,7 +47,8 @@ struct Args {
     rounds: usize,
     /// another TUN proxy to run through the same scenarios, as a shell command in the
     /// client namespace; {tun} and {iface} are replaced by the TUN name it must create
-    /// and the interface its outbound sockets must bind to (repeatable)
+    /// and the interface its outbound sockets must bind to, {uringproxy} by this
+    /// checkout's binary (repeatable)
     #[argh(option)]
     compare: Vec<String>,
     /// comma-separated scenarios to run (default: all)
@@ -115,34 +116,42 @@ impl Scenario {
 
     pub fn unit(self) -> &'static str {
         match self {
-            Scenario::TcpUp1 | Scenario::TcpDown1 | Scenario::TcpUp8 | Scenario::TcpDown8 => {
-                "Gbit/s"
-            }
             Scenario::Rr | Scenario::Rr8x1k => "trans/s",
             Scenario::Crr => "conn/s",
             Scenario::UdpEcho => "pkt/s",
+            _ => "Gbit/s",
         }
+    }
+
+    /// Whether the scenario moves bulk data (measured in Gbit/s and CPU-seconds per GB)
+    /// rather than transactions, connections or datagrams.
+    pub fn is_bulk(self) -> bool {
+        matches!(
+            self,
+            Scenario::TcpUp1 | Scenario::TcpDown1 | Scenario::TcpUp8 | Scenario::TcpDown8
+        )
     }
 
     /// The headline figure of a run, in [`Scenario::unit`].
     pub fn value(self, sample: &Sample) -> f64 {
-        match self.unit() {
-            "Gbit/s" => sample.per_second() * 8.0 / 1e9,
-            _ => sample.per_second(),
+        if self.is_bulk() {
+            sample.per_second() * 8.0 / 1e9
+        } else {
+            sample.per_second()
         }
     }
 
-    fn run(self, topo: &Topology, ip: IpAddr, settings: &Settings) -> Sample {
+    fn run(self, topo: &Topology, ip: IpAddr, settings: &Settings, meter: &Meter) -> Sample {
         let d = settings.duration;
         match self {
-            Scenario::TcpUp1 => load::bulk(topo, ip, 5101, 1, true, d),
-            Scenario::TcpDown1 => load::bulk(topo, ip, 5102, 1, false, d),
-            Scenario::TcpUp8 => load::bulk(topo, ip, 5103, 8, true, d),
-            Scenario::TcpDown8 => load::bulk(topo, ip, 5104, 8, false, d),
-            Scenario::Rr => load::request_response(topo, ip, 5105, 1, 1, d),
-            Scenario::Rr8x1k => load::request_response(topo, ip, 5106, 8, 1024, d),
-            Scenario::Crr => load::connect_request_response(topo, ip, 5107, d),
-            Scenario::UdpEcho => load::udp_echo(topo, ip, 5108, 8, settings.udp_rate, 1024, d),
+            Scenario::TcpUp1 => load::bulk(topo, ip, 1, true, d, meter),
+            Scenario::TcpDown1 => load::bulk(topo, ip, 1, false, d, meter),
+            Scenario::TcpUp8 => load::bulk(topo, ip, 8, true, d, meter),
+            Scenario::TcpDown8 => load::bulk(topo, ip, 8, false, d, meter),
+            Scenario::Rr => load::request_response(topo, ip, 1, 1, d, meter),
+            Scenario::Rr8x1k => load::request_response(topo, ip, 8, 1024, d, meter),
+            Scenario::Crr => load::connect_request_response(topo, ip, d, meter),
+            Scenario::UdpEcho => load::udp_echo(topo, ip, settings.udp_rate, d, meter),
         }
     }
 }
@@ -211,7 +220,7 @@ fn handle_interrupts() {
     thread::spawn(move || {
         let signal = signals.wait().unwrap_or(Signal::SIGINT);
         eprintln!("e2e: {signal}: removing namespaces");
-        let (namespaces, pids) = &*CLEANUP.lock().unwrap_or_else(|e| e.into_inner());
+        let (namespaces, pids) = &*cleanup_list();
         for &pid in pids {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
@@ -250,25 +259,39 @@ impl Running {
             .replace("{tun}", topo.tun_name())
             .replace("{iface}", topo.client_veth());
         let start = Instant::now();
-        let child = Command::new("ip")
-            .args(["netns", "exec", topo.client_ns(), "sh", "-c"])
-            .arg(format!("exec {command}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log.try_clone().map_err(|e| e.to_string())?)
-            .spawn()
-            .map_err(|e| format!("spawn `{command}`: {e}"))?;
-        cleanup_list().1.push(child.id());
+        let child = {
+            // Registered under the lock it was spawned under, so an interrupt cannot
+            // come between and leave it running.
+            let mut cleanup = cleanup_list();
+            let child = Command::new("ip")
+                .args(["netns", "exec", topo.client_ns(), "sh", "-c"])
+                .arg(format!("exec {command}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log.try_clone().map_err(|e| e.to_string())?)
+                .spawn()
+                .map_err(|e| format!("spawn `{command}`: {e}"))?;
+            cleanup.1.push(child.id());
+            child
+        };
         let mut running = Running {
             child,
             startup: Duration::ZERO,
         };
         let (ns, tun) = (topo.client_ns(), topo.tun_name());
+        // The process's own view of its namespace's links, read every millisecond
+        // (cheaper and finer than running `ip`).
+        let net_dev = format!("/proc/{}/net/dev", running.pid());
+        let tun_line = format!("{tun}:");
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
         let mut exited = None;
-        let tun_exists = wait_until(STARTUP_TIMEOUT, || {
+        let mut tun_exists = false;
+        while !tun_exists && exited.is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
             exited = running.child.try_wait().ok().flatten();
-            exited.is_none() && ip_ok(&format!("-n {ns} link show dev {tun}"))
-        });
+            tun_exists = fs::read_to_string(&net_dev)
+                .is_ok_and(|links| links.lines().any(|l| l.trim_start().starts_with(&tun_line)));
+        }
         if let Some(status) = exited {
             return Err(format!("`{command}` exited ({status})"));
         }
@@ -328,7 +351,9 @@ fn ip_ok(args: &str) -> bool {
 
 /// One connection to the probe server: one byte there and back.
 fn probe_once(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+    // Short: a first SYN lost while the TUN comes up is retried at once, not after the
+    // kernel's one-second retransmission timeout.
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(50)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
@@ -390,18 +415,15 @@ fn measure(
     if let Some(pid) = pid {
         procfs::reset_peak_rss(pid);
     }
-    let cpu_before = pid.and_then(procfs::cpu_seconds);
-    let sample = panic::catch_unwind(AssertUnwindSafe(|| scenario.run(topo, server, settings)))
-        .map_err(|e| panic_message(&e))?;
-    let cpu_seconds = pid
-        .and_then(procfs::cpu_seconds)
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
-    let peak_rss_kib = pid.and_then(procfs::peak_rss_kib);
+    let meter = Meter::new(pid);
+    let sample = panic::catch_unwind(AssertUnwindSafe(|| {
+        scenario.run(topo, server, settings, &meter)
+    }))
+    .map_err(|e| panic_message(&e))?;
     Ok(Measured {
         sample,
-        cpu_seconds,
-        peak_rss_kib,
+        cpu_seconds: meter.cpu_seconds(),
+        peak_rss_kib: pid.and_then(procfs::peak_rss_kib),
     })
 }
 
@@ -440,15 +462,14 @@ fn resources(
     figures.idle_rss_kib = procfs::rss_kib(pid);
     let before = procfs::context_switches(pid);
     thread::sleep(settings.idle_window);
-    figures.wakeups = procfs::context_switches(pid)
-        .zip(before)
-        .map(|(after, before)| after - before);
+    let after = procfs::context_switches(pid);
+    figures.wakeups = (!after.is_empty()).then(|| procfs::switches_between(&before, &after));
 
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
         let mut held = Vec::new();
         let mut open = 0;
-        for (i, (count, rss)) in figures.tcp_flows_rss.iter_mut().enumerate() {
-            held.push(load::idle_tcp(topo, server, 5201 + i as u16, *count - open));
+        for (count, rss) in &mut figures.tcp_flows_rss {
+            held.push(load::idle_tcp(topo, server, *count - open));
             open = *count;
             thread::sleep(Duration::from_millis(500));
             *rss = procfs::rss_kib(pid);
@@ -456,17 +477,31 @@ fn resources(
         drop(held);
         thread::sleep(Duration::from_secs(1));
         procfs::reset_peak_rss(pid);
-        load::bulk(topo, server, 5210, 8, true, settings.duration);
-        load::bulk(topo, server, 5211, 8, false, settings.duration);
+        let meter = Meter::new(None);
+        for upload in [true, false] {
+            let sample = load::bulk(topo, server, 8, upload, settings.duration, &meter);
+            assert!(
+                sample.bytes > 0 && sample.errors == 0,
+                "8-stream load (upload {upload}): {} bytes, {} errors",
+                sample.bytes,
+                sample.errors
+            );
+        }
         figures.load_peak_rss_kib = procfs::peak_rss_kib(pid);
         thread::sleep(settings.after_load_wait);
         figures.after_load_rss_kib = procfs::rss_kib(pid);
 
-        let (sockets, answered) = load::udp_flows(topo, server, 5220, settings.udp_flows);
+        let (sockets, answered) = load::udp_flows(topo, server, settings.udp_flows);
         thread::sleep(Duration::from_millis(500));
         figures.udp_answered = answered;
         figures.udp_flows_rss_kib = procfs::rss_kib(pid);
         drop(sockets);
+        // Lost datagrams on a quiet path are a failure of the proxy, not noise.
+        assert!(
+            answered == settings.udp_flows as u64,
+            "{answered} of {} UDP flows answered",
+            settings.udp_flows
+        );
     }));
     if let Err(e) = outcome {
         figures.error = Some(panic_message(&e));
@@ -542,8 +577,12 @@ fn main() {
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .expect("RLIMIT_NOFILE");
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
-    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e");
-    fs::create_dir_all(&out_dir).expect("create target/bench-e2e");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let out_dir = target.join("bench-e2e");
+    fs::create_dir_all(&out_dir).expect("create the output directory");
     let log_path = out_dir.join("proxies.log");
     let log = File::create(&log_path).expect("create proxy log");
 
@@ -642,6 +681,7 @@ fn main() {
     );
     drop(log);
     drop(topo);
+    cleanup_list().0.clear();
 
     // A smoke run proves the harness: every run must have worked without a single
     // failed operation.

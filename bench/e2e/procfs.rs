@@ -1,5 +1,6 @@
 //! What /proc says about the proxy under test: CPU time, resident memory, wake-ups.
 
+use std::collections::HashMap;
 use std::fs;
 
 /// User + system CPU time of the whole process (all threads, including io_uring
@@ -39,24 +40,39 @@ pub fn reset_peak_rss(pid: u32) {
     let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
-/// Voluntary plus involuntary context switches of all the process's threads: each
-/// one is a time the process went to sleep or was preempted, so when idle this counts
-/// wake-ups.
-pub fn context_switches(pid: u32) -> Option<u64> {
-    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut total = 0;
+/// Voluntary plus involuntary context switches of each of the process's threads, by
+/// thread id: each one is a time a thread went to sleep or was preempted, so when idle
+/// this counts wake-ups.
+pub fn context_switches(pid: u32) -> HashMap<String, u64> {
+    let mut counts = HashMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return counts;
+    };
     for task in tasks.flatten() {
-        let status = fs::read_to_string(task.path().join("status")).ok()?;
-        for line in status.lines() {
-            if let Some(rest) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += rest.trim().parse::<u64>().ok()?;
-            }
-        }
+        // A thread may exit between the listing and the read.
+        let Ok(status) = fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let switches = status
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|count| count.trim().parse::<u64>().ok())
+            .sum();
+        counts.insert(task.file_name().to_string_lossy().into_owned(), switches);
     }
-    Some(total)
+    counts
+}
+
+/// Context switches between two [`context_switches`] samples, counting only threads
+/// still alive at the second (a thread that exited took its counts with it).
+pub fn switches_between(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(tid, &count)| count.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// One line describing the machine: CPU model, online CPUs, kernel.

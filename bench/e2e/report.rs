@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::load::Sample;
+use crate::load::{Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
 use crate::{Measured, Resources, Run, Scenario, Variant};
 
 pub struct Context {
@@ -72,13 +72,14 @@ fn cpu_pct(m: &Measured) -> Option<f64> {
     Some(m.cpu_seconds? / m.sample.elapsed.as_secs_f64() * 100.0)
 }
 
-fn cpu_s_per_gb(m: &Measured) -> Option<f64> {
+/// Only for bulk scenarios: for a few bytes per transaction the figure says nothing.
+fn cpu_s_per_gb(scenario: Scenario, m: &Measured) -> Option<f64> {
     let gb = m.sample.bytes as f64 / 1e9;
-    (gb > 0.0).then_some(m.cpu_seconds? / gb)
+    (scenario.is_bulk() && gb > 0.0).then_some(m.cpu_seconds? / gb)
 }
 
 fn cpu_us_per_op(scenario: Scenario, m: &Measured) -> Option<f64> {
-    if scenario.unit() == "Gbit/s" || m.sample.units == 0 {
+    if scenario.is_bulk() || m.sample.units == 0 {
         return None;
     }
     Some(m.cpu_seconds? / m.sample.units as f64 * 1e6)
@@ -119,7 +120,7 @@ pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> 
                         ratio: None,
                         latency_us,
                         cpu_pct: med(&cpu_pct),
-                        cpu_s_per_gb: med(&cpu_s_per_gb),
+                        cpu_s_per_gb: med(&|m| cpu_s_per_gb(scenario, m)),
                         cpu_us_per_op: med(&|m| cpu_us_per_op(scenario, m)),
                         peak_rss_kib: measured.iter().filter_map(|m| m.peak_rss_kib).max(),
                         answered_pct: med(&|m| answered_pct(scenario, &m.sample)),
@@ -168,9 +169,10 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
 }
 
 fn format_value(scenario: Scenario, value: f64) -> String {
-    match scenario.unit() {
-        "Gbit/s" => format!("{value:.2} Gbit/s"),
-        unit => format!("{} {unit}", thousands(value)),
+    if scenario.is_bulk() {
+        format!("{value:.2} Gbit/s")
+    } else {
+        format!("{} {}", thousands(value), scenario.unit())
     }
 }
 
@@ -222,13 +224,15 @@ pub fn markdown(
     let _ = writeln!(
         md,
         "{}; {}; {}; {:.1} s per run, median of {} round(s); udp-echo offers {} datagrams/s \
-         of 1 KiB over 8 flows. `{}`\n",
+         of {} bytes over {} flows. `{}`\n",
         date(context.unix_time),
         context.machine,
         context.family,
         context.seconds,
         context.rounds,
         thousands(context.udp_rate as f64),
+        UDP_ECHO_SIZE,
+        UDP_ECHO_FLOWS,
         context.command
     );
     for variant in variants {
@@ -239,7 +243,8 @@ pub fn markdown(
     let _ = writeln!(
         md,
         "\n| scenario | path | result | vs direct | latency p50 / p99 / p99.9 (µs) | \
-         proxy CPU (% of a core) | proxy CPU-s per GB | proxy CPU µs per op | proxy peak RSS |"
+         proxy CPU (% of a core) | proxy CPU-s per GB | proxy CPU µs per op | \
+         proxy peak RSS (highest run) |"
     );
     let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
     for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
@@ -339,16 +344,19 @@ pub fn markdown(
             },
         );
     }
-    row(
-        format!("RSS with {} UDP flows", thousands(first.udp_flows as f64)),
-        &|r| format!("{} ({} answered)", mib(r.udp_flows_rss_kib), r.udp_answered),
-    );
     row("peak RSS, 8 streams up then down".into(), &|r| {
         mib(r.load_peak_rss_kib)
     });
     row(
         format!("RSS {} s after that load", first.after_load_wait.as_secs()),
         &|r| mib(r.after_load_rss_kib),
+    );
+    row(
+        format!(
+            "then RSS with {} UDP flows",
+            thousands(first.udp_flows as f64)
+        ),
+        &|r| format!("{} ({} answered)", mib(r.udp_flows_rss_kib), r.udp_answered),
     );
     for (v, figures) in resources {
         if let Some(e) = &figures.error {
@@ -532,7 +540,11 @@ fn bar_chart(title: &str, series: &[&str], groups: &[Group]) -> String {
         .fold(0.0_f64, f64::max)
         .max(f64::MIN_POSITIVE);
     let scale = (WIDTH - LEFT - LABEL_ROOM) / max;
-    let legend_rows = series.len().div_ceil(3) as f64;
+    // Colours stay tied to the path across charts; the legend lists the paths shown.
+    let shown: Vec<usize> = (0..series.len())
+        .filter(|&i| groups.iter().flat_map(|g| &g.bars).any(|b| b.series == i))
+        .collect();
+    let legend_rows = shown.len().div_ceil(3) as f64;
     let mut y = 40.0 + legend_rows * 18.0;
     let mut body = String::new();
     for group in groups {
@@ -570,15 +582,18 @@ fn bar_chart(title: &str, series: &[&str], groups: &[Group]) -> String {
         y + 10.0,
         xml(title)
     );
-    for (i, name) in series.iter().enumerate() {
-        let (x, ly) = (10.0 + (i % 3) as f64 * 250.0, 34.0 + (i / 3) as f64 * 18.0);
+    for (slot, &i) in shown.iter().enumerate() {
+        let (x, ly) = (
+            10.0 + (slot % 3) as f64 * 250.0,
+            34.0 + (slot / 3) as f64 * 18.0,
+        );
         let _ = writeln!(
             svg,
             r#"<rect x="{x}" y="{ly}" width="12" height="12" fill="{}"/><text x="{}" y="{}" dominant-baseline="middle">{}</text>"#,
             COLOURS[i % COLOURS.len()],
             x + 16.0,
             ly + 6.0,
-            xml(name)
+            xml(series[i])
         );
     }
     svg.push_str(&body);
@@ -622,7 +637,10 @@ pub fn charts(
                 (Some(value), Some(ratio)) => {
                     format!("{} ({ratio:.2})", format_value(scenario, value))
                 }
-                _ => "failed".into(),
+                (Some(value), None) => {
+                    format!("{} (no direct baseline)", format_value(scenario, value))
+                }
+                (None, _) => "failed".into(),
             },
         })
     });
@@ -631,9 +649,10 @@ pub fn charts(
         Some(Bar {
             series: v,
             value: cell.cpu_pct.unwrap_or(0.0),
-            label: match (cell.cpu_pct, cell.cpu_s_per_gb) {
-                (Some(pct), Some(per_gb)) => format!("{pct:.0}% ({per_gb:.2} CPU-s/GB)"),
-                (Some(pct), None) => format!("{pct:.0}%"),
+            label: match (cell.cpu_pct, cell.cpu_us_per_op, cell.cpu_s_per_gb) {
+                (Some(pct), Some(per_op), _) => format!("{pct:.0}% ({per_op:.1} µs/op)"),
+                (Some(pct), None, Some(per_gb)) => format!("{pct:.0}% ({per_gb:.2} CPU-s/GB)"),
+                (Some(pct), None, None) => format!("{pct:.0}%"),
                 _ => "-".into(),
             },
         })
@@ -659,17 +678,17 @@ pub fn charts(
                 r.tcp_flows_rss.get(i)?.1
             });
         }
-        figure(
-            format!("{} UDP flows", thousands(first.udp_flows as f64)),
-            &|r| r.udp_flows_rss_kib,
-        );
         figure("peak, 8 streams".into(), &|r| r.load_peak_rss_kib);
         figure(
             format!("{} s after load", first.after_load_wait.as_secs()),
             &|r| r.after_load_rss_kib,
         );
+        figure(
+            format!("{} UDP flows", thousands(first.udp_flows as f64)),
+            &|r| r.udp_flows_rss_kib,
+        );
     }
-    vec![
+    let mut charts = vec![
         (
             "throughput.svg",
             bar_chart(
@@ -682,9 +701,12 @@ pub fn charts(
             "cpu.svg",
             bar_chart("Proxy CPU, % of one core (lower is better)", &labels, &cpu),
         ),
-        (
+    ];
+    if !memory.is_empty() {
+        charts.push((
             "memory.svg",
             bar_chart("Proxy resident memory (RSS)", &labels, &memory),
-        ),
-    ]
+        ));
+    }
+    charts
 }
