@@ -129,6 +129,15 @@ fn accept_all(listener: TcpListener, count: usize) -> thread::JoinHandle<Vec<Tcp
     })
 }
 
+/// `count` connections from the client to the server namespace: (client ends, server
+/// ends).
+fn connection_pairs(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let (listener, addr) = listen(topo, ip);
+    let acceptor = accept_all(listener, count);
+    let clients = connect_from_client(topo, addr, count);
+    (clients, join(acceptor))
+}
+
 /// Bulk transfer on `streams` connections for `duration`: client to server (`upload`)
 /// or server to client. Units are bytes, counted by the receiving side; a stream that
 /// fails or stalls before the end counts as an error.
@@ -140,10 +149,7 @@ pub fn bulk(
     duration: Duration,
     meter: &Meter,
 ) -> Sample {
-    let (listener, addr) = listen(topo, ip);
-    let acceptor = accept_all(listener, streams);
-    let clients = connect_from_client(topo, addr, streams);
-    let servers = join(acceptor);
+    let (clients, servers) = connection_pairs(topo, ip, streams);
     let (senders, receivers) = if upload {
         (clients, servers)
     } else {
@@ -240,10 +246,8 @@ pub fn request_response(
     duration: Duration,
     meter: &Meter,
 ) -> Sample {
-    let (listener, addr) = listen(topo, ip);
-    let acceptor = accept_all(listener, conns);
-    let clients = connect_from_client(topo, addr, conns);
-    let echoes: Vec<_> = join(acceptor)
+    let (clients, servers) = connection_pairs(topo, ip, conns);
+    let echoes: Vec<_> = servers
         .into_iter()
         .map(|mut stream| {
             thread::spawn(move || {

@@ -567,8 +567,10 @@ fn main() {
         },
     ];
     for (i, command) in args.compare.iter().enumerate() {
+        let program = command.split_whitespace().next().unwrap_or_default();
+        let name = program.rsplit('/').next().unwrap_or(program);
         variants.push(Variant {
-            label: format!("compare {}", i + 1),
+            label: format!("compare {}: {}", i + 1, name.trim_matches(['{', '}'])),
             command: Some(command.clone()),
         });
     }
