@@ -209,6 +209,9 @@ struct Proxy {
     by_key: HashMap<FlowKey, usize>,
     /// Most TCP flows open at once since the heap was last trimmed.
     flows_high_water: usize,
+    /// The last housekeeping trimmed: trim once more for flows that closed since, so
+    /// the tail of a mass closure that straddled it is not kept.
+    trim_follow_up: bool,
     /// Packets for no known flow go through an empty set: smoltcp answers with RST.
     no_flow: SocketSet<'static>,
     datagrams: DatagramRelay,
@@ -277,6 +280,7 @@ impl Proxy {
             flows: Slab::new(),
             by_key: HashMap::new(),
             flows_high_water: 0,
+            trim_follow_up: false,
             no_flow: SocketSet::new(Vec::new()),
             datagrams,
             next_housekeeping: std::time::Instant::now(),
@@ -473,7 +477,7 @@ impl Proxy {
         }
         // Idle datagram flows must expire, and a pending heap trim must not wait for
         // traffic that may never come.
-        let trim_due = self.flows_high_water >= self.flows.len() + TRIM_AFTER_CLOSED_FLOWS;
+        let trim_due = self.trim_due();
         let housekeeping = (self.datagrams.active() > 0 || trim_due).then(|| {
             self.next_housekeeping
                 .saturating_duration_since(std::time::Instant::now())
@@ -810,12 +814,23 @@ impl Proxy {
         }
         self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
         self.datagrams.expire(&mut self.ring, now);
-        let open = self.flows.len();
-        if self.flows_high_water >= open + TRIM_AFTER_CLOSED_FLOWS {
+        let trim = self.trim_due();
+        self.trim_follow_up = trim && self.closed_since_trim() >= TRIM_AFTER_CLOSED_FLOWS;
+        if trim {
             self.by_key.shrink_to_fit();
             sys::release_free_heap();
-            self.flows_high_water = open;
+            self.flows_high_water = self.flows.len();
         }
+    }
+
+    /// TCP flows closed since the most that were open after the last trim.
+    fn closed_since_trim(&self) -> usize {
+        self.flows_high_water.saturating_sub(self.flows.len())
+    }
+
+    fn trim_due(&self) -> bool {
+        let closed = self.closed_since_trim();
+        closed >= TRIM_AFTER_CLOSED_FLOWS || (self.trim_follow_up && closed > 0)
     }
 
     fn fire_timers(&mut self) {
