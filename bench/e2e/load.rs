@@ -17,6 +17,8 @@ const BULK_CHUNK: usize = 256 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often blocked readers look at the clock.
 const POLL: Duration = Duration::from_millis(200);
+/// A download stream without a byte for this long at the end of a run has stalled.
+const STALL: Duration = Duration::from_secs(1);
 /// Latency samples kept per client thread; a run stops early when they are full.
 const MAX_SAMPLES: usize = 4_000_000;
 /// Datagrams sent back to back when the paced UDP sender has fallen behind.
@@ -51,33 +53,47 @@ impl Sample {
     }
 }
 
-/// The proxy's CPU time over the timed part of a run (set-up and drain excluded).
+/// The proxy's CPU time between the start of a run's load and its end (set-up excluded),
+/// with the wall time it was measured over.
 #[derive(Clone)]
 pub struct Meter {
     pid: Option<u32>,
-    samples: Arc<Mutex<(Option<f64>, Option<f64>)>>,
+    /// (when, CPU seconds so far) at start and at stop.
+    samples: Arc<Mutex<[Option<CpuSample>; 2]>>,
 }
+
+type CpuSample = (Instant, f64);
 
 impl Meter {
     /// Meters process `pid`; with None (the direct path) it measures nothing.
     pub fn new(pid: Option<u32>) -> Meter {
         Meter {
             pid,
-            samples: Arc::new(Mutex::new((None, None))),
+            samples: Arc::new(Mutex::new([None, None])),
         }
     }
 
+    fn sample(&self, which: usize) {
+        let now = self
+            .pid
+            .and_then(procfs::cpu_seconds)
+            .map(|cpu| (Instant::now(), cpu));
+        self.samples.lock().expect("meter")[which] = now;
+    }
+
     fn start(&self) {
-        self.samples.lock().expect("meter").0 = self.pid.and_then(procfs::cpu_seconds);
+        self.sample(0);
     }
 
     fn stop(&self) {
-        self.samples.lock().expect("meter").1 = self.pid.and_then(procfs::cpu_seconds);
+        self.sample(1);
     }
 
-    pub fn cpu_seconds(&self) -> Option<f64> {
-        let (start, stop) = *self.samples.lock().expect("meter");
-        Some(stop? - start?)
+    /// (CPU seconds, wall time) between start and stop.
+    pub fn cpu(&self) -> Option<(f64, Duration)> {
+        let [start, stop] = *self.samples.lock().expect("meter");
+        let ((t0, c0), (t1, c1)) = (start?, stop?);
+        Some((c1 - c0, t1.saturating_duration_since(t0)))
     }
 }
 
@@ -160,17 +176,15 @@ pub fn bulk(
     let received = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
+    // Errors are counted by receivers only: a failing sender always shows there as a
+    // reset, an early end or a stall, and one broken stream is one error.
     for mut stream in senders {
-        let (start_line, stop, errors) = (start_line.clone(), stop.clone(), errors.clone());
+        let (start_line, stop) = (start_line.clone(), stop.clone());
         handles.push(thread::spawn(move || {
             let chunk = vec![0x5a_u8; BULK_CHUNK];
             start_line.wait();
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::SeqCst) {
                 if stream.write_all(&chunk).is_err() {
-                    // A download's client closes at the end, failing the last writes.
-                    if !stop.load(Ordering::Relaxed) {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
                     return None;
                 }
             }
@@ -186,12 +200,12 @@ pub fn bulk(
             let mut buf = vec![0_u8; BULK_CHUNK];
             start_line.wait();
             let mut last_byte = Instant::now();
+            let mut failed = false;
             // An upload's receiver reads until EOF, a download's until told to stop.
-            while upload || !stop.load(Ordering::Relaxed) {
+            while upload || !stop.load(Ordering::SeqCst) {
                 match stream.read(&mut buf) {
-                    Ok(0) if stop.load(Ordering::Relaxed) => break,
                     Ok(0) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                        failed = !stop.load(Ordering::SeqCst);
                         break;
                     }
                     Ok(n) => {
@@ -200,10 +214,16 @@ pub fn bulk(
                     }
                     Err(e) if is_timeout(&e) && last_byte.elapsed() < IO_TIMEOUT => {}
                     Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                        failed = true;
                         break;
                     }
                 }
+            }
+            // A download that went quiet well before the end stalled, however short
+            // the run.
+            failed |= !upload && last_byte.elapsed() > STALL;
+            if failed {
+                errors.fetch_add(1, Ordering::Relaxed);
             }
             Some(last_byte)
         }));
@@ -212,7 +232,7 @@ pub fn bulk(
     let start = Instant::now();
     meter.start();
     thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::SeqCst);
     // A download's clients stop counting now; an upload's server counts what is still
     // in flight, until its last byte.
     let mut elapsed = start.elapsed();
@@ -460,7 +480,7 @@ pub fn udp_echo(
     let mut datagram = vec![0_u8; size];
     let start = Instant::now();
     meter.start();
-    let (mut due_sent, mut offered) = (0_u64, 0_u64);
+    let (mut due_sent, mut offered, mut refused) = (0_u64, 0_u64, 0_u64);
     while due_sent < total {
         let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
         if due <= due_sent {
@@ -474,8 +494,11 @@ pub fn udp_echo(
             // the pacing; only datagrams the kernel took count as offered.
             let sent = socket2::SockRef::from(&sockets[flow])
                 .send_with_flags(&datagram, nix::libc::MSG_DONTWAIT);
-            if sent.is_ok() {
-                offered += 1;
+            match sent {
+                Ok(_) => offered += 1,
+                Err(e) if is_timeout(&e) || e.raw_os_error() == Some(nix::libc::ENOBUFS) => {}
+                // ECONNREFUSED and the like: the path reported an error.
+                Err(_) => refused += 1,
             }
             due_sent += 1;
         }
@@ -485,6 +508,7 @@ pub fn udp_echo(
     let mut sample = Sample {
         offered,
         elapsed,
+        errors: refused,
         ..Sample::default()
     };
     for handle in receivers {

@@ -182,8 +182,9 @@ pub struct Run {
 
 pub struct Measured {
     pub sample: Sample,
-    /// The proxy's CPU time during the run, seconds (None on the direct path).
-    pub cpu_seconds: Option<f64>,
+    /// The proxy's CPU seconds during the run, and the wall time they were measured
+    /// over (None on the direct path).
+    pub cpu: Option<(f64, Duration)>,
     /// The proxy's peak RSS during the run, KiB.
     pub peak_rss_kib: Option<u64>,
 }
@@ -239,6 +240,8 @@ fn cleanup_list() -> std::sync::MutexGuard<'static, (Vec<String>, Vec<u32>)> {
 struct Running {
     child: Child,
     startup: Duration,
+    namespace: String,
+    tun: String,
 }
 
 impl Running {
@@ -277,6 +280,8 @@ impl Running {
         let mut running = Running {
             child,
             startup: Duration::ZERO,
+            namespace: topo.client_ns().to_string(),
+            tun: topo.tun_name().to_string(),
         };
         let (ns, tun) = (topo.client_ns(), topo.tun_name());
         // The process's own view of its namespace's links, read every millisecond
@@ -313,8 +318,17 @@ impl Running {
             return Err(format!("cannot route into {tun}"));
         }
         let probe = SocketAddr::new(server, PROBE_PORT);
-        let works =
-            common::join(topo.in_client(move || wait_until(STARTUP_TIMEOUT, || probe_once(probe))));
+        // The first tries are short, so a SYN lost while the TUN comes up is retried at
+        // once rather than after the kernel's one-second retransmission timeout; later
+        // ones give a slow proxy more time.
+        let works = common::join(topo.in_client(move || {
+            let mut timeout = Duration::from_millis(50);
+            wait_until(STARTUP_TIMEOUT, || {
+                let ok = probe_once(probe, timeout);
+                timeout = (timeout * 2).min(Duration::from_secs(1));
+                ok
+            })
+        }));
         if !works {
             return Err(format!(
                 "no connection through `{command}` in {STARTUP_TIMEOUT:?}"
@@ -337,6 +351,12 @@ impl Drop for Running {
         }
         let _ = self.child.wait();
         cleanup_list().1.retain(|&p| p != pid);
+        // The kernel may tear the TUN down a moment after the process is gone (its ring
+        // still holds the device); the next proxy would find the name taken.
+        let (ns, tun) = (&self.namespace, &self.tun);
+        wait_until(Duration::from_secs(2), || {
+            !ip_ok(&format!("-n {ns} link show dev {tun}"))
+        });
     }
 }
 
@@ -349,11 +369,9 @@ fn ip_ok(args: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// One connection to the probe server: one byte there and back.
-fn probe_once(addr: SocketAddr) -> bool {
-    // Short: a first SYN lost while the TUN comes up is retried at once, not after the
-    // kernel's one-second retransmission timeout.
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(50)) else {
+/// One connection to the probe server within `timeout`: one byte there and back.
+fn probe_once(addr: SocketAddr, timeout: Duration) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
@@ -422,7 +440,7 @@ fn measure(
     .map_err(|e| panic_message(&e))?;
     Ok(Measured {
         sample,
-        cpu_seconds: meter.cpu_seconds(),
+        cpu: meter.cpu(),
         peak_rss_kib: pid.and_then(procfs::peak_rss_kib),
     })
 }
@@ -691,7 +709,7 @@ fn main() {
         .iter()
         .filter(|run| match &run.outcome {
             Err(_) => true,
-            Ok(m) => args.smoke && m.sample.errors > 0,
+            Ok(m) => args.smoke && (m.sample.errors > 0 || m.sample.units == 0),
         })
         .count()
         + figures.iter().filter(|(_, r)| r.error.is_some()).count();

@@ -69,20 +69,21 @@ fn percentiles(latencies: &[u32]) -> Option<[f64; 3]> {
 }
 
 fn cpu_pct(m: &Measured) -> Option<f64> {
-    Some(m.cpu_seconds? / m.sample.elapsed.as_secs_f64() * 100.0)
+    let (seconds, window) = m.cpu?;
+    Some(seconds / window.as_secs_f64().max(1e-9) * 100.0)
 }
 
 /// Only for bulk scenarios: for a few bytes per transaction the figure says nothing.
 fn cpu_s_per_gb(scenario: Scenario, m: &Measured) -> Option<f64> {
     let gb = m.sample.bytes as f64 / 1e9;
-    (scenario.is_bulk() && gb > 0.0).then_some(m.cpu_seconds? / gb)
+    (scenario.is_bulk() && gb > 0.0).then_some(m.cpu?.0 / gb)
 }
 
 fn cpu_us_per_op(scenario: Scenario, m: &Measured) -> Option<f64> {
     if scenario.is_bulk() || m.sample.units == 0 {
         return None;
     }
-    Some(m.cpu_seconds? / m.sample.units as f64 * 1e6)
+    Some(m.cpu?.0 / m.sample.units as f64 * 1e6)
 }
 
 fn answered_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
@@ -450,7 +451,7 @@ pub fn json(
                     m.sample.offered,
                     m.sample.errors,
                     json_latency(percentiles(&m.sample.latencies)),
-                    json_num(m.cpu_seconds),
+                    json_num(m.cpu.map(|(seconds, _)| seconds)),
                     json_int(m.peak_rss_kib),
                 ),
             }
