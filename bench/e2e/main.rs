@@ -63,7 +63,7 @@ struct Args {
     /// skip the resource figures (start-up, idle RSS, idle flows, wake-ups)
     #[argh(switch)]
     no_resources: bool,
-    /// about one second per scenario and small resource figures: proves the harness
+    /// run each scenario 0.3 s, one round, small resource figures: proves the harness
     /// works, measures nothing
     #[argh(switch)]
     smoke: bool,
@@ -306,7 +306,7 @@ impl Running {
             ));
         }
         // Whatever the proxy did itself: the TUN must be up and hold the route that
-        // the policy rule (see `route_server`) looks up.
+        // the policy rule (see `prepare_namespaces`) looks up.
         let family = if server.is_ipv4() { "-4" } else { "-6" };
         let routed = wait_until(STARTUP_TIMEOUT, || {
             ip_ok(&format!("-n {ns} link set dev {tun} up"))
@@ -399,8 +399,9 @@ fn serve_probes(topo: &Topology, server: IpAddr) {
 /// Sends everything for `server` from the client namespace to the routing table that
 /// holds the TUN route while a proxy runs; without a proxy the table is empty and the
 /// lookup falls through to the direct route. Proxies bind their outbound sockets to the
-/// veth, which no route in that table leads to, so their own traffic goes direct.
-fn route_server(topo: &Topology, server: IpAddr) {
+/// veth, which no route in that table leads to, so their own traffic goes direct. Also
+/// makes room for the many connections of crr and the idle-flow figures.
+fn prepare_namespaces(topo: &Topology, server: IpAddr) {
     let ns = topo.client_ns();
     let family = if server.is_ipv4() { "-4" } else { "-6" };
     common::ip(&format!(
@@ -615,7 +616,7 @@ fn main() {
     } else {
         topo.server_v4()
     };
-    route_server(&topo, server);
+    prepare_namespaces(&topo, server);
     serve_probes(&topo, server);
 
     let total = rounds * scenarios.len() * variants.len();
