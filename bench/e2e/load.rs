@@ -347,10 +347,7 @@ pub fn connect_request_response(
                     continue;
                 };
                 configure(&stream);
-                let mut byte = [0_u8; 1];
-                if stream.read_exact(&mut byte).is_ok() {
-                    let _ = stream.write_all(&byte);
-                }
+                answer_one_byte(&mut stream);
             }
         })
     };
@@ -395,6 +392,15 @@ pub fn connect_request_response(
         latencies,
         errors,
         ..Sample::default()
+    }
+}
+
+/// Reads one byte and sends it back (crr's server side, and the start-up probe's);
+/// the caller closes the connection.
+pub fn answer_one_byte(stream: &mut TcpStream) {
+    let mut byte = [0_u8; 1];
+    if stream.read_exact(&mut byte).is_ok() {
+        let _ = stream.write_all(&byte);
     }
 }
 

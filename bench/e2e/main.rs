@@ -26,12 +26,9 @@ use argh::FromArgs;
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;
 
-use common::{Topology, wait_until};
+use common::{PROXY_BIN, ROUTE_TABLE, Topology, wait_until};
 use load::{Meter, Sample};
 
-const PROXY_BIN: &str = env!("CARGO_BIN_EXE_uringproxy");
-/// Policy-routing table whose only route, while a proxy runs, leads into its TUN.
-const ROUTE_TABLE: &str = "200";
 /// The server port that answers start-up probes (one byte echoed, then closed).
 const PROBE_PORT: u16 = 5000;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -388,10 +385,7 @@ fn serve_probes(topo: &Topology, server: IpAddr) {
     thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-            let mut byte = [0_u8];
-            if stream.read_exact(&mut byte).is_ok() {
-                let _ = stream.write_all(&byte);
-            }
+            load::answer_one_byte(&mut stream);
         }
     });
 }

@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::fs;
 
+use crate::common::status_kib;
+
 /// User + system CPU time of the whole process (all threads, including io_uring
 /// workers), in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
@@ -17,12 +19,6 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
         .flatten()
         .unwrap_or(100);
     Some((utime + stime) as f64 / ticks as f64)
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Resident memory now (VmRSS), KiB.

@@ -44,10 +44,11 @@ pub const MAX_TRANSFER: u64 = 1 << 30;
 /// Write/read granularity of payload streams.
 const CHUNK: usize = 64 * 1024;
 
-const PROXY_BIN: &str = env!("CARGO_BIN_EXE_uringproxy");
+pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_uringproxy");
 const NETNS_DIR: &str = "/var/run/netns";
 const TUN_NAME: &str = "upxtun0";
-const ROUTE_TABLE: &str = "200";
+/// Policy-routing table whose default route leads into the proxy's TUN.
+pub const ROUTE_TABLE: &str = "200";
 const PROXY_STARTUP_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -573,13 +574,7 @@ impl Proxy {
 
     /// Resident memory of the proxy (VmRSS), in KiB.
     pub fn rss_kib(&self) -> u64 {
-        fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|status| {
-                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-                line.split_whitespace().nth(1)?.parse().ok()
-            })
-            .expect("VmRSS of the proxy")
+        status_kib(self.pid(), "VmRSS:").expect("VmRSS of the proxy")
     }
 
     /// Panics with the proxy's output if it has exited.
@@ -614,6 +609,13 @@ impl Drop for Proxy {
             let _ = fs::remove_file(&self.stderr_path);
         }
     }
+}
+
+/// A KiB figure from /proc/<pid>/status, such as `VmRSS:`.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Applies [`IO_TIMEOUT`] to both directions of `stream`.
