@@ -71,3 +71,20 @@ pub struct Args {
     #[argh(option, default = "4096")]
     pub max_udp_flows: usize,
 }
+
+/// Prints what argh returned instead of arguments: help (stdout, success) or a parse
+/// error (stderr, failure).
+pub fn early_exit(exit: argh::EarlyExit) -> std::process::ExitCode {
+    use std::io::Write;
+    // A closed pipe (`--help | head`) is not worth a panic.
+    match exit.status {
+        Ok(()) => {
+            let _ = std::io::stdout().write_all(exit.output.as_bytes());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(()) => {
+            let _ = std::io::stderr().write_all(exit.output.as_bytes());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

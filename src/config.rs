@@ -9,6 +9,7 @@ use crate::cli::Args;
 use crate::error::Error;
 use crate::sys;
 use crate::tun::Offload;
+use crate::uring::{KernelVersion, features};
 
 /// An interface address with its prefix length, such as `198.18.0.1/30`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +75,8 @@ pub struct Config {
     pub cpu: Option<usize>,
     /// The most offload to negotiate; probing steps down from here.
     pub offload_cap: Offload,
+    /// Use only the io_uring features of this kernel version (URINGPROXY_MAX_URING).
+    pub uring_cap: Option<KernelVersion>,
     pub max_flows: usize,
     pub max_half_open: usize,
     pub flow_buffer: usize,
@@ -165,6 +168,15 @@ impl Config {
             })?,
             (false, Err(_)) => Offload::Uso,
         };
+        let uring_cap = match std::env::var(features::CAP_ENV) {
+            Ok(text) => Some(KernelVersion::parse(&text).ok_or_else(|| {
+                Error::Usage(format!(
+                    "{}={text}: expected a kernel version such as 6.1",
+                    features::CAP_ENV
+                ))
+            })?),
+            Err(_) => None,
+        };
         let user = match &args.user {
             None => None,
             Some(name) => Some(
@@ -184,6 +196,7 @@ impl Config {
             mtu: args.mtu,
             cpu: args.cpu,
             offload_cap,
+            uring_cap,
             max_flows: args.max_flows,
             // More half-open flows than flows could never be reached.
             max_half_open: args.max_half_open.min(args.max_flows),

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::io;
 
+use nix::libc;
+
 /// Why the proxy could not start (or had to stop).
 #[derive(Debug)]
 pub enum Error {
@@ -16,8 +18,10 @@ pub enum Error {
     NoTun(io::Error),
     /// The TUN name is already taken by an interface we did not create.
     TunExists(String),
-    /// io_uring could not be set up (disabled by sysctl, seccomp, or too old a kernel).
+    /// io_uring could not be set up (not built in, disabled by sysctl or seccomp).
     IoUring(io::Error),
+    /// The kernel's io_uring lacks something the proxy needs.
+    Kernel(crate::uring::features::Unsupported),
     /// Any other system call failure during set-up or in the event loop.
     Io(&'static str, io::Error),
 }
@@ -48,10 +52,17 @@ impl fmt::Display for Error {
                     "interface '{name}' already exists; pick another --tun name"
                 )
             }
-            Error::IoUring(err) => write!(
-                f,
-                "io_uring unavailable: {err} (check the kernel.io_uring_disabled sysctl and seccomp)"
-            ),
+            Error::IoUring(err) => match err.raw_os_error() {
+                Some(libc::ENOSYS) => write!(
+                    f,
+                    "io_uring unavailable: {err} (this kernel was built without io_uring)"
+                ),
+                _ => write!(
+                    f,
+                    "io_uring unavailable: {err} (check the kernel.io_uring_disabled sysctl and seccomp)"
+                ),
+            },
+            Error::Kernel(unsupported) => write!(f, "{unsupported}"),
             Error::Io(what, err) => write!(f, "{what}: {err}"),
         }
     }
@@ -60,6 +71,18 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 impl Error {
+    /// Maps a failed io_uring set-up: EINVAL means a kernel that does not know the ring
+    /// flags the proxy sets (IORING_SETUP_DEFER_TASKRUN arrived in 6.1).
+    pub fn from_ring_setup(err: io::Error) -> Error {
+        if err.raw_os_error() == Some(libc::EINVAL) {
+            return Error::Kernel(crate::uring::features::Unsupported {
+                found: crate::uring::features::release(),
+                missing: "IORING_SETUP_DEFER_TASKRUN",
+            });
+        }
+        Error::IoUring(err)
+    }
+
     /// Maps EPERM/EACCES to `NotPermitted`, anything else to `Io`.
     pub fn from_io(what: &'static str, err: io::Error) -> Error {
         match err.kind() {

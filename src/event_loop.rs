@@ -31,7 +31,7 @@ use crate::stack::{self, FlowKey, Interfaces, Parsed, StackDevice, TxPool};
 use crate::stats::Stats;
 use crate::sys::{self, Mapping};
 use crate::tun::{Tun, vnet};
-use crate::uring::{self, BufRing, Completion, Op, Ring, Token};
+use crate::uring::{self, BufRing, Completion, Features, Op, Ring, Token};
 
 /// TUN read buffers (kernel-provided ring); each holds one packet, up to 64 KiB with
 /// segmentation offload.
@@ -39,6 +39,9 @@ const TUN_READ_BUFFERS: u16 = 512;
 const TUN_READ_BUFFERS_TSO: u16 = 256;
 /// Buffer group id of the TUN read buffers.
 const TUN_READ_GROUP: u16 = 0;
+/// Most single-shot TUN reads kept in flight where the kernel has no multishot read
+/// (before 6.7): each delivers one packet, so this bounds the packets taken per turn.
+const TUN_SINGLE_READS: u16 = 64;
 /// TUN write buffers; when all are in flight smoltcp holds data back.
 const TUN_WRITE_BUFFERS: u16 = 1024;
 const TUN_WRITE_BUFFERS_TSO: u16 = 256;
@@ -82,6 +85,10 @@ const STATS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Sets up the TUN, the ring and the stack, then runs until a fatal error.
 pub fn run(config: Config) -> Result<(), Error> {
+    // The ring first: a kernel that cannot run the proxy is refused before anything
+    // (TUN, rules) has been created.
+    let ring = Ring::new().map_err(Error::from_ring_setup)?;
+    let features = Features::probe(ring.inner(), config.uring_cap).map_err(Error::Kernel)?;
     check_bind_permission(&config.interface)?;
     let tun = Tun::create(&config, config.offload_cap)?;
     // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
@@ -119,7 +126,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         .map_err(|err| Error::Io("block signals", err.into()))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
         .map_err(|err| Error::Io("create signalfd", err.into()))?;
-    let mut proxy = Proxy::new(config, tun, signals)?;
+    let mut proxy = Proxy::new(config, tun, signals, ring, features)?;
     // Everything that needs root is done: the TUN, the rules, the ring, the fd limit.
     if let Some(user) = &proxy.config.user {
         crate::sys::drop_privileges(user)
@@ -130,6 +137,15 @@ pub fn run(config: Config) -> Result<(), Error> {
         );
     }
     info!("TUN offload: {}", proxy.tun.offload());
+    if features.read_multishot {
+        info!("io_uring: multishot TUN reads");
+    } else {
+        info!(
+            "io_uring: multishot reads unavailable (kernel {}), using {} single reads",
+            crate::uring::features::release(),
+            proxy.tun_read_depth.limit
+        );
+    }
     info!(
         "relaying from {} ({}) via {}, mtu {}, up to {} TCP flows (fd limit {})",
         proxy.tun.name(),
@@ -227,7 +243,8 @@ struct Proxy {
     next_generation: u32,
     /// The kernel copies it when a connect's linked timeout is submitted.
     connect_timeout: Box<types::Timespec>,
-    tun_read_armed: bool,
+    features: Features,
+    tun_read_depth: ReadDepth,
     signals: SignalFd,
     /// One `signalfd_siginfo`, filled by the pending signal read.
     signal_info: Box<[u8; SIGINFO_LEN]>,
@@ -245,8 +262,13 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn new(config: Config, tun: Tun, signals: SignalFd) -> Result<Proxy, Error> {
-        let ring = Ring::new().map_err(Error::IoUring)?;
+    fn new(
+        config: Config,
+        tun: Tun,
+        signals: SignalFd,
+        ring: Ring,
+        features: Features,
+    ) -> Result<Proxy, Error> {
         let mtu = config.mtu as usize;
         let offload = tun.offload();
         let header = if offload.vnet_header() { vnet::LEN } else { 0 };
@@ -292,7 +314,12 @@ impl Proxy {
             completions: Vec::with_capacity(MAX_COMPLETIONS_PER_TURN),
             next_generation: 0,
             connect_timeout: Box::new(types::Timespec::from(config.connect_timeout)),
-            tun_read_armed: false,
+            features,
+            tun_read_depth: ReadDepth::new(if features.read_multishot {
+                1
+            } else {
+                TUN_SINGLE_READS.min(read_buffers)
+            }),
             signals,
             signal_info: Box::new([0; SIGINFO_LEN]),
             signal_armed: false,
@@ -312,9 +339,7 @@ impl Proxy {
 
     fn run(&mut self) -> Result<(), Error> {
         loop {
-            if !self.tun_read_armed {
-                self.arm_tun_read();
-            }
+            self.arm_tun_reads();
             if !self.signal_armed {
                 self.arm_signal_read();
             }
@@ -347,15 +372,26 @@ impl Proxy {
         }
     }
 
-    fn arm_tun_read(&mut self) {
-        let read =
-            opcode::ReadMulti::new(types::Fd(self.tun.as_raw_fd()), 0, self.tun_reads.group())
-                .build()
-                .user_data(Token::new(Op::TunRead, 0, 0).encode());
-        // SAFETY: the read only uses buffers of the registered ring, which lives as
-        // long as the ring.
-        unsafe { self.ring.push(&[read]) };
-        self.tun_read_armed = true;
+    /// Keeps the TUN reads armed: re-arms a multishot read that ended (ENOBUFS) and
+    /// replaces each completed single read.
+    fn arm_tun_reads(&mut self) {
+        let fd = types::Fd(self.tun.as_raw_fd());
+        let group = self.tun_reads.group();
+        for _ in 0..self.tun_read_depth.arm_now() {
+            let read = if self.features.read_multishot {
+                opcode::ReadMulti::new(fd, 0, group).build()
+            } else {
+                let len = u32::try_from(self.tun_reads.buf_size()).unwrap_or(u32::MAX);
+                opcode::Read::new(fd, std::ptr::null_mut(), len)
+                    .buf_group(group)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+            };
+            let read = read.user_data(Token::new(Op::TunRead, 0, 0).encode());
+            // SAFETY: the read only uses buffers of the registered ring, which lives as
+            // long as the ring.
+            unsafe { self.ring.push(&[read]) };
+        }
     }
 
     fn arm_signal_read(&mut self) {
@@ -557,16 +593,15 @@ impl Proxy {
     }
 
     fn on_tun_read(&mut self, result: i32, flags: u32) {
-        if !uring::more(flags) {
-            self.tun_read_armed = false;
-        }
+        self.tun_read_depth
+            .completed(uring::more(flags), result > 0);
         let Some(bid) = uring::buffer_id(flags) else {
             // ENOBUFS: every buffer was in use; re-armed after they are recycled.
-            // Anything else (EINVAL from a kernel without multishot reads, EBADFD from a
-            // TUN deleted under us) will not get better by retrying.
+            // Anything else (EBADFD from a TUN deleted under us) will not get better by
+            // retrying.
             if result < 0 && result != -libc::ENOBUFS {
                 self.fatal.get_or_insert(Error::Io(
-                    "read from the TUN (multishot reads need kernel 6.7+)",
+                    "read from the TUN",
                     std::io::Error::from_raw_os_error(-result),
                 ));
             }
@@ -1054,6 +1089,43 @@ impl Proxy {
     }
 }
 
+/// How many TUN reads to keep armed. A multishot read is one; single reads are kept
+/// at twice what the last turn took, up to `limit`: every armed read is woken for each
+/// packet (and all but one go back to waiting), so a deep batch only pays off when the
+/// TUN is busy.
+struct ReadDepth {
+    limit: u16,
+    armed: u16,
+    taken: u16,
+}
+
+impl ReadDepth {
+    fn new(limit: u16) -> ReadDepth {
+        ReadDepth {
+            limit,
+            armed: 0,
+            taken: 0,
+        }
+    }
+
+    /// A TUN read completed; `armed` says whether it stays armed (multishot).
+    fn completed(&mut self, armed: bool, packet: bool) {
+        if !armed {
+            self.armed = self.armed.saturating_sub(1);
+        }
+        self.taken = self.taken.saturating_add(u16::from(packet));
+    }
+
+    /// Reads to arm now; counts them as armed and starts the next turn's tally.
+    fn arm_now(&mut self) -> u16 {
+        let target = self.taken.saturating_mul(2).clamp(1, self.limit);
+        self.taken = 0;
+        let more = target.saturating_sub(self.armed);
+        self.armed += more;
+        more
+    }
+}
+
 /// Puts a flow on this turn's work list once.
 fn enqueue(work: &mut Vec<usize>, flow: &mut Flow, key: usize) {
     if !flow.queued {
@@ -1182,6 +1254,33 @@ fn random_seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_depth_follows_the_packets_each_turn_took() {
+        let mut multishot = ReadDepth::new(1);
+        assert_eq!(multishot.arm_now(), 1);
+        multishot.completed(true, true);
+        assert_eq!(multishot.arm_now(), 0, "still armed");
+        multishot.completed(false, false); // ENOBUFS ended it
+        assert_eq!(multishot.arm_now(), 1);
+
+        // A busy TUN: every armed read finds a packet each turn.
+        let mut single = ReadDepth::new(64);
+        let mut depths = Vec::new();
+        for _ in 0..8 {
+            single.arm_now();
+            depths.push(single.armed);
+            for _ in 0..single.armed {
+                single.completed(false, true);
+            }
+        }
+        assert_eq!(depths, [1, 2, 4, 8, 16, 32, 64, 64]);
+        // Quiet again: one packet a turn leaves the armed reads waiting, none added.
+        single.arm_now();
+        single.completed(false, true);
+        assert_eq!(single.arm_now(), 0, "63 armed already cover a quiet turn");
+        assert_eq!(single.armed, 63);
+    }
 
     #[test]
     fn segment_size_is_the_client_mss_capped_by_our_mtu() {

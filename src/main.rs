@@ -6,10 +6,16 @@ use std::process::ExitCode;
 use uringproxy::{cli, config, demo, event_loop, logger};
 
 fn main() -> ExitCode {
-    let demo = std::env::args().nth(1).as_deref() == Some("demo");
-    let result = if demo {
+    let args: Vec<String> = std::env::args().collect();
+    let result = if args.get(1).map(String::as_str) == Some("demo") {
+        let rest: Vec<&str> = args[2..].iter().map(String::as_str).collect();
+        let demo_args =
+            match <demo::Args as argh::FromArgs>::from_args(&["uringproxy", "demo"], &rest) {
+                Ok(demo_args) => demo_args,
+                Err(exit) => return cli::early_exit(exit),
+            };
         logger::init();
-        demo::run()
+        demo::run(demo_args)
     } else {
         let args: cli::Args = argh::from_env();
         logger::init();

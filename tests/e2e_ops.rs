@@ -502,40 +502,141 @@ fn user_flag_drops_root_and_keeps_working() {
     );
 }
 
+/// The demo's namespaces of process `pid` that are still there.
+fn demo_namespaces_left(pid: u32) -> Vec<String> {
+    common::run("ip", &["netns", "list"])
+        .lines()
+        .filter(|line| {
+            line.contains(&format!("upd-c-{pid}")) || line.contains(&format!("upd-s-{pid}"))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn demo_runs_end_to_end_and_cleans_up() {
     if !common::privileged_or_skip("demo_runs_end_to_end_and_cleans_up") {
         return;
     }
-    let child = Command::new(env!("CARGO_BIN_EXE_uringproxy"))
-        .arg("demo")
+    for extra in [&[][..], &["--no-offload"][..]] {
+        let child = Command::new(env!("CARGO_BIN_EXE_uringproxy"))
+            .args(["demo", "--bytes", "16777216"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run uringproxy demo");
+        let pid = child.id();
+        let output = child.wait_with_output().expect("demo output");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "demo {extra:?} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for expected in [
+            "16777216 bytes client -> server in",
+            "16777216 bytes server -> client in",
+            "100 of 100 datagrams echoed",
+            "3 received",
+            "flows: opened 2",
+            "namespaces removed",
+        ] {
+            assert!(
+                stdout.contains(expected),
+                "demo {extra:?} output lacks {expected:?}:\n{stdout}"
+            );
+        }
+        assert_eq!(stdout.matches("hash matches").count(), 2, "{stdout}");
+        assert!(
+            demo_namespaces_left(pid).is_empty(),
+            "namespaces left behind"
+        );
+    }
+}
+
+#[test]
+fn demo_help_interrupt_and_closed_stdout() {
+    if !common::privileged_or_skip("demo_help_interrupt_and_closed_stdout") {
+        return;
+    }
+    let demo = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_uringproxy"));
+        command.arg("demo");
+        command
+    };
+    // --help describes the demo and runs nothing.
+    let help = demo().arg("--help").output().expect("run demo --help");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success() && text.contains("--bytes"), "{text}");
+    assert!(
+        !text.contains("namespaces upd-"),
+        "demo --help ran the demo"
+    );
+    let bad = demo().arg("--bogus").output().expect("run demo --bogus");
+    assert!(!bad.status.success());
+
+    // Interrupted half-way: the proxy child and both namespaces go.
+    let mut child = demo()
+        .args(["--bytes", "100000000000"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run uringproxy demo");
     let pid = child.id();
+    let running = common::wait_until(Duration::from_secs(10), || {
+        common::run("ip", &["netns", "list"]).contains(&format!("upd-c-{pid}"))
+            && common::run("ip", &["-n", &format!("upd-c-{pid}"), "rule", "show"])
+                .contains("lookup 30064")
+    });
+    assert!(running, "demo did not get its proxy up");
+    // The proxy is the demo's child (`ip netns exec` execs it).
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .expect("the demo's children");
+    let proxy_pids: Vec<String> = children.split_whitespace().map(str::to_string).collect();
+    assert!(!proxy_pids.is_empty(), "the demo has no proxy child");
+    let proxies_alive = || {
+        proxy_pids
+            .iter()
+            .any(|child| std::path::Path::new(&format!("/proc/{child}")).exists())
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("signal the demo");
+    let status = child.wait().expect("wait for the demo");
+    assert!(!status.success(), "an interrupted demo must not succeed");
+    assert!(
+        demo_namespaces_left(pid).is_empty(),
+        "namespaces left behind"
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(2), || !proxies_alive()),
+        "the demo's proxy outlived it"
+    );
+
+    // stdout closed after the first line (`demo | head -1`): no panic, still clean.
+    let mut child = demo()
+        .args(["--bytes", "1048576"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run uringproxy demo");
+    let pid = child.id();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first)
+        .expect("first byte of the demo's output");
+    drop(child.stdout.take());
     let output = child.wait_with_output().expect("demo output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(
         output.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        "demo with a closed stdout: {stderr}"
     );
-    for expected in [
-        "hash matches",
-        "100 of 100 datagrams echoed",
-        "flows: opened 1",
-        "namespaces removed",
-    ] {
-        assert!(
-            stdout.contains(expected),
-            "demo output lacks {expected:?}:\n{stdout}"
-        );
-    }
-    let namespaces = common::run("ip", &["netns", "list"]);
     assert!(
-        !namespaces.contains(&format!("upd-c-{pid}"))
-            && !namespaces.contains(&format!("upd-s-{pid}")),
-        "demo namespaces left behind:\n{namespaces}"
+        demo_namespaces_left(pid).is_empty(),
+        "namespaces left behind"
     );
 }

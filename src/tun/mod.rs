@@ -210,7 +210,11 @@ fn open_tun() -> Result<OwnedFd, Error> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
+        // Non-blocking: io_uring then tries TUN reads and writes inline and waits by
+        // polling on any kernel (it trusts O_NONBLOCK files to honour nowait), rather
+        // than parking them on worker threads where the driver does not advertise
+        // FMODE_NOWAIT itself.
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open("/dev/net/tun")
         .map_err(|err| match err.kind() {
             io::ErrorKind::PermissionDenied => Error::NotPermitted("open /dev/net/tun"),

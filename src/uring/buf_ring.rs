@@ -55,6 +55,11 @@ impl BufRing {
         self.group
     }
 
+    /// Bytes in each buffer: the most one read can deliver.
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+
     /// The first `len` bytes of buffer `bid`, as filled in by a completed read.
     pub fn packet(&self, bid: u16, len: usize) -> Option<&[u8]> {
         if bid >= self.count || len > self.buf_size {

@@ -2,6 +2,7 @@
 #![allow(unsafe_code)]
 
 pub mod buf_ring;
+pub mod features;
 pub mod token;
 
 use std::collections::VecDeque;
@@ -12,6 +13,7 @@ use io_uring::{IoUring, cqueue, squeue, types};
 use nix::libc;
 
 pub use buf_ring::BufRing;
+pub use features::{Features, KernelVersion};
 pub use token::{Op, Token};
 
 /// Submission queue entries: enough for a full turn of TUN writes plus flow operations;

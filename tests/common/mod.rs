@@ -244,6 +244,11 @@ impl Topology {
         &self.client_ns
     }
 
+    /// Whether the proxy's TUN exists in the client namespace.
+    pub fn tun_exists(&self) -> bool {
+        link_json(&self.client_ns, TUN_NAME).is_some()
+    }
+
     pub fn server_ns(&self) -> &str {
         &self.server_ns
     }
