@@ -191,6 +191,7 @@ fn boot_and_check(series: &str) {
         field(&serial, "UPX-BOOT", "seconds").unwrap_or("?"),
     );
     let mut failed = Vec::new();
+    let mut workers = Vec::new();
     for run in RUNS {
         let marker = format!("UPX-RESULT {run} ");
         let Some(rc) = field(&serial, &marker, "rc") else {
@@ -205,6 +206,12 @@ fn boot_and_check(series: &str) {
         if rc != "0" {
             failed.push(run);
         }
+        // One thread owns all I/O: io-wq workers (iou-wrk) would mean TUN or socket
+        // operations that cannot complete inline, as happened on 6.1 before the TUN
+        // was opened O_NONBLOCK (48-95 workers).
+        if field(&serial, &format!("UPX-THREADS {run} "), "max").is_some_and(|n| n != "1") {
+            workers.push(run);
+        }
     }
     summary += &format!(", total {:.1} s", started.elapsed().as_secs_f64());
     // Straight to stderr, past the harness's capture: the timings belong in the CI log.
@@ -214,5 +221,11 @@ fn boot_and_check(series: &str) {
     }
     if !failed.is_empty() {
         fail(format!("demo run(s) {} failed", failed.join(", ")));
+    }
+    if !workers.is_empty() {
+        fail(format!(
+            "the proxy ran io_uring worker threads in run(s) {}",
+            workers.join(", ")
+        ));
     }
 }
