@@ -578,6 +578,13 @@ fn main() {
             label: "uringproxy --no-offload".into(),
             command: Some("{uringproxy} -i {iface} --tun {tun} --no-offload".into()),
         },
+        // What kernels before 6.7 get: single TUN reads instead of a multishot one.
+        Variant {
+            label: "uringproxy, single reads (<6.7)".into(),
+            command: Some(
+                "env URINGPROXY_MAX_URING=6.1 {uringproxy} -i {iface} --tun {tun}".into(),
+            ),
+        },
     ];
     for (i, command) in args.compare.iter().enumerate() {
         let program = command.split_whitespace().next().unwrap_or_default();
