@@ -1,16 +1,17 @@
-//! End-to-end test on older kernels: boots Debian's 6.1 and 6.12 cloud kernels under QEMU
+//! End-to-end tests on other kernels: boot Debian's 6.1 and 6.12 cloud kernels under QEMU
 //! (TCG, no KVM needed) with an initramfs whose init runs `uringproxy demo` with and
-//! without offload, and checks the result markers it prints on the serial console.
+//! without offload, and check the markers it prints on the serial console.
 //!
 //! tests/e2e_kernels/prepare.sh fetches the kernel and busybox packages (cached in
-//! target/kernels/) and builds the initramfs; tests/e2e_kernels/init is its PID 1.
+//! target/kernels/) and builds the initramfs; tests/e2e_kernels/init is its PID 1, told
+//! which run to do by its argument on the kernel command line.
 
 mod common;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::thread;
@@ -24,7 +25,7 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Boot plus both demo runs: 16-32 s measured on the 2-core CI machine.
 const VM_TIMEOUT: Duration = Duration::from_secs(180);
 /// The demo runs the init script reports on.
-const RUNS: [&str; 2] = ["offload", "no-offload"];
+const DEMOS: [&str; 2] = ["offload", "no-offload"];
 
 /// One VM at a time: two TCG guests would share the 2 cores and both run at half speed,
 /// and both preparations would unpack the same busybox package.
@@ -32,12 +33,27 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[test]
 fn demo_passes_on_linux_6_1() {
-    boot_and_check("6.1");
+    check_demo("6.1");
 }
 
 #[test]
 fn demo_passes_on_linux_6_12() {
-    boot_and_check("6.12");
+    check_demo("6.12");
+}
+
+/// What the VM's init does, named by its argument on the kernel command line.
+#[derive(Clone, Copy)]
+enum Run {
+    /// `uringproxy demo` with and without offload.
+    Demo,
+}
+
+impl Run {
+    fn init_arg(self) -> &'static str {
+        match self {
+            Run::Demo => "demo",
+        }
+    }
 }
 
 /// A child in its own process group, killed with the whole group (apt-get under the
@@ -119,9 +135,62 @@ fn field<'a>(serial: &'a str, marker: &str, key: &str) -> Option<&'a str> {
         .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn boot_and_check(series: &str) {
+/// A VM that has run to its end (powered off): its serial console and its timings.
+struct Booted {
+    series: &'static str,
+    serial: String,
+    serial_log: PathBuf,
+    started: Instant,
+    /// The first part of the summary line: kernel and timings.
+    summary: String,
+}
+
+impl Booted {
+    fn fail(&self, why: impl std::fmt::Display) -> ! {
+        panic!(
+            "Linux {}: {why}; serial log {}:\n{}",
+            self.series,
+            self.serial_log.display(),
+            tail(&self.serial_log)
+        )
+    }
+
+    fn after(&self, marker: &str) -> Option<&str> {
+        after(&self.serial, marker)
+    }
+
+    fn field(&self, marker: &str, key: &str) -> Option<&str> {
+        field(&self.serial, marker, key)
+    }
+
+    /// The release the guest reported (`uname -r`).
+    fn kernel(&self) -> &str {
+        self.after("UPX-KERNEL ")
+            .unwrap_or_else(|| self.fail("the VM never reported its kernel"))
+    }
+
+    /// Prints the summary line with the run's own `details`, then checks that the kernel
+    /// booted was of the series asked for.
+    fn report(&self, details: &str) {
+        let summary = format!(
+            "{}{details}, total {:.1} s",
+            self.summary,
+            self.started.elapsed().as_secs_f64()
+        );
+        // Straight to stderr, past the harness's capture: the timings belong in the CI log.
+        let _ = writeln!(io::stderr(), "{summary}");
+        let kernel = self.kernel();
+        if !kernel.starts_with(&format!("{}.", self.series)) {
+            self.fail(format!("booted {kernel}, not Linux {}", self.series));
+        }
+    }
+}
+
+/// Prepares the kernel and initramfs of `series` and boots them with init doing `run`;
+/// None (test skipped) without root.
+fn boot(series: &'static str, run: Run) -> Option<Booted> {
     if !common::privileged_or_skip(&format!("e2e_kernels on Linux {series}")) {
-        return;
+        return None;
     }
     let _one = ONE_AT_A_TIME
         .lock()
@@ -158,7 +227,12 @@ fn boot_and_check(series: &str) {
             .arg(dir.join("vmlinuz"))
             .arg("-initrd")
             .arg(dir.join("initrd.cpio"))
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            // The kernel hands what follows `--` to init as its arguments.
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 quiet -- {}",
+                run.init_arg()
+            ))
             .stdout(stdout)
             .stderr(stderr),
     );
@@ -166,42 +240,51 @@ fn boot_and_check(series: &str) {
     // Killed here if it outlived the timeout, before its log is read.
     drop(qemu);
     let vm_seconds = booted.elapsed().as_secs_f64();
-    let serial = fs::read_to_string(&serial_log).unwrap_or_default();
-    let fail = |why: String| -> ! {
-        panic!(
-            "Linux {series}: {why}; serial log {}:\n{}",
-            serial_log.display(),
-            tail(&serial_log)
-        )
+    let mut vm = Booted {
+        series,
+        serial: fs::read_to_string(&serial_log).unwrap_or_default(),
+        serial_log,
+        started,
+        summary: String::new(),
     };
     match status {
-        None => fail(format!(
+        None => vm.fail(format!(
             "the VM was killed after {} s",
             VM_TIMEOUT.as_secs()
         )),
-        Some(status) if !status.success() => fail(format!("qemu failed ({status})")),
+        Some(status) if !status.success() => vm.fail(format!("qemu failed ({status})")),
         Some(_) => {}
     }
-
-    let kernel = after(&serial, "UPX-KERNEL ")
-        .unwrap_or_else(|| fail("the VM never reported its kernel".into()));
-    let mut summary = format!(
-        "e2e_kernels: Linux {kernel}: prepare {:.1} s, VM {vm_seconds:.1} s (guest booted in {} s)",
+    if let Some(error) = vm.after("UPX-ERROR ") {
+        vm.fail(format!("init: {error}"));
+    }
+    vm.summary = format!(
+        "e2e_kernels: Linux {}: prepare {:.1} s, VM {vm_seconds:.1} s (guest booted in {} s)",
+        vm.kernel(),
         prepared.as_secs_f64(),
-        field(&serial, "UPX-BOOT", "seconds").unwrap_or("?"),
+        vm.field("UPX-BOOT", "seconds").unwrap_or("?"),
     );
+    Some(vm)
+}
+
+fn check_demo(series: &'static str) {
+    let Some(vm) = boot(series, Run::Demo) else {
+        return;
+    };
+    let mut details = String::new();
     let mut failed = Vec::new();
     let mut workers = Vec::new();
-    for run in RUNS {
+    for run in DEMOS {
         let marker = format!("UPX-RESULT {run} ");
-        let Some(rc) = field(&serial, &marker, "rc") else {
-            fail(format!("no result for the {run} demo run"));
+        let Some(rc) = vm.field(&marker, "rc") else {
+            vm.fail(format!("no result for the {run} demo run"));
         };
-        summary += &format!(
+        let threads = format!("UPX-THREADS {run} ");
+        details += &format!(
             ", {run} rc={rc} in {} s with {} proxy threads ({})",
-            field(&serial, &marker, "seconds").unwrap_or("?"),
-            field(&serial, &format!("UPX-THREADS {run} "), "max").unwrap_or("?"),
-            field(&serial, &format!("UPX-THREADS {run} "), "names").unwrap_or("?"),
+            vm.field(&marker, "seconds").unwrap_or("?"),
+            vm.field(&threads, "max").unwrap_or("?"),
+            vm.field(&threads, "names").unwrap_or("?"),
         );
         if rc != "0" {
             failed.push(run);
@@ -209,21 +292,16 @@ fn boot_and_check(series: &str) {
         // One thread owns all I/O: io-wq workers (iou-wrk) would mean TUN or socket
         // operations that cannot complete inline, as happened on 6.1 before the TUN
         // was opened O_NONBLOCK (48-95 workers).
-        if field(&serial, &format!("UPX-THREADS {run} "), "max").is_some_and(|n| n != "1") {
+        if vm.field(&threads, "max").is_some_and(|n| n != "1") {
             workers.push(run);
         }
     }
-    summary += &format!(", total {:.1} s", started.elapsed().as_secs_f64());
-    // Straight to stderr, past the harness's capture: the timings belong in the CI log.
-    let _ = writeln!(io::stderr(), "{summary}");
-    if !kernel.starts_with(&format!("{series}.")) {
-        fail(format!("booted {kernel}, not Linux {series}"));
-    }
+    vm.report(&details);
     if !failed.is_empty() {
-        fail(format!("demo run(s) {} failed", failed.join(", ")));
+        vm.fail(format!("demo run(s) {} failed", failed.join(", ")));
     }
     if !workers.is_empty() {
-        fail(format!(
+        vm.fail(format!(
             "the proxy ran io_uring worker threads in run(s) {}",
             workers.join(", ")
         ));
