@@ -203,8 +203,8 @@ fn smoltcp_udp<'a>(
 mod emit {
     use super::*;
     use smoltcp::wire::checksum;
-    use uringproxy::stack::offload;
-    use uringproxy::tun::vnet;
+    use uringproxy::wire::offload;
+    use uringproxy::wire::vnet;
 
     /// What the proxy's device tells smoltcp with checksum offload: the IPv4 header
     /// checksum is still ours (it is 20 bytes), the TCP one the kernel's.
@@ -381,7 +381,7 @@ mod emit {
 /// Reading packets from the client, prebuilt with valid checksums.
 mod parse {
     use super::*;
-    use uringproxy::stack::{self, Parsed};
+    use uringproxy::wire::{self, Parsed};
 
     fn tcp_input(family: Family) -> Vec<u8> {
         let (client, server) = family.endpoints();
@@ -389,7 +389,7 @@ mod parse {
         let packet = tcp_packet(client, server, &data_segment(client, server, &payload));
         // Inputs must be what the benchmarks claim: valid, and seen as such.
         assert!(matches!(
-            stack::parse(&packet),
+            wire::parse(&packet),
             Parsed::Tcp { opens: false, .. }
         ));
         let verified = smoltcp_tcp(&packet, &ChecksumCapabilities::default());
@@ -401,7 +401,7 @@ mod parse {
         let (client, server) = family.endpoints();
         let packet = udp_packet(client, server, &pattern(PAYLOAD, 4));
         assert!(matches!(
-            stack::parse(&packet),
+            wire::parse(&packet),
             Parsed::Udp {
                 payload_len: PAYLOAD,
                 ..
@@ -413,7 +413,7 @@ mod parse {
     }
 
     fn demux(bencher: Bencher, packet: Vec<u8>) {
-        bencher.bench_local(|| stack::parse(black_box(&packet)));
+        bencher.bench_local(|| wire::parse(black_box(&packet)));
     }
 
     fn tcp(bencher: Bencher, family: Family, caps: ChecksumCapabilities) {
@@ -490,7 +490,7 @@ mod parse {
 /// The virtio-net header in front of every TUN packet once offload is negotiated.
 mod vnet {
     use super::*;
-    use uringproxy::tun::vnet::{self, Gso, Header};
+    use uringproxy::wire::vnet::{self, Gso, Header};
 
     /// What the kernel puts in front of a 64 KiB TCPv4 super-packet.
     const GSO_TCPV4: Header = Header {
@@ -529,8 +529,9 @@ mod stack {
     use smoltcp::socket::tcp::{self, State};
     use smoltcp::time::{Duration, Instant};
     use smoltcp::wire::IpListenEndpoint;
-    use uringproxy::stack::{Interfaces, Parsed, StackDevice, TxPool};
-    use uringproxy::tun::{Offload, vnet};
+    use uringproxy::stack::{Interfaces, StackDevice, TxPool};
+    use uringproxy::wire::Parsed;
+    use uringproxy::wire::{Offload, vnet};
 
     /// The proxy's default `--flow-buffer`: bytes of receive and of send buffer per flow.
     const FLOW_BUFFER: usize = 1 << 20;
@@ -647,7 +648,7 @@ mod stack {
             // for the delayed-ACK timer; a fixed clock also keeps the keep-alive and
             // idle timers (set as in production) from ever coming due.
             let now = Instant::from_secs(1);
-            let mut tx = TxPool::new(TX_BUFFERS, MTU, Offload::Tso);
+            let mut tx = TxPool::new(TX_BUFFERS, MTU, Offload::Tso).expect("TUN write buffers");
             let ifaces = Interfaces::new(&mut tx, now, 0x5eed);
             // The client segments below are patched without fixing their checksum, which
             // is only right if the proxy does not verify them (it leaves that to the
@@ -731,7 +732,7 @@ mod stack {
             let mut device = StackDevice::egress(&mut self.tx);
             while iface.poll_egress(self.now, &mut device, &mut self.sockets) != PollResult::None {}
             self.tx.take_ready(|index, write| {
-                each(write);
+                write.region.with_mut(write.range, |bytes| each(bytes));
                 self.written.push(index);
             });
             for index in self.written.drain(..) {
@@ -758,7 +759,7 @@ mod stack {
                 Some(mss),
             );
             assert!(matches!(
-                uringproxy::stack::parse(&syn),
+                uringproxy::wire::parse(&syn),
                 Parsed::Tcp { opens: true, mss: Some(m), .. } if m == mss
             ));
             self.ingress(&syn);

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::stack::device::TxCounters;
-use crate::tun::vnet;
+use crate::wire::vnet;
 
 /// Mean of `total` over `count`, 0 when there is nothing to average.
 fn mean(total: u64, count: u64) -> u64 {
@@ -44,7 +44,7 @@ pub struct Stats {
     /// Copied from the transmit pool when printed.
     pub tx: TxCounters,
     /// Copied from the UDP relay when printed.
-    pub udp: crate::relay::datagram::Counters,
+    pub udp: crate::flow::datagram::Counters,
     pub fragments: u64,
 }
 
@@ -58,8 +58,8 @@ impl Stats {
     }
 
     /// Counts the failure a finished flow ended with.
-    pub fn count_failure(&mut self, failure: crate::relay::Failure) {
-        use crate::relay::Failure;
+    pub fn count_failure(&mut self, failure: crate::flow::tcp::Failure) {
+        use crate::flow::tcp::Failure;
         let counter = match failure {
             Failure::ConnectRefused => &mut self.connect_refused,
             Failure::ConnectTimeout => &mut self.connect_timeout,

@@ -640,3 +640,32 @@ fn demo_help_interrupt_and_closed_stdout() {
         "namespaces left behind"
     );
 }
+
+/// What `systemctl restart` does: stop the proxy and start it again at once with the
+/// same `--tun`. The proxy exits only once its TUN is gone, so this must always work,
+/// also with flows (and so operations on the ring) in flight at the stop.
+#[test]
+fn a_restart_right_after_exit_finds_the_tun_name_free() {
+    const ROUNDS: usize = 20;
+    let Some(topo) = Topology::for_test("a_restart_right_after_exit_finds_the_tun_name_free")
+    else {
+        return;
+    };
+    let server = topo.serve(topo.server_v4(), ROUNDS, |mut stream| {
+        let mut byte = [0u8; 1];
+        // Held open until the proxy's stop resets it.
+        let _ = std::io::Read::read(&mut stream, &mut byte);
+    });
+    let addr = server.addr();
+    for round in 0..ROUNDS {
+        let mut proxy = topo.start_proxy(&[]);
+        let client = join(topo.in_client(move || common::connect(addr)));
+        proxy.terminate();
+        assert!(
+            !topo.tun_exists(),
+            "round {round}: the proxy exited before its TUN was gone"
+        );
+        drop(client);
+    }
+    server.join();
+}

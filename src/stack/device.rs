@@ -5,10 +5,10 @@ use std::num::NonZeroUsize;
 
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
-use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, IpVersion};
+use smoltcp::wire::IpVersion;
 
-use super::offload;
-use crate::tun::{Offload, vnet};
+use crate::uring::{Region, Slice};
+use crate::wire::{Offload, offload, vnet};
 
 /// Largest packet smoltcp may hand the TUN for segmentation: the IPv4 length limit.
 pub const MAX_SEGMENTATION_PACKET: usize = 65535;
@@ -23,10 +23,12 @@ pub struct TxCounters {
     pub dropped_replies: u64,
 }
 
-/// Fixed transmit buffers; each filled buffer becomes one TUN write, and returns to the
-/// pool when that write completes. When the pool is empty smoltcp holds its data back.
+/// Fixed transmit buffers, in one region the ring writes from; each filled buffer
+/// becomes one TUN write, and returns to the pool when that write completes. When the
+/// pool is empty smoltcp holds its data back.
 pub struct TxPool {
-    buffers: Vec<Box<[u8]>>,
+    region: Region,
+    buf_size: usize,
     free: Vec<u16>,
     ready: Vec<(u16, u32)>,
     /// Where replies go when no buffer is free during ingress: written, then dropped.
@@ -44,19 +46,19 @@ pub struct TxPool {
 }
 
 impl TxPool {
-    /// `count` buffers, each big enough for the largest packet `offload` allows.
-    pub fn new(count: u16, mtu: usize, offload: Offload) -> TxPool {
-        let header_len = if offload.vnet_header() { vnet::LEN } else { 0 };
+    /// `count` buffers, each big enough for the largest packet `offload` allows; `None`
+    /// when their memory cannot be had.
+    pub fn new(count: u16, mtu: usize, offload: Offload) -> Option<TxPool> {
+        let header_len = offload.header_len();
         let max_packet = if offload.tso() {
             MAX_SEGMENTATION_PACKET
         } else {
             mtu
         };
         let buf_size = header_len + max_packet;
-        TxPool {
-            buffers: (0..count)
-                .map(|_| vec![0u8; buf_size].into_boxed_slice())
-                .collect(),
+        Some(TxPool {
+            region: Region::new(usize::from(count) * buf_size)?,
+            buf_size,
             free: (0..count).rev().collect(),
             ready: Vec::with_capacity(usize::from(count)),
             scratch: vec![0u8; buf_size].into_boxed_slice(),
@@ -66,13 +68,27 @@ impl TxPool {
             header_len,
             ipv6_segment_size: 0,
             counters: TxCounters::default(),
-        }
+        })
     }
 
-    /// Buffers filled since the last call, as (index, length); the caller submits them.
-    pub fn take_ready(&mut self, mut each: impl FnMut(u16, &[u8])) {
+    /// Where buffer `index` lies in the region.
+    fn range(&self, index: u16) -> std::ops::Range<usize> {
+        let start = usize::from(index) * self.buf_size;
+        start..start + self.buf_size
+    }
+
+    /// Buffers filled since the last call, as (index, the packet's bytes); the caller
+    /// submits them and `release`s each once its write has completed.
+    pub fn take_ready(&mut self, mut each: impl FnMut(u16, Slice)) {
         for &(index, len) in &self.ready {
-            each(index, &self.buffers[usize::from(index)][..len as usize]);
+            let start = self.range(index).start;
+            each(
+                index,
+                Slice {
+                    region: self.region.clone(),
+                    range: start..start + len as usize,
+                },
+            );
         }
         self.ready.clear();
     }
@@ -90,7 +106,9 @@ impl TxPool {
     /// Returns buffer `index` after its write completed.
     pub fn release(&mut self, index: u16) {
         debug_assert!(!self.free.contains(&index));
-        self.free.push(index);
+        if usize::from(index) * self.buf_size < self.region.len() {
+            self.free.push(index);
+        }
     }
 
     pub fn has_free(&self) -> bool {
@@ -102,46 +120,34 @@ impl TxPool {
         std::mem::take(&mut self.exhausted)
     }
 
-    /// Writes one packet of `len` bytes built by `f` (a complete IP packet with valid
-    /// checksums) for the TUN. False, with nothing queued, when no free buffer holds it.
-    pub fn emit(&mut self, len: usize, f: impl FnOnce(&mut [u8])) -> bool {
-        let total = self.header_len + len;
-        match self.free.last() {
-            Some(&index) if total <= self.buffers[usize::from(index)].len() => {
-                self.free.pop();
-                let buffer = &mut self.buffers[usize::from(index)][..total];
-                let (header, packet) = buffer.split_at_mut(self.header_len);
-                f(packet);
-                if self.offload.vnet_header() {
-                    vnet::Header::PLAIN.emit(header);
-                }
-                self.ready.push((index, total as u32));
-                true
+    /// Queues one packet for the TUN that `build` writes (a complete IP packet with valid
+    /// checksums) into a free buffer, returning its length, or `None` when it does not
+    /// fit. False, with nothing queued, when there is no free buffer or it did not fit.
+    pub fn emit(&mut self, build: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {
+        let Some(&index) = self.free.last() else {
+            return false;
+        };
+        let (header_len, vnet_header) = (self.header_len, self.offload.vnet_header());
+        let built = self.region.with_mut(self.range(index), |buffer| {
+            let (header, packet) = buffer.split_at_mut(header_len);
+            let len = build(packet).filter(|&len| len <= packet.len())?;
+            if vnet_header {
+                vnet::Header::PLAIN.emit(header);
             }
-            _ => false,
-        }
-    }
-
-    /// Writes one IP packet from `src` to `dst` whose `len`-byte `protocol` payload is
-    /// built by `emit_payload` (with valid checksums). False when no buffer holds it.
-    pub fn emit_ip(
-        &mut self,
-        (src, dst): (IpAddress, IpAddress),
-        protocol: IpProtocol,
-        len: usize,
-        emit_payload: impl FnOnce(&mut [u8]),
-    ) -> bool {
-        let ip = IpRepr::new(src, dst, protocol, len, 64);
-        self.emit(ip.buffer_len(), |buffer| {
-            ip.emit(&mut *buffer, &ChecksumCapabilities::default());
-            emit_payload(&mut buffer[ip.header_len()..]);
-        })
+            Some(len)
+        });
+        let Some(len) = built else {
+            return false;
+        };
+        self.free.pop();
+        self.ready.push((index, (self.header_len + len) as u32));
+        true
     }
 
     fn fill<R>(&mut self, len: usize, meta: PacketMeta, f: impl FnOnce(&mut [u8]) -> R) -> R {
         let total = self.header_len + len;
         let index = match self.free.pop() {
-            Some(index) if total <= self.buffers[usize::from(index)].len() => index,
+            Some(index) if total <= self.buf_size => index,
             other => {
                 if let Some(index) = other {
                     self.free.push(index);
@@ -151,29 +157,34 @@ impl TxPool {
                 return f(&mut self.scratch[self.header_len..self.header_len + len]);
             }
         };
-        let ipv6_mss_limit = self.ipv6_mss_limit();
-        let buffer = &mut self.buffers[usize::from(index)][..total];
-        let (header, packet) = buffer.split_at_mut(self.header_len);
-        let result = f(packet);
-        if self.offload.vnet_header() {
-            let vnet_header = if self.offload.checksum() {
-                let segment_size = match packet.first().map(|byte| byte >> 4) {
-                    Some(6) if self.offload.tso() => {
-                        offload::clamp_syn_mss(packet, ipv6_mss_limit);
-                        Some(self.ipv6_segment_size)
-                    }
-                    _ => meta.segmentation_offload_size.map(|size| size.get()),
+        let (ipv6_mss_limit, ipv6_segment_size) = (self.ipv6_mss_limit(), self.ipv6_segment_size);
+        let (level, header_len) = (self.offload, self.header_len);
+        let start = self.range(index).start;
+        let counters = &mut self.counters;
+        let result = self.region.with_mut(start..start + total, |buffer| {
+            let (header, packet) = buffer.split_at_mut(header_len);
+            let result = f(packet);
+            if level.vnet_header() {
+                let vnet_header = if level.checksum() {
+                    let segment_size = match packet.first().map(|byte| byte >> 4) {
+                        Some(6) if level.tso() => {
+                            offload::clamp_syn_mss(packet, ipv6_mss_limit);
+                            Some(ipv6_segment_size)
+                        }
+                        _ => meta.segmentation_offload_size.map(|size| size.get()),
+                    };
+                    offload::finish_tcp(packet, segment_size)
+                } else {
+                    vnet::Header::PLAIN
                 };
-                offload::finish_tcp(packet, segment_size)
-            } else {
-                vnet::Header::PLAIN
-            };
-            if vnet_header.gso != vnet::Gso::None {
-                self.counters.segmented += 1;
-                self.counters.segmented_bytes += packet.len() as u64;
+                if vnet_header.gso != vnet::Gso::None {
+                    counters.segmented += 1;
+                    counters.segmented_bytes += packet.len() as u64;
+                }
+                vnet_header.emit(header);
             }
-            vnet_header.emit(header);
-        }
+            result
+        });
         self.ready.push((index, total as u32));
         result
     }
@@ -323,7 +334,7 @@ mod tests {
 
     #[test]
     fn pool_hands_out_each_buffer_once_until_released() {
-        let mut pool = TxPool::new(2, 64, Offload::None);
+        let mut pool = TxPool::new(2, 64, Offload::None).unwrap();
         let meta = PacketMeta::default();
         pool.fill(10, meta, |b| b.fill(1));
         pool.fill(20, meta, |b| b.fill(2));
@@ -331,7 +342,10 @@ mod tests {
         pool.fill(5, meta, |b| b.fill(3));
         assert_eq!(pool.counters.dropped_replies, 1);
         let mut seen = Vec::new();
-        pool.take_ready(|index, bytes| seen.push((index, bytes.len(), bytes[0])));
+        pool.take_ready(|index, slice| {
+            let bytes = slice.region.kernel_read(slice.range);
+            seen.push((index, bytes.len(), bytes[0]))
+        });
         assert_eq!(seen.len(), 2);
         assert_eq!((seen[0].1, seen[0].2), (10, 1));
         assert_eq!((seen[1].1, seen[1].2), (20, 2));
@@ -341,7 +355,7 @@ mod tests {
 
     #[test]
     fn oversized_request_goes_to_scratch_not_a_panic() {
-        let mut pool = TxPool::new(1, 16, Offload::None);
+        let mut pool = TxPool::new(1, 16, Offload::None).unwrap();
         pool.fill(100, PacketMeta::default(), |b| assert_eq!(b.len(), 16));
         assert_eq!(pool.counters.dropped_replies, 1);
         assert!(pool.has_free());
@@ -349,22 +363,26 @@ mod tests {
 
     #[test]
     fn emit_refuses_what_does_not_fit() {
-        let mut pool = TxPool::new(1, 100, Offload::Header);
-        assert!(!pool.emit(101, |_| panic!("must not be called")));
-        assert!(pool.emit(100, |b| b.fill(7)));
-        assert!(!pool.emit(10, |_| panic!("pool is empty")));
+        let mut pool = TxPool::new(1, 100, Offload::Header).unwrap();
+        assert!(!pool.emit(|_| Some(101)), "longer than the buffer");
+        assert!(!pool.emit(|_| None), "the builder gave up");
+        assert!(pool.emit(|b| {
+            b[..100].fill(7);
+            Some(100)
+        }));
+        assert!(!pool.emit(|_| panic!("pool is empty")));
         let mut seen = Vec::new();
-        pool.take_ready(|_, bytes| seen.push(bytes.to_vec()));
+        pool.take_ready(|_, slice| seen.push(slice.region.kernel_read(slice.range)));
         assert_eq!(seen[0].len(), vnet::LEN + 100);
         assert!(seen[0][vnet::LEN..].iter().all(|&b| b == 7));
     }
 
     #[test]
     fn vnet_header_goes_in_front_of_each_packet() {
-        let mut pool = TxPool::new(1, 1500, Offload::Header);
+        let mut pool = TxPool::new(1, 1500, Offload::Header).unwrap();
         pool.fill(40, PacketMeta::default(), |b| b.fill(0x45));
         let mut seen = Vec::new();
-        pool.take_ready(|_, bytes| seen.push(bytes.to_vec()));
+        pool.take_ready(|_, slice| seen.push(slice.region.kernel_read(slice.range)));
         assert_eq!(seen[0].len(), vnet::LEN + 40);
         assert_eq!(&seen[0][..vnet::LEN], &[0; vnet::LEN]);
     }
@@ -372,13 +390,17 @@ mod tests {
     #[test]
     fn offload_capabilities_follow_the_negotiated_level() {
         let v4 = IpVersion::Ipv4;
-        let none = TxPool::new(1, 1500, Offload::None).capabilities(v4);
+        let none = TxPool::new(1, 1500, Offload::None)
+            .unwrap()
+            .capabilities(v4);
         assert!(none.checksum.tcp.tx());
         assert!(none.segmentation.tcpv4.is_none());
-        let csum = TxPool::new(1, 1500, Offload::Checksum).capabilities(v4);
+        let csum = TxPool::new(1, 1500, Offload::Checksum)
+            .unwrap()
+            .capabilities(v4);
         assert!(!csum.checksum.tcp.tx());
         assert!(csum.segmentation.tcpv4.is_none());
-        let tso = TxPool::new(1, 1500, Offload::Tso);
+        let tso = TxPool::new(1, 1500, Offload::Tso).unwrap();
         let tso4 = tso.capabilities(v4);
         assert_eq!(
             tso4.segmentation.tcpv4.map(|n| n.get()),

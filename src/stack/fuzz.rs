@@ -8,9 +8,10 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpEndpoint, IpListenEndpoint, TcpControl};
 
-use super::packet::tests::{tcp_packet, udp_packet, v4, v6};
-use super::{Interfaces, Parsed, StackDevice, TxPool, parse};
-use crate::tun::{Offload, vnet};
+use super::{Interfaces, StackDevice, TxPool};
+use crate::wire::demux::tests::{tcp_packet, udp_packet, v4, v6};
+use crate::wire::{Offload, vnet};
+use crate::wire::{Parsed, parse};
 
 /// xorshift64*: deterministic, so a failing case can be replayed from its index.
 struct Rng(u64);
@@ -135,7 +136,7 @@ fn fuzz_ingress_never_panics() {
     let seeds = seeds();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for offload in [Offload::None, Offload::Tso] {
-        let mut tx = TxPool::new(16, 1500, offload);
+        let mut tx = TxPool::new(16, 1500, offload).unwrap();
         let mut ifaces = Interfaces::new(&mut tx, Instant::ZERO, 1);
         let mut no_flow = SocketSet::new(Vec::new());
         let mut flows: Vec<SocketSet<'static>> = Vec::new();

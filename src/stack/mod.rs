@@ -1,17 +1,13 @@
-//! Glue between smoltcp and the TUN: the in-memory device the interface is polled with,
-//! the pool of transmit buffers, and the 4-tuple parser that picks a packet's flow.
+//! Glue between smoltcp and the TUN: the in-memory device the interface is polled with
+//! and the pool of transmit buffers that become TUN writes.
 
 pub mod device;
 #[cfg(test)]
 mod fuzz;
-pub mod offload;
-pub mod packet;
-pub mod unreachable;
 
 pub use device::{StackDevice, TxPool};
-pub use packet::{FlowKey, Parsed, parse};
 
-use smoltcp::iface::{Config, Interface};
+use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpVersion};
 
@@ -47,5 +43,30 @@ impl Interfaces {
             IpAddress::Ipv4(_) => &mut self.v4,
             IpAddress::Ipv6(_) => &mut self.v6,
         }
+    }
+}
+
+/// The proxy's side of smoltcp: the interfaces, the TUN transmit buffers, and an empty
+/// socket set that answers packets of no known flow (with RST, as a closed port would).
+pub struct Stack {
+    pub ifaces: Interfaces,
+    pub tx: TxPool,
+    no_flow: SocketSet<'static>,
+}
+
+impl Stack {
+    pub fn new(mut tx: TxPool, now: Instant, seed: u64) -> Stack {
+        Stack {
+            ifaces: Interfaces::new(&mut tx, now, seed),
+            tx,
+            no_flow: SocketSet::new(Vec::new()),
+        }
+    }
+
+    /// A TCP packet for no flow: smoltcp answers it (RST unless it is one).
+    pub fn reject(&mut self, now: Instant, server: &IpAddress, packet: &[u8]) {
+        let iface = self.ifaces.serving(server);
+        let mut device = StackDevice::ingress(packet, &mut self.tx);
+        iface.poll_ingress_single(now, &mut device, &mut self.no_flow);
     }
 }

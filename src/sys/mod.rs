@@ -171,22 +171,24 @@ impl Mapping {
         })
     }
 
-    /// The whole mapping as a slice that claims to live forever.
-    ///
-    /// # Safety
-    /// The caller must stop using the slice (and everything it was split into) before
-    /// this `Mapping` is dropped, and must not call this twice while a slice is alive.
-    pub unsafe fn as_static_mut(&mut self) -> &'static mut [u8] {
-        // SAFETY: the mapping is `len` readable, writable, initialised (zero) bytes; the
-        // caller guarantees exclusive use and that it ends before the unmap.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    /// The first byte; `len()` bytes from here are readable and writable until drop.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mapped in `new`; by the contract of
-        // `as_static_mut` nothing refers to it any more.
+        // SAFETY: unmaps exactly the region mapped in `new`. Its only users,
+        // `uring::memory` regions, drop it once no borrow or operation points into it.
         let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
     }
 }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use nix::libc;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::Cidr;
+use crate::wire::Cidr;
 
 const NLMSG_HDR: usize = 16;
 const RTMSG: usize = 12; // struct rtmsg and struct fib_rule_hdr have the same size

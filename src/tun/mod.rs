@@ -1,13 +1,10 @@
 //! The TUN device: created and configured in-process (name, addresses, MTU, queue length,
 //! link up), with checksum and segmentation offload negotiated through virtio-net headers.
 
-pub mod vnet;
-
-use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use log::warn;
@@ -16,84 +13,42 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, TcpPacket};
 use socket2::{Domain, Socket, Type};
 
-use crate::config::Config;
 use crate::error::Error;
 use crate::sys;
+use crate::wire::{Cidr, Offload, offload, vnet};
 
 /// Packets the kernel may queue for us to read. The default (500) overflows while the
 /// proxy is busy with a burst, and a dropped window update from a client costs a
 /// zero-window-probe backoff of seconds; 4096 MTU packets are ~10 MB at most.
 const TX_QUEUE_LEN: u32 = 4096;
 
-/// How much offload the TUN uses, from most to least. Probing starts at the cap and
-/// steps down until the kernel accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Offload {
-    /// No virtio-net header at all (`--no-offload`).
-    None,
-    /// Virtio-net headers, but no offload: every packet complete and MTU-sized.
-    Header,
-    /// Checksums completed by the kernel (TUN_F_CSUM).
-    Checksum,
-    /// Plus TCP segmentation: 64 KiB super-packets each way (TUN_F_TSO4/6).
-    Tso,
-    /// Plus UDP segmentation (TUN_F_USO4/6, kernel 6.2+).
-    Uso,
+/// What TUN to create.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub name: String,
+    pub addrs: Vec<Cidr>,
+    pub mtu: u32,
+    /// The most offload to negotiate; probing steps down from here.
+    pub offload_cap: Offload,
 }
 
-impl Offload {
-    /// Parses a cap such as `tso` (from URINGPROXY_MAX_OFFLOAD, used by tests).
-    pub fn parse(text: &str) -> Option<Offload> {
-        Some(match text {
-            "none" => Offload::None,
-            "header" => Offload::Header,
-            "csum" => Offload::Checksum,
-            "tso" => Offload::Tso,
-            "uso" => Offload::Uso,
-            _ => return None,
-        })
-    }
-
-    pub fn vnet_header(self) -> bool {
-        self >= Offload::Header
-    }
-
-    pub fn checksum(self) -> bool {
-        self >= Offload::Checksum
-    }
-
-    pub fn tso(self) -> bool {
-        self >= Offload::Tso
-    }
-
-    fn tun_flags(self) -> libc::c_uint {
-        match self {
-            Offload::None | Offload::Header => 0,
-            Offload::Checksum => libc::TUN_F_CSUM,
-            Offload::Tso => libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6,
-            Offload::Uso => Offload::Tso.tun_flags() | libc::TUN_F_USO4 | libc::TUN_F_USO6,
-        }
-    }
-
-    fn lower(self) -> Offload {
-        match self {
-            Offload::Uso => Offload::Tso,
-            Offload::Tso => Offload::Checksum,
-            Offload::Checksum => Offload::Header,
-            Offload::Header | Offload::None => Offload::None,
-        }
+/// TUNSETOFFLOAD flags asking for `offload`.
+fn tun_flags(offload: Offload) -> libc::c_uint {
+    match offload {
+        Offload::None | Offload::Header => 0,
+        Offload::Checksum => libc::TUN_F_CSUM,
+        Offload::Tso => libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6,
+        Offload::Uso => tun_flags(Offload::Tso) | libc::TUN_F_USO4 | libc::TUN_F_USO6,
     }
 }
 
-impl fmt::Display for Offload {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Offload::None => "none (no virtio-net header)",
-            Offload::Header => "none (virtio-net header only)",
-            Offload::Checksum => "checksum",
-            Offload::Tso => "checksum + TCP segmentation",
-            Offload::Uso => "checksum + TCP and UDP segmentation",
-        })
+/// The next level to try when the kernel refuses `offload`.
+fn lower(offload: Offload) -> Offload {
+    match offload {
+        Offload::Uso => Offload::Tso,
+        Offload::Tso => Offload::Checksum,
+        Offload::Checksum => Offload::Header,
+        Offload::Header | Offload::None => Offload::None,
     }
 }
 
@@ -105,22 +60,22 @@ pub struct Tun {
 }
 
 impl Tun {
-    /// Creates TUN `config.tun_name`, negotiates offload up to `cap`, assigns
-    /// `config.tun_addrs` and the MTU, and brings it up.
-    pub fn create(config: &Config, cap: Offload) -> Result<Tun, Error> {
+    /// Creates the TUN of `spec`, negotiates offload up to its cap, assigns its
+    /// addresses and MTU, and brings it up.
+    pub fn create(spec: &Spec) -> Result<Tun, Error> {
         // Refuse to attach to an interface someone else made: we would then configure
         // and, on exit, tear down state we do not own.
-        if sys::interface_index(&config.tun_name).is_some() {
-            return Err(Error::TunExists(config.tun_name.clone()));
+        if sys::interface_index(&spec.name).is_some() {
+            return Err(Error::TunExists(spec.name.clone()));
         }
-        let mut offload = cap;
+        let mut offload = spec.offload_cap;
         let fd = loop {
             let fd = open_tun()?;
             let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
             if offload.vnet_header() {
                 flags |= libc::IFF_VNET_HDR;
             }
-            match sys::tun_set_iff(fd.as_raw_fd(), &config.tun_name, flags) {
+            match sys::tun_set_iff(fd.as_raw_fd(), &spec.name, flags) {
                 Ok(()) => break fd,
                 Err(err) if offload.vnet_header() && err.raw_os_error() == Some(libc::EINVAL) => {
                     offload = Offload::None;
@@ -129,9 +84,9 @@ impl Tun {
             }
         };
         while offload.vnet_header() {
-            match sys::tun_set_offload(fd.as_raw_fd(), offload.tun_flags()) {
+            match sys::tun_set_offload(fd.as_raw_fd(), tun_flags(offload)) {
                 Ok(()) => break,
-                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => offload = offload.lower(),
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => offload = lower(offload),
                 Err(err) => {
                     return Err(Error::from_io("negotiate TUN offload (TUNSETOFFLOAD)", err));
                 }
@@ -139,31 +94,31 @@ impl Tun {
         }
         let mut tun = Tun {
             fd,
-            name: config.tun_name.clone(),
+            name: spec.name.clone(),
             offload,
         };
-        tun.configure(config)?;
-        if tun.offload.tso() && !tun.accepts_gso_writes(config) {
+        tun.configure(spec)?;
+        if tun.offload.tso() && !tun.accepts_gso_writes(spec) {
             warn!(
                 "the kernel refuses segmentation-offload writes to the TUN; using checksum offload only"
             );
-            sys::tun_set_offload(tun.fd.as_raw_fd(), Offload::Checksum.tun_flags())
+            sys::tun_set_offload(tun.fd.as_raw_fd(), tun_flags(Offload::Checksum))
                 .map_err(|err| Error::from_io("negotiate TUN offload (TUNSETOFFLOAD)", err))?;
             tun.offload = Offload::Checksum;
         }
         Ok(tun)
     }
 
-    fn configure(&self, config: &Config) -> Result<(), Error> {
+    fn configure(&self, spec: &Spec) -> Result<(), Error> {
         let ctl4 = Socket::new(Domain::IPV4, Type::DGRAM, None)
             .map_err(|err| Error::Io("open control socket", err))?;
-        sys::set_mtu(&ctl4, &self.name, config.mtu)
+        sys::set_mtu(&ctl4, &self.name, spec.mtu)
             .map_err(|err| Error::from_io("set the TUN MTU", err))?;
         sys::set_tx_queue_len(&ctl4, &self.name, TX_QUEUE_LEN)
             .map_err(|err| Error::from_io("set the TUN queue length", err))?;
         let index = sys::interface_index(&self.name)
             .ok_or_else(|| Error::Io("look up the new TUN", io::ErrorKind::NotFound.into()))?;
-        for cidr in &config.tun_addrs {
+        for cidr in &spec.addrs {
             match cidr.addr {
                 IpAddr::V4(addr) => sys::set_ipv4(&ctl4, &self.name, addr, cidr.prefix)
                     .map_err(|err| Error::from_io("assign the TUN IPv4 address", err))?,
@@ -183,8 +138,8 @@ impl Tun {
     /// the kernel validates the virtio-net header in write(2), then drops the packet
     /// (a loopback source on another device is a martian for IPv4 and refused by
     /// ip6_rcv for IPv6), so nothing is delivered or answered.
-    fn accepts_gso_writes(&self, config: &Config) -> bool {
-        config.tun_addrs.iter().all(|cidr| {
+    fn accepts_gso_writes(&self, spec: &Spec) -> bool {
+        spec.addrs.iter().all(|cidr| {
             let (from, to) = match cidr.addr {
                 IpAddr::V4(addr) => (IpAddress::v4(127, 0, 0, 1), IpAddress::Ipv4(addr)),
                 IpAddr::V6(addr) => (IpAddress::v6(0, 0, 0, 0, 0, 0, 0, 1), IpAddress::Ipv6(addr)),
@@ -240,9 +195,15 @@ fn gso_probe(from: IpAddress, to: IpAddress) -> Vec<u8> {
     tcp.set_header_len(TCP_HEADER as u8);
     tcp.set_ack(true);
     tcp.set_window_len(1024);
-    let vnet_header = crate::stack::offload::finish_tcp(packet, Some(SEGMENT));
+    let vnet_header = offload::finish_tcp(packet, Some(SEGMENT));
     vnet_header.emit(header);
     buf
+}
+
+impl AsFd for Tun {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 impl AsRawFd for Tun {
@@ -260,7 +221,7 @@ mod tests {
         let mut level = Offload::Uso;
         let mut seen = vec![level];
         while level != Offload::None {
-            level = level.lower();
+            level = lower(level);
             seen.push(level);
         }
         assert_eq!(
@@ -273,9 +234,9 @@ mod tests {
                 Offload::None
             ]
         );
-        assert_eq!(Offload::Tso.tun_flags(), 0x07);
-        assert_eq!(Offload::Uso.tun_flags(), 0x67);
-        assert_eq!(Offload::Header.tun_flags(), 0);
+        assert_eq!(tun_flags(Offload::Tso), 0x07);
+        assert_eq!(tun_flags(Offload::Uso), 0x67);
+        assert_eq!(tun_flags(Offload::Header), 0);
     }
 
     #[test]
@@ -294,8 +255,8 @@ mod tests {
             let payload = packet.len() - usize::from(header.hdr_len);
             assert_eq!(payload, 2 * usize::from(header.gso_size));
             assert!(matches!(
-                crate::stack::parse(packet),
-                crate::stack::Parsed::Tcp { .. }
+                crate::wire::parse(packet),
+                crate::wire::Parsed::Tcp { .. }
             ));
         }
     }

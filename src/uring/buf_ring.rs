@@ -1,4 +1,5 @@
-//! A provided-buffer ring: packet buffers the kernel picks from for multishot TUN reads.
+//! A provided-buffer ring: packet buffers the kernel picks from for multishot reads and
+//! receives. Owned by the `Ring`, which unregisters it (and frees it) only once idle.
 #![allow(unsafe_code)]
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
@@ -51,10 +52,6 @@ impl BufRing {
         Ok(ring_buf)
     }
 
-    pub fn group(&self) -> u16 {
-        self.group
-    }
-
     /// Bytes in each buffer: the most one read can deliver.
     pub fn buf_size(&self) -> usize {
         self.buf_size
@@ -93,9 +90,9 @@ impl BufRing {
 }
 
 fn register(submitter: &Submitter<'_>, ring_buf: &BufRing) -> io::Result<()> {
-    // SAFETY: the entry array stays allocated until `drop`, and the owner keeps this
-    // BufRing alive as long as the io_uring it was registered with (the ring is
-    // declared before it in the event loop, so it is dropped first).
+    // SAFETY: the entry array stays allocated until `drop`, and the `Ring` that owns
+    // this BufRing drops it only after every operation using it has completed and it
+    // has been unregistered (or never, if the ring could not be drained).
     unsafe {
         submitter.register_buf_ring_with_flags(
             ring_buf.entries as u64,

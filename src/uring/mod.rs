@@ -1,19 +1,29 @@
-//! The one io_uring ring every I/O of the proxy goes through, and its tokens and buffers.
+//! The one io_uring ring every I/O of the proxy goes through. Its submitters are typed
+//! and safe: whatever an operation points into (a region, the provided buffers, a
+//! connect's address) is kept alive by the ring until the kernel has completed it, and
+//! the ring is drained before any of it is freed.
 #![allow(unsafe_code)]
 
-pub mod buf_ring;
+mod buf_ring;
 pub mod features;
+pub mod memory;
 pub mod token;
 
 use std::collections::VecDeque;
 use std::io;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, cqueue, squeue, types};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use nix::libc;
+use slab::Slab;
+use socket2::SockAddr;
 
-pub use buf_ring::BufRing;
+use buf_ring::BufRing;
 pub use features::{Features, KernelVersion};
+pub use memory::{Family, Lent, Region};
 pub use token::{Op, Token};
 
 /// Submission queue entries: enough for a full turn of TUN writes plus flow operations;
@@ -21,13 +31,53 @@ pub use token::{Op, Token};
 const SQ_ENTRIES: u32 = 1024;
 /// Completion queue entries: 16x the SQ so bursts of multishot reads never overflow it.
 const CQ_ENTRIES: u32 = 16384;
+/// `user_data` of operations whose completion nobody waits for (cancels, closes, link
+/// timeouts); every other operation's is its index in the in-flight table plus one.
+const UNWATCHED: u64 = 0;
 
-/// A completion copied out of the CQ, so the ring can be borrowed again while it is handled.
+/// A completion copied out of the CQ, so the ring can be borrowed again while it is
+/// handled. `token` is what the operation was submitted with.
 #[derive(Clone, Copy, Debug)]
 pub struct Completion {
-    pub user_data: u64,
+    pub token: u64,
     pub result: i32,
     pub flags: u32,
+}
+
+impl Completion {
+    /// Whether a multishot operation stays armed after this completion.
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+
+    /// The provided buffer this completion filled, if any.
+    pub fn buffer_id(&self) -> Option<u16> {
+        cqueue::buffer_select(self.flags)
+    }
+}
+
+/// Bytes `range` of a region, for an operation to read or write.
+#[derive(Clone)]
+pub struct Slice {
+    pub region: Region,
+    pub range: Range<usize>,
+}
+
+/// An operation in flight: the caller's token and what must outlive the operation.
+struct Pending {
+    token: u64,
+    _keep: Keep,
+}
+
+// The variants' contents are never read: they are held so they drop only when the
+// operation has completed.
+#[allow(dead_code)]
+enum Keep {
+    /// Points at no memory of ours, or only at the provided buffers the ring owns.
+    Nothing,
+    Region(Region),
+    /// A connect's address and its linked timeout's timespec.
+    Connect(Box<(SockAddr, types::Timespec)>),
 }
 
 /// The ring, set up for one thread that submits and reaps everything itself.
@@ -38,6 +88,9 @@ pub struct Ring {
     /// `groups` holds the length of each chain so links are never split.
     backlog: VecDeque<squeue::Entry>,
     groups: VecDeque<usize>,
+    inflight: Slab<Pending>,
+    /// Provided buffer rings, by group id.
+    buf_rings: Vec<Option<BufRing>>,
 }
 
 impl Ring {
@@ -52,6 +105,8 @@ impl Ring {
             ring,
             backlog: VecDeque::new(),
             groups: VecDeque::new(),
+            inflight: Slab::new(),
+            buf_rings: Vec::new(),
         })
     }
 
@@ -59,13 +114,159 @@ impl Ring {
         &self.ring
     }
 
+    /// Operations submitted and not yet completed for good.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Registers `count` (a power of two) provided buffers of `size` bytes as `group`,
+    /// for multishot and buffer-selecting reads and receives.
+    pub fn provide_buffers(&mut self, group: u16, count: u16, size: usize) -> io::Result<()> {
+        let buffers = BufRing::new(&self.ring, group, count, size)?;
+        let slot = usize::from(group);
+        if self.buf_rings.len() <= slot {
+            self.buf_rings.resize_with(slot + 1, || None);
+        }
+        self.buf_rings[slot] = Some(buffers);
+        Ok(())
+    }
+
+    /// The first `len` bytes of provided buffer `bid` of `group`, as a completion left
+    /// them; `None` for a group or buffer that does not exist.
+    pub fn buffer(&self, group: u16, bid: u16, len: usize) -> Option<&[u8]> {
+        self.buf_ring(group)?.packet(bid, len)
+    }
+
+    /// Hands provided buffer `bid` back to the kernel (visible after `publish`).
+    pub fn recycle(&mut self, group: u16, bid: u16) {
+        if let Some(Some(buffers)) = self.buf_rings.get_mut(usize::from(group)) {
+            buffers.recycle(bid);
+        }
+    }
+
+    /// Makes recycled buffers of `group` visible to the kernel.
+    pub fn publish(&self, group: u16) {
+        if let Some(buffers) = self.buf_ring(group) {
+            buffers.publish();
+        }
+    }
+
+    /// Size of each provided buffer of `group`.
+    pub fn buffer_size(&self, group: u16) -> usize {
+        self.buf_ring(group).map_or(0, BufRing::buf_size)
+    }
+
+    fn buf_ring(&self, group: u16) -> Option<&BufRing> {
+        self.buf_rings.get(usize::from(group))?.as_ref()
+    }
+
+    /// A multishot read into the provided buffers of `group`: one completion per packet
+    /// until it ends (ENOBUFS, an error, a cancel).
+    pub fn read_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
+        let entry = opcode::ReadMulti::new(fd_of(fd), 0, group).build();
+        self.submit_watched(entry, token, Keep::Nothing);
+    }
+
+    /// One read into a buffer the kernel picks from `group`.
+    pub fn read_selected(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
+        let len = u32::try_from(self.buffer_size(group)).unwrap_or(u32::MAX);
+        let entry = opcode::Read::new(fd_of(fd), std::ptr::null_mut(), len)
+            .buf_group(group)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT);
+        self.submit_watched(entry, token, Keep::Nothing);
+    }
+
+    /// A multishot receive into the provided buffers of `group`.
+    pub fn recv_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
+        let entry = opcode::RecvMulti::new(fd_of(fd), group).build();
+        self.submit_watched(entry, token, Keep::Nothing);
+    }
+
+    /// Writes `buf` (one packet, for a TUN).
+    pub fn write(&mut self, fd: BorrowedFd<'_>, buf: Slice, token: u64) {
+        let (ptr, len) = bounds(&buf);
+        let entry = opcode::Write::new(fd_of(fd), ptr, len).build();
+        self.submit_watched(entry, token, Keep::Region(buf.region));
+    }
+
+    /// Reads into `buf`.
+    pub fn read(&mut self, fd: BorrowedFd<'_>, buf: Slice, token: u64) {
+        let (ptr, len) = bounds(&buf);
+        let entry = opcode::Read::new(fd_of(fd), ptr, len).build();
+        self.submit_watched(entry, token, Keep::Region(buf.region));
+    }
+
+    /// Sends `buf` on a socket (never raising SIGPIPE).
+    pub fn send(&mut self, fd: BorrowedFd<'_>, buf: Slice, token: u64) {
+        let (ptr, len) = bounds(&buf);
+        let entry = opcode::Send::new(fd_of(fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        self.submit_watched(entry, token, Keep::Region(buf.region));
+    }
+
+    /// Receives into `buf` from a socket.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>, buf: Slice, token: u64) {
+        let (ptr, len) = bounds(&buf);
+        let entry = opcode::Recv::new(fd_of(fd), ptr, len).build();
+        self.submit_watched(entry, token, Keep::Region(buf.region));
+    }
+
+    /// Connects a socket to `addr`, giving up (ECANCELED) after `timeout`.
+    pub fn connect(&mut self, fd: BorrowedFd<'_>, addr: SocketAddr, timeout: Duration, token: u64) {
+        let args = Box::new((SockAddr::from(addr), types::Timespec::from(timeout)));
+        let connect = opcode::Connect::new(fd_of(fd), args.0.as_ptr().cast(), args.0.len())
+            .build()
+            .flags(squeue::Flags::IO_LINK);
+        let timeout = opcode::LinkTimeout::new(&args.1)
+            .build()
+            .user_data(UNWATCHED);
+        let index = self.inflight.insert(Pending {
+            token,
+            _keep: Keep::Connect(args),
+        });
+        let connect = connect.user_data(index as u64 + 1);
+        // SAFETY: the address and the timespec live in the in-flight table until the
+        // connect completes (the timeout is read when the chain is submitted).
+        unsafe { self.push(&[connect, timeout]) };
+    }
+
+    /// Cancels every operation in flight on `fd`; each completes with ECANCELED.
+    pub fn cancel_fd(&mut self, fd: BorrowedFd<'_>) {
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(fd_of(fd)).all())
+            .build()
+            .user_data(UNWATCHED);
+        // SAFETY: a cancel points at no memory.
+        unsafe { self.push(&[entry]) };
+    }
+
+    /// Closes `fd` on the ring (no completion is reported).
+    pub fn close(&mut self, fd: OwnedFd) {
+        let entry = opcode::Close::new(types::Fd(fd.into_raw_fd()))
+            .build()
+            .user_data(UNWATCHED);
+        // SAFETY: a close points at no memory; the fd is owned by nobody now.
+        unsafe { self.push(&[entry]) };
+    }
+
+    /// Records a watched operation and queues it.
+    fn submit_watched(&mut self, entry: squeue::Entry, token: u64, keep: Keep) {
+        let index = self.inflight.insert(Pending { token, _keep: keep });
+        let entry = entry.user_data(index as u64 + 1);
+        // SAFETY: every buffer the entry points into is kept alive by its in-flight
+        // entry (`keep`) or is a provided buffer owned by the ring, until the kernel
+        // reports the operation complete.
+        unsafe { self.push(&[entry]) };
+    }
+
     /// Queues `entries` back to back (a linked chain is never split across submits).
-    /// Never fails: when the kernel cannot take more yet, they wait in a backlog.
+    /// When the kernel cannot take more yet, they wait in a backlog.
     ///
     /// # Safety
     /// Every buffer, address and timespec an entry points to must stay valid and unmoved
     /// until its completion has been reaped (the kernel may read or write it until then).
-    pub unsafe fn push(&mut self, entries: &[squeue::Entry]) {
+    unsafe fn push(&mut self, entries: &[squeue::Entry]) {
         if self.backlog.is_empty() && self.free_slots() < entries.len() {
             self.submit_pending();
         }
@@ -129,17 +330,92 @@ impl Ring {
         }
     }
 
-    /// Moves up to `max` completions into `out` (cleared first).
+    /// Moves up to `max` completions into `out` (cleared first). An operation that is
+    /// done for good (no more completions to come) lets go of its memory here.
     pub fn drain(&mut self, out: &mut Vec<Completion>, max: usize) {
         out.clear();
         for cqe in self.ring.completion().take(max) {
+            let (user_data, flags) = (cqe.user_data(), cqe.flags());
+            if user_data == UNWATCHED {
+                continue;
+            }
+            let index = (user_data - 1) as usize;
+            let Some(pending) = self.inflight.get(index) else {
+                continue;
+            };
+            let token = pending.token;
+            if !cqueue::more(flags) {
+                self.inflight.remove(index);
+            }
             out.push(Completion {
-                user_data: cqe.user_data(),
+                token,
                 result: cqe.result(),
-                flags: cqe.flags(),
+                flags,
             });
         }
     }
+
+    /// Cancels everything in flight and reaps completions until nothing is left or
+    /// `limit` has passed; true when the ring is idle. Only then may the files those
+    /// operations use be closed knowing the kernel holds no reference to them.
+    pub fn cancel_all(&mut self, limit: Duration) -> bool {
+        // Entries the kernel never saw can simply be forgotten.
+        for entry in self.backlog.drain(..) {
+            let user_data = entry.get_user_data();
+            if user_data != UNWATCHED {
+                self.inflight.try_remove((user_data - 1) as usize);
+            }
+        }
+        self.groups.clear();
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(UNWATCHED);
+        // SAFETY: a cancel points at no memory.
+        unsafe { self.push(&[cancel]) };
+        let deadline = Instant::now() + limit;
+        let mut completions = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = self.submit_and_wait(Some(left.min(Duration::from_millis(10))));
+            self.drain(&mut completions, usize::MAX);
+            if self.inflight.is_empty() {
+                return true;
+            }
+            if left.is_zero() {
+                return false;
+            }
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if !self.inflight.is_empty() && !self.cancel_all(Duration::from_secs(1)) {
+            // The kernel may still write into what these operations point at: leaking
+            // it is the only safe choice left.
+            std::mem::forget(std::mem::take(&mut self.inflight));
+            std::mem::forget(std::mem::take(&mut self.buf_rings));
+            return;
+        }
+        for (group, buffers) in self.buf_rings.iter().enumerate() {
+            if buffers.is_some() {
+                let _ = self.ring.submitter().unregister_buf_ring(group as u16);
+            }
+        }
+    }
+}
+
+/// Pointer and length of a slice of a region; a range outside the region becomes an
+/// empty buffer at its start rather than a pointer past it.
+fn bounds(buf: &Slice) -> (*mut u8, u32) {
+    match buf.region.ptr(&buf.range) {
+        Some(ptr) => (ptr, u32::try_from(buf.range.len()).unwrap_or(u32::MAX)),
+        None => (buf.region.ptr(&(0..0)).unwrap_or(std::ptr::null_mut()), 0),
+    }
+}
+
+fn fd_of(fd: BorrowedFd<'_>) -> types::Fd {
+    types::Fd(fd.as_raw_fd() as RawFd)
 }
 
 /// Errors from io_uring_enter that only mean "not now": a timeout, a signal, or a
@@ -149,14 +425,4 @@ fn is_transient(err: &io::Error) -> bool {
         err.raw_os_error(),
         Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
     )
-}
-
-/// Whether a multishot operation stays armed after this completion.
-pub fn more(flags: u32) -> bool {
-    cqueue::more(flags)
-}
-
-/// The provided buffer a completion used, if any.
-pub fn buffer_id(flags: u32) -> Option<u16> {
-    cqueue::buffer_select(flags)
 }

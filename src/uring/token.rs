@@ -14,8 +14,6 @@ pub enum Op {
     Send = 4,
     /// Receive of server bytes from the outbound socket.
     Recv = 5,
-    /// Completions nobody waits for: cancels, closes, link timeouts.
-    Ignore = 7,
     /// A signal read from the signalfd.
     Signal = 8,
     /// Send of one client datagram; the key is the send slot.
@@ -32,7 +30,6 @@ impl Op {
             3 => Op::Connect,
             4 => Op::Send,
             5 => Op::Recv,
-            7 => Op::Ignore,
             8 => Op::Signal,
             9 => Op::UdpSend,
             10 => Op::UdpRecv,
@@ -90,7 +87,6 @@ mod tests {
             Op::Connect,
             Op::Send,
             Op::Recv,
-            Op::Ignore,
             Op::Signal,
             Op::UdpSend,
             Op::UdpRecv,

@@ -155,6 +155,9 @@ pub struct Topology {
     server_ns: String,
     client_veth: String,
     server_veth: String,
+    /// The policy rules sending the server addresses to the TUN's table are in place
+    /// (they outlive a proxy; its TUN's routes do not).
+    rules_added: std::cell::Cell<bool>,
 }
 
 /// Serialises `ip netns add`/`del`: the first `ip netns add` on a machine
@@ -192,6 +195,7 @@ impl Topology {
             server_ns: format!("upx-s-{suffix}"),
             client_veth: format!("vc{n}"),
             server_veth: format!("vs{n}"),
+            rules_added: std::cell::Cell::new(false),
         };
         topo.setup();
         topo
@@ -380,20 +384,27 @@ impl Topology {
     /// Like [`Topology::start_proxy`], with extra environment variables.
     pub fn start_proxy_with_env(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let proxy = self.start_proxy_unrouted(extra_args, env);
+        self.route_servers_into_tun();
+        proxy
+    }
+
+    /// Routes both server addresses into the running proxy's TUN. Only connections to
+    /// them go through the proxy. Its own outbound sockets are bound to the veth, so
+    /// the lookup in this table (whose route points at the TUN) fails for them and
+    /// falls through to the main table.
+    pub fn route_servers_into_tun(&self) {
         let c = self.client_ns.as_str();
-        // Only connections to the server addresses go through the proxy. Its
-        // own outbound sockets are bound to the veth, so the lookup in this
-        // table (whose route points at the TUN) fails for them and falls
-        // through to the main table.
         for (family, server) in [("-4", self.server_v4()), ("-6", self.server_v6())] {
-            ip(&format!(
-                "-n {c} {family} rule add to {server} table {ROUTE_TABLE}"
-            ));
+            if !self.rules_added.get() {
+                ip(&format!(
+                    "-n {c} {family} rule add to {server} table {ROUTE_TABLE}"
+                ));
+            }
             ip(&format!(
                 "-n {c} {family} route add default dev {TUN_NAME} table {ROUTE_TABLE}"
             ));
         }
-        proxy
+        self.rules_added.set(true);
     }
 
     /// Routes address `.{last_octet}` of the server's IPv4 subnet, where no host answers,

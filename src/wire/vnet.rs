@@ -13,6 +13,64 @@ pub const F_DATA_VALID: u8 = 2;
 /// `flags`: receive-segment-coalescing info (only meaningful with mergeable buffers).
 pub const F_RSC_INFO: u8 = 4;
 
+/// How much offload the TUN uses, from most to least: what its virtio-net header carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Offload {
+    /// No virtio-net header at all (`--no-offload`).
+    None,
+    /// Virtio-net headers, but no offload: every packet complete and MTU-sized.
+    Header,
+    /// Checksums completed by the kernel (TUN_F_CSUM).
+    Checksum,
+    /// Plus TCP segmentation: 64 KiB super-packets each way (TUN_F_TSO4/6).
+    Tso,
+    /// Plus UDP segmentation (TUN_F_USO4/6, kernel 6.2+).
+    Uso,
+}
+
+impl Offload {
+    /// Parses a cap such as `tso` (from URINGPROXY_MAX_OFFLOAD, used by tests).
+    pub fn parse(text: &str) -> Option<Offload> {
+        Some(match text {
+            "none" => Offload::None,
+            "header" => Offload::Header,
+            "csum" => Offload::Checksum,
+            "tso" => Offload::Tso,
+            "uso" => Offload::Uso,
+            _ => return None,
+        })
+    }
+
+    pub fn vnet_header(self) -> bool {
+        self >= Offload::Header
+    }
+
+    pub fn checksum(self) -> bool {
+        self >= Offload::Checksum
+    }
+
+    pub fn tso(self) -> bool {
+        self >= Offload::Tso
+    }
+
+    /// Bytes in front of every packet on the TUN: the header, if there is one.
+    pub fn header_len(self) -> usize {
+        if self.vnet_header() { LEN } else { 0 }
+    }
+}
+
+impl fmt::Display for Offload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Offload::None => "none (no virtio-net header)",
+            Offload::Header => "none (virtio-net header only)",
+            Offload::Checksum => "checksum",
+            Offload::Tso => "checksum + TCP segmentation",
+            Offload::Uso => "checksum + TCP and UDP segmentation",
+        })
+    }
+}
+
 /// Segmentation the packet carries or asks for (`gso_type`, without the ECN bit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Gso {

@@ -5,7 +5,7 @@
 use smoltcp::wire::checksum;
 use smoltcp::wire::{IpAddress, IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpPacket};
 
-use crate::tun::vnet::{self, Gso};
+use super::vnet::{self, Gso};
 
 /// Offset of the checksum field in a TCP header.
 const TCP_CHECKSUM_OFFSET: u16 = 16;
@@ -118,7 +118,7 @@ fn tcp_addresses(packet: &[u8]) -> Option<(IpAddress, IpAddress, usize, usize)> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stack::packet::tests::{tcp_packet, v4, v6};
+    use crate::wire::demux::tests::{tcp_packet, v4, v6};
     use smoltcp::wire::TcpControl;
 
     /// Completing the partial checksum the way the kernel does must give a valid packet.

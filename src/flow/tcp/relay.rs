@@ -1,12 +1,13 @@
-//! The per-flow relay state machine: moves bytes between a smoltcp socket (the client side)
-//! and an outbound kernel socket (the server side) and decides FIN, RST and teardown.
-//! It never touches a file descriptor: it returns the I/O to start, and is told results.
+//! Moving bytes between a flow's smoltcp socket (the client side) and its outbound
+//! kernel socket (the server side), and deciding from both sides' FIN and RST when and
+//! how the flow ends. It describes the outbound I/O to start and is told its results.
 
-pub mod datagram;
+use std::ops::Range;
 
+use nix::errno::Errno;
 use smoltcp::socket::tcp::{self, State};
 
-use nix::libc;
+use crate::uring::Region;
 
 /// Where the flow is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,30 +29,6 @@ pub enum Teardown {
     Abortive,
 }
 
-/// Progress of forwarding the client's FIN to the server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ClientFin {
-    NotSeen,
-    /// Received, but client bytes before it are still on their way to the server.
-    Seen,
-    /// Asked of the event loop (which does it at once today; the relay does not rely on
-    /// that).
-    ShutdownInFlight,
-    Forwarded,
-}
-
-/// I/O the event loop should start for this flow, borrowed from the flow's buffers.
-/// The buffers stay where they are until the matching `on_*` call.
-#[derive(Debug, Default)]
-pub struct Actions<'a> {
-    /// Client bytes to send to the server (a view into the smoltcp receive buffer).
-    pub send: Option<&'a [u8]>,
-    /// Space to receive server bytes into.
-    pub recv: Option<&'a mut [u8]>,
-    /// Forward the client's FIN: shutdown(SHUT_WR) on the outbound socket.
-    pub shutdown: bool,
-}
-
 /// Why a flow failed, for the counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
@@ -67,15 +44,41 @@ pub enum Failure {
     Evicted,
 }
 
-/// Relay state of one flow, independent of how its I/O is carried out.
+/// Progress of forwarding the client's FIN to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientFin {
+    NotSeen,
+    /// Received, but client bytes before it are still on their way to the server.
+    Seen,
+    /// Asked for; its result not yet reported.
+    ShutdownInFlight,
+    Forwarded,
+}
+
+/// Outbound I/O to start now, as offsets into the flow's region. The bytes stay where
+/// they are until the matching `on_*` call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayIo {
+    /// Client bytes to send to the server (a view into the smoltcp receive buffer).
+    pub send: Option<Range<usize>>,
+    /// Space to receive server bytes into.
+    pub recv: Option<Range<usize>>,
+    /// Forward the client's FIN: shutdown(SHUT_WR) on the outbound socket.
+    pub shutdown: bool,
+}
+
+/// Largest single send to the outbound socket; bigger only delays the first byte.
+const MAX_SEND: usize = 256 * 1024;
+
+/// Relay state of one flow.
+#[derive(Debug)]
 pub struct Relay {
     phase: Phase,
     /// Bytes of the smoltcp receive buffer handed to an in-flight send (0: none).
     sending: usize,
     client_fin: ClientFin,
-    /// Server bytes received but not yet accepted by the smoltcp send buffer.
-    staging: &'static mut [u8],
-    staged: std::ops::Range<usize>,
+    /// Server bytes received into the staging buffer but not yet accepted by smoltcp.
+    staged: Range<usize>,
     receiving: bool,
     server_eof: bool,
     /// Whether the server's FIN has been passed to smoltcp (`close`).
@@ -85,17 +88,13 @@ pub struct Relay {
     failure: Option<Failure>,
 }
 
-/// Largest single send to the outbound socket; bigger only delays the first byte.
-const MAX_SEND: usize = 256 * 1024;
-
 impl Relay {
-    /// A relay waiting for its outbound connect, staging server data in `staging`.
-    pub fn new(staging: &'static mut [u8]) -> Relay {
+    /// A relay whose outbound connect has just been started.
+    pub fn connecting() -> Relay {
         Relay {
             phase: Phase::Connecting,
             sending: 0,
             client_fin: ClientFin::NotSeen,
-            staging,
             staged: 0..0,
             receiving: false,
             server_eof: false,
@@ -117,20 +116,14 @@ impl Relay {
         self.failure
     }
 
-    /// Records an operation started outside `pump` (a cancel does not count: it has its
-    /// own completion that nobody waits for).
-    fn started(&mut self) {
-        self.inflight += 1;
-    }
-
     fn completed(&mut self) {
-        debug_assert!(self.inflight > 0);
+        debug_assert!(self.inflight > 0, "a completion nothing was waiting for");
         self.inflight = self.inflight.saturating_sub(1);
     }
 
-    fn fail(&mut self, socket: &mut tcp::Socket, failure: Failure) {
+    /// Fails the flow: one RST to the client (smoltcp's `abort`), RST to the server.
+    pub fn fail(&mut self, socket: &mut tcp::Socket, failure: Failure) {
         self.failure.get_or_insert(failure);
-        // abort() queues one RST to the client and closes the smoltcp socket.
         socket.abort();
         self.phase = Phase::Closing(Teardown::Abortive);
     }
@@ -149,72 +142,84 @@ impl Relay {
         self.phase = Phase::Closing(Teardown::Abortive);
     }
 
-    /// The outbound connect finished with `result` (0 or -errno).
-    pub fn on_connected(&mut self, socket: &mut tcp::Socket, result: i32) {
+    /// The outbound connect finished.
+    pub fn on_connected(&mut self, socket: &mut tcp::Socket, result: Result<(), Errno>) {
         self.completed();
         if self.phase != Phase::Connecting {
             return;
         }
-        match -result {
-            0 => {
+        match result {
+            Ok(()) => {
                 self.phase = Phase::Open;
                 socket.pause_synack(false);
             }
-            libc::ECONNREFUSED => self.fail(socket, Failure::ConnectRefused),
-            libc::EHOSTUNREACH => self.fail_quietly(Failure::HostUnreachable),
-            libc::ENETUNREACH => self.fail_quietly(Failure::NetUnreachable),
-            libc::ECANCELED | libc::ETIMEDOUT => self.fail(socket, Failure::ConnectTimeout),
-            _ => self.fail(socket, Failure::ConnectOther),
+            Err(Errno::ECONNREFUSED) => self.fail(socket, Failure::ConnectRefused),
+            Err(Errno::EHOSTUNREACH) => self.fail_quietly(Failure::HostUnreachable),
+            Err(Errno::ENETUNREACH) => self.fail_quietly(Failure::NetUnreachable),
+            Err(Errno::ECANCELED | Errno::ETIMEDOUT) => self.fail(socket, Failure::ConnectTimeout),
+            Err(_) => self.fail(socket, Failure::ConnectOther),
         }
     }
 
-    /// A send of client bytes finished with `result` (bytes sent or -errno).
-    pub fn on_sent(&mut self, socket: &mut tcp::Socket, result: i32) {
+    /// A send of client bytes finished: how many the kernel took.
+    pub fn on_sent(&mut self, socket: &mut tcp::Socket, result: Result<usize, Errno>) {
         self.completed();
         let in_flight = std::mem::take(&mut self.sending);
-        if result < 0 {
-            if self.phase == Phase::Open {
-                self.fail(socket, Failure::ServerReset);
+        match result {
+            Err(_) if self.phase == Phase::Open => self.fail(socket, Failure::ServerReset),
+            Err(_) => {}
+            Ok(sent) => {
+                // The bytes were only peeked; now that the kernel has them, free their
+                // space in the smoltcp buffer (which re-opens the client's window).
+                let sent = sent.min(in_flight);
+                let _ = socket.recv(|data| (sent.min(data.len()), ()));
             }
-            return;
         }
-        let sent = (result as usize).min(in_flight);
-        // The bytes were only peeked; now that the kernel has them, free their space
-        // in the smoltcp buffer (which re-opens the client's window).
-        let _ = socket.recv(|data| (sent.min(data.len()), ()));
     }
 
-    /// A receive of server bytes finished with `result` (bytes, 0 at EOF, or -errno).
-    pub fn on_received(&mut self, socket: &mut tcp::Socket, result: i32) {
+    /// A receive of server bytes into the staging buffer finished (0 bytes: EOF).
+    pub fn on_received(
+        &mut self,
+        socket: &mut tcp::Socket,
+        staging_len: usize,
+        result: Result<usize, Errno>,
+    ) {
         self.completed();
         self.receiving = false;
         match result {
-            0 => self.server_eof = true,
-            n if n > 0 => self.staged = 0..(n as usize).min(self.staging.len()),
-            _ if self.phase == Phase::Open => self.fail(socket, Failure::ServerReset),
-            _ => {}
+            Ok(0) => self.server_eof = true,
+            Ok(n) => self.staged = 0..n.min(staging_len),
+            Err(_) if self.phase == Phase::Open => self.fail(socket, Failure::ServerReset),
+            Err(_) => {}
         }
     }
 
     /// The shutdown(SHUT_WR) forwarding the client's FIN finished.
-    pub fn on_shutdown(&mut self, socket: &mut tcp::Socket, result: i32) {
+    pub fn on_shutdown(&mut self, socket: &mut tcp::Socket, result: Result<(), Errno>) {
         self.completed();
         self.client_fin = ClientFin::Forwarded;
-        if result < 0 && self.phase == Phase::Open {
+        if result.is_err() && self.phase == Phase::Open {
             self.fail(socket, Failure::ServerReset);
         }
     }
 
-    /// Moves what can move without I/O and returns the I/O to start now.
-    pub fn pump<'a>(&'a mut self, socket: &'a mut tcp::Socket) -> Actions<'a> {
-        let mut actions = Actions::default();
+    /// Moves what can move without I/O and returns the outbound I/O to start now.
+    /// `staging` is the staging buffer, at `staging_at` in `region`.
+    pub fn pump(
+        &mut self,
+        socket: &mut tcp::Socket,
+        staging: &[u8],
+        staging_at: usize,
+        region: &Region,
+    ) -> RelayIo {
+        let mut io = RelayIo::default();
         if self.phase != Phase::Open {
-            return actions;
+            return io;
         }
         // Server -> client: hand staged bytes to smoltcp, then the server's FIN.
         if !self.staged.is_empty()
             && socket.may_send()
-            && let Ok(n) = socket.send_slice(&self.staging[self.staged.clone()])
+            && let Ok(n) = socket.send_slice(&staging[self.staged.clone()])
         {
             self.staged.start += n;
         }
@@ -222,32 +227,30 @@ impl Relay {
             socket.close();
             self.server_fin_forwarded = true;
         }
-        let want_recv = !self.receiving && !self.server_eof && self.staged.is_empty();
+        if !self.receiving && !self.server_eof && self.staged.is_empty() {
+            self.receiving = true;
+            self.inflight += 1;
+            io.recv = Some(staging_at..staging_at + staging.len());
+        }
 
         // Client -> server: send what the client has sent, then forward its FIN.
         self.note_client_fin(socket);
-        let want_shutdown =
-            self.sending == 0 && socket.recv_queue() == 0 && self.client_fin == ClientFin::Seen;
-        if want_shutdown {
+        if self.sending == 0 && socket.recv_queue() == 0 && self.client_fin == ClientFin::Seen {
             self.client_fin = ClientFin::ShutdownInFlight;
-            self.started();
-            actions.shutdown = true;
-        }
-        if want_recv {
-            self.receiving = true;
-            self.started();
-            actions.recv = Some(&mut self.staging[..]);
+            self.inflight += 1;
+            io.shutdown = true;
         }
         if self.sending == 0
             && socket.recv_queue() > 0
             && let Ok(data) = socket.peek(MAX_SEND)
-            && !data.is_empty()
+            && let Some(range) = region.offset_of(data)
+            && !range.is_empty()
         {
-            self.sending = data.len();
+            self.sending = range.len();
             self.inflight += 1;
-            actions.send = Some(data);
+            io.send = Some(range);
         }
-        actions
+        io
     }
 
     /// Records the client's FIN once smoltcp is in a state that implies it. Every such
@@ -294,22 +297,3 @@ impl Relay {
         self.phase = Phase::Closing(teardown);
     }
 }
-
-impl std::fmt::Debug for Relay {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay")
-            .field("phase", &self.phase)
-            .field("sending", &self.sending)
-            .field("client_fin", &self.client_fin)
-            .field("staged", &self.staged)
-            .field("receiving", &self.receiving)
-            .field("server_eof", &self.server_eof)
-            .field("server_fin_forwarded", &self.server_fin_forwarded)
-            .field("inflight", &self.inflight)
-            .field("failure", &self.failure)
-            .finish()
-    }
-}
-
-#[cfg(test)]
-mod tests;

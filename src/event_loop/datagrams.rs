@@ -1,0 +1,245 @@
+//! The loop's side of UDP and ping flows: their sockets, the send slots client datagrams
+//! are copied into, the multishot receives (into provided buffers shared by all flows)
+//! that bring the server's datagrams back, and closing flows that went idle.
+
+use std::os::fd::AsFd;
+
+use nix::errno::Errno;
+use smoltcp::time::Instant;
+use socket2::Socket;
+
+use super::outbound::{self, Purpose};
+use super::tun_io::{self, Frame};
+use super::{MAX_TIMERS_PER_TURN, Proxy};
+use crate::error::Error;
+use crate::flow::Id;
+use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received};
+use crate::uring::{Completion, Op, Region, Ring, Slice, Token};
+use crate::wire::Parsed;
+use crate::wire::icmp::{self, Quote};
+use smoltcp::wire::IpAddress;
+
+/// Largest UDP payload (IPv4 limit), the size of each receive and send buffer.
+const MAX_DATAGRAM: usize = 65507;
+/// Buffers the kernel picks from for the flows' multishot receives, shared by all flows.
+const RECV_BUFFERS: u16 = 256;
+/// Buffer group of those buffers (the TUN reads use group 0).
+pub const RECV_GROUP: u16 = 1;
+/// Client datagrams waiting for their send to complete, across all flows. A send
+/// completes at the next submit unless its socket buffer is full, so this many lets a
+/// full turn of TUN reads without offload (512 packets) be in flight at once: with 256,
+/// a burst of 1,000 new flows lost a quarter of its datagrams. Bursts beyond it (sends
+/// of the previous turn still pending, USO super-packets split into many datagrams) are
+/// dropped and counted (`udp-no-send-slot`). Slot pages are touched only when used.
+pub const SEND_SLOTS: u16 = 512;
+
+pub struct Datagrams {
+    pub flows: Flows<Option<Socket>>,
+    slots: Region,
+    free_slots: Vec<u16>,
+    /// Slots filled for the datagram being handled, and their lengths, before their
+    /// sends are submitted (kept to reuse its memory).
+    filled: Vec<(u16, usize)>,
+    interface: String,
+}
+
+impl Datagrams {
+    pub fn new(limits: Limits, interface: String, ring: &mut Ring) -> Result<Datagrams, Error> {
+        ring.provide_buffers(RECV_GROUP, RECV_BUFFERS, MAX_DATAGRAM)
+            .map_err(|err| Error::Io("register UDP receive buffers", err))?;
+        let slots = Region::new(usize::from(SEND_SLOTS) * MAX_DATAGRAM).ok_or_else(|| {
+            Error::Io(
+                "allocate UDP send slots",
+                std::io::ErrorKind::OutOfMemory.into(),
+            )
+        })?;
+        Ok(Datagrams {
+            flows: Flows::new(limits),
+            slots,
+            free_slots: (0..SEND_SLOTS).rev().collect(),
+            filled: Vec::new(),
+            interface,
+        })
+    }
+
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.flows.next_expiry()
+    }
+
+    /// A client datagram's send finished: its slot is free again.
+    pub fn on_sent(&mut self, slot: u32, result: i32) {
+        if let Ok(slot) = u16::try_from(slot)
+            && slot < SEND_SLOTS
+        {
+            self.free_slots.push(slot);
+        }
+        if result < 0 {
+            self.flows.counters.send_errors += 1;
+        }
+    }
+
+    /// Copies what `build` writes into a free send slot (it returns the length).
+    fn fill(&mut self, build: impl FnOnce(&mut [u8]) -> usize) {
+        let Some(slot) = self.free_slots.pop() else {
+            self.flows.counters.no_send_slot += 1;
+            return;
+        };
+        let start = usize::from(slot) * MAX_DATAGRAM;
+        let len = self
+            .slots
+            .with_mut(start..start + MAX_DATAGRAM, build)
+            .min(MAX_DATAGRAM);
+        self.filled.push((slot, len));
+        self.flows.counters.datagrams_up += 1;
+        self.flows.counters.bytes_up += len as u64;
+    }
+
+    /// Starts closing flow `id`: cancels its receive first if one is armed.
+    fn close(&mut self, ring: &mut Ring, id: Id) {
+        match self.flows.close(id) {
+            Closing::Cancel => {
+                if let Some(Some(socket)) = self.flows.get(id).map(|flow| &flow.io) {
+                    ring.cancel_fd(socket.as_fd());
+                }
+            }
+            Closing::Now => self.finish_close(ring, id),
+        }
+    }
+
+    /// Closes flow `id`'s socket and forgets the flow (its sends use slots, not its
+    /// memory, so they need not be waited for).
+    fn finish_close(&mut self, ring: &mut Ring, id: Id) {
+        if let Some(Some(socket)) = self.flows.remove(id).map(|flow| flow.io) {
+            ring.close(socket.into());
+        }
+    }
+
+    /// Arms flow `id`'s multishot receive if it needs one.
+    fn arm_recv(&mut self, ring: &mut Ring, id: Id) {
+        if self.flows.arm_recv(id)
+            && let Some(Some(socket)) = self.flows.get(id).map(|flow| &flow.io)
+        {
+            let token = Token::new(Op::UdpRecv, id.generation, id.slot as usize).encode();
+            ring.recv_multishot(socket.as_fd(), RECV_GROUP, token);
+        }
+    }
+}
+
+impl Proxy {
+    /// A UDP datagram or echo request from a client (`parsed` is its demultiplexing).
+    pub(super) fn on_datagram(&mut self, frame: &Frame, parsed: Parsed) {
+        let now = self.now();
+        let (kind, key) = match parsed {
+            Parsed::Udp { key, .. } => (Kind::Udp, key),
+            Parsed::Echo { key, .. } => (Kind::Echo, key),
+            _ => return,
+        };
+        let udp = &mut self.udp;
+        let id = match udp.flows.find(kind, key) {
+            Some(id) => id,
+            None => {
+                if let Some(evicted) = udp.flows.evict_for_new() {
+                    udp.close(&mut self.ring, evicted);
+                }
+                match outbound::socket(Purpose::Datagram(kind), key.server, &udp.interface) {
+                    Ok(socket) => udp.flows.open(kind, key, Some(socket), now),
+                    Err(_) => {
+                        udp.flows.counters.socket_errors += 1;
+                        return;
+                    }
+                }
+            }
+        };
+        let Some(packet) = self
+            .ring
+            .buffer(tun_io::READ_GROUP, frame.bid, frame.len)
+            .map(|buffer| &buffer[frame.ip_start..])
+        else {
+            return;
+        };
+        match parsed {
+            Parsed::Udp {
+                payload_start,
+                payload_len,
+                ..
+            } => {
+                udp.flows.on_datagram(id, now, Some(Quote::of(packet)));
+                let payload = &packet[payload_start..payload_start + payload_len];
+                // A UDP segmentation super-packet carries datagrams of `udp_segment`
+                // bytes back to back.
+                let chunk = frame
+                    .udp_segment
+                    .map_or(payload.len(), usize::from)
+                    .clamp(1, MAX_DATAGRAM);
+                for part in payload.chunks(chunk) {
+                    udp.fill(|buffer| {
+                        buffer[..part.len()].copy_from_slice(part);
+                        part.len()
+                    });
+                }
+            }
+            Parsed::Echo {
+                seq,
+                data_start,
+                data_len,
+                ..
+            } => {
+                udp.flows.on_datagram(id, now, None);
+                let ident = udp.flows.get(id).map_or(0, |flow| flow.echo_ident());
+                let ipv4 = matches!(key.server.addr, IpAddress::Ipv4(_));
+                let data = &packet[data_start..data_start + data_len];
+                udp.flows.counters.echo_requests += 1;
+                udp.fill(|buffer| icmp::echo_request(buffer, ipv4, ident, seq, data));
+            }
+            _ => {}
+        }
+        if let Some(Some(socket)) = udp.flows.get(id).map(|flow| &flow.io) {
+            for (slot, len) in udp.filled.drain(..) {
+                let start = usize::from(slot) * MAX_DATAGRAM;
+                let buf = Slice {
+                    region: udp.slots.clone(),
+                    range: start..start + len,
+                };
+                let token = Token::new(Op::UdpSend, 0, usize::from(slot)).encode();
+                self.ring.send(socket.as_fd(), buf, token);
+            }
+        }
+        udp.arm_recv(&mut self.ring, id);
+    }
+
+    /// A completion of flow `id`'s multishot receive.
+    pub(super) fn on_udp_received(&mut self, id: Id, completion: &Completion) {
+        let now = self.now();
+        let bid = completion.buffer_id();
+        let result = match (completion.result, bid) {
+            (n, _) if n < 0 => Err(Errno::from_raw(-n)),
+            (n, Some(bid)) => Ok(self
+                .ring
+                .buffer(RECV_GROUP, bid, n as usize)
+                .unwrap_or_default()),
+            (_, None) => Ok(&[][..]),
+        };
+        let udp = &mut self.udp;
+        let received =
+            udp.flows
+                .on_received(id, now, result, completion.more(), &mut self.stack.tx);
+        if let Some(bid) = bid {
+            self.ring.recycle(RECV_GROUP, bid);
+        }
+        match received {
+            Received::Rearm => udp.arm_recv(&mut self.ring, id),
+            Received::Close => udp.finish_close(&mut self.ring, id),
+            Received::Nothing => {}
+        }
+    }
+
+    /// Closes datagram flows idle past their timeout.
+    pub(super) fn expire_datagrams(&mut self, now: Instant) {
+        for _ in 0..MAX_TIMERS_PER_TURN {
+            let Some(id) = self.udp.flows.expired(now) else {
+                break;
+            };
+            self.udp.close(&mut self.ring, id);
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The outbound sockets flows are re-originated on, all bound to the outbound interface
+//! so they leave through `-i` even when policy routing would send their destination
+//! back into the TUN.
+
+use std::net::SocketAddr;
+
+use smoltcp::wire::{IpAddress, IpEndpoint};
+use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
+
+use crate::flow::datagram::Kind;
+use crate::flow::tcp::KEEPALIVE_IDLE;
+
+/// Probes of a silent server: every 20 s after a minute idle, given up after six, so a
+/// server that vanished without FIN or RST is found in about three minutes.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+const KEEPALIVE_PROBES: u32 = 6;
+
+/// What a socket is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    Tcp,
+    /// A UDP socket, or a raw ICMP socket for pings.
+    Datagram(Kind),
+}
+
+/// A socket for `purpose` towards `server`, bound to `interface`. A TCP socket is left
+/// unconnected (the ring connects it); a datagram socket is connected, so only the
+/// server's datagrams come back on it. Pings use raw ICMP sockets: unprivileged ping
+/// sockets are disabled by default (net.ipv4.ping_group_range), and raw sockets need
+/// the CAP_NET_RAW that SO_BINDTODEVICE needs anyway.
+pub fn socket(purpose: Purpose, server: IpEndpoint, interface: &str) -> std::io::Result<Socket> {
+    let (domain, icmp) = match server.addr {
+        IpAddress::Ipv4(_) => (Domain::IPV4, Protocol::ICMPV4),
+        IpAddress::Ipv6(_) => (Domain::IPV6, Protocol::ICMPV6),
+    };
+    let socket = match purpose {
+        Purpose::Tcp => Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?,
+        Purpose::Datagram(Kind::Udp) => {
+            Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?
+        }
+        Purpose::Datagram(Kind::Echo) => Socket::new(domain, Type::RAW.cloexec(), Some(icmp))?,
+    };
+    socket.bind_device(Some(interface.as_bytes()))?;
+    match purpose {
+        Purpose::Tcp => {
+            socket.set_tcp_nodelay(true)?;
+            socket.set_tcp_keepalive(
+                &TcpKeepalive::new()
+                    .with_time(KEEPALIVE_IDLE)
+                    .with_interval(KEEPALIVE_INTERVAL)
+                    .with_retries(KEEPALIVE_PROBES),
+            )?;
+        }
+        Purpose::Datagram(kind) => {
+            let port = if kind == Kind::Udp { server.port } else { 0 };
+            socket.connect(&SockAddr::from(SocketAddr::new(server.addr.into(), port)))?;
+        }
+    }
+    Ok(socket)
+}

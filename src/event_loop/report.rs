@@ -1,0 +1,64 @@
+//! The counters, printed on SIGUSR1 and at exit, and logged every 10 s at debug level
+//! (with every flow's state at trace level).
+
+use std::time::Duration;
+
+use log::{debug, info, trace};
+
+use super::Proxy;
+use crate::flow::tcp::Phase;
+
+/// How often counters are logged at debug level.
+const INTERVAL: Duration = Duration::from_secs(10);
+
+impl Proxy {
+    fn gather(&mut self) {
+        self.stats.tx = self.stack.tx.counters.clone();
+        self.stats.udp = self.udp.flows.counters.clone();
+    }
+
+    pub(super) fn print_counters(&mut self) {
+        self.gather();
+        let (mut connecting, mut open, mut closing) = (0, 0, 0);
+        for (_, entry) in self.tcp.table.iter() {
+            match entry.flow.phase() {
+                Phase::Connecting => connecting += 1,
+                Phase::Open => open += 1,
+                Phase::Closing(_) => closing += 1,
+            }
+        }
+        info!(
+            "active flows {}, TUN offload {}",
+            self.tcp.len(),
+            self.tun.tun.offload()
+        );
+        info!(
+            "flow states: connecting {connecting} open {open} closing {closing}; udp/ping flows {}",
+            self.udp.flows.len()
+        );
+        for line in self.stats.to_string().lines() {
+            info!("{line}");
+        }
+    }
+
+    pub(super) fn log_counters(&mut self) {
+        let now = std::time::Instant::now();
+        if now - self.last_report < INTERVAL || !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        self.last_report = now;
+        self.gather();
+        for line in self.stats.to_string().lines() {
+            debug!("{line} (active flows {})", self.tcp.len());
+        }
+        if log::log_enabled!(log::Level::Trace) {
+            for (id, entry) in self.tcp.table.iter() {
+                trace!(
+                    "flow {id:?} {:?}: {}",
+                    entry.flow.key(),
+                    entry.flow.describe()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Everything before the loop: the kernel check, then (as root) the TUN, the routes,
+//! pinning, the fd limit and the signal mask, the loop's own state, and finally the
+//! drop to `--user`.
+
+use std::time::Duration;
+
+use log::info;
+use smoltcp::time::Instant;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::datagrams::Datagrams;
+use super::signals::Signals;
+use super::tcp::TcpFlows;
+use super::tun_io::TunIo;
+use super::{Proxy, shutdown};
+use crate::config::Config;
+use crate::error::Error;
+use crate::flow::tcp::Settings;
+use crate::flow::tcp::admission::Limits;
+use crate::stack::Stack;
+use crate::sys;
+use crate::tun::Tun;
+use crate::uring::{Features, Ring};
+
+/// Routing table and rule priority of `--route`: numbers unlikely to be in use already.
+const ROUTE_TABLE: u32 = 0x7570;
+const ROUTE_PRIORITY: u32 = 0x7570;
+
+/// Sets the proxy up and runs it until a stopping signal or a fatal error; returns
+/// only once its TUN is gone, so a restart with the same name can follow at once.
+pub fn run(config: Config) -> Result<(), Error> {
+    // The ring first: a kernel that cannot run the proxy is refused before anything
+    // (TUN, rules) has been created.
+    let mut ring = Ring::new().map_err(Error::from_ring_setup)?;
+    let features = Features::probe(ring.inner(), config.uring_cap).map_err(Error::Kernel)?;
+    check_bind_permission(&config.interface)?;
+    let tun = Tun::create(&config.tun_spec())?;
+    let tun_name = tun.name().to_string();
+    // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
+    let routes = if config.routes.is_empty() {
+        None
+    } else {
+        let index = sys::interface_index(&tun_name)
+            .ok_or_else(|| Error::Io("look up the new TUN", std::io::ErrorKind::NotFound.into()))?;
+        Some(
+            sys::netlink::Routes::install(&config.routes, index, ROUTE_TABLE, ROUTE_PRIORITY)
+                .map_err(|err| Error::from_io("install --route rules", err))?,
+        )
+    };
+    if let Some(cpu) = config.cpu {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu)
+            .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set))
+            .map_err(|err| Error::Io("pin to --cpu", err.into()))?;
+    }
+    // Each flow holds one outbound socket; leave room for the ring, TUN and stdio.
+    let fd_limit = sys::raise_fd_limit((config.max_flows + config.udp.max_flows) as u64 + 64);
+    let signals = Signals::new()?;
+    let (tun, tx) = TunIo::new(tun, features, &mut ring, config.mtu as usize)?;
+    let udp = Datagrams::new(config.udp.clone(), config.interface.clone(), &mut ring)?;
+    let epoch = std::time::Instant::now();
+    let tcp = TcpFlows::new(
+        Limits {
+            max_flows: config.max_flows,
+            max_half_open: config.max_half_open,
+        },
+        Settings {
+            buffer: config.flow_buffer,
+            mtu: config.mtu,
+        },
+        config.connect_timeout,
+        config.interface.clone(),
+    );
+    let mut proxy = Proxy {
+        ring,
+        tun,
+        stack: Stack::new(tx, Instant::ZERO, random_seed()),
+        tcp,
+        udp,
+        timers: Default::default(),
+        signals,
+        housekeeping: Default::default(),
+        stats: Default::default(),
+        completions: Vec::with_capacity(super::MAX_COMPLETIONS_PER_TURN),
+        epoch,
+        last_report: epoch,
+        stop: false,
+        fatal: None,
+        config,
+    };
+    // Everything that needs root is done: the TUN, the rules, the ring, the fd limit.
+    if let Some(user) = &proxy.config.user {
+        sys::drop_privileges(user).map_err(|err| Error::Io("drop privileges (--user)", err))?;
+        info!(
+            "running as {} with CAP_NET_ADMIN and CAP_NET_RAW only",
+            user.name
+        );
+    }
+    log_start(&proxy, features, fd_limit);
+    let result = proxy.run();
+    shutdown::finish(proxy, Duration::from_secs(1));
+    drop(routes);
+    result
+}
+
+fn log_start(proxy: &Proxy, features: Features, fd_limit: u64) {
+    info!("TUN offload: {}", proxy.tun.tun.offload());
+    if features.read_multishot {
+        info!("io_uring: multishot TUN reads");
+    } else {
+        info!(
+            "io_uring: multishot reads unavailable (kernel {}), using {} single reads",
+            crate::uring::features::release(),
+            proxy.tun.read_limit()
+        );
+    }
+    let config = &proxy.config;
+    info!(
+        "relaying from {} ({}) via {}, mtu {}, up to {} TCP flows (fd limit {fd_limit})",
+        proxy.tun.tun.name(),
+        config
+            .tun_addrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.interface,
+        config.mtu,
+        config.max_flows,
+    );
+}
+
+/// SO_BINDTODEVICE needs CAP_NET_RAW: find out at start-up, not on the first flow.
+fn check_bind_permission(interface: &str) -> Result<(), Error> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(|err| Error::Io("create a TCP socket", err))?;
+    socket
+        .bind_device(Some(interface.as_bytes()))
+        .map_err(|err| Error::from_io("bind sockets to the interface (SO_BINDTODEVICE)", err))
+}
+
+/// smoltcp's initial sequence numbers and ports derive from this; it must not repeat
+/// across runs.
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut bytes))
+        .is_ok()
+    {
+        return u64::from_ne_bytes(bytes);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()) << 32
+}

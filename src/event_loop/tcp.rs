@@ -1,0 +1,384 @@
+//! The loop's side of TCP flows: opening them (admission, outbound socket, connect),
+//! handing them completions and packets, running the ones with work, and carrying out
+//! the actions they return.
+
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use log::warn;
+use nix::errno::Errno;
+use smoltcp::time::Instant;
+use socket2::Socket;
+
+use super::Proxy;
+use super::outbound::{self, Purpose};
+use super::tun_io::Frame;
+use crate::flow::tcp::admission::{Admission, Limits, Verdict};
+use crate::flow::tcp::{Action, Actions, Failure, Flow, Phase, Settings};
+use crate::flow::{Id, Table};
+use crate::uring::{Op, Ring, Slice, Token};
+use crate::wire::FlowKey;
+use crate::wire::icmp::Quote;
+
+/// Shortest time between two warnings about running out of sockets.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A flow and what the loop keeps for it.
+pub struct Entry {
+    pub flow: Flow,
+    /// `None` once its close has been submitted.
+    pub socket: Option<Socket>,
+    /// Already on this turn's work list.
+    queued: bool,
+    /// On the list of flows waiting for a TUN write buffer.
+    starved: bool,
+    /// The live entry of this flow in the timer heap, if any.
+    timer_at: Option<Instant>,
+}
+
+pub struct TcpFlows {
+    /// Boxed: a slab of inline entries keeps its size after a peak, while boxes freed
+    /// by closed flows go back to the heap (and, trimmed, to the kernel).
+    pub table: Table<FlowKey, Box<Entry>>,
+    admission: Admission,
+    settings: Settings,
+    connect_timeout: Duration,
+    interface: String,
+    /// Flows to run this turn.
+    work: Vec<Id>,
+    /// Flows that found no TUN write buffer, run again once one is free.
+    starved: Vec<Id>,
+    actions: Actions,
+    /// When running out of sockets was last logged.
+    last_socket_warning: Option<std::time::Instant>,
+}
+
+impl TcpFlows {
+    pub fn new(
+        limits: Limits,
+        settings: Settings,
+        connect_timeout: Duration,
+        interface: String,
+    ) -> Self {
+        TcpFlows {
+            table: Table::default(),
+            admission: Admission::new(limits),
+            settings,
+            connect_timeout,
+            interface,
+            work: Vec::new(),
+            starved: Vec::new(),
+            actions: Actions::default(),
+            last_socket_warning: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.work.is_empty()
+    }
+
+    pub fn closed_since_peak(&self) -> usize {
+        self.table.closed_since_peak()
+    }
+
+    /// Puts flow `id` on this turn's work list once.
+    fn enqueue(&mut self, id: Id) {
+        if let Some(entry) = self.table.get_mut(id)
+            && !entry.queued
+        {
+            entry.queued = true;
+            self.work.push(id);
+        }
+    }
+
+    /// A TUN write buffer is free again: the flows that found none can go on.
+    pub fn wake_starved(&mut self) {
+        let mut starved = std::mem::take(&mut self.starved);
+        for id in starved.drain(..) {
+            if let Some(entry) = self.table.get_mut(id) {
+                entry.starved = false;
+                entry.flow.on_tx_buffer();
+            }
+            self.enqueue(id);
+        }
+        // Keep the list's memory for the next time.
+        self.starved = starved;
+    }
+
+    /// Timer entry `at` of flow `id` came up: run the flow if it is the live one.
+    pub fn timer_fired(&mut self, id: Id, at: Instant) {
+        if let Some(entry) = self.table.get_mut(id)
+            && entry.timer_at == Some(at)
+        {
+            entry.timer_at = None;
+            self.enqueue(id);
+        }
+    }
+
+    /// Whether `at` is flow `id`'s live timer (for pruning the heap).
+    pub fn timer_is(&self, id: Id, at: Instant) -> bool {
+        self.table
+            .get(id)
+            .is_some_and(|entry| entry.timer_at == Some(at))
+    }
+}
+
+impl Proxy {
+    /// A TCP segment from a client; `syn` is set for a segment that opens a flow.
+    pub(super) fn on_tcp_segment(
+        &mut self,
+        frame: &Frame,
+        key: FlowKey,
+        syn: Option<Quote>,
+        mss: Option<u16>,
+    ) {
+        let id = match (self.tcp.table.find(&key), syn) {
+            (Some(id), _) => Some(id),
+            (None, Some(syn)) => self.open_tcp(key, mss, syn),
+            (None, None) => None,
+        };
+        let now = self.now();
+        let packet = self
+            .ring
+            .buffer(super::tun_io::READ_GROUP, frame.bid, frame.len)
+            .map_or(&[][..], |buffer| &buffer[frame.ip_start..]);
+        let iface = self.stack.ifaces.serving(&key.server.addr);
+        match id.and_then(|id| self.tcp.table.get_mut(id).map(|entry| (id, entry))) {
+            Some((id, entry)) => {
+                entry
+                    .flow
+                    .on_segment(now, iface, &mut self.stack.tx, packet);
+                self.tcp.enqueue(id);
+            }
+            None => {
+                self.stats.no_flow += 1;
+                self.stack.reject(now, &key.server.addr, packet);
+            }
+        }
+    }
+
+    /// Opens a flow for a new SYN: a held-back listening socket plus an outbound
+    /// connect. `None` (the SYN is then answered with RST) when a limit is hit.
+    fn open_tcp(&mut self, key: FlowKey, mss: Option<u16>, syn: Quote) -> Option<Id> {
+        let tcp = &mut self.tcp;
+        if !tcp.admission.may_open(tcp.table.len()) {
+            self.stats.refused_limit += 1;
+            return None;
+        }
+        let socket = match outbound::socket(Purpose::Tcp, key.server, &tcp.interface) {
+            Ok(socket) => socket,
+            Err(err) => {
+                self.stats.socket_errors += 1;
+                // Usually fd exhaustion: worth saying, but not once per refused SYN.
+                let now = std::time::Instant::now();
+                if tcp
+                    .last_socket_warning
+                    .is_none_or(|at| now - at >= WARNING_INTERVAL)
+                {
+                    tcp.last_socket_warning = Some(now);
+                    warn!(
+                        "cannot open outbound sockets ({err}); new flows are refused with RST \
+                         ({} so far)",
+                        self.stats.socket_errors
+                    );
+                }
+                return None;
+            }
+        };
+        let Some(flow) = Flow::new(key, mss, syn, tcp.settings) else {
+            self.stats.memory_refusals += 1;
+            return None;
+        };
+        // Only now that this flow has its socket and memory: evicting earlier would
+        // reset a connecting flow for a SYN that is refused anyway.
+        match tcp.admission.verdict(tcp.table.len()) {
+            Verdict::Admit => {}
+            Verdict::Refuse => {
+                self.stats.refused_limit += 1;
+                return None;
+            }
+            Verdict::AdmitEvicting { required } => {
+                let mut evicted = None;
+                let table = &mut tcp.table;
+                let made_room = tcp.admission.evict_oldest(|id| {
+                    let done = table.get_mut(id).is_some_and(|entry| entry.flow.evict());
+                    if done {
+                        evicted = Some(id);
+                    }
+                    done
+                });
+                if let Some(id) = evicted {
+                    tcp.enqueue(id);
+                }
+                if required && !made_room {
+                    self.stats.refused_limit += 1;
+                    return None;
+                }
+            }
+        }
+        let server = SocketAddr::new(key.server.addr.into(), key.server.port);
+        let token = |id: Id| Token::new(Op::Connect, id.generation, id.slot as usize).encode();
+        let id = tcp.table.insert(
+            key,
+            Box::new(Entry {
+                flow,
+                socket: Some(socket),
+                queued: false,
+                starved: false,
+                timer_at: None,
+            }),
+        );
+        if let Some(socket) = tcp.table.get(id).and_then(|entry| entry.socket.as_ref()) {
+            self.ring
+                .connect(socket.as_fd(), server, tcp.connect_timeout, token(id));
+        }
+        let table = &tcp.table;
+        tcp.admission.opened(id, |queued| {
+            table
+                .get(queued)
+                .is_some_and(|entry| entry.flow.phase() == Phase::Connecting)
+        });
+        self.stats.flows_opened += 1;
+        Some(id)
+    }
+
+    /// An outbound operation of flow `id` completed with `result` (a count or -errno).
+    pub(super) fn on_tcp_completion(&mut self, op: Op, id: Id, result: i32) {
+        let Some(entry) = self.tcp.table.get_mut(id) else {
+            return;
+        };
+        let outcome = if result < 0 {
+            Err(Errno::from_raw(-result))
+        } else {
+            Ok(result as usize)
+        };
+        match op {
+            Op::Connect => entry.flow.on_connected(outcome.map(drop)),
+            Op::Send => {
+                self.stats.bytes_up += *outcome.as_ref().unwrap_or(&0) as u64;
+                entry.flow.on_sent(outcome);
+            }
+            _ => {
+                self.stats.bytes_down += *outcome.as_ref().unwrap_or(&0) as u64;
+                entry.flow.on_received(outcome);
+            }
+        }
+        self.tcp.enqueue(id);
+    }
+
+    /// Runs every flow on this turn's work list once; flows that have more to do (their
+    /// egress budget ran out) go on the next turn's.
+    pub(super) fn service_tcp_work(&mut self) {
+        let work = std::mem::take(&mut self.tcp.work);
+        let now = self.now();
+        for &id in &work {
+            self.service_tcp(id, now);
+        }
+        // Reuse the list's memory for the next turn.
+        let mut work = work;
+        work.clear();
+        work.append(&mut self.tcp.work);
+        self.tcp.work = work;
+    }
+
+    /// Runs one flow: its relay I/O, then smoltcp egress and lifecycle, carrying out
+    /// the actions of each.
+    fn service_tcp(&mut self, id: Id, now: Instant) {
+        let tcp = &mut self.tcp;
+        let Some(entry) = tcp.table.get_mut(id) else {
+            return;
+        };
+        entry.queued = false;
+        entry.flow.poll_relay(&mut tcp.actions);
+        execute(&mut self.ring, id, entry, &mut tcp.actions);
+        let iface = self.stack.ifaces.serving(&entry.flow.key().server.addr);
+        let next = entry
+            .flow
+            .poll(now, iface, &mut self.stack.tx, &mut tcp.actions);
+        if entry.flow.left_half_open() {
+            tcp.admission.left();
+        }
+        if let Some(failure) = execute(&mut self.ring, id, entry, &mut tcp.actions) {
+            if let Some(failure) = failure {
+                self.stats.count_failure(failure);
+            }
+            tcp.table.remove(id);
+            self.stats.flows_closed += 1;
+            return;
+        }
+        if next.starved && !entry.starved {
+            entry.starved = true;
+            tcp.starved.push(id);
+        }
+        if let Some(at) = next.deadline {
+            self.timers.schedule(&mut entry.timer_at, id, at);
+        }
+        if next.again {
+            tcp.enqueue(id);
+        }
+    }
+}
+
+/// Carries out flow `id`'s actions on its outbound socket; `Some` (with the failure to
+/// count) when the flow is to be freed.
+fn execute(
+    ring: &mut Ring,
+    id: Id,
+    entry: &mut Entry,
+    actions: &mut Actions,
+) -> Option<Option<Failure>> {
+    let token = |op| Token::new(op, id.generation, id.slot as usize).encode();
+    let mut freed = None;
+    for action in actions.drain() {
+        if let Action::Free(failure) = action {
+            freed = Some(failure);
+            continue;
+        }
+        let Some(socket) = &entry.socket else {
+            if action == Action::Shutdown {
+                entry.flow.on_shutdown(Err(Errno::EBADF));
+            }
+            continue;
+        };
+        let slice = |range| Slice {
+            region: entry.flow.region().clone(),
+            range,
+        };
+        match action {
+            Action::Send(range) => ring.send(socket.as_fd(), slice(range), token(Op::Send)),
+            Action::Recv(range) => ring.recv(socket.as_fd(), slice(range), token(Op::Recv)),
+            Action::Shutdown => {
+                // Not on the ring: io_uring never issues IORING_OP_SHUTDOWN inline but
+                // hands it to an io-wq worker thread, which (wake-ups included) took 9% of
+                // the proxy's CPU in the crr benchmark. shutdown(SHUT_WR) of a TCP socket
+                // does not block.
+                let result = socket.shutdown(Shutdown::Write).map_err(errno_of);
+                entry.flow.on_shutdown(result);
+            }
+            Action::UserTimeout(timeout) => {
+                let _ = socket.set_tcp_user_timeout(Some(timeout));
+            }
+            // Closing with linger 0 sends RST, which is what the server must see.
+            Action::Linger0 => {
+                let _ = socket.set_linger(Some(Duration::ZERO));
+            }
+            Action::Cancel => ring.cancel_fd(socket.as_fd()),
+            Action::Close => {
+                if let Some(socket) = entry.socket.take() {
+                    ring.close(socket.into());
+                }
+            }
+            Action::Free(_) => {}
+        }
+    }
+    freed
+}
+
+fn errno_of(err: std::io::Error) -> Errno {
+    Errno::from_raw(err.raw_os_error().unwrap_or(nix::libc::EIO))
+}

@@ -1,0 +1,527 @@
+//! UDP and ping flows, without I/O: one per client/server pair (the event loop keeps
+//! its outbound socket in `io`: a connected UDP socket, or a raw ICMP socket per ping),
+//! idle timeouts, a bounded table that closes the longest-idle flow first, and what
+//! becomes of what the server sends (replies, or the ICMP errors a direct client would
+//! see). Idle order is kept per timeout, so expiry and eviction are O(1).
+
+use std::time::Duration;
+
+use nix::errno::Errno;
+use smoltcp::time::Instant;
+
+use super::lru::Lru;
+use super::table::{Id, Table};
+use crate::stack::TxPool;
+use crate::wire::icmp::{self, EchoReply, Quote, Reason};
+use crate::wire::{FlowKey, udp};
+
+/// Idle timeout of ping flows: `ping` sends one request a second.
+const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a flow relays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Udp,
+    /// ICMP or ICMPv6 echo; the flow key's client port is the echo identifier.
+    Echo,
+}
+
+/// Limits of the datagram relay.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    /// Idle timeout of flows to port 53: a DNS exchange is one query and its answer.
+    pub dns_timeout: Duration,
+    pub max_flows: usize,
+}
+
+/// The timeouts flows are kept in idle order by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Udp,
+    Dns,
+    Echo,
+}
+
+const CLASSES: [Class; 3] = [Class::Udp, Class::Dns, Class::Echo];
+
+impl Class {
+    fn of(kind: Kind, key: &FlowKey) -> Class {
+        match (kind, key.server.port) {
+            (Kind::Echo, _) => Class::Echo,
+            (Kind::Udp, 53) => Class::Dns,
+            (Kind::Udp, _) => Class::Udp,
+        }
+    }
+}
+
+impl Limits {
+    fn timeout(&self, class: Class) -> Duration {
+        match class {
+            Class::Echo => ECHO_TIMEOUT,
+            Class::Dns => self.dns_timeout,
+            Class::Udp => self.idle_timeout,
+        }
+    }
+}
+
+/// What the datagram relay did and dropped.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub flows_opened: u64,
+    pub flows_expired: u64,
+    pub flows_evicted: u64,
+    pub socket_errors: u64,
+    pub datagrams_up: u64,
+    pub bytes_up: u64,
+    pub datagrams_down: u64,
+    pub bytes_down: u64,
+    /// Client datagrams dropped because every send slot was in flight.
+    pub no_send_slot: u64,
+    /// Server datagrams dropped because no TUN write buffer could hold them.
+    pub reply_drops: u64,
+    pub send_errors: u64,
+    pub recv_errors: u64,
+    pub echo_requests: u64,
+    pub echo_replies: u64,
+}
+
+/// One flow; `io` is the event loop's (its socket), the rest is ours.
+pub struct Flow<S> {
+    pub io: S,
+    kind: Kind,
+    class: Class,
+    key: FlowKey,
+    /// The start of the client's latest datagram, quoted in ICMP errors.
+    last_quote: Quote,
+    /// Echo identifier on the outbound side. It differs from the client's: a local ping
+    /// (raw or ping socket) would otherwise also take the reply meant for the proxy
+    /// and count it twice.
+    echo_ident: u16,
+    last_active: Instant,
+    /// A multishot receive is armed.
+    receiving: bool,
+    closing: bool,
+}
+
+impl<S> Flow<S> {
+    pub fn echo_ident(&self) -> u16 {
+        self.echo_ident
+    }
+
+    pub fn key(&self) -> FlowKey {
+        self.key
+    }
+}
+
+/// What to do with a flow after a server datagram (or error) arrived for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Keep it as it is.
+    Nothing,
+    /// Its multishot receive ended: arm another.
+    Rearm,
+    /// It was closing and its receive has ended: close its socket, remove it.
+    Close,
+}
+
+/// How to close a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closing {
+    /// Cancel its receive first; the receive's last completion says `Received::Close`.
+    Cancel,
+    /// Nothing in flight: close its socket and remove it now.
+    Now,
+}
+
+/// All UDP and ping flows.
+pub struct Flows<S> {
+    table: Table<(Kind, FlowKey), Flow<S>>,
+    /// Open (not closing) flows from longest to most recently idle, one list per class.
+    idle: [Lru; 3],
+    limits: Limits,
+    pub counters: Counters,
+}
+
+impl<S> Flows<S> {
+    pub fn new(limits: Limits) -> Flows<S> {
+        Flows {
+            table: Table::default(),
+            idle: Default::default(),
+            limits,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Flows, closing ones included.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    pub fn find(&self, kind: Kind, key: FlowKey) -> Option<Id> {
+        self.table.find(&(kind, key))
+    }
+
+    pub fn get(&self, id: Id) -> Option<&Flow<S>> {
+        self.table.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: Id) -> Option<&mut Flow<S>> {
+        self.table.get_mut(id)
+    }
+
+    fn lru(&mut self, class: Class) -> &mut Lru {
+        &mut self.idle[class as usize]
+    }
+
+    fn open_flows(&self) -> usize {
+        self.idle.iter().map(Lru::len).sum()
+    }
+
+    /// When the table is full, the longest idle flow, which the caller must close to
+    /// make room for a new one (counted as evicted).
+    pub fn evict_for_new(&mut self) -> Option<Id> {
+        if self.open_flows() < self.limits.max_flows {
+            return None;
+        }
+        let oldest = self
+            .idle
+            .iter()
+            .filter_map(Lru::oldest)
+            .filter_map(|slot| self.id_of(slot))
+            .min_by_key(|&id| self.table.get(id).map(|flow| flow.last_active))?;
+        self.counters.flows_evicted += 1;
+        Some(oldest)
+    }
+
+    fn id_of(&self, slot: u32) -> Option<Id> {
+        self.table.id_at(slot)
+    }
+
+    /// A new flow of `kind` for `key`, whose outbound socket is `io`.
+    pub fn open(&mut self, kind: Kind, key: FlowKey, io: S, now: Instant) -> Id {
+        let class = Class::of(kind, &key);
+        let id = self.table.insert(
+            (kind, key),
+            Flow {
+                io,
+                kind,
+                class,
+                key,
+                last_quote: Quote::of(&[]),
+                echo_ident: 0,
+                last_active: now,
+                receiving: false,
+                closing: false,
+            },
+        );
+        if let Some(flow) = self.table.get_mut(id) {
+            // Spread over the identifier space, never the client's own.
+            flow.echo_ident =
+                (id.generation as u16).wrapping_mul(0x9e37) ^ key.client.port ^ 0x8000;
+        }
+        self.lru(class).touch(id.slot);
+        self.counters.flows_opened += 1;
+        id
+    }
+
+    /// A client datagram for flow `id` (its start in `quote`, for ICMP errors).
+    pub fn on_datagram(&mut self, id: Id, now: Instant, quote: Option<Quote>) {
+        let Some(flow) = self.table.get_mut(id) else {
+            return;
+        };
+        flow.last_active = now;
+        if let Some(quote) = quote {
+            flow.last_quote = quote;
+        }
+        let class = flow.class;
+        self.lru(class).touch(id.slot);
+    }
+
+    /// Whether flow `id` needs a receive armed; if so it counts as armed from now on.
+    pub fn arm_recv(&mut self, id: Id) -> bool {
+        match self.table.get_mut(id) {
+            Some(flow) if !flow.receiving && !flow.closing => {
+                flow.receiving = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A completion of flow `id`'s receive: a server datagram, or the error the kernel
+    /// turned an ICMP error from the path into; `more` says whether the receive stays
+    /// armed. Replies and errors for the client go into `tx`.
+    pub fn on_received(
+        &mut self,
+        id: Id,
+        now: Instant,
+        result: Result<&[u8], Errno>,
+        more: bool,
+        tx: &mut TxPool,
+    ) -> Received {
+        let Some(flow) = self.table.get_mut(id) else {
+            return Received::Nothing;
+        };
+        if !more {
+            flow.receiving = false;
+        }
+        if flow.closing {
+            return if flow.receiving {
+                Received::Nothing
+            } else {
+                Received::Close
+            };
+        }
+        match result {
+            Ok(datagram) => {
+                flow.last_active = now;
+                let class = flow.class;
+                let emitted = match flow.kind {
+                    Kind::Udp => Some(tx.emit(|buf| udp::reply(buf, flow.key, datagram))),
+                    Kind::Echo => {
+                        let (key, ident) = (flow.key, flow.echo_ident);
+                        let mut outcome = EchoReply::NotOurs;
+                        let written = tx.emit(|buf| {
+                            outcome = icmp::echo_reply(buf, key, ident, datagram);
+                            match outcome {
+                                EchoReply::Written(len) => Some(len),
+                                _ => None,
+                            }
+                        });
+                        match outcome {
+                            EchoReply::NotOurs => None,
+                            _ => {
+                                self.counters.echo_replies += u64::from(written);
+                                Some(written)
+                            }
+                        }
+                    }
+                };
+                match emitted {
+                    Some(true) => {
+                        self.counters.datagrams_down += 1;
+                        self.counters.bytes_down += datagram.len() as u64;
+                    }
+                    Some(false) => self.counters.reply_drops += 1,
+                    // Not for this flow (another ping's reply, an ICMP error): ignored.
+                    None => {}
+                }
+                self.idle[class as usize].touch(id.slot);
+            }
+            // Every provided buffer was in use: re-armed once they are recycled.
+            Err(Errno::ENOBUFS) => {}
+            Err(errno) => {
+                // The flow stays, as a direct client's socket would, and keeps receiving.
+                self.counters.recv_errors += 1;
+                let reason = match errno {
+                    Errno::ECONNREFUSED => Some(Reason::Port),
+                    Errno::EHOSTUNREACH => Some(Reason::Host),
+                    Errno::ENETUNREACH => Some(Reason::Network),
+                    _ => None,
+                };
+                if let Some(reason) = reason
+                    && flow.kind == Kind::Udp
+                    && !tx.emit(|buf| icmp::unreachable(buf, &flow.last_quote, reason))
+                {
+                    self.counters.reply_drops += 1;
+                }
+            }
+        }
+        let flow = &self.table.get(id).expect("looked up above");
+        if !flow.receiving && !flow.closing {
+            Received::Rearm
+        } else {
+            Received::Nothing
+        }
+    }
+
+    /// Starts closing flow `id`: it no longer takes datagrams (a new flow may take its
+    /// key) and leaves the idle order.
+    pub fn close(&mut self, id: Id) -> Closing {
+        let Some(flow) = self.table.get_mut(id) else {
+            return Closing::Now;
+        };
+        flow.closing = true;
+        let (class, receiving) = (flow.class, flow.receiving);
+        self.table.forget_key(id);
+        self.lru(class).remove(id.slot);
+        if receiving {
+            Closing::Cancel
+        } else {
+            Closing::Now
+        }
+    }
+
+    pub fn remove(&mut self, id: Id) -> Option<Flow<S>> {
+        let flow = self.table.remove(id)?;
+        self.idle[flow.class as usize].remove(id.slot);
+        Some(flow)
+    }
+
+    /// A flow idle past its timeout at `now`, if any (counted as expired; the caller
+    /// closes it).
+    pub fn expired(&mut self, now: Instant) -> Option<Id> {
+        for class in CLASSES {
+            let timeout = self.limits.timeout(class).into();
+            let Some(id) = self.idle[class as usize]
+                .oldest()
+                .and_then(|slot| self.id_of(slot))
+            else {
+                continue;
+            };
+            if self
+                .table
+                .get(id)
+                .is_some_and(|flow| now - flow.last_active >= timeout)
+            {
+                self.counters.flows_expired += 1;
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// When the next flow will be idle past its timeout.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        CLASSES
+            .iter()
+            .filter_map(|&class| {
+                let slot = self.idle[class as usize].oldest()?;
+                let id = self.id_of(slot)?;
+                let flow = self.table.get(id)?;
+                Some(flow.last_active + self.limits.timeout(class).into())
+            })
+            .min()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Id, &Flow<S>)> {
+        self.table.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (Id, &mut Flow<S>)> {
+        self.table.iter_mut()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::demux::tests::v4;
+    use crate::wire::{Offload, Parsed, parse};
+
+    fn limits(max_flows: usize) -> Limits {
+        Limits {
+            idle_timeout: Duration::from_secs(60),
+            dns_timeout: Duration::from_secs(10),
+            max_flows,
+        }
+    }
+
+    fn key(client_port: u16, server_port: u16) -> FlowKey {
+        FlowKey {
+            client: v4([10, 0, 0, 1], client_port),
+            server: v4([10, 0, 0, 2], server_port),
+        }
+    }
+
+    fn at(secs: u64) -> Instant {
+        Instant::from_secs(secs as i64)
+    }
+
+    #[test]
+    fn idle_flows_expire_after_their_own_timeout() {
+        let mut flows: Flows<()> = Flows::new(limits(100));
+        let web = flows.open(Kind::Udp, key(1000, 443), (), at(0));
+        let dns = flows.open(Kind::Udp, key(1001, 53), (), at(0));
+        let ping = flows.open(Kind::Echo, key(7, 0), (), at(0));
+        assert_eq!(flows.next_expiry(), Some(at(10)), "DNS and ping go first");
+        assert_eq!(flows.expired(at(9)), None);
+        let mut gone = Vec::new();
+        while let Some(id) = flows.expired(at(10)) {
+            assert_eq!(flows.close(id), Closing::Now);
+            flows.remove(id);
+            gone.push(id);
+        }
+        gone.sort();
+        let mut expected = vec![dns, ping];
+        expected.sort();
+        assert_eq!(gone, expected);
+        // Traffic keeps a flow alive: a datagram at 50 s moves its expiry to 110 s.
+        flows.on_datagram(web, at(50), None);
+        assert_eq!(flows.expired(at(60)), None);
+        assert_eq!(flows.next_expiry(), Some(at(110)));
+        assert_eq!(flows.expired(at(110)), Some(web));
+        assert_eq!(flows.counters.flows_expired, 3);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_longest_idle_flow() {
+        let mut flows: Flows<()> = Flows::new(limits(3));
+        let a = flows.open(Kind::Udp, key(1, 443), (), at(1));
+        let b = flows.open(Kind::Udp, key(2, 53), (), at(2));
+        let c = flows.open(Kind::Echo, key(3, 0), (), at(3));
+        assert_eq!(flows.evict_for_new(), Some(a));
+        flows.on_datagram(a, at(4), None);
+        assert_eq!(flows.evict_for_new(), Some(b), "a was used again");
+        flows.close(b);
+        assert_eq!(flows.evict_for_new(), None, "closing flows leave room");
+        assert_eq!(
+            flows.find(Kind::Udp, key(2, 53)),
+            None,
+            "its key is free again"
+        );
+        assert!(
+            flows.get(b).is_some(),
+            "but it is there until its socket is closed"
+        );
+        let _ = c;
+        assert_eq!(flows.counters.flows_evicted, 2);
+    }
+
+    #[test]
+    fn a_flow_with_a_receive_armed_is_closed_after_its_cancel() {
+        let mut flows: Flows<()> = Flows::new(limits(8));
+        let mut tx = TxPool::new(4, 1500, Offload::None).unwrap();
+        let id = flows.open(Kind::Udp, key(1, 443), (), at(0));
+        assert!(flows.arm_recv(id));
+        assert!(!flows.arm_recv(id), "one receive at a time");
+        assert_eq!(flows.close(id), Closing::Cancel);
+        let last = flows.on_received(id, at(1), Err(Errno::ECANCELED), false, &mut tx);
+        assert_eq!(last, Received::Close);
+    }
+
+    #[test]
+    fn server_datagrams_become_replies_and_errors_become_icmp() {
+        let mut flows: Flows<()> = Flows::new(limits(8));
+        let mut tx = TxPool::new(4, 1500, Offload::None).unwrap();
+        let k = key(5353, 53);
+        let id = flows.open(Kind::Udp, k, (), at(0));
+        let query = crate::wire::demux::tests::udp_packet(k.client, k.server, b"query");
+        flows.on_datagram(id, at(0), Some(Quote::of(&query)));
+        flows.arm_recv(id);
+        let kept = flows.on_received(id, at(1), Ok(b"answer"), true, &mut tx);
+        assert_eq!(kept, Received::Nothing, "the multishot receive stays armed");
+        let refused = flows.on_received(id, at(2), Err(Errno::ECONNREFUSED), false, &mut tx);
+        assert_eq!(refused, Received::Rearm);
+        let mut packets = Vec::new();
+        tx.take_ready(|_, slice| packets.push(slice.region.with_mut(slice.range, |b| b.to_vec())));
+        assert_eq!(packets.len(), 2);
+        let Parsed::Udp { key: back, .. } = parse(&packets[0]) else {
+            panic!("the reply is not UDP");
+        };
+        assert_eq!((back.client, back.server), (k.server, k.client));
+        let icmp = &packets[1][20..];
+        assert_eq!(
+            (icmp[0], icmp[1]),
+            (3, 3),
+            "port unreachable for the client"
+        );
+        assert_eq!(flows.counters.datagrams_down, 1);
+        assert_eq!(flows.counters.recv_errors, 1);
+    }
+}

@@ -1,0 +1,9 @@
+//! The flows, as state machines that perform no I/O: time is passed in, completions are
+//! told as typed results, and the I/O to start comes back as actions for the event loop.
+
+pub mod datagram;
+pub mod lru;
+pub mod table;
+pub mod tcp;
+
+pub use table::{Id, Table};

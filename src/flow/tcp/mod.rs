@@ -1,0 +1,464 @@
+//! One relayed TCP connection as a state machine that performs no I/O whatsoever. It
+//! owns the flow's smoltcp socket (the client side, whose buffers live in memory the
+//! ring may read and write), the relay state and every lifecycle rule, takes the time
+//! as an argument, is told outbound completions as typed results, and returns the
+//! outbound I/O to start as `Action`s plus the time it next needs to run.
+//!
+//! Call order, each time the flow has work: the `on_*` calls for what happened, then
+//! `poll_relay` (the outbound send, receive and FIN forwarding), then `poll` (smoltcp
+//! egress, lifecycle, teardown). The actions of each are carried out, in order, before
+//! the next call.
+
+pub mod admission;
+pub mod relay;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::time::Instant;
+use smoltcp::wire::{IpAddress, IpListenEndpoint};
+
+use crate::stack::{StackDevice, TxPool};
+use crate::uring::{Family, Lent, Region};
+use crate::wire::FlowKey;
+use crate::wire::icmp::{self, Quote, Reason};
+use relay::Relay;
+pub use relay::{Failure, Phase, Teardown};
+
+/// Bytes of server data staged between a receive and the smoltcp send buffer.
+pub const STAGING_BYTES: usize = 128 * 1024;
+/// Packets one flow may emit per poll, so one bulk flow cannot starve the rest.
+pub const EGRESS_BUDGET: usize = 256;
+/// Idle time before the client is probed for liveness, and how long a silent client is
+/// tolerated: a client that vanished without FIN or RST is detected in about three
+/// minutes instead of never. (The outbound socket's keep-alive is set up alike.)
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub const CLIENT_SILENCE_LIMIT: Duration = Duration::from_secs(180);
+/// How long a server may leave bytes of a finished client unacknowledged.
+pub const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long into smoltcp's 10 s TIME-WAIT egress (ACKs) keeps running; past it egress
+/// stops so smoltcp's close timer cannot clear bytes still owed to the server.
+const TIME_WAIT_EGRESS: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(9);
+
+/// Outbound I/O and bookkeeping the event loop carries out for a flow, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send these bytes of the flow's region to the server; report with `on_sent`.
+    Send(Range<usize>),
+    /// Receive server bytes into these bytes of the region; report with `on_received`.
+    Recv(Range<usize>),
+    /// shutdown(SHUT_WR) now, reported with `on_shutdown` before the next poll.
+    Shutdown,
+    /// TCP_USER_TIMEOUT: how long the server may leave sent bytes unacknowledged.
+    UserTimeout(Duration),
+    /// SO_LINGER 0: closing will send the server a RST.
+    Linger0,
+    /// Cancel every outbound operation in flight; each still completes.
+    Cancel,
+    /// Close the outbound socket.
+    Close,
+    /// Nothing is in flight and nothing owed: remove the flow, counting its failure.
+    Free(Option<Failure>),
+}
+
+/// Actions of one poll, without allocating: a poll yields at most one of each kind.
+#[derive(Debug, Default)]
+pub struct Actions {
+    items: [Option<Action>; 8],
+    len: usize,
+}
+
+impl Actions {
+    pub fn push(&mut self, action: Action) {
+        self.items[self.len] = Some(action);
+        self.len += 1;
+    }
+
+    /// The actions so far, in order, leaving the list empty.
+    pub fn drain(&mut self) -> impl Iterator<Item = Action> + '_ {
+        let len = std::mem::take(&mut self.len);
+        self.items[..len].iter_mut().filter_map(Option::take)
+    }
+}
+
+/// What the event loop should do with the flow after a poll.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Next {
+    /// It has more to do this turn (its egress budget ran out, or a RST is still owed).
+    pub again: bool,
+    /// No TUN write buffer was free: poll it again once one is.
+    pub starved: bool,
+    /// Poll it again at this time at the latest (retransmission, delayed ACK, keep-alive).
+    pub deadline: Option<Instant>,
+}
+
+/// Per-flow settings from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Bytes of each of the smoltcp receive and send buffers.
+    pub buffer: usize,
+    pub mtu: u32,
+}
+
+/// The flow's buffers: the smoltcp socket set (receive and send buffers) and the
+/// staging buffer, all in the flow's region.
+pub struct Buffers;
+
+impl Family for Buffers {
+    type Of<'m> = Sockets<'m>;
+}
+
+pub struct Sockets<'m> {
+    set: SocketSet<'m>,
+    handle: SocketHandle,
+    staging: &'m mut [u8],
+}
+
+impl<'m> Sockets<'m> {
+    fn socket(&mut self) -> &mut tcp::Socket<'m> {
+        self.set.get_mut::<tcp::Socket>(self.handle)
+    }
+
+    fn state(&self) -> State {
+        self.set.get::<tcp::Socket>(self.handle).state()
+    }
+}
+
+/// One relayed TCP connection.
+pub struct Flow {
+    key: FlowKey,
+    memory: Lent<Buffers>,
+    relay: Relay,
+    /// Where the staging buffer starts in the region.
+    staging_at: usize,
+    /// The client's SYN, quoted in the ICMP error if the server proves unreachable.
+    syn: Quote,
+    /// Largest TCP payload per packet towards the client (its MSS, capped by our MTU);
+    /// the kernel segments bigger IPv6 writes to this.
+    segment_size: u16,
+    teardown_started: bool,
+    /// TCP_USER_TIMEOUT was asked for because the client finished with bytes owed.
+    orphaned: bool,
+    /// When smoltcp's socket entered TIME-WAIT.
+    time_wait_since: Option<Instant>,
+    /// Found no TUN write buffer; waits for one before it may be freed.
+    starved: bool,
+    /// Still counted as connecting by admission control.
+    half_open: bool,
+}
+
+impl Flow {
+    /// A flow for the client's SYN `syn` (announcing `mss`): a listening socket that
+    /// holds its SYN|ACK back until `on_connected`. The outbound connect must be
+    /// started with it. `None` when its memory cannot be had.
+    pub fn new(key: FlowKey, mss: Option<u16>, syn: Quote, settings: Settings) -> Option<Flow> {
+        let size = settings.buffer;
+        let region = Region::new(2 * size + STAGING_BYTES)?;
+        let listen = IpListenEndpoint {
+            addr: Some(key.server.addr),
+            port: key.server.port,
+        };
+        let memory = Lent::new(region, |bytes| {
+            let (rx, rest) = bytes.split_at_mut(size);
+            let (tx, staging) = rest.split_at_mut(size);
+            let mut socket =
+                tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
+            // Nagle would delay small writes a second time: the client's kernel already
+            // coalesced them.
+            socket.set_nagle_enabled(false);
+            socket.set_keep_alive(Some(KEEPALIVE_IDLE.into()));
+            socket.set_timeout(Some(CLIENT_SILENCE_LIMIT.into()));
+            socket.pause_synack(true);
+            // Only fails for port 0, which the demultiplexer never lets through.
+            let _ = socket.listen(listen);
+            let mut set = SocketSet::new(Vec::with_capacity(1));
+            let handle = set.add(socket);
+            Sockets {
+                set,
+                handle,
+                staging,
+            }
+        });
+        Some(Flow {
+            key,
+            memory,
+            relay: Relay::connecting(),
+            staging_at: 2 * size,
+            syn,
+            segment_size: segment_size(key.server.addr, mss, settings.mtu),
+            teardown_started: false,
+            orphaned: false,
+            time_wait_since: None,
+            starved: false,
+            half_open: true,
+        })
+    }
+
+    pub fn key(&self) -> FlowKey {
+        self.key
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.relay.phase()
+    }
+
+    /// The memory `Send` and `Recv` ranges are in.
+    pub fn region(&self) -> &Region {
+        self.memory.region()
+    }
+
+    /// A packet from the client.
+    pub fn on_segment(
+        &mut self,
+        now: Instant,
+        iface: &mut Interface,
+        tx: &mut TxPool,
+        packet: &[u8],
+    ) {
+        tx.set_ipv6_segment_size(self.segment_size);
+        self.memory.with(|sockets, _| {
+            let mut device = StackDevice::ingress(packet, tx);
+            iface.poll_ingress_single(now, &mut device, &mut sockets.set);
+        });
+    }
+
+    pub fn on_connected(&mut self, result: Result<(), Errno>) {
+        let relay = &mut self.relay;
+        self.memory
+            .with(|sockets, _| relay.on_connected(sockets.socket(), result));
+    }
+
+    pub fn on_sent(&mut self, result: Result<usize, Errno>) {
+        let relay = &mut self.relay;
+        self.memory
+            .with(|sockets, _| relay.on_sent(sockets.socket(), result));
+    }
+
+    pub fn on_received(&mut self, result: Result<usize, Errno>) {
+        let relay = &mut self.relay;
+        self.memory.with(|sockets, _| {
+            let staging = sockets.staging.len();
+            relay.on_received(sockets.socket(), staging, result)
+        });
+    }
+
+    pub fn on_shutdown(&mut self, result: Result<(), Errno>) {
+        let relay = &mut self.relay;
+        self.memory
+            .with(|sockets, _| relay.on_shutdown(sockets.socket(), result));
+    }
+
+    /// A TUN write buffer has become free.
+    pub fn on_tx_buffer(&mut self) {
+        self.starved = false;
+    }
+
+    /// Resets a flow still waiting for its outbound connect (admission control makes
+    /// room for a newer SYN). False if it was no longer connecting.
+    pub fn evict(&mut self) -> bool {
+        if !self.half_open {
+            return false;
+        }
+        self.half_open = false;
+        let relay = &mut self.relay;
+        self.memory.with(|sockets, _| relay.evict(sockets.socket()));
+        true
+    }
+
+    /// Whether the flow has stopped connecting since last asked (once).
+    pub fn left_half_open(&mut self) -> bool {
+        let left = self.half_open && self.relay.phase() != Phase::Connecting;
+        if left {
+            self.half_open = false;
+        }
+        left
+    }
+
+    /// Moves what can move between the two sides; `actions` gets the outbound I/O to
+    /// start now.
+    pub fn poll_relay(&mut self, actions: &mut Actions) {
+        let (relay, staging_at) = (&mut self.relay, self.staging_at);
+        let io = self.memory.with(|sockets, region| {
+            let Sockets {
+                set,
+                handle,
+                staging,
+            } = sockets;
+            relay.pump(set.get_mut(*handle), staging, staging_at, region)
+        });
+        if io.shutdown {
+            actions.push(Action::Shutdown);
+        }
+        if let Some(range) = io.recv {
+            actions.push(Action::Recv(range));
+        }
+        if let Some(range) = io.send {
+            actions.push(Action::Send(range));
+        }
+    }
+
+    /// Runs smoltcp egress (at most `EGRESS_BUDGET` packets into `tx`) and the flow's
+    /// lifecycle rules; `actions` gets what to do next.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        iface: &mut Interface,
+        tx: &mut TxPool,
+        actions: &mut Actions,
+    ) -> Next {
+        let mut next = Next::default();
+        let state = self.memory.get(|sockets| sockets.state());
+        let owes_server = self.owes_server();
+        if matches!(
+            state,
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        ) {
+            // The client closed: acknowledge at once, so no ACK is still owed when the
+            // flow is freed.
+            self.memory
+                .with(|sockets, _| sockets.socket().set_ack_delay(None));
+        }
+        if matches!(state, State::TimeWait | State::Closed) && owes_server && !self.orphaned {
+            // The client is gone but bytes are still owed to the server. Like the kernel
+            // with an orphaned socket, bound how long a server that stops reading may
+            // hold the flow: the outbound connection then fails and the flow ends.
+            self.orphaned = true;
+            actions.push(Action::UserTimeout(ORPHAN_TIMEOUT));
+        }
+        // smoltcp ends TIME-WAIT (and clears the receive buffer) from its egress timer,
+        // 10 s after entering it. Keep egress (ACKs) running until shortly before that,
+        // then hold it off while client bytes are still going to the server.
+        if state == State::TimeWait {
+            self.time_wait_since.get_or_insert(now);
+        }
+        let holding_time_wait = state == State::TimeWait
+            && owes_server
+            && self
+                .time_wait_since
+                .is_some_and(|since| now - since >= TIME_WAIT_EGRESS);
+
+        if !holding_time_wait {
+            tx.set_ipv6_segment_size(self.segment_size);
+            next.again = self.memory.with(|sockets, _| {
+                let mut device = StackDevice::egress(tx);
+                (0..EGRESS_BUDGET).all(|_| {
+                    iface.poll_egress(now, &mut device, &mut sockets.set) != PollResult::None
+                })
+            });
+        }
+        if tx.take_exhausted() {
+            self.starved = true;
+        }
+        next.starved = self.starved;
+
+        let relay = &mut self.relay;
+        self.memory
+            .get(|sockets| relay.update_phase(sockets.set.get(sockets.handle)));
+        match self.relay.phase() {
+            Phase::Closing(teardown) => {
+                next.again |= self.teardown(teardown, now, iface, tx, actions);
+            }
+            Phase::Connecting => {}
+            Phase::Open if self.starved || next.again || holding_time_wait => {}
+            Phase::Open => {
+                // "Now" after a full egress pass means smoltcp is waiting on something
+                // that is not a packet (e.g. a zero window); never spin on it.
+                next.deadline = self
+                    .memory
+                    .get(|sockets| iface.poll_at(now, &sockets.set))
+                    .map(|at| at.max(now + smoltcp::time::Duration::from_millis(1)));
+            }
+        }
+        next
+    }
+
+    /// Starts the teardown (ICMP error, RST, cancel) and ends with `Close` and `Free`
+    /// once nothing is in flight or owed. True when it must run again this turn.
+    fn teardown(
+        &mut self,
+        teardown: Teardown,
+        now: Instant,
+        iface: &mut Interface,
+        tx: &mut TxPool,
+        actions: &mut Actions,
+    ) -> bool {
+        if !self.teardown_started {
+            self.teardown_started = true;
+            let reason = match self.relay.failure() {
+                Some(Failure::HostUnreachable) => Some(Reason::Host),
+                Some(Failure::NetUnreachable) => Some(Reason::Network),
+                _ => None,
+            };
+            if let Some(reason) = reason
+                && !tx.emit(|buf| icmp::unreachable(buf, &self.syn, reason))
+            {
+                tx.counters.dropped_replies += 1;
+            }
+            if teardown == Teardown::Abortive {
+                actions.push(Action::Linger0);
+                if self.relay.inflight() > 0 {
+                    actions.push(Action::Cancel);
+                }
+            }
+        }
+        if self.relay.inflight() > 0 || self.starved {
+            return false;
+        }
+        // An aborted socket keeps its peer until its RST is out (the tuple is cleared
+        // once sent); freeing it earlier would swallow the reset.
+        let rst_owed = self.memory.get(|sockets| {
+            sockets.state() == State::Closed && iface.poll_at(now, &sockets.set).is_some()
+        });
+        if rst_owed {
+            return true;
+        }
+        actions.push(Action::Close);
+        actions.push(Action::Free(self.relay.failure()));
+        false
+    }
+
+    fn owes_server(&self) -> bool {
+        let relay = &self.relay;
+        self.memory
+            .get(|sockets| relay.owes_server(sockets.set.get(sockets.handle)))
+    }
+
+    /// Shutting down: RST to the client (the caller resets the server with `Linger0`).
+    pub fn abort(&mut self) {
+        self.memory.with(|sockets, _| sockets.socket().abort());
+    }
+
+    /// One egress pass for the shutdown rounds; true while packets are still owed.
+    pub fn flush(&mut self, now: Instant, iface: &mut Interface, tx: &mut TxPool) -> bool {
+        tx.set_ipv6_segment_size(self.segment_size);
+        self.memory.with(|sockets, _| {
+            let mut device = StackDevice::egress(tx);
+            iface.poll_egress(now, &mut device, &mut sockets.set);
+            iface.poll_at(now, &sockets.set).is_some()
+        })
+    }
+
+    /// The smoltcp state and relay state, for trace logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {:?}",
+            self.memory.get(|sockets| sockets.state()),
+            self.relay
+        )
+    }
+}
+
+/// The client's MSS (RFC 9293 defaults when it sent none), capped by what fits our MTU.
+pub fn segment_size(server: IpAddress, client_mss: Option<u16>, mtu: u32) -> u16 {
+    let (default_mss, headers) = match server {
+        IpAddress::Ipv4(_) => (536, 40),
+        IpAddress::Ipv6(_) => (1220, 60),
+    };
+    let ours = u16::try_from(mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
+    client_mss.unwrap_or(default_mss).clamp(1, ours)
+}

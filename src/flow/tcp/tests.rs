@@ -1,0 +1,769 @@
+//! In-process tests of the TCP flow: a smoltcp client talks to the flow through the
+//! proxy's own interface and transmit pool over in-memory queues, a simulated server
+//! plays the outbound socket (its completions delivered in order, or in seeded shuffled
+//! orders with partial sends), and time is a simulated clock, so lifecycle rules that
+//! take minutes run in microseconds.
+
+use std::collections::VecDeque;
+
+use nix::errno::Errno;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpProtocol, Ipv4Address, Ipv4Packet,
+};
+
+use super::*;
+use crate::stack::{self, StackDevice, TxPool};
+use crate::wire::{self, Offload, Parsed};
+
+const MTU: usize = 1500;
+const SERVER: IpEndpoint = IpEndpoint {
+    addr: IpAddress::Ipv4(Ipv4Address::new(192, 0, 2, 80)),
+    port: 80,
+};
+const FLOW_BUFFER: usize = 16 * 1024;
+
+/// The client's device: packets it sends pile up in `sent`, packets for it in `inbox`.
+#[derive(Default)]
+struct QueueDevice {
+    inbox: VecDeque<Vec<u8>>,
+    sent: VecDeque<Vec<u8>>,
+}
+
+struct QueueRx(Vec<u8>);
+struct QueueTx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for QueueRx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for QueueTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut packet = vec![0u8; len];
+        let result = f(&mut packet);
+        self.0.push_back(packet);
+        result
+    }
+}
+
+impl Device for QueueDevice {
+    type RxToken<'a> = QueueRx;
+    type TxToken<'a> = QueueTx<'a>;
+
+    fn receive(&mut self, _now: Instant) -> Option<(QueueRx, QueueTx<'_>)> {
+        let packet = self.inbox.pop_front()?;
+        Some((QueueRx(packet), QueueTx(&mut self.sent)))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<QueueTx<'_>> {
+        Some(QueueTx(&mut self.sent))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = MTU;
+        caps
+    }
+}
+
+/// xorshift64: the seeded choices of the shuffled runs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A completion the simulated kernel has produced and not yet delivered.
+#[derive(Debug)]
+enum Done {
+    Connect(Result<(), Errno>),
+    Sent(Result<usize, Errno>),
+    Received(Result<usize, Errno>),
+}
+
+/// What the simulated server does with the outbound socket.
+#[derive(Default)]
+struct Server {
+    /// Bytes the server sends, delivered through the flow's receives.
+    to_send: VecDeque<u8>,
+    /// Once `to_send` is empty: end with EOF (FIN) instead of waiting for more.
+    eof: bool,
+    /// Once `to_send` is empty: fail the pending receive with ECONNRESET.
+    reset: bool,
+    /// Leave sends in flight (a server that stops reading) until this is cleared.
+    stall_sends: bool,
+    received: Vec<u8>,
+    shutdowns: usize,
+}
+
+/// How the simulated kernel delivers completions.
+#[derive(Clone, Copy, Debug)]
+enum Order {
+    /// All at once, in the order they happened.
+    Instant,
+    /// A random number of them each step, in random order; sends take a random prefix.
+    Shuffled(u64),
+}
+
+struct Harness {
+    now: Instant,
+    client_iface: Interface,
+    client_dev: QueueDevice,
+    client_sockets: SocketSet<'static>,
+    client: SocketHandle,
+    proxy_iface: Interface,
+    tx: TxPool,
+    flow: Option<Flow>,
+    server: Server,
+    /// A send held back by `stall_sends`: its range.
+    stalled_send: Option<Range<usize>>,
+    /// A receive waiting for the server to have something: its range.
+    pending_recv: Option<Range<usize>>,
+    done: Vec<Done>,
+    order: Order,
+    rng: Rng,
+    /// Actions of the flow's polls, other than relay I/O, in order.
+    lifecycle: Vec<Action>,
+    freed: Option<Option<Failure>>,
+    closed: bool,
+    /// Keep the client's packets from the flow (the client vanished).
+    client_gone: bool,
+}
+
+fn client_socket() -> tcp::Socket<'static> {
+    tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; 64 * 1024]),
+        tcp::SocketBuffer::new(vec![0u8; 64 * 1024]),
+    )
+}
+
+impl Harness {
+    fn new(server: Server, order: Order) -> Harness {
+        let now = Instant::from_millis(1);
+        let mut client_dev = QueueDevice::default();
+        let mut client_iface =
+            Interface::new(Config::new(HardwareAddress::Ip), &mut client_dev, now);
+        client_iface.update_ip_addrs(|addrs| {
+            addrs
+                .push(IpCidr::new(IpAddress::v4(198, 18, 0, 1), 30))
+                .unwrap();
+        });
+        client_iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::new(198, 18, 0, 2))
+            .unwrap();
+        let mut client_sockets = SocketSet::new(Vec::new());
+        let client = client_sockets.add(client_socket());
+        let mut tx = TxPool::new(64, MTU, Offload::None).unwrap();
+        let proxy_iface = stack::new_interface(&mut StackDevice::egress(&mut tx), now, 7);
+        let seed = match order {
+            Order::Instant => 1,
+            Order::Shuffled(seed) => seed.max(1),
+        };
+        let mut harness = Harness {
+            now,
+            client_iface,
+            client_dev,
+            client_sockets,
+            client,
+            proxy_iface,
+            tx,
+            flow: None,
+            server,
+            stalled_send: None,
+            pending_recv: None,
+            done: Vec::new(),
+            order,
+            rng: Rng(seed),
+            lifecycle: Vec::new(),
+            freed: None,
+            closed: false,
+            client_gone: false,
+        };
+        let cx = harness.client_iface.context();
+        harness
+            .client_sockets
+            .get_mut::<tcp::Socket>(client)
+            .connect(cx, SERVER, 40000)
+            .unwrap();
+        harness
+    }
+
+    fn client(&mut self) -> &mut tcp::Socket<'static> {
+        self.client_sockets.get_mut::<tcp::Socket>(self.client)
+    }
+
+    fn flow(&self) -> &Flow {
+        self.flow.as_ref().expect("no flow yet")
+    }
+
+    /// The outbound connect completes with `result`.
+    fn connected(&mut self, result: Result<(), Errno>) {
+        self.done.push(Done::Connect(result));
+    }
+
+    /// Operations the flow has in flight, as the simulated kernel sees them.
+    fn in_flight(&self) -> usize {
+        self.done.len()
+            + usize::from(self.stalled_send.is_some())
+            + usize::from(self.pending_recv.is_some())
+            + usize::from(self.flow.is_some() && self.flow().phase() == Phase::Connecting)
+    }
+
+    /// One round: the client runs, its packets reach the flow, completions are
+    /// delivered, the flow runs (relay I/O, then egress and lifecycle), its packets
+    /// reach the client, and the clock moves on by `tick`.
+    fn step_by(&mut self, tick: Duration) {
+        if !self.client_gone {
+            self.client_iface
+                .poll(self.now, &mut self.client_dev, &mut self.client_sockets);
+        }
+        while let Some(packet) = self.client_dev.sent.pop_front() {
+            self.flow_ingress(&packet);
+        }
+        self.deliver();
+        if self.flow.is_some() && self.freed.is_none() {
+            self.run_flow();
+        }
+        let mut delivered = Vec::new();
+        self.tx.take_ready(|index, slice| {
+            delivered.push((index, slice.region.with_mut(slice.range, |b| b.to_vec())));
+        });
+        for (index, packet) in delivered {
+            self.tx.release(index);
+            if let Some(flow) = &mut self.flow {
+                flow.on_tx_buffer();
+            }
+            if !self.client_gone {
+                self.client_dev.inbox.push_back(packet);
+            }
+        }
+        self.now += tick;
+    }
+
+    fn step(&mut self) {
+        self.step_by(Duration::from_millis(1));
+    }
+
+    fn flow_ingress(&mut self, packet: &[u8]) {
+        let Parsed::Tcp { key, opens, mss } = wire::parse(packet) else {
+            panic!("client sent a non-TCP packet");
+        };
+        assert_eq!(key.server, SERVER);
+        if self.flow.is_none() && opens {
+            let settings = Settings {
+                buffer: FLOW_BUFFER,
+                mtu: MTU as u32,
+            };
+            self.flow = Some(Flow::new(key, mss, Quote::of(packet), settings).unwrap());
+        }
+        if self.freed.is_some() {
+            return;
+        }
+        let flow = self.flow.as_mut().expect("segment before SYN");
+        flow.on_segment(self.now, &mut self.proxy_iface, &mut self.tx, packet);
+    }
+
+    /// Hands the flow its completions: all in order, or a shuffled random subset.
+    fn deliver(&mut self) {
+        let batch: Vec<Done> = match self.order {
+            Order::Instant => self.done.drain(..).collect(),
+            Order::Shuffled(_) => {
+                let take = if self.done.is_empty() {
+                    0
+                } else {
+                    self.rng.below(self.done.len() + 1)
+                };
+                (0..take)
+                    .map(|_| {
+                        let at = self.rng.below(self.done.len());
+                        self.done.swap_remove(at)
+                    })
+                    .collect()
+            }
+        };
+        let Some(flow) = self.flow.as_mut() else {
+            assert!(batch.is_empty());
+            return;
+        };
+        for done in batch {
+            match done {
+                Done::Connect(result) => flow.on_connected(result),
+                Done::Sent(result) => flow.on_sent(result),
+                Done::Received(result) => flow.on_received(result),
+            }
+        }
+    }
+
+    /// The flow's polls, with the simulated kernel carrying out their actions.
+    fn run_flow(&mut self) {
+        let mut actions = Actions::default();
+        self.flow.as_mut().unwrap().poll_relay(&mut actions);
+        let relay_io: Vec<Action> = actions.drain().collect();
+        for action in relay_io {
+            self.carry_out(action);
+        }
+        self.serve_pending();
+        let flow = self.flow.as_mut().unwrap();
+        flow.poll(self.now, &mut self.proxy_iface, &mut self.tx, &mut actions);
+        let lifecycle: Vec<Action> = actions.drain().collect();
+        for action in lifecycle {
+            self.carry_out(action);
+        }
+    }
+
+    fn carry_out(&mut self, action: Action) {
+        assert!(self.freed.is_none(), "{action:?} after Free");
+        let region = self.flow().region().clone();
+        match action {
+            Action::Send(range) => {
+                assert!(!self.closed, "send after close");
+                assert!(self.stalled_send.is_none(), "two sends in flight");
+                self.stalled_send = Some(range);
+            }
+            Action::Recv(range) => {
+                assert!(!self.closed, "receive after close");
+                assert!(self.pending_recv.is_none(), "two receives in flight");
+                self.pending_recv = Some(range);
+            }
+            Action::Shutdown => {
+                self.server.shutdowns += 1;
+                self.flow.as_mut().unwrap().on_shutdown(Ok(()));
+            }
+            Action::Cancel => {
+                if self.stalled_send.take().is_some() {
+                    self.done.push(Done::Sent(Err(Errno::ECANCELED)));
+                }
+                if self.pending_recv.take().is_some() {
+                    self.done.push(Done::Received(Err(Errno::ECANCELED)));
+                }
+                self.lifecycle.push(action);
+            }
+            Action::Close => {
+                self.closed = true;
+                self.lifecycle.push(action);
+            }
+            Action::Free(failure) => {
+                assert!(self.closed, "freed before its socket was closed");
+                assert_eq!(
+                    self.in_flight(),
+                    0,
+                    "freed with operations in flight: {:?}",
+                    self.done
+                );
+                self.freed = Some(failure);
+            }
+            Action::UserTimeout(_) | Action::Linger0 => self.lifecycle.push(action),
+        }
+        drop(region);
+    }
+
+    /// The simulated server: takes sent bytes (unless stalled) and fills receives.
+    fn serve_pending(&mut self) {
+        let region = self.flow().region().clone();
+        if !self.server.stall_sends
+            && let Some(range) = self.stalled_send.take()
+        {
+            let len = match self.order {
+                Order::Shuffled(_) if range.len() > 1 => 1 + self.rng.below(range.len()),
+                _ => range.len(),
+            };
+            let bytes = region.kernel_read(range.start..range.start + len);
+            self.server.received.extend_from_slice(&bytes);
+            self.done.push(Done::Sent(Ok(len)));
+        }
+        if let Some(range) = self.pending_recv.clone() {
+            if !self.server.to_send.is_empty() {
+                let n = range.len().min(self.server.to_send.len());
+                let bytes: Vec<u8> = self.server.to_send.drain(..n).collect();
+                region.kernel_write(range.start, &bytes);
+                self.done.push(Done::Received(Ok(n)));
+                self.pending_recv = None;
+            } else if self.server.reset {
+                self.done.push(Done::Received(Err(Errno::ECONNRESET)));
+                self.pending_recv = None;
+            } else if self.server.eof {
+                self.done.push(Done::Received(Ok(0)));
+                self.pending_recv = None;
+            }
+        }
+    }
+
+    fn steps_until(&mut self, limit: usize, mut done: impl FnMut(&mut Harness) -> bool) {
+        for _ in 0..limit {
+            if done(self) {
+                return;
+            }
+            self.step();
+        }
+        let flow = self.flow.as_ref().map(Flow::describe);
+        panic!(
+            "condition not reached in {limit} steps: client {}, flow {flow:?}, freed {:?}",
+            self.client().state(),
+            self.freed
+        );
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn connect(h: &mut Harness, result: Result<(), Errno>) {
+    h.steps_until(5, |h| h.flow.is_some());
+    h.connected(result);
+}
+
+/// The orders every relay test runs in: in order, and shuffled with 16 seeds.
+fn orders() -> impl Iterator<Item = Order> {
+    std::iter::once(Order::Instant).chain((1..=16).map(Order::Shuffled))
+}
+
+#[test]
+fn handshake_waits_for_the_outbound_connect() {
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    for _ in 0..50 {
+        h.step();
+    }
+    assert_eq!(
+        h.client().state(),
+        State::SynSent,
+        "SYN|ACK must be held back"
+    );
+    assert_eq!(h.flow().phase(), Phase::Connecting);
+    h.connected(Ok(()));
+    h.steps_until(20, |h| h.client().state() == State::Established);
+    assert_eq!(h.flow().phase(), Phase::Open);
+}
+
+#[test]
+fn refused_connect_resets_the_client_and_frees_the_flow() {
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    connect(&mut h, Err(Errno::ECONNREFUSED));
+    h.steps_until(20, |h| {
+        h.client().state() == State::Closed && h.freed.is_some()
+    });
+    assert_eq!(h.freed, Some(Some(Failure::ConnectRefused)));
+    assert_eq!(h.lifecycle, [Action::Linger0, Action::Close]);
+}
+
+#[test]
+fn an_unreachable_host_gets_the_client_an_icmp_error_not_a_rst() {
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    connect(&mut h, Err(Errno::EHOSTUNREACH));
+    h.steps_until(5, |h| h.freed.is_some());
+    assert_eq!(h.freed, Some(Some(Failure::HostUnreachable)));
+    // The ICMP error went out in the last step; the client's socket has not seen a RST.
+    let icmp: Vec<Vec<u8>> = h
+        .client_dev
+        .inbox
+        .iter()
+        .filter(|packet| {
+            Ipv4Packet::new_checked(&packet[..])
+                .is_ok_and(|ip| ip.next_header() == IpProtocol::Icmp)
+        })
+        .cloned()
+        .collect();
+    assert_eq!(icmp.len(), 1, "one ICMP error for the client");
+    let ip = Ipv4Packet::new_checked(&icmp[0][..]).unwrap();
+    assert_eq!(
+        (ip.payload()[0], ip.payload()[1]),
+        (3, 1),
+        "host unreachable"
+    );
+    assert_eq!(IpAddress::Ipv4(ip.src_addr()), SERVER.addr);
+    assert_eq!(h.client().state(), State::SynSent);
+}
+
+#[test]
+fn bytes_flow_both_ways_in_any_completion_order() {
+    let upload = pattern(100_000, 1);
+    let download = pattern(150_000, 2);
+    for order in orders() {
+        let mut h = Harness::new(
+            Server {
+                to_send: download.iter().copied().collect(),
+                ..Server::default()
+            },
+            order,
+        );
+        connect(&mut h, Ok(()));
+        h.steps_until(50, |h| h.client().state() == State::Established);
+        let mut offset = 0;
+        let mut got = Vec::new();
+        h.steps_until(20_000, |h| {
+            let client = h.client();
+            if offset < upload.len() && client.can_send() {
+                offset += client.send_slice(&upload[offset..]).unwrap();
+                if offset == upload.len() {
+                    client.close(); // half-close: keep reading
+                }
+            }
+            while client.can_recv() {
+                client
+                    .recv(|data| {
+                        got.extend_from_slice(data);
+                        (data.len(), ())
+                    })
+                    .unwrap();
+            }
+            h.server.shutdowns == 1 && got.len() == download.len()
+        });
+        assert_eq!(
+            h.server.received, upload,
+            "client -> server bytes ({order:?})"
+        );
+        assert_eq!(got, download, "server -> client bytes ({order:?})");
+        assert_eq!(
+            h.client().state(),
+            State::FinWait2,
+            "only the client's FIN so far"
+        );
+        assert_eq!(h.flow().phase(), Phase::Open);
+
+        h.server.eof = true;
+        h.steps_until(500, |h| h.freed.is_some());
+        assert_eq!(h.freed, Some(None), "a graceful end ({order:?})");
+        assert_eq!(h.lifecycle, [Action::Close], "no RST for a graceful end");
+        assert_eq!(h.server.shutdowns, 1);
+    }
+}
+
+#[test]
+fn a_server_reset_reaches_the_client_as_rst() {
+    for order in orders() {
+        let mut h = Harness::new(
+            Server {
+                to_send: pattern(10_000, 3).into_iter().collect(),
+                reset: true,
+                ..Server::default()
+            },
+            order,
+        );
+        connect(&mut h, Ok(()));
+        h.steps_until(500, |h| {
+            h.client().state() == State::Closed && h.freed.is_some()
+        });
+        assert_eq!(h.freed, Some(Some(Failure::ServerReset)), "{order:?}");
+        assert_eq!(h.lifecycle.first(), Some(&Action::Linger0));
+    }
+}
+
+#[test]
+fn a_client_abort_cancels_outbound_io_before_the_flow_is_freed() {
+    for order in orders() {
+        let mut h = Harness::new(Server::default(), order);
+        connect(&mut h, Ok(()));
+        h.steps_until(50, |h| h.client().state() == State::Established);
+        h.steps_until(50, |h| h.pending_recv.is_some());
+        h.client().abort();
+        h.steps_until(500, |h| h.freed.is_some());
+        assert_eq!(h.freed, Some(Some(Failure::ClientReset)), "{order:?}");
+        // The receive started while open was cancelled, and freeing waited for it.
+        assert_eq!(
+            h.lifecycle,
+            [Action::Linger0, Action::Cancel, Action::Close]
+        );
+    }
+}
+
+#[test]
+fn a_slow_client_stops_reads_from_the_server() {
+    let mut h = Harness::new(
+        Server {
+            to_send: pattern(1_000_000, 4).into_iter().collect(),
+            ..Server::default()
+        },
+        Order::Instant,
+    );
+    connect(&mut h, Ok(()));
+    for _ in 0..2000 {
+        h.step();
+    }
+    // The client never reads: only its window, the flow's socket buffer and one staging
+    // buffer may have left the server.
+    let taken = 1_000_000 - h.server.to_send.len();
+    assert!(
+        taken <= 64 * 1024 + FLOW_BUFFER + STAGING_BYTES,
+        "server drained {taken} bytes"
+    );
+    assert!(taken > 0);
+}
+
+#[test]
+fn client_bytes_still_buffered_when_both_sides_closed_reach_the_server() {
+    let upload = pattern(12_000, 5);
+    for order in orders() {
+        let mut h = Harness::new(
+            Server {
+                eof: true,
+                stall_sends: true,
+                ..Server::default()
+            },
+            order,
+        );
+        connect(&mut h, Ok(()));
+        h.steps_until(50, |h| h.client().state() == State::Established);
+        h.client().send_slice(&upload).unwrap();
+        h.client().close();
+        // The server sends EOF at once but reads slowly: both FINs cross while the
+        // client's bytes still sit in the flow, and the client's socket finishes.
+        h.steps_until(500, |h| h.client().state() == State::TimeWait);
+        assert_eq!(
+            h.flow().phase(),
+            Phase::Open,
+            "the bytes must get out first"
+        );
+        h.server.stall_sends = false;
+        h.steps_until(1000, |h| h.freed.is_some());
+        assert_eq!(h.freed, Some(None), "{order:?}");
+        assert_eq!(h.server.received, upload, "{order:?}");
+        assert_eq!(h.server.shutdowns, 1);
+    }
+}
+
+#[test]
+fn time_wait_is_held_while_bytes_are_owed_and_an_orphan_gets_a_user_timeout() {
+    let upload = pattern(12_000, 6);
+    let mut h = Harness::new(
+        Server {
+            eof: true,
+            stall_sends: true,
+            ..Server::default()
+        },
+        Order::Instant,
+    );
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    h.client().send_slice(&upload).unwrap();
+    h.client().close();
+    h.steps_until(500, |h| h.client().state() == State::TimeWait);
+    // The client has finished, bytes are still owed: bound how long the server may hold
+    // them, as the kernel does for an orphaned socket.
+    h.step();
+    assert!(
+        h.lifecycle.contains(&Action::UserTimeout(ORPHAN_TIMEOUT)),
+        "{:?}",
+        h.lifecycle
+    );
+    // A server that stops reading for 30 s: smoltcp's own TIME-WAIT (10 s) would clear
+    // the bytes; the flow holds its egress off instead and keeps them.
+    for _ in 0..30 {
+        h.step_by(Duration::from_secs(1));
+    }
+    assert_eq!(h.flow().phase(), Phase::Open);
+    assert!(h.freed.is_none());
+    h.server.stall_sends = false;
+    h.steps_until(1000, |h| h.freed.is_some());
+    assert_eq!(h.server.received, upload, "no owed byte lost");
+    assert_eq!(h.freed, Some(None));
+}
+
+#[test]
+fn a_vanished_client_is_given_up_after_the_silence_limit() {
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    h.client_gone = true;
+    let silent_since = h.now;
+    // Keep-alive probes go unanswered; after the silence limit the flow ends.
+    h.steps_until(400, |h| {
+        if h.freed.is_none() {
+            h.step_by(Duration::from_secs(1));
+        }
+        h.freed.is_some()
+    });
+    let waited = h.now - silent_since;
+    assert!(
+        waited >= CLIENT_SILENCE_LIMIT.into()
+            && waited <= (CLIENT_SILENCE_LIMIT + std::time::Duration::from_secs(10)).into(),
+        "gave up after {waited}"
+    );
+    assert_eq!(h.freed, Some(Some(Failure::ClientReset)));
+    assert!(
+        h.lifecycle.contains(&Action::Linger0),
+        "the server gets a RST"
+    );
+}
+
+#[test]
+fn the_flow_stays_until_its_rst_is_out() {
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| {
+        h.client().state() == State::Established && h.pending_recv.is_some()
+    });
+    // Every TUN write buffer taken: the RST the server's reset causes cannot go out yet.
+    let mut held = Vec::new();
+    while h.tx.emit(|buf| Some(buf.len().min(40))) {}
+    h.tx.take_ready(|index, _| held.push(index));
+    h.server.reset = true;
+    for _ in 0..20 {
+        h.step();
+    }
+    assert_eq!(
+        h.flow().phase(),
+        Phase::Closing(Teardown::Abortive),
+        "the reset was seen"
+    );
+    assert!(h.freed.is_none(), "freed with its RST still owed");
+    assert_eq!(
+        h.client().state(),
+        State::Established,
+        "no RST reached it yet"
+    );
+    for index in held {
+        h.tx.release(index);
+    }
+    h.flow.as_mut().unwrap().on_tx_buffer();
+    h.steps_until(20, |h| {
+        h.freed.is_some() && h.client().state() == State::Closed
+    });
+    assert_eq!(h.freed, Some(Some(Failure::ServerReset)));
+}
+
+#[test]
+fn an_evicted_half_open_flow_resets_the_client_once_its_connect_is_cancelled() {
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    h.steps_until(5, |h| h.flow.is_some());
+    h.step();
+    assert!(h.flow.as_mut().unwrap().evict());
+    assert!(!h.flow.as_mut().unwrap().evict(), "only once");
+    h.steps_until(5, |h| h.lifecycle.contains(&Action::Cancel));
+    assert!(h.freed.is_none(), "the connect is still in flight");
+    h.connected(Err(Errno::ECANCELED));
+    h.steps_until(20, |h| {
+        h.freed.is_some() && h.client().state() == State::Closed
+    });
+    assert_eq!(h.freed, Some(Some(Failure::Evicted)));
+}
+
+#[test]
+fn segment_size_is_the_client_mss_capped_by_our_mtu() {
+    let v4 = IpAddress::v4(10, 0, 0, 1);
+    let v6 = IpAddress::v6(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+    assert_eq!(segment_size(v4, Some(1460), 1500), 1460);
+    assert_eq!(segment_size(v6, Some(1440), 1500), 1440);
+    assert_eq!(segment_size(v6, Some(8960), 1500), 1440);
+    assert_eq!(segment_size(v4, Some(1000), 1500), 1000);
+    assert_eq!(segment_size(v4, None, 1500), 536);
+    assert_eq!(segment_size(v6, None, 1500), 1220);
+    assert_eq!(segment_size(v4, Some(0), 1500), 1);
+}
