@@ -30,8 +30,6 @@ use crate::wire::icmp::{self, Quote, Reason};
 use relay::Relay;
 pub use relay::{Failure, Phase, Teardown};
 
-/// Bytes of server data staged between a receive and the smoltcp send buffer.
-pub const STAGING_BYTES: usize = 128 * 1024;
 /// Packets one flow may emit per poll, so one bulk flow cannot starve the rest.
 pub const EGRESS_BUDGET: usize = 256;
 /// Idle time before the client is probed for liveness, and how long a silent client is
@@ -105,8 +103,8 @@ pub struct Settings {
     pub mtu: u32,
 }
 
-/// The flow's buffers: the smoltcp socket set (receive and send buffers) and the
-/// staging buffer, all in the flow's region.
+/// The flow's buffers: the smoltcp socket set, whose receive and send buffers are the
+/// flow's region. The ring sends from the one and receives into the other directly.
 pub struct Buffers;
 
 impl Family for Buffers {
@@ -116,7 +114,6 @@ impl Family for Buffers {
 pub struct Sockets<'m> {
     set: SocketSet<'m>,
     handle: SocketHandle,
-    staging: &'m mut [u8],
 }
 
 impl<'m> Sockets<'m> {
@@ -134,8 +131,6 @@ pub struct Flow {
     key: FlowKey,
     memory: Lent<Buffers>,
     relay: Relay,
-    /// Where the staging buffer starts in the region.
-    staging_at: usize,
     /// The client's SYN, quoted in the ICMP error if the server proves unreachable.
     syn: Quote,
     /// Largest TCP payload per packet towards the client (its MSS, capped by our MTU);
@@ -158,14 +153,13 @@ impl Flow {
     /// started with it. `None` when its memory cannot be had.
     pub fn new(key: FlowKey, mss: Option<u16>, syn: Quote, settings: Settings) -> Option<Flow> {
         let size = settings.buffer;
-        let region = Region::new(2 * size + STAGING_BYTES)?;
+        let region = Region::new(2 * size)?;
         let listen = IpListenEndpoint {
             addr: Some(key.server.addr),
             port: key.server.port,
         };
         let memory = Lent::new(region, |bytes| {
-            let (rx, rest) = bytes.split_at_mut(size);
-            let (tx, staging) = rest.split_at_mut(size);
+            let (rx, tx) = bytes.split_at_mut(size);
             let mut socket =
                 tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
             // Nagle would delay small writes a second time: the client's kernel already
@@ -178,17 +172,12 @@ impl Flow {
             let _ = socket.listen(listen);
             let mut set = SocketSet::new(Vec::with_capacity(1));
             let handle = set.add(socket);
-            Sockets {
-                set,
-                handle,
-                staging,
-            }
+            Sockets { set, handle }
         });
         Some(Flow {
             key,
             memory,
             relay: Relay::connecting(),
-            staging_at: 2 * size,
             syn,
             segment_size: segment_size(key.server.addr, mss, settings.mtu),
             teardown_started: false,
@@ -241,10 +230,8 @@ impl Flow {
 
     pub fn on_received(&mut self, result: Result<usize, Errno>) {
         let relay = &mut self.relay;
-        self.memory.with(|sockets, _| {
-            let staging = sockets.staging.len();
-            relay.on_received(sockets.socket(), staging, result)
-        });
+        self.memory
+            .with(|sockets, region| relay.on_received(sockets.socket(), region, result));
     }
 
     pub fn on_shutdown(&mut self, result: Result<(), Errno>) {
@@ -282,15 +269,10 @@ impl Flow {
     /// Moves what can move between the two sides; `actions` gets the outbound I/O to
     /// start now.
     pub fn poll_relay(&mut self, actions: &mut Actions) {
-        let (relay, staging_at) = (&mut self.relay, self.staging_at);
-        let io = self.memory.with(|sockets, region| {
-            let Sockets {
-                set,
-                handle,
-                staging,
-            } = sockets;
-            relay.pump(set.get_mut(*handle), staging, staging_at, region)
-        });
+        let relay = &mut self.relay;
+        let io = self
+            .memory
+            .with(|sockets, region| relay.pump(sockets.socket(), region));
         if io.shutdown {
             actions.push(Action::Shutdown);
         }

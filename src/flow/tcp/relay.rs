@@ -61,7 +61,7 @@ enum ClientFin {
 pub struct RelayIo {
     /// Client bytes to send to the server (a view into the smoltcp receive buffer).
     pub send: Option<Range<usize>>,
-    /// Space to receive server bytes into.
+    /// Space to receive server bytes into: the free window of the smoltcp send buffer.
     pub recv: Option<Range<usize>>,
     /// Forward the client's FIN: shutdown(SHUT_WR) on the outbound socket.
     pub shutdown: bool,
@@ -70,6 +70,28 @@ pub struct RelayIo {
 /// Largest single send to the outbound socket; bigger only delays the first byte.
 const MAX_SEND: usize = 256 * 1024;
 
+/// Commits `n` bytes the kernel received at `start` of `region` (the send buffer's
+/// free window when the receive was started) as data for smoltcp to send. Only we add
+/// to that buffer, so its free window still starts there, unless it drained empty
+/// meanwhile: smoltcp then restarts it at its beginning, the whole buffer is free, and
+/// the bytes move there first.
+fn commit(socket: &mut tcp::Socket, region: &Region, start: usize, n: usize) {
+    let _ = socket.send(|free| {
+        let Some(at) = region.offset_of(free) else {
+            return (0, ());
+        };
+        let n = n.min(free.len());
+        if at.start != start {
+            let from = start.saturating_sub(at.start);
+            if from + n > free.len() {
+                return (0, ());
+            }
+            free.copy_within(from..from + n, 0);
+        }
+        (n, ())
+    });
+}
+
 /// Relay state of one flow.
 #[derive(Debug)]
 pub struct Relay {
@@ -77,9 +99,9 @@ pub struct Relay {
     /// Bytes of the smoltcp receive buffer handed to an in-flight send (0: none).
     sending: usize,
     client_fin: ClientFin,
-    /// Server bytes received into the staging buffer but not yet accepted by smoltcp.
-    staged: Range<usize>,
-    receiving: bool,
+    /// Where the receive in flight writes (its start in the region): straight into the
+    /// free window of the smoltcp send buffer, committed there once it completes.
+    receiving: Option<usize>,
     server_eof: bool,
     /// Whether the server's FIN has been passed to smoltcp (`close`).
     server_fin_forwarded: bool,
@@ -95,8 +117,7 @@ impl Relay {
             phase: Phase::Connecting,
             sending: 0,
             client_fin: ClientFin::NotSeen,
-            staged: 0..0,
-            receiving: false,
+            receiving: None,
             server_eof: false,
             server_fin_forwarded: false,
             inflight: 1, // the connect
@@ -177,18 +198,21 @@ impl Relay {
         }
     }
 
-    /// A receive of server bytes into the staging buffer finished (0 bytes: EOF).
+    /// A receive of server bytes into the send buffer's free window finished (0 bytes:
+    /// EOF); `region` is the flow's memory.
     pub fn on_received(
         &mut self,
         socket: &mut tcp::Socket,
-        staging_len: usize,
+        region: &Region,
         result: Result<usize, Errno>,
     ) {
         self.completed();
-        self.receiving = false;
+        let Some(start) = self.receiving.take() else {
+            return;
+        };
         match result {
             Ok(0) => self.server_eof = true,
-            Ok(n) => self.staged = 0..n.min(staging_len),
+            Ok(n) => commit(socket, region, start, n),
             Err(_) if self.phase == Phase::Open => self.fail(socket, Failure::ServerReset),
             Err(_) => {}
         }
@@ -203,34 +227,28 @@ impl Relay {
         }
     }
 
-    /// Moves what can move without I/O and returns the outbound I/O to start now.
-    /// `staging` is the staging buffer, at `staging_at` in `region`.
-    pub fn pump(
-        &mut self,
-        socket: &mut tcp::Socket,
-        staging: &[u8],
-        staging_at: usize,
-        region: &Region,
-    ) -> RelayIo {
+    /// Moves what can move without I/O and returns the outbound I/O to start now, as
+    /// offsets into `region`, the flow's memory.
+    pub fn pump(&mut self, socket: &mut tcp::Socket, region: &Region) -> RelayIo {
         let mut io = RelayIo::default();
         if self.phase != Phase::Open {
             return io;
         }
-        // Server -> client: hand staged bytes to smoltcp, then the server's FIN.
-        if !self.staged.is_empty()
-            && socket.may_send()
-            && let Ok(n) = socket.send_slice(&staging[self.staged.clone()])
-        {
-            self.staged.start += n;
-        }
-        if self.server_eof && self.staged.is_empty() && !self.server_fin_forwarded {
+        // Server -> client: the server's FIN once its bytes are with smoltcp, else
+        // receive into whatever of the send buffer is free (nothing while it is full:
+        // the server then waits, as it would for a slow direct client).
+        if self.server_eof && !self.server_fin_forwarded {
             socket.close();
             self.server_fin_forwarded = true;
         }
-        if !self.receiving && !self.server_eof && self.staged.is_empty() {
-            self.receiving = true;
+        if self.receiving.is_none()
+            && !self.server_eof
+            && let Ok(Some(free)) = socket.send(|free| (0, region.offset_of(free)))
+            && !free.is_empty()
+        {
+            self.receiving = Some(free.start);
             self.inflight += 1;
-            io.recv = Some(staging_at..staging_at + staging.len());
+            io.recv = Some(free);
         }
 
         // Client -> server: send what the client has sent, then forward its FIN.
