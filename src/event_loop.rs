@@ -83,6 +83,9 @@ impl Proxy {
 
             let mut completions = std::mem::take(&mut self.completions);
             self.ring.drain(&mut completions, MAX_COMPLETIONS_PER_TURN);
+            if !completions.is_empty() {
+                self.housekeeping.busy(self.now());
+            }
             for completion in &completions {
                 self.dispatch(completion);
             }
@@ -148,7 +151,10 @@ impl Proxy {
     }
 
     fn on_tun_read(&mut self, completion: &Completion) {
-        match self.tun.on_read(&self.ring, completion, &mut self.stats) {
+        match self
+            .tun
+            .on_read(&mut self.ring, completion, &mut self.stats)
+        {
             Ok(Some((bid, frame))) => {
                 if let Some(frame) = frame {
                     self.on_packet(frame);

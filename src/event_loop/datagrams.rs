@@ -66,6 +66,12 @@ impl Datagrams {
         self.flows.next_expiry()
     }
 
+    /// Idle: the pages of the free send slots go back to the kernel.
+    pub fn discard_free_slots(&mut self) {
+        self.slots
+            .discard_buffers(self.free_slots.iter().copied(), MAX_DATAGRAM);
+    }
+
     /// A client datagram's send finished: its slot is free again.
     pub fn on_sent(&mut self, slot: u32, result: i32) {
         if let Ok(slot) = u16::try_from(slot)
@@ -211,6 +217,10 @@ impl Proxy {
     pub(super) fn on_udp_received(&mut self, id: Id, completion: &Completion) {
         let now = self.now();
         let bid = completion.buffer_id();
+        if completion.result == -nix::libc::ENOBUFS {
+            // Every circulating receive buffer was in use: let more circulate.
+            self.ring.more_buffers(RECV_GROUP);
+        }
         let result = match (completion.result, bid) {
             (n, _) if n < 0 => Err(Errno::from_raw(-n)),
             (n, Some(bid)) => Ok(self

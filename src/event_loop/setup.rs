@@ -32,7 +32,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     // The ring first: a kernel that cannot run the proxy is refused before anything
     // (TUN, rules) has been created.
     let mut ring = Ring::new().map_err(Error::from_ring_setup)?;
-    let features = Features::probe(ring.inner(), config.uring_cap).map_err(Error::Kernel)?;
+    let features = ring.probe(config.uring_cap).map_err(Error::Kernel)?;
     check_bind_permission(&config.interface)?;
     let tun = Tun::create(&config.tun_spec())?;
     let tun_name = tun.name().to_string();

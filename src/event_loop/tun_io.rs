@@ -100,14 +100,17 @@ impl TunIo {
     /// TUN deleted under us will not get better by retrying.
     pub fn on_read(
         &mut self,
-        ring: &Ring,
+        ring: &mut Ring,
         completion: &Completion,
         stats: &mut Stats,
     ) -> Result<Option<(u16, Option<Frame>)>, Error> {
         let result = completion.result;
         self.depth.completed(completion.more(), result > 0);
         let Some(bid) = completion.buffer_id() else {
-            if result < 0 && result != -nix::libc::ENOBUFS {
+            if result == -nix::libc::ENOBUFS {
+                // Every circulating buffer was in use: let more circulate.
+                ring.more_buffers(READ_GROUP);
+            } else if result < 0 {
                 return Err(Error::Io(
                     "read from the TUN",
                     std::io::Error::from_raw_os_error(-result),

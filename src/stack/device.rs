@@ -115,6 +115,13 @@ impl TxPool {
         !self.free.is_empty()
     }
 
+    /// Gives the pages of every free buffer back to the kernel (idle: nothing is queued).
+    /// The free list is a stack, so under light load only its top few get touched again.
+    pub fn discard_free(&mut self) {
+        self.region
+            .discard_buffers(self.free.iter().copied(), self.buf_size);
+    }
+
     /// Whether smoltcp found the pool empty since the last call (and clears the flag).
     pub fn take_exhausted(&mut self) -> bool {
         std::mem::take(&mut self.exhausted)

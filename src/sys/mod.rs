@@ -183,6 +183,26 @@ impl Mapping {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Gives the pages wholly inside `range` back to the kernel (MADV_DONTNEED): they
+    /// read as zero afterwards and cost memory again only once touched.
+    pub fn discard(&self, range: std::ops::Range<usize>) {
+        const PAGE: usize = 4096;
+        let start = range.start.next_multiple_of(PAGE);
+        let end = range.end.min(self.len) / PAGE * PAGE;
+        if start >= end {
+            return;
+        }
+        // SAFETY: a page-aligned range inside the mapping; dropping the contents of
+        // anonymous private pages is what the callers ask for (nothing in them is live).
+        let _ = unsafe {
+            nix::sys::mman::madvise(
+                self.ptr.add(start).cast(),
+                end - start,
+                nix::sys::mman::MmapAdvise::MADV_DONTNEED,
+            )
+        };
+    }
 }
 
 impl Drop for Mapping {

@@ -40,6 +40,34 @@ impl Region {
         self.len() == 0
     }
 
+    /// Gives the pages wholly inside `range` back to the kernel; they read as zero
+    /// afterwards. For bytes nothing refers to any more (free buffers of a pool).
+    pub fn discard(&self, range: Range<usize>) {
+        self.0.mapping.discard(range);
+    }
+
+    /// Discards the free buffers `free` (indices of `size`-byte buffers) in runs of
+    /// neighbours, so that buffers smaller than a page give their pages back too.
+    pub fn discard_buffers(&self, free: impl IntoIterator<Item = u16>, size: usize) {
+        let mut free: Vec<u16> = free.into_iter().collect();
+        free.sort_unstable();
+        let mut run: Option<Range<usize>> = None;
+        for index in free {
+            let start = usize::from(index) * size;
+            run = match run {
+                Some(r) if r.end == start => Some(r.start..start + size),
+                Some(r) => {
+                    self.discard(r);
+                    Some(start..start + size)
+                }
+                None => Some(start..start + size),
+            };
+        }
+        if let Some(r) = run {
+            self.discard(r);
+        }
+    }
+
     /// Where `range` lies in memory, for the kernel; `None` when it is not inside.
     pub(super) fn ptr(&self, range: &Range<usize>) -> Option<*mut u8> {
         (range.start <= range.end && range.end <= self.len())

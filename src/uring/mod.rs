@@ -63,10 +63,12 @@ pub struct Slice {
     pub range: Range<usize>,
 }
 
-/// An operation in flight: the caller's token and what must outlive the operation.
+/// An operation in flight: the caller's token, what must outlive the operation, and
+/// the provided buffer group it picks from, if any.
 struct Pending {
     token: u64,
     _keep: Keep,
+    group: Option<u16>,
 }
 
 // The variants' contents are never read: they are held so they drop only when the
@@ -110,20 +112,19 @@ impl Ring {
         })
     }
 
-    pub fn inner(&self) -> &IoUring {
-        &self.ring
-    }
-
-    /// Operations submitted and not yet completed for good.
-    pub fn in_flight(&self) -> usize {
-        self.inflight.len()
+    /// What this ring's kernel offers, capped as `cap` asks (see `Features::probe`).
+    pub fn probe(&self, cap: Option<KernelVersion>) -> Result<Features, features::Unsupported> {
+        Features::probe(&self.ring, cap)
     }
 
     /// Registers `count` (a power of two) provided buffers of `size` bytes as `group`,
-    /// for multishot and buffer-selecting reads and receives.
+    /// for multishot and buffer-selecting reads and receives. A group is registered once.
     pub fn provide_buffers(&mut self, group: u16, count: u16, size: usize) -> io::Result<()> {
-        let buffers = BufRing::new(&self.ring, group, count, size)?;
         let slot = usize::from(group);
+        if self.buf_rings.get(slot).is_some_and(Option::is_some) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        let buffers = BufRing::new(&self.ring, group, count, size)?;
         if self.buf_rings.len() <= slot {
             self.buf_rings.resize_with(slot + 1, || None);
         }
@@ -131,17 +132,35 @@ impl Ring {
         Ok(())
     }
 
-    /// The first `len` bytes of provided buffer `bid` of `group`, as a completion left
-    /// them; `None` for a group or buffer that does not exist.
+    /// The first `len` bytes of provided buffer `bid` of `group`, as the completion that
+    /// handed it over left them; `None` for a buffer the kernel owns or none at all.
     pub fn buffer(&self, group: u16, bid: u16, len: usize) -> Option<&[u8]> {
         self.buf_ring(group)?.packet(bid, len)
     }
 
     /// Hands provided buffer `bid` back to the kernel (visible after `publish`).
     pub fn recycle(&mut self, group: u16, bid: u16) {
-        if let Some(Some(buffers)) = self.buf_rings.get_mut(usize::from(group)) {
-            buffers.recycle(bid);
+        if let Some(buffers) = self.buf_ring_mut(group) {
+            buffers.give_back(bid);
         }
+    }
+
+    /// The kernel found no buffer of `group` (ENOBUFS): let more of them circulate.
+    pub fn more_buffers(&mut self, group: u16) {
+        if let Some(buffers) = self.buf_ring_mut(group) {
+            buffers.grow();
+        }
+    }
+
+    /// Idle: fewer buffers circulate and the pages of the others go back to the kernel.
+    pub fn shrink_buffers(&mut self) {
+        for buffers in self.buf_rings.iter_mut().flatten() {
+            buffers.shrink();
+        }
+    }
+
+    fn buf_ring_mut(&mut self, group: u16) -> Option<&mut BufRing> {
+        self.buf_rings.get_mut(usize::from(group))?.as_mut()
     }
 
     /// Makes recycled buffers of `group` visible to the kernel.
@@ -164,7 +183,7 @@ impl Ring {
     /// until it ends (ENOBUFS, an error, a cancel).
     pub fn read_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
         let entry = opcode::ReadMulti::new(fd_of(fd), 0, group).build();
-        self.submit_watched(entry, token, Keep::Nothing);
+        self.submit_picking(entry, token, group);
     }
 
     /// One read into a buffer the kernel picks from `group`.
@@ -174,13 +193,13 @@ impl Ring {
             .buf_group(group)
             .build()
             .flags(squeue::Flags::BUFFER_SELECT);
-        self.submit_watched(entry, token, Keep::Nothing);
+        self.submit_picking(entry, token, group);
     }
 
     /// A multishot receive into the provided buffers of `group`.
     pub fn recv_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
         let entry = opcode::RecvMulti::new(fd_of(fd), group).build();
-        self.submit_watched(entry, token, Keep::Nothing);
+        self.submit_picking(entry, token, group);
     }
 
     /// Writes `buf` (one packet, for a TUN).
@@ -225,6 +244,7 @@ impl Ring {
         let index = self.inflight.insert(Pending {
             token,
             _keep: Keep::Connect(args),
+            group: None,
         });
         let connect = connect.user_data(index as u64 + 1);
         // SAFETY: the address and the timespec live in the in-flight table until the
@@ -252,7 +272,31 @@ impl Ring {
 
     /// Records a watched operation and queues it.
     fn submit_watched(&mut self, entry: squeue::Entry, token: u64, keep: Keep) {
-        let index = self.inflight.insert(Pending { token, _keep: keep });
+        self.submit_pending_entry(
+            entry,
+            Pending {
+                token,
+                _keep: keep,
+                group: None,
+            },
+        );
+    }
+
+    /// Like `submit_watched`, for an operation that picks buffers of `group`: each
+    /// completion carrying one hands it over (see `buffer`).
+    fn submit_picking(&mut self, entry: squeue::Entry, token: u64, group: u16) {
+        self.submit_pending_entry(
+            entry,
+            Pending {
+                token,
+                _keep: Keep::Nothing,
+                group: Some(group),
+            },
+        );
+    }
+
+    fn submit_pending_entry(&mut self, entry: squeue::Entry, pending: Pending) {
+        let index = self.inflight.insert(pending);
         let entry = entry.user_data(index as u64 + 1);
         // SAFETY: every buffer the entry points into is kept alive by its in-flight
         // entry (`keep`) or is a provided buffer owned by the ring, until the kernel
@@ -343,7 +387,12 @@ impl Ring {
             let Some(pending) = self.inflight.get(index) else {
                 continue;
             };
-            let token = pending.token;
+            let (token, group) = (pending.token, pending.group);
+            if let (Some(group), Some(bid)) = (group, cqueue::buffer_select(flags))
+                && let Some(Some(buffers)) = self.buf_rings.get_mut(usize::from(group))
+            {
+                buffers.take(bid);
+            }
             if !cqueue::more(flags) {
                 self.inflight.remove(index);
             }
@@ -359,7 +408,8 @@ impl Ring {
     /// `limit` has passed; true when the ring is idle. Only then may the files those
     /// operations use be closed knowing the kernel holds no reference to them.
     pub fn cancel_all(&mut self, limit: Duration) -> bool {
-        // Entries the kernel never saw can simply be forgotten.
+        // Entries the kernel never saw can simply be forgotten (a backlogged close's fd
+        // is closed by the process exit).
         for entry in self.backlog.drain(..) {
             let user_data = entry.get_user_data();
             if user_data != UNWATCHED {
@@ -367,24 +417,30 @@ impl Ring {
             }
         }
         self.groups.clear();
-        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
-            .build()
-            .user_data(UNWATCHED);
-        // SAFETY: a cancel points at no memory.
-        unsafe { self.push(&[cancel]) };
         let deadline = Instant::now() + limit;
         let mut completions = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = self.submit_and_wait(Some(left.min(Duration::from_millis(10))));
-            self.drain(&mut completions, usize::MAX);
-            if self.inflight.is_empty() {
-                return true;
-            }
-            if left.is_zero() {
+        let mut next_cancel = Instant::now();
+        while !self.inflight.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
                 return false;
             }
+            // Again now and then: an operation may not have been cancellable at once.
+            if now >= next_cancel {
+                let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                    .build()
+                    .user_data(UNWATCHED);
+                // SAFETY: a cancel points at no memory.
+                unsafe { self.push(&[cancel]) };
+                next_cancel = now + Duration::from_millis(100);
+            }
+            let wait = (deadline - now).min(Duration::from_millis(10));
+            if self.submit_and_wait(Some(wait)).is_err() {
+                return false;
+            }
+            self.drain(&mut completions, usize::MAX);
         }
+        true
     }
 }
 
