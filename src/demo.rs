@@ -226,8 +226,11 @@ pub fn run(args: Args) -> Result<(), Error> {
         )));
     }
     say!("demo: the proxy's counters:");
-    for line in report.lines().filter(|l| l.starts_with("uringproxy: ")) {
-        say!("  {}", line.trim_start_matches("uringproxy: info: "));
+    for line in report
+        .lines()
+        .filter_map(|l| l.strip_prefix("uringproxy: "))
+    {
+        say!("  {}", line.trim_start_matches("info: "));
     }
     drop(ns);
     say!("demo: namespaces removed");

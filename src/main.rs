@@ -14,11 +14,11 @@ fn main() -> ExitCode {
                 Ok(demo_args) => demo_args,
                 Err(exit) => return cli::early_exit(exit),
             };
-        logger::init();
+        logger::init(None);
         demo::run(demo_args)
     } else {
         let args: cli::Args = argh::from_env();
-        logger::init();
+        logger::init(None);
         config::Config::from_args(args).and_then(event_loop::run)
     };
     match result {
