@@ -143,11 +143,17 @@ impl Config {
                     .ok_or_else(|| Error::Usage(format!("--user {name}: no such user")))?,
             ),
         };
-        if sys::interface_index(&args.interface).is_none() {
-            return Err(Error::UnknownInterface(args.interface));
+        let interface = args.interface.ok_or_else(|| {
+            Error::Usage(
+                "-i IFACE is required: the interface relayed flows leave through (see --help)"
+                    .into(),
+            )
+        })?;
+        if sys::interface_index(&interface).is_none() {
+            return Err(Error::UnknownInterface(interface));
         }
         Ok(Config {
-            interface: args.interface,
+            interface,
             tun_name: args.tun,
             tun_addrs,
             mtu: args.mtu,
@@ -209,6 +215,13 @@ mod tests {
             let err = Config::from_args(args(extra)).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn the_interface_is_required() {
+        let parsed: Args = argh::FromArgs::from_args(&["uringproxy"], &[]).unwrap();
+        let err = Config::from_args(parsed).unwrap_err().to_string();
+        assert!(err.starts_with("-i IFACE is required"), "{err}");
     }
 
     #[test]

@@ -81,6 +81,7 @@ fn pattern(i: usize) -> u8 {
 /// network namespaces it creates and removes again, without touching the host's routing.
 /// Needs root.
 #[derive(FromArgs, Debug)]
+#[argh(help_triggers("-h", "--help", "help"))]
 pub struct Args {
     /// bytes of TCP to move each way (default: 268435456, i.e. 256 MiB)
     #[argh(option, default = "256 << 20")]
