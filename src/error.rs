@@ -12,7 +12,7 @@ pub enum Error {
     Usage(String),
     /// `-i` names an interface that does not exist.
     UnknownInterface(String),
-    /// Creating network devices and binding to interfaces needs root (CAP_NET_ADMIN, CAP_NET_RAW).
+    /// Creating the TUN and installing routes needs CAP_NET_ADMIN (root).
     NotPermitted(&'static str),
     /// The kernel offers no TUN driver.
     NoTun(io::Error),
@@ -39,7 +39,7 @@ impl fmt::Display for Error {
             Error::NotPermitted(what) => {
                 write!(
                     f,
-                    "not permitted to {what}: run as root (needs CAP_NET_ADMIN and CAP_NET_RAW)"
+                    "not permitted to {what}: run as root (needs CAP_NET_ADMIN)"
                 )
             }
             Error::NoTun(err) => write!(
