@@ -465,7 +465,7 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// Ctrl-C, SIGTERM or SIGHUP (the terminal closing) in the middle of the demo: the
+/// Ctrl-C, SIGTERM, SIGHUP (the terminal closing) or SIGQUIT in the middle of the demo: the
 /// proxy child and both namespaces go, as they do at the end.
 mod interrupt {
     use std::process::Command;
@@ -486,7 +486,12 @@ mod interrupt {
     /// receives them.
     pub fn clean_up_on_signals(ns: &Namespaces) -> Result<(), Error> {
         let mut set = SigSet::empty();
-        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        for signal in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ] {
             set.add(signal);
         }
         set.thread_block()

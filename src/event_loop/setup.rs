@@ -1,6 +1,6 @@
-//! Everything before the loop: the kernel check, then (as root) the TUN, the routes,
-//! pinning, the fd limit and the signal mask, the loop's own state, the drop to
-//! `--user`, and finally a check that pings can be relayed.
+//! Everything before the loop: the signal mask, the kernel check, then (as root) the
+//! TUN, the routes, pinning, the fd limit, the loop's own state, the drop to `--user`,
+//! and finally a check that pings can be relayed.
 
 use std::time::Duration;
 
@@ -29,7 +29,11 @@ const ROUTE_PRIORITY: u32 = 0x7570;
 /// Sets the proxy up and runs it until a stopping signal or a fatal error; returns
 /// only once its TUN is gone, so a restart with the same name can follow at once.
 pub fn run(config: Config) -> Result<(), Error> {
-    // The ring first: a kernel that cannot run the proxy is refused before anything
+    // Before anything is created: a SIGHUP or SIGTERM during set-up then waits for the
+    // loop, which stops cleanly (removing the rules), instead of killing the process
+    // with its rules installed.
+    let signals = Signals::new()?;
+    // The ring next: a kernel that cannot run the proxy is refused before anything
     // (TUN, rules) has been created.
     let mut ring = Ring::new().map_err(Error::from_ring_setup)?;
     let features = Features::probe(ring.inner(), config.uring_cap).map_err(Error::Kernel)?;
@@ -54,7 +58,6 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     // Each flow holds one outbound socket; leave room for the ring, TUN and stdio.
     let fd_limit = sys::raise_fd_limit((config.max_flows + config.udp.max_flows) as u64 + 64);
-    let signals = Signals::new()?;
     let (tun, tx) = TunIo::new(tun, features, &mut ring, config.mtu as usize)?;
     let udp = Datagrams::new(config.udp.clone(), config.interface.clone(), &mut ring)?;
     let epoch = std::time::Instant::now();
