@@ -1,16 +1,29 @@
-//! Command-line flags, parsed by argh; validation lives in `config`.
+//! The command line: the proxy's flags and `demo`'s, parsed by argh, with argh's parse
+//! errors turned into one-line start-up errors; validation of the values lives in
+//! `config`.
 
-use argh::FromArgs;
+use argh::{EarlyExit, FromArgs};
+use log::LevelFilter;
+
+use crate::demo;
+use crate::error::Error;
+use crate::logger;
 
 /// uringproxy: a transparent TUN proxy that relays every TCP and UDP flow (and ping)
 /// routed into its TUN device through ordinary kernel sockets bound to one physical
 /// interface. `uringproxy demo` (as root) shows it working between two network
 /// namespaces without touching the host's routing.
 #[derive(FromArgs, Debug)]
+#[argh(
+    usage = "-i <interface> [<options>]\n       uringproxy demo [--bytes <bytes>] [--no-offload]",
+    help_triggers("-h", "--help", "help")
+)]
 pub struct Args {
-    /// outbound interface that relayed connections leave through (SO_BINDTODEVICE)
+    /// outbound interface that relayed connections leave through (SO_BINDTODEVICE);
+    /// required
+    // Optional for argh, so that `--version` needs no `-i`; `config` requires it.
     #[argh(option, short = 'i')]
-    pub interface: String,
+    pub interface: Option<String>,
 
     /// name of the TUN device to create (default: uringproxy0)
     #[argh(option, default = "String::from(\"uringproxy0\")")]
@@ -70,21 +83,156 @@ pub struct Args {
     /// most UDP flows at once; the longest idle is closed to make room (default: 4096)
     #[argh(option, default = "4096")]
     pub max_udp_flows: usize,
+
+    /// log level, overriding RUST_LOG: off, error, warn, info, debug or trace
+    /// (default: info)
+    #[argh(option, from_str_fn(logger::parse_level))]
+    pub log_level: Option<LevelFilter>,
+
+    /// print the version and exit
+    #[argh(switch, short = 'V')]
+    pub version: bool,
 }
 
-/// Prints what argh returned instead of arguments: help (stdout, success) or a parse
-/// error (stderr, failure).
-pub fn early_exit(exit: argh::EarlyExit) -> std::process::ExitCode {
-    use std::io::Write;
-    // A closed pipe (`--help | head`) is not worth a panic.
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Args),
+    Demo(demo::Args),
+    /// Help or the version: text for stdout, nothing else to do.
+    Print(String),
+}
+
+/// Parses the process's arguments.
+pub fn from_env() -> Result<Command, Error> {
+    let args = std::env::args_os()
+        .skip(1)
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|arg| Error::Usage(format!("argument {arg:?} is not valid UTF-8")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    parse(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Parses `args` (without the program name). `demo` as the first argument selects the
+/// demo, whose flags are its own.
+pub fn parse(args: &[&str]) -> Result<Command, Error> {
+    if let Some((&"demo", rest)) = args.split_first() {
+        return match demo::Args::from_args(&["uringproxy", "demo"], rest) {
+            Ok(args) => Ok(Command::Demo(args)),
+            Err(exit) => early_exit(exit, "uringproxy demo --help"),
+        };
+    }
+    match Args::from_args(&["uringproxy"], args) {
+        Ok(args) if args.version => Ok(Command::Print(format!(
+            "uringproxy {}\n",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        Ok(args) => Ok(Command::Run(args)),
+        Err(exit) => early_exit(exit, "--help"),
+    }
+}
+
+/// argh stopped early: help to print, or a parse error made one line.
+fn early_exit(exit: EarlyExit, help: &str) -> Result<Command, Error> {
     match exit.status {
-        Ok(()) => {
-            let _ = std::io::stdout().write_all(exit.output.as_bytes());
-            std::process::ExitCode::SUCCESS
+        Ok(()) => Ok(Command::Print(exit.output)),
+        Err(()) => Err(Error::Usage(format!(
+            "{} (see {help})",
+            one_line(&exit.output)
+        ))),
+    }
+}
+
+/// argh's error text as one line in the style of our own (`--mtu abc: invalid digit
+/// found in string`): its lines joined, the first letter lower-case, no final stop.
+fn one_line(output: &str) -> String {
+    let text = output.split_whitespace().collect::<Vec<_>>().join(" ");
+    // argh: "Error parsing option '{flag}' with value '{value}': {reason}".
+    let text = text
+        .strip_prefix("Error parsing option '")
+        .and_then(|rest| rest.split_once("' with value '"))
+        .and_then(|(flag, rest)| {
+            let (value, reason) = rest.split_once("': ")?;
+            Some(format!("{flag} {value}: {reason}"))
+        })
+        .unwrap_or(text);
+    let text = text.strip_suffix('.').unwrap_or(&text);
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_lowercase().chain(chars).collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(args: &[&str]) -> String {
+        match parse(args) {
+            Err(Error::Usage(text)) => text,
+            other => panic!("{args:?}: expected a usage error, got {other:?}"),
         }
-        Err(()) => {
-            let _ = std::io::stderr().write_all(exit.output.as_bytes());
-            std::process::ExitCode::FAILURE
+    }
+
+    #[test]
+    fn parse_errors_are_one_line_naming_the_flag() {
+        for (args, expected) in [
+            (
+                &["--mtu", "abc"][..],
+                "--mtu abc: invalid digit found in string (see --help)",
+            ),
+            (
+                &["-i", "eth0", "--bogus"],
+                "unrecognized argument: --bogus (see --help)",
+            ),
+            (&["-i"], "no value provided for option '-i' (see --help)"),
+            (
+                &["--log-level", "loud"],
+                "--log-level loud: 'loud' is not one of off, error, warn, info, debug, trace (see --help)",
+            ),
+            (
+                &["demo", "--bytes", "x"],
+                "--bytes x: invalid digit found in string (see uringproxy demo --help)",
+            ),
+        ] {
+            assert_eq!(error(args), expected, "{args:?}");
         }
+    }
+
+    #[test]
+    fn help_and_version_print_and_list_the_demo() {
+        for flag in ["-h", "--help", "help"] {
+            let Ok(Command::Print(text)) = parse(&[flag]) else {
+                panic!("{flag} printed no help");
+            };
+            assert!(
+                text.starts_with("Usage: uringproxy -i <interface>"),
+                "{text}"
+            );
+            assert!(text.contains("\n       uringproxy demo "), "{text}");
+            assert!(text.contains("-V, --version"), "{text}");
+            assert!(text.contains("--log-level"), "{text}");
+        }
+        for flag in ["-V", "--version"] {
+            let Ok(Command::Print(text)) = parse(&[flag]) else {
+                panic!("{flag} printed no version");
+            };
+            assert_eq!(text, format!("uringproxy {}\n", env!("CARGO_PKG_VERSION")));
+        }
+        let Ok(Command::Print(text)) = parse(&["demo", "-h"]) else {
+            panic!("demo -h printed no help");
+        };
+        assert!(text.contains("--bytes"), "{text}");
+    }
+
+    #[test]
+    fn demo_is_only_a_first_argument() {
+        assert!(matches!(parse(&["demo"]), Ok(Command::Demo(_))));
+        assert!(matches!(
+            parse(&["-i", "demo"]),
+            Ok(Command::Run(Args { interface: Some(name), .. })) if name == "demo"
+        ));
     }
 }

@@ -45,6 +45,8 @@ const MIN_MTU: u32 = 1280;
 const MAX_TIMEOUT_SECS: u64 = 86_400;
 /// smoltcp and the TUN length fields are 16-bit.
 const MAX_MTU: u32 = 65535;
+/// IFNAMSIZ less the terminating NUL.
+const MAX_INTERFACE_NAME: usize = 15;
 
 impl Config {
     /// The TUN to create.
@@ -74,12 +76,8 @@ impl Config {
                 args.mtu
             )));
         }
-        if args.tun.is_empty() || args.tun.len() > 15 || args.tun.contains(['/', ' ', '\0']) {
-            return Err(Error::Usage(format!(
-                "--tun '{}' is not a valid interface name (1-15 characters)",
-                args.tun
-            )));
-        }
+        check_interface_name(&args.tun)
+            .map_err(|why| Error::Usage(format!("--tun '{}': {why}", args.tun)))?;
         if args.max_flows == 0 {
             return Err(Error::Usage("--max-flows must be at least 1".into()));
         }
@@ -143,11 +141,17 @@ impl Config {
                     .ok_or_else(|| Error::Usage(format!("--user {name}: no such user")))?,
             ),
         };
-        if sys::interface_index(&args.interface).is_none() {
-            return Err(Error::UnknownInterface(args.interface));
+        let interface = args.interface.ok_or_else(|| {
+            Error::Usage(
+                "-i IFACE is required: the interface relayed flows leave through (see --help)"
+                    .into(),
+            )
+        })?;
+        if sys::interface_index(&interface).is_none() {
+            return Err(Error::UnknownInterface(interface));
         }
         Ok(Config {
-            interface: args.interface,
+            interface,
             tun_name: args.tun,
             tun_addrs,
             mtu: args.mtu,
@@ -171,6 +175,25 @@ impl Config {
                 max_flows: args.max_udp_flows,
             },
         })
+    }
+}
+
+/// Why the kernel would refuse `name` for a new interface, or take it as a template
+/// (`%d`, which would give the TUN a name we do not know): its `dev_valid_name` wants
+/// 1-15 bytes, not `.` or `..`, without `/`, `:` or white space.
+fn check_interface_name(name: &str) -> Result<(), &'static str> {
+    // The kernel's isspace(): tab to carriage return, space, and Latin-1's no-break space.
+    let space = |byte: u8| matches!(byte, b'\t'..=b'\r' | b' ' | 0xa0);
+    match name {
+        "" => Err("an interface name cannot be empty"),
+        "." | ".." => Err("'.' and '..' are not interface names"),
+        _ if name.len() > MAX_INTERFACE_NAME => Err("interface names are at most 15 bytes"),
+        _ if name.contains('%') => Err("'%' is not allowed (the kernel reads it as a template)"),
+        _ if name.contains(['/', ':', '\0']) => {
+            Err("'/', ':' and NUL are not allowed in interface names")
+        }
+        _ if name.bytes().any(space) => Err("white space is not allowed in interface names"),
+        _ => Ok(()),
     }
 }
 
@@ -209,6 +232,43 @@ mod tests {
             let err = Config::from_args(args(extra)).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn interface_names_follow_the_kernel_rules() {
+        for good in ["uringproxy0", "a", "tun-1_x.y", "123456789012345", "é"] {
+            assert_eq!(check_interface_name(good), Ok(()), "{good:?}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            (".", "'.'"),
+            ("..", "'.'"),
+            ("1234567890123456", "15 bytes"),
+            // 8 characters, 16 bytes.
+            ("éééééééé", "15 bytes"),
+            ("up%d", "'%'"),
+            ("a/b", "'/'"),
+            ("eth0:1", "':'"),
+            ("a b", "white space"),
+            ("a\tb", "white space"),
+            ("a\u{b}b", "white space"),
+            // U+00E0 is C3 A0 in UTF-8: the kernel's isspace() sees 0xA0.
+            ("à", "white space"),
+        ] {
+            let err = check_interface_name(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        let err = Config::from_args(args(&["--tun", "up%d"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--tun 'up%d': '%'"), "{err}");
+    }
+
+    #[test]
+    fn the_interface_is_required() {
+        let parsed: Args = argh::FromArgs::from_args(&["uringproxy"], &[]).unwrap();
+        let err = Config::from_args(parsed).unwrap_err().to_string();
+        assert!(err.starts_with("-i IFACE is required"), "{err}");
     }
 
     #[test]

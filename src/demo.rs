@@ -81,6 +81,7 @@ fn pattern(i: usize) -> u8 {
 /// network namespaces it creates and removes again, without touching the host's routing.
 /// Needs root.
 #[derive(FromArgs, Debug)]
+#[argh(help_triggers("-h", "--help", "help"))]
 pub struct Args {
     /// bytes of TCP to move each way (default: 268435456, i.e. 256 MiB)
     #[argh(option, default = "256 << 20")]
@@ -226,8 +227,11 @@ pub fn run(args: Args) -> Result<(), Error> {
         )));
     }
     say!("demo: the proxy's counters:");
-    for line in report.lines().filter(|l| l.starts_with("uringproxy: ")) {
-        say!("  {}", line.trim_start_matches("uringproxy: info: "));
+    for line in report
+        .lines()
+        .filter_map(|l| l.strip_prefix("uringproxy: "))
+    {
+        say!("  {}", line.trim_start_matches("info: "));
     }
     drop(ns);
     say!("demo: namespaces removed");
@@ -461,7 +465,7 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// Ctrl-C, SIGTERM or SIGHUP (the terminal closing) in the middle of the demo: the
+/// Ctrl-C, SIGTERM, SIGHUP (the terminal closing) or SIGQUIT in the middle of the demo: the
 /// proxy child and both namespaces go, as they do at the end.
 mod interrupt {
     use std::process::Command;
@@ -482,7 +486,12 @@ mod interrupt {
     /// receives them.
     pub fn clean_up_on_signals(ns: &Namespaces) -> Result<(), Error> {
         let mut set = SigSet::empty();
-        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        for signal in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ] {
             set.add(signal);
         }
         set.thread_block()

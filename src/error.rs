@@ -12,7 +12,7 @@ pub enum Error {
     Usage(String),
     /// `-i` names an interface that does not exist.
     UnknownInterface(String),
-    /// Creating network devices and binding to interfaces needs root (CAP_NET_ADMIN, CAP_NET_RAW).
+    /// Creating the TUN and installing routes needs CAP_NET_ADMIN (root).
     NotPermitted(&'static str),
     /// The kernel offers no TUN driver.
     NoTun(io::Error),
@@ -39,7 +39,7 @@ impl fmt::Display for Error {
             Error::NotPermitted(what) => {
                 write!(
                     f,
-                    "not permitted to {what}: run as root (needs CAP_NET_ADMIN and CAP_NET_RAW)"
+                    "not permitted to {what}: run as root (needs CAP_NET_ADMIN)"
                 )
             }
             Error::NoTun(err) => write!(
@@ -83,11 +83,46 @@ impl Error {
         Error::IoUring(err)
     }
 
+    /// Maps a failed registration of provided buffers (`what`): EINVAL means a kernel
+    /// without provided buffer rings (IORING_REGISTER_PBUF_RING, Linux 5.19).
+    pub fn from_buffer_ring(what: &'static str, err: io::Error) -> Error {
+        if err.raw_os_error() == Some(libc::EINVAL) {
+            return Error::Kernel(crate::uring::features::Unsupported {
+                found: crate::uring::features::release(),
+                missing: "provided buffer rings (IORING_REGISTER_PBUF_RING, Linux 5.19)",
+            });
+        }
+        Error::Io(what, err)
+    }
+
     /// Maps EPERM/EACCES to `NotPermitted`, anything else to `Io`.
     pub fn from_io(what: &'static str, err: io::Error) -> Error {
         match err.kind() {
             io::ErrorKind::PermissionDenied => Error::NotPermitted(what),
             _ => Error::Io(what, err),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_shortfalls_are_named_with_their_version() {
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        let text = Error::from_buffer_ring("register TUN read buffers", einval()).to_string();
+        assert!(
+            text.contains("provided buffer rings") && text.contains("5.19"),
+            "{text}"
+        );
+        let text = Error::from_ring_setup(einval()).to_string();
+        assert!(text.contains("IORING_SETUP_DEFER_TASKRUN"), "{text}");
+        let enosys = io::Error::from_raw_os_error(libc::ENOSYS);
+        let text = Error::IoUring(enosys).to_string();
+        assert!(text.contains("built without io_uring"), "{text}");
+        let enomem = io::Error::from_raw_os_error(libc::ENOMEM);
+        let text = Error::from_buffer_ring("register TUN read buffers", enomem).to_string();
+        assert!(text.starts_with("register TUN read buffers: "), "{text}");
     }
 }

@@ -1,31 +1,38 @@
-//! uringproxy: parse the command line, validate it into a `Config`, run the proxy.
+//! uringproxy: parse the command line, validate it into a `Config`, run the proxy (or
+//! the demo); every start-up error ends up as one `uringproxy: error:` line.
 #![deny(unsafe_code)]
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use uringproxy::{cli, config, demo, event_loop, logger};
+use uringproxy::cli::{self, Command};
+use uringproxy::error::Error;
+use uringproxy::{config, demo, event_loop, logger};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    let result = if args.get(1).map(String::as_str) == Some("demo") {
-        let rest: Vec<&str> = args[2..].iter().map(String::as_str).collect();
-        let demo_args =
-            match <demo::Args as argh::FromArgs>::from_args(&["uringproxy", "demo"], &rest) {
-                Ok(demo_args) => demo_args,
-                Err(exit) => return cli::early_exit(exit),
-            };
-        logger::init();
-        demo::run(demo_args)
-    } else {
-        let args: cli::Args = argh::from_env();
-        logger::init();
-        config::Config::from_args(args).and_then(event_loop::run)
-    };
-    match result {
+    match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("uringproxy: error: {err}");
+            logger::line(format_args!("error: {err}"));
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Error> {
+    match cli::from_env()? {
+        Command::Print(text) => {
+            // A closed pipe (`--help | head`) is not worth a panic or an error.
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            Ok(())
+        }
+        Command::Demo(args) => {
+            logger::init(None);
+            demo::run(args)
+        }
+        Command::Run(args) => {
+            logger::init(args.log_level);
+            config::Config::from_args(args).and_then(event_loop::run)
         }
     }
 }

@@ -46,7 +46,7 @@ pub struct Datagrams {
 impl Datagrams {
     pub fn new(limits: Limits, interface: String, ring: &mut Ring) -> Result<Datagrams, Error> {
         ring.provide_buffers(RECV_GROUP, RECV_BUFFERS, MAX_DATAGRAM)
-            .map_err(|err| Error::Io("register UDP receive buffers", err))?;
+            .map_err(|err| Error::from_buffer_ring("register UDP receive buffers", err))?;
         let slots = Region::new(usize::from(SEND_SLOTS) * MAX_DATAGRAM).ok_or_else(|| {
             Error::Io(
                 "allocate UDP send slots",

@@ -26,8 +26,8 @@ pub enum Purpose {
 /// A socket for `purpose` towards `server`, bound to `interface`. A TCP socket is left
 /// unconnected (the ring connects it); a datagram socket is connected, so only the
 /// server's datagrams come back on it. Pings use raw ICMP sockets: unprivileged ping
-/// sockets are disabled by default (net.ipv4.ping_group_range), and raw sockets need
-/// the CAP_NET_RAW that SO_BINDTODEVICE needs anyway.
+/// sockets are disabled by default (net.ipv4.ping_group_range); raw sockets need
+/// CAP_NET_RAW (binding to the interface needs none since Linux 5.7).
 pub fn socket(purpose: Purpose, server: IpEndpoint, interface: &str) -> std::io::Result<Socket> {
     let (domain, icmp) = match server.addr {
         IpAddress::Ipv4(_) => (Domain::IPV4, Protocol::ICMPV4),

@@ -1,12 +1,14 @@
-//! The counters, printed on SIGUSR1 and at exit, and logged every 10 s at debug level
-//! (with every flow's state at trace level).
+//! The counters, printed on SIGUSR1 and at exit whatever the log level (they answer
+//! the user), and logged every 10 s at debug level (with every flow's state at trace
+//! level).
 
 use std::time::Duration;
 
-use log::{debug, info, trace};
+use log::{debug, trace};
 
 use super::Proxy;
 use crate::flow::tcp::Phase;
+use crate::logger;
 
 /// How often counters are logged at debug level.
 const INTERVAL: Duration = Duration::from_secs(10);
@@ -27,17 +29,17 @@ impl Proxy {
                 Phase::Closing(_) => closing += 1,
             }
         }
-        info!(
+        logger::line(format_args!(
             "active flows {}, TUN offload {}",
             self.tcp.len(),
             self.tun.tun.offload()
-        );
-        info!(
+        ));
+        logger::line(format_args!(
             "flow states: connecting {connecting} open {open} closing {closing}; udp/ping flows {}",
             self.udp.flows.len()
-        );
+        ));
         for line in self.stats.to_string().lines() {
-            info!("{line}");
+            logger::line(format_args!("{line}"));
         }
     }
 

@@ -1,10 +1,10 @@
-//! Everything before the loop: the kernel check, then (as root) the TUN, the routes,
-//! pinning, the fd limit and the signal mask, the loop's own state, and finally the
-//! drop to `--user`.
+//! Everything before the loop: the signal mask, the kernel check, then (as root) the
+//! TUN, the routes, pinning, the fd limit, the loop's own state, the drop to `--user`,
+//! and finally a check that pings can be relayed.
 
 use std::time::Duration;
 
-use log::info;
+use log::{info, warn};
 use smoltcp::time::Instant;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -29,11 +29,14 @@ const ROUTE_PRIORITY: u32 = 0x7570;
 /// Sets the proxy up and runs it until a stopping signal or a fatal error; returns
 /// only once its TUN is gone, so a restart with the same name can follow at once.
 pub fn run(config: Config) -> Result<(), Error> {
-    // The ring first: a kernel that cannot run the proxy is refused before anything
+    // Before anything is created: a SIGHUP or SIGTERM during set-up then waits for the
+    // loop, which stops cleanly (removing the rules), instead of killing the process
+    // with its rules installed.
+    let signals = Signals::new()?;
+    // The ring next: a kernel that cannot run the proxy is refused before anything
     // (TUN, rules) has been created.
     let mut ring = Ring::new().map_err(Error::from_ring_setup)?;
     let features = ring.probe(config.uring_cap).map_err(Error::Kernel)?;
-    check_bind_permission(&config.interface)?;
     let tun = Tun::create(&config.tun_spec())?;
     let tun_name = tun.name().to_string();
     // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
@@ -55,7 +58,6 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     // Each flow holds one outbound socket; leave room for the ring, TUN and stdio.
     let fd_limit = sys::raise_fd_limit((config.max_flows + config.udp.max_flows) as u64 + 64);
-    let signals = Signals::new()?;
     let (tun, tx) = TunIo::new(tun, features, &mut ring, config.mtu as usize)?;
     let udp = Datagrams::new(config.udp.clone(), config.interface.clone(), &mut ring)?;
     let epoch = std::time::Instant::now();
@@ -97,6 +99,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         );
     }
     log_start(&proxy, features, fd_limit);
+    check_echo_sockets(&proxy.config.interface);
     let result = proxy.run();
     shutdown::finish(proxy, Duration::from_secs(1));
     drop(routes);
@@ -130,13 +133,37 @@ fn log_start(proxy: &Proxy, features: Features, fd_limit: u64) {
     );
 }
 
-/// SO_BINDTODEVICE needs CAP_NET_RAW: find out at start-up, not on the first flow.
-fn check_bind_permission(interface: &str) -> Result<(), Error> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
-        .map_err(|err| Error::Io("create a TCP socket", err))?;
-    socket
-        .bind_device(Some(interface.as_bytes()))
-        .map_err(|err| Error::from_io("bind sockets to the interface (SO_BINDTODEVICE)", err))
+/// Pings are relayed through raw ICMP sockets, which need CAP_NET_RAW (binding to the
+/// interface does not: since Linux 5.7 only re-binding a bound socket does). Without
+/// them TCP and UDP still work, so say once why pings will not, rather than only
+/// counting socket errors.
+fn check_echo_sockets(interface: &str) {
+    let failures: Vec<(&str, std::io::Error)> = [
+        ("IPv4", Domain::IPV4, Protocol::ICMPV4),
+        ("IPv6", Domain::IPV6, Protocol::ICMPV6),
+    ]
+    .into_iter()
+    .filter_map(|(family, domain, protocol)| {
+        Socket::new(domain, Type::RAW.cloexec(), Some(protocol))
+            .and_then(|socket| socket.bind_device(Some(interface.as_bytes())))
+            .err()
+            .map(|err| (family, err))
+    })
+    .collect();
+    let Some((_, err)) = failures.first() else {
+        return;
+    };
+    let families = failures
+        .iter()
+        .map(|&(family, _)| family)
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let why = if err.kind() == std::io::ErrorKind::PermissionDenied {
+        "raw ICMP sockets need CAP_NET_RAW".to_string()
+    } else {
+        format!("no raw ICMP socket bound to {interface}")
+    };
+    warn!("ping (ICMP echo) relaying is off for {families}: {why} ({err})");
 }
 
 /// smoltcp's initial sequence numbers and ports derive from this; it must not repeat

@@ -56,7 +56,7 @@ impl TunIo {
             (READ_BUFFERS, WRITE_BUFFERS, mtu)
         };
         ring.provide_buffers(READ_GROUP, read_buffers, offload.header_len() + max_packet)
-            .map_err(|err| Error::Io("register TUN read buffers", err))?;
+            .map_err(|err| Error::from_buffer_ring("register TUN read buffers", err))?;
         let tx = TxPool::new(write_buffers, mtu, offload).ok_or_else(|| {
             Error::Io(
                 "allocate TUN write buffers",

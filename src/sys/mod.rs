@@ -214,7 +214,7 @@ impl Drop for Mapping {
 }
 
 /// Capabilities kept after dropping root: CAP_NET_ADMIN (remove `--route` rules at
-/// exit) and CAP_NET_RAW (raw ICMP sockets for ping, SO_BINDTODEVICE).
+/// exit) and CAP_NET_RAW (raw ICMP sockets for ping; SO_BINDTODEVICE needs none).
 const KEPT_CAPABILITIES: u32 = 1 << CAP_NET_ADMIN | 1 << CAP_NET_RAW;
 /// Capability numbers from linux/capability.h.
 const CAP_NET_ADMIN: u32 = 12;

@@ -69,20 +69,23 @@ impl Tun {
             return Err(Error::TunExists(spec.name.clone()));
         }
         let mut offload = spec.offload_cap;
-        let fd = loop {
-            let fd = open_tun()?;
-            let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
-            if offload.vnet_header() {
-                flags |= libc::IFF_VNET_HDR;
-            }
-            match sys::tun_set_iff(fd.as_raw_fd(), &spec.name, flags) {
-                Ok(()) => break fd,
+        let fd = open_tun()?;
+        let fd =
+            match sys::tun_set_iff(fd.as_raw_fd(), &spec.name, iff_flags(offload.vnet_header())) {
+                Ok(()) => fd,
+                // EINVAL is the kernel refusing either the headers or the name: only the
+                // same name without headers (on a fresh fd) tells which.
                 Err(err) if offload.vnet_header() && err.raw_os_error() == Some(libc::EINVAL) => {
+                    drop(fd);
+                    let fd = open_tun()?;
+                    sys::tun_set_iff(fd.as_raw_fd(), &spec.name, iff_flags(false))
+                        .map_err(|err| set_iff_error(&spec.name, err))?;
+                    warn!("the kernel refuses virtio-net headers on the TUN ({err}); no offload");
                     offload = Offload::None;
+                    fd
                 }
-                Err(err) => return Err(Error::from_io("create the TUN device (TUNSETIFF)", err)),
-            }
-        };
+                Err(err) => return Err(set_iff_error(&spec.name, err)),
+            };
         while offload.vnet_header() {
             match sys::tun_set_offload(fd.as_raw_fd(), tun_flags(offload)) {
                 Ok(()) => break,
@@ -159,6 +162,28 @@ impl Tun {
     pub fn offload(&self) -> Offload {
         self.offload
     }
+}
+
+/// TUNSETIFF flags: a TUN without packet information, with virtio-net headers if
+/// `vnet_header`.
+fn iff_flags(vnet_header: bool) -> libc::c_int {
+    let flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    if vnet_header {
+        flags | libc::IFF_VNET_HDR
+    } else {
+        flags
+    }
+}
+
+/// A failed TUNSETIFF. EINVAL without headers can only be about the name (the config
+/// checks the kernel's rules, but the kernel has the last word).
+fn set_iff_error(name: &str, err: io::Error) -> Error {
+    if err.raw_os_error() == Some(libc::EINVAL) {
+        return Error::Usage(format!(
+            "--tun '{name}': the kernel refuses this interface name ({err})"
+        ));
+    }
+    Error::from_io("create the TUN device (TUNSETIFF)", err)
 }
 
 fn open_tun() -> Result<OwnedFd, Error> {

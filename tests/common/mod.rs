@@ -358,12 +358,27 @@ impl Topology {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Proxy {
+        self.spawn_proxy_wrapped(&[], iface, extra_args, env)
+    }
+
+    /// Like [`Topology::spawn_proxy_with_env`], started through `wrapper`, a command
+    /// that execs the rest of its arguments (e.g. `setpriv ... --`).
+    pub fn spawn_proxy_wrapped(
+        &self,
+        wrapper: &[&str],
+        iface: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let stderr_path = std::env::temp_dir().join(format!("{}.proxy.log", self.client_ns));
         let log = File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
-        // `ip netns exec` execs the proxy, so the child's pid is the proxy's.
+        // `ip netns exec` (and the wrapper) exec the proxy, so the child's pid is the
+        // proxy's.
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.client_ns, PROXY_BIN])
+            .args(["netns", "exec", &self.client_ns])
+            .args(wrapper)
+            .arg(PROXY_BIN)
             .args(["-i", iface, "--tun", TUN_NAME])
             .args(extra_args)
             .envs(env.iter().copied())
@@ -425,7 +440,11 @@ impl Topology {
     /// Starts the proxy and waits for its TUN to be up, without routing anything into
     /// it (for tests of the proxy's own `--route`).
     pub fn start_proxy_unrouted(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Proxy {
-        let mut proxy = self.spawn_proxy_with_env(&self.client_veth, extra_args, env);
+        self.wait_for_tun(self.spawn_proxy_with_env(&self.client_veth, extra_args, env))
+    }
+
+    /// Waits for the TUN of a spawned `proxy` to be up.
+    pub fn wait_for_tun(&self, mut proxy: Proxy) -> Proxy {
         let c = self.client_ns.as_str();
         let tun_up = wait_until(PROXY_STARTUP_TIMEOUT, || {
             proxy.assert_running();
@@ -625,6 +644,14 @@ impl Drop for Proxy {
             let _ = fs::remove_file(&self.stderr_path);
         }
     }
+}
+
+/// The `uringproxy: error:` lines of a proxy's output (a start-up error is exactly one).
+pub fn error_lines(output: &str) -> Vec<&str> {
+    output
+        .lines()
+        .filter(|line| line.starts_with("uringproxy: error:"))
+        .collect()
 }
 
 /// A KiB figure from /proc/<pid>/status, such as `VmRSS:`.
