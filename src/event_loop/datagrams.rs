@@ -34,7 +34,7 @@ pub const RECV_GROUP: u16 = 1;
 pub const SEND_SLOTS: u16 = 512;
 
 pub struct Datagrams {
-    pub flows: Flows<Option<Socket>>,
+    pub flows: Flows<Socket>,
     slots: Region,
     free_slots: Vec<u16>,
     /// Slots filled for the datagram being handled, and their lengths, before their
@@ -84,11 +84,12 @@ impl Datagrams {
         }
     }
 
-    /// Copies what `build` writes into a free send slot (it returns the length).
-    fn fill(&mut self, build: impl FnOnce(&mut [u8]) -> usize) {
+    /// Copies what `build` writes into a free send slot (it returns the length). False
+    /// when every slot is in flight (the datagram is dropped, counted).
+    fn fill(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> bool {
         let Some(slot) = self.free_slots.pop() else {
             self.flows.counters.no_send_slot += 1;
-            return;
+            return false;
         };
         let start = usize::from(slot) * MAX_DATAGRAM;
         let len = self
@@ -98,14 +99,15 @@ impl Datagrams {
         self.filled.push((slot, len));
         self.flows.counters.datagrams_up += 1;
         self.flows.counters.bytes_up += len as u64;
+        true
     }
 
     /// Starts closing flow `id`: cancels its receive first if one is armed.
     fn close(&mut self, ring: &mut Ring, id: Id) {
         match self.flows.close(id) {
             Closing::Cancel => {
-                if let Some(Some(socket)) = self.flows.get(id).map(|flow| &flow.io) {
-                    ring.cancel_fd(socket.as_fd());
+                if let Some(flow) = self.flows.get(id) {
+                    ring.cancel_fd(flow.io.as_fd());
                 }
             }
             Closing::Now => self.finish_close(ring, id),
@@ -115,18 +117,18 @@ impl Datagrams {
     /// Closes flow `id`'s socket and forgets the flow (its sends use slots, not its
     /// memory, so they need not be waited for).
     fn finish_close(&mut self, ring: &mut Ring, id: Id) {
-        if let Some(Some(socket)) = self.flows.remove(id).map(|flow| flow.io) {
-            ring.close(socket.into());
+        if let Some(flow) = self.flows.remove(id) {
+            ring.close(flow.io.into());
         }
     }
 
     /// Arms flow `id`'s multishot receive if it needs one.
     fn arm_recv(&mut self, ring: &mut Ring, id: Id) {
         if self.flows.arm_recv(id)
-            && let Some(Some(socket)) = self.flows.get(id).map(|flow| &flow.io)
+            && let Some(flow) = self.flows.get(id)
         {
             let token = Token::new(Op::UdpRecv, id.generation, id.slot as usize).encode();
-            ring.recv_multishot(socket.as_fd(), RECV_GROUP, token);
+            ring.recv_multishot(flow.io.as_fd(), RECV_GROUP, token);
         }
     }
 }
@@ -148,7 +150,7 @@ impl Proxy {
                     udp.close(&mut self.ring, evicted);
                 }
                 match outbound::socket(Purpose::Datagram(kind), key.server, &udp.interface) {
-                    Ok(socket) => udp.flows.open(kind, key, Some(socket), now),
+                    Ok(socket) => udp.flows.open(kind, key, socket, now),
                     Err(_) => {
                         udp.flows.counters.socket_errors += 1;
                         return;
@@ -177,11 +179,18 @@ impl Proxy {
                     .udp_segment
                     .map_or(payload.len(), usize::from)
                     .clamp(1, MAX_DATAGRAM);
-                for part in payload.chunks(chunk) {
-                    udp.fill(|buffer| {
+                // An empty datagram is a datagram too (`chunks` of nothing yields none).
+                let parts = payload
+                    .chunks(chunk)
+                    .chain(payload.is_empty().then_some(payload));
+                for part in parts {
+                    let copied = udp.fill(|buffer| {
                         buffer[..part.len()].copy_from_slice(part);
                         part.len()
                     });
+                    if !copied {
+                        break;
+                    }
                 }
             }
             Parsed::Echo {
@@ -199,15 +208,19 @@ impl Proxy {
             }
             _ => {}
         }
-        if let Some(Some(socket)) = udp.flows.get(id).map(|flow| &flow.io) {
-            for (slot, len) in udp.filled.drain(..) {
-                let start = usize::from(slot) * MAX_DATAGRAM;
-                let buf = Slice {
-                    region: udp.slots.clone(),
-                    range: start..start + len,
-                };
-                let token = Token::new(Op::UdpSend, 0, usize::from(slot)).encode();
-                self.ring.send(socket.as_fd(), buf, token);
+        let socket = udp.flows.get(id).map(|flow| flow.io.as_fd());
+        for (slot, len) in udp.filled.drain(..) {
+            let start = usize::from(slot) * MAX_DATAGRAM;
+            let buf = Slice {
+                region: udp.slots.clone(),
+                range: start..start + len,
+            };
+            match socket {
+                Some(fd) => {
+                    let token = Token::new(Op::UdpSend, 0, usize::from(slot)).encode();
+                    self.ring.send(fd, buf, token);
+                }
+                None => udp.free_slots.push(slot),
             }
         }
         udp.arm_recv(&mut self.ring, id);
@@ -223,11 +236,12 @@ impl Proxy {
         }
         let result = match (completion.result, bid) {
             (n, _) if n < 0 => Err(Errno::from_raw(-n)),
-            (n, Some(bid)) => Ok(self
+            // A datagram in a buffer we hold; anything else is not one we can relay.
+            (n, Some(bid)) => self
                 .ring
                 .buffer(RECV_GROUP, bid, n as usize)
-                .unwrap_or_default()),
-            (_, None) => Ok(&[][..]),
+                .ok_or(Errno::EINVAL),
+            (_, None) => Err(Errno::EINVAL),
         };
         let udp = &mut self.udp;
         let received =

@@ -53,13 +53,22 @@ impl Proxy {
     }
 }
 
-/// Drains the ring (cancelling everything in flight) and only then closes the TUN and
-/// the sockets, and waits up to `limit` for the kernel to remove the TUN.
+/// Drains the ring (cancelling everything in flight), then closes the sockets (those
+/// set to linger 0 send their RST now) and the TUN, and waits up to `limit` for the
+/// kernel to remove the TUN. Should the drain fail, the files still close: what the
+/// kernel then holds on to it lets go of when the process exits.
 pub fn finish(proxy: Proxy, limit: Duration) {
-    let Proxy { mut ring, tun, .. } = proxy;
+    let Proxy {
+        mut ring,
+        tun,
+        tcp,
+        udp,
+        ..
+    } = proxy;
     if !ring.cancel_all(limit) {
         warn!("io_uring operations still in flight at exit");
     }
+    drop((tcp, udp));
     let name = tun.tun.name().to_string();
     drop(tun);
     let deadline = std::time::Instant::now() + limit;

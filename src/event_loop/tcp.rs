@@ -17,7 +17,7 @@ use super::tun_io::Frame;
 use crate::flow::tcp::admission::{Admission, Limits, Verdict};
 use crate::flow::tcp::{Action, Actions, Failure, Flow, Phase, Settings};
 use crate::flow::{Id, Table};
-use crate::uring::{Op, Ring, Slice, Token};
+use crate::uring::{Op, Region, Ring, Slice, Token};
 use crate::wire::FlowKey;
 use crate::wire::icmp::Quote;
 
@@ -38,8 +38,8 @@ pub struct Entry {
 }
 
 pub struct TcpFlows {
-    /// Boxed: a slab of inline entries keeps its size after a peak, while boxes freed
-    /// by closed flows go back to the heap (and, trimmed, to the kernel).
+    /// Boxed: after a peak the slab can shrink only past its last live entry, while the
+    /// boxes of closed flows go back to the heap (and, trimmed, to the kernel).
     pub table: Table<FlowKey, Box<Entry>>,
     admission: Admission,
     settings: Settings,
@@ -190,10 +190,11 @@ impl Proxy {
                 return None;
             }
         };
-        let Some(flow) = Flow::new(key, mss, syn, tcp.settings) else {
+        let Some(region) = Region::new(Flow::memory_needed(tcp.settings)) else {
             self.stats.memory_refusals += 1;
             return None;
         };
+        let flow = Flow::new(key, mss, syn, tcp.settings, region);
         // Only now that this flow has its socket and memory: evicting earlier would
         // reset a connecting flow for a SYN that is refused anyway.
         match tcp.admission.verdict(tcp.table.len()) {
@@ -340,8 +341,13 @@ fn execute(
             continue;
         }
         let Some(socket) = &entry.socket else {
-            if action == Action::Shutdown {
-                entry.flow.on_shutdown(Err(Errno::EBADF));
+            // Its socket is closed: what the relay asks for fails at once, so nothing it
+            // counts as in flight is left waiting.
+            match action {
+                Action::Shutdown => entry.flow.on_shutdown(Err(Errno::EBADF)),
+                Action::Send(_) => entry.flow.on_sent(Err(Errno::EBADF)),
+                Action::Recv(_) => entry.flow.on_received(Err(Errno::EBADF)),
+                _ => {}
             }
             continue;
         };

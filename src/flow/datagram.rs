@@ -285,20 +285,18 @@ impl<S> Flows<S> {
                     Kind::Udp => Some(tx.emit(|buf| udp::reply(buf, flow.key, datagram))),
                     Kind::Echo => {
                         let (key, ident) = (flow.key, flow.echo_ident);
-                        let mut outcome = EchoReply::NotOurs;
-                        let written = tx.emit(|buf| {
-                            outcome = icmp::echo_reply(buf, key, ident, datagram);
-                            match outcome {
-                                EchoReply::Written(len) => Some(len),
-                                _ => None,
-                            }
-                        });
-                        match outcome {
-                            EchoReply::NotOurs => None,
-                            _ => {
-                                self.counters.echo_replies += u64::from(written);
-                                Some(written)
-                            }
+                        // Whose reply it is does not depend on the buffer: ask first, so a
+                        // reply dropped for want of a buffer is counted as one.
+                        if icmp::echo_reply(&mut [], key, ident, datagram) == EchoReply::NotOurs {
+                            None
+                        } else {
+                            let written =
+                                tx.emit(|buf| match icmp::echo_reply(buf, key, ident, datagram) {
+                                    EchoReply::Written(len) => Some(len),
+                                    _ => None,
+                                });
+                            self.counters.echo_replies += u64::from(written);
+                            Some(written)
                         }
                     }
                 };
@@ -397,14 +395,6 @@ impl<S> Flows<S> {
                 Some(flow.last_active + self.limits.timeout(class).into())
             })
             .min()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (Id, &Flow<S>)> {
-        self.table.iter()
-    }
-
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (Id, &mut Flow<S>)> {
-        self.table.iter_mut()
     }
 }
 

@@ -7,9 +7,7 @@ use std::hash::Hash;
 
 use slab::Slab;
 
-/// Generations wrap at 24 bits, the room an io_uring token has for them: a stale
-/// completion must outlive 16 million reuses of the same slot to be mistaken.
-pub const GENERATION_MASK: u32 = 0x00ff_ffff;
+use crate::uring::token::GENERATION_MASK;
 
 /// A flow's name: its slot and the generation it was given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,11 +111,6 @@ impl<K: Copy + Eq + Hash, T> Table<K, T> {
             .get_mut(id.slot as usize)
             .filter(|entry| entry.generation == id.generation)
             .map(|entry| &mut entry.value)
-    }
-
-    /// The key `id` was inserted with.
-    pub fn key(&self, id: Id) -> Option<K> {
-        self.entry(id).map(|entry| entry.key)
     }
 
     pub fn remove(&mut self, id: Id) -> Option<T> {

@@ -1,6 +1,15 @@
 //! Memory the kernel reads and writes for in-flight operations: shared regions that the
 //! ring keeps alive until each operation on them has completed, and state (a flow's
 //! smoltcp buffers) that borrows such a region for as long as it lives.
+//!
+//! What the kernel does to a lent region: it sends bytes smoltcp holds (the unsent
+//! data of its receive buffer, which nothing changes until the send completes) and
+//! receives into the free window of smoltcp's send buffer, which smoltcp touches only
+//! when we commit bytes there, after the receive has completed. Those writes happen
+//! inside this thread's io_uring_enter (DEFER_TASKRUN), never while Rust code runs.
+//! Rust's aliasing rules know nothing of writes beside a live `&mut` (the state's);
+//! as with read(2) into a buffer a struct borrows, soundness rests on those bytes not
+//! being accessed until the completion is seen, which the relay guarantees.
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
@@ -34,6 +43,12 @@ impl Region {
 
     pub fn len(&self) -> usize {
         self.0.mapping.len()
+    }
+
+    /// Handles to this region alive (its owner's and in-flight operations').
+    #[cfg(test)]
+    pub fn holders(&self) -> usize {
+        Rc::strong_count(&self.0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -96,11 +111,11 @@ impl Region {
             !self.0.borrowed.replace(true),
             "region borrowed twice at once"
         );
+        // Cleared however `f` ends, a panic included.
+        let _borrow = Borrow(&self.0.borrowed);
         // SAFETY: the range is inside the live mapping, and no other Rust reference into
         // the region exists (the flag): this `&mut` is unique for the call.
-        let result = f(unsafe { std::slice::from_raw_parts_mut(ptr, range.len()) });
-        self.0.borrowed.set(false);
-        result
+        f(unsafe { std::slice::from_raw_parts_mut(ptr, range.len()) })
     }
 
     /// Bytes `range`, read as the kernel would (tests stand in for the kernel).
@@ -120,6 +135,15 @@ impl Region {
         // SAFETY: inside the live mapping. Like the kernel, this writes bytes that Rust
         // code borrows but leaves alone until it is told of the write.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+    }
+}
+
+/// Clears a region's borrow flag when dropped.
+struct Borrow<'a>(&'a Cell<bool>);
+
+impl Drop for Borrow<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
     }
 }
 
@@ -146,6 +170,8 @@ impl<F: Family> Lent<F> {
             !region.0.borrowed.replace(true),
             "region lent while borrowed"
         );
+        // Cleared if `build` panics; forgotten once the state holds the borrow.
+        let borrow = Borrow(&region.0.borrowed);
         let len = region.len();
         // SAFETY: the whole live mapping, and the only Rust reference into it (the flag
         // stays set until drop). `build` cannot keep the borrow anywhere but in the
@@ -157,6 +183,7 @@ impl<F: Family> Lent<F> {
         // SAFETY: the same type with a different lifetime parameter, so the same layout;
         // see above for why no borrow outlives the region.
         let state = unsafe { std::mem::transmute_copy(&ManuallyDrop::new(state)) };
+        std::mem::forget(borrow);
         Lent { state, region }
     }
 
@@ -226,6 +253,17 @@ mod tests {
         drop(lent);
         region.with_mut(0..1, |byte| byte[0] = 1);
         assert_eq!(region.kernel_read(0..1), [1]);
+    }
+
+    #[test]
+    fn a_panic_inside_a_borrow_does_not_leave_the_region_locked() {
+        let region = Region::new(4096).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            region.with_mut(0..8, |_| panic!("while borrowed"));
+        }));
+        assert!(panicked.is_err());
+        region.with_mut(0..8, |bytes| bytes[0] = 9);
+        assert_eq!(region.kernel_read(0..1), [9]);
     }
 
     #[test]

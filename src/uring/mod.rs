@@ -482,3 +482,110 @@ fn is_transient(err: &io::Error) -> bool {
         Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::unix::net::UnixDatagram;
+
+    use super::*;
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        nix::unistd::pipe().expect("pipe")
+    }
+
+    fn completions(ring: &mut Ring, want: usize) -> Vec<Completion> {
+        let mut all = Vec::new();
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            if all.len() >= want {
+                break;
+            }
+            ring.submit_and_wait(Some(Duration::from_millis(10)))
+                .expect("io_uring_enter");
+            ring.drain(&mut batch, 64);
+            all.extend_from_slice(&batch);
+        }
+        all
+    }
+
+    #[test]
+    fn a_region_outlives_its_owner_until_the_read_into_it_completes() {
+        let mut ring = Ring::new().expect("io_uring");
+        let (reader, writer) = pipe();
+        let region = Region::new(4096).unwrap();
+        let buf = Slice {
+            region: region.clone(),
+            range: 100..200,
+        };
+        ring.read(reader.as_fd(), buf, 7);
+        let _ = ring.submit_and_wait(Some(Duration::ZERO));
+        assert_eq!(region.holders(), 2, "the pending read holds the region");
+        let watch = region.clone();
+        drop(region);
+        nix::unistd::write(&writer, b"hello").expect("write the pipe");
+        let done = completions(&mut ring, 1);
+        assert_eq!((done[0].token, done[0].result), (7, 5));
+        assert_eq!(watch.kernel_read(100..105), b"hello");
+        assert_eq!(watch.holders(), 1, "let go once complete");
+    }
+
+    #[test]
+    fn a_multishot_receive_hands_over_each_buffer_once() {
+        let mut ring = Ring::new().expect("io_uring");
+        ring.provide_buffers(3, 4, 256).unwrap();
+        assert!(
+            ring.provide_buffers(3, 4, 256).is_err(),
+            "a group is registered once"
+        );
+        let (ours, peer) = UnixDatagram::pair().expect("socketpair");
+        ring.recv_multishot(ours.as_fd(), 3, 9);
+        let _ = ring.submit_and_wait(Some(Duration::ZERO));
+        peer.send(b"one").unwrap();
+        peer.send(b"two").unwrap();
+        let done = completions(&mut ring, 2);
+        assert_eq!(done.len(), 2);
+        for (completion, expected) in done.iter().zip([&b"one"[..], b"two"]) {
+            assert!(completion.more(), "still armed");
+            let bid = completion.buffer_id().expect("a provided buffer");
+            let len = completion.result as usize;
+            assert_eq!(ring.buffer(3, bid, len), Some(expected));
+        }
+        assert_eq!(
+            ring.inflight.len(),
+            1,
+            "one entry while the receive stays armed"
+        );
+        let first = done[0].buffer_id().unwrap();
+        ring.recycle(3, first);
+        assert_eq!(ring.buffer(3, first, 3), None, "the kernel's again");
+        ring.recycle(3, first); // twice: ignored, never two ring entries for one buffer
+        ring.recycle(3, 400); // not a buffer at all
+        assert_eq!(ring.buffer(3, 400, 1), None);
+        assert!(ring.cancel_all(Duration::from_secs(1)));
+        assert!(ring.inflight.is_empty());
+    }
+
+    #[test]
+    fn cancel_all_ends_every_pending_operation() {
+        let mut ring = Ring::new().expect("io_uring");
+        let pipes: Vec<_> = (0..4).map(|_| pipe()).collect();
+        let region = Region::new(4096).unwrap();
+        for (i, (reader, _)) in pipes.iter().enumerate() {
+            let buf = Slice {
+                region: region.clone(),
+                range: i * 16..i * 16 + 16,
+            };
+            ring.read(reader.as_fd(), buf, i as u64);
+        }
+        let _ = ring.submit_and_wait(Some(Duration::ZERO));
+        assert_eq!(ring.inflight.len(), 4);
+        assert!(ring.cancel_all(Duration::from_secs(1)));
+        assert!(ring.inflight.is_empty());
+        assert_eq!(
+            region.holders(),
+            1,
+            "no operation holds the memory any more"
+        );
+    }
+}

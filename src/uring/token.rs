@@ -4,7 +4,7 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Op {
-    /// Multishot read of packets from the TUN.
+    /// Read of packets from the TUN (multishot, or one of the single reads).
     TunRead = 1,
     /// Write of one packet to the TUN; the key is the transmit buffer index.
     TunWrite = 2,

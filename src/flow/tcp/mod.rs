@@ -148,12 +148,23 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// Bytes of memory a flow with these settings needs (`new`'s `region`).
+    pub fn memory_needed(settings: Settings) -> usize {
+        2 * settings.buffer
+    }
+
     /// A flow for the client's SYN `syn` (announcing `mss`): a listening socket that
-    /// holds its SYN|ACK back until `on_connected`. The outbound connect must be
-    /// started with it. `None` when its memory cannot be had.
-    pub fn new(key: FlowKey, mss: Option<u16>, syn: Quote, settings: Settings) -> Option<Flow> {
+    /// holds its SYN|ACK back until `on_connected`, with its buffers in `region`
+    /// (`memory_needed` bytes, zeroed). The outbound connect must be started with it.
+    pub fn new(
+        key: FlowKey,
+        mss: Option<u16>,
+        syn: Quote,
+        settings: Settings,
+        region: Region,
+    ) -> Flow {
         let size = settings.buffer;
-        let region = Region::new(2 * size)?;
+        debug_assert!(region.len() >= Self::memory_needed(settings));
         let listen = IpListenEndpoint {
             addr: Some(key.server.addr),
             port: key.server.port,
@@ -174,7 +185,7 @@ impl Flow {
             let handle = set.add(socket);
             Sockets { set, handle }
         });
-        Some(Flow {
+        Flow {
             key,
             memory,
             relay: Relay::connecting(),
@@ -185,7 +196,7 @@ impl Flow {
             time_wait_since: None,
             starved: false,
             half_open: true,
-        })
+        }
     }
 
     pub fn key(&self) -> FlowKey {
@@ -248,7 +259,9 @@ impl Flow {
     /// Resets a flow still waiting for its outbound connect (admission control makes
     /// room for a newer SYN). False if it was no longer connecting.
     pub fn evict(&mut self) -> bool {
-        if !self.half_open {
+        // A flow whose connect completed this turn (not yet polled) is not connecting
+        // any more: it leaves admission's count through `left_half_open` instead.
+        if !self.half_open || self.relay.phase() != Phase::Connecting {
             return false;
         }
         self.half_open = false;

@@ -17,6 +17,7 @@ use smoltcp::wire::{
 
 use super::*;
 use crate::stack::{self, StackDevice, TxPool};
+use crate::uring::Region;
 use crate::wire::{self, Offload, Parsed};
 
 const MTU: usize = 1500;
@@ -111,13 +112,17 @@ struct Server {
     shutdowns: usize,
 }
 
-/// How the simulated kernel delivers completions.
+/// How the simulated kernel delivers completions, and when the flow runs.
 #[derive(Clone, Copy, Debug)]
 enum Order {
-    /// All at once, in the order they happened.
+    /// All at once, in the order they happened; the flow runs every step.
     Instant,
     /// A random number of them each step, in random order; sends take a random prefix.
     Shuffled(u64),
+    /// Shuffled, with a pool of two TUN write buffers, and the flow runs only when the
+    /// event loop would run it: a packet, a completion, or what its last `Next` asked
+    /// for. A missing wake-up then stalls the test instead of going unnoticed.
+    Strict(u64),
 }
 
 struct Harness {
@@ -143,6 +148,10 @@ struct Harness {
     closed: bool,
     /// Keep the client's packets from the flow (the client vanished).
     client_gone: bool,
+    /// What the flow's last poll asked for (`Order::Strict`).
+    next: Next,
+    /// Something happened since the last poll that would make the loop run the flow.
+    woken: bool,
 }
 
 fn client_socket() -> tcp::Socket<'static> {
@@ -169,11 +178,16 @@ impl Harness {
             .unwrap();
         let mut client_sockets = SocketSet::new(Vec::new());
         let client = client_sockets.add(client_socket());
-        let mut tx = TxPool::new(64, MTU, Offload::None).unwrap();
+        let buffers = if matches!(order, Order::Strict(_)) {
+            2
+        } else {
+            64
+        };
+        let mut tx = TxPool::new(buffers, MTU, Offload::None).unwrap();
         let proxy_iface = stack::new_interface(&mut StackDevice::egress(&mut tx), now, 7);
         let seed = match order {
             Order::Instant => 1,
-            Order::Shuffled(seed) => seed.max(1),
+            Order::Shuffled(seed) | Order::Strict(seed) => seed.max(1),
         };
         let mut harness = Harness {
             now,
@@ -194,6 +208,8 @@ impl Harness {
             freed: None,
             closed: false,
             client_gone: false,
+            next: Next::default(),
+            woken: false,
         };
         let cx = harness.client_iface.context();
         harness
@@ -236,8 +252,15 @@ impl Harness {
         while let Some(packet) = self.client_dev.sent.pop_front() {
             self.flow_ingress(&packet);
         }
+        // The kernel and the server go on whether the flow runs or not.
+        if self.flow.is_some() {
+            self.serve_pending();
+        }
         self.deliver();
-        if self.flow.is_some() && self.freed.is_none() {
+        let due = self.next.again || self.next.deadline.is_some_and(|at| at <= self.now);
+        let wanted = !matches!(self.order, Order::Strict(_)) || self.woken || due;
+        if self.flow.is_some() && self.freed.is_none() && wanted {
+            self.woken = false;
             self.run_flow();
         }
         let mut delivered = Vec::new();
@@ -246,8 +269,12 @@ impl Harness {
         });
         for (index, packet) in delivered {
             self.tx.release(index);
-            if let Some(flow) = &mut self.flow {
+            // The loop wakes the flows that found no buffer when one comes back.
+            if let Some(flow) = &mut self.flow
+                && self.next.starved
+            {
                 flow.on_tx_buffer();
+                self.woken = true;
             }
             if !self.client_gone {
                 self.client_dev.inbox.push_back(packet);
@@ -270,20 +297,22 @@ impl Harness {
                 buffer: FLOW_BUFFER,
                 mtu: MTU as u32,
             };
-            self.flow = Some(Flow::new(key, mss, Quote::of(packet), settings).unwrap());
+            let region = Region::new(Flow::memory_needed(settings)).unwrap();
+            self.flow = Some(Flow::new(key, mss, Quote::of(packet), settings, region));
         }
         if self.freed.is_some() {
             return;
         }
         let flow = self.flow.as_mut().expect("segment before SYN");
         flow.on_segment(self.now, &mut self.proxy_iface, &mut self.tx, packet);
+        self.woken = true;
     }
 
     /// Hands the flow its completions: all in order, or a shuffled random subset.
     fn deliver(&mut self) {
         let batch: Vec<Done> = match self.order {
             Order::Instant => self.done.drain(..).collect(),
-            Order::Shuffled(_) => {
+            Order::Shuffled(_) | Order::Strict(_) => {
                 let take = if self.done.is_empty() {
                     0
                 } else {
@@ -301,6 +330,7 @@ impl Harness {
             assert!(batch.is_empty());
             return;
         };
+        self.woken |= !batch.is_empty();
         for done in batch {
             match done {
                 Done::Connect(result) => flow.on_connected(result),
@@ -318,9 +348,8 @@ impl Harness {
         for action in relay_io {
             self.carry_out(action);
         }
-        self.serve_pending();
         let flow = self.flow.as_mut().unwrap();
-        flow.poll(self.now, &mut self.proxy_iface, &mut self.tx, &mut actions);
+        self.next = flow.poll(self.now, &mut self.proxy_iface, &mut self.tx, &mut actions);
         let lifecycle: Vec<Action> = actions.drain().collect();
         for action in lifecycle {
             self.carry_out(action);
@@ -344,6 +373,7 @@ impl Harness {
             Action::Shutdown => {
                 self.server.shutdowns += 1;
                 self.flow.as_mut().unwrap().on_shutdown(Ok(()));
+                self.woken = true;
             }
             Action::Cancel => {
                 if self.stalled_send.take().is_some() {
@@ -380,7 +410,9 @@ impl Harness {
             && let Some(range) = self.stalled_send.take()
         {
             let len = match self.order {
-                Order::Shuffled(_) if range.len() > 1 => 1 + self.rng.below(range.len()),
+                Order::Shuffled(_) | Order::Strict(_) if range.len() > 1 => {
+                    1 + self.rng.below(range.len())
+                }
                 _ => range.len(),
             };
             let bytes = region.kernel_read(range.start..range.start + len);
@@ -431,9 +463,12 @@ fn connect(h: &mut Harness, result: Result<(), Errno>) {
     h.connected(result);
 }
 
-/// The orders every relay test runs in: in order, and shuffled with 16 seeds.
+/// The orders every relay test runs in: in order, shuffled with 16 seeds, and strict
+/// (run only when woken, two TUN write buffers) with 8.
 fn orders() -> impl Iterator<Item = Order> {
-    std::iter::once(Order::Instant).chain((1..=16).map(Order::Shuffled))
+    std::iter::once(Order::Instant)
+        .chain((1..=16).map(Order::Shuffled))
+        .chain((1..=8).map(Order::Strict))
 }
 
 #[test]
@@ -678,7 +713,14 @@ fn time_wait_is_held_while_bytes_are_owed_and_an_orphan_gets_a_user_timeout() {
 
 #[test]
 fn a_vanished_client_is_given_up_after_the_silence_limit() {
-    let mut h = Harness::new(Server::default(), Order::Instant);
+    // Strict: only the flow's own deadlines (keep-alive, timeout) can wake it here.
+    for order in [Order::Instant, Order::Strict(3)] {
+        vanished_client(order);
+    }
+}
+
+fn vanished_client(order: Order) {
+    let mut h = Harness::new(Server::default(), order);
     connect(&mut h, Ok(()));
     h.steps_until(50, |h| h.client().state() == State::Established);
     h.client_gone = true;
