@@ -72,6 +72,7 @@ impl Proxy {
             self.ring.shrink_buffers();
             self.stack.tx.discard_free();
             self.udp.discard_free_slots();
+            self.tcp.drop_spares();
         }
         if closed == 0 {
             house.follow_up = false;

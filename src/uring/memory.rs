@@ -192,6 +192,18 @@ impl<F: Family> Lent<F> {
         &self.region
     }
 
+    /// Drops the state and returns the region, to be lent again, if nothing else holds
+    /// it (no operation in flight points into it).
+    pub fn into_region(self) -> Option<Region> {
+        let mut lent = ManuallyDrop::new(self);
+        // SAFETY: dropped exactly once, here; `lent` is never dropped (ManuallyDrop).
+        unsafe { ManuallyDrop::drop(&mut lent.state) };
+        lent.region.0.borrowed.set(false);
+        // SAFETY: moved out once; `lent` is not used again.
+        let region = unsafe { std::ptr::read(&lent.region) };
+        (Rc::strong_count(&region.0) == 1).then_some(region)
+    }
+
     /// Runs `f` on the state. Generic over the lifetime, so `f` cannot let a borrow of
     /// the region escape (its result type cannot name `'m`).
     pub fn with<R>(&mut self, f: impl for<'m> FnOnce(&mut F::Of<'m>, &Region) -> R) -> R {

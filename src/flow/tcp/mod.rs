@@ -155,7 +155,8 @@ impl Flow {
 
     /// A flow for the client's SYN `syn` (announcing `mss`): a listening socket that
     /// holds its SYN|ACK back until `on_connected`, with its buffers in `region`
-    /// (`memory_needed` bytes, zeroed). The outbound connect must be started with it.
+    /// (`memory_needed` bytes; what is in them does not matter: smoltcp reads only what
+    /// it wrote). The outbound connect must be started with it.
     pub fn new(
         key: FlowKey,
         mss: Option<u16>,
@@ -210,6 +211,12 @@ impl Flow {
     /// The memory `Send` and `Recv` ranges are in.
     pub fn region(&self) -> &Region {
         self.memory.region()
+    }
+
+    /// Ends the flow, returning its memory for another flow if no operation still
+    /// points into it.
+    pub fn into_region(self) -> Option<Region> {
+        self.memory.into_region()
     }
 
     /// A packet from the client.
