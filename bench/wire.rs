@@ -529,6 +529,7 @@ mod stack {
     use smoltcp::socket::tcp::{self, State};
     use smoltcp::time::{Duration, Instant};
     use smoltcp::wire::IpListenEndpoint;
+    use uringproxy::stack::device::FlowTx;
     use uringproxy::stack::{Interfaces, StackDevice, TxPool};
     use uringproxy::wire::Parsed;
     use uringproxy::wire::{Offload, vnet};
@@ -719,18 +720,26 @@ mod stack {
         /// Hands one client packet to the proxy, as `EventLoop::on_tun_packet` does.
         fn ingress(&mut self, packet: &[u8]) {
             let iface = self.ifaces.serving(&self.server.addr);
-            self.tx.set_ipv6_segment_size(self.segment_size);
+            self.tx.begin(FlowTx {
+                ipv6_segment_size: self.segment_size,
+                ..FlowTx::default()
+            });
             let mut device = StackDevice::ingress(packet, &mut self.tx);
             iface.poll_ingress_single(self.now, &mut device, &mut self.sockets);
+            self.tx.end();
         }
 
         /// Runs the proxy's egress for the flow, as `EventLoop::service` does, and
         /// completes the TUN writes it made, each passed to `each` first.
         fn egress(&mut self, mut each: impl FnMut(&[u8])) {
             let iface = self.ifaces.serving(&self.server.addr);
-            self.tx.set_ipv6_segment_size(self.segment_size);
+            self.tx.begin(FlowTx {
+                ipv6_segment_size: self.segment_size,
+                ..FlowTx::default()
+            });
             let mut device = StackDevice::egress(&mut self.tx);
             while iface.poll_egress(self.now, &mut device, &mut self.sockets) != PollResult::None {}
+            self.tx.end();
             self.tx.take_ready(|index, write| {
                 write.region.with_mut(write.range, |bytes| each(bytes));
                 self.written.push(index);

@@ -8,6 +8,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::IpVersion;
 
 use crate::uring::{Region, Slice};
+use crate::wire::window::{self, WindowState};
 use crate::wire::{Offload, offload, vnet};
 
 /// Largest packet smoltcp may hand the TUN for segmentation: the IPv4 length limit.
@@ -21,6 +22,22 @@ pub struct TxCounters {
     pub segmented_bytes: u64,
     /// Replies to ingress dropped because no buffer was free.
     pub dropped_replies: u64,
+    /// Window updates of smoltcp's that a flow's window limit made duplicate ACKs.
+    pub hidden_window_updates: u64,
+}
+
+/// What the device knows of the flow whose packets smoltcp is writing: handed over
+/// before each smoltcp call for the flow (`begin`) and taken back after it (`end`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowTx {
+    /// MSS for segmenting IPv6 packets: smoltcp does not pass its segmentation
+    /// metadata along for IPv6.
+    pub ipv6_segment_size: u16,
+    /// Bytes beyond the acknowledged ones the client may send (the flow's memory
+    /// allowance); `None` leaves smoltcp's own window.
+    pub window_limit: Option<u32>,
+    /// What the flow's segments told the client so far.
+    pub window: WindowState,
 }
 
 /// Fixed transmit buffers, in one region the ring writes from; each filled buffer
@@ -39,9 +56,8 @@ pub struct TxPool {
     offload: Offload,
     /// Bytes in front of each packet: the virtio-net header, if negotiated.
     header_len: usize,
-    /// MSS of the flow being polled, for IPv6 packets that need segmenting: smoltcp
-    /// does not pass its segmentation metadata along for IPv6.
-    ipv6_segment_size: u16,
+    /// The flow being polled.
+    flow: FlowTx,
     pub counters: TxCounters,
 }
 
@@ -66,7 +82,7 @@ impl TxPool {
             mtu,
             offload,
             header_len,
-            ipv6_segment_size: 0,
+            flow: FlowTx::default(),
             counters: TxCounters::default(),
         })
     }
@@ -98,9 +114,14 @@ impl TxPool {
         u16::try_from(self.mtu.saturating_sub(60)).unwrap_or(u16::MAX)
     }
 
-    /// Sets the MSS used to segment the IPv6 packets of the flow polled next.
-    pub fn set_ipv6_segment_size(&mut self, mss: u16) {
-        self.ipv6_segment_size = mss;
+    /// The flow whose packets the next smoltcp call writes.
+    pub fn begin(&mut self, flow: FlowTx) {
+        self.flow = flow;
+    }
+
+    /// That flow's state after the call.
+    pub fn end(&mut self) -> FlowTx {
+        std::mem::take(&mut self.flow)
     }
 
     /// Returns buffer `index` after its write completed.
@@ -164,13 +185,26 @@ impl TxPool {
                 return f(&mut self.scratch[self.header_len..self.header_len + len]);
             }
         };
-        let (ipv6_mss_limit, ipv6_segment_size) = (self.ipv6_mss_limit(), self.ipv6_segment_size);
+        let ipv6_mss_limit = self.ipv6_mss_limit();
         let (level, header_len) = (self.offload, self.header_len);
         let start = self.range(index).start;
         let counters = &mut self.counters;
-        let result = self.region.with_mut(start..start + total, |buffer| {
+        let flow = &mut self.flow;
+        let ipv6_segment_size = flow.ipv6_segment_size;
+        let (result, kept) = self.region.with_mut(start..start + total, |buffer| {
             let (header, packet) = buffer.split_at_mut(header_len);
             let result = f(packet);
+            // Before the checksum is finished: with offload, it is left to the kernel;
+            // without, smoltcp computed it and the window's change is patched in.
+            let verdict = window::shape(
+                packet,
+                &mut flow.window,
+                flow.window_limit,
+                !level.checksum(),
+            );
+            if verdict == window::Verdict::Drop {
+                return (result, false);
+            }
             if level.vnet_header() {
                 let vnet_header = if level.checksum() {
                     let segment_size = match packet.first().map(|byte| byte >> 4) {
@@ -190,16 +224,21 @@ impl TxPool {
                 }
                 vnet_header.emit(header);
             }
-            result
+            (result, true)
         });
-        self.ready.push((index, total as u32));
+        if kept {
+            self.ready.push((index, total as u32));
+        } else {
+            self.free.push(index);
+            self.counters.hidden_window_updates += 1;
+        }
         result
     }
 
     /// What an interface for `version` may assume. smoltcp 0.14 hands IPv4 packets above
     /// the MTU to the device for segmentation but drops IPv6 ones, so the IPv6 interface
     /// is given a 64 KiB MTU instead and the segment size comes from the flow (see
-    /// `set_ipv6_segment_size`).
+    /// `FlowTx::ipv6_segment_size`).
     fn capabilities(&self, version: IpVersion) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;

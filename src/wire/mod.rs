@@ -8,6 +8,7 @@ pub mod icmp;
 pub mod offload;
 pub mod udp;
 pub mod vnet;
+pub mod window;
 
 pub use cidr::Cidr;
 pub use demux::{FlowKey, Parsed, parse};

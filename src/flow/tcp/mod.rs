@@ -23,10 +23,12 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
+use crate::stack::device::FlowTx;
 use crate::stack::{StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
 use crate::wire::FlowKey;
 use crate::wire::icmp::{self, Quote, Reason};
+use crate::wire::window::WindowState;
 use relay::Relay;
 pub use relay::{Failure, Phase, Teardown};
 
@@ -136,6 +138,8 @@ pub struct Flow {
     /// Largest TCP payload per packet towards the client (its MSS, capped by our MTU);
     /// the kernel segments bigger IPv6 writes to this.
     segment_size: u16,
+    /// What our segments told the client (window, sequence numbers).
+    window: WindowState,
     teardown_started: bool,
     /// TCP_USER_TIMEOUT was asked for because the client finished with bytes owed.
     orphaned: bool,
@@ -192,6 +196,7 @@ impl Flow {
             relay: Relay::connecting(),
             syn,
             segment_size: segment_size(key.server.addr, mss, settings.mtu),
+            window: WindowState::default(),
             teardown_started: false,
             orphaned: false,
             time_wait_since: None,
@@ -227,11 +232,12 @@ impl Flow {
         tx: &mut TxPool,
         packet: &[u8],
     ) {
-        tx.set_ipv6_segment_size(self.segment_size);
+        tx.begin(self.device_state());
         self.memory.with(|sockets, _| {
             let mut device = StackDevice::ingress(packet, tx);
             iface.poll_ingress_single(now, &mut device, &mut sockets.set);
         });
+        self.window = tx.end().window;
     }
 
     pub fn on_connected(&mut self, result: Result<(), Errno>) {
@@ -345,13 +351,14 @@ impl Flow {
                 .is_some_and(|since| now - since >= TIME_WAIT_EGRESS);
 
         if !holding_time_wait {
-            tx.set_ipv6_segment_size(self.segment_size);
+            tx.begin(self.device_state());
             next.again = self.memory.with(|sockets, _| {
                 let mut device = StackDevice::egress(tx);
                 (0..EGRESS_BUDGET).all(|_| {
                     iface.poll_egress(now, &mut device, &mut sockets.set) != PollResult::None
                 })
             });
+            self.window = tx.end().window;
         }
         if tx.take_exhausted() {
             self.starved = true;
@@ -437,12 +444,23 @@ impl Flow {
 
     /// One egress pass for the shutdown rounds; true while packets are still owed.
     pub fn flush(&mut self, now: Instant, iface: &mut Interface, tx: &mut TxPool) -> bool {
-        tx.set_ipv6_segment_size(self.segment_size);
-        self.memory.with(|sockets, _| {
+        tx.begin(self.device_state());
+        let owed = self.memory.with(|sockets, _| {
             let mut device = StackDevice::egress(tx);
             iface.poll_egress(now, &mut device, &mut sockets.set);
             iface.poll_at(now, &sockets.set).is_some()
-        })
+        });
+        self.window = tx.end().window;
+        owed
+    }
+
+    /// What the device needs to know of this flow to write its packets.
+    fn device_state(&self) -> FlowTx {
+        FlowTx {
+            ipv6_segment_size: self.segment_size,
+            window_limit: None,
+            window: self.window,
+        }
     }
 
     /// The smoltcp state and relay state, for trace logs.

@@ -1,0 +1,406 @@
+//! The receive window a flow advertises to its client, held to the flow's memory
+//! allowance. smoltcp advertises all the free space of its receive buffer; the TUN
+//! device rewrites the window of each segment it writes for the flow to at most the
+//! allowance (never moving the right edge back, RFC 9293 3.8.6), and the flow sends a
+//! window update of its own when the allowance opens again, since smoltcp, believing
+//! it advertised more all along, would not.
+
+use smoltcp::wire::{
+    IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+};
+
+/// What the flow's own side of the connection last told the client, as read from the
+/// segments written for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowState {
+    /// The window shift announced in our SYN|ACK (0 without window scaling); `None`
+    /// before it was sent.
+    pub shift: Option<u8>,
+    /// The last acknowledgement number sent.
+    pub ack: u32,
+    /// The right edge of the window last advertised (ack + window).
+    pub edge: Option<u32>,
+    /// The sequence number after the last byte (or SYN/FIN) sent.
+    pub seq_end: u32,
+    /// The last pure ACK (no data, no SYN/FIN): its ack number and window field, as
+    /// smoltcp wrote it and as sent.
+    last_pure: Option<(u32, u16, u16)>,
+}
+
+/// What to do with a segment after its window was looked at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Send,
+    /// A window update of smoltcp's that the limit turned into a duplicate ACK: sending
+    /// it would count towards the client's fast retransmit.
+    Drop,
+}
+
+/// `a` is after `b` in sequence space.
+fn after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// The TCP segment in `packet` (an IP packet), if it is one.
+fn tcp_of(packet: &mut [u8]) -> Option<TcpPacket<&mut [u8]>> {
+    let segment = match IpVersion::of_packet(packet.get(..1)?).ok()? {
+        IpVersion::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(&*packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let header = usize::from(ip.header_len());
+            let total = usize::from(ip.total_len()).min(packet.len());
+            packet.get_mut(header..total)?
+        }
+        IpVersion::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(&*packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let end = (40 + usize::from(ip.payload_len())).min(packet.len());
+            packet.get_mut(40..end)?
+        }
+    };
+    TcpPacket::new_checked(segment).ok()
+}
+
+/// Updates the checksum of `tcp` for its window field changing from `old` to `new`
+/// (RFC 1624: HC' = ~(~HC + ~m + m')), without summing the whole segment again.
+fn patch_checksum(tcp: &mut TcpPacket<&mut [u8]>, old: u16, new: u16) {
+    let sum = u32::from(!tcp.checksum()) + u32::from(!old) + u32::from(new);
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let folded = (folded & 0xffff) + (folded >> 16);
+    tcp.set_checksum(!(folded as u16));
+}
+
+/// The window scale option of a SYN, if it carries one.
+fn window_scale(options: &[u8]) -> Option<u8> {
+    let mut at = 0;
+    while at < options.len() {
+        match options[at] {
+            0 => return None,
+            1 => at += 1,
+            kind => {
+                let len = usize::from(*options.get(at + 1)?);
+                if len < 2 || at + len > options.len() {
+                    return None;
+                }
+                if kind == 3 && len == 3 {
+                    return Some(options[at + 2].min(14));
+                }
+                at += len;
+            }
+        }
+    }
+    None
+}
+
+/// Looks at a segment the flow is about to write to its client, learns from it, and
+/// with a `limit` (bytes the client may send beyond the acknowledged ones) lowers its
+/// window to it. `checksummed`: the segment carries its full checksum (no offload),
+/// which is then patched; otherwise the kernel completes it later. Anything but a TCP
+/// segment is left alone.
+pub fn shape(
+    packet: &mut [u8],
+    state: &mut WindowState,
+    limit: Option<u32>,
+    checksummed: bool,
+) -> Verdict {
+    let Some(mut tcp) = tcp_of(packet) else {
+        return Verdict::Send;
+    };
+    let seq = tcp.seq_number().0 as u32;
+    let bytes = tcp.as_ref();
+    let header = usize::from(tcp.header_len()).min(bytes.len());
+    let payload = (bytes.len() - header) as u32;
+    let (syn, fin) = (tcp.syn(), tcp.fin());
+    let seq_end = seq
+        .wrapping_add(payload)
+        .wrapping_add(u32::from(syn) + u32::from(fin));
+    if state.seq_end == 0 || after(seq_end, state.seq_end) {
+        state.seq_end = seq_end;
+    }
+    if tcp.rst() || !tcp.ack() {
+        return Verdict::Send;
+    }
+    let ack = tcp.ack_number().0 as u32;
+    let raw = tcp.window_len();
+    if syn {
+        // The window of a SYN is never scaled; it announces the shift for later ones.
+        let options = &tcp.as_ref()[20.min(header)..header];
+        state.shift = Some(window_scale(options).unwrap_or(0));
+        let window = match limit {
+            Some(limit) if limit < u32::from(raw) => {
+                tcp.set_window_len(limit as u16);
+                if checksummed {
+                    patch_checksum(&mut tcp, raw, limit as u16);
+                }
+                limit as u16
+            }
+            _ => raw,
+        };
+        state.ack = ack;
+        state.edge = Some(ack.wrapping_add(u32::from(window)));
+        return Verdict::Send;
+    }
+    let shift = state.shift.unwrap_or(0);
+    let mut sent = raw;
+    if let Some(limit) = limit {
+        let wanted = (u32::from(raw) << shift).min(limit);
+        let mut edge = ack.wrapping_add(wanted);
+        if let Some(before) = state.edge
+            && after(before, edge)
+        {
+            edge = before;
+        }
+        let window = edge.wrapping_sub(ack);
+        // Rounded up: rounding down could move the right edge back by a few bytes.
+        let scaled = window.div_ceil(1 << shift).min(u32::from(u16::MAX)) as u16;
+        if scaled < raw {
+            tcp.set_window_len(scaled);
+            if checksummed {
+                patch_checksum(&mut tcp, raw, scaled);
+            }
+            sent = scaled;
+        }
+    }
+    if payload == 0 && !fin {
+        // smoltcp changed its window (a window update) but after the limit the client
+        // would see the very ACK it saw last: a duplicate, which it would count.
+        if let Some((last_ack, last_raw, last_sent)) = state.last_pure
+            && last_ack == ack
+            && last_raw != raw
+            && last_sent == sent
+        {
+            return Verdict::Drop;
+        }
+        state.last_pure = Some((ack, raw, sent));
+    } else {
+        state.last_pure = None;
+    }
+    state.ack = ack;
+    state.edge = Some(ack.wrapping_add(u32::from(sent) << shift));
+    Verdict::Send
+}
+
+/// Whether the client should be told of a window opened to `limit` bytes beyond the
+/// last acknowledgement: the edge it knows is less than half of that away, by at least
+/// `min_step` bytes.
+pub fn update_due(state: &WindowState, limit: u32, min_step: u32) -> bool {
+    let (Some(_), Some(edge)) = (state.shift, state.edge) else {
+        return false;
+    };
+    let known = edge.wrapping_sub(state.ack);
+    known < limit / 2 && limit - known >= min_step
+}
+
+/// Writes into `buf` a pure ACK from `from` to `to` with the state's sequence and
+/// acknowledgement numbers, advertising `limit` bytes (a window update); returns its
+/// length. Its checksum is complete. `None` when `buf` is too small or the state has
+/// not seen the connection set up yet.
+pub fn window_update(
+    buf: &mut [u8],
+    (from, to): (smoltcp::wire::IpEndpoint, smoltcp::wire::IpEndpoint),
+    state: &WindowState,
+    limit: u32,
+) -> Option<usize> {
+    let shift = state.shift?;
+    let window = (limit >> shift).min(u32::from(u16::MAX)) as u16;
+    let repr = TcpRepr {
+        src_port: from.port,
+        dst_port: to.port,
+        control: TcpControl::None,
+        seq_number: TcpSeqNumber(state.seq_end as i32),
+        ack_number: Some(TcpSeqNumber(state.ack as i32)),
+        window_len: window,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    let caps = smoltcp::phy::ChecksumCapabilities::default();
+    super::emit_ip(
+        buf,
+        (from.addr, to.addr),
+        IpProtocol::Tcp,
+        repr.header_len(),
+        |segment| {
+            repr.emit(
+                &mut TcpPacket::new_unchecked(segment),
+                &from.addr,
+                &to.addr,
+                &caps,
+            )
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::demux::tests::v4;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpAddress, IpEndpoint, IpRepr};
+
+    const PROXY: IpEndpoint = IpEndpoint {
+        addr: IpAddress::Ipv4(smoltcp::wire::Ipv4Address::new(10, 0, 0, 2)),
+        port: 80,
+    };
+
+    fn segment(
+        control: TcpControl,
+        seq: u32,
+        ack: u32,
+        window: u16,
+        scale: Option<u8>,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let client = v4([10, 0, 0, 1], 5000);
+        let tcp = TcpRepr {
+            src_port: PROXY.port,
+            dst_port: client.port,
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: Some(TcpSeqNumber(ack as i32)),
+            window_len: window,
+            window_scale: scale,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload,
+        };
+        let caps = ChecksumCapabilities::default();
+        let ip = IpRepr::new(
+            PROXY.addr,
+            client.addr,
+            IpProtocol::Tcp,
+            tcp.buffer_len(),
+            64,
+        );
+        let mut buf = vec![0u8; ip.buffer_len()];
+        ip.emit(&mut buf[..], &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(&mut buf[ip.header_len()..]),
+            &PROXY.addr,
+            &client.addr,
+            &caps,
+        );
+        buf
+    }
+
+    fn window_of(packet: &[u8]) -> (u16, bool) {
+        let ip = Ipv4Packet::new_checked(packet).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        let valid = tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into());
+        (tcp.window_len(), valid)
+    }
+
+    #[test]
+    fn the_window_is_held_to_the_limit_and_checksums_stay_valid() {
+        let mut state = WindowState::default();
+        let mut synack = segment(TcpControl::Syn, 100, 500, 65535, Some(5), &[]);
+        assert_eq!(
+            shape(&mut synack, &mut state, Some(1000), true),
+            Verdict::Send
+        );
+        assert_eq!(state.shift, Some(5));
+        assert_eq!(window_of(&synack), (1000, true), "unscaled in a SYN");
+        // smoltcp offers 32768 << 5 = 1 MiB; the limit is 16 KiB.
+        let mut ack = segment(TcpControl::None, 101, 500, 32768, None, &[]);
+        assert_eq!(
+            shape(&mut ack, &mut state, Some(16384), true),
+            Verdict::Send
+        );
+        assert_eq!(
+            window_of(&ack),
+            (512, true),
+            "16 KiB >> 5, checksum patched"
+        );
+        assert_eq!(state.edge, Some(500 + 16384));
+        // A tighter limit later never pulls the right edge back.
+        let mut later = segment(TcpControl::None, 101, 1500, 32768, None, b"x");
+        shape(&mut later, &mut state, Some(1000), true);
+        let kept = u32::from(window_of(&later).0) << 5;
+        let edge_left = 500 + 16384 - 1500;
+        assert!(
+            (edge_left..edge_left + 32).contains(&kept),
+            "{kept}: rounded up only"
+        );
+    }
+
+    #[test]
+    fn a_window_update_the_limit_hides_is_dropped_but_real_duplicates_go_out() {
+        let mut state = WindowState {
+            shift: Some(0),
+            ..WindowState::default()
+        };
+        let mut first = segment(TcpControl::None, 1, 100, 30000, None, &[]);
+        assert_eq!(
+            shape(&mut first, &mut state, Some(4000), true),
+            Verdict::Send
+        );
+        // smoltcp's window grew (an update) but the limit keeps it where it was.
+        let mut update = segment(TcpControl::None, 1, 100, 60000, None, &[]);
+        assert_eq!(
+            shape(&mut update, &mut state, Some(4000), true),
+            Verdict::Drop
+        );
+        // The same ACK again with smoltcp's window unchanged is a genuine duplicate ACK
+        // (it answers an out-of-order segment): the client must see it.
+        let mut dupack = segment(TcpControl::None, 1, 100, 30000, None, &[]);
+        assert_eq!(
+            shape(&mut dupack, &mut state, Some(4000), true),
+            Verdict::Send
+        );
+        // Data segments always go.
+        let mut data = segment(TcpControl::None, 1, 100, 60000, None, b"abc");
+        assert_eq!(
+            shape(&mut data, &mut state, Some(4000), true),
+            Verdict::Send
+        );
+        assert_eq!(state.seq_end, 4);
+    }
+
+    #[test]
+    fn a_window_update_is_due_when_the_client_knows_little_of_the_limit() {
+        let mut state = WindowState {
+            shift: Some(2),
+            ..WindowState::default()
+        };
+        let mut ack = segment(TcpControl::None, 7, 1000, 100, None, &[]);
+        shape(&mut ack, &mut state, Some(400), true);
+        assert_eq!(state.edge, Some(1400));
+        assert!(!update_due(&state, 400, 100));
+        assert!(update_due(&state, 65536, 3000));
+        let mut buf = [0u8; 64];
+        let len = window_update(&mut buf, (PROXY, v4([10, 0, 0, 1], 5000)), &state, 65536)
+            .expect("an ACK");
+        let (window, valid) = window_of(&buf[..len]);
+        assert!(valid);
+        assert_eq!(u32::from(window), 65536 >> 2);
+        let ip = Ipv4Packet::new_checked(&buf[..len]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!((tcp.seq_number().0, tcp.ack_number().0), (7, 1000));
+    }
+
+    #[test]
+    fn garbage_and_other_protocols_are_left_alone() {
+        let mut state = WindowState::default();
+        for len in 0..60 {
+            let mut garbage = vec![0x45u8; len];
+            assert_eq!(
+                shape(&mut garbage, &mut state, Some(1), true),
+                Verdict::Send
+            );
+        }
+        let mut udp = segment(TcpControl::None, 1, 1, 100, None, &[]);
+        udp[9] = 17;
+        let before = udp.clone();
+        shape(&mut udp, &mut state, Some(1), true);
+        assert_eq!(udp, before);
+    }
+}
