@@ -66,7 +66,10 @@ impl Config {
         };
         let tun_addrs = addr_texts
             .iter()
-            .map(|text| text.parse::<Cidr>().map_err(Error::Usage))
+            .map(|text| {
+                text.parse::<Cidr>()
+                    .map_err(|err| Error::Usage(format!("--tun-addr {err}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if !(MIN_MTU..=MAX_MTU).contains(&args.mtu) {
             return Err(Error::Usage(format!(
@@ -163,7 +166,9 @@ impl Config {
             routes: args
                 .route
                 .iter()
-                .map(|text| Cidr::network(text).map_err(Error::Usage))
+                .map(|text| {
+                    Cidr::network(text).map_err(|err| Error::Usage(format!("--route {err}")))
+                })
                 .collect::<Result<Vec<_>, _>>()?,
             udp: crate::flow::datagram::Limits {
                 idle_timeout: Duration::from_secs(args.udp_timeout),
@@ -208,6 +213,28 @@ mod tests {
         for (extra, needle) in cases {
             let err = Config::from_args(args(extra)).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn route_networks_of_any_prefix_length_but_no_host_bits() {
+        let routes = ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"];
+        let extra: Vec<&str> = routes.iter().flat_map(|r| ["--route", r]).collect();
+        assert_eq!(Config::from_args(args(&extra)).unwrap().routes.len(), 4);
+        let cases: [(&[&str], &str); 3] = [
+            (
+                &["--route", "10.1.2.3/24"],
+                "--route '10.1.2.3/24' has host bits set: the network is 10.1.2.0/24",
+            ),
+            (&["--route", "garbage"], "--route 'garbage': expected"),
+            (&["--tun-addr", "10.0.0.0/8/1"], "--tun-addr '10.0.0.0/8/1'"),
+        ];
+        for (extra, start) in cases {
+            let err = Config::from_args(args(extra)).unwrap_err().to_string();
+            assert!(
+                err.starts_with(start),
+                "{err:?} does not start with {start:?}"
+            );
         }
     }
 
