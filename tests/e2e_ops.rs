@@ -388,23 +388,102 @@ fn syn_flood_is_bounded_and_real_clients_get_through() {
     proxy.assert_running();
 }
 
-/// The policy rules in the client namespace, both families.
-fn rules(topo: &Topology) -> String {
+/// The policy rules in the client namespace other than the kernel's three (local, main,
+/// default), IPv4 then IPv6, sorted, as `ip rule` prints them ("30062: from ...").
+fn policy_rules(topo: &Topology) -> Vec<String> {
     let ns = topo.client_ns();
-    common::ip(&format!("-n {ns} -4 rule show")) + &common::ip(&format!("-n {ns} -6 rule show"))
+    let mut rules: Vec<String> = ["-4", "-6"]
+        .iter()
+        .flat_map(|family| {
+            common::ip(&format!("-n {ns} {family} rule show"))
+                .lines()
+                .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+        })
+        .filter(|line| {
+            !["0:", "32766:", "32767:"]
+                .iter()
+                .any(|p| line.starts_with(p))
+        })
+        .collect();
+    rules.sort();
+    rules
 }
 
-/// Echoes 64 KiB to each server address; returns the proxy's flow counters line.
-fn echo_both_families(topo: &Topology, proxy: &common::Proxy) -> String {
-    for ip in [topo.server_v4(), topo.server_v6()] {
-        let server = topo.serve(ip, 1, echo);
-        let addr = server.addr();
-        let (sent, received) =
-            join(topo.in_client(move || exchange(common::connect(addr), 5, 64 * KIB)));
-        assert_eq!(received, sent, "echo via {ip}");
-        server.join();
+/// What `ip rule` shows for one proxy's rules through `table`, with TUN addresses
+/// `tun4`/`tun6` and destinations `to4`/`to6` as `ip` prints them ("" for everything).
+fn expected_rules(
+    table: u32,
+    (tun4, tun6): (&str, &str),
+    to4: &[&str],
+    to6: &[&str],
+) -> Vec<String> {
+    let to = |dst: &&str| match *dst {
+        "" => format!("{table}: from all lookup {table} proto 117"),
+        dst => format!("{table}: from all to {dst} lookup {table} proto 117"),
+    };
+    let bypass = table - 1;
+    let mut rules = Vec::new();
+    if !to4.is_empty() {
+        rules.push(format!("30062: from {tun4} lookup {table} proto 117"));
+        rules.push(format!("{bypass}: not from 0.0.0.0 lookup main proto 117"));
+        rules.extend(to4.iter().map(to));
     }
-    proxy.stats()
+    if !to6.is_empty() {
+        rules.push(format!("30062: from {tun6} lookup {table} proto 117"));
+        rules.push(format!("{bypass}: from ::/1 lookup main proto 117"));
+        rules.push(format!("{bypass}: from 8000::/1 lookup main proto 117"));
+        rules.extend(to6.iter().map(to));
+    }
+    rules.sort();
+    rules
+}
+
+/// Waits (up to 5 s: the TUN is up before the rules are in) until the namespace's rules
+/// are exactly `expected`.
+fn assert_rules(topo: &Topology, expected: &[String]) {
+    let mut rules = Vec::new();
+    let reached = wait_until(Duration::from_secs(5), || {
+        rules = policy_rules(topo);
+        rules == expected
+    });
+    assert!(reached, "rules:\n{rules:#?}\nexpected:\n{expected:#?}");
+}
+
+const TUN4: &str = "198.18.0.1";
+const TUN6: &str = "fd7a:7072:7879::1";
+
+/// Echoes 64 KiB to each server address.
+fn echo_both_families(topo: &Topology) {
+    for ip in [topo.server_v4(), topo.server_v6()] {
+        echo_from_client(topo, ip);
+    }
+}
+
+/// Asserts from the proxy's counters that it has opened exactly `flows` TCP flows.
+fn assert_flows_opened(proxy: &common::Proxy, flows: usize, why: &str) {
+    let stats = proxy.stats();
+    let expected = format!("flows: opened {flows} ");
+    assert!(
+        stats.contains(&expected),
+        "{why}: expected {expected:?}:\n{stats}"
+    );
+}
+
+/// Echoes 64 KiB through a new connection from the client namespace to a server at
+/// `ip`; returns the connection's local address (the TUN's, if the proxy relayed it).
+fn echo_from_client(topo: &Topology, ip: IpAddr) -> IpAddr {
+    let server = topo.serve(ip, 1, echo);
+    let addr = server.addr();
+    let (local, sent, received) = join(topo.in_client(move || {
+        let stream = common::connect(addr);
+        let local = stream.local_addr().expect("local address").ip();
+        let (sent, received) = exchange(stream, 5, 64 * KIB);
+        (local, sent, received)
+    }));
+    assert_eq!(received, sent, "echo via {ip}");
+    server.join();
+    local
 }
 
 #[test]
@@ -412,26 +491,15 @@ fn route_flag_installs_and_removes_policy_routing() {
     let Some(topo) = Topology::for_test("route_flag_installs_and_removes_policy_routing") else {
         return;
     };
-    let v4 = format!("{}/32", topo.server_v4());
-    let v6 = format!("{}/128", topo.server_v6());
+    let (s4, s6) = (topo.server_v4().to_string(), topo.server_v6().to_string());
+    let v4 = format!("{s4}/32");
+    let v6 = format!("{s6}/128");
     let mut proxy = topo.start_proxy_unrouted(&["--route", &v4, "--route", &v6], &[]);
-    let installed = rules(&topo);
-    assert_eq!(
-        installed.matches("lookup 30064").count(),
-        2,
-        "rules:\n{installed}"
-    );
-    let stats = echo_both_families(&topo, &proxy);
-    assert!(
-        stats.contains("flows: opened 2 "),
-        "traffic did not go through the proxy:\n{stats}"
-    );
+    assert_rules(&topo, &expected_rules(30064, (TUN4, TUN6), &[&s4], &[&s6]));
+    echo_both_families(&topo);
+    assert_flows_opened(&proxy, 2, "traffic did not go through the proxy");
     proxy.terminate();
-    let left = rules(&topo);
-    assert!(
-        !left.contains("lookup 30064"),
-        "rules left after exit:\n{left}"
-    );
+    assert_rules(&topo, &[]);
 }
 
 #[test]
@@ -440,18 +508,13 @@ fn routing_everything_into_the_tun_does_not_loop() {
         return;
     };
     let mut proxy = topo.start_proxy_unrouted(&["--route", "0.0.0.0/0", "--route", "::/0"], &[]);
+    assert_rules(&topo, &expected_rules(30064, (TUN4, TUN6), &[""], &[""]));
     // The proxy's own sockets leave through the veth (SO_BINDTODEVICE) although every
     // destination is routed into the TUN: flows complete instead of looping.
-    let stats = echo_both_families(&topo, &proxy);
-    assert!(
-        stats.contains("flows: opened 2 "),
-        "expected exactly the two client flows:\n{stats}"
-    );
+    echo_both_families(&topo);
+    assert_flows_opened(&proxy, 2, "expected exactly the two client flows");
     proxy.terminate();
-    assert!(
-        !rules(&topo).contains("lookup 30064"),
-        "rules left after exit"
-    );
+    assert_rules(&topo, &[]);
 }
 
 #[test]
@@ -496,10 +559,7 @@ fn user_flag_drops_root_and_keeps_working() {
     server.join();
     // ...and so does removing the rules at exit.
     proxy.terminate();
-    assert!(
-        !rules(&topo).contains("lookup 30064"),
-        "rules left after exit"
-    );
+    assert_rules(&topo, &[]);
 }
 
 /// The demo's namespaces of process `pid` that are still there.
