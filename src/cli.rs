@@ -34,10 +34,16 @@ pub struct Args {
     #[argh(option)]
     pub tun_addr: Vec<String>,
 
-    /// route this destination into the TUN (policy rule and table, removed at exit),
-    /// repeatable, IPv4 and/or IPv6; 0.0.0.0/0 and ::/0 route everything
+    /// route new connections to this network into the TUN (policy rules, removed at
+    /// exit), repeatable, IPv4 and/or IPv6; 0.0.0.0/0 and ::/0 route everything, and the
+    /// host's own servers keep answering their clients directly
     #[argh(option)]
     pub route: Vec<String>,
+
+    /// routing table for --route, also the priority of its rules; one per running
+    /// proxy, 30064..=32765 (default: 30064)
+    #[argh(option, default = "crate::routing::DEFAULT_TABLE")]
+    pub table: u32,
 
     /// MTU of the TUN device (default: 1500)
     #[argh(option, default = "1500")]

@@ -31,6 +31,8 @@ pub struct Config {
     pub udp: crate::flow::datagram::Limits,
     /// Destinations to route into the TUN (policy rules installed and removed by us).
     pub routes: Vec<Cidr>,
+    /// The routing table (and rule priority) of `routes`.
+    pub table: u32,
     /// The user to switch to once set up.
     pub user: Option<nix::unistd::User>,
 }
@@ -68,7 +70,10 @@ impl Config {
         };
         let tun_addrs = addr_texts
             .iter()
-            .map(|text| text.parse::<Cidr>().map_err(Error::Usage))
+            .map(|text| {
+                text.parse::<Cidr>()
+                    .map_err(|err| Error::Usage(format!("--tun-addr {err}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if !(MIN_MTU..=MAX_MTU).contains(&args.mtu) {
             return Err(Error::Usage(format!(
@@ -147,6 +152,15 @@ impl Config {
                     .into(),
             )
         })?;
+        let routes = route_networks(&args.route, &tun_addrs)?;
+        if !crate::routing::TABLES.contains(&args.table) {
+            return Err(Error::Usage(format!(
+                "--table {} out of range {}..={} (it is also the priority of the rules, which must come before the main table's at 32766)",
+                args.table,
+                crate::routing::TABLES.start(),
+                crate::routing::TABLES.end()
+            )));
+        }
         if sys::interface_index(&interface).is_none() {
             return Err(Error::UnknownInterface(interface));
         }
@@ -164,11 +178,8 @@ impl Config {
             flow_buffer: args.flow_buffer,
             connect_timeout: Duration::from_secs(args.connect_timeout),
             user,
-            routes: args
-                .route
-                .iter()
-                .map(|text| Cidr::network(text).map_err(Error::Usage))
-                .collect::<Result<Vec<_>, _>>()?,
+            routes,
+            table: args.table,
             udp: crate::flow::datagram::Limits {
                 idle_timeout: Duration::from_secs(args.udp_timeout),
                 dns_timeout: Duration::from_secs(args.dns_timeout),
@@ -195,6 +206,27 @@ fn check_interface_name(name: &str) -> Result<(), &'static str> {
         _ if name.bytes().any(space) => Err("white space is not allowed in interface names"),
         _ => Ok(()),
     }
+}
+
+/// The `--route` networks. Each family routed needs a TUN address of that family: the
+/// TUN would otherwise lend connections another interface's source address, and with it
+/// the bypass rule would send them past the TUN.
+fn route_networks(texts: &[String], tun_addrs: &[Cidr]) -> Result<Vec<Cidr>, Error> {
+    let mut routes = Vec::new();
+    for text in texts {
+        let route = Cidr::network(text).map_err(|err| Error::Usage(format!("--route {err}")))?;
+        if !tun_addrs
+            .iter()
+            .any(|a| a.addr.is_ipv4() == route.addr.is_ipv4())
+        {
+            let family = if route.addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            return Err(Error::Usage(format!(
+                "--route {route} needs an {family} --tun-addr"
+            )));
+        }
+        routes.push(route);
+    }
+    Ok(routes)
 }
 
 #[cfg(test)]
@@ -269,6 +301,48 @@ mod tests {
         let parsed: Args = argh::FromArgs::from_args(&["uringproxy"], &[]).unwrap();
         let err = Config::from_args(parsed).unwrap_err().to_string();
         assert!(err.starts_with("-i IFACE is required"), "{err}");
+    }
+
+    #[test]
+    fn route_networks_and_tables() {
+        let config = Config::from_args(args(&[
+            "--route",
+            "0.0.0.0/1",
+            "--route",
+            "128.0.0.0/1",
+            "--route",
+            "::/0",
+            "--table",
+            "30070",
+        ]))
+        .unwrap();
+        assert_eq!(config.routes.len(), 3);
+        assert_eq!(config.table, 30070);
+        assert_eq!(Config::from_args(args(&[])).unwrap().table, 30064);
+        let cases: [(&[&str], &str); 6] = [
+            (
+                &["--route", "10.1.2.3/24"],
+                "--route '10.1.2.3/24' has host bits set: the network is 10.1.2.0/24",
+            ),
+            (&["--route", "garbage"], "--route 'garbage': expected"),
+            (
+                &["--table", "30063"],
+                "--table 30063 out of range 30064..=32765",
+            ),
+            (&["--table", "32766"], "--table 32766 out of range"),
+            (
+                &["--tun-addr", "198.18.0.1/30", "--route", "::/0"],
+                "--route ::/0 needs an IPv6 --tun-addr",
+            ),
+            (&["--tun-addr", "10.0.0.0/8/1"], "--tun-addr '10.0.0.0/8/1'"),
+        ];
+        for (extra, start) in cases {
+            let err = Config::from_args(args(extra)).unwrap_err().to_string();
+            assert!(
+                err.starts_with(start),
+                "{err:?} does not start with {start:?}"
+            );
+        }
     }
 
     #[test]

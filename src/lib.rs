@@ -8,6 +8,7 @@ pub mod error;
 pub mod event_loop;
 pub mod flow;
 pub mod logger;
+pub mod routing;
 pub mod stack;
 pub mod stats;
 pub mod sys;

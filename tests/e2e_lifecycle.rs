@@ -42,7 +42,7 @@ fn sighup_and_sigquit_reset_every_flow_exit_zero_and_remove_the_rules() {
     for signal in [Signal::SIGHUP, Signal::SIGQUIT] {
         let mut proxy = topo.start_proxy_unrouted(&["--route", &v4, "--route", &v6], &[]);
         assert!(
-            wait_until(Duration::from_secs(5), || route_rules(&topo) == 2),
+            wait_until(Duration::from_secs(5), || route_rules(&topo) == 4),
             "{signal}: rules not installed"
         );
         let (ready_tx, ready_rx) = mpsc::channel();

@@ -388,23 +388,114 @@ fn syn_flood_is_bounded_and_real_clients_get_through() {
     proxy.assert_running();
 }
 
-/// The policy rules in the client namespace, both families.
-fn rules(topo: &Topology) -> String {
+/// The policy rules in the client namespace other than the kernel's three (local, main,
+/// default), IPv4 then IPv6, sorted, as `ip rule` prints them ("30062: from ...").
+fn policy_rules(topo: &Topology) -> Vec<String> {
     let ns = topo.client_ns();
-    common::ip(&format!("-n {ns} -4 rule show")) + &common::ip(&format!("-n {ns} -6 rule show"))
+    let mut rules: Vec<String> = ["-4", "-6"]
+        .iter()
+        .flat_map(|family| {
+            common::ip(&format!("-n {ns} {family} rule show"))
+                .lines()
+                .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+        })
+        .filter(|line| {
+            !["0:", "32766:", "32767:"]
+                .iter()
+                .any(|p| line.starts_with(p))
+        })
+        .collect();
+    rules.sort();
+    rules
 }
 
-/// Echoes 64 KiB to each server address; returns the proxy's flow counters line.
-fn echo_both_families(topo: &Topology, proxy: &common::Proxy) -> String {
-    for ip in [topo.server_v4(), topo.server_v6()] {
-        let server = topo.serve(ip, 1, echo);
-        let addr = server.addr();
-        let (sent, received) =
-            join(topo.in_client(move || exchange(common::connect(addr), 5, 64 * KIB)));
-        assert_eq!(received, sent, "echo via {ip}");
-        server.join();
+/// What `ip rule` shows for one proxy's rules through `table`, with TUN addresses
+/// `tun4`/`tun6` and destinations `to4`/`to6` as `ip` prints them ("" for everything).
+fn expected_rules(
+    table: u32,
+    (tun4, tun6): (&str, &str),
+    to4: &[&str],
+    to6: &[&str],
+) -> Vec<String> {
+    let to = |dst: &&str| match *dst {
+        "" => format!("{table}: from all lookup {table} proto 117"),
+        dst => format!("{table}: from all to {dst} lookup {table} proto 117"),
+    };
+    let bypass = table - 1;
+    let mut rules = Vec::new();
+    if !to4.is_empty() {
+        rules.push(format!("30062: from {tun4} lookup {table} proto 117"));
+        rules.push(format!("{bypass}: not from 0.0.0.0 lookup main proto 117"));
+        rules.extend(to4.iter().map(to));
     }
-    proxy.stats()
+    if !to6.is_empty() {
+        rules.push(format!("30062: from {tun6} lookup {table} proto 117"));
+        rules.push(format!("{bypass}: from ::/1 lookup main proto 117"));
+        rules.push(format!("{bypass}: from 8000::/1 lookup main proto 117"));
+        rules.extend(to6.iter().map(to));
+    }
+    rules.sort();
+    rules
+}
+
+/// Waits (up to 5 s: the TUN is up before the rules are in) until the namespace's rules
+/// are exactly `expected`.
+fn assert_rules(topo: &Topology, expected: &[String]) {
+    let mut rules = Vec::new();
+    let reached = wait_until(Duration::from_secs(5), || {
+        rules = policy_rules(topo);
+        rules == expected
+    });
+    assert!(reached, "rules:\n{rules:#?}\nexpected:\n{expected:#?}");
+}
+
+/// Waits for `proxy` to exit with status 1 having printed only `uringproxy: error: {error}`.
+fn assert_fails_in_one_line(proxy: &mut common::Proxy, error: &str) {
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running after 5 s; expected {error:?}"));
+    assert_eq!(status.code(), Some(1), "exit status {status}");
+    assert_eq!(
+        proxy.stderr().trim_end(),
+        format!("uringproxy: error: {error}")
+    );
+}
+
+const TUN4: &str = "198.18.0.1";
+const TUN6: &str = "fd7a:7072:7879::1";
+
+/// Echoes 64 KiB to each server address.
+fn echo_both_families(topo: &Topology) {
+    for ip in [topo.server_v4(), topo.server_v6()] {
+        echo_from_client(topo, ip);
+    }
+}
+
+/// Asserts from the proxy's counters that it has opened exactly `flows` TCP flows.
+fn assert_flows_opened(proxy: &common::Proxy, flows: usize, why: &str) {
+    let stats = proxy.stats();
+    let expected = format!("flows: opened {flows} ");
+    assert!(
+        stats.contains(&expected),
+        "{why}: expected {expected:?}:\n{stats}"
+    );
+}
+
+/// Echoes 64 KiB through a new connection from the client namespace to a server at
+/// `ip`; returns the connection's local address (the TUN's, if the proxy relayed it).
+fn echo_from_client(topo: &Topology, ip: IpAddr) -> IpAddr {
+    let server = topo.serve(ip, 1, echo);
+    let addr = server.addr();
+    let (local, sent, received) = join(topo.in_client(move || {
+        let stream = common::connect(addr);
+        let local = stream.local_addr().expect("local address").ip();
+        let (sent, received) = exchange(stream, 5, 64 * KIB);
+        (local, sent, received)
+    }));
+    assert_eq!(received, sent, "echo via {ip}");
+    server.join();
+    local
 }
 
 #[test]
@@ -412,26 +503,15 @@ fn route_flag_installs_and_removes_policy_routing() {
     let Some(topo) = Topology::for_test("route_flag_installs_and_removes_policy_routing") else {
         return;
     };
-    let v4 = format!("{}/32", topo.server_v4());
-    let v6 = format!("{}/128", topo.server_v6());
+    let (s4, s6) = (topo.server_v4().to_string(), topo.server_v6().to_string());
+    let v4 = format!("{s4}/32");
+    let v6 = format!("{s6}/128");
     let mut proxy = topo.start_proxy_unrouted(&["--route", &v4, "--route", &v6], &[]);
-    let installed = rules(&topo);
-    assert_eq!(
-        installed.matches("lookup 30064").count(),
-        2,
-        "rules:\n{installed}"
-    );
-    let stats = echo_both_families(&topo, &proxy);
-    assert!(
-        stats.contains("flows: opened 2 "),
-        "traffic did not go through the proxy:\n{stats}"
-    );
+    assert_rules(&topo, &expected_rules(30064, (TUN4, TUN6), &[&s4], &[&s6]));
+    echo_both_families(&topo);
+    assert_flows_opened(&proxy, 2, "traffic did not go through the proxy");
     proxy.terminate();
-    let left = rules(&topo);
-    assert!(
-        !left.contains("lookup 30064"),
-        "rules left after exit:\n{left}"
-    );
+    assert_rules(&topo, &[]);
 }
 
 #[test]
@@ -440,18 +520,269 @@ fn routing_everything_into_the_tun_does_not_loop() {
         return;
     };
     let mut proxy = topo.start_proxy_unrouted(&["--route", "0.0.0.0/0", "--route", "::/0"], &[]);
+    assert_rules(&topo, &expected_rules(30064, (TUN4, TUN6), &[""], &[""]));
     // The proxy's own sockets leave through the veth (SO_BINDTODEVICE) although every
     // destination is routed into the TUN: flows complete instead of looping.
-    let stats = echo_both_families(&topo, &proxy);
-    assert!(
-        stats.contains("flows: opened 2 "),
-        "expected exactly the two client flows:\n{stats}"
+    echo_both_families(&topo);
+    assert_flows_opened(&proxy, 2, "expected exactly the two client flows");
+    proxy.terminate();
+    assert_rules(&topo, &[]);
+}
+
+/// With `routes` sending every destination into the TUN, a TCP server on the proxy's
+/// host (wildcard-bound) still answers a client behind a router, over IPv4 and IPv6,
+/// without the proxy seeing those connections; new outbound connections from the host
+/// meanwhile cross the TUN. The client is off-link on purpose: replies to an on-link
+/// client would also keep the main table under weaker rules (wg-quick's
+/// `suppress_prefixlength 0`), so only an off-link one tells them apart.
+fn hosts_servers_stay_reachable(test: &str, routes: &[&str], to4: &[&str], to6: &[&str]) {
+    let Some(topo) = Topology::routed_for_test(test) else {
+        return;
+    };
+    // Strict reverse-path filtering as well: its reverse lookup of an arriving reply
+    // carries the local address as source, so the bypass keeps it on the veth.
+    common::ip(&format!(
+        "netns exec {} sysctl -qw net.ipv4.conf.all.rp_filter=1",
+        topo.client_ns()
+    ));
+    let args: Vec<&str> = routes.iter().flat_map(|r| ["--route", r]).collect();
+    let mut proxy = topo.start_proxy_unrouted(&args, &[]);
+    assert_rules(&topo, &expected_rules(30064, (TUN4, TUN6), to4, to6));
+
+    let host_server = topo.serve_in_client(ANY, 2, echo);
+    let port = host_server.port();
+    for ip in [topo.client_v4(), topo.client_v6()] {
+        let addr = SocketAddr::new(ip, port);
+        let (sent, received) =
+            join(topo.in_server(move || exchange(common::connect(addr), 6, 256 * KIB)));
+        assert_eq!(received, sent, "the host's server via {ip}");
+    }
+    host_server.join();
+    assert_flows_opened(&proxy, 0, "the server's connections went through the proxy");
+
+    for (ip, tun) in [(topo.server_v4(), TUN4), (topo.server_v6(), TUN6)] {
+        let local = echo_from_client(&topo, ip);
+        assert_eq!(
+            local.to_string(),
+            tun,
+            "connection to {ip} bypassed the TUN"
+        );
+    }
+    assert_flows_opened(
+        &proxy,
+        2,
+        "outbound connections did not go through the proxy",
     );
     proxy.terminate();
-    assert!(
-        !rules(&topo).contains("lookup 30064"),
-        "rules left after exit"
+    assert_rules(&topo, &[]);
+}
+
+#[test]
+fn routing_everything_keeps_the_hosts_servers_reachable() {
+    hosts_servers_stay_reachable(
+        "routing_everything_keeps_the_hosts_servers_reachable",
+        &["0.0.0.0/0", "::/0"],
+        &[""],
+        &[""],
     );
+}
+
+#[test]
+fn split_default_routes_work_like_everything() {
+    hosts_servers_stay_reachable(
+        "split_default_routes_work_like_everything",
+        &["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"],
+        &["0.0.0.0/1", "128.0.0.0/1"],
+        &["::/1", "8000::/1"],
+    );
+}
+
+/// Two proxies with tables 30064 and 30065 in one namespace, both routing IPv4: the
+/// second one's connections look up again with its TUN's address as source and must
+/// meet its TUN-source rule before the first one's bypass (priority 30063). A third
+/// one with the taken table is refused in one line and leaves the others alone.
+#[test]
+fn proxies_with_their_own_tables_run_side_by_side() {
+    let Some(topo) = Topology::for_test("proxies_with_their_own_tables_run_side_by_side") else {
+        return;
+    };
+    let IpAddr::V4(server) = topo.server_v4() else {
+        unreachable!("server_v4 is IPv4")
+    };
+    let [a, b, c, _] = server.octets();
+    let second_server = IpAddr::from([a, b, c, 3]);
+    common::ip(&format!(
+        "-n {} addr add {second_server}/24 dev {}",
+        topo.server_ns(),
+        topo.server_veth()
+    ));
+    let (s4, s6, s4b) = (
+        server.to_string(),
+        topo.server_v6().to_string(),
+        second_server.to_string(),
+    );
+    let mut first = topo.start_proxy_unrouted(&["--route", &format!("{s4}/32")], &[]);
+    let second_tun = ("198.18.0.5", "fd7a:7072:7879:1::1");
+    let mut second = topo.start_proxy_on(
+        "upxtun1",
+        &[
+            "--table",
+            "30065",
+            "--tun-addr",
+            "198.18.0.5/30",
+            "--tun-addr",
+            "fd7a:7072:7879:1::1/64",
+            "--route",
+            &format!("{s4b}/32"),
+            "--route",
+            &format!("{s6}/128"),
+        ],
+        &[],
+    );
+    let first_rules = expected_rules(30064, (TUN4, TUN6), &[&s4], &[]);
+    let second_rules = expected_rules(30065, second_tun, &[&s4b], &[&s6]);
+    let mut both: Vec<String> = first_rules.iter().chain(&second_rules).cloned().collect();
+    both.sort();
+    assert_rules(&topo, &both);
+
+    for (ip, tun) in [
+        (topo.server_v4(), TUN4),
+        (second_server, second_tun.0),
+        (topo.server_v6(), second_tun.1),
+    ] {
+        let local = echo_from_client(&topo, ip);
+        assert_eq!(local.to_string(), tun, "connection to {ip}");
+    }
+    assert_flows_opened(&first, 1, "the first proxy");
+    assert_flows_opened(&second, 2, "the second proxy");
+
+    let mut third = topo.spawn_proxy_on(
+        "upxtun2",
+        topo.client_veth(),
+        &["--tun-addr", "198.18.0.9/30", "--route", "192.0.2.0/24"],
+        &[],
+    );
+    assert_fails_in_one_line(
+        &mut third,
+        "routing table 30064 already has a default route (another uringproxy or another \
+         program uses it): pass another table, e.g. --table 30065",
+    );
+    assert_rules(&topo, &both);
+    assert_eq!(echo_from_client(&topo, topo.server_v4()).to_string(), TUN4);
+
+    first.terminate();
+    assert_rules(&topo, &second_rules);
+    second.terminate();
+    assert_rules(&topo, &[]);
+}
+
+#[test]
+fn rules_left_by_a_killed_proxy_are_removed_at_the_next_start() {
+    let Some(topo) =
+        Topology::for_test("rules_left_by_a_killed_proxy_are_removed_at_the_next_start")
+    else {
+        return;
+    };
+    let (s4, s6) = (topo.server_v4().to_string(), topo.server_v6().to_string());
+    let (v4, v6) = (format!("{s4}/32"), format!("{s6}/128"));
+    let args = ["--route", v4.as_str(), "--route", v6.as_str()];
+    let ours = expected_rules(30064, (TUN4, TUN6), &[&s4], &[&s6]);
+    let killed = topo.start_proxy_unrouted(&args, &[]);
+    assert_rules(&topo, &ours);
+    drop(killed); // SIGKILL
+    assert!(
+        wait_until(Duration::from_secs(5), || !topo.tun_exists()),
+        "the killed proxy's TUN is still there"
+    );
+    assert_eq!(
+        policy_rules(&topo),
+        ours,
+        "a SIGKILL should leave the rules"
+    );
+    // Rules that resemble ours but are not: untagged at our priority, tagged with
+    // another selector at our bypass priority, a network at the TUN-source priority.
+    let ns = topo.client_ns();
+    let foreign = [
+        (
+            "-4",
+            "30064 to 192.0.2.0/24 table 30064",
+            "30064: from all to 192.0.2.0/24 lookup 30064",
+        ),
+        (
+            "-4",
+            "30063 from 192.0.2.0/24 table main proto 117",
+            "30063: from 192.0.2.0/24 lookup main proto 117",
+        ),
+        (
+            "-6",
+            "30062 from 2001:db8::/32 table 30064 proto 117",
+            "30062: from 2001:db8::/32 lookup 30064 proto 117",
+        ),
+    ];
+    for (family, rule, _) in foreign {
+        common::ip(&format!("-n {ns} {family} rule add pref {rule}"));
+    }
+    let mut theirs: Vec<String> = foreign
+        .iter()
+        .map(|(_, _, shown)| shown.to_string())
+        .collect();
+    theirs.sort();
+    let mut all: Vec<String> = ours.iter().chain(&theirs).cloned().collect();
+    all.sort();
+
+    let mut proxy = topo.start_proxy_unrouted(&args, &[]);
+    assert_rules(&topo, &all);
+    let warnings: Vec<String> = proxy
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("warn"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "uringproxy: warn: removed 7 policy rules for table 30064 left by a uringproxy that \
+          was killed before it could remove them"
+        ]
+    );
+    echo_both_families(&topo);
+    assert_flows_opened(&proxy, 2, "after the restart");
+    proxy.terminate();
+    assert_rules(&topo, &theirs);
+}
+
+#[test]
+fn bad_route_values_fail_in_one_line() {
+    let Some(topo) = Topology::for_test("bad_route_values_fail_in_one_line") else {
+        return;
+    };
+    for (args, error) in [
+        (
+            &["--route", "10.1.2.3/24"][..],
+            "--route '10.1.2.3/24' has host bits set: the network is 10.1.2.0/24",
+        ),
+        (
+            &["--route", "fd00::1/64"],
+            "--route 'fd00::1/64' has host bits set: the network is fd00::/64",
+        ),
+        (
+            &["--route", "garbage"],
+            "--route 'garbage': expected ADDRESS/PREFIX, e.g. 198.18.0.1/30",
+        ),
+        (
+            &["--route", "10.0.0.0/33"],
+            "--route '10.0.0.0/33': prefix longer than 32",
+        ),
+        (
+            &["--route", "10.0.0.0/8", "--table", "100"],
+            "--table 100 out of range 30064..=32765 (it is also the priority of the rules, \
+             which must come before the main table's at 32766)",
+        ),
+    ] {
+        assert_fails_in_one_line(&mut topo.spawn_proxy(topo.client_veth(), args), error);
+    }
+    assert!(!topo.tun_exists());
+    assert_rules(&topo, &[]);
 }
 
 #[test]
@@ -496,10 +827,7 @@ fn user_flag_drops_root_and_keeps_working() {
     server.join();
     // ...and so does removing the rules at exit.
     proxy.terminate();
-    assert!(
-        !rules(&topo).contains("lookup 30064"),
-        "rules left after exit"
-    );
+    assert_rules(&topo, &[]);
 }
 
 /// The demo's namespaces of process `pid` that are still there.

@@ -17,14 +17,11 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::flow::tcp::Settings;
 use crate::flow::tcp::admission::Limits;
+use crate::routing::Routes;
 use crate::stack::Stack;
 use crate::sys;
 use crate::tun::Tun;
 use crate::uring::{Features, Ring};
-
-/// Routing table and rule priority of `--route`: numbers unlikely to be in use already.
-const ROUTE_TABLE: u32 = 0x7570;
-const ROUTE_PRIORITY: u32 = 0x7570;
 
 /// Sets the proxy up and runs it until a stopping signal or a fatal error; returns
 /// only once its TUN is gone, so a restart with the same name can follow at once.
@@ -45,10 +42,12 @@ pub fn run(config: Config) -> Result<(), Error> {
     } else {
         let index = sys::interface_index(&tun_name)
             .ok_or_else(|| Error::Io("look up the new TUN", std::io::ErrorKind::NotFound.into()))?;
-        Some(
-            sys::netlink::Routes::install(&config.routes, index, ROUTE_TABLE, ROUTE_PRIORITY)
-                .map_err(|err| Error::from_io("install --route rules", err))?,
-        )
+        Some(Routes::install(
+            &config.routes,
+            &config.tun_addrs,
+            config.table,
+            index,
+        )?)
     };
     if let Some(cpu) = config.cpu {
         let mut set = nix::sched::CpuSet::new();

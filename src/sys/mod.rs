@@ -213,61 +213,22 @@ impl Drop for Mapping {
     }
 }
 
-/// Capabilities kept after dropping root: CAP_NET_ADMIN (remove `--route` rules at
-/// exit) and CAP_NET_RAW (raw ICMP sockets for ping; SO_BINDTODEVICE needs none).
-const KEPT_CAPABILITIES: u32 = 1 << CAP_NET_ADMIN | 1 << CAP_NET_RAW;
-/// Capability numbers from linux/capability.h.
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_NET_RAW: u32 = 13;
-
 /// Switches to `user` (and its primary group, no supplementary groups), keeping only
-/// the capabilities the proxy still needs once set up.
+/// CAP_NET_ADMIN (to remove `--route` rules at exit) and CAP_NET_RAW (raw ICMP sockets
+/// for ping; SO_BINDTODEVICE needs none).
 pub fn drop_privileges(user: &nix::unistd::User) -> io::Result<()> {
+    use caps::{CapSet, Capability};
     use nix::unistd::{setgid, setgroups, setuid};
     // Keep the permitted set across setuid; it is narrowed right after.
     nix::sys::prctl::set_keepcaps(true)?;
     setgroups(&[])?;
     setgid(user.gid)?;
     setuid(user.uid)?;
-    set_capabilities(KEPT_CAPABILITIES)?;
+    let kept = caps::CapsHashSet::from([Capability::CAP_NET_ADMIN, Capability::CAP_NET_RAW]);
+    for set in [CapSet::Permitted, CapSet::Effective] {
+        caps::set(None, set, &kept).map_err(io::Error::other)?;
+    }
     nix::sys::prctl::set_keepcaps(false)?;
-    Ok(())
-}
-
-/// Sets the effective and permitted capability sets to `caps` (the low 32 bits).
-fn set_capabilities(caps: u32) -> io::Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
-    let none = Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    };
-    let data = [
-        Data {
-            effective: caps,
-            permitted: caps,
-            inheritable: 0,
-        },
-        none,
-    ];
-    // SAFETY: capset reads a version-3 header and two data structs, both valid here.
-    syscall!(unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) })?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Shared harness for the end-to-end tests.
 //!
 //! Every test builds its own [`Topology`]: a client and a server network
-//! namespace joined by a veth pair. The proxy runs in the client namespace;
+//! namespace joined by a veth pair, or through a router namespace
+//! ([`Topology::routed_for_test`]). The proxy runs in the client namespace;
 //! policy routing sends traffic for the server's addresses into the proxy's
 //! TUN device, and the proxy re-originates it over the veth. Sockets are
 //! created inside a namespace by running code on a thread that has joined
@@ -148,11 +149,16 @@ where
 
 /// Two namespaces, `upx-c-*` (client, runs the proxy) and `upx-s-*`
 /// (server), joined by veth `vc<N>` (10.201.N.1, fd00:201:N::1) <->
-/// `vs<N>` (10.201.N.2, fd00:201:N::2). Deleted on drop.
+/// `vs<N>` (10.201.N.2, fd00:201:N::2). Routed, a third one, `upx-r-*`, forwards
+/// between them: `vc<N>` <-> `rc<N>` (10.201.N.254, fd00:201:N::fe) and
+/// `rs<N>` (10.202.N.254, fd00:202:N::fe) <-> `vs<N>` (10.202.N.2, fd00:202:N::2),
+/// each end's default route via the router, so the two ends are off-link, as a
+/// real server's clients are. Deleted on drop.
 pub struct Topology {
     n: u32,
     client_ns: String,
     server_ns: String,
+    router_ns: Option<String>,
     client_veth: String,
     server_veth: String,
     /// The policy rules sending the server addresses to the TUN's table are in place
@@ -169,10 +175,19 @@ impl Topology {
     /// Creates a topology for `test`, or returns None after printing a skip
     /// notice when the test cannot run here (see [`privileged_or_skip`]).
     pub fn for_test(test: &str) -> Option<Topology> {
-        privileged_or_skip(test).then(Topology::new)
+        privileged_or_skip(test).then(|| Topology::build(false))
+    }
+
+    /// Like [`Topology::for_test`], with a router namespace between client and server.
+    pub fn routed_for_test(test: &str) -> Option<Topology> {
+        privileged_or_skip(test).then(|| Topology::build(true))
     }
 
     pub fn new() -> Topology {
+        Topology::build(false)
+    }
+
+    fn build(routed: bool) -> Topology {
         static REAP: Once = Once::new();
         REAP.call_once(reap_stale_namespaces);
 
@@ -193,6 +208,7 @@ impl Topology {
             n,
             client_ns: format!("upx-c-{suffix}"),
             server_ns: format!("upx-s-{suffix}"),
+            router_ns: routed.then(|| format!("upx-r-{suffix}")),
             client_veth: format!("vc{n}"),
             server_veth: format!("vs{n}"),
             rules_added: std::cell::Cell::new(false),
@@ -204,10 +220,12 @@ impl Topology {
     fn setup(&self) {
         let (c, s) = (self.client_ns.as_str(), self.server_ns.as_str());
         let (vc, vs) = (self.client_veth.as_str(), self.server_veth.as_str());
+        let router = self.router_ns.as_deref();
         {
             let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-            ip(&format!("netns add {c}"));
-            ip(&format!("netns add {s}"));
+            for ns in [Some(c), Some(s), router].into_iter().flatten() {
+                ip(&format!("netns add {ns}"));
+            }
         }
         // New namespaces inherit the host's IPv4 rp_filter. Our policy route
         // sends the server address into the TUN while the proxy's replies
@@ -217,31 +235,76 @@ impl Topology {
             "netns exec {c} sysctl -qw \
              net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
         ));
+        // Every veth end: namespace, device, IPv4 and IPv6 address.
+        let mut ends = vec![
+            (c, vc.to_string(), self.client_v4(), self.client_v6()),
+            (s, vs.to_string(), self.server_v4(), self.server_v6()),
+        ];
         // Create the ends directly inside their namespaces so the names never
         // meet those of other processes in the root namespace.
-        ip(&format!(
-            "-n {c} link add {vc} type veth peer name {vs} netns {s}"
-        ));
-        let (c4, c6) = (self.client_v4(), self.client_v6());
-        let (s4, s6) = (self.server_v4(), self.server_v6());
-        for (ns, dev, v4, v6) in [(c, vc, c4, c6), (s, vs, s4, s6)] {
+        match router {
+            None => {
+                ip(&format!(
+                    "-n {c} link add {vc} type veth peer name {vs} netns {s}"
+                ));
+            }
+            Some(r) => {
+                let n = self.n;
+                let (rc, rs) = (format!("rc{n}"), format!("rs{n}"));
+                ip(&format!(
+                    "-n {c} link add {vc} type veth peer name {rc} netns {r}"
+                ));
+                ip(&format!(
+                    "-n {s} link add {vs} type veth peer name {rs} netns {r}"
+                ));
+                ends.push((r, rc, self.gateway(c), self.gateway6(c)));
+                ends.push((r, rs, self.gateway(s), self.gateway6(s)));
+                ip(&format!(
+                    "netns exec {r} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1"
+                ));
+            }
+        };
+        for (ns, dev, v4, v6) in &ends {
             ip(&format!("-n {ns} addr add {v4}/24 dev {dev}"));
             // nodad: the address is usable at once instead of after DAD.
             ip(&format!("-n {ns} addr add {v6}/64 dev {dev} nodad"));
             ip(&format!("-n {ns} link set lo up"));
             ip(&format!("-n {ns} link set {dev} up"));
         }
+        if router.is_some() {
+            for ns in [c, s] {
+                ip(&format!(
+                    "-n {ns} route add default via {}",
+                    self.gateway(ns)
+                ));
+                ip(&format!(
+                    "-n {ns} -6 route add default via {}",
+                    self.gateway6(ns)
+                ));
+            }
+        }
         // Until the kernel's link watcher has processed carrier-up (which
         // can take up to a second), a veth end silently drops what it sends,
         // e.g. the first neighbour advertisement, costing a full SYN
         // retransmission timeout. Operational state UP is set in the same
-        // step, so wait for it on both ends.
-        for (ns, dev) in [(c, vc), (s, vs)] {
+        // step, so wait for it on every end.
+        for (ns, dev, _, _) in &ends {
             let up = wait_until(Duration::from_secs(5), || {
                 link_json(ns, dev).is_some_and(|json| json.contains(r#""operstate":"UP""#))
             });
             assert!(up, "{dev} in {ns} not operationally up after 5 s");
         }
+    }
+
+    /// The router's address on the subnet of `ns` (the client's or the server's).
+    fn gateway(&self, ns: &str) -> IpAddr {
+        let subnet = if ns == self.client_ns { 201 } else { 202 };
+        self.addr(&format!("10.{subnet}.{}.254", self.n))
+    }
+
+    fn gateway6(&self, ns: &str) -> IpAddr {
+        let subnet = if ns == self.client_ns { 201 } else { 202 };
+        self.addr(&format!("fd00:{subnet}:{}::fe", self.n))
     }
 
     pub fn client_ns(&self) -> &str {
@@ -278,11 +341,16 @@ impl Topology {
     }
 
     pub fn server_v4(&self) -> IpAddr {
-        self.addr(&format!("10.201.{}.2", self.n))
+        self.addr(&format!("10.{}.{}.2", self.server_subnet(), self.n))
     }
 
     pub fn server_v6(&self) -> IpAddr {
-        self.addr(&format!("fd00:201:{}::2", self.n))
+        self.addr(&format!("fd00:{}:{}::2", self.server_subnet(), self.n))
+    }
+
+    /// Routed, the server has a subnet of its own.
+    fn server_subnet(&self) -> u32 {
+        if self.router_ns.is_some() { 202 } else { 201 }
     }
 
     fn addr(&self, text: &str) -> IpAddr {
@@ -315,34 +383,16 @@ impl Topology {
         F: Fn(TcpStream) -> T + Send + Sync + 'static,
         T: Send + 'static,
     {
-        let listener = join(self.in_server(move || {
-            TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"))
-        }));
-        // Linux bounds accept() by SO_RCVTIMEO, so a client that never
-        // arrives fails the test instead of hanging it.
-        SockRef::from(&listener)
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .expect("set accept timeout");
-        let addr = listener.local_addr().expect("listener address");
-        let acceptor = thread::spawn(move || {
-            thread::scope(|scope| {
-                let handler = &handler;
-                let handles: Vec<_> = (0..conns)
-                    .map(|i| {
-                        let (stream, _) = listener
-                            .accept()
-                            .unwrap_or_else(|e| panic!("accept #{i} on {addr}: {e}"));
-                        set_timeouts(&stream);
-                        scope.spawn(move || handler(stream))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|e| panic::resume_unwind(e)))
-                    .collect()
-            })
-        });
-        Server { addr, acceptor }
+        serve_in(&self.server_ns, ip, conns, handler)
+    }
+
+    /// Like [`Topology::serve`], in the client namespace: a server on the proxy's host.
+    pub fn serve_in_client<T, F>(&self, ip: IpAddr, conns: usize, handler: F) -> Server<T>
+    where
+        F: Fn(TcpStream) -> T + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        serve_in(&self.client_ns, ip, conns, handler)
     }
 
     /// Spawns the proxy in the client namespace with `-i iface --tun <tun>`
@@ -358,7 +408,7 @@ impl Topology {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Proxy {
-        self.spawn_proxy_wrapped(&[], iface, extra_args, env)
+        self.spawn_proxy_launched(TUN_NAME, &[], iface, extra_args, env)
     }
 
     /// Like [`Topology::spawn_proxy_with_env`], started through `wrapper`, a command
@@ -370,7 +420,34 @@ impl Topology {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Proxy {
-        let stderr_path = std::env::temp_dir().join(format!("{}.proxy.log", self.client_ns));
+        self.spawn_proxy_launched(TUN_NAME, wrapper, iface, extra_args, env)
+    }
+
+    /// Like [`Topology::spawn_proxy_with_env`], with TUN `tun` (for a second proxy).
+    pub fn spawn_proxy_on(
+        &self,
+        tun: &str,
+        iface: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
+        self.spawn_proxy_launched(tun, &[], iface, extra_args, env)
+    }
+
+    /// Spawns a proxy with TUN `tun`, through `wrapper` (empty: none).
+    fn spawn_proxy_launched(
+        &self,
+        tun: &str,
+        wrapper: &[&str],
+        iface: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
+        // One log per proxy, also when a test runs several at once.
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}.{tun}.{seq}.proxy.log", self.client_ns);
+        let stderr_path = std::env::temp_dir().join(name);
         let log = File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
         // `ip netns exec` (and the wrapper) exec the proxy, so the child's pid is the
@@ -379,7 +456,7 @@ impl Topology {
             .args(["netns", "exec", &self.client_ns])
             .args(wrapper)
             .arg(PROXY_BIN)
-            .args(["-i", iface, "--tun", TUN_NAME])
+            .args(["-i", iface, "--tun", tun])
             .args(extra_args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -440,22 +517,32 @@ impl Topology {
     /// Starts the proxy and waits for its TUN to be up, without routing anything into
     /// it (for tests of the proxy's own `--route`).
     pub fn start_proxy_unrouted(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Proxy {
-        self.wait_for_tun(self.spawn_proxy_with_env(&self.client_veth, extra_args, env))
+        self.start_proxy_on(TUN_NAME, extra_args, env)
+    }
+
+    /// Like [`Topology::start_proxy_unrouted`], with TUN `tun` (for a second proxy).
+    pub fn start_proxy_on(&self, tun: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        self.wait_for_tun_named(
+            tun,
+            self.spawn_proxy_on(tun, &self.client_veth, extra_args, env),
+        )
     }
 
     /// Waits for the TUN of a spawned `proxy` to be up.
-    pub fn wait_for_tun(&self, mut proxy: Proxy) -> Proxy {
+    pub fn wait_for_tun(&self, proxy: Proxy) -> Proxy {
+        self.wait_for_tun_named(TUN_NAME, proxy)
+    }
+
+    /// Waits for TUN `tun` of a spawned `proxy` to be up.
+    fn wait_for_tun_named(&self, tun: &str, mut proxy: Proxy) -> Proxy {
         let c = self.client_ns.as_str();
         let tun_up = wait_until(PROXY_STARTUP_TIMEOUT, || {
             proxy.assert_running();
             // Exact flag match: `"UP"` is not a substring of `"LOWER_UP"`.
-            link_json(c, TUN_NAME).is_some_and(|json| json.contains(r#""UP""#))
+            link_json(c, tun).is_some_and(|json| json.contains(r#""UP""#))
         });
         // The proxy's output is printed when it is dropped during the panic.
-        assert!(
-            tun_up,
-            "TUN {TUN_NAME} not up after {PROXY_STARTUP_TIMEOUT:?}"
-        );
+        assert!(tun_up, "TUN {tun} not up after {PROXY_STARTUP_TIMEOUT:?}");
         proxy
     }
 }
@@ -463,7 +550,8 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        for ns in [&self.client_ns, &self.server_ns] {
+        let router = self.router_ns.iter();
+        for ns in [&self.client_ns, &self.server_ns].into_iter().chain(router) {
             // No panicking here: this may run while a test is unwinding.
             match Command::new("ip").args(["netns", "del", ns]).output() {
                 Ok(out) if out.status.success() => {}
@@ -475,6 +563,43 @@ impl Drop for Topology {
             }
         }
     }
+}
+
+/// Listens on `ip` (kernel-chosen port) in namespace `ns`, accepts exactly `conns`
+/// connections and runs `handler` on each one in its own thread.
+fn serve_in<T, F>(ns: &str, ip: IpAddr, conns: usize, handler: F) -> Server<T>
+where
+    F: Fn(TcpStream) -> T + Send + Sync + 'static,
+    T: Send + 'static,
+{
+    let listener = join(in_netns(ns, move || {
+        TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"))
+    }));
+    // Linux bounds accept() by SO_RCVTIMEO, so a client that never
+    // arrives fails the test instead of hanging it.
+    SockRef::from(&listener)
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("set accept timeout");
+    let addr = listener.local_addr().expect("listener address");
+    let acceptor = thread::spawn(move || {
+        thread::scope(|scope| {
+            let handler = &handler;
+            let handles: Vec<_> = (0..conns)
+                .map(|i| {
+                    let (stream, _) = listener
+                        .accept()
+                        .unwrap_or_else(|e| panic!("accept #{i} on {addr}: {e}"));
+                    set_timeouts(&stream);
+                    scope.spawn(move || handler(stream))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| panic::resume_unwind(e)))
+                .collect()
+        })
+    });
+    Server { addr, acceptor }
 }
 
 /// `ip -j link show` output for `dev` in `ns`, or None if there is no such
@@ -490,7 +615,7 @@ fn link_json(ns: &str, dev: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Deletes `upx-[cs]-<pid>-*` namespaces whose creating process is gone,
+/// Deletes `upx-[csr]-<pid>-*` namespaces whose creating process is gone,
 /// left behind by test runs that were killed before their Drop guards ran.
 fn reap_stale_namespaces() {
     let Ok(entries) = fs::read_dir(NETNS_DIR) else {
@@ -501,6 +626,7 @@ fn reap_stale_namespaces() {
         let Some(rest) = name
             .strip_prefix("upx-c-")
             .or_else(|| name.strip_prefix("upx-s-"))
+            .or_else(|| name.strip_prefix("upx-r-"))
         else {
             continue;
         };
