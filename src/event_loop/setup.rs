@@ -111,7 +111,7 @@ fn log_start(proxy: &Proxy, features: Features, fd_limit: u64) {
         info!("io_uring: multishot TUN reads");
     } else {
         info!(
-            "io_uring: multishot reads unavailable (kernel {}), using {} single reads",
+            "io_uring: multishot reads unavailable (kernel {}), using chains of {} single reads",
             crate::uring::features::release(),
             proxy.tun.read_limit()
         );

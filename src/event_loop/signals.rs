@@ -43,7 +43,9 @@ impl Signals {
         }
         mask.thread_block()
             .map_err(|err| Error::Io("block signals", err.into()))?;
-        let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
+        // Non-blocking: io_uring then reads it inline and polls, on kernels where the
+        // signalfd does not say it can (6.1) as well, instead of a worker thread.
+        let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
             .map_err(|err| Error::Io("create signalfd", err.into()))?;
         let info = Region::new(SIGINFO_LEN).ok_or_else(|| {
             Error::Io(

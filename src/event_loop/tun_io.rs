@@ -1,5 +1,5 @@
-//! The TUN side of the loop: the read buffers and reads kept armed (one multishot read,
-//! or a batch of single reads on kernels without it), each packet's virtio-net header
+//! The TUN side of the loop: the read buffers and the reads (one multishot read, or on
+//! kernels without it a chain of single reads), each packet's virtio-net header
 //! checked, and the writes the transmit pool has filled submitted.
 
 use std::os::fd::AsFd;
@@ -21,8 +21,8 @@ const READ_BUFFERS_TSO: u16 = 256;
 /// TUN write buffers; when all are in flight smoltcp holds data back.
 const WRITE_BUFFERS: u16 = 1024;
 const WRITE_BUFFERS_TSO: u16 = 256;
-/// Most single-shot TUN reads kept in flight where the kernel has no multishot read
-/// (before 6.7): each delivers one packet, so this bounds the packets taken per turn.
+/// Single reads in each chain where the kernel has no multishot read (before 6.7):
+/// each delivers one packet, so this bounds the packets taken per turn.
 const SINGLE_READS: u16 = 64;
 
 /// A packet read from the TUN: where its IP packet starts in the read buffer, and the
@@ -37,8 +37,7 @@ pub struct Frame {
 
 pub struct TunIo {
     pub tun: Tun,
-    multishot: bool,
-    depth: ReadDepth,
+    reads: Reads,
 }
 
 impl TunIo {
@@ -63,34 +62,28 @@ impl TunIo {
                 std::io::ErrorKind::OutOfMemory.into(),
             )
         })?;
-        let limit = if features.read_multishot {
-            1
+        let reads = if features.read_multishot {
+            Reads::multishot()
         } else {
-            SINGLE_READS.min(read_buffers)
+            Reads::chained(SINGLE_READS.min(read_buffers))
         };
-        let io = TunIo {
-            tun,
-            multishot: features.read_multishot,
-            depth: ReadDepth::new(limit),
-        };
-        Ok((io, tx))
+        Ok((TunIo { tun, reads }, tx))
     }
 
-    /// Single reads kept in flight at most (1 with a multishot read).
+    /// Single reads in a chain (1 with a multishot read).
     pub fn read_limit(&self) -> u16 {
-        self.depth.limit
+        self.reads.limit
     }
 
-    /// Keeps the reads armed: re-arms a multishot read that ended (ENOBUFS) and
-    /// replaces each completed single read.
+    /// Keeps the reads going: re-arms a multishot read that ended (ENOBUFS), or submits
+    /// the next chain of single reads once the last one is done.
     pub fn arm_reads(&mut self, ring: &mut Ring) {
+        let fd = self.tun.as_fd();
         let token = Token::new(Op::TunRead, 0, 0).encode();
-        for _ in 0..self.depth.arm_now() {
-            if self.multishot {
-                ring.read_multishot(self.tun.as_fd(), READ_GROUP, token);
-            } else {
-                ring.read_selected(self.tun.as_fd(), READ_GROUP, token);
-            }
+        match self.reads.to_submit() {
+            Submit::Nothing => {}
+            Submit::Multishot => ring.read_multishot(fd, READ_GROUP, token),
+            Submit::Chain(count) => ring.read_chain(fd, READ_GROUP, count, token),
         }
     }
 
@@ -105,7 +98,7 @@ impl TunIo {
         stats: &mut Stats,
     ) -> Result<Option<(u16, Option<Frame>)>, Error> {
         let result = completion.result;
-        self.depth.completed(completion.more(), result > 0);
+        self.reads.on_read(completion.more());
         let Some(bid) = completion.buffer_id() else {
             if result == -nix::libc::ENOBUFS {
                 // Every circulating buffer was in use: let more circulate.
@@ -167,40 +160,62 @@ impl TunIo {
     }
 }
 
-/// How many TUN reads to keep armed. A multishot read is one; single reads are kept
-/// at twice what the last turn took, up to `limit`: every armed read is woken for each
-/// packet (and all but one go back to waiting), so a deep batch only pays off when the
-/// TUN is busy.
-struct ReadDepth {
-    limit: u16,
-    armed: u16,
-    taken: u16,
+/// What to submit for TUN reads this turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Submit {
+    Nothing,
+    Multishot,
+    Chain(u16),
 }
 
-impl ReadDepth {
-    fn new(limit: u16) -> ReadDepth {
-        ReadDepth {
-            limit,
-            armed: 0,
-            taken: 0,
+/// How the TUN is read. With a multishot read, one read stays armed. Without (before
+/// 6.7), a chain of single reads, each issued once the one before it completed (hard
+/// links): one read waits for the next packet at a time, and those queued are taken one
+/// after the other within the same turn. Several reads armed side by side would instead
+/// all be woken by each packet (and on 6.1, those woken for nothing are handed to io-wq
+/// worker threads).
+#[derive(Debug)]
+struct Reads {
+    multishot: bool,
+    limit: u16,
+    /// Reads (the multishot one, or those of the chain) not completed for good yet.
+    in_flight: u16,
+}
+
+impl Reads {
+    fn multishot() -> Reads {
+        Reads {
+            multishot: true,
+            limit: 1,
+            in_flight: 0,
         }
     }
 
-    /// A TUN read completed; `armed` says whether it stays armed (multishot).
-    fn completed(&mut self, armed: bool, packet: bool) {
-        if !armed {
-            self.armed = self.armed.saturating_sub(1);
+    fn chained(limit: u16) -> Reads {
+        Reads {
+            multishot: false,
+            limit: limit.max(1),
+            in_flight: 0,
         }
-        self.taken = self.taken.saturating_add(u16::from(packet));
     }
 
-    /// Reads to arm now; counts them as armed and starts the next turn's tally.
-    fn arm_now(&mut self) -> u16 {
-        let target = self.taken.saturating_mul(2).clamp(1, self.limit);
-        self.taken = 0;
-        let more = target.saturating_sub(self.armed);
-        self.armed += more;
-        more
+    fn to_submit(&mut self) -> Submit {
+        if self.in_flight > 0 {
+            return Submit::Nothing;
+        }
+        self.in_flight = self.limit;
+        if self.multishot {
+            Submit::Multishot
+        } else {
+            Submit::Chain(self.limit)
+        }
+    }
+
+    /// A read completed; `still_armed` for a multishot read that goes on.
+    fn on_read(&mut self, still_armed: bool) {
+        if !still_armed {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
     }
 }
 
@@ -209,29 +224,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn read_depth_follows_the_packets_each_turn_took() {
-        let mut multishot = ReadDepth::new(1);
-        assert_eq!(multishot.arm_now(), 1);
-        multishot.completed(true, true);
-        assert_eq!(multishot.arm_now(), 0, "still armed");
-        multishot.completed(false, false); // ENOBUFS ended it
-        assert_eq!(multishot.arm_now(), 1);
+    fn a_multishot_read_is_rearmed_only_when_it_ends() {
+        let mut reads = Reads::multishot();
+        assert_eq!(reads.to_submit(), Submit::Multishot);
+        reads.on_read(true);
+        assert_eq!(reads.to_submit(), Submit::Nothing, "still armed");
+        reads.on_read(false); // ENOBUFS ended it
+        assert_eq!(reads.to_submit(), Submit::Multishot);
+    }
 
-        // A busy TUN: every armed read finds a packet each turn.
-        let mut single = ReadDepth::new(64);
-        let mut depths = Vec::new();
-        for _ in 0..8 {
-            single.arm_now();
-            depths.push(single.armed);
-            for _ in 0..single.armed {
-                single.completed(false, true);
-            }
+    #[test]
+    fn the_next_chain_of_single_reads_goes_out_once_the_last_is_done() {
+        let mut reads = Reads::chained(64);
+        assert_eq!(reads.to_submit(), Submit::Chain(64));
+        for _ in 0..63 {
+            reads.on_read(false);
+            assert_eq!(reads.to_submit(), Submit::Nothing, "one chain at a time");
         }
-        assert_eq!(depths, [1, 2, 4, 8, 16, 32, 64, 64]);
-        // Quiet again: one packet a turn leaves the armed reads waiting, none added.
-        single.arm_now();
-        single.completed(false, true);
-        assert_eq!(single.arm_now(), 0, "63 armed already cover a quiet turn");
-        assert_eq!(single.armed, 63);
+        reads.on_read(false);
+        assert_eq!(reads.to_submit(), Submit::Chain(64));
     }
 }

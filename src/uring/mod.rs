@@ -93,6 +93,8 @@ pub struct Ring {
     inflight: Slab<Pending>,
     /// Provided buffer rings, by group id.
     buf_rings: Vec<Option<BufRing>>,
+    /// Entries of a chain being queued (kept to reuse its memory).
+    chain: Vec<squeue::Entry>,
 }
 
 impl Ring {
@@ -109,6 +111,7 @@ impl Ring {
             groups: VecDeque::new(),
             inflight: Slab::new(),
             buf_rings: Vec::new(),
+            chain: Vec::new(),
         })
     }
 
@@ -186,14 +189,33 @@ impl Ring {
         self.submit_picking(entry, token, group);
     }
 
-    /// One read into a buffer the kernel picks from `group`.
-    pub fn read_selected(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
+    /// `count` single reads into buffers the kernel picks from `group`, each issued
+    /// once the one before it has completed (hard links: whatever its result), so only
+    /// one of them ever waits for the file.
+    pub fn read_chain(&mut self, fd: BorrowedFd<'_>, group: u16, count: u16, token: u64) {
         let len = u32::try_from(self.buffer_size(group)).unwrap_or(u32::MAX);
-        let entry = opcode::Read::new(fd_of(fd), std::ptr::null_mut(), len)
-            .buf_group(group)
-            .build()
-            .flags(squeue::Flags::BUFFER_SELECT);
-        self.submit_picking(entry, token, group);
+        let mut chain = std::mem::take(&mut self.chain);
+        chain.clear();
+        for i in 0..count {
+            let flags = if i + 1 < count {
+                squeue::Flags::BUFFER_SELECT | squeue::Flags::IO_HARDLINK
+            } else {
+                squeue::Flags::BUFFER_SELECT
+            };
+            let entry = opcode::Read::new(fd_of(fd), std::ptr::null_mut(), len)
+                .buf_group(group)
+                .build()
+                .flags(flags);
+            let index = self.inflight.insert(Pending {
+                token,
+                _keep: Keep::Nothing,
+                group: Some(group),
+            });
+            chain.push(entry.user_data(index as u64 + 1));
+        }
+        // SAFETY: the reads point only into provided buffers, which the ring owns.
+        unsafe { self.push(&chain) };
+        self.chain = chain;
     }
 
     /// A multishot receive into the provided buffers of `group`.
