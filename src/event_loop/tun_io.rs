@@ -80,7 +80,7 @@ impl TunIo {
     pub fn arm_reads(&mut self, ring: &mut Ring) {
         let fd = self.tun.as_fd();
         let token = Token::new(Op::TunRead, 0, 0).encode();
-        match self.reads.to_submit() {
+        match self.reads.next_submission() {
             Submit::Nothing => {}
             Submit::Multishot => ring.read_multishot(fd, READ_GROUP, token),
             Submit::Chain(count) => ring.read_chain(fd, READ_GROUP, count, token),
@@ -199,7 +199,7 @@ impl Reads {
         }
     }
 
-    fn to_submit(&mut self) -> Submit {
+    fn next_submission(&mut self) -> Submit {
         if self.in_flight > 0 {
             return Submit::Nothing;
         }
@@ -226,22 +226,26 @@ mod tests {
     #[test]
     fn a_multishot_read_is_rearmed_only_when_it_ends() {
         let mut reads = Reads::multishot();
-        assert_eq!(reads.to_submit(), Submit::Multishot);
+        assert_eq!(reads.next_submission(), Submit::Multishot);
         reads.on_read(true);
-        assert_eq!(reads.to_submit(), Submit::Nothing, "still armed");
+        assert_eq!(reads.next_submission(), Submit::Nothing, "still armed");
         reads.on_read(false); // ENOBUFS ended it
-        assert_eq!(reads.to_submit(), Submit::Multishot);
+        assert_eq!(reads.next_submission(), Submit::Multishot);
     }
 
     #[test]
     fn the_next_chain_of_single_reads_goes_out_once_the_last_is_done() {
         let mut reads = Reads::chained(64);
-        assert_eq!(reads.to_submit(), Submit::Chain(64));
+        assert_eq!(reads.next_submission(), Submit::Chain(64));
         for _ in 0..63 {
             reads.on_read(false);
-            assert_eq!(reads.to_submit(), Submit::Nothing, "one chain at a time");
+            assert_eq!(
+                reads.next_submission(),
+                Submit::Nothing,
+                "one chain at a time"
+            );
         }
         reads.on_read(false);
-        assert_eq!(reads.to_submit(), Submit::Chain(64));
+        assert_eq!(reads.next_submission(), Submit::Chain(64));
     }
 }

@@ -441,22 +441,19 @@ impl Ring {
         self.groups.clear();
         let deadline = Instant::now() + limit;
         let mut completions = Vec::new();
-        let mut next_cancel = Instant::now();
         while !self.inflight.is_empty() {
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            // Again now and then: an operation may not have been cancellable at once.
-            if now >= next_cancel {
-                let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
-                    .build()
-                    .user_data(UNWATCHED);
-                // SAFETY: a cancel points at no memory.
-                unsafe { self.push(&[cancel]) };
-                next_cancel = now + Duration::from_millis(100);
-            }
-            let wait = (deadline - now).min(Duration::from_millis(10));
+            // Every round: an operation may not have been cancellable at once, and a
+            // cancelled read of a hard-linked chain lets the next one start.
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                .build()
+                .user_data(UNWATCHED);
+            // SAFETY: a cancel points at no memory.
+            unsafe { self.push(&[cancel]) };
+            let wait = (deadline - now).min(Duration::from_millis(5));
             if self.submit_and_wait(Some(wait)).is_err() {
                 return false;
             }
@@ -586,6 +583,31 @@ mod tests {
         assert_eq!(ring.buffer(3, 400, 1), None);
         assert!(ring.cancel_all(Duration::from_secs(1)));
         assert!(ring.inflight.is_empty());
+    }
+
+    #[test]
+    fn a_chain_of_reads_takes_what_is_queued_and_is_cancelled_quickly() {
+        let mut ring = Ring::new().expect("io_uring");
+        ring.provide_buffers(2, 16, 64).unwrap();
+        let (reader, writer) = pipe();
+        ring.read_chain(reader.as_fd(), 2, 16, 5);
+        for byte in [b"a", b"b", b"c"] {
+            nix::unistd::write(&writer, byte).expect("write the pipe");
+            let done = completions(&mut ring, 1);
+            assert_eq!(done.len(), 1, "one read at a time takes each write");
+            let bid = done[0].buffer_id().unwrap();
+            assert_eq!(ring.buffer(2, bid, 1), Some(&byte[..]));
+            ring.recycle(2, bid);
+            ring.publish(2);
+        }
+        assert_eq!(ring.inflight.len(), 13);
+        let started = Instant::now();
+        assert!(ring.cancel_all(Duration::from_secs(1)));
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "each cancelled read started the next: {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
