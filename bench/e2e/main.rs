@@ -239,11 +239,35 @@ struct Running {
     startup: Duration,
     namespace: String,
     tun: String,
+    /// `-4` or `-6`: the family of the route into the TUN.
+    family: &'static str,
 }
 
 impl Running {
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the proxy still runs and the route into its TUN is still in place: if
+    /// either went away, the traffic of a run went direct (the policy rule falls
+    /// through to the main table) and the run measured the wrong path.
+    fn still_in_path(&mut self) -> Result<(), String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(format!("the proxy exited during the run ({status})"));
+        }
+        let (ns, family, tun) = (&self.namespace, self.family, &self.tun);
+        let routes = Command::new("ip")
+            .args(["-n", ns, family, "route", "show", "table", ROUTE_TABLE])
+            .stderr(Stdio::null())
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        if !routes.contains(&format!("dev {tun}")) {
+            return Err(format!(
+                "the route into {tun} vanished: the traffic went around the proxy"
+            ));
+        }
+        Ok(())
     }
 
     /// Starts `command` in the client namespace, routes the server into its TUN and
@@ -274,11 +298,13 @@ impl Running {
             cleanup.1.push(child.id());
             child
         };
+        let family = if server.is_ipv4() { "-4" } else { "-6" };
         let mut running = Running {
             child,
             startup: Duration::ZERO,
             namespace: topo.client_ns().to_string(),
             tun: topo.tun_name().to_string(),
+            family,
         };
         let (ns, tun) = (topo.client_ns(), topo.tun_name());
         // The process's own view of its namespace's links, read every millisecond
@@ -302,9 +328,14 @@ impl Running {
                 "`{command}` made no TUN {tun} in {STARTUP_TIMEOUT:?}"
             ));
         }
+        // A proxy configures its TUN after creating it, and the kernel flushes the
+        // TUN's routes when an address is replaced (uringproxy sets the netmask after the
+        // address; the only address is then briefly gone): a route added before that is
+        // lost and the traffic goes direct. Bringing the TUN up is uringproxy's last
+        // step, so wait for that, for a while; some proxies never do it themselves.
+        wait_until(Duration::from_secs(1), || link_is_up(ns, tun));
         // Whatever the proxy did itself: the TUN must be up and hold the route that
         // the policy rule (see `prepare_namespaces`) looks up.
-        let family = if server.is_ipv4() { "-4" } else { "-6" };
         let routed = wait_until(STARTUP_TIMEOUT, || {
             ip_ok(&format!("-n {ns} link set dev {tun} up"))
                 && ip_ok(&format!(
@@ -331,6 +362,8 @@ impl Running {
                 "no connection through `{command}` in {STARTUP_TIMEOUT:?}"
             ));
         }
+        // A probe that found no route went direct and proves nothing.
+        running.still_in_path()?;
         running.startup = start.elapsed();
         Ok(running)
     }
@@ -355,6 +388,21 @@ impl Drop for Running {
             !ip_ok(&format!("-n {ns} link show dev {tun}"))
         });
     }
+}
+
+/// Whether `dev` in `ns` has IFF_UP set (`ip link` shows flags as `<...,UP,...>`).
+fn link_is_up(ns: &str, dev: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", ns, "link", "show", "dev", dev])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let flags = text
+                .split_once('<')
+                .and_then(|(_, rest)| rest.split_once('>'));
+            flags.is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
+        })
 }
 
 fn ip_ok(args: &str) -> bool {
@@ -420,7 +468,7 @@ fn measure(
     settings: &Settings,
     log: &File,
 ) -> Result<Measured, String> {
-    let proxy = match &variant.command {
+    let mut proxy = match &variant.command {
         Some(command) => Some(Running::start(topo, command, server, log)?),
         None => None,
     };
@@ -433,6 +481,9 @@ fn measure(
         scenario.run(topo, server, settings, &meter)
     }))
     .map_err(|e| panic_message(&e))?;
+    if let Some(proxy) = &mut proxy {
+        proxy.still_in_path()?;
+    }
     Ok(Measured {
         sample,
         cpu: meter.cpu(),
@@ -462,7 +513,7 @@ fn resources(
         after_load_wait: settings.after_load_wait,
         ..Resources::default()
     };
-    let proxy = match Running::start(topo, command, server, log) {
+    let mut proxy = match Running::start(topo, command, server, log) {
         Ok(proxy) => proxy,
         Err(e) => {
             figures.error = Some(e);
@@ -518,6 +569,8 @@ fn resources(
     }));
     if let Err(e) = outcome {
         figures.error = Some(panic_message(&e));
+    } else if let Err(e) = proxy.still_in_path() {
+        figures.error = Some(e);
     }
     figures
 }
