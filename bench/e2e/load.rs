@@ -36,9 +36,10 @@ pub const UDP_ECHO_FLOWS: usize = 8;
 /// 1500-byte MTU over IPv6 (1448 bytes with headers).
 pub const FLOOD_SIZE: usize = 1400;
 /// Socket buffers of the flood's sender and receiver (forced past rmem_max/wmem_max):
-/// ~25 ms at 1 Gbit/s, so a receiver descheduled for a moment on these shared cores
-/// does not count as loss of the path.
-const FLOOD_SOCKET_BUFFER: usize = 4 << 20;
+/// ~90 ms of 1 Gbit/s at ~2.3 KiB of kernel memory per datagram, so that a receiver
+/// descheduled for a moment on these shared cores is not counted as the path's loss
+/// (with 4 MiB the receiver did drop some, through the proxy, at load average 3).
+const FLOOD_SOCKET_BUFFER: usize = 16 << 20;
 /// A flood's receiver stops once nothing has arrived for this long after the last send
 /// (the shaper's queue holds at most 20 ms), and in any case this long after it.
 const FLOOD_QUIET: Duration = Duration::from_millis(300);
@@ -64,6 +65,32 @@ pub struct Sample {
     pub due: u64,
     /// Operations that failed: connects, resets and timeouts mid-run, bad echoes.
     pub errors: u64,
+    /// Where the kernel dropped datagrams (udp-up, udp-down).
+    pub drops: Option<Drops>,
+}
+
+/// Datagrams of a flood the kernel dropped, by place: how much of the loss these
+/// explain, and where.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Drops {
+    /// The receiving socket's buffer was full.
+    pub receiver: u64,
+    /// The proxy's own sockets' receive buffers were full (None on the direct path).
+    pub proxy_sockets: Option<u64>,
+    /// The TUN's queue towards the proxy was full (None on the direct path).
+    pub tun_queue: Option<u64>,
+}
+
+impl Drops {
+    pub fn add(&mut self, other: &Drops) {
+        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        self.receiver += other.receiver;
+        self.proxy_sockets = sum(self.proxy_sockets, other.proxy_sockets);
+        self.tun_queue = sum(self.tun_queue, other.tun_queue);
+    }
 }
 
 impl Sample {
@@ -98,6 +125,10 @@ impl Meter {
             .and_then(procfs::cpu_seconds)
             .map(|cpu| (Instant::now(), cpu));
         self.samples.lock().expect("meter")[which] = now;
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
     }
 
     fn start(&self) {
@@ -595,6 +626,7 @@ pub fn udp_flood(
     };
     let total = (rate as f64 * duration.as_secs_f64()) as u64;
     let sent_all = Arc::new(AtomicBool::new(false));
+    let receiver_inode = nix::sys::stat::fstat(&receiver).expect("fstat").st_ino;
     let receiving = {
         let sent_all = sent_all.clone();
         thread::spawn(move || {
@@ -633,7 +665,8 @@ pub fn udp_flood(
                     last = last.max(Instant::now());
                 }
             }
-            (good, bad)
+            // The socket stays open until its drops are read.
+            (good, bad, receiver)
         })
     };
     let mut datagram = vec![0_u8; FLOOD_SIZE];
@@ -666,8 +699,11 @@ pub fn udp_flood(
     let elapsed = start.elapsed();
     meter.stop();
     sent_all.store(true, Ordering::Relaxed);
-    let (good, bad) = join(receiving);
+    let (good, bad, receiver) = join(receiving);
+    let drops = flood_drops(topo, upload, receiver_inode, meter.pid());
+    drop(receiver);
     Sample {
+        drops: Some(drops),
         units: good,
         bytes: good * FLOOD_SIZE as u64,
         elapsed,
@@ -675,6 +711,32 @@ pub fn udp_flood(
         due: ((elapsed.as_secs_f64() * rate as f64) as u64).min(total),
         errors: errors + bad,
         ..Sample::default()
+    }
+}
+
+/// What the kernel counted as dropped at the end of a flood, by place. The proxy and
+/// its TUN are new for each run, so their counters are the run's.
+fn flood_drops(topo: &Topology, upload: bool, receiver: u64, proxy: Option<u32>) -> Drops {
+    let proxy_inodes = proxy.map(procfs::socket_inodes).unwrap_or_default();
+    let tun = topo.tun_name().to_string();
+    let (client, tun_queue) =
+        join(topo.in_client(move || (procfs::sockets("udp"), procfs::tx_drops(&tun))));
+    let server = join(topo.in_server(|| procfs::sockets("udp")));
+    let receiving_side = if upload { &server } else { &client };
+    Drops {
+        receiver: receiving_side
+            .iter()
+            .filter(|row| row.inode == receiver)
+            .map(|row| row.drops)
+            .sum(),
+        proxy_sockets: proxy.map(|_| {
+            client
+                .iter()
+                .filter(|row| proxy_inodes.contains(&row.inode))
+                .map(|row| row.drops)
+                .sum()
+        }),
+        tun_queue: proxy.and(tun_queue),
     }
 }
 
@@ -772,6 +834,10 @@ pub struct Stalled {
     pub bytes: u64,
     /// Server sockets that failed (reset by the path) before the end.
     pub failed: u64,
+    /// At the end, bytes received but unread in the kernel: by the proxy's sockets
+    /// (its outbound ones: memory the proxy holds outside its RSS) and by the clients'.
+    pub proxy_unread: u64,
+    pub clients_unread: u64,
 }
 
 /// `count` downloads whose clients never read while their servers keep writing, for
@@ -783,6 +849,7 @@ pub fn stalled_downloads(
     ip: IpAddr,
     count: usize,
     duration: Duration,
+    proxy: u32,
     mut tick: impl FnMut(Duration),
 ) -> Stalled {
     let (clients, servers) = connection_pairs(topo, ip, count);
@@ -797,6 +864,8 @@ pub fn stalled_downloads(
     let mut stalled = Stalled {
         bytes: 0,
         failed: 0,
+        proxy_unread: 0,
+        clients_unread: 0,
     };
     let start = Instant::now();
     let mut next_tick = Duration::from_secs(1);
@@ -824,6 +893,15 @@ pub fn stalled_downloads(
         }
         if !progress {
             thread::sleep(Duration::from_millis(2));
+        }
+    }
+    // Every TCP socket of the client namespace is the proxy's or a client's.
+    let proxy_inodes = procfs::socket_inodes(proxy);
+    for row in join(topo.in_client(|| procfs::sockets("tcp"))) {
+        if proxy_inodes.contains(&row.inode) {
+            stalled.proxy_unread += row.rx_queue;
+        } else {
+            stalled.clients_unread += row.rx_queue;
         }
     }
     // Clients with unread data close with RST, which tears every flow down at once.

@@ -254,6 +254,8 @@ pub struct Resources {
     pub stalled_rss_kib: Vec<(Duration, Option<u64>)>,
     pub stalled_bytes: u64,
     pub stalled_failed: u64,
+    /// Bytes unread in the kernel at the end: the proxy's sockets', the clients'.
+    pub stalled_unread: Option<(u64, u64)>,
     pub error: Option<String>,
 }
 
@@ -629,12 +631,14 @@ fn resources(
             server,
             settings.stalled_flows,
             settings.stalled_window,
+            pid,
             |at| samples.push((at, procfs::rss_kib(pid))),
         );
         samples.push((settings.stalled_window, procfs::rss_kib(pid)));
         figures.stalled_rss_kib = samples;
         figures.stalled_bytes = stalled.bytes;
         figures.stalled_failed = stalled.failed;
+        figures.stalled_unread = Some((stalled.proxy_unread, stalled.clients_unread));
     }));
     if let Err(e) = outcome {
         figures.error = Some(panic_message(&e));

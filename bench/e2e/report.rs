@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::load::{FLOOD_SIZE, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
+use crate::load::{Drops, FLOOD_SIZE, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
 use crate::{Measured, Resources, Run, Scenario, Variant};
 
 pub struct Context {
@@ -47,6 +47,8 @@ pub struct Cell {
     pub sent_pct: Option<f64>,
     /// Median latency added to the direct path's, microseconds (rr, crr).
     pub p50_added_us: Option<f64>,
+    /// Kernel drops by place, summed over the rounds (udp-up, udp-down).
+    pub drops: Option<Drops>,
     /// Failed operations summed over the runs, and messages of runs that failed.
     pub errors: u64,
     pub failures: Vec<String>,
@@ -118,11 +120,27 @@ fn sent_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
 /// A sender that fell this far short of its target rate is said to have.
 const SENDER_SHORT_PCT: f64 = 99.0;
 
-/// "X% lost", and whether the sender reached its target: the figures of a flood.
-fn flood_text(loss: Option<f64>, sent: Option<f64>) -> String {
+/// "X% lost", whether the sender reached its target, and where the kernel dropped
+/// datagrams: the figures of a flood.
+fn flood_text(loss: Option<f64>, sent: Option<f64>, drops: Option<&Drops>) -> String {
     let mut text = loss.map_or_else(String::new, |l| format!("{l:.1}% lost"));
     if let Some(sent) = sent.filter(|&s| s < SENDER_SHORT_PCT) {
         let _ = write!(text, ", sender reached only {sent:.0}% of the target");
+    }
+    if let Some(drops) = drops {
+        let mut places = Vec::new();
+        if drops.receiver > 0 {
+            places.push(format!("receiver {}", drops.receiver));
+        }
+        if let Some(n) = drops.proxy_sockets.filter(|&n| n > 0) {
+            places.push(format!("proxy's socket {n}"));
+        }
+        if let Some(n) = drops.tun_queue.filter(|&n| n > 0) {
+            places.push(format!("TUN queue {n}"));
+        }
+        if !places.is_empty() {
+            let _ = write!(text, "; dropped at {}", places.join(", "));
+        }
     }
     text
 }
@@ -164,6 +182,12 @@ pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> 
                         loss_pct: med(&|m| loss_pct(scenario, &m.sample)),
                         sent_pct: med(&|m| sent_pct(scenario, &m.sample)),
                         p50_added_us: None,
+                        drops: measured.iter().filter_map(|m| m.sample.drops).reduce(
+                            |mut sum, d| {
+                                sum.add(&d);
+                                sum
+                            },
+                        ),
                         errors: measured.iter().map(|m| m.sample.errors).sum(),
                         failures: of_cell()
                             .filter_map(|r| r.outcome.as_ref().err().cloned())
@@ -203,8 +227,11 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
                 let _ = write!(text, " ({pct:.1}% answered)");
             }
             if scenario.is_flood() {
-                let figures =
-                    flood_text(loss_pct(scenario, &m.sample), sent_pct(scenario, &m.sample));
+                let figures = flood_text(
+                    loss_pct(scenario, &m.sample),
+                    sent_pct(scenario, &m.sample),
+                    m.sample.drops.as_ref(),
+                );
                 let _ = write!(text, " ({figures})");
             }
             if let Some(cpu) = cpu_pct(m) {
@@ -333,7 +360,8 @@ pub fn markdown(
                 let _ = write!(result, " ({pct:.1}% answered)");
             }
             if scenario.is_flood() {
-                let _ = write!(result, " ({})", flood_text(cell.loss_pct, cell.sent_pct));
+                let figures = flood_text(cell.loss_pct, cell.sent_pct, cell.drops.as_ref());
+                let _ = write!(result, " ({figures})");
             }
             if cell.errors > 0 || !cell.failures.is_empty() {
                 let _ = write!(
@@ -470,6 +498,14 @@ pub fn markdown(
         if r.stalled_failed > 0 {
             let _ = write!(text, ", {} flows reset", r.stalled_failed);
         }
+        if let Some((proxy, clients)) = r.stalled_unread {
+            let _ = write!(
+                text,
+                "; unread in the kernel: {} in the proxy's sockets, {} in the clients'",
+                mib(Some(proxy / 1024)),
+                mib(Some(clients / 1024))
+            );
+        }
         text
     });
     for (v, figures) in resources {
@@ -505,6 +541,20 @@ fn json_num(value: Option<f64>) -> String {
 
 fn json_int(value: Option<u64>) -> String {
     value.map_or_else(|| "null".into(), |v| v.to_string())
+}
+
+fn json_drops(drops: Option<&Drops>) -> String {
+    drops.map_or_else(
+        || "null".into(),
+        |d| {
+            format!(
+                r#"{{"receiver":{},"proxy_sockets":{},"tun_queue":{}}}"#,
+                d.receiver,
+                json_int(d.proxy_sockets),
+                json_int(d.tun_queue)
+            )
+        },
+    )
 }
 
 fn json_latency(latency: Option<[f64; 3]>) -> String {
@@ -565,7 +615,7 @@ pub fn json(
             match &run.outcome {
                 Err(e) => format!(r#"{{{head},"error":{}}}"#, json_str(e)),
                 Ok(m) => format!(
-                    r#"{{{head},"value":{},"unit":{},"units":{},"bytes":{},"elapsed_s":{},"offered":{},"due":{},"errors":{},"latency_us":{},"cpu_seconds":{},"peak_rss_kib":{}}}"#,
+                    r#"{{{head},"value":{},"unit":{},"units":{},"bytes":{},"elapsed_s":{},"offered":{},"due":{},"drops":{},"errors":{},"latency_us":{},"cpu_seconds":{},"peak_rss_kib":{}}}"#,
                     json_num(Some(run.scenario.value(&m.sample))),
                     json_str(run.scenario.unit()),
                     m.sample.units,
@@ -573,6 +623,7 @@ pub fn json(
                     m.sample.elapsed.as_secs_f64(),
                     m.sample.offered,
                     m.sample.due,
+                    json_drops(m.sample.drops.as_ref()),
                     m.sample.errors,
                     json_latency(percentiles(&m.sample.latencies)),
                     json_num(m.cpu.map(|(seconds, _)| seconds)),
@@ -586,7 +637,7 @@ pub fn json(
     for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
         for (variant, cell) in variants.iter().zip(row) {
             summary_items.push(format!(
-                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"errors":{},"failed_runs":{}}}"#,
+                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"drops":{},"errors":{},"failed_runs":{}}}"#,
                 json_str(scenario.name()),
                 json_str(&variant.label),
                 json_num(cell.value),
@@ -601,6 +652,7 @@ pub fn json(
                 json_num(cell.loss_pct),
                 json_num(cell.sent_pct),
                 json_num(cell.p50_added_us),
+                json_drops(cell.drops.as_ref()),
                 cell.errors,
                 cell.failures.len(),
             ));
@@ -623,7 +675,7 @@ pub fn json(
                 })
                 .collect();
             format!(
-                r#"{{"variant":{},"startup_ms":{},"idle_rss_kib":{},"wakeups":{},"wakeup_window_s":{},"tcp_idle_flows":[{}],"udp_flows":{},"udp_answered":{},"udp_flows_rss_kib":{},"load_peak_rss_kib":{},"after_load_rss_kib":{},"after_load_wait_s":{},"stalled_flows":{},"stalled_window_s":{},"stalled_rss":[{}],"stalled_bytes":{},"stalled_failed":{},"error":{}}}"#,
+                r#"{{"variant":{},"startup_ms":{},"idle_rss_kib":{},"wakeups":{},"wakeup_window_s":{},"tcp_idle_flows":[{}],"udp_flows":{},"udp_answered":{},"udp_flows_rss_kib":{},"load_peak_rss_kib":{},"after_load_rss_kib":{},"after_load_wait_s":{},"stalled_flows":{},"stalled_window_s":{},"stalled_rss":[{}],"stalled_bytes":{},"stalled_failed":{},"stalled_proxy_unread":{},"stalled_clients_unread":{},"error":{}}}"#,
                 json_str(&variants[*v].label),
                 json_num(r.startup.map(|d| d.as_secs_f64() * 1e3)),
                 json_int(r.idle_rss_kib),
@@ -641,6 +693,8 @@ pub fn json(
                 stalled.join(","),
                 r.stalled_bytes,
                 r.stalled_failed,
+                json_int(r.stalled_unread.map(|(proxy, _)| proxy)),
+                json_int(r.stalled_unread.map(|(_, clients)| clients)),
                 r.error.as_deref().map_or_else(|| "null".into(), json_str),
             )
         })
