@@ -627,6 +627,8 @@ pub fn udp_flood(
     let total = (rate as f64 * duration.as_secs_f64()) as u64;
     let sent_all = Arc::new(AtomicBool::new(false));
     let receiver_inode = nix::sys::stat::fstat(&receiver).expect("fstat").st_ino;
+    // Should the sender never say it is done (it panicked), the receiver still ends.
+    let give_up = Instant::now() + duration + IO_TIMEOUT;
     let receiving = {
         let sent_all = sent_all.clone();
         thread::spawn(move || {
@@ -635,8 +637,9 @@ pub fn udp_flood(
             let (mut good, mut bad) = (0_u64, 0_u64);
             let mut last = Instant::now();
             let mut ended: Option<Instant> = None;
-            while ended
-                .is_none_or(|t| t.elapsed() < FLOOD_DRAIN_MAX && last.elapsed() < FLOOD_QUIET)
+            while Instant::now() < give_up
+                && ended
+                    .is_none_or(|t| t.elapsed() < FLOOD_DRAIN_MAX && last.elapsed() < FLOOD_QUIET)
             {
                 match receiver.recv(&mut buf) {
                     Ok(n) => {
@@ -841,9 +844,10 @@ pub struct Stalled {
 }
 
 /// `count` downloads whose clients never read while their servers keep writing, for
-/// `duration`; `tick` is called about once a second with the time since the start (to
-/// sample the proxy's memory as it fills). Bounded by `duration` however the path
-/// behaves: the servers write without blocking.
+/// `duration`; `tick` is called about once a second with the time since the start, and
+/// at the end with `duration` before anything closes (to sample the proxy's memory as
+/// it fills). Bounded by `duration` however the path behaves: the servers write without
+/// blocking.
 pub fn stalled_downloads(
     topo: &Topology,
     ip: IpAddr,
@@ -887,7 +891,7 @@ pub fn stalled_downloads(
                 }
             }
         }
-        if start.elapsed() >= next_tick {
+        if start.elapsed() >= next_tick && next_tick < duration {
             tick(next_tick);
             next_tick += Duration::from_secs(1);
         }
@@ -895,6 +899,7 @@ pub fn stalled_downloads(
             thread::sleep(Duration::from_millis(2));
         }
     }
+    tick(duration);
     // Every TCP socket of the client namespace is the proxy's or a client's.
     let proxy_inodes = procfs::socket_inodes(proxy);
     for row in join(topo.in_client(|| procfs::sockets("tcp"))) {

@@ -634,7 +634,6 @@ fn resources(
             pid,
             |at| samples.push((at, procfs::rss_kib(pid))),
         );
-        samples.push((settings.stalled_window, procfs::rss_kib(pid)));
         figures.stalled_rss_kib = samples;
         figures.stalled_bytes = stalled.bytes;
         figures.stalled_failed = stalled.failed;
