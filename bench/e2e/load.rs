@@ -8,6 +8,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::{setsockopt, sockopt};
+
 use crate::common::{Topology, is_timeout, join};
 use crate::procfs;
 
@@ -30,6 +32,21 @@ const UDP_DRAIN: Duration = Duration::from_secs(1);
 /// Payload of each udp-echo datagram, and the flows they are spread over.
 pub const UDP_ECHO_SIZE: usize = 1024;
 pub const UDP_ECHO_FLOWS: usize = 8;
+/// Payload of each udp-up/udp-down datagram: a full-sized one that still fits the
+/// 1500-byte MTU over IPv6 (1448 bytes with headers).
+pub const FLOOD_SIZE: usize = 1400;
+/// Socket buffers of the flood's sender and receiver (forced past rmem_max/wmem_max):
+/// ~90 ms of 1 Gbit/s at ~2.3 KiB of kernel memory per datagram, so that a receiver
+/// descheduled for a moment on these shared cores is not counted as the path's loss
+/// (with 4 MiB the receiver did drop some, through the proxy, at load average 3).
+const FLOOD_SOCKET_BUFFER: usize = 16 << 20;
+/// A flood's receiver stops once nothing has arrived for this long after the last send
+/// (the shaper's queue holds at most 20 ms), and in any case this long after it.
+const FLOOD_QUIET: Duration = Duration::from_millis(300);
+const FLOOD_DRAIN_MAX: Duration = Duration::from_secs(3);
+/// The stalled downloads' server sockets: a fixed send buffer, so that 500 of them
+/// cannot autotune to 4 MiB each of this machine's memory.
+const STALLED_SEND_BUFFER: usize = 256 * 1024;
 
 /// What one run of a scenario measured, from the application's point of view.
 #[derive(Clone, Debug, Default)]
@@ -41,10 +58,39 @@ pub struct Sample {
     pub elapsed: Duration,
     /// Per-transaction latencies in nanoseconds (rr, crr).
     pub latencies: Vec<u32>,
-    /// Datagrams sent (udp-echo).
+    /// Datagrams the sender's kernel took (udp-echo, udp-up, udp-down).
     pub offered: u64,
+    /// Datagrams the pacing wanted to send (udp-up, udp-down): `offered` below it means
+    /// the sender, not the path, fell short of the target rate.
+    pub due: u64,
     /// Operations that failed: connects, resets and timeouts mid-run, bad echoes.
     pub errors: u64,
+    /// Where the kernel dropped datagrams (udp-up, udp-down).
+    pub drops: Option<Drops>,
+}
+
+/// Datagrams of a flood the kernel dropped, by place: how much of the loss these
+/// explain, and where.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Drops {
+    /// The receiving socket's buffer was full.
+    pub receiver: u64,
+    /// The proxy's own sockets' receive buffers were full (None on the direct path).
+    pub proxy_sockets: Option<u64>,
+    /// The TUN's queue towards the proxy was full (None on the direct path).
+    pub tun_queue: Option<u64>,
+}
+
+impl Drops {
+    pub fn add(&mut self, other: &Drops) {
+        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        self.receiver += other.receiver;
+        self.proxy_sockets = sum(self.proxy_sockets, other.proxy_sockets);
+        self.tun_queue = sum(self.tun_queue, other.tun_queue);
+    }
 }
 
 impl Sample {
@@ -79,6 +125,10 @@ impl Meter {
             .and_then(procfs::cpu_seconds)
             .map(|cpu| (Instant::now(), cpu));
         self.samples.lock().expect("meter")[which] = now;
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
     }
 
     fn start(&self) {
@@ -469,7 +519,7 @@ pub fn udp_echo(
                 // Echoes still in flight when sending ends get UDP_DRAIN to arrive.
                 while quiet_since.is_none_or(|since| since.elapsed() < UDP_DRAIN) {
                     match socket.recv(&mut buf) {
-                        Ok(n) if is_datagram(&buf[..n], flow, size) => good += 1,
+                        Ok(n) if datagram_seq(&buf[..n], flow, size).is_some() => good += 1,
                         Ok(_) => bad += 1,
                         // An ICMP error from the path: counted, and it ends nothing.
                         Err(e) if !is_timeout(&e) => bad += 1,
@@ -529,6 +579,170 @@ pub fn udp_echo(
     sample
 }
 
+/// One-way UDP at `rate` datagrams/s of `FLOOD_SIZE` bytes for `duration` on one flow:
+/// client to server (`upload`) or back. The sender paces with a token bucket and
+/// never blocks: a datagram its own socket has no room for is not sent (and `offered`
+/// falls short of `due`), one a local queue drops (ENOBUFS) counts as sent and lost.
+/// Units are distinct intact datagrams received; duplicates and corrupt ones are errors.
+pub fn udp_flood(
+    topo: &Topology,
+    ip: IpAddr,
+    upload: bool,
+    rate: u64,
+    duration: Duration,
+    meter: &Meter,
+) -> Sample {
+    let server = join(topo.in_server(move || UdpSocket::bind((ip, 0)).expect("bind udp")));
+    let addr = server.local_addr().expect("udp address");
+    let client = join(topo.in_client(move || udp_client(addr)));
+    for socket in [&server, &client] {
+        setsockopt(socket, sockopt::RcvBufForce, &FLOOD_SOCKET_BUFFER).expect("SO_RCVBUFFORCE");
+        setsockopt(socket, sockopt::SndBufForce, &FLOOD_SOCKET_BUFFER).expect("SO_SNDBUFFORCE");
+        socket
+            .set_read_timeout(Some(FLOOD_QUIET / 3))
+            .expect("timeout");
+    }
+    let (sender, receiver) = if upload {
+        (client, server)
+    } else {
+        // The server learns the client's address (through a proxy: the proxy's outbound
+        // socket) from a first datagram, which also opens the proxy's UDP flow.
+        let deadline = Instant::now() + IO_TIMEOUT;
+        let mut buf = [0_u8; 64];
+        let peer = loop {
+            assert!(
+                Instant::now() < deadline,
+                "udp-down: no hello from the client"
+            );
+            let _ = client.send(b"hello");
+            if let Ok((n, from)) = server.recv_from(&mut buf)
+                && &buf[..n] == b"hello"
+            {
+                break from;
+            }
+        };
+        server.connect(peer).expect("connect udp server");
+        (server, client)
+    };
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let sent_all = Arc::new(AtomicBool::new(false));
+    let receiver_inode = nix::sys::stat::fstat(&receiver).expect("fstat").st_ino;
+    // Should the sender never say it is done (it panicked), the receiver still ends.
+    let give_up = Instant::now() + duration + IO_TIMEOUT;
+    let receiving = {
+        let sent_all = sent_all.clone();
+        thread::spawn(move || {
+            let mut seen = vec![0_u64; (total as usize).div_ceil(64)];
+            let mut buf = vec![0_u8; 65536];
+            let (mut good, mut bad) = (0_u64, 0_u64);
+            let mut last = Instant::now();
+            let mut ended: Option<Instant> = None;
+            while Instant::now() < give_up
+                && ended
+                    .is_none_or(|t| t.elapsed() < FLOOD_DRAIN_MAX && last.elapsed() < FLOOD_QUIET)
+            {
+                match receiver.recv(&mut buf) {
+                    Ok(n) => {
+                        last = Instant::now();
+                        match datagram_seq(&buf[..n], 0, FLOOD_SIZE).filter(|&s| s < total) {
+                            Some(seq) => {
+                                let (word, bit) = ((seq / 64) as usize, 1_u64 << (seq % 64));
+                                if seen[word] & bit == 0 {
+                                    seen[word] |= bit;
+                                    good += 1;
+                                } else {
+                                    bad += 1;
+                                }
+                            }
+                            // The client's extra hellos of udp-down are no datagrams of
+                            // the flood.
+                            None if &buf[..n] == b"hello" => {}
+                            None => bad += 1,
+                        }
+                    }
+                    Err(e) if !is_timeout(&e) => bad += 1,
+                    Err(_) => {}
+                }
+                if ended.is_none() && sent_all.load(Ordering::Relaxed) {
+                    ended = Some(Instant::now());
+                    last = last.max(Instant::now());
+                }
+            }
+            // The socket stays open until its drops are read.
+            (good, bad, receiver)
+        })
+    };
+    let mut datagram = vec![0_u8; FLOOD_SIZE];
+    let start = Instant::now();
+    meter.start();
+    let (mut seq, mut offered, mut errors) = (0_u64, 0_u64, 0_u64);
+    // Bounded in time too: a sender that cannot keep up stops at the end of the run.
+    while seq < total && start.elapsed() < duration {
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        if due <= seq {
+            thread::sleep(Duration::from_micros(50));
+            continue;
+        }
+        for _ in 0..(due - seq).min(UDP_BURST) {
+            fill_datagram(&mut datagram, 0, seq);
+            let sent =
+                socket2::SockRef::from(&sender).send_with_flags(&datagram, nix::libc::MSG_DONTWAIT);
+            match sent {
+                Ok(_) => offered += 1,
+                // A queue on the way (the shaper's) was full: the path lost it.
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => offered += 1,
+                // The sender's own socket was full: not sent.
+                Err(e) if is_timeout(&e) => {}
+                // ECONNREFUSED and the like: the path reported an error.
+                Err(_) => errors += 1,
+            }
+            seq += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    meter.stop();
+    sent_all.store(true, Ordering::Relaxed);
+    let (good, bad, receiver) = join(receiving);
+    let drops = flood_drops(topo, upload, receiver_inode, meter.pid());
+    drop(receiver);
+    Sample {
+        drops: Some(drops),
+        units: good,
+        bytes: good * FLOOD_SIZE as u64,
+        elapsed,
+        offered,
+        due: ((elapsed.as_secs_f64() * rate as f64) as u64).min(total),
+        errors: errors + bad,
+        ..Sample::default()
+    }
+}
+
+/// What the kernel counted as dropped at the end of a flood, by place. The proxy and
+/// its TUN are new for each run, so their counters are the run's.
+fn flood_drops(topo: &Topology, upload: bool, receiver: u64, proxy: Option<u32>) -> Drops {
+    let proxy_inodes = proxy.map(procfs::socket_inodes).unwrap_or_default();
+    let tun = topo.tun_name().to_string();
+    let (client, tun_queue) =
+        join(topo.in_client(move || (procfs::sockets("udp"), procfs::tx_drops(&tun))));
+    let server = join(topo.in_server(|| procfs::sockets("udp")));
+    let receiving_side = if upload { &server } else { &client };
+    Drops {
+        receiver: receiving_side
+            .iter()
+            .filter(|row| row.inode == receiver)
+            .map(|row| row.drops)
+            .sum(),
+        proxy_sockets: proxy.map(|_| {
+            client
+                .iter()
+                .filter(|row| proxy_inodes.contains(&row.inode))
+                .map(|row| row.drops)
+                .sum()
+        }),
+        tun_queue: proxy.and(tun_queue),
+    }
+}
+
 /// Datagram layout: flow index, sequence number, then a byte pattern of both.
 fn fill_datagram(buf: &mut [u8], flow: usize, seq: u64) {
     buf[..8].copy_from_slice(&(flow as u64).to_le_bytes());
@@ -537,13 +751,14 @@ fn fill_datagram(buf: &mut [u8], flow: usize, seq: u64) {
     buf[16..].fill(pattern);
 }
 
-fn is_datagram(buf: &[u8], flow: usize, size: usize) -> bool {
+/// The sequence number of an intact datagram of `flow`, or None.
+fn datagram_seq(buf: &[u8], flow: usize, size: usize) -> Option<u64> {
     if buf.len() != size || size < 16 || buf[..8] != (flow as u64).to_le_bytes() {
-        return false;
+        return None;
     }
     let seq = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
     let pattern = (flow as u8) ^ (seq as u8);
-    buf[16..].iter().all(|&b| b == pattern)
+    buf[16..].iter().all(|&b| b == pattern).then_some(seq)
 }
 
 fn unspecified(ip: IpAddr) -> IpAddr {
@@ -614,4 +829,87 @@ pub fn udp_flows(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<UdpSocket>, 
     stop.store(true, Ordering::Relaxed);
     join(echo);
     (sockets, answered)
+}
+
+/// What [`stalled_downloads`] saw.
+pub struct Stalled {
+    /// Bytes the servers' kernels took, in total.
+    pub bytes: u64,
+    /// Server sockets that failed (reset by the path) before the end.
+    pub failed: u64,
+    /// At the end, bytes received but unread in the kernel: by the proxy's sockets
+    /// (its outbound ones: memory the proxy holds outside its RSS) and by the clients'.
+    pub proxy_unread: u64,
+    pub clients_unread: u64,
+}
+
+/// `count` downloads whose clients never read while their servers keep writing, for
+/// `duration`; `tick` is called about once a second with the time since the start, and
+/// at the end with `duration` before anything closes (to sample the proxy's memory as
+/// it fills). Bounded by `duration` however the path behaves: the servers write without
+/// blocking.
+pub fn stalled_downloads(
+    topo: &Topology,
+    ip: IpAddr,
+    count: usize,
+    duration: Duration,
+    proxy: u32,
+    mut tick: impl FnMut(Duration),
+) -> Stalled {
+    let (clients, servers) = connection_pairs(topo, ip, count);
+    for stream in &servers {
+        stream.set_nonblocking(true).expect("nonblocking");
+        socket2::SockRef::from(stream)
+            .set_send_buffer_size(STALLED_SEND_BUFFER)
+            .expect("SO_SNDBUF");
+    }
+    let chunk = vec![0x5a_u8; BULK_CHUNK];
+    let mut live = vec![true; servers.len()];
+    let mut stalled = Stalled {
+        bytes: 0,
+        failed: 0,
+        proxy_unread: 0,
+        clients_unread: 0,
+    };
+    let start = Instant::now();
+    let mut next_tick = Duration::from_secs(1);
+    while start.elapsed() < duration {
+        let mut progress = false;
+        for (mut stream, live) in servers.iter().zip(&mut live) {
+            if !*live {
+                continue;
+            }
+            match stream.write(&chunk) {
+                Ok(n) => {
+                    stalled.bytes += n as u64;
+                    progress = true;
+                }
+                Err(e) if is_timeout(&e) => {}
+                Err(_) => {
+                    *live = false;
+                    stalled.failed += 1;
+                }
+            }
+        }
+        if start.elapsed() >= next_tick && next_tick < duration {
+            tick(next_tick);
+            next_tick += Duration::from_secs(1);
+        }
+        if !progress {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    tick(duration);
+    // Every TCP socket of the client namespace is the proxy's or a client's.
+    let proxy_inodes = procfs::socket_inodes(proxy);
+    for row in join(topo.in_client(|| procfs::sockets("tcp"))) {
+        if proxy_inodes.contains(&row.inode) {
+            stalled.proxy_unread += row.rx_queue;
+        } else {
+            stalled.clients_unread += row.rx_queue;
+        }
+    }
+    // Clients with unread data close with RST, which tears every flow down at once.
+    drop(clients);
+    stalled
 }

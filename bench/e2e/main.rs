@@ -11,6 +11,7 @@ mod common;
 mod load;
 mod procfs;
 mod report;
+mod shape;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -28,6 +29,7 @@ use nix::unistd::Pid;
 
 use common::{PROXY_BIN, ROUTE_TABLE, Topology, wait_until};
 use load::{Meter, Sample};
+use shape::Shaping;
 
 /// The server port that answers start-up probes (one byte echoed, then closed).
 const PROBE_PORT: u16 = 5000;
@@ -54,6 +56,19 @@ struct Args {
     /// offered rate of udp-echo, datagrams/s (default 50000)
     #[argh(option, default = "50000")]
     udp_rate: u64,
+    /// emulate a link of this rate (tc units: 1gbit, 500mbit) with a tbf qdisc on both
+    /// veth ends, for every path including the direct one; removed before the resource
+    /// figures
+    #[argh(option)]
+    rate: Option<String>,
+    /// offered load of udp-up and udp-down, % of the line rate (--rate, or 1 Gbit/s
+    /// without it) counted in bytes on the wire (default 95)
+    #[argh(option, default = "95.0")]
+    udp_load: f64,
+    /// TCP downloads whose clients stop reading, for the stalled-flows RSS figure
+    /// (default 500)
+    #[argh(option, default = "500")]
+    stalled: usize,
     /// run against the server's IPv6 address instead of its IPv4 one
     #[argh(switch)]
     ipv6: bool,
@@ -78,36 +93,48 @@ struct Args {
 pub enum Scenario {
     TcpUp1,
     TcpDown1,
+    TcpUp4,
+    TcpDown4,
     TcpUp8,
     TcpDown8,
     Rr,
     Rr8x1k,
     Crr,
     UdpEcho,
+    UdpUp,
+    UdpDown,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::TcpUp1,
         Scenario::TcpDown1,
+        Scenario::TcpUp4,
+        Scenario::TcpDown4,
         Scenario::TcpUp8,
         Scenario::TcpDown8,
         Scenario::Rr,
         Scenario::Rr8x1k,
         Scenario::Crr,
         Scenario::UdpEcho,
+        Scenario::UdpUp,
+        Scenario::UdpDown,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::TcpUp1 => "tcp-up-1",
             Scenario::TcpDown1 => "tcp-down-1",
+            Scenario::TcpUp4 => "tcp-up-4",
+            Scenario::TcpDown4 => "tcp-down-4",
             Scenario::TcpUp8 => "tcp-up-8",
             Scenario::TcpDown8 => "tcp-down-8",
             Scenario::Rr => "rr",
             Scenario::Rr8x1k => "rr-8x1k",
             Scenario::Crr => "crr",
             Scenario::UdpEcho => "udp-echo",
+            Scenario::UdpUp => "udp-up",
+            Scenario::UdpDown => "udp-down",
         }
     }
 
@@ -115,7 +142,7 @@ impl Scenario {
         match self {
             Scenario::Rr | Scenario::Rr8x1k => "trans/s",
             Scenario::Crr => "conn/s",
-            Scenario::UdpEcho => "pkt/s",
+            Scenario::UdpEcho | Scenario::UdpUp | Scenario::UdpDown => "pkt/s",
             _ => "Gbit/s",
         }
     }
@@ -125,8 +152,19 @@ impl Scenario {
     pub fn is_bulk(self) -> bool {
         matches!(
             self,
-            Scenario::TcpUp1 | Scenario::TcpDown1 | Scenario::TcpUp8 | Scenario::TcpDown8
+            Scenario::TcpUp1
+                | Scenario::TcpDown1
+                | Scenario::TcpUp4
+                | Scenario::TcpDown4
+                | Scenario::TcpUp8
+                | Scenario::TcpDown8
         )
+    }
+
+    /// Whether the scenario sends datagrams one way at a target rate (reported with
+    /// their loss).
+    pub fn is_flood(self) -> bool {
+        matches!(self, Scenario::UdpUp | Scenario::UdpDown)
     }
 
     /// The headline figure of a run, in [`Scenario::unit`].
@@ -143,12 +181,16 @@ impl Scenario {
         match self {
             Scenario::TcpUp1 => load::bulk(topo, ip, 1, true, d, meter),
             Scenario::TcpDown1 => load::bulk(topo, ip, 1, false, d, meter),
+            Scenario::TcpUp4 => load::bulk(topo, ip, 4, true, d, meter),
+            Scenario::TcpDown4 => load::bulk(topo, ip, 4, false, d, meter),
             Scenario::TcpUp8 => load::bulk(topo, ip, 8, true, d, meter),
             Scenario::TcpDown8 => load::bulk(topo, ip, 8, false, d, meter),
             Scenario::Rr => load::request_response(topo, ip, 1, 1, d, meter),
             Scenario::Rr8x1k => load::request_response(topo, ip, 8, 1024, d, meter),
             Scenario::Crr => load::connect_request_response(topo, ip, d, meter),
             Scenario::UdpEcho => load::udp_echo(topo, ip, settings.udp_rate, d, meter),
+            Scenario::UdpUp => load::udp_flood(topo, ip, true, settings.flood_rate, d, meter),
+            Scenario::UdpDown => load::udp_flood(topo, ip, false, settings.flood_rate, d, meter),
         }
     }
 }
@@ -163,10 +205,14 @@ pub struct Variant {
 struct Settings {
     duration: Duration,
     udp_rate: u64,
+    /// udp-up and udp-down, datagrams/s.
+    flood_rate: u64,
     idle_window: Duration,
     after_load_wait: Duration,
     idle_tcp: [usize; 2],
     udp_flows: usize,
+    stalled_flows: usize,
+    stalled_window: Duration,
 }
 
 /// One run of one scenario on one path.
@@ -201,6 +247,15 @@ pub struct Resources {
     pub load_peak_rss_kib: Option<u64>,
     pub after_load_rss_kib: Option<u64>,
     pub after_load_wait: Duration,
+    /// Stalled downloads: how many, for how long, RSS sampled every second (time since
+    /// the servers started writing, KiB), what the servers wrote and how many failed.
+    pub stalled_flows: usize,
+    pub stalled_window: Duration,
+    pub stalled_rss_kib: Vec<(Duration, Option<u64>)>,
+    pub stalled_bytes: u64,
+    pub stalled_failed: u64,
+    /// Bytes unread in the kernel at the end: the proxy's sockets', the clients'.
+    pub stalled_unread: Option<(u64, u64)>,
     pub error: Option<String>,
 }
 
@@ -239,11 +294,35 @@ struct Running {
     startup: Duration,
     namespace: String,
     tun: String,
+    /// `-4` or `-6`: the family of the route into the TUN.
+    family: &'static str,
 }
 
 impl Running {
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the proxy still runs and the route into its TUN is still in place: if
+    /// either went away, the traffic of a run went direct (the policy rule falls
+    /// through to the main table) and the run measured the wrong path.
+    fn still_in_path(&mut self) -> Result<(), String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(format!("the proxy exited during the run ({status})"));
+        }
+        let (ns, family, tun) = (&self.namespace, self.family, &self.tun);
+        let routes = Command::new("ip")
+            .args(["-n", ns, family, "route", "show", "table", ROUTE_TABLE])
+            .stderr(Stdio::null())
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        if !routes.contains(&format!("dev {tun}")) {
+            return Err(format!(
+                "the route into {tun} vanished: the traffic went around the proxy"
+            ));
+        }
+        Ok(())
     }
 
     /// Starts `command` in the client namespace, routes the server into its TUN and
@@ -274,11 +353,13 @@ impl Running {
             cleanup.1.push(child.id());
             child
         };
+        let family = if server.is_ipv4() { "-4" } else { "-6" };
         let mut running = Running {
             child,
             startup: Duration::ZERO,
             namespace: topo.client_ns().to_string(),
             tun: topo.tun_name().to_string(),
+            family,
         };
         let (ns, tun) = (topo.client_ns(), topo.tun_name());
         // The process's own view of its namespace's links, read every millisecond
@@ -302,9 +383,14 @@ impl Running {
                 "`{command}` made no TUN {tun} in {STARTUP_TIMEOUT:?}"
             ));
         }
+        // A proxy configures its TUN after creating it, and the kernel flushes the
+        // TUN's routes when an address is replaced (uringproxy sets the netmask after the
+        // address; the only address is then briefly gone): a route added before that is
+        // lost and the traffic goes direct. Bringing the TUN up is uringproxy's last
+        // step, so wait for that, for a while; some proxies never do it themselves.
+        wait_until(Duration::from_secs(1), || link_is_up(ns, tun));
         // Whatever the proxy did itself: the TUN must be up and hold the route that
         // the policy rule (see `prepare_namespaces`) looks up.
-        let family = if server.is_ipv4() { "-4" } else { "-6" };
         let routed = wait_until(STARTUP_TIMEOUT, || {
             ip_ok(&format!("-n {ns} link set dev {tun} up"))
                 && ip_ok(&format!(
@@ -331,6 +417,8 @@ impl Running {
                 "no connection through `{command}` in {STARTUP_TIMEOUT:?}"
             ));
         }
+        // A probe that found no route went direct and proves nothing.
+        running.still_in_path()?;
         running.startup = start.elapsed();
         Ok(running)
     }
@@ -355,6 +443,21 @@ impl Drop for Running {
             !ip_ok(&format!("-n {ns} link show dev {tun}"))
         });
     }
+}
+
+/// Whether `dev` in `ns` has IFF_UP set (`ip link` shows flags as `<...,UP,...>`).
+fn link_is_up(ns: &str, dev: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", ns, "link", "show", "dev", dev])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let flags = text
+                .split_once('<')
+                .and_then(|(_, rest)| rest.split_once('>'));
+            flags.is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
+        })
 }
 
 fn ip_ok(args: &str) -> bool {
@@ -420,7 +523,7 @@ fn measure(
     settings: &Settings,
     log: &File,
 ) -> Result<Measured, String> {
-    let proxy = match &variant.command {
+    let mut proxy = match &variant.command {
         Some(command) => Some(Running::start(topo, command, server, log)?),
         None => None,
     };
@@ -433,6 +536,9 @@ fn measure(
         scenario.run(topo, server, settings, &meter)
     }))
     .map_err(|e| panic_message(&e))?;
+    if let Some(proxy) = &mut proxy {
+        proxy.still_in_path()?;
+    }
     Ok(Measured {
         sample,
         cpu: meter.cpu(),
@@ -460,9 +566,11 @@ fn resources(
         tcp_flows_rss: settings.idle_tcp.iter().map(|&n| (n, None)).collect(),
         wakeup_window: settings.idle_window,
         after_load_wait: settings.after_load_wait,
+        stalled_flows: settings.stalled_flows,
+        stalled_window: settings.stalled_window,
         ..Resources::default()
     };
-    let proxy = match Running::start(topo, command, server, log) {
+    let mut proxy = match Running::start(topo, command, server, log) {
         Ok(proxy) => proxy,
         Err(e) => {
             figures.error = Some(e);
@@ -515,9 +623,26 @@ fn resources(
             "{answered} of {} UDP flows answered",
             settings.udp_flows
         );
+
+        // Last: whatever the stalled flows leave behind cannot distort the figures above.
+        let mut samples = Vec::new();
+        let stalled = load::stalled_downloads(
+            topo,
+            server,
+            settings.stalled_flows,
+            settings.stalled_window,
+            pid,
+            |at| samples.push((at, procfs::rss_kib(pid))),
+        );
+        figures.stalled_rss_kib = samples;
+        figures.stalled_bytes = stalled.bytes;
+        figures.stalled_failed = stalled.failed;
+        figures.stalled_unread = Some((stalled.proxy_unread, stalled.clients_unread));
     }));
     if let Err(e) = outcome {
         figures.error = Some(panic_message(&e));
+    } else if let Err(e) = proxy.still_in_path() {
+        figures.error = Some(e);
     }
     figures
 }
@@ -544,23 +669,42 @@ fn main() {
             })
             .collect(),
     };
+    let shaping = args.rate.as_deref().map(|rate| {
+        Shaping::parse(rate).unwrap_or_else(|e| {
+            eprintln!("e2e: {e}");
+            std::process::exit(2)
+        })
+    });
+    let line_rate = shaping.as_ref().map_or(1e9, |s| s.bits_per_second as f64);
+    // Bytes each datagram takes on the wire, which is what the shaper counts: payload,
+    // UDP, IP and Ethernet headers.
+    let ip_header = if args.ipv6 { 40 } else { 20 };
+    let wire_bytes = (load::FLOOD_SIZE + 8 + ip_header + 14) as f64;
+    let flood_rate =
+        (line_rate * args.udp_load.clamp(1.0, 1000.0) / 100.0 / 8.0 / wire_bytes) as u64;
     let settings = if args.smoke {
         Settings {
             duration: Duration::from_millis(300),
             udp_rate: args.udp_rate.min(5_000),
+            flood_rate,
             idle_window: Duration::from_secs(1),
             after_load_wait: Duration::from_secs(1),
             idle_tcp: [20, 100],
             udp_flows: 20,
+            stalled_flows: args.stalled.min(20),
+            stalled_window: Duration::from_secs(1),
         }
     } else {
         Settings {
             duration: Duration::from_secs_f64(args.seconds),
             udp_rate: args.udp_rate,
+            flood_rate,
             idle_window: Duration::from_secs(20),
             after_load_wait: Duration::from_secs(5),
             idle_tcp: [1_000, 10_000],
             udp_flows: 1_000,
+            stalled_flows: args.stalled,
+            stalled_window: Duration::from_secs(7),
         }
     };
     let rounds = if args.smoke { 1 } else { args.rounds.max(1) };
@@ -619,6 +763,13 @@ fn main() {
     };
     prepare_namespaces(&topo, server);
     serve_probes(&topo, server);
+    if let Some(shaping) = &shaping {
+        shaping.apply(&topo).unwrap_or_else(|e| {
+            eprintln!("e2e: {e}");
+            std::process::exit(1)
+        });
+        eprintln!("e2e: both veth ends shaped: {}", shaping.tbf());
+    }
 
     let total = rounds * scenarios.len() * variants.len();
     let mut runs = Vec::new();
@@ -652,6 +803,9 @@ fn main() {
         }
     }
 
+    if shaping.is_some() {
+        Shaping::remove(&topo);
+    }
     let mut figures = Vec::new();
     if !args.no_resources {
         for (v, variant) in variants.iter().enumerate() {
@@ -677,6 +831,10 @@ fn main() {
         seconds: settings.duration.as_secs_f64(),
         rounds,
         udp_rate: settings.udp_rate,
+        flood_rate: settings.flood_rate,
+        flood_wire_bytes: wire_bytes as u64,
+        line_rate: line_rate as u64,
+        shaping: shaping.as_ref().map(|s| (s.name.clone(), s.tbf())),
         family: if args.ipv6 { "IPv6" } else { "IPv4" },
         smoke: args.smoke,
     };
@@ -688,8 +846,9 @@ fn main() {
 
     let json = report::json(&context, &variants, &runs, &summary, &figures);
     fs::write(out_dir.join("results.json"), json).expect("write results.json");
-    let charts = report::charts(&variants, &summary, &figures);
+    let charts = report::charts(&context, &variants, &summary, &figures);
     for (name, svg) in &charts {
+        let name = name.as_str();
         fs::write(out_dir.join(name), svg).expect("write chart");
         if let Some(dir) = &args.charts {
             fs::create_dir_all(dir).expect("create charts directory");

@@ -1,6 +1,6 @@
 //! What /proc says about the proxy under test: CPU time, resident memory, wake-ups.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 
 use crate::common::status_kib;
@@ -84,4 +84,69 @@ pub fn machine() -> String {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let kernel = kernel.trim();
     format!("{model}, {cpus} CPUs, Linux {kernel}")
+}
+
+/// One socket of /proc/net/{tcp,tcp6,udp,udp6}, as the namespace of the reading thread
+/// sees them.
+pub struct SocketRow {
+    pub inode: u64,
+    /// Bytes received but not yet read.
+    pub rx_queue: u64,
+    /// Datagrams dropped because the receive buffer was full (UDP only).
+    pub drops: u64,
+}
+
+/// The sockets of `protocol` (`tcp` or `udp`), both families, in the calling thread's
+/// network namespace (hence /proc/thread-self: /proc/self is the whole process's).
+pub fn sockets(protocol: &str) -> Vec<SocketRow> {
+    let mut rows = Vec::new();
+    for file in [protocol.to_string(), format!("{protocol}6")] {
+        let Ok(table) = fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
+            continue;
+        };
+        // sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode ref
+        // pointer drops (the last only for UDP).
+        for line in table.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let Some((_, rx)) = fields.get(4).and_then(|q| q.split_once(':')) else {
+                continue;
+            };
+            let hex = |text: &str| u64::from_str_radix(text, 16).unwrap_or(0);
+            rows.push(SocketRow {
+                inode: fields.get(9).and_then(|i| i.parse().ok()).unwrap_or(0),
+                rx_queue: hex(rx),
+                drops: fields.get(12).and_then(|d| d.parse().ok()).unwrap_or(0),
+            });
+        }
+    }
+    rows
+}
+
+/// Inodes of the sockets process `pid` holds open.
+pub fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return HashSet::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| {
+            let target = fs::read_link(fd.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Packets device `dev` dropped on transmit (for a TUN: the kernel's queue towards the
+/// process reading it was full), in the calling thread's namespace.
+pub fn tx_drops(dev: &str) -> Option<u64> {
+    let table = fs::read_to_string("/proc/thread-self/net/dev").ok()?;
+    let line = table
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(dev)?.strip_prefix(':'))?;
+    // 8 receive counters, then transmit: bytes packets errs drop ...
+    line.split_whitespace().nth(11)?.parse().ok()
 }

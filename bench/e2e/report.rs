@@ -1,8 +1,9 @@
 //! Results: medians per scenario and path, the Markdown table, JSON and SVG charts.
 
 use std::fmt::Write;
+use std::time::Duration;
 
-use crate::load::{Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
+use crate::load::{Drops, FLOOD_SIZE, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
 use crate::{Measured, Resources, Run, Scenario, Variant};
 
 pub struct Context {
@@ -12,6 +13,13 @@ pub struct Context {
     pub seconds: f64,
     pub rounds: usize,
     pub udp_rate: u64,
+    /// udp-up and udp-down: datagrams/s offered, and bytes each takes on the wire.
+    pub flood_rate: u64,
+    pub flood_wire_bytes: u64,
+    /// Bits/s the flood's load is a share of: `--rate`, or 1 Gbit/s.
+    pub line_rate: u64,
+    /// `--rate` as given, and the qdisc put on both veth ends.
+    pub shaping: Option<(String, String)>,
     pub family: &'static str,
     pub smoke: bool,
 }
@@ -33,6 +41,14 @@ pub struct Cell {
     pub peak_rss_kib: Option<u64>,
     /// Share of offered datagrams echoed back (udp-echo).
     pub answered_pct: Option<f64>,
+    /// Share of sent datagrams that did not arrive (udp-up, udp-down).
+    pub loss_pct: Option<f64>,
+    /// Datagrams sent, % of those due at the target rate (udp-up, udp-down).
+    pub sent_pct: Option<f64>,
+    /// Median latency added to the direct path's, microseconds (rr, crr).
+    pub p50_added_us: Option<f64>,
+    /// Kernel drops by place, summed over the rounds (udp-up, udp-down).
+    pub drops: Option<Drops>,
     /// Failed operations summed over the runs, and messages of runs that failed.
     pub errors: u64,
     pub failures: Vec<String>,
@@ -91,6 +107,44 @@ fn answered_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
         .then(|| sample.units as f64 / sample.offered as f64 * 100.0)
 }
 
+fn loss_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
+    (scenario.is_flood() && sample.offered > 0)
+        .then(|| sample.offered.saturating_sub(sample.units) as f64 / sample.offered as f64 * 100.0)
+}
+
+fn sent_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
+    (scenario.is_flood() && sample.due > 0)
+        .then(|| sample.offered as f64 / sample.due as f64 * 100.0)
+}
+
+/// A sender that fell this far short of its target rate is said to have.
+const SENDER_SHORT_PCT: f64 = 99.0;
+
+/// "X% lost", whether the sender reached its target, and where the kernel dropped
+/// datagrams: the figures of a flood.
+fn flood_text(loss: Option<f64>, sent: Option<f64>, drops: Option<&Drops>) -> String {
+    let mut text = loss.map_or_else(String::new, |l| format!("{l:.1}% lost"));
+    if let Some(sent) = sent.filter(|&s| s < SENDER_SHORT_PCT) {
+        let _ = write!(text, ", sender reached only {sent:.0}% of the target");
+    }
+    if let Some(drops) = drops {
+        let mut places = Vec::new();
+        if drops.receiver > 0 {
+            places.push(format!("receiver {}", drops.receiver));
+        }
+        if let Some(n) = drops.proxy_sockets.filter(|&n| n > 0) {
+            places.push(format!("proxy's socket {n}"));
+        }
+        if let Some(n) = drops.tun_queue.filter(|&n| n > 0) {
+            places.push(format!("TUN queue {n}"));
+        }
+        if !places.is_empty() {
+            let _ = write!(text, "; dropped at {}", places.join(", "));
+        }
+    }
+    text
+}
+
 pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> Summary {
     let cells = scenarios
         .iter()
@@ -125,6 +179,15 @@ pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> 
                         cpu_us_per_op: med(&|m| cpu_us_per_op(scenario, m)),
                         peak_rss_kib: measured.iter().filter_map(|m| m.peak_rss_kib).max(),
                         answered_pct: med(&|m| answered_pct(scenario, &m.sample)),
+                        loss_pct: med(&|m| loss_pct(scenario, &m.sample)),
+                        sent_pct: med(&|m| sent_pct(scenario, &m.sample)),
+                        p50_added_us: None,
+                        drops: measured.iter().filter_map(|m| m.sample.drops).reduce(
+                            |mut sum, d| {
+                                sum.add(&d);
+                                sum
+                            },
+                        ),
                         errors: measured.iter().map(|m| m.sample.errors).sum(),
                         failures: of_cell()
                             .filter_map(|r| r.outcome.as_ref().err().cloned())
@@ -136,9 +199,14 @@ pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> 
                 .iter()
                 .zip(variants)
                 .find(|(_, v)| v.command.is_none())
-                .and_then(|(cell, _)| cell.value);
+                .map(|(cell, _)| (cell.value, cell.latency_us.map(|l| l[0])));
+            let (direct_value, direct_p50) = direct.unwrap_or_default();
             for cell in &mut row {
-                cell.ratio = cell.value.zip(direct).map(|(v, d)| v / d);
+                cell.ratio = cell.value.zip(direct_value).map(|(v, d)| v / d);
+                cell.p50_added_us = cell
+                    .latency_us
+                    .zip(direct_p50)
+                    .map(|(l, direct)| l[0] - direct);
             }
             row
         })
@@ -158,6 +226,14 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
             if let Some(pct) = answered_pct(scenario, &m.sample) {
                 let _ = write!(text, " ({pct:.1}% answered)");
             }
+            if scenario.is_flood() {
+                let figures = flood_text(
+                    loss_pct(scenario, &m.sample),
+                    sent_pct(scenario, &m.sample),
+                    m.sample.drops.as_ref(),
+                );
+                let _ = write!(text, " ({figures})");
+            }
             if let Some(cpu) = cpu_pct(m) {
                 let _ = write!(text, ", proxy CPU {cpu:.0}%");
             }
@@ -172,6 +248,13 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
 fn format_value(scenario: Scenario, value: f64) -> String {
     if scenario.is_bulk() {
         format!("{value:.2} Gbit/s")
+    } else if scenario.is_flood() {
+        let gbit = value * FLOOD_SIZE as f64 * 8.0 / 1e9;
+        format!(
+            "{} {} ({gbit:.2} Gbit/s)",
+            thousands(value),
+            scenario.unit()
+        )
     } else {
         format!("{} {}", thousands(value), scenario.unit())
     }
@@ -236,6 +319,26 @@ pub fn markdown(
         UDP_ECHO_FLOWS,
         context.command
     );
+    let line_rate = match &context.shaping {
+        Some((rate, tbf)) => {
+            let _ = writeln!(
+                md,
+                "Line rate {rate}: `{tbf}` on both veth ends, for every path (the resource \
+                 figures run unshaped).\n"
+            );
+            rate.as_str()
+        }
+        None => "1 Gbit/s, unshaped",
+    };
+    let _ = writeln!(
+        md,
+        "udp-up and udp-down send {} datagrams/s of {FLOOD_SIZE} bytes ({} bytes on the wire, \
+         {:.0}% of {line_rate}) on one flow; lost = sent but not received intact.\n",
+        thousands(context.flood_rate as f64),
+        context.flood_wire_bytes,
+        (context.flood_rate * context.flood_wire_bytes * 8) as f64 / context.line_rate as f64
+            * 100.0,
+    );
     for variant in variants {
         if let Some(command) = &variant.command {
             let _ = writeln!(md, "- {}: `{command}`", variant.label);
@@ -256,6 +359,10 @@ pub fn markdown(
             if let Some(pct) = cell.answered_pct {
                 let _ = write!(result, " ({pct:.1}% answered)");
             }
+            if scenario.is_flood() {
+                let figures = flood_text(cell.loss_pct, cell.sent_pct, cell.drops.as_ref());
+                let _ = write!(result, " ({figures})");
+            }
             if cell.errors > 0 || !cell.failures.is_empty() {
                 let _ = write!(
                     result,
@@ -264,11 +371,14 @@ pub fn markdown(
                     cell.failures.len()
                 );
             }
-            let latency = cell.latency_us.map_or_else(
+            let proxied = variant.command.is_some();
+            let mut latency = cell.latency_us.map_or_else(
                 || "".into(),
                 |[p50, p99, p999]| format!("{p50:.0} / {p99:.0} / {p999:.0}"),
             );
-            let proxied = variant.command.is_some();
+            if let Some(added) = cell.p50_added_us.filter(|_| proxied) {
+                let _ = write!(latency, " (p50 {added:+.0})");
+            }
             let _ = writeln!(
                 md,
                 "| {} | {} | {result} | {} | {latency} | {} | {} | {} | {} |",
@@ -359,6 +469,45 @@ pub fn markdown(
         ),
         &|r| format!("{} ({} answered)", mib(r.udp_flows_rss_kib), r.udp_answered),
     );
+    // The RSS halfway through shows whether it still rises at the end.
+    let halfway = Duration::from_secs(first.stalled_window.as_secs() / 2);
+    let mut label = format!(
+        "then RSS with {} stalled downloads after {} s",
+        thousands(first.stalled_flows as f64),
+        first.stalled_window.as_secs(),
+    );
+    if !halfway.is_zero() {
+        let _ = write!(label, " (after {} s)", halfway.as_secs());
+    }
+    row(label, &|r| {
+        let at = |t: Duration| {
+            r.stalled_rss_kib
+                .iter()
+                .find(|&&(at, _)| at >= t)
+                .and_then(|&(_, rss)| rss)
+        };
+        let mut text = mib(at(r.stalled_window));
+        if !halfway.is_zero() {
+            let _ = write!(text, " ({})", mib(at(halfway)));
+        }
+        let _ = write!(
+            text,
+            ", servers wrote {}",
+            mib(Some(r.stalled_bytes / 1024))
+        );
+        if r.stalled_failed > 0 {
+            let _ = write!(text, ", {} flows reset", r.stalled_failed);
+        }
+        if let Some((proxy, clients)) = r.stalled_unread {
+            let _ = write!(
+                text,
+                "; unread in the kernel: {} in the proxy's sockets, {} in the clients'",
+                mib(Some(proxy / 1024)),
+                mib(Some(clients / 1024))
+            );
+        }
+        text
+    });
     for (v, figures) in resources {
         if let Some(e) = &figures.error {
             let _ = writeln!(md, "\n{}: {e}", variants[*v].label);
@@ -394,6 +543,20 @@ fn json_int(value: Option<u64>) -> String {
     value.map_or_else(|| "null".into(), |v| v.to_string())
 }
 
+fn json_drops(drops: Option<&Drops>) -> String {
+    drops.map_or_else(
+        || "null".into(),
+        |d| {
+            format!(
+                r#"{{"receiver":{},"proxy_sockets":{},"tun_queue":{}}}"#,
+                d.receiver,
+                json_int(d.proxy_sockets),
+                json_int(d.tun_queue)
+            )
+        },
+    )
+}
+
 fn json_latency(latency: Option<[f64; 3]>) -> String {
     latency.map_or_else(
         || "null".into(),
@@ -411,13 +574,23 @@ pub fn json(
     let mut out = String::from("{\n");
     let _ = writeln!(
         out,
-        r#""machine":{},"unix_time":{},"command":{},"seconds_per_run":{},"rounds":{},"udp_rate":{},"family":{},"smoke":{},"#,
+        r#""machine":{},"unix_time":{},"command":{},"seconds_per_run":{},"rounds":{},"udp_rate":{},"flood_rate":{},"flood_size":{FLOOD_SIZE},"flood_wire_bytes":{},"rate":{},"qdisc":{},"family":{},"smoke":{},"#,
         json_str(&context.machine),
         context.unix_time,
         json_str(&context.command),
         context.seconds,
         context.rounds,
         context.udp_rate,
+        context.flood_rate,
+        context.flood_wire_bytes,
+        context
+            .shaping
+            .as_ref()
+            .map_or_else(|| "null".into(), |(rate, _)| json_str(rate)),
+        context
+            .shaping
+            .as_ref()
+            .map_or_else(|| "null".into(), |(_, tbf)| json_str(tbf)),
         json_str(context.family),
         context.smoke
     );
@@ -442,13 +615,15 @@ pub fn json(
             match &run.outcome {
                 Err(e) => format!(r#"{{{head},"error":{}}}"#, json_str(e)),
                 Ok(m) => format!(
-                    r#"{{{head},"value":{},"unit":{},"units":{},"bytes":{},"elapsed_s":{},"offered":{},"errors":{},"latency_us":{},"cpu_seconds":{},"peak_rss_kib":{}}}"#,
+                    r#"{{{head},"value":{},"unit":{},"units":{},"bytes":{},"elapsed_s":{},"offered":{},"due":{},"drops":{},"errors":{},"latency_us":{},"cpu_seconds":{},"peak_rss_kib":{}}}"#,
                     json_num(Some(run.scenario.value(&m.sample))),
                     json_str(run.scenario.unit()),
                     m.sample.units,
                     m.sample.bytes,
                     m.sample.elapsed.as_secs_f64(),
                     m.sample.offered,
+                    m.sample.due,
+                    json_drops(m.sample.drops.as_ref()),
                     m.sample.errors,
                     json_latency(percentiles(&m.sample.latencies)),
                     json_num(m.cpu.map(|(seconds, _)| seconds)),
@@ -462,7 +637,7 @@ pub fn json(
     for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
         for (variant, cell) in variants.iter().zip(row) {
             summary_items.push(format!(
-                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"errors":{},"failed_runs":{}}}"#,
+                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"drops":{},"errors":{},"failed_runs":{}}}"#,
                 json_str(scenario.name()),
                 json_str(&variant.label),
                 json_num(cell.value),
@@ -474,6 +649,10 @@ pub fn json(
                 json_num(cell.cpu_us_per_op),
                 json_int(cell.peak_rss_kib),
                 json_num(cell.answered_pct),
+                json_num(cell.loss_pct),
+                json_num(cell.sent_pct),
+                json_num(cell.p50_added_us),
+                json_drops(cell.drops.as_ref()),
                 cell.errors,
                 cell.failures.len(),
             ));
@@ -488,8 +667,15 @@ pub fn json(
                 .iter()
                 .map(|&(flows, rss)| format!(r#"{{"flows":{flows},"rss_kib":{}}}"#, json_int(rss)))
                 .collect();
+            let stalled: Vec<String> = r
+                .stalled_rss_kib
+                .iter()
+                .map(|&(at, rss)| {
+                    format!(r#"{{"at_s":{},"rss_kib":{}}}"#, at.as_secs_f64(), json_int(rss))
+                })
+                .collect();
             format!(
-                r#"{{"variant":{},"startup_ms":{},"idle_rss_kib":{},"wakeups":{},"wakeup_window_s":{},"tcp_idle_flows":[{}],"udp_flows":{},"udp_answered":{},"udp_flows_rss_kib":{},"load_peak_rss_kib":{},"after_load_rss_kib":{},"after_load_wait_s":{},"error":{}}}"#,
+                r#"{{"variant":{},"startup_ms":{},"idle_rss_kib":{},"wakeups":{},"wakeup_window_s":{},"tcp_idle_flows":[{}],"udp_flows":{},"udp_answered":{},"udp_flows_rss_kib":{},"load_peak_rss_kib":{},"after_load_rss_kib":{},"after_load_wait_s":{},"stalled_flows":{},"stalled_window_s":{},"stalled_rss":[{}],"stalled_bytes":{},"stalled_failed":{},"stalled_proxy_unread":{},"stalled_clients_unread":{},"error":{}}}"#,
                 json_str(&variants[*v].label),
                 json_num(r.startup.map(|d| d.as_secs_f64() * 1e3)),
                 json_int(r.idle_rss_kib),
@@ -502,6 +688,13 @@ pub fn json(
                 json_int(r.load_peak_rss_kib),
                 json_int(r.after_load_rss_kib),
                 r.after_load_wait.as_secs_f64(),
+                r.stalled_flows,
+                r.stalled_window.as_secs_f64(),
+                stalled.join(","),
+                r.stalled_bytes,
+                r.stalled_failed,
+                json_int(r.stalled_unread.map(|(proxy, _)| proxy)),
+                json_int(r.stalled_unread.map(|(_, clients)| clients)),
                 r.error.as_deref().map_or_else(|| "null".into(), json_str),
             )
         })
@@ -609,11 +802,14 @@ fn xml(text: &str) -> String {
 }
 
 /// Throughput relative to direct, proxy CPU, and proxy memory, as (file name, SVG).
+/// With `--rate` the throughput and CPU charts are named after the rate
+/// (`cpu-1gbit.svg`), so that a line-rate run does not overwrite the unshaped charts.
 pub fn charts(
+    context: &Context,
     variants: &[Variant],
     summary: &Summary,
     resources: &[(usize, Resources)],
-) -> Vec<(&'static str, String)> {
+) -> Vec<(String, String)> {
     let labels: Vec<&str> = variants.iter().map(|v| v.label.as_str()).collect();
     let per_scenario = |bar: &dyn Fn(Scenario, usize, &Cell) -> Option<Bar>| -> Vec<Group> {
         summary
@@ -688,24 +884,36 @@ pub fn charts(
             format!("{} UDP flows", thousands(first.udp_flows as f64)),
             &|r| r.udp_flows_rss_kib,
         );
+        figure(
+            format!("{} stalled", thousands(first.stalled_flows as f64)),
+            &|r| r.stalled_rss_kib.last()?.1,
+        );
     }
+    let (suffix, at_rate) = match &context.shaping {
+        Some((rate, _)) => (format!("-{rate}"), format!(" at {rate}")),
+        None => (String::new(), String::new()),
+    };
     let mut charts = vec![
         (
-            "throughput.svg",
+            format!("throughput{suffix}.svg"),
             bar_chart(
-                "Throughput relative to the direct path (higher is better)",
+                &format!("Throughput relative to the direct path{at_rate} (higher is better)"),
                 &labels,
                 &throughput,
             ),
         ),
         (
-            "cpu.svg",
-            bar_chart("Proxy CPU, % of one core (lower is better)", &labels, &cpu),
+            format!("cpu{suffix}.svg"),
+            bar_chart(
+                &format!("Proxy CPU{at_rate}, % of one core (lower is better)"),
+                &labels,
+                &cpu,
+            ),
         ),
     ];
     if !memory.is_empty() {
         charts.push((
-            "memory.svg",
+            "memory.svg".into(),
             bar_chart("Proxy resident memory (RSS)", &labels, &memory),
         ));
     }
