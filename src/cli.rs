@@ -70,9 +70,15 @@ pub struct Args {
     #[argh(option, default = "1024")]
     pub max_half_open: usize,
 
-    /// bytes of receive and of send buffer for each relayed flow (default: 1048576)
+    /// bytes of receive and of send buffer for each relayed flow: the most it may grow
+    /// to (default: 1048576)
     #[argh(option, default = "1048576")]
     pub flow_buffer: usize,
+
+    /// memory for the buffers of all flows together, e.g. 64M or 1G; flows start with
+    /// 16 KiB each way and grow within it (default: 64M)
+    #[argh(option, default = "String::from(\"64M\")")]
+    pub memory_limit: String,
 
     /// seconds to wait for an outbound connect before the client gets RST (default: 10)
     #[argh(option, default = "10")]
@@ -103,7 +109,7 @@ pub struct Args {
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
-    Run(Args),
+    Run(Box<Args>),
     Demo(demo::Args),
     /// Help or the version: text for stdout, nothing else to do.
     Print(String),
@@ -135,7 +141,7 @@ pub fn parse(args: &[&str]) -> Result<Command, Error> {
             "uringproxy {}\n",
             env!("CARGO_PKG_VERSION")
         ))),
-        Ok(args) => Ok(Command::Run(args)),
+        Ok(args) => Ok(Command::Run(Box::new(args))),
         Err(exit) => early_exit(exit, "--help"),
     }
 }
@@ -238,7 +244,7 @@ mod tests {
         assert!(matches!(parse(&["demo"]), Ok(Command::Demo(_))));
         assert!(matches!(
             parse(&["-i", "demo"]),
-            Ok(Command::Run(Args { interface: Some(name), .. })) if name == "demo"
+            Ok(Command::Run(args)) if args.interface.as_deref() == Some("demo")
         ));
     }
 }

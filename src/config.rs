@@ -27,6 +27,8 @@ pub struct Config {
     pub max_flows: usize,
     pub max_half_open: usize,
     pub flow_buffer: usize,
+    /// Bytes all flows' buffers may hold together (`flow::budget`).
+    pub memory_limit: usize,
     pub connect_timeout: Duration,
     pub udp: crate::flow::datagram::Limits,
     /// Destinations to route into the TUN (policy rules installed and removed by us).
@@ -176,6 +178,12 @@ impl Config {
             // More half-open flows than flows could never be reached.
             max_half_open: args.max_half_open.min(args.max_flows),
             flow_buffer: args.flow_buffer,
+            memory_limit: parse_size(&args.memory_limit).ok_or_else(|| {
+                Error::Usage(format!(
+                    "--memory-limit '{}': expected a size such as 64M, 512K or 2G (at least 1M)",
+                    args.memory_limit
+                ))
+            })?,
             connect_timeout: Duration::from_secs(args.connect_timeout),
             user,
             routes,
@@ -229,9 +237,45 @@ fn route_networks(texts: &[String], tun_addrs: &[Cidr]) -> Result<Vec<Cidr>, Err
     Ok(routes)
 }
 
+/// A byte count with an optional K, M or G suffix (powers of 1024), at least 1 MiB.
+fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (at, 'k' | 'K') => (&text[..at], 10),
+        (at, 'm' | 'M') => (&text[..at], 20),
+        (at, 'g' | 'G') => (&text[..at], 30),
+        _ => (text, 0),
+    };
+    let bytes = digits.parse::<usize>().ok()?.checked_mul(1 << shift)?;
+    (bytes >= 1 << 20).then_some(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_suffixes_and_refuse_garbage() {
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("1024K"), Some(1 << 20));
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        for bad in [
+            "",
+            "M",
+            "64X",
+            "-1M",
+            "1.5G",
+            "512K",
+            "99999999999999999999G",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+        let err = Config::from_args(args(&["--memory-limit", "lots"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--memory-limit 'lots'"), "{err}");
+    }
 
     fn args(extra: &[&str]) -> Args {
         let mut all = vec!["-i", "lo"];

@@ -32,7 +32,7 @@ fn run() -> Result<(), Error> {
         }
         Command::Run(args) => {
             logger::init(args.log_level);
-            config::Config::from_args(args).and_then(event_loop::run)
+            config::Config::from_args(*args).and_then(event_loop::run)
         }
     }
 }

@@ -15,6 +15,7 @@ use super::tun_io::TunIo;
 use super::{Proxy, shutdown};
 use crate::config::Config;
 use crate::error::Error;
+use crate::flow::budget::Budget;
 use crate::flow::tcp::Settings;
 use crate::flow::tcp::admission::Limits;
 use crate::routing::Routes;
@@ -71,6 +72,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         },
         config.connect_timeout,
         config.interface.clone(),
+        Budget::new(config.memory_limit),
     );
     let mut proxy = Proxy {
         ring,

@@ -14,6 +14,7 @@ use socket2::Socket;
 use super::Proxy;
 use super::outbound::{self, Purpose};
 use super::tun_io::Frame;
+use crate::flow::budget::Budget;
 use crate::flow::tcp::admission::{Admission, Limits, Verdict};
 use crate::flow::tcp::{Action, Actions, Failure, Flow, Phase, Settings};
 use crate::flow::{Id, Table};
@@ -56,6 +57,8 @@ pub struct TcpFlows {
     /// Flows that found no TUN write buffer, run again once one is free.
     starved: Vec<Id>,
     actions: Actions,
+    /// What the flows' buffers may hold together.
+    pub budget: Budget,
     /// Memory of ended flows, for new ones (last in, first out: the warmest).
     spare: Vec<Region>,
     /// When running out of sockets was last logged.
@@ -68,6 +71,7 @@ impl TcpFlows {
         settings: Settings,
         connect_timeout: Duration,
         interface: String,
+        budget: Budget,
     ) -> Self {
         TcpFlows {
             table: Table::default(),
@@ -78,6 +82,7 @@ impl TcpFlows {
             work: Vec::new(),
             starved: Vec::new(),
             actions: Actions::default(),
+            budget,
             spare: Vec::new(),
             last_socket_warning: None,
         }
@@ -331,13 +336,18 @@ impl Proxy {
         entry.flow.poll_relay(&mut tcp.actions);
         execute(&mut self.ring, id, entry, &mut tcp.actions);
         let iface = self.stack.ifaces.serving(&entry.flow.key().server.addr);
-        let next = entry
-            .flow
-            .poll(now, iface, &mut self.stack.tx, &mut tcp.actions);
+        let next = entry.flow.poll(
+            now,
+            iface,
+            &mut self.stack.tx,
+            &mut tcp.budget,
+            &mut tcp.actions,
+        );
         if entry.flow.left_half_open() {
             tcp.admission.left();
         }
         if let Some(failure) = execute(&mut self.ring, id, entry, &mut tcp.actions) {
+            entry.flow.release(&mut tcp.budget);
             if let Some(failure) = failure {
                 self.stats.count_failure(failure);
             }

@@ -94,9 +94,11 @@ impl Allowance {
         self.drained += n;
     }
 
-    /// Brings the allowance up to date with `held`, the bytes the buffer holds now.
-    pub fn update(&mut self, held: usize, budget: &mut Budget) {
-        if held >= self.allow {
+    /// Brings the allowance up to date with `held`, the bytes the buffer holds now;
+    /// `used_up`: the peer has sent all it was allowed to (held it all, or reached the
+    /// end of the window: a fast reader on the other side keeps `held` low).
+    pub fn update(&mut self, held: usize, used_up: bool, budget: &mut Budget) {
+        if used_up || held >= self.allow {
             self.filled = true;
         }
         let since_growth = self.drained - self.drained_at_growth;
@@ -146,9 +148,9 @@ mod tests {
     fn busy(allowance: &mut Allowance, budget: &mut Budget, rounds: usize) {
         for _ in 0..rounds {
             let allow = allowance.get();
-            allowance.update(allow, budget);
+            allowance.update(allow, false, budget);
             allowance.drained(allow);
-            allowance.update(0, budget);
+            allowance.update(0, false, budget);
         }
     }
 
@@ -172,12 +174,12 @@ mod tests {
     fn idle_directions_cost_nothing_and_stopped_ones_keep_the_floor() {
         let mut budget = Budget::new(64 * MIB);
         let mut idle = Allowance::new(MIB);
-        idle.update(0, &mut budget);
+        idle.update(0, false, &mut budget);
         assert_eq!(budget.used(), 0, "an idle direction is free");
         // A client that stopped reading: the buffer fills, nothing drains.
         let mut stalled = Allowance::new(MIB);
         for _ in 0..10 {
-            stalled.update(FLOOR, &mut budget);
+            stalled.update(FLOOR, false, &mut budget);
         }
         assert_eq!(stalled.get(), FLOOR, "no growth without draining");
         assert_eq!(budget.used(), FLOOR);
@@ -191,7 +193,7 @@ mod tests {
         for allowance in &mut slow {
             busy(allowance, &mut budget, 5);
             let allow = allowance.get();
-            allowance.update(allow, &mut budget);
+            allowance.update(allow, false, &mut budget);
         }
         // Their growth takes at most half; the floors they hold come on top.
         assert!(
@@ -226,9 +228,9 @@ mod tests {
         assert!(budget.tight(), "used {}", budget.used());
         // The bulk flow goes quiet: it holds a little, drains nothing between two looks,
         // and shrinks to twice what it holds.
-        bulk.update(20_000, &mut budget);
+        bulk.update(20_000, false, &mut budget);
         assert_eq!(bulk.get(), MIB, "it drained since the last look");
-        bulk.update(20_000, &mut budget);
+        bulk.update(20_000, false, &mut budget);
         assert_eq!(bulk.get(), 64 * 1024);
         assert!(!budget.tight() || budget.used() < 2 * MIB);
     }

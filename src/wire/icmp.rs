@@ -35,6 +35,19 @@ impl Quote {
     fn bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
+
+    /// The sequence number of the quoted TCP segment (of a SYN: the client's initial
+    /// one), if the quote reaches it.
+    pub fn tcp_seq(&self) -> Option<u32> {
+        let bytes = self.bytes();
+        let header = match bytes.first()? >> 4 {
+            4 => usize::from(bytes[0] & 0x0f) * 4,
+            6 => 40,
+            _ => return None,
+        };
+        let seq = bytes.get(header + 4..header + 8)?;
+        Some(u32::from_be_bytes(seq.try_into().ok()?))
+    }
 }
 
 /// Why the destination could not be reached.

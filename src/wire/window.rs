@@ -97,8 +97,8 @@ fn window_scale(options: &[u8]) -> Option<u8> {
 }
 
 /// Looks at a segment the flow is about to write to its client, learns from it, and
-/// with a `limit` (bytes the client may send beyond the acknowledged ones) lowers its
-/// window to it. `checksummed`: the segment carries its full checksum (no offload),
+/// with a `limit` (the sequence number of the client's up to which it may send: the
+/// first byte not yet passed on plus the allowance) lowers its window to end there. `checksummed`: the segment carries its full checksum (no offload),
 /// which is then patched; otherwise the kernel completes it later. Anything but a TCP
 /// segment is left alone.
 pub fn shape(
@@ -130,13 +130,13 @@ pub fn shape(
         // The window of a SYN is never scaled; it announces the shift for later ones.
         let options = &tcp.as_ref()[20.min(header)..header];
         state.shift = Some(window_scale(options).unwrap_or(0));
-        let window = match limit {
-            Some(limit) if limit < u32::from(raw) => {
-                tcp.set_window_len(limit as u16);
+        let window = match limit.map(|edge| room(edge, ack)) {
+            Some(room) if room < u32::from(raw) => {
+                tcp.set_window_len(room as u16);
                 if checksummed {
-                    patch_checksum(&mut tcp, raw, limit as u16);
+                    patch_checksum(&mut tcp, raw, room as u16);
                 }
-                limit as u16
+                room as u16
             }
             _ => raw,
         };
@@ -147,7 +147,7 @@ pub fn shape(
     let shift = state.shift.unwrap_or(0);
     let mut sent = raw;
     if let Some(limit) = limit {
-        let wanted = (u32::from(raw) << shift).min(limit);
+        let wanted = (u32::from(raw) << shift).min(room(limit, ack));
         let mut edge = ack.wrapping_add(wanted);
         if let Some(before) = state.edge
             && after(before, edge)
@@ -184,29 +184,37 @@ pub fn shape(
     Verdict::Send
 }
 
-/// Whether the client should be told of a window opened to `limit` bytes beyond the
-/// last acknowledgement: the edge it knows is less than half of that away, by at least
-/// `min_step` bytes.
+/// Bytes from `ack` up to the edge `limit` (none if the edge is not after it).
+fn room(limit: u32, ack: u32) -> u32 {
+    if after(limit, ack) {
+        limit.wrapping_sub(ack)
+    } else {
+        0
+    }
+}
+
+/// Whether the client should be told that its window now ends at `limit`: the edge it
+/// knows is short of it by half the window or more, and by at least `min_step` bytes.
 pub fn update_due(state: &WindowState, limit: u32, min_step: u32) -> bool {
     let (Some(_), Some(edge)) = (state.shift, state.edge) else {
         return false;
     };
-    let known = edge.wrapping_sub(state.ack);
-    known < limit / 2 && limit - known >= min_step
+    let (known, allowed) = (room(edge, state.ack), room(limit, state.ack));
+    allowed > known && allowed - known >= min_step && known < allowed / 2
 }
 
 /// Writes into `buf` a pure ACK from `from` to `to` with the state's sequence and
-/// acknowledgement numbers, advertising `limit` bytes (a window update); returns its
-/// length. Its checksum is complete. `None` when `buf` is too small or the state has
-/// not seen the connection set up yet.
+/// acknowledgement numbers and a window ending at `limit` (a window update); returns
+/// its length and records it in `state`. Its checksum is complete. `None` when `buf`
+/// is too small or the state has not seen the connection set up yet.
 pub fn window_update(
     buf: &mut [u8],
     (from, to): (smoltcp::wire::IpEndpoint, smoltcp::wire::IpEndpoint),
-    state: &WindowState,
+    state: &mut WindowState,
     limit: u32,
 ) -> Option<usize> {
     let shift = state.shift?;
-    let window = (limit >> shift).min(u32::from(u16::MAX)) as u16;
+    let window = (room(limit, state.ack) >> shift).min(u32::from(u16::MAX)) as u16;
     let repr = TcpRepr {
         src_port: from.port,
         dst_port: to.port,
@@ -222,7 +230,7 @@ pub fn window_update(
         payload: &[],
     };
     let caps = smoltcp::phy::ChecksumCapabilities::default();
-    super::emit_ip(
+    let len = super::emit_ip(
         buf,
         (from.addr, to.addr),
         IpProtocol::Tcp,
@@ -235,7 +243,11 @@ pub fn window_update(
                 &caps,
             )
         },
-    )
+    )?;
+    // smoltcp's next window update for this ACK would now show the client nothing new.
+    state.edge = Some(state.ack.wrapping_add(u32::from(window) << shift));
+    state.last_pure = Some((state.ack, u16::MAX, window));
+    Some(len)
 }
 
 #[cfg(test)]
@@ -304,7 +316,7 @@ mod tests {
         let mut state = WindowState::default();
         let mut synack = segment(TcpControl::Syn, 100, 500, 65535, Some(5), &[]);
         assert_eq!(
-            shape(&mut synack, &mut state, Some(1000), true),
+            shape(&mut synack, &mut state, Some(1500), true),
             Verdict::Send
         );
         assert_eq!(state.shift, Some(5));
@@ -312,7 +324,7 @@ mod tests {
         // smoltcp offers 32768 << 5 = 1 MiB; the limit is 16 KiB.
         let mut ack = segment(TcpControl::None, 101, 500, 32768, None, &[]);
         assert_eq!(
-            shape(&mut ack, &mut state, Some(16384), true),
+            shape(&mut ack, &mut state, Some(500 + 16384), true),
             Verdict::Send
         );
         assert_eq!(
@@ -323,7 +335,7 @@ mod tests {
         assert_eq!(state.edge, Some(500 + 16384));
         // A tighter limit later never pulls the right edge back.
         let mut later = segment(TcpControl::None, 101, 1500, 32768, None, b"x");
-        shape(&mut later, &mut state, Some(1000), true);
+        shape(&mut later, &mut state, Some(2500), true);
         let kept = u32::from(window_of(&later).0) << 5;
         let edge_left = 500 + 16384 - 1500;
         assert!(
@@ -340,26 +352,26 @@ mod tests {
         };
         let mut first = segment(TcpControl::None, 1, 100, 30000, None, &[]);
         assert_eq!(
-            shape(&mut first, &mut state, Some(4000), true),
+            shape(&mut first, &mut state, Some(4100), true),
             Verdict::Send
         );
         // smoltcp's window grew (an update) but the limit keeps it where it was.
         let mut update = segment(TcpControl::None, 1, 100, 60000, None, &[]);
         assert_eq!(
-            shape(&mut update, &mut state, Some(4000), true),
+            shape(&mut update, &mut state, Some(4100), true),
             Verdict::Drop
         );
         // The same ACK again with smoltcp's window unchanged is a genuine duplicate ACK
         // (it answers an out-of-order segment): the client must see it.
         let mut dupack = segment(TcpControl::None, 1, 100, 30000, None, &[]);
         assert_eq!(
-            shape(&mut dupack, &mut state, Some(4000), true),
+            shape(&mut dupack, &mut state, Some(4100), true),
             Verdict::Send
         );
         // Data segments always go.
         let mut data = segment(TcpControl::None, 1, 100, 60000, None, b"abc");
         assert_eq!(
-            shape(&mut data, &mut state, Some(4000), true),
+            shape(&mut data, &mut state, Some(4100), true),
             Verdict::Send
         );
         assert_eq!(state.seq_end, 4);
@@ -372,16 +384,22 @@ mod tests {
             ..WindowState::default()
         };
         let mut ack = segment(TcpControl::None, 7, 1000, 100, None, &[]);
-        shape(&mut ack, &mut state, Some(400), true);
+        shape(&mut ack, &mut state, Some(1400), true);
         assert_eq!(state.edge, Some(1400));
-        assert!(!update_due(&state, 400, 100));
-        assert!(update_due(&state, 65536, 3000));
+        assert!(!update_due(&state, 1400, 100));
+        assert!(update_due(&state, 1000 + 65536, 3000));
         let mut buf = [0u8; 64];
-        let len = window_update(&mut buf, (PROXY, v4([10, 0, 0, 1], 5000)), &state, 65536)
-            .expect("an ACK");
+        let len = window_update(
+            &mut buf,
+            (PROXY, v4([10, 0, 0, 1], 5000)),
+            &mut state,
+            1000 + 65536,
+        )
+        .expect("an ACK");
         let (window, valid) = window_of(&buf[..len]);
         assert!(valid);
         assert_eq!(u32::from(window), 65536 >> 2);
+        assert!(!update_due(&state, 1000 + 65536, 3000), "told now");
         let ip = Ipv4Packet::new_checked(&buf[..len]).unwrap();
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert_eq!((tcp.seq_number().0, tcp.ack_number().0), (7, 1000));

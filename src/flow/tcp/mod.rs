@@ -23,12 +23,13 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
+use crate::flow::budget::{Allowance, Budget};
 use crate::stack::device::FlowTx;
 use crate::stack::{StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
 use crate::wire::FlowKey;
 use crate::wire::icmp::{self, Quote, Reason};
-use crate::wire::window::WindowState;
+use crate::wire::window::{self, WindowState};
 use relay::Relay;
 pub use relay::{Failure, Phase, Teardown};
 
@@ -140,6 +141,17 @@ pub struct Flow {
     segment_size: u16,
     /// What our segments told the client (window, sequence numbers).
     window: WindowState,
+    /// How much of the flow's memory each direction may hold: the client's bytes
+    /// waiting for the server (`rx`) and the server's waiting for the client (`tx`).
+    rx: Allowance,
+    tx: Allowance,
+    /// The client's sequence number of its first byte not yet passed to the server: its
+    /// window may end no further than this plus `rx`'s allowance.
+    client_next: u32,
+    /// Server bytes the client has acknowledged so far.
+    tx_acked: usize,
+    /// The client's bytes reached the end of its window since the last account.
+    rx_window_used: bool,
     teardown_started: bool,
     /// TCP_USER_TIMEOUT was asked for because the client finished with bytes owed.
     orphaned: bool,
@@ -197,6 +209,12 @@ impl Flow {
             syn,
             segment_size: segment_size(key.server.addr, mss, settings.mtu),
             window: WindowState::default(),
+            rx: Allowance::new(size),
+            tx: Allowance::new(size),
+            // The SYN takes one sequence number.
+            client_next: syn.tcp_seq().map_or(0, |isn| isn.wrapping_add(1)),
+            tx_acked: 0,
+            rx_window_used: false,
             teardown_started: false,
             orphaned: false,
             time_wait_since: None,
@@ -232,12 +250,18 @@ impl Flow {
         tx: &mut TxPool,
         packet: &[u8],
     ) {
+        let edge = self.window.edge;
         tx.begin(self.device_state());
-        self.memory.with(|sockets, _| {
+        let held = self.memory.with(|sockets, _| {
             let mut device = StackDevice::ingress(packet, tx);
             iface.poll_ingress_single(now, &mut device, &mut sockets.set);
+            sockets.set.get::<tcp::Socket>(sockets.handle).recv_queue()
         });
         self.window = tx.end().window;
+        // The client used its window up when its bytes reached the edge announced to it
+        // (a fast server keeps what is held low, so that alone would not show it).
+        let reached = self.client_next.wrapping_add(held as u32);
+        self.rx_window_used |= edge.is_some_and(|edge| reached.wrapping_sub(edge) as i32 >= 0);
     }
 
     pub fn on_connected(&mut self, result: Result<(), Errno>) {
@@ -248,8 +272,11 @@ impl Flow {
 
     pub fn on_sent(&mut self, result: Result<usize, Errno>) {
         let relay = &mut self.relay;
-        self.memory
+        let passed = self
+            .memory
             .with(|sockets, _| relay.on_sent(sockets.socket(), result));
+        self.rx.drained(passed);
+        self.client_next = self.client_next.wrapping_add(passed as u32);
     }
 
     pub fn on_received(&mut self, result: Result<usize, Errno>) {
@@ -295,10 +322,12 @@ impl Flow {
     /// Moves what can move between the two sides; `actions` gets the outbound I/O to
     /// start now.
     pub fn poll_relay(&mut self, actions: &mut Actions) {
-        let relay = &mut self.relay;
-        let io = self
-            .memory
-            .with(|sockets, region| relay.pump(sockets.socket(), region));
+        let (relay, allow) = (&mut self.relay, self.tx.get());
+        let io = self.memory.with(|sockets, region| {
+            let socket = sockets.socket();
+            let room = allow.saturating_sub(socket.send_queue());
+            relay.pump(socket, region, room)
+        });
         if io.shutdown {
             actions.push(Action::Shutdown);
         }
@@ -310,13 +339,15 @@ impl Flow {
         }
     }
 
-    /// Runs smoltcp egress (at most `EGRESS_BUDGET` packets into `tx`) and the flow's
-    /// lifecycle rules; `actions` gets what to do next.
+    /// Runs smoltcp egress (at most `EGRESS_BUDGET` packets into `tx`), the flow's
+    /// lifecycle rules and its share of the memory `budget`; `actions` gets what to do
+    /// next.
     pub fn poll(
         &mut self,
         now: Instant,
         iface: &mut Interface,
         tx: &mut TxPool,
+        budget: &mut Budget,
         actions: &mut Actions,
     ) -> Next {
         let mut next = Next::default();
@@ -360,6 +391,7 @@ impl Flow {
             });
             self.window = tx.end().window;
         }
+        self.account(tx, budget);
         if tx.take_exhausted() {
             self.starved = true;
         }
@@ -431,6 +463,40 @@ impl Flow {
         false
     }
 
+    /// Brings the allowances up to date with what the buffers hold, and tells the
+    /// client of a window its allowance opened that smoltcp would not announce.
+    fn account(&mut self, tx: &mut TxPool, budget: &mut Budget) {
+        let (rx_held, tx_held) = self.memory.get(|sockets| {
+            let socket = sockets.set.get::<tcp::Socket>(sockets.handle);
+            (socket.recv_queue(), socket.send_queue())
+        });
+        let acked = self.relay.committed().saturating_sub(tx_held);
+        self.tx.drained(acked.saturating_sub(self.tx_acked));
+        self.tx_acked = acked;
+        let used_up = std::mem::take(&mut self.rx_window_used);
+        self.rx.update(rx_held, used_up, budget);
+        self.tx.update(tx_held, false, budget);
+        let limit = self.window_limit();
+        let min_step = 2 * u32::from(self.segment_size);
+        if window::update_due(&self.window, limit, min_step) {
+            let ends = (self.key.server, self.key.client);
+            let state = &mut self.window;
+            tx.emit(|buf| window::window_update(buf, ends, state, limit));
+        }
+    }
+
+    /// Where the client's window may end: its first byte still with us, plus the
+    /// allowance.
+    fn window_limit(&self) -> u32 {
+        self.client_next.wrapping_add(self.rx.get() as u32)
+    }
+
+    /// The flow ends: its share of the budget goes back.
+    pub fn release(&mut self, budget: &mut Budget) {
+        self.rx.release(budget);
+        self.tx.release(budget);
+    }
+
     fn owes_server(&self) -> bool {
         let relay = &self.relay;
         self.memory
@@ -458,7 +524,7 @@ impl Flow {
     fn device_state(&self) -> FlowTx {
         FlowTx {
             ipv6_segment_size: self.segment_size,
-            window_limit: None,
+            window_limit: Some(self.window_limit()),
             window: self.window,
         }
     }

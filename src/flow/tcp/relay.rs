@@ -71,25 +71,27 @@ pub struct RelayIo {
 const MAX_SEND: usize = 256 * 1024;
 
 /// Commits `n` bytes the kernel received at `start` of `region` (the send buffer's
-/// free window when the receive was started) as data for smoltcp to send. Only we add
-/// to that buffer, so its free window still starts there, unless it drained empty
-/// meanwhile: smoltcp then restarts it at its beginning, the whole buffer is free, and
-/// the bytes move there first.
-fn commit(socket: &mut tcp::Socket, region: &Region, start: usize, n: usize) {
-    let _ = socket.send(|free| {
-        let Some(at) = region.offset_of(free) else {
-            return (0, ());
-        };
-        let n = n.min(free.len());
-        if at.start != start {
-            let from = start.saturating_sub(at.start);
-            if from + n > free.len() {
-                return (0, ());
+/// free window when the receive was started) as data for smoltcp to send; returns how
+/// many. Only we add to that buffer, so its free window still starts there, unless it
+/// drained empty meanwhile: smoltcp then restarts it at its beginning, the whole buffer
+/// is free, and the bytes move there first.
+fn commit(socket: &mut tcp::Socket, region: &Region, start: usize, n: usize) -> usize {
+    socket
+        .send(|free| {
+            let Some(at) = region.offset_of(free) else {
+                return (0, 0);
+            };
+            let n = n.min(free.len());
+            if at.start != start {
+                let from = start.saturating_sub(at.start);
+                if from + n > free.len() {
+                    return (0, 0);
+                }
+                free.copy_within(from..from + n, 0);
             }
-            free.copy_within(from..from + n, 0);
-        }
-        (n, ())
-    });
+            (n, n)
+        })
+        .unwrap_or(0)
 }
 
 /// Relay state of one flow.
@@ -108,6 +110,8 @@ pub struct Relay {
     /// Outbound operations started and not yet completed.
     inflight: u32,
     failure: Option<Failure>,
+    /// Server bytes committed to smoltcp's send buffer so far.
+    committed: usize,
 }
 
 impl Relay {
@@ -122,7 +126,13 @@ impl Relay {
             server_fin_forwarded: false,
             inflight: 1, // the connect
             failure: None,
+            committed: 0,
         }
+    }
+
+    /// Server bytes handed to smoltcp so far.
+    pub fn committed(&self) -> usize {
+        self.committed
     }
 
     pub fn phase(&self) -> Phase {
@@ -182,18 +192,27 @@ impl Relay {
         }
     }
 
-    /// A send of client bytes finished: how many the kernel took.
-    pub fn on_sent(&mut self, socket: &mut tcp::Socket, result: Result<usize, Errno>) {
+    /// A send of client bytes finished: how many the kernel took. Returns how many
+    /// left the smoltcp buffer.
+    pub fn on_sent(&mut self, socket: &mut tcp::Socket, result: Result<usize, Errno>) -> usize {
         self.completed();
         let in_flight = std::mem::take(&mut self.sending);
         match result {
-            Err(_) if self.phase == Phase::Open => self.fail(socket, Failure::ServerReset),
-            Err(_) => {}
+            Err(_) if self.phase == Phase::Open => {
+                self.fail(socket, Failure::ServerReset);
+                0
+            }
+            Err(_) => 0,
             Ok(sent) => {
                 // The bytes were only peeked; now that the kernel has them, free their
                 // space in the smoltcp buffer (which re-opens the client's window).
                 let sent = sent.min(in_flight);
-                let _ = socket.recv(|data| (sent.min(data.len()), ()));
+                socket
+                    .recv(|data| {
+                        let n = sent.min(data.len());
+                        (n, n)
+                    })
+                    .unwrap_or(0)
             }
         }
     }
@@ -212,7 +231,7 @@ impl Relay {
         };
         match result {
             Ok(0) => self.server_eof = true,
-            Ok(n) => commit(socket, region, start, n),
+            Ok(n) => self.committed += commit(socket, region, start, n),
             Err(_) if self.phase == Phase::Open => self.fail(socket, Failure::ServerReset),
             Err(_) => {}
         }
@@ -228,8 +247,9 @@ impl Relay {
     }
 
     /// Moves what can move without I/O and returns the outbound I/O to start now, as
-    /// offsets into `region`, the flow's memory.
-    pub fn pump(&mut self, socket: &mut tcp::Socket, region: &Region) -> RelayIo {
+    /// offsets into `region`, the flow's memory. At most `tx_room` more server bytes
+    /// are received (the flow's memory allowance).
+    pub fn pump(&mut self, socket: &mut tcp::Socket, region: &Region, tx_room: usize) -> RelayIo {
         let mut io = RelayIo::default();
         if self.phase != Phase::Open {
             return io;
@@ -243,9 +263,11 @@ impl Relay {
         }
         if self.receiving.is_none()
             && !self.server_eof
+            && tx_room > 0
             && let Ok(Some(free)) = socket.send(|free| (0, region.offset_of(free)))
             && !free.is_empty()
         {
+            let free = free.start..free.end.min(free.start + tx_room);
             self.receiving = Some(free.start);
             self.inflight += 1;
             io.recv = Some(free);

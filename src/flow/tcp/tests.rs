@@ -16,6 +16,7 @@ use smoltcp::wire::{
 };
 
 use super::*;
+use crate::flow::budget::{Budget, FLOOR};
 use crate::stack::{self, StackDevice, TxPool};
 use crate::uring::Region;
 use crate::wire::{self, Offload, Parsed};
@@ -25,7 +26,7 @@ const SERVER: IpEndpoint = IpEndpoint {
     addr: IpAddress::Ipv4(Ipv4Address::new(192, 0, 2, 80)),
     port: 80,
 };
-const FLOW_BUFFER: usize = 16 * 1024;
+const FLOW_BUFFER: usize = 64 * 1024;
 
 /// The client's device: packets it sends pile up in `sent`, packets for it in `inbox`.
 #[derive(Default)]
@@ -150,6 +151,7 @@ struct Harness {
     client_gone: bool,
     /// What the flow's last poll asked for (`Order::Strict`).
     next: Next,
+    budget: Budget,
     /// Something happened since the last poll that would make the loop run the flow.
     woken: bool,
 }
@@ -210,6 +212,7 @@ impl Harness {
             client_gone: false,
             next: Next::default(),
             woken: false,
+            budget: Budget::new(1 << 30),
         };
         let cx = harness.client_iface.context();
         harness
@@ -349,7 +352,13 @@ impl Harness {
             self.carry_out(action);
         }
         let flow = self.flow.as_mut().unwrap();
-        self.next = flow.poll(self.now, &mut self.proxy_iface, &mut self.tx, &mut actions);
+        self.next = flow.poll(
+            self.now,
+            &mut self.proxy_iface,
+            &mut self.tx,
+            &mut self.budget,
+            &mut actions,
+        );
         let lifecycle: Vec<Action> = actions.drain().collect();
         for action in lifecycle {
             self.carry_out(action);
@@ -390,6 +399,8 @@ impl Harness {
             }
             Action::Free(failure) => {
                 assert!(self.closed, "freed before its socket was closed");
+                self.flow.as_mut().unwrap().release(&mut self.budget);
+                assert_eq!(self.budget.used(), 0, "the flow's share came back");
                 assert_eq!(
                     self.in_flight(),
                     0,
@@ -857,4 +868,68 @@ fn server_bytes_received_while_the_send_buffer_drained_arrive_in_order() {
         got.len() == first.len() + second.len()
     });
     assert_eq!(got, [first, second].concat());
+}
+
+#[test]
+fn a_server_that_stops_reading_holds_the_client_to_the_floor() {
+    // The server takes nothing: the flow may hold only its first allowance of the
+    // client's bytes, whatever smoltcp's buffer could take.
+    let upload = pattern(200_000, 9);
+    for order in [Order::Instant, Order::Strict(5)] {
+        let mut h = Harness::new(
+            Server {
+                stall_sends: true,
+                ..Server::default()
+            },
+            order,
+        );
+        connect(&mut h, Ok(()));
+        h.steps_until(50, |h| h.client().state() == State::Established);
+        let mut offset = 0;
+        for _ in 0..300 {
+            let client = h.client();
+            if offset < upload.len() && client.can_send() {
+                offset += client.send_slice(&upload[offset..]).unwrap();
+            }
+            h.step();
+        }
+        let held = h
+            .flow()
+            .memory
+            .get(|sockets| sockets.set.get::<tcp::Socket>(sockets.handle).recv_queue());
+        assert!(held <= FLOOR, "{held} bytes held ({order:?})");
+        assert!(held > 0);
+        // The server reads again: everything arrives, the window opening as it drains.
+        h.server.stall_sends = false;
+        h.steps_until(20_000, |h| {
+            let client = h.client();
+            if offset < upload.len() && client.can_send() {
+                offset += client.send_slice(&upload[offset..]).unwrap();
+            }
+            h.server.received.len() == upload.len()
+        });
+        assert_eq!(h.server.received, upload, "{order:?}");
+    }
+}
+
+#[test]
+fn a_busy_flow_grows_its_window_past_the_floor() {
+    let upload = pattern(600_000, 10);
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut offset = 0;
+    h.steps_until(20_000, |h| {
+        let client = h.client();
+        if offset < upload.len() && client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+        h.server.received.len() == upload.len()
+    });
+    assert!(
+        h.flow().rx.get() > FLOOR,
+        "it never grew: {}",
+        h.flow().rx.get()
+    );
+    assert_eq!(h.server.received, upload);
 }
