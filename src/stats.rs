@@ -21,6 +21,8 @@ pub struct Stats {
     pub malformed: u64,
     pub unsupported: u64,
     pub no_flow: u64,
+    /// TCP segments with bytes beyond the window advertised to their client.
+    pub beyond_window: u64,
     pub flows_opened: u64,
     pub flows_closed: u64,
     pub refused_limit: u64,
@@ -134,12 +136,13 @@ impl fmt::Display for Stats {
         )?;
         write!(
             f,
-            "drops: malformed {} bad-vnet-header {} fragments {} unsupported {} no-flow {} replies-without-buffer {} udp-no-send-slot {} udp-replies-without-buffer {}",
+            "drops: malformed {} bad-vnet-header {} fragments {} unsupported {} no-flow {} beyond-window {} replies-without-buffer {} udp-no-send-slot {} udp-replies-without-buffer {}",
             self.malformed,
             self.bad_vnet_header,
             self.fragments,
             self.unsupported,
             self.no_flow,
+            self.beyond_window,
             self.tx.dropped_replies,
             udp.no_send_slot,
             udp.reply_drops

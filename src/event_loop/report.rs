@@ -38,6 +38,12 @@ impl Proxy {
             "flow states: connecting {connecting} open {open} closing {closing}; udp/ping flows {}",
             self.udp.flows.len()
         ));
+        let budget = &self.tcp.budget;
+        logger::line(format_args!(
+            "memory: flow buffers resident at most {} KiB of the {} KiB limit",
+            budget.resident_bound() / 1024,
+            budget.limit() / 1024
+        ));
         for line in self.stats.to_string().lines() {
             logger::line(format_args!("{line}"));
         }

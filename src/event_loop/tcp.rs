@@ -188,9 +188,12 @@ impl Proxy {
         let iface = self.stack.ifaces.serving(&key.server.addr);
         match id.and_then(|id| self.tcp.table.get_mut(id).map(|entry| (id, entry))) {
             Some((id, entry)) => {
-                entry
+                if !entry
                     .flow
-                    .on_segment(now, iface, &mut self.stack.tx, packet);
+                    .on_segment(now, iface, &mut self.stack.tx, packet)
+                {
+                    self.stats.beyond_window += 1;
+                }
                 self.tcp.enqueue(id);
             }
             None => {

@@ -6,8 +6,9 @@
 //! autotunes its own buffers, while the budget has room; when it is tight, directions
 //! that hold much less than their allowance give the rest back.
 //!
-//! Half the budget can be taken by any flow that fills its allowance; the other half
-//! only by flows that move a lot of data. Flows that stop (a client that does not read,
+//! Allowances add up to two thirds of the limit (a ring buffer keeps more resident than
+//! it holds). Half of that can be taken by any flow that fills its allowance; the other
+//! half only by flows that move a lot of data. Flows that stop (a client that does not read,
 //! a server that does not) keep what they hold, so this keeps them from filling the
 //! whole budget and leaves room for the flows that are busy beside them.
 
@@ -41,15 +42,26 @@ impl Budget {
     /// grew.
     fn fits(&self, more: usize, drained: usize) -> bool {
         let ceiling = if drained >= BUSY {
-            self.limit
+            self.allowances()
         } else {
-            self.limit / 2
+            self.allowances() / 2
         };
         self.used + more <= ceiling
     }
 
     fn tight(&self) -> bool {
-        self.used > self.limit / 2
+        self.used > self.allowances() / 2
+    }
+
+    /// What the allowances may add up to: two thirds of the limit, since a buffer keeps
+    /// up to one and a half times its allowance resident (`Allowance::take_trim`).
+    fn allowances(&self) -> usize {
+        self.limit / 3 * 2
+    }
+
+    /// The most the flows' buffers may have resident now.
+    pub fn resident_bound(&self) -> usize {
+        self.used / 2 * 3
     }
 }
 
@@ -68,6 +80,10 @@ pub struct Allowance {
     drained_at_update: usize,
     /// It held all of its allowance since it last grew (it needs more window).
     filled: bool,
+    /// Bytes drained in total when the buffer's free space was last given back.
+    drained_at_trim: usize,
+    /// The allowance shrank since then.
+    shrunk: bool,
 }
 
 impl Allowance {
@@ -81,6 +97,8 @@ impl Allowance {
             drained_at_growth: 0,
             drained_at_update: 0,
             filled: false,
+            drained_at_trim: 0,
+            shrunk: false,
         }
     }
 
@@ -119,6 +137,7 @@ impl Allowance {
             // use, keeping room to double what it holds.
             self.allow = (2 * held).next_power_of_two().clamp(FLOOR, self.allow);
             self.filled = false;
+            self.shrunk = true;
             self.drained_at_growth = self.drained;
         }
         self.drained_at_update = self.drained;
@@ -129,6 +148,24 @@ impl Allowance {
         };
         budget.used = budget.used + charge - self.charged;
         self.charged = charge;
+    }
+
+    /// Whether the buffer's free space should go back to the kernel now (and, if so,
+    /// counts it as done). The buffer is a ring: bytes moving through it touch its
+    /// pages one after the other until all of its capacity is resident, however little
+    /// the allowance lets it hold at a time. So a direction whose allowance is below the
+    /// capacity gives its free pages back each time half an allowance's worth has moved
+    /// through, and when the allowance shrinks; what it keeps resident then stays within
+    /// one and a half times its allowance, and one that stops moving costs only what it
+    /// holds.
+    pub fn take_trim(&mut self) -> bool {
+        let moved = self.drained - self.drained_at_trim;
+        let due = self.shrunk || (self.allow < self.cap && moved >= self.allow / 2);
+        if due {
+            self.drained_at_trim = self.drained;
+            self.shrunk = false;
+        }
+        due
     }
 
     /// The flow ends: its charge goes back to the budget.
@@ -187,7 +224,8 @@ mod tests {
 
     #[test]
     fn slow_flows_fill_at_most_half_the_budget_and_busy_ones_the_rest() {
-        let mut budget = Budget::new(4 * MIB);
+        // Allowances may add up to 4 MiB.
+        let mut budget = Budget::new(6 * MIB);
         // Many flows that move a little (under BUSY) each, then stop.
         let mut slow: Vec<Allowance> = (0..64).map(|_| Allowance::new(MIB)).collect();
         for allowance in &mut slow {
@@ -208,7 +246,7 @@ mod tests {
             bulk.drained(BUSY);
         }
         assert_eq!(bulk.get(), MIB);
-        assert!(budget.used() <= budget.limit());
+        assert!(budget.used() <= budget.allowances());
     }
 
     #[test]
@@ -233,5 +271,35 @@ mod tests {
         bulk.update(20_000, false, &mut budget);
         assert_eq!(bulk.get(), 64 * 1024);
         assert!(!budget.tight() || budget.used() < 2 * MIB);
+    }
+
+    #[test]
+    fn free_space_goes_back_after_an_allowance_has_moved_and_on_shrinking() {
+        let mut budget = Budget::new(2 * MIB);
+        let mut slow = Allowance::new(MIB);
+        assert!(!slow.take_trim(), "nothing moved yet");
+        slow.drained(FLOOR / 2 - 1);
+        assert!(!slow.take_trim());
+        slow.drained(1);
+        assert!(slow.take_trim(), "half an allowance's worth moved through");
+        assert!(!slow.take_trim(), "and it was counted");
+        // At its whole buffer, a direction is charged for all of it: nothing to give.
+        let mut bulk = Allowance::new(MIB);
+        for _ in 0..16 {
+            busy(&mut bulk, &mut budget, 1);
+            bulk.drained(BUSY);
+        }
+        assert_eq!(bulk.get(), MIB);
+        assert!(!bulk.take_trim());
+        // Going quiet when the budget is tight, it shrinks, and then gives back.
+        let mut other = Allowance::new(MIB);
+        for _ in 0..3 {
+            busy(&mut other, &mut budget, 1);
+            other.drained(BUSY);
+        }
+        bulk.update(1000, false, &mut budget);
+        bulk.update(1000, false, &mut budget);
+        assert!(bulk.get() < MIB);
+        assert!(bulk.take_trim());
     }
 }

@@ -5,6 +5,8 @@
 //! window update of its own when the allowance opens again, since smoltcp, believing
 //! it advertised more all along, would not.
 
+use std::ops::Range;
+
 use smoltcp::wire::{
     IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
@@ -20,11 +22,46 @@ pub struct WindowState {
     pub ack: u32,
     /// The right edge of the window last advertised (ack + window).
     pub edge: Option<u32>,
+    /// The furthest right edge ever advertised: the client may send up to it, even if a
+    /// later window (rounded to its scale) ended a little short of it.
+    pub furthest: Option<u32>,
     /// The sequence number after the last byte (or SYN/FIN) sent.
     pub seq_end: u32,
     /// The last pure ACK (no data, no SYN/FIN): its ack number and window field, as
     /// smoltcp wrote it and as sent.
     last_pure: Option<(u32, u16, u16)>,
+}
+
+impl WindowState {
+    fn advertise(&mut self, edge: u32) {
+        self.edge = Some(edge);
+        if self.furthest.is_none_or(|furthest| after(edge, furthest)) {
+            self.furthest = Some(edge);
+        }
+    }
+
+    /// Whether the client's segment in `packet` (an IP packet) carries bytes beyond the
+    /// furthest edge advertised to it: a sender never sends them (RFC 9293 3.10.7.4),
+    /// and a receiver may drop them. `false` before a window was advertised.
+    pub fn beyond_window(&self, packet: &[u8]) -> bool {
+        let Some(furthest) = self.furthest else {
+            return false;
+        };
+        let Some((seq, payload)) = tcp_payload(packet) else {
+            return false;
+        };
+        payload > 0 && after(seq.wrapping_add(payload), furthest)
+    }
+}
+
+/// The sequence number and payload length of the TCP segment in `packet`.
+fn tcp_payload(packet: &[u8]) -> Option<(u32, u32)> {
+    let tcp = TcpPacket::new_checked(packet.get(tcp_range(packet)?)?).ok()?;
+    let payload = tcp
+        .as_ref()
+        .len()
+        .saturating_sub(usize::from(tcp.header_len()));
+    Some((tcp.seq_number().0 as u32, payload as u32))
 }
 
 /// What to do with a segment after its window was looked at.
@@ -41,28 +78,26 @@ fn after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
-/// The TCP segment in `packet` (an IP packet), if it is one.
-fn tcp_of(packet: &mut [u8]) -> Option<TcpPacket<&mut [u8]>> {
-    let segment = match IpVersion::of_packet(packet.get(..1)?).ok()? {
+/// Where in `packet` (an IP packet) its TCP segment lies, if it is one.
+fn tcp_range(packet: &[u8]) -> Option<Range<usize>> {
+    match IpVersion::of_packet(packet.get(..1)?).ok()? {
         IpVersion::Ipv4 => {
-            let ip = Ipv4Packet::new_checked(&*packet).ok()?;
-            if ip.next_header() != IpProtocol::Tcp {
-                return None;
-            }
-            let header = usize::from(ip.header_len());
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
             let total = usize::from(ip.total_len()).min(packet.len());
-            packet.get_mut(header..total)?
+            (ip.next_header() == IpProtocol::Tcp).then(|| usize::from(ip.header_len())..total)
         }
         IpVersion::Ipv6 => {
-            let ip = Ipv6Packet::new_checked(&*packet).ok()?;
-            if ip.next_header() != IpProtocol::Tcp {
-                return None;
-            }
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
             let end = (40 + usize::from(ip.payload_len())).min(packet.len());
-            packet.get_mut(40..end)?
+            (ip.next_header() == IpProtocol::Tcp).then_some(40..end)
         }
-    };
-    TcpPacket::new_checked(segment).ok()
+    }
+}
+
+/// The TCP segment in `packet` (an IP packet), if it is one.
+fn tcp_of(packet: &mut [u8]) -> Option<TcpPacket<&mut [u8]>> {
+    let range = tcp_range(packet)?;
+    TcpPacket::new_checked(packet.get_mut(range)?).ok()
 }
 
 /// Updates the checksum of `tcp` for its window field changing from `old` to `new`
@@ -141,7 +176,7 @@ pub fn shape(
             _ => raw,
         };
         state.ack = ack;
-        state.edge = Some(ack.wrapping_add(u32::from(window)));
+        state.advertise(ack.wrapping_add(u32::from(window)));
         return Verdict::Send;
     }
     let shift = state.shift.unwrap_or(0);
@@ -180,7 +215,7 @@ pub fn shape(
         state.last_pure = None;
     }
     state.ack = ack;
-    state.edge = Some(ack.wrapping_add(u32::from(sent) << shift));
+    state.advertise(ack.wrapping_add(u32::from(sent) << shift));
     Verdict::Send
 }
 
@@ -245,7 +280,7 @@ pub fn window_update(
         },
     )?;
     // smoltcp's next window update for this ACK would now show the client nothing new.
-    state.edge = Some(state.ack.wrapping_add(u32::from(window) << shift));
+    state.advertise(state.ack.wrapping_add(u32::from(window) << shift));
     state.last_pure = Some((state.ack, u16::MAX, window));
     Some(len)
 }
@@ -342,6 +377,28 @@ mod tests {
             (edge_left..edge_left + 32).contains(&kept),
             "{kept}: rounded up only"
         );
+    }
+
+    #[test]
+    fn bytes_beyond_the_furthest_edge_are_beyond_the_window() {
+        let mut state = WindowState::default();
+        let probe = segment(TcpControl::None, 5000, 1, 100, None, b"x");
+        assert!(!state.beyond_window(&probe), "no window advertised yet");
+        let mut synack = segment(TcpControl::Syn, 100, 5000, 1000, Some(0), &[]);
+        shape(&mut synack, &mut state, None, true);
+        assert_eq!(state.furthest, Some(6000));
+        // A later, smaller window does not take back what the client was offered.
+        let mut ack = segment(TcpControl::None, 101, 5500, 100, None, &[]);
+        shape(&mut ack, &mut state, None, true);
+        assert_eq!((state.edge, state.furthest), (Some(5600), Some(6000)));
+        let up_to_edge = segment(TcpControl::None, 5500, 101, 100, None, &[7; 500]);
+        assert!(!state.beyond_window(&up_to_edge));
+        let past_edge = segment(TcpControl::None, 5500, 101, 100, None, &[7; 501]);
+        assert!(state.beyond_window(&past_edge));
+        // A FIN or a bare ACK at the edge carries no bytes.
+        let fin = segment(TcpControl::Fin, 6000, 101, 100, None, &[]);
+        assert!(!state.beyond_window(&fin));
+        assert!(!state.beyond_window(&[0x45, 0, 0]), "garbage");
     }
 
     #[test]

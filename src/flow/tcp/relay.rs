@@ -72,26 +72,26 @@ const MAX_SEND: usize = 256 * 1024;
 
 /// Commits `n` bytes the kernel received at `start` of `region` (the send buffer's
 /// free window when the receive was started) as data for smoltcp to send; returns how
-/// many. Only we add to that buffer, so its free window still starts there, unless it
-/// drained empty meanwhile: smoltcp then restarts it at its beginning, the whole buffer
-/// is free, and the bytes move there first.
-fn commit(socket: &mut tcp::Socket, region: &Region, start: usize, n: usize) -> usize {
+/// many, and where in the region they end. Only we add to that buffer, so its free
+/// window still starts there, unless it drained empty meanwhile: smoltcp then restarts
+/// it at its beginning, the whole buffer is free, and the bytes move there first.
+fn commit(socket: &mut tcp::Socket, region: &Region, start: usize, n: usize) -> (usize, usize) {
     socket
         .send(|free| {
             let Some(at) = region.offset_of(free) else {
-                return (0, 0);
+                return (0, (0, start));
             };
             let n = n.min(free.len());
             if at.start != start {
                 let from = start.saturating_sub(at.start);
                 if from + n > free.len() {
-                    return (0, 0);
+                    return (0, (0, start));
                 }
                 free.copy_within(from..from + n, 0);
             }
-            (n, n)
+            (n, (n, at.start + n))
         })
-        .unwrap_or(0)
+        .unwrap_or((0, start))
 }
 
 /// Relay state of one flow.
@@ -101,9 +101,16 @@ pub struct Relay {
     /// Bytes of the smoltcp receive buffer handed to an in-flight send (0: none).
     sending: usize,
     client_fin: ClientFin,
-    /// Where the receive in flight writes (its start in the region): straight into the
-    /// free window of the smoltcp send buffer, committed there once it completes.
-    receiving: Option<usize>,
+    /// Where the receive in flight writes (in the region): straight into the free
+    /// window of the smoltcp send buffer, committed there once it completes.
+    receiving: Option<Range<usize>>,
+    /// Where in the region the bytes of the smoltcp receive buffer start. Only we take
+    /// bytes out of it and smoltcp never moves its start otherwise (until a reset,
+    /// which ends the flow), so this is exact.
+    client_bytes_at: usize,
+    /// Where in the region the bytes of the smoltcp send buffer end (only we add to
+    /// it); `None` before the first.
+    server_bytes_end: Option<usize>,
     server_eof: bool,
     /// Whether the server's FIN has been passed to smoltcp (`close`).
     server_fin_forwarded: bool,
@@ -122,6 +129,8 @@ impl Relay {
             sending: 0,
             client_fin: ClientFin::NotSeen,
             receiving: None,
+            client_bytes_at: 0,
+            server_bytes_end: None,
             server_eof: false,
             server_fin_forwarded: false,
             inflight: 1, // the connect
@@ -133,6 +142,21 @@ impl Relay {
     /// Server bytes handed to smoltcp so far.
     pub fn committed(&self) -> usize {
         self.committed
+    }
+
+    /// Where in the region the client's bytes waiting for the server start.
+    pub fn client_bytes_at(&self) -> usize {
+        self.client_bytes_at
+    }
+
+    /// Where in the region the server's bytes waiting for the client end, if any came.
+    pub fn server_bytes_end(&self) -> Option<usize> {
+        self.server_bytes_end
+    }
+
+    /// The part of the region the receive in flight writes.
+    pub fn receiving(&self) -> Option<Range<usize>> {
+        self.receiving.clone()
     }
 
     pub fn phase(&self) -> Phase {
@@ -194,7 +218,12 @@ impl Relay {
 
     /// A send of client bytes finished: how many the kernel took. Returns how many
     /// left the smoltcp buffer.
-    pub fn on_sent(&mut self, socket: &mut tcp::Socket, result: Result<usize, Errno>) -> usize {
+    pub fn on_sent(
+        &mut self,
+        socket: &mut tcp::Socket,
+        region: &Region,
+        result: Result<usize, Errno>,
+    ) -> usize {
         self.completed();
         let in_flight = std::mem::take(&mut self.sending);
         match result {
@@ -207,12 +236,16 @@ impl Relay {
                 // The bytes were only peeked; now that the kernel has them, free their
                 // space in the smoltcp buffer (which re-opens the client's window).
                 let sent = sent.min(in_flight);
-                socket
+                let (n, at) = socket
                     .recv(|data| {
                         let n = sent.min(data.len());
-                        (n, n)
+                        (n, (n, region.offset_of(data).map(|at| at.start + n)))
                     })
-                    .unwrap_or(0)
+                    .unwrap_or((0, None));
+                if let Some(at) = at {
+                    self.client_bytes_at = at;
+                }
+                n
             }
         }
     }
@@ -226,12 +259,18 @@ impl Relay {
         result: Result<usize, Errno>,
     ) {
         self.completed();
-        let Some(start) = self.receiving.take() else {
+        let Some(range) = self.receiving.take() else {
             return;
         };
         match result {
             Ok(0) => self.server_eof = true,
-            Ok(n) => self.committed += commit(socket, region, start, n),
+            Ok(n) => {
+                let (n, end) = commit(socket, region, range.start, n);
+                self.committed += n;
+                if n > 0 {
+                    self.server_bytes_end = Some(end);
+                }
+            }
             Err(_) if self.phase == Phase::Open => self.fail(socket, Failure::ServerReset),
             Err(_) => {}
         }
@@ -268,7 +307,7 @@ impl Relay {
             && !free.is_empty()
         {
             let free = free.start..free.end.min(free.start + tx_room);
-            self.receiving = Some(free.start);
+            self.receiving = Some(free.clone());
             self.inflight += 1;
             io.recv = Some(free);
         }

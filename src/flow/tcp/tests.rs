@@ -307,7 +307,7 @@ impl Harness {
             return;
         }
         let flow = self.flow.as_mut().expect("segment before SYN");
-        flow.on_segment(self.now, &mut self.proxy_iface, &mut self.tx, packet);
+        assert!(flow.on_segment(self.now, &mut self.proxy_iface, &mut self.tx, packet));
         self.woken = true;
     }
 
@@ -932,4 +932,55 @@ fn a_busy_flow_grows_its_window_past_the_floor() {
         h.flow().rx.get()
     );
     assert_eq!(h.server.received, upload);
+}
+
+#[test]
+fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
+    // No budget: both directions stay at the floor, a quarter of their ring, while
+    // bytes move through all of it.
+    let upload = pattern(200_000, 11);
+    let download = pattern(200_000, 12);
+    let mut h = Harness::new(
+        Server {
+            to_send: download.iter().copied().collect(),
+            ..Server::default()
+        },
+        Order::Instant,
+    );
+    h.budget = Budget::new(0);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut offset = 0;
+    let mut got = Vec::new();
+    h.steps_until(20_000, |h| {
+        let client = h.client();
+        if offset < upload.len() && client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+        while client.can_recv() {
+            client
+                .recv(|data| {
+                    got.extend_from_slice(data);
+                    (data.len(), ())
+                })
+                .unwrap();
+        }
+        h.server.received.len() == upload.len() && got.len() == download.len()
+    });
+    assert_eq!(h.server.received, upload);
+    assert_eq!(got, download);
+    assert_eq!((h.flow().rx.get(), h.flow().tx.get()), (FLOOR, FLOOR));
+    // Each ring keeps at most its allowance (the window offered, a receive in flight)
+    // and the pages around it; the rest was discarded and reads as zero.
+    let region = h.flow().region();
+    for (name, ring) in [
+        ("receive", 0..FLOW_BUFFER),
+        ("send", FLOW_BUFFER..2 * FLOW_BUFFER),
+    ] {
+        let zeros = region.kernel_read(ring).iter().filter(|&&b| b == 0).count();
+        assert!(
+            zeros >= FLOW_BUFFER - FLOOR - 3 * 4096,
+            "{name} buffer: only {zeros} bytes read as zero"
+        );
+    }
 }
