@@ -15,12 +15,13 @@ use crate::wire::vnet;
 /// Buffer group of the TUN read buffers.
 pub const READ_GROUP: u16 = 0;
 /// TUN read buffers (kernel-provided ring); each holds one packet, up to 64 KiB with
-/// segmentation offload.
+/// segmentation offload. With offload each pool holds at most 8 MiB, and only the pages
+/// packets filled are resident.
 const READ_BUFFERS: u16 = 512;
-const READ_BUFFERS_TSO: u16 = 256;
+const READ_BUFFERS_TSO: u16 = 128;
 /// TUN write buffers; when all are in flight smoltcp holds data back.
 const WRITE_BUFFERS: u16 = 1024;
-const WRITE_BUFFERS_TSO: u16 = 256;
+const WRITE_BUFFERS_TSO: u16 = 128;
 /// Single reads in each chain where the kernel has no multishot read (before 6.7):
 /// each delivers one packet, so this bounds the packets taken per turn.
 const SINGLE_READS: u16 = 64;

@@ -52,6 +52,8 @@ pub struct TxPool {
     scratch: Box<[u8]>,
     /// Set when smoltcp asked for a buffer and none was free.
     exhausted: bool,
+    /// Buffers only replies to ingress may take.
+    reserve: usize,
     mtu: usize,
     offload: Offload,
     /// Bytes in front of each packet: the virtio-net header, if negotiated.
@@ -79,6 +81,7 @@ impl TxPool {
             ready: Vec::with_capacity(usize::from(count)),
             scratch: vec![0u8; buf_size].into_boxed_slice(),
             exhausted: false,
+            reserve: usize::from(count / 8),
             mtu,
             offload,
             header_len,
@@ -134,6 +137,13 @@ impl TxPool {
 
     pub fn has_free(&self) -> bool {
         !self.free.is_empty()
+    }
+
+    /// Whether egress may take a buffer: the last eighth of the pool is kept for
+    /// replies to ingress (the ACKs of the client's data), which are dropped without
+    /// one, while egress only waits for the next turn.
+    fn has_free_for_egress(&self) -> bool {
+        self.free.len() > self.reserve
     }
 
     /// Gives the pages of every free buffer back to the kernel (idle: nothing is queued).
@@ -326,7 +336,7 @@ impl phy::Device for StackDevice<'_> {
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
-        if self.tx.has_free() {
+        if self.tx.has_free_for_egress() {
             Some(TxToken::new(self.tx))
         } else {
             self.tx.exhausted = true;
