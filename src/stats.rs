@@ -122,7 +122,7 @@ impl fmt::Display for Stats {
         let udp = &self.udp;
         writeln!(
             f,
-            "udp: flows opened {} expired {} evicted {} socket-errors {}; up {} datagrams ({} B) down {} ({} B); send-errors {} recv-errors {}",
+            "udp: flows opened {} expired {} evicted {} socket-errors {}; up {} datagrams ({} B) down {} ({} B); send-errors {} recv-errors {} socket-drops {}",
             udp.flows_opened,
             udp.flows_expired,
             udp.flows_evicted,
@@ -132,7 +132,8 @@ impl fmt::Display for Stats {
             udp.datagrams_down,
             udp.bytes_down,
             udp.send_errors,
-            udp.recv_errors
+            udp.recv_errors,
+            udp.socket_drops
         )?;
         write!(
             f,

@@ -14,6 +14,7 @@ use super::{MAX_TIMERS_PER_TURN, Proxy};
 use crate::error::Error;
 use crate::flow::Id;
 use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received};
+use crate::sys;
 use crate::uring::{Completion, Op, Region, Ring, Slice, Token};
 use crate::wire::Parsed;
 use crate::wire::icmp::{self, Quote};
@@ -64,6 +65,13 @@ impl Datagrams {
 
     pub fn next_expiry(&self) -> Option<Instant> {
         self.flows.next_expiry()
+    }
+
+    /// Server datagrams the kernel dropped for full socket buffers, closed flows' and
+    /// open ones'.
+    pub fn socket_drops(&self) -> u64 {
+        let open: u64 = self.flows.iter().map(|flow| socket_drops(&flow.io)).sum();
+        self.flows.counters.socket_drops + open
     }
 
     /// Idle: the pages of the free send slots go back to the kernel.
@@ -118,6 +126,7 @@ impl Datagrams {
     /// memory, so they need not be waited for).
     fn finish_close(&mut self, ring: &mut Ring, id: Id) {
         if let Some(flow) = self.flows.remove(id) {
+            self.flows.counters.socket_drops += socket_drops(&flow.io);
             ring.close(flow.io.into());
         }
     }
@@ -266,4 +275,9 @@ impl Proxy {
             self.udp.close(&mut self.ring, id);
         }
     }
+}
+
+/// What the kernel dropped for `socket` (0 if it cannot say).
+fn socket_drops(socket: &Socket) -> u64 {
+    sys::socket_drops(socket.as_fd()).map_or(0, u64::from)
 }

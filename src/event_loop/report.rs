@@ -17,6 +17,7 @@ impl Proxy {
     fn gather(&mut self) {
         self.stats.tx = self.stack.tx.counters.clone();
         self.stats.udp = self.udp.flows.counters.clone();
+        self.stats.udp.socket_drops = self.udp.socket_drops();
     }
 
     pub(super) fn print_counters(&mut self) {

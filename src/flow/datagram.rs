@@ -82,6 +82,8 @@ pub struct Counters {
     pub reply_drops: u64,
     pub send_errors: u64,
     pub recv_errors: u64,
+    /// Server datagrams the kernel dropped because a flow's socket buffer was full.
+    pub socket_drops: u64,
     pub echo_requests: u64,
     pub echo_replies: u64,
 }
@@ -168,6 +170,10 @@ impl<S> Flows<S> {
 
     pub fn get(&self, id: Id) -> Option<&Flow<S>> {
         self.table.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Flow<S>> {
+        self.table.iter().map(|(_, flow)| flow)
     }
 
     pub fn get_mut(&mut self, id: Id) -> Option<&mut Flow<S>> {

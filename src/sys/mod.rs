@@ -6,7 +6,7 @@ pub mod netlink;
 use std::ffi::CString;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use nix::libc;
 
@@ -37,6 +37,35 @@ fn ifreq_named(name: &str) -> io::Result<libc::ifreq> {
         *dst = *src as libc::c_char;
     }
     Ok(req)
+}
+
+/// SO_MEMINFO (asm-generic/socket.h; x86, arm and riscv use the generic values).
+const SO_MEMINFO: libc::c_int = 55;
+
+/// Packets the kernel dropped for socket `fd` (a full receive buffer, for UDP): the
+/// drop count of SO_MEMINFO.
+pub fn socket_drops(fd: BorrowedFd) -> io::Result<u32> {
+    let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most `len`
+    // (it truncates to what we pass) and reports how many in `len`.
+    syscall!(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
+    let drops = libc::SK_MEMINFO_DROPS as usize;
+    if (len as usize) < (drops + 1) * 4 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "SO_MEMINFO without a drop count",
+        ));
+    }
+    Ok(info[drops])
 }
 
 /// Index of a network interface by name, or `None` if it does not exist.
@@ -255,4 +284,29 @@ pub fn raise_fd_limit(want: u64) -> u64 {
         return target;
     }
     soft
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn socket_drops_counts_datagrams_a_full_receive_buffer_refused() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket2::SockRef::from(&receiver)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        assert_eq!(socket_drops(receiver.as_fd()).unwrap(), 0);
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Loopback delivers each datagram as it is sent: most of these find no room.
+        for _ in 0..64 {
+            sender
+                .send_to(&[7; 1000], receiver.local_addr().unwrap())
+                .unwrap();
+        }
+        let drops = socket_drops(receiver.as_fd()).unwrap();
+        assert!((32..=64).contains(&drops), "{drops} drops");
+    }
 }
