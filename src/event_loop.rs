@@ -3,6 +3,7 @@
 //! next deadline, dispatches the completions to the flows, and runs the flows that have
 //! work. Everything else lives in the modules below.
 
+mod control;
 mod datagrams;
 mod housekeeping;
 mod outbound;
@@ -27,6 +28,7 @@ use crate::stats::Stats;
 use crate::uring::{Completion, Op, Ring, Token};
 use crate::wire::icmp::Quote;
 use crate::wire::{self, Parsed};
+use control::Control;
 use datagrams::Datagrams;
 use housekeeping::Housekeeping;
 use signals::{Request, Signals};
@@ -52,6 +54,7 @@ struct Proxy {
     timers: Timers,
     signals: Signals,
     housekeeping: Housekeeping,
+    control: Control,
     stats: Stats,
     completions: Vec<Completion>,
     epoch: std::time::Instant,
@@ -147,6 +150,11 @@ impl Proxy {
             Op::Connect | Op::Send | Op::Recv => {
                 self.on_tcp_completion(token.op, id, completion.result);
             }
+            Op::ControlAccept => self.on_control_accept(token.key, completion),
+            Op::ControlRecv | Op::ControlSend => {
+                self.on_control_io(token.op, id, completion.result);
+            }
+            Op::ControlTick => self.on_control_tick(),
         }
     }
 

@@ -217,6 +217,8 @@ impl Proxy {
             }
             _ => {}
         }
+        let bytes = udp.filled.iter().map(|&(_, len)| len).sum();
+        udp.flows.relayed_up(id, udp.filled.len(), bytes);
         let socket = udp.flows.get(id).map(|flow| flow.io.as_fd());
         for (slot, len) in udp.filled.drain(..) {
             let start = usize::from(slot) * MAX_DATAGRAM;

@@ -14,9 +14,16 @@ use crate::logger;
 const INTERVAL: Duration = Duration::from_secs(10);
 
 impl Proxy {
-    fn gather(&mut self) {
+    /// Brings the copies of the transmit pool's and the datagram relay's counters up
+    /// to date. UDP socket drops are then those of closed flows only: summing the open
+    /// flows' costs a system call each, too much for every metrics scrape.
+    pub(super) fn refresh_counters(&mut self) {
         self.stats.tx = self.stack.tx.counters.clone();
         self.stats.udp = self.udp.flows.counters.clone();
+    }
+
+    fn gather(&mut self) {
+        self.refresh_counters();
         self.stats.udp.socket_drops = self.udp.socket_drops();
     }
 

@@ -20,6 +20,15 @@ pub enum Op {
     UdpSend = 9,
     /// Receive of one server datagram for a UDP flow.
     UdpRecv = 10,
+    /// A connection to the control socket or the metrics endpoint (multishot); the
+    /// key says which.
+    ControlAccept = 11,
+    /// Receive of a control or metrics client's request.
+    ControlRecv = 12,
+    /// Send of part of a control or metrics client's reply.
+    ControlSend = 13,
+    /// The control clients' deadline check, once a second while any is connected.
+    ControlTick = 14,
 }
 
 impl Op {
@@ -33,6 +42,10 @@ impl Op {
             8 => Op::Signal,
             9 => Op::UdpSend,
             10 => Op::UdpRecv,
+            11 => Op::ControlAccept,
+            12 => Op::ControlRecv,
+            13 => Op::ControlSend,
+            14 => Op::ControlTick,
             _ => return None,
         })
     }
@@ -90,6 +103,10 @@ mod tests {
             Op::Signal,
             Op::UdpSend,
             Op::UdpRecv,
+            Op::ControlAccept,
+            Op::ControlRecv,
+            Op::ControlSend,
+            Op::ControlTick,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));
