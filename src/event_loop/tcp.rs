@@ -108,12 +108,16 @@ impl TcpFlows {
     }
 
     /// Keeps an ended flow's memory for a new one, all but the start of each of its
-    /// buffers given back to the kernel.
-    fn keep_spare(&mut self, region: Region) {
+    /// buffers given back to the kernel: as far as the flow touched them (`touched`,
+    /// bytes from the start of each), so a short exchange costs no system call here.
+    fn keep_spare(&mut self, region: Region, touched: [usize; 2]) {
         if self.spare.len() < SPARE_REGIONS {
             let half = self.settings.buffer;
-            for start in [0, half] {
-                region.discard(start + SPARE_KEEP.min(half)..start + half);
+            for (start, touched) in [0, half].into_iter().zip(touched) {
+                let keep = SPARE_KEEP.min(half);
+                if touched > keep {
+                    region.discard(start + keep..start + touched.min(half));
+                }
             }
             self.spare.push(region);
         }
@@ -354,12 +358,11 @@ impl Proxy {
             if let Some(failure) = failure {
                 self.stats.count_failure(failure);
             }
-            if let Some(region) = tcp
-                .table
-                .remove(id)
-                .and_then(|entry| entry.flow.into_region())
-            {
-                tcp.keep_spare(region);
+            if let Some(entry) = tcp.table.remove(id) {
+                let touched = entry.flow.touched();
+                if let Some(region) = entry.flow.into_region() {
+                    tcp.keep_spare(region, touched);
+                }
             }
             self.stats.flows_closed += 1;
             return;

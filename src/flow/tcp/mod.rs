@@ -154,6 +154,9 @@ pub struct Flow {
     /// The client's sequence number of its first byte not yet passed to the server: its
     /// window may end no further than this plus `rx`'s allowance.
     client_next: u32,
+    /// The client's first byte's sequence number: it went to the start of the receive
+    /// buffer.
+    client_first: u32,
     /// Server bytes the client has acknowledged so far.
     tx_acked: usize,
     /// The client's bytes reached the end of its window since the last account.
@@ -220,6 +223,7 @@ impl Flow {
             tx: Allowance::new(size),
             // The SYN takes one sequence number.
             client_next: syn.tcp_seq().map_or(0, |isn| isn.wrapping_add(1)),
+            client_first: syn.tcp_seq().map_or(0, |isn| isn.wrapping_add(1)),
             tx_acked: 0,
             rx_window_used: false,
             teardown_started: false,
@@ -540,6 +544,21 @@ impl Flow {
     /// allowance.
     fn window_limit(&self) -> u32 {
         self.client_next.wrapping_add(self.rx.get() as u32)
+    }
+
+    /// How far into each of its buffers (receive, send) the flow may have written, from
+    /// their start: the receive buffer up to the furthest window the client was offered
+    /// (smoltcp writes nowhere else), the send buffer up to the server bytes it took
+    /// (it starts over at its beginning whenever it is empty). The whole buffer once
+    /// that went around the ring.
+    pub fn touched(&self) -> [usize; 2] {
+        let offered = self.window.furthest.map_or(0, |furthest| {
+            furthest.wrapping_sub(self.client_first) as usize
+        });
+        [
+            offered.min(self.buffer),
+            self.relay.committed().min(self.buffer),
+        ]
     }
 
     /// The flow ends: its share of the budget goes back.

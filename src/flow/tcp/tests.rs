@@ -984,3 +984,60 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
         );
     }
 }
+
+#[test]
+fn a_download_grows_its_send_allowance_and_goes_around_the_ring() {
+    let download = pattern(600_000, 13);
+    let mut h = Harness::new(
+        Server {
+            to_send: download.iter().copied().collect(),
+            ..Server::default()
+        },
+        Order::Instant,
+    );
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut got = Vec::new();
+    h.steps_until(20_000, |h| {
+        let client = h.client();
+        while client.can_recv() {
+            client
+                .recv(|data| {
+                    got.extend_from_slice(data);
+                    (data.len(), ())
+                })
+                .unwrap();
+        }
+        got.len() == download.len()
+    });
+    assert_eq!(got, download);
+    assert!(
+        h.flow().tx.get() > FLOOR,
+        "tx stayed at {}",
+        h.flow().tx.get()
+    );
+    assert_eq!(
+        h.flow().touched()[1],
+        FLOW_BUFFER,
+        "it went around the ring"
+    );
+}
+
+#[test]
+fn a_short_exchange_touches_only_the_start_of_each_buffer() {
+    let mut h = Harness::new(
+        Server {
+            to_send: pattern(100, 14).into_iter().collect(),
+            ..Server::default()
+        },
+        Order::Instant,
+    );
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    h.client().send_slice(&pattern(200, 15)).unwrap();
+    h.steps_until(200, |h| h.server.received.len() == 200);
+    let [rx, tx] = h.flow().touched();
+    // The window offered (the first allowance plus what moved) and the 100 bytes.
+    assert!(rx <= FLOOR + 200, "receive buffer touched to {rx}");
+    assert_eq!(tx, 100);
+}
