@@ -108,12 +108,7 @@ fn memory_of_closed_flows_is_returned() {
         return;
     };
     // This process holds one socket per flow.
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("RLIMIT_NOFILE");
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise RLIMIT_NOFILE");
-    assert!(
-        hard >= FLOWS as u64 + 256,
-        "fd limit {hard} too low for {FLOWS} flows"
-    );
+    raise_fd_limit(FLOWS as u64);
     // Without offload: its buffer pools become resident as they are used, which would
     // blur what the flows themselves cost.
     let proxy = topo.start_proxy(&["--no-offload"]);
@@ -155,6 +150,16 @@ fn memory_of_closed_flows_is_returned() {
     assert!(
         after <= limit,
         "RSS {after} KiB after the flows closed: baseline {baseline} KiB, peak {peak} KiB"
+    );
+}
+
+/// Raises this process's fd limit to its hard limit, which must leave room for `sockets`.
+fn raise_fd_limit(sockets: u64) {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("RLIMIT_NOFILE");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise RLIMIT_NOFILE");
+    assert!(
+        hard >= sockets + 256,
+        "fd limit {hard} too low for {sockets} sockets"
     );
 }
 
@@ -215,12 +220,7 @@ fn stalled_flows_are_held_to_the_memory_limit() {
     let Some(topo) = Topology::for_test("stalled_flows_are_held_to_the_memory_limit") else {
         return;
     };
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("RLIMIT_NOFILE");
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise RLIMIT_NOFILE");
-    assert!(
-        hard >= 2 * STALLED as u64 + 256,
-        "fd limit {hard} too low for {STALLED} flows each way"
-    );
+    raise_fd_limit(2 * STALLED as u64);
     let proxy = topo.start_proxy(&[]);
     let baseline = proxy.rss_kib();
     let release = Arc::new(AtomicBool::new(false));

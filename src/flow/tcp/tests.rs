@@ -474,6 +474,33 @@ fn connect(h: &mut Harness, result: Result<(), Errno>) {
     h.connected(result);
 }
 
+/// A flow whose server has `download` to send, connected, its client established.
+fn established(download: &[u8]) -> Harness {
+    let mut h = Harness::new(
+        Server {
+            to_send: download.iter().copied().collect(),
+            ..Server::default()
+        },
+        Order::Instant,
+    );
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    h
+}
+
+/// Moves what the client has received into `got`.
+fn client_recv(h: &mut Harness, got: &mut Vec<u8>) {
+    let client = h.client();
+    while client.can_recv() {
+        client
+            .recv(|data| {
+                got.extend_from_slice(data);
+                (data.len(), ())
+            })
+            .unwrap();
+    }
+}
+
 /// The orders every relay test runs in: in order, shuffled with 16 seeds, and strict
 /// (run only when woken, two TUN write buffers) with 8.
 fn orders() -> impl Iterator<Item = Order> {
@@ -562,14 +589,7 @@ fn bytes_flow_both_ways_in_any_completion_order() {
                     client.close(); // half-close: keep reading
                 }
             }
-            while client.can_recv() {
-                client
-                    .recv(|data| {
-                        got.extend_from_slice(data);
-                        (data.len(), ())
-                    })
-                    .unwrap();
-            }
+            client_recv(h, &mut got);
             h.server.shutdowns == 1 && got.len() == download.len()
         });
         assert_eq!(
@@ -828,29 +848,10 @@ fn server_bytes_received_while_the_send_buffer_drained_arrive_in_order() {
     // restarts its empty buffer at the beginning and the bytes must move there.
     let first = pattern(10_000, 7);
     let second = pattern(5_000, 8);
-    let mut h = Harness::new(
-        Server {
-            to_send: first.iter().copied().collect(),
-            ..Server::default()
-        },
-        Order::Instant,
-    );
-    connect(&mut h, Ok(()));
-    h.steps_until(50, |h| h.client().state() == State::Established);
-    fn drain(h: &mut Harness, got: &mut Vec<u8>) {
-        let client = h.client();
-        while client.can_recv() {
-            client
-                .recv(|data| {
-                    got.extend_from_slice(data);
-                    (data.len(), ())
-                })
-                .unwrap();
-        }
-    }
+    let mut h = established(&first);
     let mut got = Vec::new();
     h.steps_until(100, |h| {
-        drain(h, &mut got);
+        client_recv(h, &mut got);
         h.server.to_send.is_empty() && h.pending_recv.is_some()
     });
     let pending = h.pending_recv.clone().unwrap();
@@ -859,12 +860,12 @@ fn server_bytes_received_while_the_send_buffer_drained_arrive_in_order() {
         "the receive was started into the send buffer (second half of the region)"
     );
     for _ in 0..50 {
-        drain(&mut h, &mut got);
+        client_recv(&mut h, &mut got);
         h.step();
     }
     h.server.to_send.extend(second.iter().copied());
     h.steps_until(100, |h| {
-        drain(h, &mut got);
+        client_recv(h, &mut got);
         got.len() == first.len() + second.len()
     });
     assert_eq!(got, [first, second].concat());
@@ -940,16 +941,8 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
     // bytes move through all of it.
     let upload = pattern(200_000, 11);
     let download = pattern(200_000, 12);
-    let mut h = Harness::new(
-        Server {
-            to_send: download.iter().copied().collect(),
-            ..Server::default()
-        },
-        Order::Instant,
-    );
+    let mut h = established(&download);
     h.budget = Budget::new(0);
-    connect(&mut h, Ok(()));
-    h.steps_until(50, |h| h.client().state() == State::Established);
     let mut offset = 0;
     let mut got = Vec::new();
     h.steps_until(20_000, |h| {
@@ -957,14 +950,7 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
         if offset < upload.len() && client.can_send() {
             offset += client.send_slice(&upload[offset..]).unwrap();
         }
-        while client.can_recv() {
-            client
-                .recv(|data| {
-                    got.extend_from_slice(data);
-                    (data.len(), ())
-                })
-                .unwrap();
-        }
+        client_recv(h, &mut got);
         h.server.received.len() == upload.len() && got.len() == download.len()
     });
     assert_eq!(h.server.received, upload);
@@ -988,26 +974,10 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
 #[test]
 fn a_download_grows_its_send_allowance_and_goes_around_the_ring() {
     let download = pattern(600_000, 13);
-    let mut h = Harness::new(
-        Server {
-            to_send: download.iter().copied().collect(),
-            ..Server::default()
-        },
-        Order::Instant,
-    );
-    connect(&mut h, Ok(()));
-    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut h = established(&download);
     let mut got = Vec::new();
     h.steps_until(20_000, |h| {
-        let client = h.client();
-        while client.can_recv() {
-            client
-                .recv(|data| {
-                    got.extend_from_slice(data);
-                    (data.len(), ())
-                })
-                .unwrap();
-        }
+        client_recv(h, &mut got);
         got.len() == download.len()
     });
     assert_eq!(got, download);
@@ -1025,15 +995,7 @@ fn a_download_grows_its_send_allowance_and_goes_around_the_ring() {
 
 #[test]
 fn a_short_exchange_touches_only_the_start_of_each_buffer() {
-    let mut h = Harness::new(
-        Server {
-            to_send: pattern(100, 14).into_iter().collect(),
-            ..Server::default()
-        },
-        Order::Instant,
-    );
-    connect(&mut h, Ok(()));
-    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut h = established(&pattern(100, 14));
     h.client().send_slice(&pattern(200, 15)).unwrap();
     h.steps_until(200, |h| h.server.received.len() == 200);
     let [rx, tx] = h.flow().touched();
