@@ -9,6 +9,7 @@ use smoltcp::time::Instant;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::datagrams::Datagrams;
+use super::outbound::Upstream;
 use super::signals::Signals;
 use super::tcp::TcpFlows;
 use super::tun_io::TunIo;
@@ -72,6 +73,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         },
         config.connect_timeout,
         config.interface.clone(),
+        upstream(&config),
         Budget::new(config.memory_limit),
     );
     let mut proxy = Proxy {
@@ -105,6 +107,14 @@ pub fn run(config: Config) -> Result<(), Error> {
     shutdown::finish(proxy, Duration::from_secs(1));
     drop(routes);
     result
+}
+
+/// The SOCKS5 upstream of `config`, as the flows use it.
+fn upstream(config: &Config) -> Option<Upstream> {
+    config
+        .upstream
+        .as_ref()
+        .map(|socks5| Upstream::new(socks5, config.connect_timeout))
 }
 
 fn log_start(proxy: &Proxy, features: Features, fd_limit: u64) {

@@ -57,6 +57,54 @@ impl Fault {
     }
 }
 
+/// Flows and associations the upstream failed, by cause, and what the UDP relay through
+/// it dropped.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub connect_failed: u64,
+    pub timeouts: u64,
+    pub closed: u64,
+    pub protocol_errors: u64,
+    pub no_acceptable_method: u64,
+    pub auth_rejected: u64,
+    /// Reply codes 1 (general failure) and 2 (not allowed by the ruleset); refusals and
+    /// unreachable destinations are counted with the direct path's failures.
+    pub general_failure: u64,
+    pub not_allowed: u64,
+    /// Reply codes 6 to 8 and unassigned ones.
+    pub other_reply: u64,
+    /// UDP associations set up, and ended by the upstream closing their control
+    /// connection (or sending on it).
+    pub associations: u64,
+    pub associations_ended: u64,
+    /// Datagrams from the relay dropped: fragments, malformed headers or sources other
+    /// than the flow's server, and client datagrams too big for the header or beyond
+    /// those held while the association is set up.
+    pub udp_fragments: u64,
+    pub udp_malformed: u64,
+    pub udp_too_big: u64,
+    pub udp_not_held: u64,
+    /// Pings refused: ICMP cannot go through SOCKS5.
+    pub echo_refused: u64,
+}
+
+impl Counters {
+    pub fn count(&mut self, fault: Fault) {
+        let counter = match fault {
+            Fault::Connect => &mut self.connect_failed,
+            Fault::Timeout => &mut self.timeouts,
+            Fault::Closed => &mut self.closed,
+            Fault::Protocol => &mut self.protocol_errors,
+            Fault::NoAcceptableMethod => &mut self.no_acceptable_method,
+            Fault::AuthRejected => &mut self.auth_rejected,
+            Fault::Refused(ReplyCode::GeneralFailure) => &mut self.general_failure,
+            Fault::Refused(ReplyCode::NotAllowed) => &mut self.not_allowed,
+            Fault::Refused(_) => &mut self.other_reply,
+        };
+        *counter += 1;
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
     /// The connection to the upstream is being made.
