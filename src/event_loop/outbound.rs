@@ -31,7 +31,7 @@ pub struct Upstream {
     /// Shared by every handshake.
     credentials: Option<Rc<Credentials>>,
     /// How long a connect and handshake may take together.
-    timeout: smoltcp::time::Duration,
+    pub timeout: std::time::Duration,
 }
 
 impl Upstream {
@@ -39,7 +39,7 @@ impl Upstream {
         Upstream {
             server: config.server,
             credentials: config.credentials.clone().map(Rc::new),
-            timeout: timeout.into(),
+            timeout,
         }
     }
 
@@ -55,7 +55,7 @@ impl Upstream {
             command,
             target,
             self.credentials.clone(),
-            now + self.timeout,
+            now + self.timeout.into(),
         )
     }
 }
