@@ -8,7 +8,7 @@ mod common;
 
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -16,9 +16,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Topology, join, recv_to_end, send_payload, wait_until};
+use common::{
+    ANY, Topology, check_response, dns_query, dns_response, echo_once, join, ping, recv_to_end,
+    send_payload, udp_echo_server, wait_until,
+};
 
-const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 const UDP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether `tool` is installed; otherwise prints why the test is skipped (or panics in
@@ -454,28 +456,8 @@ fn reply_codes_reach_the_client_as_on_the_direct_path_and_coalesced_data_is_kept
     proxy.assert_running();
 }
 
-/// Echoes datagrams on `port` of both server addresses until `deadline`.
-fn udp_echo_server(topo: &Topology, port: u16, deadline: Duration) {
-    let (ready, is_ready) = mpsc::channel();
-    topo.in_server(move || {
-        let socket = UdpSocket::bind((ANY, port)).expect("bind echo server");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        ready.send(()).unwrap();
-        let end = Instant::now() + deadline;
-        let mut buf = vec![0u8; 65536];
-        while Instant::now() < end {
-            if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(&buf[..n], from);
-            }
-        }
-    });
-    is_ready.recv().expect("echo server started");
-}
-
-/// A minimal DNS responder on port 53 of the server: every A query gets `10.x.y.z`
-/// made of the query's id and the question's length, until `deadline`.
+/// The tests' DNS responder (`common::dns_response`) on port 53 of the server, until
+/// `deadline`.
 fn dns_server(topo: &Topology, deadline: Duration) {
     let (ready, is_ready) = mpsc::channel();
     topo.in_server(move || {
@@ -487,45 +469,14 @@ fn dns_server(topo: &Topology, deadline: Duration) {
         let end = Instant::now() + deadline;
         let mut buf = [0u8; 512];
         while Instant::now() < end {
-            let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                continue;
-            };
-            if n < 17 {
-                continue;
+            if let Ok((n, from)) = socket.recv_from(&mut buf)
+                && let Some(response) = dns_response(&buf[..n])
+            {
+                let _ = socket.send_to(&response, from);
             }
-            let mut answer = buf[..n].to_vec();
-            // Response, recursion available, one answer: a pointer to the question.
-            answer[2..12].copy_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
-            answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-            answer.extend_from_slice(&[10, buf[0], buf[1], n as u8]);
-            let _ = socket.send_to(&answer, from);
         }
     });
     is_ready.recv().expect("DNS responder started");
-}
-
-/// A DNS query for `name` (type A) with transaction `id`.
-fn dns_query(id: u16, name: &str) -> Vec<u8> {
-    let mut query = id.to_be_bytes().to_vec();
-    query.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        query.push(label.len() as u8);
-        query.extend_from_slice(label.as_bytes());
-    }
-    query.extend_from_slice(&[0, 0, 1, 0, 1]);
-    query
-}
-
-/// Sends `payload` on a connected socket and returns what comes back, retrying twice.
-fn exchange_datagram(socket: &UdpSocket, payload: &[u8]) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; 65536];
-    for _ in 0..3 {
-        socket.send(payload).ok()?;
-        if let Ok(n) = socket.recv(&mut buf) {
-            return Some(buf[..n].to_vec());
-        }
-    }
-    None
 }
 
 fn udp_client(server: SocketAddr) -> UdpSocket {
@@ -568,11 +519,11 @@ fn udp_echo_and_dns_through_a_danted_association_until_it_ends() {
                         let sent: Vec<u8> = (0..len)
                             .map(|i| (i * 7 + flow * 13 + round) as u8)
                             .collect();
-                        let echoed = exchange_datagram(&socket, &sent);
+                        let echoed = echo_once(&socket, &sent);
                         assert!(
-                            echoed.as_ref() == Some(&sent),
-                            "flow {flow}: {len} bytes to {server} came back as {:?} bytes",
-                            echoed.map(|e| e.len())
+                            echoed == sent,
+                            "flow {flow}: {len} bytes to {server} came back as {}",
+                            echoed.len()
                         );
                     }
                     socket
@@ -582,14 +533,11 @@ fn udp_echo_and_dns_through_a_danted_association_until_it_ends() {
         clients.into_iter().map(join).collect::<Vec<_>>()
     }));
     let dns = SocketAddr::new(topo.server_v4(), 53);
-    let answer = join(topo.in_client(move || {
+    let answered = join(topo.in_client(move || {
         let query = dns_query(0x4242, "through.socks.test");
-        let answer = exchange_datagram(&udp_client(dns), &query).expect("a DNS answer");
-        assert_eq!(&answer[..2], [0x42, 0x42], "transaction id");
-        assert_eq!(&answer[12..query.len()], &query[12..], "question");
-        answer[answer.len() - 4..].to_vec()
+        check_response(&query, &echo_once(&udp_client(dns), &query))
     }));
-    assert_eq!(answer, [10, 0x42, 0x42, 36]);
+    assert_eq!(answered, 0x4242);
     let stats = proxy.stats();
     assert!(
         stats.contains(&format!(
@@ -622,13 +570,8 @@ fn ping_is_refused_through_an_upstream() {
     };
     let nobody = SocketAddr::new(topo.server_v4(), 1080);
     let proxy = topo.start_proxy(&["--upstream", &upstream_arg(nobody, None)]);
-    let output = Command::new("ip")
-        .args(["netns", "exec", topo.client_ns(), "ping", "-n", "-c", "2"])
-        .args(["-i", "0.2", "-W", "1", &topo.server_v4().to_string()])
-        .output()
-        .expect("run ping");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(!output.status.success(), "ping went through:\n{text}");
+    let (ok, text) = ping(&topo, topo.server_v4(), 2);
+    assert!(!ok, "ping went through:\n{text}");
     assert!(
         text.contains("Packet filtered"),
         "no ICMP error for the client:\n{text}"

@@ -146,6 +146,11 @@ fn token(op: Op, id: Id) -> u64 {
 }
 
 impl Datagrams {
+    /// Flow `id`'s association, if it has one.
+    pub(super) fn association(&mut self, id: Id) -> Option<&mut Association> {
+        self.flows.get_mut(id)?.io.association.as_deref_mut()
+    }
+
     /// The outbound side of a new UDP flow through `upstream`: an association whose
     /// control connection is started on the ring for flow `id` (the flow is opened with
     /// it and the deadline recorded by the caller's `associated`).
@@ -192,9 +197,7 @@ impl Proxy {
         };
         let Some(association) = self
             .udp
-            .flows
-            .get_mut(id)
-            .and_then(|flow| flow.io.association.as_mut())
+            .association(id)
             .filter(|association| association.control.is_some())
         else {
             return;
@@ -224,12 +227,7 @@ impl Proxy {
             let Some(id) = self.udp.deadlines.pop_due(now) else {
                 break;
             };
-            if let Some(association) = self
-                .udp
-                .flows
-                .get_mut(id)
-                .and_then(|flow| flow.io.association.as_mut())
-            {
+            if let Some(association) = self.udp.association(id) {
                 association.handshake.expire(now);
                 self.drive_association(id);
             }
@@ -340,7 +338,8 @@ mod tests {
         assert_eq!(strip(&datagram[..n + 4], other, &mut counters), None);
         datagram[2] = 1;
         assert_eq!(strip(&datagram[..n + 4], server, &mut counters), None);
-        assert_eq!(strip(&datagram[..3], server, &mut counters), None);
+        datagram[2] = 0;
+        assert_eq!(strip(&datagram[..n - 1], server, &mut counters), None);
         assert_eq!(
             (counters.udp_fragments, counters.udp_malformed),
             (1, 2),

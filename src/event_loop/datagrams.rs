@@ -150,11 +150,7 @@ impl Datagrams {
     /// association ends at once (its control connection's memory is the ring's to keep
     /// until its operations are done), the datagrams it held are dropped.
     pub(super) fn close(&mut self, ring: &mut Ring, id: Id) {
-        if let Some(association) = self
-            .flows
-            .get_mut(id)
-            .and_then(|flow| flow.io.association.as_mut())
-        {
+        if let Some(association) = self.association(id) {
             association.close(ring);
             let held: Vec<u16> = association.take_held().map(|(slot, _)| slot).collect();
             self.free_slots.extend(held);

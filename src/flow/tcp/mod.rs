@@ -4,6 +4,10 @@
 //! as an argument, is told outbound completions as typed results, and returns the
 //! outbound I/O to start as `Action`s plus the time it next needs to run.
 //!
+//! Through a SOCKS5 upstream the outbound socket first carries the flow's handshake
+//! (`flow::upstream`), its I/O returned as the same `Action`s on scratch bytes after the
+//! two buffers; the relay opens only on a successful CONNECT reply.
+//!
 //! Call order, each time the flow has work: the `on_*` calls for what happened, then
 //! `poll_relay` (the outbound send, receive and FIN forwarding), then `poll` (smoltcp
 //! egress, lifecycle, teardown). The actions of each are carried out, in order, before

@@ -471,6 +471,35 @@ impl Harness {
         }
     }
 
+    /// Steps until the server has `server_bytes` bytes and the client has read
+    /// `download` bytes, the client sending `upload` as its window lets it and reading
+    /// all that arrives; returns what it read.
+    fn upload_and_download(
+        &mut self,
+        upload: &[u8],
+        server_bytes: usize,
+        download: usize,
+    ) -> Vec<u8> {
+        let mut offset = 0;
+        let mut got = Vec::new();
+        self.steps_until(20_000, |h| {
+            let client = h.client();
+            if offset < upload.len() && client.can_send() {
+                offset += client.send_slice(&upload[offset..]).unwrap();
+            }
+            while client.can_recv() {
+                client
+                    .recv(|data| {
+                        got.extend_from_slice(data);
+                        (data.len(), ())
+                    })
+                    .unwrap();
+            }
+            h.server.received.len() == server_bytes && got.len() == download
+        });
+        got
+    }
+
     fn steps_until(&mut self, limit: usize, mut done: impl FnMut(&mut Harness) -> bool) {
         for _ in 0..limit {
             if done(self) {
@@ -974,23 +1003,7 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
     h.budget = Budget::new(0);
     connect(&mut h, Ok(()));
     h.steps_until(50, |h| h.client().state() == State::Established);
-    let mut offset = 0;
-    let mut got = Vec::new();
-    h.steps_until(20_000, |h| {
-        let client = h.client();
-        if offset < upload.len() && client.can_send() {
-            offset += client.send_slice(&upload[offset..]).unwrap();
-        }
-        while client.can_recv() {
-            client
-                .recv(|data| {
-                    got.extend_from_slice(data);
-                    (data.len(), ())
-                })
-                .unwrap();
-        }
-        h.server.received.len() == upload.len() && got.len() == download.len()
-    });
+    let got = h.upload_and_download(&upload, upload.len(), download.len());
     assert_eq!(h.server.received, upload);
     assert_eq!(got, download);
     assert_eq!((h.flow().rx.get(), h.flow().tx.get()), (FLOOR, FLOOR));
@@ -1058,24 +1071,8 @@ fn through_an_upstream_the_syn_ack_waits_for_the_connect_reply_and_bytes_follow_
         assert_eq!(h.flow().phase(), Phase::Connecting);
         h.server.stall_sends = false;
         h.steps_until(200, |h| h.client().state() == State::Established);
-        let mut offset = 0;
-        let mut got = Vec::new();
-        h.steps_until(20_000, |h| {
-            let client = h.client();
-            if offset < upload.len() && client.can_send() {
-                offset += client.send_slice(&upload[offset..]).unwrap();
-            }
-            while client.can_recv() {
-                client
-                    .recv(|data| {
-                        got.extend_from_slice(data);
-                        (data.len(), ())
-                    })
-                    .unwrap();
-            }
-            h.server.received.len() == SOCKS_REQUESTS.len() + upload.len()
-                && got.len() == download.len()
-        });
+        let expected = SOCKS_REQUESTS.len() + upload.len();
+        let got = h.upload_and_download(&upload, expected, download.len());
         assert_eq!(
             h.server.received,
             [&SOCKS_REQUESTS[..], &upload].concat(),
