@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     ANY, Topology, check_response, dns_query, dns_response, echo_once, join, ping, recv_to_end,
-    send_payload, udp_echo_server, wait_until,
+    send_payload, udp_client, udp_echo_server, wait_until,
 };
 
 const UDP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -479,18 +479,6 @@ fn dns_server(topo: &Topology, deadline: Duration) {
     is_ready.recv().expect("DNS responder started");
 }
 
-fn udp_client(server: SocketAddr) -> UdpSocket {
-    let bind: IpAddr = if server.is_ipv4() {
-        [0, 0, 0, 0].into()
-    } else {
-        ANY
-    };
-    let socket = UdpSocket::bind((bind, 0)).expect("bind client");
-    socket.connect(server).expect("connect");
-    socket.set_read_timeout(Some(UDP_TIMEOUT)).unwrap();
-    socket
-}
-
 #[test]
 fn udp_echo_and_dns_through_a_danted_association_until_it_ends() {
     const TEST: &str = "udp_echo_and_dns_through_a_danted_association_until_it_ends";
@@ -512,7 +500,7 @@ fn udp_echo_and_dns_through_a_danted_association_until_it_ends() {
             .map(|flow| {
                 let server = SocketAddr::new(servers[flow % 2], PORT);
                 thread::spawn(move || {
-                    let socket = udp_client(server);
+                    let socket = udp_client(server, UDP_TIMEOUT);
                     // The first datagrams are held while the association is set up.
                     // (Not bigger than the TUN's MTU: the proxy takes no fragments.)
                     for (round, len) in [1, 100, 1400, 0].into_iter().enumerate() {
@@ -535,7 +523,7 @@ fn udp_echo_and_dns_through_a_danted_association_until_it_ends() {
     let dns = SocketAddr::new(topo.server_v4(), 53);
     let answered = join(topo.in_client(move || {
         let query = dns_query(0x4242, "through.socks.test");
-        check_response(&query, &echo_once(&udp_client(dns), &query))
+        check_response(&query, &echo_once(&udp_client(dns, UDP_TIMEOUT), &query))
     }));
     assert_eq!(answered, 0x4242);
     let stats = proxy.stats();

@@ -7,14 +7,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    ANY, Topology, check_response, dns_query, dns_response, echo_once, join, ping, udp_echo_server,
-    wait_until,
+    ANY, Topology, check_response, dns_query, dns_response, echo_once, join, ping, udp_client,
+    udp_echo_server, wait_until,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -55,14 +55,7 @@ fn udp_echo_many_flows_ipv4_and_ipv6() {
             .map(|flow| {
                 let server = SocketAddr::new(servers[flow % 2], PORT);
                 thread::spawn(move || {
-                    let bind: IpAddr = if server.is_ipv4() {
-                        [0, 0, 0, 0].into()
-                    } else {
-                        ANY
-                    };
-                    let socket = UdpSocket::bind((bind, 0)).expect("bind client");
-                    socket.connect(server).expect("connect");
-                    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                    let socket = udp_client(server, IO_TIMEOUT);
                     let mut mismatches = 0;
                     for (round, len) in [1, 64, 512, 1000, 1400].into_iter().enumerate() {
                         let sent = payload(flow * 10 + round, len);
@@ -240,14 +233,7 @@ fn dns_over_udp_and_tcp() {
     for server_ip in [topo.server_v4(), topo.server_v6()] {
         let server = SocketAddr::new(server_ip, 53);
         let answered = join(topo.in_client(move || {
-            let bind: IpAddr = if server.is_ipv4() {
-                [0, 0, 0, 0].into()
-            } else {
-                ANY
-            };
-            let socket = UdpSocket::bind((bind, 0)).expect("bind resolver");
-            socket.connect(server).expect("connect");
-            socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let socket = udp_client(server, IO_TIMEOUT);
             let queries: Vec<Vec<u8>> = (0..QUERIES)
                 .map(|i| dns_query(i as u16, &format!("host{i}.example.test")))
                 .collect();
@@ -346,14 +332,7 @@ fn failures_reach_the_client_as_icmp_errors() {
         let udp_errors: Vec<_> = servers
             .iter()
             .map(|&server| {
-                let bind: IpAddr = if server.is_ipv4() {
-                    [0, 0, 0, 0].into()
-                } else {
-                    ANY
-                };
-                let socket = UdpSocket::bind((bind, 0)).expect("bind");
-                socket.connect((server, 9)).expect("connect");
-                socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let socket = udp_client(SocketAddr::from((server, 9)), IO_TIMEOUT);
                 socket.send(b"anyone there?").expect("send");
                 socket.recv(&mut [0u8; 64]).map(drop).map_err(|e| e.kind())
             })

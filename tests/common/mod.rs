@@ -1017,6 +1017,20 @@ pub fn udp_echo_server(topo: &Topology, port: u16, deadline: Duration) {
     is_ready.recv().expect("echo server started");
 }
 
+/// A UDP socket in the calling thread's namespace, connected to `server`, its receives
+/// bounded by `timeout`.
+pub fn udp_client(server: SocketAddr, timeout: Duration) -> UdpSocket {
+    let bind: IpAddr = if server.is_ipv4() {
+        [0, 0, 0, 0].into()
+    } else {
+        ANY
+    };
+    let socket = UdpSocket::bind((bind, 0)).expect("bind client");
+    socket.connect(server).expect("connect");
+    socket.set_read_timeout(Some(timeout)).unwrap();
+    socket
+}
+
 /// Sends `payload` and waits for it to come back, retrying a lost datagram twice.
 pub fn echo_once(socket: &UdpSocket, payload: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; 65536];
