@@ -3,6 +3,7 @@
 //! next deadline, dispatches the completions to the flows, and runs the flows that have
 //! work. Everything else lives in the modules below.
 
+mod association;
 mod datagrams;
 mod housekeeping;
 mod outbound;
@@ -146,6 +147,9 @@ impl Proxy {
             Op::UdpRecv => self.on_udp_received(id, completion),
             Op::Connect | Op::Send | Op::Recv => {
                 self.on_tcp_completion(token.op, id, completion.result);
+            }
+            Op::ControlConnect | Op::ControlSend | Op::ControlRecv => {
+                self.on_control_completion(token.op, id, completion.result);
             }
         }
     }

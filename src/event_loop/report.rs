@@ -18,6 +18,7 @@ impl Proxy {
         self.stats.tx = self.stack.tx.counters.clone();
         self.stats.udp = self.udp.flows.counters.clone();
         self.stats.udp.socket_drops = self.udp.socket_drops();
+        self.stats.upstream.udp_not_held = self.udp.not_held;
     }
 
     pub(super) fn print_counters(&mut self) {

@@ -12,7 +12,7 @@ use smoltcp::time::Instant;
 use socket2::Socket;
 
 use super::Proxy;
-use super::outbound::{self, Purpose};
+use super::outbound::{self, Purpose, Upstream};
 use super::tun_io::Frame;
 use crate::flow::budget::Budget;
 use crate::flow::tcp::admission::{Admission, Limits, Verdict};
@@ -21,6 +21,7 @@ use crate::flow::{Id, Table};
 use crate::uring::{Op, Region, Ring, Slice, Token};
 use crate::wire::FlowKey;
 use crate::wire::icmp::Quote;
+use crate::wire::socks5::Command;
 
 /// Shortest time between two warnings about running out of sockets.
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
@@ -52,6 +53,8 @@ pub struct TcpFlows {
     settings: Settings,
     connect_timeout: Duration,
     interface: String,
+    /// The SOCKS5 proxy flows are connected through; `None`: straight to their servers.
+    upstream: Option<Upstream>,
     /// Flows to run this turn.
     work: Vec<Id>,
     /// Flows that found no TUN write buffer, run again once one is free.
@@ -71,6 +74,7 @@ impl TcpFlows {
         settings: Settings,
         connect_timeout: Duration,
         interface: String,
+        upstream: Option<Upstream>,
         budget: Budget,
     ) -> Self {
         TcpFlows {
@@ -79,6 +83,7 @@ impl TcpFlows {
             settings,
             connect_timeout,
             interface,
+            upstream,
             work: Vec::new(),
             starved: Vec::new(),
             actions: Actions::default(),
@@ -208,14 +213,24 @@ impl Proxy {
     }
 
     /// Opens a flow for a new SYN: a held-back listening socket plus an outbound
-    /// connect. `None` (the SYN is then answered with RST) when a limit is hit.
+    /// connect, to the server or to the upstream (whose handshake then asks for the
+    /// server). `None` (the SYN is then answered with RST) when a limit is hit.
     fn open_tcp(&mut self, key: FlowKey, mss: Option<u16>, syn: Quote) -> Option<Id> {
+        let now = self.now();
         let tcp = &mut self.tcp;
         if !tcp.admission.may_open(tcp.table.len()) {
             self.stats.refused_limit += 1;
             return None;
         }
-        let socket = match outbound::socket(Purpose::Tcp, key.server, &tcp.interface) {
+        let server = SocketAddr::new(key.server.addr.into(), key.server.port);
+        let (peer, handshake) = match &tcp.upstream {
+            Some(upstream) => (
+                upstream.server,
+                Some(upstream.handshake(Command::Connect, server, now)),
+            ),
+            None => (server, None),
+        };
+        let socket = match outbound::socket(Purpose::Tcp, peer.into(), &tcp.interface) {
             Ok(socket) => socket,
             Err(err) => {
                 self.stats.socket_errors += 1;
@@ -239,7 +254,7 @@ impl Proxy {
             self.stats.memory_refusals += 1;
             return None;
         };
-        let flow = Flow::new(key, mss, syn, tcp.settings, region);
+        let flow = Flow::new(key, mss, syn, tcp.settings, region, handshake);
         // Only now that this flow has its socket and memory: evicting earlier would
         // reset a connecting flow for a SYN that is refused anyway.
         match tcp.admission.verdict(tcp.table.len()) {
@@ -267,7 +282,6 @@ impl Proxy {
                 }
             }
         }
-        let server = SocketAddr::new(key.server.addr.into(), key.server.port);
         let token = |id: Id| Token::new(Op::Connect, id.generation, id.slot as usize).encode();
         let id = tcp.table.insert(
             key,
@@ -281,7 +295,7 @@ impl Proxy {
         );
         if let Some(socket) = tcp.table.get(id).and_then(|entry| entry.socket.as_ref()) {
             self.ring
-                .connect(socket.as_fd(), server, tcp.connect_timeout, token(id));
+                .connect(socket.as_fd(), peer, tcp.connect_timeout, token(id));
         }
         let table = &tcp.table;
         tcp.admission.opened(id, |queued| {
@@ -305,14 +319,8 @@ impl Proxy {
         };
         match op {
             Op::Connect => entry.flow.on_connected(outcome.map(drop)),
-            Op::Send => {
-                self.stats.bytes_up += *outcome.as_ref().unwrap_or(&0) as u64;
-                entry.flow.on_sent(outcome);
-            }
-            _ => {
-                self.stats.bytes_down += *outcome.as_ref().unwrap_or(&0) as u64;
-                entry.flow.on_received(outcome);
-            }
+            Op::Send => self.stats.bytes_up += entry.flow.on_sent(outcome) as u64,
+            _ => self.stats.bytes_down += entry.flow.on_received(outcome) as u64,
         }
         self.tcp.enqueue(id);
     }
@@ -400,8 +408,8 @@ fn execute(
             // counts as in flight is left waiting.
             match action {
                 Action::Shutdown => entry.flow.on_shutdown(Err(Errno::EBADF)),
-                Action::Send(_) => entry.flow.on_sent(Err(Errno::EBADF)),
-                Action::Recv(_) => entry.flow.on_received(Err(Errno::EBADF)),
+                Action::Send(_) => drop(entry.flow.on_sent(Err(Errno::EBADF))),
+                Action::Recv(_) => drop(entry.flow.on_received(Err(Errno::EBADF))),
                 _ => {}
             }
             continue;

@@ -20,6 +20,11 @@ pub enum Op {
     UdpSend = 9,
     /// Receive of one server datagram for a UDP flow.
     UdpRecv = 10,
+    /// Connect, send and receive of a UDP flow's control connection to its SOCKS5
+    /// upstream (the key is the UDP flow's).
+    ControlConnect = 20,
+    ControlSend = 21,
+    ControlRecv = 22,
 }
 
 impl Op {
@@ -33,6 +38,9 @@ impl Op {
             8 => Op::Signal,
             9 => Op::UdpSend,
             10 => Op::UdpRecv,
+            20 => Op::ControlConnect,
+            21 => Op::ControlSend,
+            22 => Op::ControlRecv,
             _ => return None,
         })
     }
@@ -90,6 +98,9 @@ mod tests {
             Op::Signal,
             Op::UdpSend,
             Op::UdpRecv,
+            Op::ControlConnect,
+            Op::ControlSend,
+            Op::ControlRecv,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));

@@ -154,6 +154,12 @@ struct Harness {
     budget: Budget,
     /// Something happened since the last poll that would make the loop run the flow.
     woken: bool,
+    /// The outbound connect is in flight.
+    connect_pending: bool,
+    /// ICMP packets the flow sent the client.
+    icmp_to_client: usize,
+    /// The SOCKS5 handshake the flow is created with (`None`: a direct flow).
+    upstream: Option<Handshake>,
 }
 
 fn client_socket() -> tcp::Socket<'static> {
@@ -213,6 +219,9 @@ impl Harness {
             next: Next::default(),
             woken: false,
             budget: Budget::new(1 << 30),
+            connect_pending: false,
+            icmp_to_client: 0,
+            upstream: None,
         };
         let cx = harness.client_iface.context();
         harness
@@ -241,7 +250,7 @@ impl Harness {
         self.done.len()
             + usize::from(self.stalled_send.is_some())
             + usize::from(self.pending_recv.is_some())
-            + usize::from(self.flow.is_some() && self.flow().phase() == Phase::Connecting)
+            + usize::from(self.connect_pending)
     }
 
     /// One round: the client runs, its packets reach the flow, completions are
@@ -279,6 +288,9 @@ impl Harness {
                 flow.on_tx_buffer();
                 self.woken = true;
             }
+            let icmp = Ipv4Packet::new_checked(&packet[..])
+                .is_ok_and(|ip| ip.next_header() == IpProtocol::Icmp);
+            self.icmp_to_client += usize::from(icmp);
             if !self.client_gone {
                 self.client_dev.inbox.push_back(packet);
             }
@@ -301,7 +313,16 @@ impl Harness {
                 mtu: MTU as u32,
             };
             let region = Region::new(Flow::memory_needed(settings)).unwrap();
-            self.flow = Some(Flow::new(key, mss, Quote::of(packet), settings, region));
+            let upstream = self.upstream.take();
+            self.flow = Some(Flow::new(
+                key,
+                mss,
+                Quote::of(packet),
+                settings,
+                region,
+                upstream,
+            ));
+            self.connect_pending = true;
         }
         if self.freed.is_some() {
             return;
@@ -336,9 +357,12 @@ impl Harness {
         self.woken |= !batch.is_empty();
         for done in batch {
             match done {
-                Done::Connect(result) => flow.on_connected(result),
-                Done::Sent(result) => flow.on_sent(result),
-                Done::Received(result) => flow.on_received(result),
+                Done::Connect(result) => {
+                    self.connect_pending = false;
+                    flow.on_connected(result);
+                }
+                Done::Sent(result) => drop(flow.on_sent(result)),
+                Done::Received(result) => drop(flow.on_received(result)),
             }
         }
     }
@@ -445,6 +469,28 @@ impl Harness {
                 self.pending_recv = None;
             }
         }
+    }
+
+    /// Steps until the server has `server_bytes` bytes and the client has read
+    /// `download` bytes, the client sending `upload` as its window lets it and reading
+    /// all that arrives; returns what it read.
+    fn upload_and_download(
+        &mut self,
+        upload: &[u8],
+        server_bytes: usize,
+        download: usize,
+    ) -> Vec<u8> {
+        let mut offset = 0;
+        let mut got = Vec::new();
+        self.steps_until(20_000, |h| {
+            let client = h.client();
+            if offset < upload.len() && client.can_send() {
+                offset += client.send_slice(&upload[offset..]).unwrap();
+            }
+            client_recv(h, &mut got);
+            h.server.received.len() == server_bytes && got.len() == download
+        });
+        got
     }
 
     fn steps_until(&mut self, limit: usize, mut done: impl FnMut(&mut Harness) -> bool) {
@@ -943,16 +989,7 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
     let download = pattern(200_000, 12);
     let mut h = established(&download);
     h.budget = Budget::new(0);
-    let mut offset = 0;
-    let mut got = Vec::new();
-    h.steps_until(20_000, |h| {
-        let client = h.client();
-        if offset < upload.len() && client.can_send() {
-            offset += client.send_slice(&upload[offset..]).unwrap();
-        }
-        client_recv(h, &mut got);
-        h.server.received.len() == upload.len() && got.len() == download.len()
-    });
+    let got = h.upload_and_download(&upload, upload.len(), download.len());
     assert_eq!(h.server.received, upload);
     assert_eq!(got, download);
     assert_eq!((h.flow().rx.get(), h.flow().tx.get()), (FLOOR, FLOOR));
@@ -1002,4 +1039,188 @@ fn a_short_exchange_touches_only_the_start_of_each_buffer() {
     // The window offered (the first allowance plus what moved) and the 100 bytes.
     assert!(rx <= FLOOR + 200, "receive buffer touched to {rx}");
     assert_eq!(tx, 100);
+}
+
+/// A harness whose flow connects through a SOCKS5 upstream (the simulated server plays
+/// it: its first bytes are the replies), with `credentials` if given.
+fn through_upstream(server: Server, order: Order, credentials: Option<&[u8]>) -> Harness {
+    let mut h = Harness::new(server, order);
+    let credentials = credentials.map(|pair| {
+        let (user, password) = pair.split_at(pair.len() / 2);
+        std::rc::Rc::new(crate::wire::socks5::Credentials::new(user, password).unwrap())
+    });
+    h.upstream = Some(Handshake::new(
+        crate::wire::socks5::Command::Connect,
+        std::net::SocketAddr::from(SERVER),
+        credentials,
+        h.now + Duration::from_secs(10),
+    ));
+    h
+}
+
+/// The SOCKS5 replies of a successful no-auth CONNECT.
+const SOCKS_OK: [u8; 12] = [5, 0, 5, 0, 0, 1, 192, 0, 2, 9, 0x30, 0x39];
+/// What the flow sends the upstream for it: the greeting, CONNECT to `SERVER`.
+const SOCKS_REQUESTS: [u8; 13] = [5, 1, 0, 5, 1, 0, 1, 192, 0, 2, 80, 0, 80];
+
+#[test]
+fn through_an_upstream_the_syn_ack_waits_for_the_connect_reply_and_bytes_follow_it() {
+    let upload = pattern(30_000, 13);
+    let download = pattern(40_000, 14);
+    for order in orders() {
+        // The reply and the server's first bytes arrive together: the relay gets them.
+        let mut h = through_upstream(
+            Server {
+                to_send: SOCKS_OK.iter().chain(&download).copied().collect(),
+                stall_sends: true,
+                ..Server::default()
+            },
+            order,
+            None,
+        );
+        connect(&mut h, Ok(()));
+        for _ in 0..30 {
+            h.step();
+        }
+        assert_eq!(
+            h.client().state(),
+            State::SynSent,
+            "no SYN|ACK before the reply ({order:?})"
+        );
+        assert_eq!(h.flow().phase(), Phase::Connecting);
+        h.server.stall_sends = false;
+        h.steps_until(200, |h| h.client().state() == State::Established);
+        let expected = SOCKS_REQUESTS.len() + upload.len();
+        let got = h.upload_and_download(&upload, expected, download.len());
+        assert_eq!(
+            h.server.received,
+            [&SOCKS_REQUESTS[..], &upload].concat(),
+            "{order:?}"
+        );
+        assert_eq!(got, download, "{order:?}");
+    }
+}
+
+#[test]
+fn through_an_upstream_with_a_password() {
+    let mut h = through_upstream(
+        Server {
+            to_send: [&[5, 2, 1, 0][..], &SOCKS_OK[2..], b"hi"].concat().into(),
+            ..Server::default()
+        },
+        Order::Shuffled(3),
+        Some(b"userpass"),
+    );
+    connect(&mut h, Ok(()));
+    h.steps_until(500, |h| h.client().state() == State::Established);
+    assert_eq!(&h.server.received[..4], [5, 2, 0, 2]);
+    assert_eq!(&h.server.received[4..15], b"\x01\x04user\x04pass");
+}
+
+#[test]
+fn upstream_refusals_reach_the_client_as_the_direct_path_would_report_them() {
+    use crate::flow::upstream::Fault;
+    use crate::wire::socks5::ReplyCode;
+    let cases = [
+        (5, Failure::ConnectRefused, false),
+        (4, Failure::HostUnreachable, true),
+        (3, Failure::NetUnreachable, true),
+        (
+            1,
+            Failure::Upstream(Fault::Refused(ReplyCode::GeneralFailure)),
+            false,
+        ),
+        (
+            2,
+            Failure::Upstream(Fault::Refused(ReplyCode::NotAllowed)),
+            false,
+        ),
+        (
+            7,
+            Failure::Upstream(Fault::Refused(ReplyCode::CommandNotSupported)),
+            false,
+        ),
+    ];
+    for (code, failure, icmp) in cases {
+        for order in [Order::Instant, Order::Strict(code.into())] {
+            let mut h = through_upstream(
+                Server {
+                    to_send: [5, 0, 5, code, 0, 1, 0, 0, 0, 0, 0, 0].into(),
+                    ..Server::default()
+                },
+                order,
+                None,
+            );
+            connect(&mut h, Ok(()));
+            h.steps_until(200, |h| h.freed.is_some());
+            assert_eq!(h.freed, Some(Some(failure)), "code {code} ({order:?})");
+            if icmp {
+                assert_eq!(h.icmp_to_client, 1, "code {code} ({order:?})");
+                assert_eq!(
+                    h.client().state(),
+                    State::SynSent,
+                    "no RST with the ICMP error"
+                );
+            } else {
+                h.steps_until(20, |h| h.client().state() == State::Closed);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_silent_or_vanishing_upstream_fails_the_flow_within_the_connect_timeout() {
+    use crate::flow::upstream::Fault;
+    for order in [Order::Instant, Order::Strict(9)] {
+        // Accepts and says nothing: the deadline must wake the flow (strict order).
+        let mut h = through_upstream(Server::default(), order, None);
+        let start = h.now;
+        connect(&mut h, Ok(()));
+        h.steps_until(100, |h| {
+            h.step_by(Duration::from_millis(500));
+            h.freed.is_some()
+        });
+        assert_eq!(h.freed, Some(Some(Failure::Upstream(Fault::Timeout))));
+        let waited = h.now - start;
+        assert!(
+            waited >= Duration::from_secs(10) && waited <= Duration::from_secs(12),
+            "{waited} ({order:?})"
+        );
+        assert!(
+            h.lifecycle.contains(&Action::Cancel),
+            "the receive was cancelled"
+        );
+        h.steps_until(20, |h| h.client().state() == State::Closed);
+
+        // Closes half-way through a reply.
+        let mut h = through_upstream(
+            Server {
+                to_send: [5, 0, 5, 0, 0].into(),
+                eof: true,
+                ..Server::default()
+            },
+            order,
+            None,
+        );
+        connect(&mut h, Ok(()));
+        h.steps_until(100, |h| h.freed.is_some());
+        assert_eq!(h.freed, Some(Some(Failure::Upstream(Fault::Closed))));
+
+        // Cannot be reached.
+        let mut h = through_upstream(Server::default(), order, None);
+        connect(&mut h, Err(Errno::ECONNREFUSED));
+        h.steps_until(100, |h| h.freed.is_some());
+        assert_eq!(h.freed, Some(Some(Failure::Upstream(Fault::Connect))));
+        h.steps_until(20, |h| h.client().state() == State::Closed);
+    }
+}
+
+#[test]
+fn a_flow_handshaking_with_its_upstream_can_be_evicted() {
+    let mut h = through_upstream(Server::default(), Order::Instant, None);
+    connect(&mut h, Ok(()));
+    h.steps_until(20, |h| h.pending_recv.is_some());
+    assert!(h.flow.as_mut().unwrap().evict());
+    h.steps_until(50, |h| h.freed.is_some());
+    assert_eq!(h.freed, Some(Some(Failure::Evicted)));
 }
