@@ -320,6 +320,10 @@ pub struct Resources {
     pub stalled_failed: u64,
     /// Bytes unread in the kernel at the end: the proxy's sockets', the clients'.
     pub stalled_unread: Option<(u64, u64)>,
+    /// One bulk download's Gbit/s right before the stalled flows, and beside them at
+    /// their end: what they cost a busy flow.
+    pub bulk_alone_gbps: Option<f64>,
+    pub bulk_beside_stalled_gbps: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -689,6 +693,12 @@ fn resources(
         );
 
         // Last: whatever the stalled flows leave behind cannot distort the figures above.
+        let bulk_gbps = || {
+            let sample = load::bulk(topo, server, 1, false, settings.duration, &meter);
+            (sample.errors == 0 && sample.bytes > 0)
+                .then(|| sample.bytes as f64 * 8.0 / sample.elapsed.as_secs_f64() / 1e9)
+        };
+        figures.bulk_alone_gbps = bulk_gbps();
         let mut samples = Vec::new();
         let stalled = load::stalled_downloads(
             topo,
@@ -696,7 +706,12 @@ fn resources(
             settings.stalled_flows,
             settings.stalled_window,
             pid,
-            |at| samples.push((at, procfs::rss_kib(pid))),
+            |at| {
+                samples.push((at, procfs::rss_kib(pid)));
+                if at == settings.stalled_window {
+                    figures.bulk_beside_stalled_gbps = bulk_gbps();
+                }
+            },
         );
         figures.stalled_rss_kib = samples;
         figures.stalled_bytes = stalled.bytes;
