@@ -81,9 +81,16 @@ pub struct Args {
     #[argh(option, default = "String::from(\"64M\")")]
     pub memory_limit: String,
 
-    /// seconds to wait for an outbound connect before the client gets RST (default: 10)
+    /// seconds to wait for an outbound connect (through --upstream: the connect and the
+    /// SOCKS5 handshake) before the client gets RST (default: 10)
     #[argh(option, default = "10")]
     pub connect_timeout: u64,
+
+    /// where relayed flows go: direct (default), or socks5://[user:pass@]HOST:PORT, a
+    /// SOCKS5 proxy reached through -i that relays TCP by CONNECT and UDP by UDP
+    /// ASSOCIATE; ping is then refused
+    #[argh(option)]
+    pub upstream: Option<UpstreamUrl>,
 
     /// seconds a UDP flow may stay idle before its socket is closed (default: 60)
     #[argh(option, default = "60")]
@@ -115,6 +122,25 @@ pub struct Args {
     /// print the version and exit
     #[argh(switch, short = 'V')]
     pub version: bool,
+}
+
+/// The text of `--upstream`, which may hold a password: its `Debug` does not show it
+/// (the parsed arguments are printed in debugging output).
+pub struct UpstreamUrl(pub String);
+
+impl std::str::FromStr for UpstreamUrl {
+    type Err = std::convert::Infallible;
+
+    /// Never fails here: `config` checks the URL, in errors that do not repeat it.
+    fn from_str(text: &str) -> Result<UpstreamUrl, Self::Err> {
+        Ok(UpstreamUrl(text.to_string()))
+    }
+}
+
+impl std::fmt::Debug for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpstreamUrl(<redacted>)")
+    }
 }
 
 /// What the command line asks for.
@@ -281,6 +307,16 @@ mod tests {
             panic!("status --help printed nothing");
         };
         assert!(text.contains("--json") && text.contains("--top"), "{text}");
+    }
+
+    #[test]
+    fn the_upstream_url_is_not_shown_in_debug_output() {
+        let Ok(Command::Run(args)) = parse(&["-i", "eth0", "--upstream", "socks5://u:hunter2@h:1"])
+        else {
+            panic!("--upstream not parsed");
+        };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The validated configuration the proxy runs with, built from the command line.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use crate::cli::Args;
 use crate::error::Error;
 use crate::sys;
 use crate::uring::{KernelVersion, features};
+use crate::wire::socks5::Credentials;
 use crate::wire::{Cidr, Offload};
 
 /// The TUN created unless `--tun` names another.
@@ -46,6 +47,8 @@ pub struct Config {
     pub control: Option<ControlSocket>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The SOCKS5 proxy flows go through; `None`: direct.
+    pub upstream: Option<Socks5>,
 }
 
 /// Where the control socket goes.
@@ -59,6 +62,15 @@ pub struct ControlSocket {
 
 /// Longest Unix socket path (`sun_path` less its terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
+
+/// A SOCKS5 upstream (`--upstream`). Its `Debug` shows no credential.
+#[derive(Clone, Debug)]
+pub struct Socks5 {
+    pub server: SocketAddr,
+    pub credentials: Option<Credentials>,
+}
+
+const UPSTREAM_SYNTAX: &str = "socks5://[user:pass@]HOST:PORT or direct";
 
 /// Environment variable capping the offload probe (none, header, csum, tso, uso).
 pub const OFFLOAD_CAP_ENV: &str = "URINGPROXY_MAX_OFFLOAD";
@@ -196,6 +208,10 @@ impl Config {
         if sys::interface_index(&interface).is_none() {
             return Err(Error::UnknownInterface(interface));
         }
+        let upstream = match &args.upstream {
+            Some(url) => parse_upstream(&url.0).map_err(Error::Usage)?,
+            None => None,
+        };
         Ok(Config {
             interface,
             tun_name: args.tun,
@@ -219,6 +235,7 @@ impl Config {
             control,
             metrics,
             routes,
+            upstream,
             table: args.table,
             udp: crate::flow::datagram::Limits {
                 idle_timeout: Duration::from_secs(args.udp_timeout),
@@ -292,6 +309,108 @@ fn route_networks(texts: &[String], tun_addrs: &[Cidr]) -> Result<Vec<Cidr>, Err
         routes.push(route);
     }
     Ok(routes)
+}
+
+/// Parses `--upstream`: `direct`, or a socks5 URL whose host is an address or a name
+/// (resolved once, now) and whose user name and password may be %-encoded. The errors
+/// never repeat the text, which may hold a password.
+fn parse_upstream(text: &str) -> Result<Option<Socks5>, String> {
+    if text == "direct" {
+        return Ok(None);
+    }
+    let usage = |why: &str| format!("--upstream: {why} (expected {UPSTREAM_SYNTAX})");
+    let is_scheme = |scheme: &str| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    };
+    let (scheme, rest) = text
+        .split_once("://")
+        .filter(|(scheme, _)| is_scheme(scheme))
+        .ok_or_else(|| usage("not a URL"))?;
+    if !scheme.eq_ignore_ascii_case("socks5") {
+        return Err(usage(&format!("unsupported scheme '{scheme}'")));
+    }
+    let (userinfo, host_port) = match rest.rsplit_once('@') {
+        Some((userinfo, host_port)) => (Some(userinfo), host_port),
+        None => (None, rest),
+    };
+    let host_port = host_port.strip_suffix('/').unwrap_or(host_port);
+    if host_port.contains(['/', '?', '#']) {
+        return Err(usage("a path, query or fragment is not allowed"));
+    }
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| usage("unclosed '['"))?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match host_port.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => {
+                return Err(usage("an IPv6 address goes in brackets"));
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(usage("missing host"));
+    }
+    let port = port.ok_or_else(|| usage("missing port"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or_else(|| format!("--upstream: port '{port}' is not a number in 1..=65535"))?;
+    let credentials = match userinfo {
+        None => None,
+        Some(userinfo) => {
+            let (user, password) = userinfo
+                .split_once(':')
+                .ok_or_else(|| usage("a user name needs a password (user:pass@)"))?;
+            let decode = |part: &str, what: &str| {
+                percent_decode(part)
+                    .ok_or_else(|| format!("--upstream: a bad %-escape in the {what}"))
+            };
+            let (user, password) = (decode(user, "user name")?, decode(password, "password")?);
+            Some(
+                Credentials::new(&user, &password)
+                    .map_err(|why| format!("--upstream: {why} (RFC 1929 takes 1 to 255 bytes)"))?,
+            )
+        }
+    };
+    let server = match host.parse::<IpAddr>() {
+        Ok(addr) => SocketAddr::new(addr, port),
+        Err(_) => (host, port)
+            .to_socket_addrs()
+            .map_err(|err| format!("--upstream: cannot resolve '{host}': {err}"))?
+            .next()
+            .ok_or_else(|| format!("--upstream: '{host}' has no address"))?,
+    };
+    Ok(Some(Socks5 {
+        server,
+        credentials,
+    }))
+}
+
+/// `text` with its %XX escapes decoded; `None` for a `%` not followed by two hex digits.
+fn percent_decode(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(at + 1..at + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            at += 3;
+        } else {
+            out.push(bytes[at]);
+            at += 1;
+        }
+    }
+    Some(out)
 }
 
 /// A byte count with an optional K, M or G suffix (powers of 1024), at least 1 MiB.
@@ -490,6 +609,77 @@ mod tests {
             );
         }
         assert!(Config::from_args(args(&["--control", &long[..107]])).is_ok());
+    }
+
+    #[test]
+    fn upstream_urls_are_parsed_strictly_and_never_echoed() {
+        let parse = |text: &str| parse_upstream(text);
+        assert!(parse("direct").unwrap().is_none());
+        let plain = parse("socks5://192.0.2.1:1080").unwrap().unwrap();
+        assert_eq!(plain.server, "192.0.2.1:1080".parse().unwrap());
+        assert!(plain.credentials.is_none());
+        let v6 = parse("SOCKS5://[2001:db8::1]:1080/").unwrap().unwrap();
+        assert_eq!(v6.server, "[2001:db8::1]:1080".parse().unwrap());
+        let named = parse("socks5://localhost:9050").unwrap().unwrap();
+        assert!(named.server.ip().is_loopback(), "{named:?}");
+        // %-escapes, and an '@' in the password left raw: the host follows the last one.
+        let with = parse("socks5://al%69ce:p%40ss@w@rd@192.0.2.1:1080")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            with.credentials,
+            Some(Credentials::new(b"alice", b"p@ss@w@rd").unwrap())
+        );
+        let long = "a".repeat(256);
+        let cases = [
+            ("http://192.0.2.1:3128", "unsupported scheme 'http'"),
+            ("192.0.2.1:1080", "not a URL"),
+            ("socks5://192.0.2.1", "missing port"),
+            ("socks5://192.0.2.1:", "port '' is not a number"),
+            ("socks5://192.0.2.1:0", "port '0' is not a number"),
+            ("socks5://192.0.2.1:65536", "port '65536'"),
+            ("socks5://:1080", "missing host"),
+            ("socks5://2001:db8::1:1080", "brackets"),
+            ("socks5://[2001:db8::1:1080", "unclosed"),
+            ("socks5://192.0.2.1:1080/path", "path"),
+            ("socks5://secretuser@192.0.2.1:1080", "needs a password"),
+            (
+                "socks5://u:sec%zzret@192.0.2.1:1080",
+                "bad %-escape in the password",
+            ),
+            ("socks5://:secret@192.0.2.1:1080", "user name is empty"),
+            ("socks5://u:@192.0.2.1:1080", "password is empty"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.starts_with("--upstream: "), "{err}");
+            assert!(err.contains(expected), "{text}: {err}");
+            assert!(!err.contains("secret"), "{text}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        let err = parse(&format!("socks5://{long}:p@192.0.2.1:1080")).unwrap_err();
+        assert!(err.contains("user name is longer than 255 bytes"), "{err}");
+        let err = parse(&format!("socks5://u:{long}@192.0.2.1:1080")).unwrap_err();
+        assert!(err.contains("password is longer than 255 bytes"), "{err}");
+        assert!(!err.contains(&long));
+        // The configuration as a whole does not show the password either.
+        let config = Config::from_args(args(&[
+            "--upstream",
+            "socks5://alice:hunter2@192.0.2.1:1080",
+        ]))
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("192.0.2.1:1080") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let err = Config::from_args(args(&["--upstream", "ftp://x"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--upstream: unsupported scheme 'ftp'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! next deadline, dispatches the completions to the flows, and runs the flows that have
 //! work. Everything else lives in the modules below.
 
+mod association;
 mod control;
 mod datagrams;
 mod housekeeping;
@@ -155,6 +156,9 @@ impl Proxy {
                 self.on_control_io(token.op, id, completion.result);
             }
             Op::ControlTick => self.on_control_tick(),
+            Op::AssociationConnect | Op::AssociationSend | Op::AssociationRecv => {
+                self.on_association_completion(token.op, id, completion.result);
+            }
         }
     }
 

@@ -47,6 +47,7 @@ pub struct Stats {
     pub tx: TxCounters,
     /// Copied from the UDP relay when printed.
     pub udp: crate::flow::datagram::Counters,
+    pub upstream: crate::flow::upstream::Counters,
     pub fragments: u64,
 }
 
@@ -70,6 +71,7 @@ impl Stats {
             Failure::ServerReset => &mut self.server_resets,
             Failure::Evicted => &mut self.half_open_evicted,
             Failure::ClientReset => &mut self.client_resets,
+            Failure::Upstream(fault) => return self.upstream.count(fault),
         };
         *counter += 1;
     }
@@ -134,6 +136,27 @@ impl fmt::Display for Stats {
             udp.send_errors,
             udp.recv_errors,
             udp.socket_drops
+        )?;
+        let up = &self.upstream;
+        writeln!(
+            f,
+            "upstream: connect-failed {} timeout {} closed {} protocol-error {} no-acceptable-method {} auth-rejected {} general-failure {} not-allowed {} other-reply {}; udp associations {} ended {} fragments {} malformed {} too-big {} not-held {}; echo-refused {}",
+            up.connect_failed,
+            up.timeouts,
+            up.closed,
+            up.protocol_errors,
+            up.no_acceptable_method,
+            up.auth_rejected,
+            up.general_failure,
+            up.not_allowed,
+            up.other_reply,
+            up.associations,
+            up.associations_ended,
+            up.udp_fragments,
+            up.udp_malformed,
+            up.udp_too_big,
+            up.udp_not_held,
+            up.echo_refused
         )?;
         write!(
             f,

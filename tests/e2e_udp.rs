@@ -7,49 +7,17 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::Command;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Topology, join, wait_until};
+use common::{
+    ANY, Topology, check_response, dns_query, dns_response, echo_once, join, ping, udp_client,
+    udp_echo_server, wait_until,
+};
 
-const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Binds a UDP socket in the server namespace on `port` (both families) and echoes every
-/// datagram until `deadline`.
-fn udp_echo_server(topo: &Topology, port: u16, deadline: Duration) {
-    let (ready, is_ready) = mpsc::channel();
-    topo.in_server(move || {
-        let socket = UdpSocket::bind((ANY, port)).expect("bind echo server");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        ready.send(()).unwrap();
-        let end = Instant::now() + deadline;
-        let mut buf = vec![0u8; 65536];
-        while Instant::now() < end {
-            if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(&buf[..n], from);
-            }
-        }
-    });
-    is_ready.recv().expect("echo server started");
-}
-
-/// Sends `payload` and waits for it to come back, retrying a lost datagram twice.
-fn echo_once(socket: &UdpSocket, payload: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0u8; 65536];
-    for _ in 0..3 {
-        socket.send(payload).expect("send");
-        if let Ok(n) = socket.recv(&mut buf) {
-            return buf[..n].to_vec();
-        }
-    }
-    panic!("no echo of {} bytes after 3 tries", payload.len());
-}
 
 /// Opens `count` UDP flows to `server` from the client namespace, one echo each, and
 /// returns the client sockets (still open).
@@ -87,14 +55,7 @@ fn udp_echo_many_flows_ipv4_and_ipv6() {
             .map(|flow| {
                 let server = SocketAddr::new(servers[flow % 2], PORT);
                 thread::spawn(move || {
-                    let bind: IpAddr = if server.is_ipv4() {
-                        [0, 0, 0, 0].into()
-                    } else {
-                        ANY
-                    };
-                    let socket = UdpSocket::bind((bind, 0)).expect("bind client");
-                    socket.connect(server).expect("connect");
-                    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                    let socket = udp_client(server, IO_TIMEOUT);
                     let mut mismatches = 0;
                     for (round, len) in [1, 64, 512, 1000, 1400].into_iter().enumerate() {
                         let sent = payload(flow * 10 + round, len);
@@ -225,55 +186,6 @@ fn udp_table_evicts_the_longest_idle_flow_when_full() {
     proxy.assert_running();
 }
 
-/// A DNS query for `name` (type A, class IN) with transaction `id`.
-fn dns_query(id: u16, name: &str) -> Vec<u8> {
-    let mut msg = Vec::new();
-    msg.extend_from_slice(&id.to_be_bytes());
-    msg.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD; 1 question
-    for label in name.split('.') {
-        msg.push(label.len() as u8);
-        msg.extend_from_slice(label.as_bytes());
-    }
-    msg.extend_from_slice(&[0, 0, 1, 0, 1]);
-    msg
-}
-
-/// The address the test responder gives `name`: derived from its bytes.
-fn answer_for(question: &[u8]) -> [u8; 4] {
-    let sum = question
-        .iter()
-        .fold(17u32, |acc, &b| acc.wrapping_mul(31).wrapping_add(b.into()));
-    [10, (sum >> 16) as u8, (sum >> 8) as u8, sum as u8]
-}
-
-/// The response to a query built by `dns_query`: same id and question, one A record.
-fn dns_response(query: &[u8]) -> Option<Vec<u8>> {
-    if query.len() < 17 {
-        return None;
-    }
-    let question = &query[12..];
-    let mut msg = Vec::new();
-    msg.extend_from_slice(&query[..2]);
-    msg.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]); // response, 1 answer
-    msg.extend_from_slice(question);
-    msg.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]); // name ptr, A, IN, TTL, len
-    msg.extend_from_slice(&answer_for(question));
-    Some(msg)
-}
-
-/// Checks `response` answers `query` and returns its transaction id.
-fn check_response(query: &[u8], response: &[u8]) -> u16 {
-    assert!(response.len() >= query.len() + 16, "short response");
-    assert_eq!(&response[..2], &query[..2], "transaction id");
-    assert_eq!(&response[12..query.len()], &query[12..], "question echoed");
-    assert_eq!(
-        &response[response.len() - 4..],
-        &answer_for(&query[12..]),
-        "A record"
-    );
-    u16::from_be_bytes([query[0], query[1]])
-}
-
 #[test]
 fn dns_over_udp_and_tcp() {
     const QUERIES: usize = 1000;
@@ -321,14 +233,7 @@ fn dns_over_udp_and_tcp() {
     for server_ip in [topo.server_v4(), topo.server_v6()] {
         let server = SocketAddr::new(server_ip, 53);
         let answered = join(topo.in_client(move || {
-            let bind: IpAddr = if server.is_ipv4() {
-                [0, 0, 0, 0].into()
-            } else {
-                ANY
-            };
-            let socket = UdpSocket::bind((bind, 0)).expect("bind resolver");
-            socket.connect(server).expect("connect");
-            socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let socket = udp_client(server, IO_TIMEOUT);
             let queries: Vec<Vec<u8>> = (0..QUERIES)
                 .map(|i| dns_query(i as u16, &format!("host{i}.example.test")))
                 .collect();
@@ -376,27 +281,6 @@ fn dns_over_udp_and_tcp() {
         assert_eq!(tcp_ok, 4242);
     }
     proxy.assert_running();
-}
-
-/// Runs `ping` in the client namespace; returns whether it succeeded and its output.
-fn ping(topo: &Topology, target: IpAddr, count: u32) -> (bool, String) {
-    let count = count.to_string();
-    let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            topo.client_ns(),
-            "ping",
-            "-n",
-            "-c",
-            &count,
-        ])
-        .args(["-i", "0.2", "-W", "1", &target.to_string()])
-        .output()
-        .expect("run ping (iputils-ping)");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), text)
 }
 
 #[test]
@@ -448,14 +332,7 @@ fn failures_reach_the_client_as_icmp_errors() {
         let udp_errors: Vec<_> = servers
             .iter()
             .map(|&server| {
-                let bind: IpAddr = if server.is_ipv4() {
-                    [0, 0, 0, 0].into()
-                } else {
-                    ANY
-                };
-                let socket = UdpSocket::bind((bind, 0)).expect("bind");
-                socket.connect((server, 9)).expect("connect");
-                socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let socket = udp_client(SocketAddr::from((server, 9)), IO_TIMEOUT);
                 socket.send(b"anyone there?").expect("send");
                 socket.recv(&mut [0u8; 64]).map(drop).map_err(|e| e.kind())
             })

@@ -104,6 +104,8 @@ impl Sample {
 #[derive(Clone)]
 pub struct Meter {
     pid: Option<u32>,
+    /// Another process whose CPU time is counted with the proxy's.
+    helper: Option<u32>,
     /// (when, CPU seconds so far) at start and at stop.
     samples: Arc<Mutex<[Option<CpuSample>; 2]>>,
 }
@@ -115,15 +117,23 @@ impl Meter {
     pub fn new(pid: Option<u32>) -> Meter {
         Meter {
             pid,
+            helper: None,
             samples: Arc::new(Mutex::new([None, None])),
         }
     }
 
+    /// Counts `helper`'s CPU time too.
+    pub fn with(self, helper: Option<u32>) -> Meter {
+        Meter { helper, ..self }
+    }
+
     fn sample(&self, which: usize) {
+        let helper = self.helper.map_or(Some(0.0), procfs::cpu_seconds);
         let now = self
             .pid
             .and_then(procfs::cpu_seconds)
-            .map(|cpu| (Instant::now(), cpu));
+            .zip(helper)
+            .map(|(cpu, helper)| (Instant::now(), cpu + helper));
         self.samples.lock().expect("meter")[which] = now;
     }
 

@@ -161,6 +161,14 @@ impl Scenario {
         )
     }
 
+    /// Whether the scenario runs over TCP.
+    pub fn is_tcp(self) -> bool {
+        !matches!(
+            self,
+            Scenario::UdpEcho | Scenario::UdpUp | Scenario::UdpDown
+        )
+    }
+
     /// Whether the scenario sends datagrams one way at a target rate (reported with
     /// their loss).
     pub fn is_flood(self) -> bool {
@@ -200,6 +208,62 @@ pub struct Variant {
     pub label: String,
     /// Shell command with {tun} and {iface} placeholders; None for the direct path.
     pub command: Option<String>,
+    /// Whether UDP goes through it: without, its UDP scenarios and resource figures
+    /// (which open UDP flows) are not run.
+    pub udp: bool,
+    /// Another process on the path whose CPU time is counted with the proxy's (the
+    /// SOCKS5 server of an --upstream run).
+    pub helper: Option<u32>,
+}
+
+impl Variant {
+    fn new(label: &str, command: Option<&str>) -> Variant {
+        Variant {
+            label: label.into(),
+            command: command.map(str::to_string),
+            udp: true,
+            helper: None,
+        }
+    }
+}
+
+/// Port of the SOCKS5 server (microsocks) the --upstream run goes through.
+const SOCKS_PORT: u16 = 1080;
+
+/// Starts microsocks on `server`'s address in the server namespace, for the run through
+/// `--upstream`; `Err` says why there is none.
+fn start_microsocks(topo: &Topology, server: IpAddr) -> Result<Child, String> {
+    let installed = Command::new("sh")
+        .args(["-c", "command -v microsocks"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !installed {
+        return Err("microsocks is not installed (apt-get install microsocks)".into());
+    }
+    let child = {
+        let mut cleanup = cleanup_list();
+        let child = Command::new("ip")
+            .args(["netns", "exec", topo.server_ns(), "microsocks", "-i"])
+            .args([server.to_string(), "-p".into(), SOCKS_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn microsocks: {e}"))?;
+        cleanup.1.push(child.id());
+        child
+    };
+    let addr = SocketAddr::new(server, SOCKS_PORT);
+    let up = wait_until(STARTUP_TIMEOUT, || {
+        common::join(topo.in_server(move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        }))
+    });
+    if !up {
+        return Err(format!("microsocks not listening on {addr}"));
+    }
+    Ok(child)
 }
 
 struct Settings {
@@ -256,6 +320,10 @@ pub struct Resources {
     pub stalled_failed: u64,
     /// Bytes unread in the kernel at the end: the proxy's sockets', the clients'.
     pub stalled_unread: Option<(u64, u64)>,
+    /// One bulk download's Gbit/s right before the stalled flows, and beside them at
+    /// their end: what they cost a busy flow.
+    pub bulk_alone_gbps: Option<f64>,
+    pub bulk_beside_stalled_gbps: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -531,7 +599,7 @@ fn measure(
     if let Some(pid) = pid {
         procfs::reset_peak_rss(pid);
     }
-    let meter = Meter::new(pid);
+    let meter = Meter::new(pid).with(variant.helper);
     let sample = panic::catch_unwind(AssertUnwindSafe(|| {
         scenario.run(topo, server, settings, &meter)
     }))
@@ -625,6 +693,12 @@ fn resources(
         );
 
         // Last: whatever the stalled flows leave behind cannot distort the figures above.
+        let bulk_gbps = || {
+            let sample = load::bulk(topo, server, 1, false, settings.duration, &meter);
+            (sample.errors == 0 && sample.bytes > 0)
+                .then(|| sample.bytes as f64 * 8.0 / sample.elapsed.as_secs_f64() / 1e9)
+        };
+        figures.bulk_alone_gbps = bulk_gbps();
         let mut samples = Vec::new();
         let stalled = load::stalled_downloads(
             topo,
@@ -632,7 +706,12 @@ fn resources(
             settings.stalled_flows,
             settings.stalled_window,
             pid,
-            |at| samples.push((at, procfs::rss_kib(pid))),
+            |at| {
+                samples.push((at, procfs::rss_kib(pid)));
+                if at == settings.stalled_window {
+                    figures.bulk_beside_stalled_gbps = bulk_gbps();
+                }
+            },
         );
         figures.stalled_rss_kib = samples;
         figures.stalled_bytes = stalled.bytes;
@@ -710,33 +789,23 @@ fn main() {
     let rounds = if args.smoke { 1 } else { args.rounds.max(1) };
 
     let mut variants = vec![
-        Variant {
-            label: "direct".into(),
-            command: None,
-        },
-        Variant {
-            label: "uringproxy".into(),
-            command: Some("{uringproxy} -i {iface} --tun {tun}".into()),
-        },
-        Variant {
-            label: "uringproxy --no-offload".into(),
-            command: Some("{uringproxy} -i {iface} --tun {tun} --no-offload".into()),
-        },
+        Variant::new("direct", None),
+        Variant::new("uringproxy", Some("{uringproxy} -i {iface} --tun {tun}")),
+        Variant::new(
+            "uringproxy --no-offload",
+            Some("{uringproxy} -i {iface} --tun {tun} --no-offload"),
+        ),
         // What kernels before 6.7 get: single TUN reads instead of a multishot one.
-        Variant {
-            label: "uringproxy, single reads (<6.7)".into(),
-            command: Some(
-                "env URINGPROXY_MAX_URING=6.1 {uringproxy} -i {iface} --tun {tun}".into(),
-            ),
-        },
+        Variant::new(
+            "uringproxy, single reads (<6.7)",
+            Some("env URINGPROXY_MAX_URING=6.1 {uringproxy} -i {iface} --tun {tun}"),
+        ),
     ];
     for (i, command) in args.compare.iter().enumerate() {
         let program = command.split_whitespace().next().unwrap_or_default();
         let name = program.rsplit('/').next().unwrap_or(program);
-        variants.push(Variant {
-            label: format!("compare {}: {}", i + 1, name.trim_matches(['{', '}'])),
-            command: Some(command.clone()),
-        });
+        let label = format!("compare {}: {}", i + 1, name.trim_matches(['{', '}']));
+        variants.push(Variant::new(&label, Some(command)));
     }
 
     // The client end of every idle flow lives in this process.
@@ -763,6 +832,28 @@ fn main() {
     };
     prepare_namespaces(&topo, server);
     serve_probes(&topo, server);
+    // Through a SOCKS5 server on the server's host: microsocks relays TCP only (it has
+    // no UDP ASSOCIATE), and its CPU is counted with the proxy's.
+    let mut socks = match start_microsocks(&topo, server) {
+        Ok(child) => {
+            let upstream = SocketAddr::new(server, SOCKS_PORT);
+            variants.push(Variant {
+                udp: false,
+                helper: Some(child.id()),
+                ..Variant::new(
+                    "uringproxy --upstream microsocks (CPU of both)",
+                    Some(&format!(
+                        "{{uringproxy}} -i {{iface}} --tun {{tun}} --upstream socks5://{upstream}"
+                    )),
+                )
+            });
+            Some(child)
+        }
+        Err(why) => {
+            eprintln!("e2e: no --upstream run: {why}");
+            None
+        }
+    };
     if let Some(shaping) = &shaping {
         shaping.apply(&topo).unwrap_or_else(|e| {
             eprintln!("e2e: {e}");
@@ -784,6 +875,9 @@ fn main() {
             };
             for v in order {
                 let variant = &variants[v];
+                if !variant.udp && !scenario.is_tcp() {
+                    continue;
+                }
                 let outcome = measure(&topo, scenario, variant, server, &settings, &log);
                 eprintln!(
                     "[{}/{total}] round {} {} via {}: {}",
@@ -809,7 +903,7 @@ fn main() {
     let mut figures = Vec::new();
     if !args.no_resources {
         for (v, variant) in variants.iter().enumerate() {
-            let Some(command) = &variant.command else {
+            let Some(command) = variant.command.as_ref().filter(|_| variant.udp) else {
                 continue;
             };
             eprintln!("resources of {}...", variant.label);
@@ -861,6 +955,11 @@ fn main() {
         log_path.display()
     );
     drop(log);
+    if let Some(mut child) = socks.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+        cleanup_list().1.retain(|&p| p != child.id());
+    }
     drop(topo);
     cleanup_list().0.clear();
 

@@ -508,6 +508,15 @@ pub fn markdown(
         }
         text
     });
+    row(
+        "one bulk download beside them, vs right before them".to_string(),
+        &|r| match (r.bulk_beside_stalled_gbps, r.bulk_alone_gbps) {
+            (Some(beside), Some(alone)) => {
+                format!("{beside:.2} vs {alone:.2} Gbit/s ({:.2})", beside / alone)
+            }
+            _ => "-".into(),
+        },
+    );
     for (v, figures) in resources {
         if let Some(e) = &figures.error {
             let _ = writeln!(md, "\n{}: {e}", variants[*v].label);
@@ -675,7 +684,7 @@ pub fn json(
                 })
                 .collect();
             format!(
-                r#"{{"variant":{},"startup_ms":{},"idle_rss_kib":{},"wakeups":{},"wakeup_window_s":{},"tcp_idle_flows":[{}],"udp_flows":{},"udp_answered":{},"udp_flows_rss_kib":{},"load_peak_rss_kib":{},"after_load_rss_kib":{},"after_load_wait_s":{},"stalled_flows":{},"stalled_window_s":{},"stalled_rss":[{}],"stalled_bytes":{},"stalled_failed":{},"stalled_proxy_unread":{},"stalled_clients_unread":{},"error":{}}}"#,
+                r#"{{"variant":{},"startup_ms":{},"idle_rss_kib":{},"wakeups":{},"wakeup_window_s":{},"tcp_idle_flows":[{}],"udp_flows":{},"udp_answered":{},"udp_flows_rss_kib":{},"load_peak_rss_kib":{},"after_load_rss_kib":{},"after_load_wait_s":{},"stalled_flows":{},"stalled_window_s":{},"stalled_rss":[{}],"stalled_bytes":{},"stalled_failed":{},"stalled_proxy_unread":{},"stalled_clients_unread":{},"bulk_alone_gbps":{},"bulk_beside_stalled_gbps":{},"error":{}}}"#,
                 json_str(&variants[*v].label),
                 json_num(r.startup.map(|d| d.as_secs_f64() * 1e3)),
                 json_int(r.idle_rss_kib),
@@ -695,6 +704,8 @@ pub fn json(
                 r.stalled_failed,
                 json_int(r.stalled_unread.map(|(proxy, _)| proxy)),
                 json_int(r.stalled_unread.map(|(_, clients)| clients)),
+                json_num(r.bulk_alone_gbps),
+                json_num(r.bulk_beside_stalled_gbps),
                 r.error.as_deref().map_or_else(|| "null".into(), json_str),
             )
         })

@@ -564,7 +564,7 @@ impl Proxy {
 }
 
 /// What `uringproxy status` lists of datagram flow `flow` at `now`.
-fn datagram_row(flow: &datagram::Flow<Socket>, now: Instant) -> FlowRow {
+fn datagram_row<S>(flow: &datagram::Flow<S>, now: Instant) -> FlowRow {
     let key = flow.key();
     let address =
         |end: smoltcp::wire::IpEndpoint| std::net::SocketAddr::new(end.addr.into(), end.port);

@@ -1,14 +1,17 @@
 //! The loop's side of UDP and ping flows: their sockets, the send slots client datagrams
 //! are copied into, the multishot receives (into provided buffers shared by all flows)
-//! that bring the server's datagrams back, and closing flows that went idle.
+//! that bring the server's datagrams back, and closing flows that went idle. Through a
+//! SOCKS5 upstream, each UDP flow's association is `association`'s.
 
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 
 use nix::errno::Errno;
 use smoltcp::time::Instant;
 use socket2::Socket;
 
-use super::outbound::{self, Purpose};
+use super::association::{self, Association, Deadlines};
+use super::outbound::{self, Purpose, Upstream};
 use super::tun_io::{self, Frame};
 use super::{MAX_TIMERS_PER_TURN, Proxy};
 use crate::error::Error;
@@ -16,8 +19,8 @@ use crate::flow::Id;
 use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received};
 use crate::sys;
 use crate::uring::{Completion, Op, Region, Ring, Slice, Token};
-use crate::wire::Parsed;
-use crate::wire::icmp::{self, Quote};
+use crate::wire::icmp::{self, Quote, Reason};
+use crate::wire::{Parsed, socks5};
 use smoltcp::wire::IpAddress;
 
 /// Largest UDP payload (IPv4 limit), the size of each receive and send buffer.
@@ -34,18 +37,38 @@ pub const RECV_GROUP: u16 = 1;
 /// dropped and counted (`udp-no-send-slot`). Slot pages are touched only when used.
 pub const SEND_SLOTS: u16 = 512;
 
+/// The outbound side of a datagram flow.
+pub struct Outbound {
+    /// The UDP (or raw ICMP) socket; through an upstream, made once the relay is known.
+    pub socket: Option<Socket>,
+    /// The SOCKS5 association of a UDP flow through an upstream.
+    pub association: Option<Box<Association>>,
+}
+
 pub struct Datagrams {
-    pub flows: Flows<Socket>,
+    pub flows: Flows<Outbound>,
     slots: Region,
     free_slots: Vec<u16>,
     /// Slots filled for the datagram being handled, and their lengths, before their
     /// sends are submitted (kept to reuse its memory).
     filled: Vec<(u16, usize)>,
-    interface: String,
+    pub(super) interface: String,
+    /// The SOCKS5 proxy UDP flows are associated through; `None`: direct.
+    pub(super) upstream: Option<Upstream>,
+    /// When the handshakes of associations being set up must be done.
+    pub(super) deadlines: Deadlines,
+    /// Client datagrams dropped for want of room among those held for associations
+    /// being set up (copied to the counters when printed).
+    pub not_held: u64,
 }
 
 impl Datagrams {
-    pub fn new(limits: Limits, interface: String, ring: &mut Ring) -> Result<Datagrams, Error> {
+    pub fn new(
+        limits: Limits,
+        interface: String,
+        upstream: Option<Upstream>,
+        ring: &mut Ring,
+    ) -> Result<Datagrams, Error> {
         ring.provide_buffers(RECV_GROUP, RECV_BUFFERS, MAX_DATAGRAM)
             .map_err(|err| Error::from_buffer_ring("register UDP receive buffers", err))?;
         let slots = Region::new(usize::from(SEND_SLOTS) * MAX_DATAGRAM).ok_or_else(|| {
@@ -60,17 +83,30 @@ impl Datagrams {
             free_slots: (0..SEND_SLOTS).rev().collect(),
             filled: Vec::new(),
             interface,
+            upstream,
+            deadlines: Deadlines::default(),
+            not_held: 0,
         })
     }
 
+    /// When the next flow will be idle past its timeout, or an association past its
+    /// deadline.
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.flows.next_expiry()
+        [self.flows.next_expiry(), self.deadlines.next()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Server datagrams the kernel dropped for full socket buffers, closed flows' and
     /// open ones'.
     pub fn socket_drops(&self) -> u64 {
-        let open: u64 = self.flows.iter().map(|flow| socket_drops(&flow.io)).sum();
+        let open: u64 = self
+            .flows
+            .iter()
+            .filter_map(|flow| flow.io.socket.as_ref())
+            .map(socket_drops)
+            .sum();
         self.flows.counters.socket_drops + open
     }
 
@@ -110,12 +146,19 @@ impl Datagrams {
         true
     }
 
-    /// Starts closing flow `id`: cancels its receive first if one is armed.
-    fn close(&mut self, ring: &mut Ring, id: Id) {
+    /// Starts closing flow `id`: cancels its receive first if one is armed. Its
+    /// association ends at once (its control connection's memory is the ring's to keep
+    /// until its operations are done), the datagrams it held are dropped.
+    pub(super) fn close(&mut self, ring: &mut Ring, id: Id) {
+        if let Some(association) = self.association(id) {
+            association.close(ring);
+            let held: Vec<u16> = association.take_held().map(|(slot, _)| slot).collect();
+            self.free_slots.extend(held);
+        }
         match self.flows.close(id) {
             Closing::Cancel => {
-                if let Some(flow) = self.flows.get(id) {
-                    ring.cancel_fd(flow.io.as_fd());
+                if let Some(socket) = self.flows.get(id).and_then(|flow| flow.io.socket.as_ref()) {
+                    ring.cancel_fd(socket.as_fd());
                 }
             }
             Closing::Now => self.finish_close(ring, id),
@@ -125,20 +168,64 @@ impl Datagrams {
     /// Closes flow `id`'s socket and forgets the flow (its sends use slots, not its
     /// memory, so they need not be waited for).
     fn finish_close(&mut self, ring: &mut Ring, id: Id) {
-        if let Some(flow) = self.flows.remove(id) {
-            self.flows.counters.socket_drops += socket_drops(&flow.io);
-            ring.close(flow.io.into());
+        if let Some(mut flow) = self.flows.remove(id) {
+            if let Some(socket) = flow.io.socket.take() {
+                self.flows.counters.socket_drops += socket_drops(&socket);
+                ring.close(socket.into());
+            }
+            if let Some(association) = &mut flow.io.association {
+                association.close(ring);
+            }
         }
     }
 
-    /// Arms flow `id`'s multishot receive if it needs one.
-    fn arm_recv(&mut self, ring: &mut Ring, id: Id) {
-        if self.flows.arm_recv(id)
-            && let Some(flow) = self.flows.get(id)
+    /// Arms flow `id`'s multishot receive if it needs one (and has its socket).
+    pub(super) fn arm_recv(&mut self, ring: &mut Ring, id: Id) {
+        let has_socket =
+            |flows: &Flows<Outbound>| flows.get(id).is_some_and(|flow| flow.io.socket.is_some());
+        if has_socket(&self.flows)
+            && self.flows.arm_recv(id)
+            && let Some(socket) = self.flows.get(id).and_then(|flow| flow.io.socket.as_ref())
         {
             let token = Token::new(Op::UdpRecv, id.generation, id.slot as usize).encode();
-            ring.recv_multishot(flow.io.as_fd(), RECV_GROUP, token);
+            ring.recv_multishot(socket.as_fd(), RECV_GROUP, token);
         }
+    }
+
+    /// Sends the datagrams flow `id` holds (or just filled) on its socket; without one
+    /// (its association is being set up) holds them, dropping what does not fit.
+    pub(super) fn send_held(&mut self, ring: &mut Ring, id: Id) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            for (slot, _) in self.filled.drain(..) {
+                self.free_slots.push(slot);
+            }
+            return;
+        };
+        if let Some(association) = &mut flow.io.association {
+            self.filled.splice(0..0, association.take_held());
+        }
+        let mut not_held = 0;
+        for (slot, len) in self.filled.drain(..) {
+            let start = usize::from(slot) * MAX_DATAGRAM;
+            let held = match (&flow.io.socket, &mut flow.io.association) {
+                (Some(socket), _) => {
+                    let buf = Slice {
+                        region: self.slots.clone(),
+                        range: start..start + len,
+                    };
+                    let token = Token::new(Op::UdpSend, 0, usize::from(slot)).encode();
+                    ring.send(socket.as_fd(), buf, token);
+                    continue;
+                }
+                (None, Some(association)) => association.hold(slot, len),
+                (None, None) => false,
+            };
+            if !held {
+                self.free_slots.push(slot);
+                not_held += 1;
+            }
+        }
+        self.not_held += not_held;
     }
 }
 
@@ -151,6 +238,20 @@ impl Proxy {
             Parsed::Echo { key, .. } => (Kind::Echo, key),
             _ => return,
         };
+        if kind == Kind::Echo && self.udp.upstream.is_some() {
+            // ICMP cannot go through SOCKS5, and going around the upstream would leak
+            // the client's pings: refused, and told so at once.
+            self.stats.upstream.echo_refused += 1;
+            let quote = Quote::of(self.packet(frame));
+            if !self
+                .stack
+                .tx
+                .emit(|buf| icmp::unreachable(buf, &quote, Reason::Prohibited))
+            {
+                self.udp.flows.counters.reply_drops += 1;
+            }
+            return;
+        }
         let udp = &mut self.udp;
         let id = match udp.flows.find(kind, key) {
             Some(id) => id,
@@ -158,8 +259,20 @@ impl Proxy {
                 if let Some(evicted) = udp.flows.evict_for_new() {
                     udp.close(&mut self.ring, evicted);
                 }
-                match outbound::socket(Purpose::Datagram(kind), key.server, &udp.interface) {
-                    Ok(socket) => udp.flows.open(kind, key, socket, now),
+                let io = match &udp.upstream {
+                    Some(upstream) => Datagrams::associate(upstream, &udp.interface, now),
+                    None => outbound::socket(Purpose::Datagram(kind), key.server, &udp.interface)
+                        .map(|socket| Outbound {
+                            socket: Some(socket),
+                            association: None,
+                        }),
+                };
+                match io {
+                    Ok(io) => {
+                        let id = udp.flows.open(kind, key, io, now);
+                        udp.associated(&mut self.ring, id);
+                        id
+                    }
                     Err(_) => {
                         udp.flows.counters.socket_errors += 1;
                         return;
@@ -192,10 +305,27 @@ impl Proxy {
                 let parts = payload
                     .chunks(chunk)
                     .chain(payload.is_empty().then_some(payload));
+                let server = SocketAddr::new(key.server.addr.into(), key.server.port);
                 for part in parts {
+                    // Through an upstream, each datagram starts with the SOCKS5 header.
+                    let header = match &udp.upstream {
+                        None => 0,
+                        Some(_) => {
+                            match association::header_len(server, part.len(), MAX_DATAGRAM) {
+                                Some(header) => header,
+                                None => {
+                                    self.stats.upstream.udp_too_big += 1;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
                     let copied = udp.fill(|buffer| {
-                        buffer[..part.len()].copy_from_slice(part);
-                        part.len()
+                        if header > 0 {
+                            socks5::udp_header(buffer, server);
+                        }
+                        buffer[header..header + part.len()].copy_from_slice(part);
+                        header + part.len()
                     });
                     if !copied {
                         break;
@@ -219,21 +349,7 @@ impl Proxy {
         }
         let bytes = udp.filled.iter().map(|&(_, len)| len).sum();
         udp.flows.relayed_up(id, udp.filled.len(), bytes);
-        let socket = udp.flows.get(id).map(|flow| flow.io.as_fd());
-        for (slot, len) in udp.filled.drain(..) {
-            let start = usize::from(slot) * MAX_DATAGRAM;
-            let buf = Slice {
-                region: udp.slots.clone(),
-                range: start..start + len,
-            };
-            match socket {
-                Some(fd) => {
-                    let token = Token::new(Op::UdpSend, 0, usize::from(slot)).encode();
-                    self.ring.send(fd, buf, token);
-                }
-                None => udp.free_slots.push(slot),
-            }
-        }
+        udp.send_held(&mut self.ring, id);
         udp.arm_recv(&mut self.ring, id);
     }
 
@@ -255,9 +371,39 @@ impl Proxy {
             (_, None) => Err(Errno::EINVAL),
         };
         let udp = &mut self.udp;
-        let received =
-            udp.flows
-                .on_received(id, now, result, completion.more(), &mut self.stack.tx);
+        let more = completion.more();
+        let received = match udp.flows.get(id) {
+            // Through an upstream: the relay's header comes off, and only the flow's
+            // server's datagrams go on.
+            Some(flow) if flow.io.association.is_some() => {
+                let key = flow.key();
+                let server = SocketAddr::new(key.server.addr.into(), key.server.port);
+                match result {
+                    Ok(datagram) => {
+                        match association::strip(datagram, server, &mut self.stats.upstream) {
+                            Some(payload) => udp.flows.on_received(
+                                id,
+                                now,
+                                Ok(payload),
+                                more,
+                                &mut self.stack.tx,
+                            ),
+                            None => udp.flows.on_dropped(id, more),
+                        }
+                    }
+                    Err(errno) => udp.flows.on_received(
+                        id,
+                        now,
+                        Err(association::relay_error(errno)),
+                        more,
+                        &mut self.stack.tx,
+                    ),
+                }
+            }
+            _ => udp
+                .flows
+                .on_received(id, now, result, more, &mut self.stack.tx),
+        };
         if let Some(bid) = bid {
             self.ring.recycle(RECV_GROUP, bid);
         }
@@ -268,8 +414,10 @@ impl Proxy {
         }
     }
 
-    /// Closes datagram flows idle past their timeout.
+    /// Closes datagram flows idle past their timeout, and associations not set up by
+    /// their deadline.
     pub(super) fn expire_datagrams(&mut self, now: Instant) {
+        self.expire_associations(now);
         for _ in 0..MAX_TIMERS_PER_TURN {
             let Some(id) = self.udp.flows.expired(now) else {
                 break;

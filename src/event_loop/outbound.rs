@@ -1,15 +1,19 @@
 //! The outbound sockets flows are re-originated on, all bound to the outbound interface
 //! so they leave through `-i` even when policy routing would send their destination
-//! back into the TUN.
+//! back into the TUN, and the SOCKS5 upstream they may be re-originated through.
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 
 use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
 use smoltcp::wire::{IpAddress, IpEndpoint};
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
+use crate::config::Socks5;
 use crate::flow::datagram::Kind;
 use crate::flow::tcp::KEEPALIVE_IDLE;
+use crate::flow::upstream::Handshake;
+use crate::wire::socks5::{Command, Credentials};
 
 /// Probes of a silent server: every 20 s after a minute idle, given up after six, so a
 /// server that vanished without FIN or RST is found in about three minutes.
@@ -20,6 +24,41 @@ const KEEPALIVE_PROBES: u32 = 6;
 /// 1400 bytes) overflowed at 1 Gbit/s, losing 3-30% of a download (kernel memory, used
 /// only while datagrams wait).
 const UDP_RECV_BUFFER: usize = 2 << 20;
+
+/// The SOCKS5 proxy flows are relayed through (`--upstream`).
+pub struct Upstream {
+    pub server: SocketAddr,
+    /// Shared by every handshake.
+    credentials: Option<Rc<Credentials>>,
+    /// How long a connect and handshake may take together.
+    pub timeout: std::time::Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &Socks5, timeout: std::time::Duration) -> Upstream {
+        Upstream {
+            server: config.server,
+            credentials: config.credentials.clone().map(Rc::new),
+            timeout,
+        }
+    }
+
+    /// The handshake of a connection to the upstream started at `now`, for `command` to
+    /// `target`.
+    pub fn handshake(
+        &self,
+        command: Command,
+        target: SocketAddr,
+        now: smoltcp::time::Instant,
+    ) -> Handshake {
+        Handshake::new(
+            command,
+            target,
+            self.credentials.clone(),
+            now + self.timeout.into(),
+        )
+    }
+}
 
 /// What a socket is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -25,6 +25,7 @@ impl Proxy {
     fn gather(&mut self) {
         self.refresh_counters();
         self.stats.udp.socket_drops = self.udp.socket_drops();
+        self.stats.upstream.udp_not_held = self.udp.not_held;
     }
 
     pub(super) fn print_counters(&mut self) {

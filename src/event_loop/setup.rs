@@ -11,6 +11,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::control::Control;
 use super::datagrams::Datagrams;
+use super::outbound::Upstream;
 use super::signals::Signals;
 use super::tcp::TcpFlows;
 use super::tun_io::TunIo;
@@ -61,10 +62,17 @@ pub fn run(config: Config) -> Result<(), Error> {
             .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set))
             .map_err(|err| Error::Io("pin to --cpu", err.into()))?;
     }
-    // Each flow holds one outbound socket; leave room for the ring, TUN and stdio.
-    let fd_limit = sys::raise_fd_limit((config.max_flows + config.udp.max_flows) as u64 + 64);
+    // Each flow holds one outbound socket, a UDP flow through an upstream two (its
+    // control connection); leave room for the ring, TUN and stdio.
+    let udp_sockets = config.udp.max_flows * if config.upstream.is_some() { 2 } else { 1 };
+    let fd_limit = sys::raise_fd_limit((config.max_flows + udp_sockets) as u64 + 64);
     let (tun, tx) = TunIo::new(tun, features, &mut ring, config.mtu as usize)?;
-    let udp = Datagrams::new(config.udp.clone(), config.interface.clone(), &mut ring)?;
+    let udp = Datagrams::new(
+        config.udp.clone(),
+        config.interface.clone(),
+        upstream(&config),
+        &mut ring,
+    )?;
     let epoch = std::time::Instant::now();
     let tcp = TcpFlows::new(
         Limits {
@@ -77,6 +85,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         },
         config.connect_timeout,
         config.interface.clone(),
+        upstream(&config),
         Budget::new(config.memory_limit),
     );
     let mut proxy = Proxy {
@@ -106,11 +115,22 @@ pub fn run(config: Config) -> Result<(), Error> {
         );
     }
     log_start(&proxy, features, fd_limit);
-    check_echo_sockets(&proxy.config.interface);
+    // Through an upstream pings are refused: no raw socket is needed.
+    if proxy.config.upstream.is_none() {
+        check_echo_sockets(&proxy.config.interface);
+    }
     let result = proxy.run();
     shutdown::finish(proxy, Duration::from_secs(1));
     drop(routes);
     result
+}
+
+/// The SOCKS5 upstream of `config`, as the flows use it.
+fn upstream(config: &Config) -> Option<Upstream> {
+    config
+        .upstream
+        .as_ref()
+        .map(|socks5| Upstream::new(socks5, config.connect_timeout))
 }
 
 fn log_start(proxy: &Proxy, features: Features, fd_limit: u64) {
@@ -138,6 +158,18 @@ fn log_start(proxy: &Proxy, features: Features, fd_limit: u64) {
         config.mtu,
         config.max_flows,
     );
+    if let Some(upstream) = &config.upstream {
+        // The address only: the credentials are never logged.
+        info!(
+            "through the SOCKS5 upstream {}{} (TCP by CONNECT, UDP by UDP ASSOCIATE; pings are refused)",
+            upstream.server,
+            if upstream.credentials.is_some() {
+                " with a user name and password"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// Pings are relayed through raw ICMP sockets, which need CAP_NET_RAW (binding to the

@@ -12,7 +12,7 @@ use smoltcp::time::Instant;
 use socket2::Socket;
 
 use super::Proxy;
-use super::outbound::{self, Purpose};
+use super::outbound::{self, Purpose, Upstream};
 use super::tun_io::Frame;
 use crate::control::wire::{FlowRow, Proto, State};
 use crate::flow::budget::Budget;
@@ -22,6 +22,7 @@ use crate::flow::{Id, Table};
 use crate::uring::{Op, Region, Ring, Slice, Token};
 use crate::wire::FlowKey;
 use crate::wire::icmp::Quote;
+use crate::wire::socks5::Command;
 
 /// Shortest time between two warnings about running out of sockets.
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
@@ -94,6 +95,8 @@ pub struct TcpFlows {
     settings: Settings,
     connect_timeout: Duration,
     interface: String,
+    /// The SOCKS5 proxy flows are connected through; `None`: straight to their servers.
+    upstream: Option<Upstream>,
     /// Flows to run this turn.
     work: Vec<Id>,
     /// Flows that found no TUN write buffer, run again once one is free.
@@ -115,6 +118,7 @@ impl TcpFlows {
         settings: Settings,
         connect_timeout: Duration,
         interface: String,
+        upstream: Option<Upstream>,
         budget: Budget,
     ) -> Self {
         TcpFlows {
@@ -123,6 +127,7 @@ impl TcpFlows {
             settings,
             connect_timeout,
             interface,
+            upstream,
             work: Vec::new(),
             starved: Vec::new(),
             actions: Actions::default(),
@@ -158,12 +163,16 @@ impl TcpFlows {
     }
 
     /// Keeps an ended flow's memory for a new one, all but the start of each of its
-    /// buffers given back to the kernel.
-    fn keep_spare(&mut self, region: Region) {
+    /// buffers given back to the kernel: as far as the flow touched them (`touched`,
+    /// bytes from the start of each), so a short exchange costs no system call here.
+    fn keep_spare(&mut self, region: Region, touched: [usize; 2]) {
         if self.spare.len() < SPARE_REGIONS {
             let half = self.settings.buffer;
-            for start in [0, half] {
-                region.discard(start + SPARE_KEEP.min(half)..start + half);
+            for (start, touched) in [0, half].into_iter().zip(touched) {
+                let keep = SPARE_KEEP.min(half);
+                if touched > keep {
+                    region.discard(start + keep..start + touched.min(half));
+                }
             }
             self.spare.push(region);
         }
@@ -254,14 +263,23 @@ impl Proxy {
     }
 
     /// Opens a flow for a new SYN: a held-back listening socket plus an outbound
-    /// connect. `None` (the SYN is then answered with RST) when a limit is hit.
+    /// connect, to the server or to the upstream (whose handshake then asks for the
+    /// server). `None` (the SYN is then answered with RST) when a limit is hit.
     fn open_tcp(&mut self, key: FlowKey, mss: Option<u16>, syn: Quote, now: Instant) -> Option<Id> {
         let tcp = &mut self.tcp;
         if !tcp.admission.may_open(tcp.table.len()) {
             self.stats.refused_limit += 1;
             return None;
         }
-        let socket = match outbound::socket(Purpose::Tcp, key.server, &tcp.interface) {
+        let server = SocketAddr::new(key.server.addr.into(), key.server.port);
+        let (peer, handshake) = match &tcp.upstream {
+            Some(upstream) => (
+                upstream.server,
+                Some(upstream.handshake(Command::Connect, server, now)),
+            ),
+            None => (server, None),
+        };
+        let socket = match outbound::socket(Purpose::Tcp, peer.into(), &tcp.interface) {
             Ok(socket) => socket,
             Err(err) => {
                 self.stats.socket_errors += 1;
@@ -285,7 +303,7 @@ impl Proxy {
             self.stats.memory_refusals += 1;
             return None;
         };
-        let flow = Flow::new(key, mss, syn, tcp.settings, region);
+        let flow = Flow::new(key, mss, syn, tcp.settings, region, handshake);
         // Only now that this flow has its socket and memory: evicting earlier would
         // reset a connecting flow for a SYN that is refused anyway.
         match tcp.admission.verdict(tcp.table.len()) {
@@ -313,7 +331,6 @@ impl Proxy {
                 }
             }
         }
-        let server = SocketAddr::new(key.server.addr.into(), key.server.port);
         let token = |id: Id| Token::new(Op::Connect, id.generation, id.slot as usize).encode();
         let id = tcp.table.insert(
             key,
@@ -334,7 +351,7 @@ impl Proxy {
         tcp.phases[phase_index(Phase::Connecting)] += 1;
         if let Some(socket) = tcp.table.get(id).and_then(|entry| entry.socket.as_ref()) {
             self.ring
-                .connect(socket.as_fd(), server, tcp.connect_timeout, token(id));
+                .connect(socket.as_fd(), peer, tcp.connect_timeout, token(id));
         }
         let table = &tcp.table;
         tcp.admission.opened(id, |queued| {
@@ -356,19 +373,19 @@ impl Proxy {
         } else {
             Ok(result as usize)
         };
-        let moved = *outcome.as_ref().unwrap_or(&0) as u64;
-        entry.moved |= moved > 0;
         match op {
             Op::Connect => entry.flow.on_connected(outcome.map(drop)),
             Op::Send => {
+                let moved = entry.flow.on_sent(outcome) as u64;
                 self.stats.bytes_up += moved;
                 entry.bytes_up += moved;
-                entry.flow.on_sent(outcome);
+                entry.moved |= moved > 0;
             }
             _ => {
+                let moved = entry.flow.on_received(outcome) as u64;
                 self.stats.bytes_down += moved;
                 entry.bytes_down += moved;
-                entry.flow.on_received(outcome);
+                entry.moved |= moved > 0;
             }
         }
         self.tcp.enqueue(id);
@@ -428,12 +445,11 @@ impl Proxy {
             if let Some(failure) = failure {
                 self.stats.count_failure(failure);
             }
-            if let Some(region) = tcp
-                .table
-                .remove(id)
-                .and_then(|entry| entry.flow.into_region())
-            {
-                tcp.keep_spare(region);
+            if let Some(entry) = tcp.table.remove(id) {
+                let touched = entry.flow.touched();
+                if let Some(region) = entry.flow.into_region() {
+                    tcp.keep_spare(region, touched);
+                }
             }
             self.stats.flows_closed += 1;
             return;
@@ -471,8 +487,8 @@ fn execute(
             // counts as in flight is left waiting.
             match action {
                 Action::Shutdown => entry.flow.on_shutdown(Err(Errno::EBADF)),
-                Action::Send(_) => entry.flow.on_sent(Err(Errno::EBADF)),
-                Action::Recv(_) => entry.flow.on_received(Err(Errno::EBADF)),
+                Action::Send(_) => drop(entry.flow.on_sent(Err(Errno::EBADF))),
+                Action::Recv(_) => drop(entry.flow.on_received(Err(Errno::EBADF))),
                 _ => {}
             }
             continue;

@@ -415,6 +415,22 @@ impl<S> Flows<S> {
         }
     }
 
+    /// A completion of flow `id`'s receive that brought nothing for the client (the
+    /// caller dropped its datagram): only whether to re-arm or close.
+    pub fn on_dropped(&mut self, id: Id, more: bool) -> Received {
+        let Some(flow) = self.table.get_mut(id) else {
+            return Received::Nothing;
+        };
+        if !more {
+            flow.receiving = false;
+        }
+        match (flow.receiving, flow.closing) {
+            (false, true) => Received::Close,
+            (false, false) => Received::Rearm,
+            (true, _) => Received::Nothing,
+        }
+    }
+
     /// Starts closing flow `id`: it no longer takes datagrams (a new flow may take its
     /// key) and leaves the idle order.
     pub fn close(&mut self, id: Id) -> Closing {

@@ -6,5 +6,6 @@ pub mod datagram;
 pub mod lru;
 pub mod table;
 pub mod tcp;
+pub mod upstream;
 
 pub use table::{Id, Table};

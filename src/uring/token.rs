@@ -29,6 +29,11 @@ pub enum Op {
     ControlSend = 13,
     /// The control clients' deadline check, once a second while any is connected.
     ControlTick = 14,
+    /// Connect, send and receive of a UDP flow's control connection to its SOCKS5
+    /// upstream (the key is the UDP flow's).
+    AssociationConnect = 20,
+    AssociationSend = 21,
+    AssociationRecv = 22,
 }
 
 impl Op {
@@ -46,6 +51,9 @@ impl Op {
             12 => Op::ControlRecv,
             13 => Op::ControlSend,
             14 => Op::ControlTick,
+            20 => Op::AssociationConnect,
+            21 => Op::AssociationSend,
+            22 => Op::AssociationRecv,
             _ => return None,
         })
     }
@@ -107,6 +115,9 @@ mod tests {
             Op::ControlRecv,
             Op::ControlSend,
             Op::ControlTick,
+            Op::AssociationConnect,
+            Op::AssociationSend,
+            Op::AssociationRecv,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));

@@ -56,6 +56,8 @@ pub enum Reason {
     Network,
     Host,
     Port,
+    /// Administratively prohibited: the proxy will not relay it.
+    Prohibited,
 }
 
 /// Writes into `buf` an IP packet carrying an ICMP error from the quoted packet's
@@ -72,6 +74,7 @@ pub fn unreachable(buf: &mut [u8], quote: &Quote, reason: Reason) -> Option<usiz
                     Reason::Network => Icmpv4DstUnreachable::NetUnreachable,
                     Reason::Host => Icmpv4DstUnreachable::HostUnreachable,
                     Reason::Port => Icmpv4DstUnreachable::PortUnreachable,
+                    Reason::Prohibited => Icmpv4DstUnreachable::CommProhibited,
                 },
                 header,
                 data,
@@ -91,6 +94,7 @@ pub fn unreachable(buf: &mut [u8], quote: &Quote, reason: Reason) -> Option<usiz
                     Reason::Network => Icmpv6DstUnreachable::NoRoute,
                     Reason::Host => Icmpv6DstUnreachable::AddrUnreachable,
                     Reason::Port => Icmpv6DstUnreachable::PortUnreachable,
+                    Reason::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
                 },
                 header,
                 data,

@@ -6,6 +6,7 @@ pub mod cidr;
 pub mod demux;
 pub mod icmp;
 pub mod offload;
+pub mod socks5;
 pub mod udp;
 pub mod vnet;
 pub mod window;

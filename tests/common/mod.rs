@@ -19,18 +19,21 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, Once, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sched::{CloneFlags, setns};
 use sha2::{Digest, Sha256};
 use socket2::SockRef;
+
+/// Both families' unspecified address (an IPv6 socket bound to it takes IPv4 too).
+pub const ANY: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
@@ -1055,4 +1058,123 @@ pub fn request_after_half_close(topo: &Topology, ip: IpAddr, request: u64, respo
     let (request_received, response_sent) = server.join()[0];
     assert_eq!(request_received, request_sent, "request via {ip}");
     assert_eq!(response_received, response_sent, "response via {ip}");
+}
+
+// Datagram helpers shared by e2e_udp and e2e_socks.
+
+/// Binds a UDP socket in the server namespace on `port` (both families) and echoes every
+/// datagram until `deadline`.
+pub fn udp_echo_server(topo: &Topology, port: u16, deadline: Duration) {
+    let (ready, is_ready) = mpsc::channel();
+    topo.in_server(move || {
+        let socket = UdpSocket::bind((ANY, port)).expect("bind echo server");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        ready.send(()).unwrap();
+        let end = Instant::now() + deadline;
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < end {
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }
+    });
+    is_ready.recv().expect("echo server started");
+}
+
+/// A UDP socket in the calling thread's namespace, connected to `server`, its receives
+/// bounded by `timeout`.
+pub fn udp_client(server: SocketAddr, timeout: Duration) -> UdpSocket {
+    let bind: IpAddr = if server.is_ipv4() {
+        [0, 0, 0, 0].into()
+    } else {
+        ANY
+    };
+    let socket = UdpSocket::bind((bind, 0)).expect("bind client");
+    socket.connect(server).expect("connect");
+    socket.set_read_timeout(Some(timeout)).unwrap();
+    socket
+}
+
+/// Sends `payload` and waits for it to come back, retrying a lost datagram twice.
+pub fn echo_once(socket: &UdpSocket, payload: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..3 {
+        socket.send(payload).expect("send");
+        if let Ok(n) = socket.recv(&mut buf) {
+            return buf[..n].to_vec();
+        }
+    }
+    panic!("no echo of {} bytes after 3 tries", payload.len());
+}
+
+/// A DNS query for `name` (type A, class IN) with transaction `id`.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&id.to_be_bytes());
+    msg.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD; 1 question
+    for label in name.split('.') {
+        msg.push(label.len() as u8);
+        msg.extend_from_slice(label.as_bytes());
+    }
+    msg.extend_from_slice(&[0, 0, 1, 0, 1]);
+    msg
+}
+
+/// The address the test responder gives `name`: derived from its bytes.
+pub fn answer_for(question: &[u8]) -> [u8; 4] {
+    let sum = question
+        .iter()
+        .fold(17u32, |acc, &b| acc.wrapping_mul(31).wrapping_add(b.into()));
+    [10, (sum >> 16) as u8, (sum >> 8) as u8, sum as u8]
+}
+
+/// The response to a query built by `dns_query`: same id and question, one A record.
+pub fn dns_response(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 17 {
+        return None;
+    }
+    let question = &query[12..];
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&query[..2]);
+    msg.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]); // response, 1 answer
+    msg.extend_from_slice(question);
+    msg.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]); // name ptr, A, IN, TTL, len
+    msg.extend_from_slice(&answer_for(question));
+    Some(msg)
+}
+
+/// Checks `response` answers `query` and returns its transaction id.
+pub fn check_response(query: &[u8], response: &[u8]) -> u16 {
+    assert!(response.len() >= query.len() + 16, "short response");
+    assert_eq!(&response[..2], &query[..2], "transaction id");
+    assert_eq!(&response[12..query.len()], &query[12..], "question echoed");
+    assert_eq!(
+        &response[response.len() - 4..],
+        &answer_for(&query[12..]),
+        "A record"
+    );
+    u16::from_be_bytes([query[0], query[1]])
+}
+
+/// Runs `ping` in the client namespace; returns whether it succeeded and its output.
+pub fn ping(topo: &Topology, target: IpAddr, count: u32) -> (bool, String) {
+    let count = count.to_string();
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            topo.client_ns(),
+            "ping",
+            "-n",
+            "-c",
+            &count,
+        ])
+        .args(["-i", "0.2", "-W", "1", &target.to_string()])
+        .output()
+        .expect("run ping (iputils-ping)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
 }

@@ -4,6 +4,10 @@
 //! as an argument, is told outbound completions as typed results, and returns the
 //! outbound I/O to start as `Action`s plus the time it next needs to run.
 //!
+//! Through a SOCKS5 upstream the outbound socket first carries the flow's handshake
+//! (`flow::upstream`), its I/O returned as the same `Action`s on scratch bytes after the
+//! two buffers; the relay opens only on a successful CONNECT reply.
+//!
 //! Call order, each time the flow has work: the `on_*` calls for what happened, then
 //! `poll_relay` (the outbound send, receive and FIN forwarding), then `poll` (smoltcp
 //! egress, lifecycle, teardown). The actions of each are carried out, in order, before
@@ -25,6 +29,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use crate::flow::budget::{Allowance, Budget};
+use crate::flow::upstream::{self, Handshake};
 use crate::stack::device::FlowTx;
 use crate::stack::{StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
@@ -111,6 +116,7 @@ pub struct Settings {
 
 /// The flow's buffers: the smoltcp socket set, whose receive and send buffers are the
 /// flow's region. The ring sends from the one and receives into the other directly.
+/// After them, the scratch bytes of a SOCKS5 handshake (touched only through one).
 pub struct Buffers;
 
 impl Family for Buffers {
@@ -120,6 +126,7 @@ impl Family for Buffers {
 pub struct Sockets<'m> {
     set: SocketSet<'m>,
     handle: SocketHandle,
+    scratch: &'m mut [u8],
 }
 
 impl<'m> Sockets<'m> {
@@ -137,6 +144,9 @@ pub struct Flow {
     key: FlowKey,
     memory: Lent<Buffers>,
     relay: Relay,
+    /// The SOCKS5 handshake with the upstream, until it has succeeded (a failed one
+    /// stays until what it has in flight is done).
+    upstream: Option<Handshake>,
     /// The client's SYN, quoted in the ICMP error if the server proves unreachable.
     syn: Quote,
     /// Largest TCP payload per packet towards the client (its MSS, capped by our MTU);
@@ -154,6 +164,9 @@ pub struct Flow {
     /// The client's sequence number of its first byte not yet passed to the server: its
     /// window may end no further than this plus `rx`'s allowance.
     client_next: u32,
+    /// The client's first byte's sequence number: it went to the start of the receive
+    /// buffer.
+    client_first: u32,
     /// Server bytes the client has acknowledged so far.
     tx_acked: usize,
     /// The client's bytes reached the end of its window since the last account.
@@ -172,19 +185,21 @@ pub struct Flow {
 impl Flow {
     /// Bytes of memory a flow with these settings needs (`new`'s `region`).
     pub fn memory_needed(settings: Settings) -> usize {
-        2 * settings.buffer
+        2 * settings.buffer + upstream::SCRATCH
     }
 
     /// A flow for the client's SYN `syn` (announcing `mss`): a listening socket that
     /// holds its SYN|ACK back until `on_connected`, with its buffers in `region`
     /// (`memory_needed` bytes; what is in them does not matter: smoltcp reads only what
-    /// it wrote). The outbound connect must be started with it.
+    /// it wrote). The outbound connect must be started with it: to the server, or to
+    /// the SOCKS5 upstream that `upstream` then asks for the server.
     pub fn new(
         key: FlowKey,
         mss: Option<u16>,
         syn: Quote,
         settings: Settings,
         region: Region,
+        upstream: Option<Handshake>,
     ) -> Flow {
         let size = settings.buffer;
         debug_assert!(region.len() >= Self::memory_needed(settings));
@@ -193,7 +208,9 @@ impl Flow {
             port: key.server.port,
         };
         let memory = Lent::new(region, |bytes| {
-            let (rx, tx) = bytes.split_at_mut(size);
+            let (buffers, scratch) = bytes.split_at_mut(2 * size);
+            let scratch = &mut scratch[..upstream::SCRATCH];
+            let (rx, tx) = buffers.split_at_mut(size);
             let mut socket =
                 tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
             // Nagle would delay small writes a second time: the client's kernel already
@@ -206,12 +223,17 @@ impl Flow {
             let _ = socket.listen(listen);
             let mut set = SocketSet::new(Vec::with_capacity(1));
             let handle = set.add(socket);
-            Sockets { set, handle }
+            Sockets {
+                set,
+                handle,
+                scratch,
+            }
         });
         Flow {
             key,
             memory,
             relay: Relay::connecting(),
+            upstream,
             syn,
             segment_size: segment_size(key.server.addr, mss, settings.mtu),
             buffer: size,
@@ -220,6 +242,7 @@ impl Flow {
             tx: Allowance::new(size),
             // The SYN takes one sequence number.
             client_next: syn.tcp_seq().map_or(0, |isn| isn.wrapping_add(1)),
+            client_first: syn.tcp_seq().map_or(0, |isn| isn.wrapping_add(1)),
             tx_acked: 0,
             rx_window_used: false,
             teardown_started: false,
@@ -280,23 +303,69 @@ impl Flow {
 
     pub fn on_connected(&mut self, result: Result<(), Errno>) {
         let relay = &mut self.relay;
-        self.memory
-            .with(|sockets, _| relay.on_connected(sockets.socket(), result));
+        match &mut self.upstream {
+            None => self
+                .memory
+                .with(|sockets, _| relay.on_connected(sockets.socket(), result)),
+            Some(handshake) => {
+                relay.on_upstream_connected();
+                handshake.on_connected(result);
+                self.settle_handshake();
+            }
+        }
     }
 
-    pub fn on_sent(&mut self, result: Result<usize, Errno>) {
+    /// A send finished; returns how many client bytes it passed to the server (none for
+    /// the handshake's).
+    pub fn on_sent(&mut self, result: Result<usize, Errno>) -> usize {
+        if let Some(handshake) = self.upstream.as_mut().filter(|h| h.sending()) {
+            handshake.on_sent(result);
+            self.settle_handshake();
+            return 0;
+        }
         let relay = &mut self.relay;
         let passed = self
             .memory
             .with(|sockets, region| relay.on_sent(sockets.socket(), region, result));
         self.rx.drained(passed);
         self.client_next = self.client_next.wrapping_add(passed as u32);
+        passed
     }
 
-    pub fn on_received(&mut self, result: Result<usize, Errno>) {
+    /// A receive finished; returns how many server bytes it passed to smoltcp (none for
+    /// the handshake's).
+    pub fn on_received(&mut self, result: Result<usize, Errno>) -> usize {
+        if let Some(handshake) = self.upstream.as_mut().filter(|h| h.receiving()) {
+            self.memory
+                .with(|sockets, _| handshake.on_received(sockets.scratch, result));
+            self.settle_handshake();
+            return 0;
+        }
         let relay = &mut self.relay;
+        let before = relay.committed();
         self.memory
             .with(|sockets, region| relay.on_received(sockets.socket(), region, result));
+        self.relay.committed() - before
+    }
+
+    /// Hands the relay the upstream's answer once the handshake has one; a handshake
+    /// that succeeded (with nothing in flight, then) is done with.
+    fn settle_handshake(&mut self) {
+        let Some(outcome) = self.upstream.as_ref().and_then(Handshake::outcome) else {
+            return;
+        };
+        let relay = &mut self.relay;
+        self.memory.with(|sockets, _| {
+            relay.on_upstream_reply(sockets.socket(), outcome.map(drop));
+        });
+        if outcome.is_ok() {
+            self.upstream = None;
+        }
+    }
+
+    /// Outbound operations in flight, the handshake's included.
+    fn inflight(&self) -> u32 {
+        self.relay.inflight() + self.upstream.as_ref().map_or(0, Handshake::inflight)
     }
 
     pub fn on_shutdown(&mut self, result: Result<(), Errno>) {
@@ -336,6 +405,21 @@ impl Flow {
     /// Moves what can move between the two sides; `actions` gets the outbound I/O to
     /// start now.
     pub fn poll_relay(&mut self, actions: &mut Actions) {
+        if let Some(handshake) = &mut self.upstream {
+            let io = self
+                .memory
+                .with(|sockets, _| handshake.pump(sockets.scratch));
+            // The scratch bytes follow the two buffers in the region.
+            let base = 2 * self.buffer;
+            let at = |range: Range<usize>| base + range.start..base + range.end;
+            if let Some(range) = io.recv {
+                actions.push(Action::Recv(at(range)));
+            }
+            if let Some(range) = io.send {
+                actions.push(Action::Send(at(range)));
+            }
+            return;
+        }
         let (relay, allow) = (&mut self.relay, self.tx.get());
         let io = self.memory.with(|sockets, region| {
             let socket = sockets.socket();
@@ -365,6 +449,10 @@ impl Flow {
         actions: &mut Actions,
     ) -> Next {
         let mut next = Next::default();
+        if let Some(handshake) = &mut self.upstream {
+            handshake.expire(now);
+            self.settle_handshake();
+        }
         let state = self.memory.get(|sockets| sockets.state());
         let owes_server = self.owes_server();
         if matches!(
@@ -418,7 +506,7 @@ impl Flow {
             Phase::Closing(teardown) => {
                 next.again |= self.teardown(teardown, now, iface, tx, actions);
             }
-            Phase::Connecting => {}
+            Phase::Connecting => next.deadline = self.upstream.as_ref().map(Handshake::deadline),
             Phase::Open if self.starved || next.again || holding_time_wait => {}
             Phase::Open => {
                 // "Now" after a full egress pass means smoltcp is waiting on something
@@ -456,12 +544,12 @@ impl Flow {
             }
             if teardown == Teardown::Abortive {
                 actions.push(Action::Linger0);
-                if self.relay.inflight() > 0 {
+                if self.inflight() > 0 {
                     actions.push(Action::Cancel);
                 }
             }
         }
-        if self.relay.inflight() > 0 || self.starved {
+        if self.inflight() > 0 || self.starved {
             return false;
         }
         // An aborted socket keeps its peer until its RST is out (the tuple is cleared
@@ -542,6 +630,21 @@ impl Flow {
         self.client_next.wrapping_add(self.rx.get() as u32)
     }
 
+    /// How far into each of its buffers (receive, send) the flow may have written, from
+    /// their start: the receive buffer up to the furthest window the client was offered
+    /// (smoltcp writes nowhere else), the send buffer up to the server bytes it took
+    /// (it starts over at its beginning whenever it is empty). The whole buffer once
+    /// that went around the ring.
+    pub fn touched(&self) -> [usize; 2] {
+        let offered = self.window.furthest.map_or(0, |furthest| {
+            furthest.wrapping_sub(self.client_first) as usize
+        });
+        [
+            offered.min(self.buffer),
+            self.relay.committed().min(self.buffer),
+        ]
+    }
+
     /// The flow ends: its share of the budget goes back.
     pub fn release(&mut self, budget: &mut Budget) {
         self.rx.release(budget);
@@ -583,9 +686,10 @@ impl Flow {
     /// The smoltcp state and relay state, for trace logs.
     pub fn describe(&self) -> String {
         format!(
-            "{} {:?}",
+            "{} {:?} {:?}",
             self.memory.get(|sockets| sockets.state()),
-            self.relay
+            self.relay,
+            self.upstream
         )
     }
 }

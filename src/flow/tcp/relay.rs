@@ -7,7 +7,9 @@ use std::ops::Range;
 use nix::errno::Errno;
 use smoltcp::socket::tcp::{self, State};
 
+use crate::flow::upstream::Fault;
 use crate::uring::Region;
+use crate::wire::socks5::ReplyCode;
 
 /// Where the flow is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +44,9 @@ pub enum Failure {
     ClientReset,
     /// Evicted while still connecting, to make room for a newer SYN (e.g. a SYN flood).
     Evicted,
+    /// The SOCKS5 upstream failed the flow for a cause the direct path has no
+    /// counterpart for (refusals and unreachable destinations map to those above).
+    Upstream(Fault),
 }
 
 /// Progress of forwarding the client's FIN to the server.
@@ -204,15 +209,46 @@ impl Relay {
             return;
         }
         match result {
-            Ok(()) => {
-                self.phase = Phase::Open;
-                socket.pause_synack(false);
-            }
+            Ok(()) => self.open(socket),
             Err(Errno::ECONNREFUSED) => self.fail(socket, Failure::ConnectRefused),
             Err(Errno::EHOSTUNREACH) => self.fail_quietly(Failure::HostUnreachable),
             Err(Errno::ENETUNREACH) => self.fail_quietly(Failure::NetUnreachable),
             Err(Errno::ECANCELED | Errno::ETIMEDOUT) => self.fail(socket, Failure::ConnectTimeout),
             Err(_) => self.fail(socket, Failure::ConnectOther),
+        }
+    }
+
+    /// Both sides are connected: the client gets its SYN|ACK.
+    fn open(&mut self, socket: &mut tcp::Socket) {
+        self.phase = Phase::Open;
+        socket.pause_synack(false);
+    }
+
+    /// The connect to the SOCKS5 upstream finished; its handshake follows (outside the
+    /// relay), and the flow stays connecting until `on_upstream_reply`.
+    pub fn on_upstream_connected(&mut self) {
+        self.completed();
+    }
+
+    /// What the upstream made of the flow (a failed connect to it included): open, or
+    /// failed as the direct path fails for the same cause (a refusal with RST, an
+    /// unreachable destination with the ICMP error), any other cause with RST.
+    pub fn on_upstream_reply(&mut self, socket: &mut tcp::Socket, result: Result<(), Fault>) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        match result {
+            Ok(()) => self.open(socket),
+            Err(Fault::Refused(ReplyCode::ConnectionRefused)) => {
+                self.fail(socket, Failure::ConnectRefused);
+            }
+            Err(Fault::Refused(ReplyCode::HostUnreachable)) => {
+                self.fail_quietly(Failure::HostUnreachable);
+            }
+            Err(Fault::Refused(ReplyCode::NetworkUnreachable)) => {
+                self.fail_quietly(Failure::NetUnreachable);
+            }
+            Err(fault) => self.fail(socket, Failure::Upstream(fault)),
         }
     }
 

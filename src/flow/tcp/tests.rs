@@ -154,6 +154,12 @@ struct Harness {
     budget: Budget,
     /// Something happened since the last poll that would make the loop run the flow.
     woken: bool,
+    /// The outbound connect is in flight.
+    connect_pending: bool,
+    /// ICMP packets the flow sent the client.
+    icmp_to_client: usize,
+    /// The SOCKS5 handshake the flow is created with (`None`: a direct flow).
+    upstream: Option<Handshake>,
 }
 
 fn client_socket() -> tcp::Socket<'static> {
@@ -213,6 +219,9 @@ impl Harness {
             next: Next::default(),
             woken: false,
             budget: Budget::new(1 << 30),
+            connect_pending: false,
+            icmp_to_client: 0,
+            upstream: None,
         };
         let cx = harness.client_iface.context();
         harness
@@ -241,7 +250,7 @@ impl Harness {
         self.done.len()
             + usize::from(self.stalled_send.is_some())
             + usize::from(self.pending_recv.is_some())
-            + usize::from(self.flow.is_some() && self.flow().phase() == Phase::Connecting)
+            + usize::from(self.connect_pending)
     }
 
     /// One round: the client runs, its packets reach the flow, completions are
@@ -279,6 +288,9 @@ impl Harness {
                 flow.on_tx_buffer();
                 self.woken = true;
             }
+            let icmp = Ipv4Packet::new_checked(&packet[..])
+                .is_ok_and(|ip| ip.next_header() == IpProtocol::Icmp);
+            self.icmp_to_client += usize::from(icmp);
             if !self.client_gone {
                 self.client_dev.inbox.push_back(packet);
             }
@@ -301,7 +313,16 @@ impl Harness {
                 mtu: MTU as u32,
             };
             let region = Region::new(Flow::memory_needed(settings)).unwrap();
-            self.flow = Some(Flow::new(key, mss, Quote::of(packet), settings, region));
+            let upstream = self.upstream.take();
+            self.flow = Some(Flow::new(
+                key,
+                mss,
+                Quote::of(packet),
+                settings,
+                region,
+                upstream,
+            ));
+            self.connect_pending = true;
         }
         if self.freed.is_some() {
             return;
@@ -336,9 +357,12 @@ impl Harness {
         self.woken |= !batch.is_empty();
         for done in batch {
             match done {
-                Done::Connect(result) => flow.on_connected(result),
-                Done::Sent(result) => flow.on_sent(result),
-                Done::Received(result) => flow.on_received(result),
+                Done::Connect(result) => {
+                    self.connect_pending = false;
+                    flow.on_connected(result);
+                }
+                Done::Sent(result) => drop(flow.on_sent(result)),
+                Done::Received(result) => drop(flow.on_received(result)),
             }
         }
     }
@@ -447,6 +471,28 @@ impl Harness {
         }
     }
 
+    /// Steps until the server has `server_bytes` bytes and the client has read
+    /// `download` bytes, the client sending `upload` as its window lets it and reading
+    /// all that arrives; returns what it read.
+    fn upload_and_download(
+        &mut self,
+        upload: &[u8],
+        server_bytes: usize,
+        download: usize,
+    ) -> Vec<u8> {
+        let mut offset = 0;
+        let mut got = Vec::new();
+        self.steps_until(20_000, |h| {
+            let client = h.client();
+            if offset < upload.len() && client.can_send() {
+                offset += client.send_slice(&upload[offset..]).unwrap();
+            }
+            client_recv(h, &mut got);
+            h.server.received.len() == server_bytes && got.len() == download
+        });
+        got
+    }
+
     fn steps_until(&mut self, limit: usize, mut done: impl FnMut(&mut Harness) -> bool) {
         for _ in 0..limit {
             if done(self) {
@@ -472,6 +518,33 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn connect(h: &mut Harness, result: Result<(), Errno>) {
     h.steps_until(5, |h| h.flow.is_some());
     h.connected(result);
+}
+
+/// A flow whose server has `download` to send, connected, its client established.
+fn established(download: &[u8]) -> Harness {
+    let mut h = Harness::new(
+        Server {
+            to_send: download.iter().copied().collect(),
+            ..Server::default()
+        },
+        Order::Instant,
+    );
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    h
+}
+
+/// Moves what the client has received into `got`.
+fn client_recv(h: &mut Harness, got: &mut Vec<u8>) {
+    let client = h.client();
+    while client.can_recv() {
+        client
+            .recv(|data| {
+                got.extend_from_slice(data);
+                (data.len(), ())
+            })
+            .unwrap();
+    }
 }
 
 /// The orders every relay test runs in: in order, shuffled with 16 seeds, and strict
@@ -562,14 +635,7 @@ fn bytes_flow_both_ways_in_any_completion_order() {
                     client.close(); // half-close: keep reading
                 }
             }
-            while client.can_recv() {
-                client
-                    .recv(|data| {
-                        got.extend_from_slice(data);
-                        (data.len(), ())
-                    })
-                    .unwrap();
-            }
+            client_recv(h, &mut got);
             h.server.shutdowns == 1 && got.len() == download.len()
         });
         assert_eq!(
@@ -828,29 +894,10 @@ fn server_bytes_received_while_the_send_buffer_drained_arrive_in_order() {
     // restarts its empty buffer at the beginning and the bytes must move there.
     let first = pattern(10_000, 7);
     let second = pattern(5_000, 8);
-    let mut h = Harness::new(
-        Server {
-            to_send: first.iter().copied().collect(),
-            ..Server::default()
-        },
-        Order::Instant,
-    );
-    connect(&mut h, Ok(()));
-    h.steps_until(50, |h| h.client().state() == State::Established);
-    fn drain(h: &mut Harness, got: &mut Vec<u8>) {
-        let client = h.client();
-        while client.can_recv() {
-            client
-                .recv(|data| {
-                    got.extend_from_slice(data);
-                    (data.len(), ())
-                })
-                .unwrap();
-        }
-    }
+    let mut h = established(&first);
     let mut got = Vec::new();
     h.steps_until(100, |h| {
-        drain(h, &mut got);
+        client_recv(h, &mut got);
         h.server.to_send.is_empty() && h.pending_recv.is_some()
     });
     let pending = h.pending_recv.clone().unwrap();
@@ -859,12 +906,12 @@ fn server_bytes_received_while_the_send_buffer_drained_arrive_in_order() {
         "the receive was started into the send buffer (second half of the region)"
     );
     for _ in 0..50 {
-        drain(&mut h, &mut got);
+        client_recv(&mut h, &mut got);
         h.step();
     }
     h.server.to_send.extend(second.iter().copied());
     h.steps_until(100, |h| {
-        drain(h, &mut got);
+        client_recv(h, &mut got);
         got.len() == first.len() + second.len()
     });
     assert_eq!(got, [first, second].concat());
@@ -940,33 +987,9 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
     // bytes move through all of it.
     let upload = pattern(200_000, 11);
     let download = pattern(200_000, 12);
-    let mut h = Harness::new(
-        Server {
-            to_send: download.iter().copied().collect(),
-            ..Server::default()
-        },
-        Order::Instant,
-    );
+    let mut h = established(&download);
     h.budget = Budget::new(0);
-    connect(&mut h, Ok(()));
-    h.steps_until(50, |h| h.client().state() == State::Established);
-    let mut offset = 0;
-    let mut got = Vec::new();
-    h.steps_until(20_000, |h| {
-        let client = h.client();
-        if offset < upload.len() && client.can_send() {
-            offset += client.send_slice(&upload[offset..]).unwrap();
-        }
-        while client.can_recv() {
-            client
-                .recv(|data| {
-                    got.extend_from_slice(data);
-                    (data.len(), ())
-                })
-                .unwrap();
-        }
-        h.server.received.len() == upload.len() && got.len() == download.len()
-    });
+    let got = h.upload_and_download(&upload, upload.len(), download.len());
     assert_eq!(h.server.received, upload);
     assert_eq!(got, download);
     assert_eq!((h.flow().rx.get(), h.flow().tx.get()), (FLOOR, FLOOR));
@@ -983,4 +1006,221 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
             "{name} buffer: only {zeros} bytes read as zero"
         );
     }
+}
+
+#[test]
+fn a_download_grows_its_send_allowance_and_goes_around_the_ring() {
+    let download = pattern(600_000, 13);
+    let mut h = established(&download);
+    let mut got = Vec::new();
+    h.steps_until(20_000, |h| {
+        client_recv(h, &mut got);
+        got.len() == download.len()
+    });
+    assert_eq!(got, download);
+    assert!(
+        h.flow().tx.get() > FLOOR,
+        "tx stayed at {}",
+        h.flow().tx.get()
+    );
+    assert_eq!(
+        h.flow().touched()[1],
+        FLOW_BUFFER,
+        "it went around the ring"
+    );
+}
+
+#[test]
+fn a_short_exchange_touches_only_the_start_of_each_buffer() {
+    let mut h = established(&pattern(100, 14));
+    h.client().send_slice(&pattern(200, 15)).unwrap();
+    h.steps_until(200, |h| h.server.received.len() == 200);
+    let [rx, tx] = h.flow().touched();
+    // The window offered (the first allowance plus what moved) and the 100 bytes.
+    assert!(rx <= FLOOR + 200, "receive buffer touched to {rx}");
+    assert_eq!(tx, 100);
+}
+
+/// A harness whose flow connects through a SOCKS5 upstream (the simulated server plays
+/// it: its first bytes are the replies), with `credentials` if given.
+fn through_upstream(server: Server, order: Order, credentials: Option<&[u8]>) -> Harness {
+    let mut h = Harness::new(server, order);
+    let credentials = credentials.map(|pair| {
+        let (user, password) = pair.split_at(pair.len() / 2);
+        std::rc::Rc::new(crate::wire::socks5::Credentials::new(user, password).unwrap())
+    });
+    h.upstream = Some(Handshake::new(
+        crate::wire::socks5::Command::Connect,
+        std::net::SocketAddr::from(SERVER),
+        credentials,
+        h.now + Duration::from_secs(10),
+    ));
+    h
+}
+
+/// The SOCKS5 replies of a successful no-auth CONNECT.
+const SOCKS_OK: [u8; 12] = [5, 0, 5, 0, 0, 1, 192, 0, 2, 9, 0x30, 0x39];
+/// What the flow sends the upstream for it: the greeting, CONNECT to `SERVER`.
+const SOCKS_REQUESTS: [u8; 13] = [5, 1, 0, 5, 1, 0, 1, 192, 0, 2, 80, 0, 80];
+
+#[test]
+fn through_an_upstream_the_syn_ack_waits_for_the_connect_reply_and_bytes_follow_it() {
+    let upload = pattern(30_000, 13);
+    let download = pattern(40_000, 14);
+    for order in orders() {
+        // The reply and the server's first bytes arrive together: the relay gets them.
+        let mut h = through_upstream(
+            Server {
+                to_send: SOCKS_OK.iter().chain(&download).copied().collect(),
+                stall_sends: true,
+                ..Server::default()
+            },
+            order,
+            None,
+        );
+        connect(&mut h, Ok(()));
+        for _ in 0..30 {
+            h.step();
+        }
+        assert_eq!(
+            h.client().state(),
+            State::SynSent,
+            "no SYN|ACK before the reply ({order:?})"
+        );
+        assert_eq!(h.flow().phase(), Phase::Connecting);
+        h.server.stall_sends = false;
+        h.steps_until(200, |h| h.client().state() == State::Established);
+        let expected = SOCKS_REQUESTS.len() + upload.len();
+        let got = h.upload_and_download(&upload, expected, download.len());
+        assert_eq!(
+            h.server.received,
+            [&SOCKS_REQUESTS[..], &upload].concat(),
+            "{order:?}"
+        );
+        assert_eq!(got, download, "{order:?}");
+    }
+}
+
+#[test]
+fn through_an_upstream_with_a_password() {
+    let mut h = through_upstream(
+        Server {
+            to_send: [&[5, 2, 1, 0][..], &SOCKS_OK[2..], b"hi"].concat().into(),
+            ..Server::default()
+        },
+        Order::Shuffled(3),
+        Some(b"userpass"),
+    );
+    connect(&mut h, Ok(()));
+    h.steps_until(500, |h| h.client().state() == State::Established);
+    assert_eq!(&h.server.received[..4], [5, 2, 0, 2]);
+    assert_eq!(&h.server.received[4..15], b"\x01\x04user\x04pass");
+}
+
+#[test]
+fn upstream_refusals_reach_the_client_as_the_direct_path_would_report_them() {
+    use crate::flow::upstream::Fault;
+    use crate::wire::socks5::ReplyCode;
+    let cases = [
+        (5, Failure::ConnectRefused, false),
+        (4, Failure::HostUnreachable, true),
+        (3, Failure::NetUnreachable, true),
+        (
+            1,
+            Failure::Upstream(Fault::Refused(ReplyCode::GeneralFailure)),
+            false,
+        ),
+        (
+            2,
+            Failure::Upstream(Fault::Refused(ReplyCode::NotAllowed)),
+            false,
+        ),
+        (
+            7,
+            Failure::Upstream(Fault::Refused(ReplyCode::CommandNotSupported)),
+            false,
+        ),
+    ];
+    for (code, failure, icmp) in cases {
+        for order in [Order::Instant, Order::Strict(code.into())] {
+            let mut h = through_upstream(
+                Server {
+                    to_send: [5, 0, 5, code, 0, 1, 0, 0, 0, 0, 0, 0].into(),
+                    ..Server::default()
+                },
+                order,
+                None,
+            );
+            connect(&mut h, Ok(()));
+            h.steps_until(200, |h| h.freed.is_some());
+            assert_eq!(h.freed, Some(Some(failure)), "code {code} ({order:?})");
+            if icmp {
+                assert_eq!(h.icmp_to_client, 1, "code {code} ({order:?})");
+                assert_eq!(
+                    h.client().state(),
+                    State::SynSent,
+                    "no RST with the ICMP error"
+                );
+            } else {
+                h.steps_until(20, |h| h.client().state() == State::Closed);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_silent_or_vanishing_upstream_fails_the_flow_within_the_connect_timeout() {
+    use crate::flow::upstream::Fault;
+    for order in [Order::Instant, Order::Strict(9)] {
+        // Accepts and says nothing: the deadline must wake the flow (strict order).
+        let mut h = through_upstream(Server::default(), order, None);
+        let start = h.now;
+        connect(&mut h, Ok(()));
+        h.steps_until(100, |h| {
+            h.step_by(Duration::from_millis(500));
+            h.freed.is_some()
+        });
+        assert_eq!(h.freed, Some(Some(Failure::Upstream(Fault::Timeout))));
+        let waited = h.now - start;
+        assert!(
+            waited >= Duration::from_secs(10) && waited <= Duration::from_secs(12),
+            "{waited} ({order:?})"
+        );
+        assert!(
+            h.lifecycle.contains(&Action::Cancel),
+            "the receive was cancelled"
+        );
+        h.steps_until(20, |h| h.client().state() == State::Closed);
+
+        // Closes half-way through a reply.
+        let mut h = through_upstream(
+            Server {
+                to_send: [5, 0, 5, 0, 0].into(),
+                eof: true,
+                ..Server::default()
+            },
+            order,
+            None,
+        );
+        connect(&mut h, Ok(()));
+        h.steps_until(100, |h| h.freed.is_some());
+        assert_eq!(h.freed, Some(Some(Failure::Upstream(Fault::Closed))));
+
+        // Cannot be reached.
+        let mut h = through_upstream(Server::default(), order, None);
+        connect(&mut h, Err(Errno::ECONNREFUSED));
+        h.steps_until(100, |h| h.freed.is_some());
+        assert_eq!(h.freed, Some(Some(Failure::Upstream(Fault::Connect))));
+        h.steps_until(20, |h| h.client().state() == State::Closed);
+    }
+}
+
+#[test]
+fn a_flow_handshaking_with_its_upstream_can_be_evicted() {
+    let mut h = through_upstream(Server::default(), Order::Instant, None);
+    connect(&mut h, Ok(()));
+    h.steps_until(20, |h| h.pending_recv.is_some());
+    assert!(h.flow.as_mut().unwrap().evict());
+    h.steps_until(50, |h| h.freed.is_some());
+    assert_eq!(h.freed, Some(Some(Failure::Evicted)));
 }
