@@ -445,7 +445,28 @@ fn only_the_proxys_user_and_root_may_use_its_control_socket() {
 
     proxy.terminate();
     assert!(!Path::new(&path).exists(), "the socket stays after exit");
-    // Leave no directory owned by nobody behind (another run may be using it: best effort).
+
+    // The directory is shared: a --user proxy does not take it from another user, and a
+    // proxy running as root takes it back.
+    nix::unistd::chown("/run/uringproxy", Some(54321.into()), None).unwrap();
+    let mut refused = topo.spawn_proxy_default_control(&tun, &["--user", "nobody"]);
+    assert!(
+        refused
+            .wait_exit(Duration::from_secs(5))
+            .is_some_and(|status| !status.success()),
+        "started in a directory of another user"
+    );
+    let stderr = refused.stderr();
+    assert!(
+        matches!(error_lines(&stderr)[..], [line] if line.contains("belongs to uid 54321")),
+        "{stderr}"
+    );
+    let mut as_root = topo.start_proxy_default_control(&tun, &[]);
+    common::wait_for_control(Path::new(&path));
+    let dir = std::fs::symlink_metadata("/run/uringproxy").unwrap();
+    assert_eq!((dir.uid(), dir.permissions().mode() & 0o777), (0, 0o700));
+    as_root.terminate();
+    // Leave no directory of ours behind (another run may be using it: best effort).
     let _ = std::fs::remove_dir("/run/uringproxy");
 }
 

@@ -167,6 +167,18 @@ family!(
     "Packets dropped, by reason (datagram_socket_full: by the kernel, at the full socket of a UDP or ping flow, counted as the flow closes)."
 );
 family!(
+    UPSTREAM_FAILURES,
+    "upstream_failures_total",
+    Counter,
+    "TCP flows and UDP associations the SOCKS5 upstream (--upstream) failed, by cause (refusals and unreachable destinations are counted as the direct path's are)."
+);
+family!(
+    UPSTREAM_ASSOCIATIONS,
+    "upstream_associations_total",
+    Counter,
+    "UDP associations with the SOCKS5 upstream set up, and ended by the upstream."
+);
+family!(
     CONTROL_CLIENTS,
     "control_clients_total",
     Counter,
@@ -452,10 +464,93 @@ pub fn each_sample(snapshot: &Snapshot, mut each: impl FnMut(Sample)) {
             "drops_datagram_socket_full",
             udp.socket_drops,
         ),
+        (
+            &[("reason", "upstream_fragment")],
+            "drops_upstream_fragments",
+            stats.upstream.udp_fragments,
+        ),
+        (
+            &[("reason", "upstream_malformed")],
+            "drops_upstream_malformed",
+            stats.upstream.udp_malformed,
+        ),
+        (
+            &[("reason", "upstream_too_big")],
+            "drops_upstream_too_big",
+            stats.upstream.udp_too_big,
+        ),
+        (
+            &[("reason", "upstream_not_held")],
+            "drops_upstream_not_held",
+            stats.upstream.udp_not_held,
+        ),
+        (
+            &[("reason", "echo_through_upstream")],
+            "drops_echo_through_upstream",
+            stats.upstream.echo_refused,
+        ),
     ] {
         sample(&DROPS, labels, key, value);
     }
 
+    let upstream = &stats.upstream;
+    for (labels, key, value) in [
+        (
+            &[("cause", "connect_failed")],
+            "upstream_connect_failed",
+            upstream.connect_failed,
+        ),
+        (
+            &[("cause", "timeout")],
+            "upstream_timeouts",
+            upstream.timeouts,
+        ),
+        (&[("cause", "closed")], "upstream_closed", upstream.closed),
+        (
+            &[("cause", "protocol_error")],
+            "upstream_protocol_errors",
+            upstream.protocol_errors,
+        ),
+        (
+            &[("cause", "no_acceptable_method")],
+            "upstream_no_acceptable_method",
+            upstream.no_acceptable_method,
+        ),
+        (
+            &[("cause", "auth_rejected")],
+            "upstream_auth_rejected",
+            upstream.auth_rejected,
+        ),
+        (
+            &[("cause", "general_failure")],
+            "upstream_general_failure",
+            upstream.general_failure,
+        ),
+        (
+            &[("cause", "not_allowed")],
+            "upstream_not_allowed",
+            upstream.not_allowed,
+        ),
+        (
+            &[("cause", "other_reply")],
+            "upstream_other_reply",
+            upstream.other_reply,
+        ),
+    ] {
+        sample(&UPSTREAM_FAILURES, labels, key, value);
+    }
+    sample(
+        &UPSTREAM_ASSOCIATIONS,
+        &[("event", "opened")],
+        "upstream_associations",
+        upstream.associations,
+    );
+    sample(
+        &UPSTREAM_ASSOCIATIONS,
+        &[("event", "ended")],
+        "upstream_associations_ended",
+        upstream.associations_ended,
+    );
     for (labels, key, value) in [
         (
             &[("listener", "control"), ("event", "accepted")],

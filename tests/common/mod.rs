@@ -431,8 +431,13 @@ impl Topology {
     /// (/run/uringproxy/<tun>.sock; the other ways of starting one give it a socket of
     /// its own in the temporary directory), and waits for its TUN to be up.
     pub fn start_proxy_default_control(&self, tun: &str, extra_args: &[&str]) -> Proxy {
-        let proxy = self.launch(tun, &[], &self.client_veth, extra_args, &[], false);
+        let proxy = self.spawn_proxy_default_control(tun, extra_args);
         self.wait_for_tun_named(tun, proxy)
+    }
+
+    /// Like [`Topology::start_proxy_default_control`], without waiting for anything.
+    pub fn spawn_proxy_default_control(&self, tun: &str, extra_args: &[&str]) -> Proxy {
+        self.launch(tun, &[], &self.client_veth, extra_args, &[], false)
     }
 
     /// Like [`Topology::spawn_proxy_with_env`], with TUN `tun` (for a second proxy).

@@ -65,11 +65,31 @@ pub fn control_socket(
             Err(err) if err.kind() == ErrorKind::AlreadyExists => {}
             Err(err) => return Err(failed("cannot create", dir, err)),
         }
-        if !fs::symlink_metadata(dir).is_ok_and(|meta| meta.is_dir()) {
+        let meta = fs::symlink_metadata(dir).map_err(|err| failed("cannot see", dir, err))?;
+        if !meta.is_dir() {
             return Err(failed("cannot use", dir, "not a directory"));
+        }
+        // The directory is shared by every proxy on the host, and its owner could swap
+        // their sockets: it belongs to root, or to one `--user` at a time. A proxy
+        // running as root takes it back (a `--user` proxy still running then cannot
+        // remove its socket at exit, which its next start replaces as stale).
+        let owner_uid = owner.map_or(0, |user| user.uid.as_raw());
+        if meta.uid() != 0 && meta.uid() != owner_uid && owner_uid != 0 {
+            return Err(failed(
+                "cannot use",
+                dir,
+                format_args!(
+                    "it belongs to uid {}, the --user of another proxy; pass --control PATH",
+                    meta.uid()
+                ),
+            ));
         }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|err| failed("cannot restrict", dir, err))?;
+        if owner.is_none() && meta.uid() != 0 {
+            nix::unistd::chown(dir, Some(0.into()), Some(0.into()))
+                .map_err(|err| failed("cannot take back", dir, err))?;
+        }
         chown(dir)?;
     }
     replace_stale(path)?;
