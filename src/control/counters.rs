@@ -651,7 +651,7 @@ pub fn each_sample(snapshot: &Snapshot, mut each: impl FnMut(Sample)) {
     sample(
         &FLOW_BUFFERS_BOUND,
         &[],
-        "flow_buffers_resident_bound_bytes",
+        "memory_flow_buffers_bound_bytes",
         bound,
     );
     sample(
@@ -661,7 +661,7 @@ pub fn each_sample(snapshot: &Snapshot, mut each: impl FnMut(Sample)) {
         gauges.memory_limit,
     );
     if let Some(resident) = gauges.resident {
-        sample(&RESIDENT_MEMORY, &[], "resident_memory_bytes", resident);
+        sample(&RESIDENT_MEMORY, &[], "memory_resident_bytes", resident);
     }
 }
 
@@ -743,6 +743,6 @@ pub(crate) mod tests {
         assert_eq!(value("udp_flows_opened"), 3);
         assert_eq!(value("icmp_flows_opened"), 2);
         assert_eq!(value("control_accepted"), 7);
-        assert_eq!(value("resident_memory_bytes"), 4096);
+        assert_eq!(value("memory_resident_bytes"), 4096);
     }
 }
