@@ -5,17 +5,18 @@
 use argh::{EarlyExit, FromArgs};
 use log::LevelFilter;
 
-use crate::demo;
 use crate::error::Error;
 use crate::logger;
+use crate::{control, demo};
 
 /// uringproxy: a transparent TUN proxy that relays every TCP and UDP flow (and ping)
 /// routed into its TUN device through ordinary kernel sockets bound to one physical
 /// interface. `uringproxy demo` (as root) shows it working between two network
-/// namespaces without touching the host's routing.
+/// namespaces without touching the host's routing; `uringproxy status` shows a running
+/// proxy's counters and flows.
 #[derive(FromArgs, Debug)]
 #[argh(
-    usage = "-i <interface> [<options>]\n       uringproxy demo [--bytes <bytes>] [--no-offload]",
+    usage = "-i <interface> [<options>]\n       uringproxy demo [--bytes <bytes>] [--no-offload]\n       uringproxy status [--tun <name> | --control <path>] [--json] [--top <n>]",
     help_triggers("-h", "--help", "help")
 )]
 pub struct Args {
@@ -26,7 +27,7 @@ pub struct Args {
     pub interface: Option<String>,
 
     /// name of the TUN device to create (default: uringproxy0)
-    #[argh(option, default = "String::from(\"uringproxy0\")")]
+    #[argh(option, default = "String::from(crate::config::DEFAULT_TUN)")]
     pub tun: String,
 
     /// address of the TUN device as CIDR, repeatable, IPv4 and/or IPv6
@@ -103,6 +104,16 @@ pub struct Args {
     #[argh(option, default = "4096")]
     pub max_udp_flows: usize,
 
+    /// unix socket `uringproxy status` asks, or `none`; only the proxy's user (see
+    /// --user) and root may connect (default: /run/uringproxy/TUN.sock)
+    #[argh(option)]
+    pub control: Option<String>,
+
+    /// serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9100;
+    /// a non-loopback address serves anyone who can reach it (default: off)
+    #[argh(option)]
+    pub metrics: Option<String>,
+
     /// log level, overriding RUST_LOG: off, error, warn, info, debug or trace
     /// (default: info)
     #[argh(option, from_str_fn(logger::parse_level))]
@@ -137,6 +148,7 @@ impl std::fmt::Debug for UpstreamUrl {
 pub enum Command {
     Run(Box<Args>),
     Demo(demo::Args),
+    Status(control::client::Args),
     /// Help or the version: text for stdout, nothing else to do.
     Print(String),
 }
@@ -153,14 +165,23 @@ pub fn from_env() -> Result<Command, Error> {
     parse(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-/// Parses `args` (without the program name). `demo` as the first argument selects the
-/// demo, whose flags are its own.
+/// Parses `args` (without the program name). `demo` or `status` as the first argument
+/// selects the demo or the status client, whose flags are their own.
 pub fn parse(args: &[&str]) -> Result<Command, Error> {
-    if let Some((&"demo", rest)) = args.split_first() {
-        return match demo::Args::from_args(&["uringproxy", "demo"], rest) {
-            Ok(args) => Ok(Command::Demo(args)),
-            Err(exit) => early_exit(exit, "uringproxy demo --help"),
-        };
+    match args.split_first() {
+        Some((&"demo", rest)) => {
+            return match demo::Args::from_args(&["uringproxy", "demo"], rest) {
+                Ok(args) => Ok(Command::Demo(args)),
+                Err(exit) => early_exit(exit, "uringproxy demo --help"),
+            };
+        }
+        Some((&"status", rest)) => {
+            return match control::client::Args::from_args(&["uringproxy", "status"], rest) {
+                Ok(args) => Ok(Command::Status(args)),
+                Err(exit) => early_exit(exit, "uringproxy status --help"),
+            };
+        }
+        _ => {}
     }
     match Args::from_args(&["uringproxy"], args) {
         Ok(args) if args.version => Ok(Command::Print(format!(
@@ -250,6 +271,7 @@ mod tests {
                 "{text}"
             );
             assert!(text.contains("\n       uringproxy demo "), "{text}");
+            assert!(text.contains("\n       uringproxy status "), "{text}");
             assert!(text.contains("-V, --version"), "{text}");
             assert!(text.contains("--log-level"), "{text}");
         }
@@ -263,6 +285,28 @@ mod tests {
             panic!("demo -h printed no help");
         };
         assert!(text.contains("--bytes"), "{text}");
+    }
+
+    #[test]
+    fn status_takes_its_own_flags() {
+        let Ok(Command::Status(args)) = parse(&["status", "--json", "--top", "5", "--tun", "t0"])
+        else {
+            panic!("not the status client");
+        };
+        assert!(args.json);
+        assert_eq!((args.top, args.tun.as_deref()), (Some(5), Some("t0")));
+        assert_eq!(
+            error(&["status", "--top", "many"]),
+            "--top many: invalid digit found in string (see uringproxy status --help)"
+        );
+        assert_eq!(
+            error(&["status", "-i", "eth0"]),
+            "unrecognized argument: -i (see uringproxy status --help)"
+        );
+        let Ok(Command::Print(text)) = parse(&["status", "--help"]) else {
+            panic!("status --help printed nothing");
+        };
+        assert!(text.contains("--json") && text.contains("--top"), "{text}");
     }
 
     #[test]

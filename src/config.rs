@@ -1,6 +1,7 @@
 //! The validated configuration the proxy runs with, built from the command line.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::Args;
@@ -9,6 +10,9 @@ use crate::sys;
 use crate::uring::{KernelVersion, features};
 use crate::wire::socks5::Credentials;
 use crate::wire::{Cidr, Offload};
+
+/// The TUN created unless `--tun` names another.
+pub const DEFAULT_TUN: &str = "uringproxy0";
 
 /// Default TUN addresses: the RFC 2544 benchmarking range and a ULA prefix, both
 /// unlikely to clash with a LAN.
@@ -39,9 +43,25 @@ pub struct Config {
     pub table: u32,
     /// The user to switch to once set up.
     pub user: Option<nix::unistd::User>,
+    /// The control socket to serve (`None`: `--control none`).
+    pub control: Option<ControlSocket>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
     /// The SOCKS5 proxy flows go through; `None`: direct.
     pub upstream: Option<Socks5>,
 }
+
+/// Where the control socket goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlSocket {
+    pub path: PathBuf,
+    /// The default place: its directory (/run/uringproxy) is ours, created 0700 and
+    /// handed to `--user`; a `--control` path's directory is left as it is.
+    pub owns_dir: bool,
+}
+
+/// Longest Unix socket path (`sun_path` less its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// A SOCKS5 upstream (`--upstream`). Its `Debug` shows no credential.
 #[derive(Clone, Debug)]
@@ -168,6 +188,15 @@ impl Config {
             )
         })?;
         let routes = route_networks(&args.route, &tun_addrs)?;
+        let control = control_socket(args.control.as_deref(), &args.tun)?;
+        let metrics = match &args.metrics {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                Error::Usage(format!(
+                    "--metrics '{text}': expected ADDR:PORT such as 127.0.0.1:9100 or [::1]:9100"
+                ))
+            })?),
+        };
         if !crate::routing::TABLES.contains(&args.table) {
             return Err(Error::Usage(format!(
                 "--table {} out of range {}..={} (it is also the priority of the rules, which must come before the main table's at 32766)",
@@ -203,6 +232,8 @@ impl Config {
             })?,
             connect_timeout: Duration::from_secs(args.connect_timeout),
             user,
+            control,
+            metrics,
             routes,
             upstream,
             table: args.table,
@@ -232,6 +263,31 @@ fn check_interface_name(name: &str) -> Result<(), &'static str> {
         _ if name.bytes().any(space) => Err("white space is not allowed in interface names"),
         _ => Ok(()),
     }
+}
+
+/// The control socket `--control` asks for (`none`: none), by default the TUN's under
+/// /run/uringproxy.
+fn control_socket(flag: Option<&str>, tun: &str) -> Result<Option<ControlSocket>, Error> {
+    let socket = match flag {
+        Some("none") => return Ok(None),
+        Some("") => return Err(Error::Usage("--control needs a path (or none)".into())),
+        Some(path) => ControlSocket {
+            path: PathBuf::from(path),
+            owns_dir: false,
+        },
+        None => ControlSocket {
+            path: crate::control::socket_path(tun),
+            owns_dir: true,
+        },
+    };
+    let len = socket.path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::Usage(format!(
+            "--control '{}': {len} bytes, a Unix socket path has at most {MAX_SOCKET_PATH}",
+            socket.path.display()
+        )));
+    }
+    Ok(Some(socket))
 }
 
 /// The `--route` networks. Each family routed needs a TUN address of that family: the
@@ -507,6 +563,52 @@ mod tests {
                 "{err:?} does not start with {start:?}"
             );
         }
+    }
+
+    #[test]
+    fn control_socket_and_metrics_address() {
+        let config = Config::from_args(args(&["--tun", "t0"])).unwrap();
+        let socket = config.control.unwrap();
+        assert_eq!(socket.path, PathBuf::from("/run/uringproxy/t0.sock"));
+        assert!(socket.owns_dir);
+        assert_eq!(config.metrics, None);
+        let config = Config::from_args(args(&["--control", "none"])).unwrap();
+        assert_eq!(config.control, None);
+        let config = Config::from_args(args(&[
+            "--control",
+            "/tmp/x.sock",
+            "--metrics",
+            "[::1]:9100",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.control,
+            Some(ControlSocket {
+                path: "/tmp/x.sock".into(),
+                owns_dir: false
+            })
+        );
+        assert_eq!(config.metrics, Some("[::1]:9100".parse().unwrap()));
+        let long = format!("/tmp/{}", "x".repeat(103));
+        for (extra, start) in [
+            (&["--control", ""][..], "--control needs a path"),
+            (&["--control", long.as_str()], "--control '/tmp/xxx"),
+            (
+                &["--metrics", "9100"],
+                "--metrics '9100': expected ADDR:PORT",
+            ),
+            (
+                &["--metrics", "localhost:9100"],
+                "--metrics 'localhost:9100'",
+            ),
+        ] {
+            let err = Config::from_args(args(extra)).unwrap_err().to_string();
+            assert!(
+                err.starts_with(start),
+                "{err:?} does not start with {start:?}"
+            );
+        }
+        assert!(Config::from_args(args(&["--control", &long[..107]])).is_ok());
     }
 
     #[test]

@@ -132,7 +132,10 @@ pub fn run(args: Args) -> Result<(), Error> {
     command
         .args(["netns", "exec", c])
         .arg(&exe)
-        .args(["-i", "updc0", "--tun", "updtun0", "--route", &route]);
+        .args(["-i", "updc0", "--tun", "updtun0", "--route", &route])
+        // Demos may run side by side (each in namespaces of its own): the default
+        // control socket, named after the TUN, would be taken by the first.
+        .args(["--control", "none"]);
     if args.no_offload {
         command.arg("--no-offload");
     }

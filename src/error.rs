@@ -24,6 +24,9 @@ pub enum Error {
     Kernel(crate::uring::features::Unsupported),
     /// Any other system call failure during set-up or in the event loop.
     Io(&'static str, io::Error),
+    /// The control socket or metrics endpoint could not be set up, or `uringproxy
+    /// status` could not get or read a reply; the text says which and why.
+    Control(String),
 }
 
 impl fmt::Display for Error {
@@ -64,6 +67,7 @@ impl fmt::Display for Error {
             },
             Error::Kernel(unsupported) => write!(f, "{unsupported}"),
             Error::Io(what, err) => write!(f, "{what}: {err}"),
+            Error::Control(text) => write!(f, "{text}"),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! work. Everything else lives in the modules below.
 
 mod association;
+mod control;
 mod datagrams;
 mod housekeeping;
 mod outbound;
@@ -28,6 +29,7 @@ use crate::stats::Stats;
 use crate::uring::{Completion, Op, Ring, Token};
 use crate::wire::icmp::Quote;
 use crate::wire::{self, Parsed};
+use control::Control;
 use datagrams::Datagrams;
 use housekeeping::Housekeeping;
 use signals::{Request, Signals};
@@ -53,6 +55,7 @@ struct Proxy {
     timers: Timers,
     signals: Signals,
     housekeeping: Housekeeping,
+    control: Control,
     stats: Stats,
     completions: Vec<Completion>,
     epoch: std::time::Instant,
@@ -148,8 +151,13 @@ impl Proxy {
             Op::Connect | Op::Send | Op::Recv => {
                 self.on_tcp_completion(token.op, id, completion.result);
             }
-            Op::ControlConnect | Op::ControlSend | Op::ControlRecv => {
-                self.on_control_completion(token.op, id, completion.result);
+            Op::ControlAccept => self.on_control_accept(token.key, completion),
+            Op::ControlRecv | Op::ControlSend => {
+                self.on_control_io(token.op, id, completion.result);
+            }
+            Op::ControlTick => self.on_control_tick(),
+            Op::AssociationConnect | Op::AssociationSend | Op::AssociationRecv => {
+                self.on_association_completion(token.op, id, completion.result);
             }
         }
     }

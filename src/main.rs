@@ -1,5 +1,6 @@
 //! uringproxy: parse the command line, validate it into a `Config`, run the proxy (or
-//! the demo); every start-up error ends up as one `uringproxy: error:` line.
+//! the demo, or the status client); every start-up error ends up as one
+//! `uringproxy: error:` line.
 #![deny(unsafe_code)]
 
 use std::io::Write;
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 
 use uringproxy::cli::{self, Command};
 use uringproxy::error::Error;
-use uringproxy::{config, demo, event_loop, logger};
+use uringproxy::{config, control, demo, event_loop, logger};
 
 fn main() -> ExitCode {
     match run() {
@@ -30,6 +31,7 @@ fn run() -> Result<(), Error> {
             logger::init(None);
             demo::run(args)
         }
+        Command::Status(args) => control::client::run(args),
         Command::Run(args) => {
             logger::init(args.log_level);
             config::Config::from_args(*args).and_then(event_loop::run)

@@ -178,7 +178,7 @@ impl Datagrams {
             return;
         };
         if let Some(control) = &association.control {
-            let token = token(Op::ControlConnect, id);
+            let token = token(Op::AssociationConnect, id);
             ring.connect(control.as_fd(), upstream.server, upstream.timeout, token);
             self.deadlines
                 .0
@@ -189,7 +189,7 @@ impl Datagrams {
 
 impl Proxy {
     /// A completion on flow `id`'s control connection.
-    pub(super) fn on_control_completion(&mut self, op: Op, id: Id, result: i32) {
+    pub(super) fn on_association_completion(&mut self, op: Op, id: Id, result: i32) {
         let outcome = if result < 0 {
             Err(Errno::from_raw(-result))
         } else {
@@ -204,8 +204,8 @@ impl Proxy {
         };
         let handshake = &mut association.handshake;
         match op {
-            Op::ControlConnect => handshake.on_connected(outcome.map(drop)),
-            Op::ControlSend => handshake.on_sent(outcome),
+            Op::AssociationConnect => handshake.on_connected(outcome.map(drop)),
+            Op::AssociationSend => handshake.on_sent(outcome),
             _ if handshake.receiving() => association
                 .scratch
                 .with_mut(0..SCRATCH, |bytes| handshake.on_received(bytes, outcome)),
@@ -258,11 +258,11 @@ impl Proxy {
                     range,
                 };
                 if let Some(range) = io.recv {
-                    let token = token(Op::ControlRecv, id);
+                    let token = token(Op::AssociationRecv, id);
                     self.ring.recv(control.as_fd(), slice(range), token);
                 }
                 if let Some(range) = io.send {
-                    let token = token(Op::ControlSend, id);
+                    let token = token(Op::AssociationSend, id);
                     self.ring.send(control.as_fd(), slice(range), token);
                 }
                 return;
@@ -290,7 +290,7 @@ impl Proxy {
             range: WATCH,
         };
         self.ring
-            .recv(control.as_fd(), watch, token(Op::ControlRecv, id));
+            .recv(control.as_fd(), watch, token(Op::AssociationRecv, id));
         let purpose = Purpose::Datagram(Kind::Udp);
         let socket = match outbound::socket(purpose, relay.into(), &udp.interface) {
             Ok(socket) => socket,

@@ -347,6 +347,8 @@ impl Proxy {
             }
             _ => {}
         }
+        let bytes = udp.filled.iter().map(|&(_, len)| len).sum();
+        udp.flows.relayed_up(id, udp.filled.len(), bytes);
         udp.send_held(&mut self.ring, id);
         udp.arm_recv(&mut self.ring, id);
     }

@@ -7,30 +7,29 @@ use std::time::Duration;
 use log::{debug, trace};
 
 use super::Proxy;
-use crate::flow::tcp::Phase;
 use crate::logger;
 
 /// How often counters are logged at debug level.
 const INTERVAL: Duration = Duration::from_secs(10);
 
 impl Proxy {
-    fn gather(&mut self) {
+    /// Brings the copies of the transmit pool's and the datagram relay's counters up
+    /// to date. UDP socket drops are then those of closed flows only: summing the open
+    /// flows' costs a system call each, too much for every metrics scrape.
+    pub(super) fn refresh_counters(&mut self) {
         self.stats.tx = self.stack.tx.counters.clone();
         self.stats.udp = self.udp.flows.counters.clone();
-        self.stats.udp.socket_drops = self.udp.socket_drops();
         self.stats.upstream.udp_not_held = self.udp.not_held;
+    }
+
+    fn gather(&mut self) {
+        self.refresh_counters();
+        self.stats.udp.socket_drops = self.udp.socket_drops();
     }
 
     pub(super) fn print_counters(&mut self) {
         self.gather();
-        let (mut connecting, mut open, mut closing) = (0, 0, 0);
-        for (_, entry) in self.tcp.table.iter() {
-            match entry.flow.phase() {
-                Phase::Connecting => connecting += 1,
-                Phase::Open => open += 1,
-                Phase::Closing(_) => closing += 1,
-            }
-        }
+        let [connecting, open, closing] = self.tcp.phases();
         logger::line(format_args!(
             "active flows {}, TUN offload {}",
             self.tcp.len(),

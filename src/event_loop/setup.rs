@@ -1,6 +1,7 @@
 //! Everything before the loop: the signal mask, the kernel check, then (as root) the
-//! TUN, the routes, pinning, the fd limit, the loop's own state, the drop to `--user`,
-//! and finally a check that pings can be relayed.
+//! TUN, the control socket and metrics endpoint, the routes, pinning, the fd limit, the
+//! loop's own state, the drop to `--user`, and finally a check that pings can be
+//! relayed.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use log::{info, warn};
 use smoltcp::time::Instant;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::control::Control;
 use super::datagrams::Datagrams;
 use super::outbound::Upstream;
 use super::signals::Signals;
@@ -38,6 +40,9 @@ pub fn run(config: Config) -> Result<(), Error> {
     let features = ring.probe(config.uring_cap).map_err(Error::Kernel)?;
     let tun = Tun::create(&config.tun_spec())?;
     let tun_name = tun.name().to_string();
+    // As root still: the control socket is handed to --user. After the TUN, so that a
+    // TUN name in use is named as that.
+    let control = Control::new(&config, &mut ring)?;
     // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
     let routes = if config.routes.is_empty() {
         None
@@ -92,6 +97,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         timers: Default::default(),
         signals,
         housekeeping: Default::default(),
+        control,
         stats: Default::default(),
         completions: Vec::with_capacity(super::MAX_COMPLETIONS_PER_TURN),
         epoch,

@@ -14,6 +14,7 @@ use socket2::Socket;
 use super::Proxy;
 use super::outbound::{self, Purpose, Upstream};
 use super::tun_io::Frame;
+use crate::control::wire::{FlowRow, Proto, State};
 use crate::flow::budget::Budget;
 use crate::flow::tcp::admission::{Admission, Limits, Verdict};
 use crate::flow::tcp::{Action, Actions, Failure, Flow, Phase, Settings};
@@ -43,6 +44,47 @@ pub struct Entry {
     starved: bool,
     /// The live entry of this flow in the timer heap, if any.
     timer_at: Option<Instant>,
+    /// For the control socket: when it opened, when bytes last moved either way (and
+    /// whether they moved since it last ran), how many each way, and the phase it is
+    /// counted in.
+    opened_at: Instant,
+    active_at: Instant,
+    moved: bool,
+    bytes_up: u64,
+    bytes_down: u64,
+    counted: Phase,
+}
+
+impl Entry {
+    /// What `uringproxy status` lists of it at `now`.
+    pub fn row(&self, now: Instant) -> FlowRow {
+        let key = self.flow.key();
+        let address = |end: smoltcp::wire::IpEndpoint| SocketAddr::new(end.addr.into(), end.port);
+        let state = match self.counted {
+            Phase::Connecting => State::Connecting,
+            Phase::Open => State::Open,
+            Phase::Closing(_) => State::Closing,
+        };
+        FlowRow {
+            proto: Proto::Tcp,
+            client: address(key.client),
+            server: address(key.server),
+            state,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            age_s: (now - self.opened_at).secs(),
+            idle_s: (now - self.active_at).secs(),
+        }
+    }
+}
+
+/// Index of a phase in `TcpFlows::phases`.
+fn phase_index(phase: Phase) -> usize {
+    match phase {
+        Phase::Connecting => 0,
+        Phase::Open => 1,
+        Phase::Closing(_) => 2,
+    }
 }
 
 pub struct TcpFlows {
@@ -66,6 +108,8 @@ pub struct TcpFlows {
     spare: Vec<Region>,
     /// When running out of sockets was last logged.
     last_socket_warning: Option<std::time::Instant>,
+    /// Flows connecting, open and closing, as of each one's last run.
+    phases: [usize; 3],
 }
 
 impl TcpFlows {
@@ -90,7 +134,13 @@ impl TcpFlows {
             budget,
             spare: Vec::new(),
             last_socket_warning: None,
+            phases: [0; 3],
         }
+    }
+
+    /// Flows connecting, open and closing.
+    pub fn phases(&self) -> [usize; 3] {
+        self.phases
     }
 
     pub fn len(&self) -> usize {
@@ -184,12 +234,12 @@ impl Proxy {
         syn: Option<Quote>,
         mss: Option<u16>,
     ) {
+        let now = self.now();
         let id = match (self.tcp.table.find(&key), syn) {
             (Some(id), _) => Some(id),
-            (None, Some(syn)) => self.open_tcp(key, mss, syn),
+            (None, Some(syn)) => self.open_tcp(key, mss, syn, now),
             (None, None) => None,
         };
-        let now = self.now();
         let packet = self
             .ring
             .buffer(super::tun_io::READ_GROUP, frame.bid, frame.len)
@@ -215,8 +265,7 @@ impl Proxy {
     /// Opens a flow for a new SYN: a held-back listening socket plus an outbound
     /// connect, to the server or to the upstream (whose handshake then asks for the
     /// server). `None` (the SYN is then answered with RST) when a limit is hit.
-    fn open_tcp(&mut self, key: FlowKey, mss: Option<u16>, syn: Quote) -> Option<Id> {
-        let now = self.now();
+    fn open_tcp(&mut self, key: FlowKey, mss: Option<u16>, syn: Quote, now: Instant) -> Option<Id> {
         let tcp = &mut self.tcp;
         if !tcp.admission.may_open(tcp.table.len()) {
             self.stats.refused_limit += 1;
@@ -291,8 +340,15 @@ impl Proxy {
                 queued: false,
                 starved: false,
                 timer_at: None,
+                opened_at: now,
+                active_at: now,
+                moved: false,
+                bytes_up: 0,
+                bytes_down: 0,
+                counted: Phase::Connecting,
             }),
         );
+        tcp.phases[phase_index(Phase::Connecting)] += 1;
         if let Some(socket) = tcp.table.get(id).and_then(|entry| entry.socket.as_ref()) {
             self.ring
                 .connect(socket.as_fd(), peer, tcp.connect_timeout, token(id));
@@ -319,8 +375,18 @@ impl Proxy {
         };
         match op {
             Op::Connect => entry.flow.on_connected(outcome.map(drop)),
-            Op::Send => self.stats.bytes_up += entry.flow.on_sent(outcome) as u64,
-            _ => self.stats.bytes_down += entry.flow.on_received(outcome) as u64,
+            Op::Send => {
+                let moved = entry.flow.on_sent(outcome) as u64;
+                self.stats.bytes_up += moved;
+                entry.bytes_up += moved;
+                entry.moved |= moved > 0;
+            }
+            _ => {
+                let moved = entry.flow.on_received(outcome) as u64;
+                self.stats.bytes_down += moved;
+                entry.bytes_down += moved;
+                entry.moved |= moved > 0;
+            }
         }
         self.tcp.enqueue(id);
     }
@@ -348,6 +414,10 @@ impl Proxy {
             return;
         };
         entry.queued = false;
+        // Every completion is followed by a run in the same turn: its time will do.
+        if std::mem::take(&mut entry.moved) {
+            entry.active_at = now;
+        }
         entry.flow.poll_relay(&mut tcp.actions);
         execute(&mut self.ring, id, entry, &mut tcp.actions);
         let iface = self.stack.ifaces.serving(&entry.flow.key().server.addr);
@@ -361,8 +431,17 @@ impl Proxy {
         if entry.flow.left_half_open() {
             tcp.admission.left();
         }
+        // Every change of phase (a completion, a packet, an eviction) is followed by a
+        // run in the same turn.
+        let phase = entry.flow.phase();
+        if phase_index(phase) != phase_index(entry.counted) {
+            tcp.phases[phase_index(entry.counted)] -= 1;
+            tcp.phases[phase_index(phase)] += 1;
+            entry.counted = phase;
+        }
         if let Some(failure) = execute(&mut self.ring, id, entry, &mut tcp.actions) {
             entry.flow.release(&mut tcp.budget);
+            tcp.phases[phase_index(entry.counted)] -= 1;
             if let Some(failure) = failure {
                 self.stats.count_failure(failure);
             }

@@ -86,6 +86,11 @@ pub struct Counters {
     pub socket_drops: u64,
     pub echo_requests: u64,
     pub echo_replies: u64,
+    /// The share of ping flows in the counts above (which count UDP and ping together).
+    pub echo_flows_opened: u64,
+    pub echo_datagrams_up: u64,
+    pub echo_bytes_up: u64,
+    pub echo_bytes_down: u64,
 }
 
 /// One flow; `io` is the event loop's (its socket), the rest is ours.
@@ -101,6 +106,10 @@ pub struct Flow<S> {
     /// and count it twice.
     echo_ident: u16,
     last_active: Instant,
+    opened: Instant,
+    /// Bytes relayed each way (UDP payloads, ICMP messages).
+    bytes_up: u64,
+    bytes_down: u64,
     /// A multishot receive is armed.
     receiving: bool,
     closing: bool,
@@ -113,6 +122,28 @@ impl<S> Flow<S> {
 
     pub fn key(&self) -> FlowKey {
         self.key
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    /// When a datagram last went either way.
+    pub fn last_active(&self) -> Instant {
+        self.last_active
+    }
+
+    /// Bytes relayed up (client to server) and down.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.bytes_up, self.bytes_down)
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing
     }
 }
 
@@ -180,6 +211,22 @@ impl<S> Flows<S> {
         self.table.get_mut(id)
     }
 
+    /// The flow in `slot`, if any (for walking the table a slice at a time).
+    pub fn at_slot(&self, slot: u32) -> Option<&Flow<S>> {
+        self.table.get(self.table.id_at(slot)?)
+    }
+
+    /// No flow is in a slot at or past this.
+    pub fn slot_end(&self) -> u32 {
+        self.table.slot_end()
+    }
+
+    /// Open (not closing) UDP flows and ping flows.
+    pub fn open_by_kind(&self) -> (usize, usize) {
+        let echo = self.idle[Class::Echo as usize].len();
+        (self.open_flows() - echo, echo)
+    }
+
     fn lru(&mut self, class: Class) -> &mut Lru {
         &mut self.idle[class as usize]
     }
@@ -221,6 +268,9 @@ impl<S> Flows<S> {
                 last_quote: Quote::of(&[]),
                 echo_ident: 0,
                 last_active: now,
+                opened: now,
+                bytes_up: 0,
+                bytes_down: 0,
                 receiving: false,
                 closing: false,
             },
@@ -232,7 +282,23 @@ impl<S> Flows<S> {
         }
         self.lru(class).touch(id.slot);
         self.counters.flows_opened += 1;
+        if kind == Kind::Echo {
+            self.counters.echo_flows_opened += 1;
+        }
         id
+    }
+
+    /// `datagrams` of a client datagram's (more for a segmentation super-packet),
+    /// `bytes` together, went out on flow `id`'s socket.
+    pub fn relayed_up(&mut self, id: Id, datagrams: usize, bytes: usize) {
+        let Some(flow) = self.table.get_mut(id) else {
+            return;
+        };
+        flow.bytes_up += bytes as u64;
+        if flow.kind == Kind::Echo {
+            self.counters.echo_datagrams_up += datagrams as u64;
+            self.counters.echo_bytes_up += bytes as u64;
+        }
     }
 
     /// A client datagram for flow `id` (its start in `quote`, for ICMP errors).
@@ -308,8 +374,13 @@ impl<S> Flows<S> {
                 };
                 match emitted {
                     Some(true) => {
+                        let len = datagram.len() as u64;
                         self.counters.datagrams_down += 1;
-                        self.counters.bytes_down += datagram.len() as u64;
+                        self.counters.bytes_down += len;
+                        flow.bytes_down += len;
+                        if flow.kind == Kind::Echo {
+                            self.counters.echo_bytes_down += len;
+                        }
                     }
                     Some(false) => self.counters.reply_drops += 1,
                     // Not for this flow (another ping's reply, an ICMP error): ignored.
@@ -535,5 +606,34 @@ mod tests {
         );
         assert_eq!(flows.counters.datagrams_down, 1);
         assert_eq!(flows.counters.recv_errors, 1);
+        assert_eq!(flows.get(id).unwrap().bytes(), (0, 6), "the answer's bytes");
+    }
+
+    #[test]
+    fn ping_flows_are_counted_apart_and_flows_carry_their_bytes_and_age() {
+        let mut flows: Flows<()> = Flows::new(limits(8));
+        let udp = flows.open(Kind::Udp, key(1, 443), (), at(3));
+        let ping = flows.open(Kind::Echo, key(7, 0), (), at(4));
+        flows.relayed_up(udp, 2, 2800);
+        flows.relayed_up(ping, 1, 64);
+        assert_eq!(flows.counters.flows_opened, 2);
+        assert_eq!(flows.counters.echo_flows_opened, 1);
+        assert_eq!(
+            (
+                flows.counters.echo_datagrams_up,
+                flows.counters.echo_bytes_up
+            ),
+            (1, 64)
+        );
+        let flow = flows.get(udp).unwrap();
+        assert_eq!(
+            (flow.bytes(), flow.opened(), flow.kind()),
+            ((2800, 0), at(3), Kind::Udp)
+        );
+        assert_eq!(flows.open_by_kind(), (1, 1));
+        flows.close(ping);
+        assert_eq!(flows.open_by_kind(), (1, 0), "a closing flow is not open");
+        assert!(flows.at_slot(ping.slot).unwrap().is_closing());
+        assert!(flows.at_slot(flows.slot_end()).is_none());
     }
 }

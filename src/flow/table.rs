@@ -87,6 +87,11 @@ impl<K: Copy + Eq + Hash, T> Table<K, T> {
         }
     }
 
+    /// No flow is in a slot at or past this (for walking the slots a slice at a time).
+    pub fn slot_end(&self) -> u32 {
+        self.slots.capacity() as u32
+    }
+
     /// The id of the flow in `slot`, if there is one.
     pub fn id_at(&self, slot: u32) -> Option<Id> {
         let entry = self.slots.get(slot as usize)?;

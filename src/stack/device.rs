@@ -139,6 +139,12 @@ impl TxPool {
         !self.free.is_empty()
     }
 
+    /// Buffers holding a packet (queued or being written), and buffers in the pool.
+    pub fn buffer_use(&self) -> (usize, usize) {
+        let count = self.region.len() / self.buf_size;
+        (count - self.free.len(), count)
+    }
+
     /// Whether egress may take a buffer: the last eighth of the pool is kept for
     /// replies to ingress (the ACKs of the client's data), which are dropped without
     /// one, while egress only waits for the next turn.

@@ -77,6 +77,16 @@ impl BufRing {
         Ok(ring_buf)
     }
 
+    /// Buffers registered.
+    pub fn count(&self) -> u16 {
+        self.count
+    }
+
+    /// Buffers in circulation (in the ring or handed to us).
+    pub fn circulating(&self) -> u16 {
+        self.circulating
+    }
+
     /// Bytes in each buffer: the most one read can deliver.
     pub fn buf_size(&self) -> usize {
         self.buf_size

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -67,7 +67,7 @@ pub struct Slice {
 /// the provided buffer group it picks from, if any.
 struct Pending {
     token: u64,
-    _keep: Keep,
+    keep: Keep,
     group: Option<u16>,
 }
 
@@ -80,6 +80,10 @@ enum Keep {
     Region(Region),
     /// A connect's address and its linked timeout's timespec.
     Connect(Box<(SockAddr, types::Timespec)>),
+    /// A timeout's timespec.
+    Timeout(Box<types::Timespec>),
+    /// Points at no memory; each successful completion is a new file descriptor.
+    Accept,
 }
 
 /// The ring, set up for one thread that submits and reaps everything itself.
@@ -95,6 +99,9 @@ pub struct Ring {
     buf_rings: Vec<Option<BufRing>>,
     /// Entries of a chain being queued (kept to reuse its memory).
     chain: Vec<squeue::Entry>,
+    /// Connections accepted by the completions last drained, until `take_accepted`
+    /// claims them; those left unclaimed are closed at the next drain.
+    accepted: Vec<OwnedFd>,
 }
 
 impl Ring {
@@ -112,6 +119,7 @@ impl Ring {
             inflight: Slab::new(),
             buf_rings: Vec::new(),
             chain: Vec::new(),
+            accepted: Vec::new(),
         })
     }
 
@@ -173,6 +181,12 @@ impl Ring {
         }
     }
 
+    /// Buffers of `group` circulating now, and registered in all.
+    pub fn buffer_use(&self, group: u16) -> (u16, u16) {
+        self.buf_ring(group)
+            .map_or((0, 0), |buffers| (buffers.circulating(), buffers.count()))
+    }
+
     /// Size of each provided buffer of `group`.
     pub fn buffer_size(&self, group: u16) -> usize {
         self.buf_ring(group).map_or(0, BufRing::buf_size)
@@ -208,7 +222,7 @@ impl Ring {
                 .flags(flags);
             let index = self.inflight.insert(Pending {
                 token,
-                _keep: Keep::Nothing,
+                keep: Keep::Nothing,
                 group: Some(group),
             });
             chain.push(entry.user_data(index as u64 + 1));
@@ -222,6 +236,31 @@ impl Ring {
     pub fn recv_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
         let entry = opcode::RecvMulti::new(fd_of(fd), group).build();
         self.submit_picking(entry, token, group);
+    }
+
+    /// Accepts connections on listening socket `fd` until cancelled or an error ends
+    /// it: each completion with a result of 0 or more carries one, for `take_accepted`.
+    pub fn accept_multishot(&mut self, fd: BorrowedFd<'_>, token: u64) {
+        let entry = opcode::AcceptMulti::new(fd_of(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build();
+        self.submit_watched(entry, token, Keep::Accept);
+    }
+
+    /// The connection an accept's `completion` carries, to own from now on.
+    pub fn take_accepted(&mut self, completion: &Completion) -> Option<OwnedFd> {
+        let at = self
+            .accepted
+            .iter()
+            .position(|fd| fd.as_raw_fd() == completion.result)?;
+        Some(self.accepted.swap_remove(at))
+    }
+
+    /// Completes (with -ETIME) once `after` has passed.
+    pub fn timeout(&mut self, after: Duration, token: u64) {
+        let spec = Box::new(types::Timespec::from(after));
+        let entry = opcode::Timeout::new(&*spec).build();
+        self.submit_watched(entry, token, Keep::Timeout(spec));
     }
 
     /// Writes `buf` (one packet, for a TUN).
@@ -265,7 +304,7 @@ impl Ring {
             .user_data(UNWATCHED);
         let index = self.inflight.insert(Pending {
             token,
-            _keep: Keep::Connect(args),
+            keep: Keep::Connect(args),
             group: None,
         });
         let connect = connect.user_data(index as u64 + 1);
@@ -298,7 +337,7 @@ impl Ring {
             entry,
             Pending {
                 token,
-                _keep: keep,
+                keep,
                 group: None,
             },
         );
@@ -311,7 +350,7 @@ impl Ring {
             entry,
             Pending {
                 token,
-                _keep: Keep::Nothing,
+                keep: Keep::Nothing,
                 group: Some(group),
             },
         );
@@ -400,6 +439,7 @@ impl Ring {
     /// done for good (no more completions to come) lets go of its memory here.
     pub fn drain(&mut self, out: &mut Vec<Completion>, max: usize) {
         out.clear();
+        self.accepted.clear();
         for cqe in self.ring.completion().take(max) {
             let (user_data, flags) = (cqe.user_data(), cqe.flags());
             if user_data == UNWATCHED {
@@ -410,6 +450,12 @@ impl Ring {
                 continue;
             };
             let (token, group) = (pending.token, pending.group);
+            if matches!(pending.keep, Keep::Accept) && cqe.result() >= 0 {
+                // SAFETY: a successful accept's result is a file descriptor the kernel
+                // has just created for us; nothing else owns it.
+                self.accepted
+                    .push(unsafe { OwnedFd::from_raw_fd(cqe.result()) });
+            }
             if let (Some(group), Some(bid)) = (group, cqueue::buffer_select(flags))
                 && let Some(Some(buffers)) = self.buf_rings.get_mut(usize::from(group))
             {
@@ -608,6 +654,46 @@ mod tests {
             "each cancelled read started the next: {:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn a_multishot_accept_hands_over_each_connection_once() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = std::env::temp_dir().join(format!("uring-accept-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let listener = UnixListener::bind(&dir).unwrap();
+        let mut first = UnixStream::connect(&dir).unwrap();
+        let mut second = UnixStream::connect(&dir).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        let mut ring = Ring::new().expect("io_uring");
+        // Both are waiting: the accept takes them as it is submitted.
+        ring.accept_multishot(listener.as_fd(), 11);
+        ring.submit_and_wait(Some(Duration::from_secs(1))).unwrap();
+        let mut done = Vec::new();
+        ring.drain(&mut done, 16);
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert!(done.iter().all(|c| c.token == 11 && c.more()), "{done:?}");
+        // The first is claimed and works; the second is not, and is closed.
+        let owned = ring.take_accepted(&done[0]).expect("an fd");
+        assert!(ring.take_accepted(&done[0]).is_none(), "handed over once");
+        let mut server = UnixStream::from(owned);
+        first.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        ring.drain(&mut Vec::new(), 16);
+        let mut rest = Vec::new();
+        assert_eq!(
+            second.read_to_end(&mut rest).unwrap(),
+            0,
+            "unclaimed: closed"
+        );
+        ring.timeout(Duration::from_millis(1), 12);
+        let done = completions(&mut ring, 1);
+        assert_eq!((done[0].token, done[0].result), (12, -libc::ETIME));
+        assert!(ring.take_accepted(&done[0]).is_none(), "not an accept's");
+        assert!(ring.cancel_all(Duration::from_secs(1)));
     }
 
     #[test]

@@ -20,11 +20,20 @@ pub enum Op {
     UdpSend = 9,
     /// Receive of one server datagram for a UDP flow.
     UdpRecv = 10,
+    /// A connection to the control socket or the metrics endpoint (multishot); the
+    /// key says which.
+    ControlAccept = 11,
+    /// Receive of a control or metrics client's request.
+    ControlRecv = 12,
+    /// Send of part of a control or metrics client's reply.
+    ControlSend = 13,
+    /// The control clients' deadline check, once a second while any is connected.
+    ControlTick = 14,
     /// Connect, send and receive of a UDP flow's control connection to its SOCKS5
     /// upstream (the key is the UDP flow's).
-    ControlConnect = 20,
-    ControlSend = 21,
-    ControlRecv = 22,
+    AssociationConnect = 20,
+    AssociationSend = 21,
+    AssociationRecv = 22,
 }
 
 impl Op {
@@ -38,9 +47,13 @@ impl Op {
             8 => Op::Signal,
             9 => Op::UdpSend,
             10 => Op::UdpRecv,
-            20 => Op::ControlConnect,
-            21 => Op::ControlSend,
-            22 => Op::ControlRecv,
+            11 => Op::ControlAccept,
+            12 => Op::ControlRecv,
+            13 => Op::ControlSend,
+            14 => Op::ControlTick,
+            20 => Op::AssociationConnect,
+            21 => Op::AssociationSend,
+            22 => Op::AssociationRecv,
             _ => return None,
         })
     }
@@ -98,9 +111,13 @@ mod tests {
             Op::Signal,
             Op::UdpSend,
             Op::UdpRecv,
-            Op::ControlConnect,
-            Op::ControlSend,
+            Op::ControlAccept,
             Op::ControlRecv,
+            Op::ControlSend,
+            Op::ControlTick,
+            Op::AssociationConnect,
+            Op::AssociationSend,
+            Op::AssociationRecv,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));

@@ -31,14 +31,26 @@ pub enum Offload {
 impl Offload {
     /// Parses a cap such as `tso` (from URINGPROXY_MAX_OFFLOAD, used by tests).
     pub fn parse(text: &str) -> Option<Offload> {
-        Some(match text {
-            "none" => Offload::None,
-            "header" => Offload::Header,
-            "csum" => Offload::Checksum,
-            "tso" => Offload::Tso,
-            "uso" => Offload::Uso,
-            _ => return None,
-        })
+        [
+            Offload::None,
+            Offload::Header,
+            Offload::Checksum,
+            Offload::Tso,
+            Offload::Uso,
+        ]
+        .into_iter()
+        .find(|offload| offload.name() == text)
+    }
+
+    /// The short name `parse` takes (and status replies and metrics report).
+    pub fn name(self) -> &'static str {
+        match self {
+            Offload::None => "none",
+            Offload::Header => "header",
+            Offload::Checksum => "csum",
+            Offload::Tso => "tso",
+            Offload::Uso => "uso",
+        }
     }
 
     pub fn vnet_header(self) -> bool {

@@ -15,6 +15,7 @@
 // it, so unused helpers are expected rather than a sign of dead code.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, ErrorKind, Read, Write};
@@ -426,6 +427,19 @@ impl Topology {
         self.spawn_proxy_launched(TUN_NAME, wrapper, iface, extra_args, env)
     }
 
+    /// Starts a proxy with TUN `tun` and its default control socket
+    /// (/run/uringproxy/<tun>.sock; the other ways of starting one give it a socket of
+    /// its own in the temporary directory), and waits for its TUN to be up.
+    pub fn start_proxy_default_control(&self, tun: &str, extra_args: &[&str]) -> Proxy {
+        let proxy = self.spawn_proxy_default_control(tun, extra_args);
+        self.wait_for_tun_named(tun, proxy)
+    }
+
+    /// Like [`Topology::start_proxy_default_control`], without waiting for anything.
+    pub fn spawn_proxy_default_control(&self, tun: &str, extra_args: &[&str]) -> Proxy {
+        self.launch(tun, &[], &self.client_veth, extra_args, &[], false)
+    }
+
     /// Like [`Topology::spawn_proxy_with_env`], with TUN `tun` (for a second proxy).
     pub fn spawn_proxy_on(
         &self,
@@ -437,7 +451,8 @@ impl Topology {
         self.spawn_proxy_launched(tun, &[], iface, extra_args, env)
     }
 
-    /// Spawns a proxy with TUN `tun`, through `wrapper` (empty: none).
+    /// Spawns a proxy with TUN `tun`, through `wrapper` (empty: none), with a control
+    /// socket of its own unless `extra_args` name one.
     fn spawn_proxy_launched(
         &self,
         tun: &str,
@@ -446,11 +461,29 @@ impl Topology {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Proxy {
+        let own_control = !extra_args.contains(&"--control");
+        self.launch(tun, wrapper, iface, extra_args, env, own_control)
+    }
+
+    /// Spawns a proxy; `own_control` gives it `--control` in the temporary directory.
+    /// Tests in other namespaces use the same TUN name at once, so the default path,
+    /// derived from it, would be taken by whichever started first.
+    fn launch(
+        &self,
+        tun: &str,
+        wrapper: &[&str],
+        iface: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        own_control: bool,
+    ) -> Proxy {
         // One log per proxy, also when a test runs several at once.
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let seq = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("{}.{tun}.{seq}.proxy.log", self.client_ns);
         let stderr_path = std::env::temp_dir().join(name);
+        let control_path = own_control
+            .then(|| std::env::temp_dir().join(format!("{}.{tun}.{seq}.sock", self.client_ns)));
         let log = File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
         // `ip netns exec` (and the wrapper) exec the proxy, so the child's pid is the
@@ -460,6 +493,11 @@ impl Topology {
             .args(wrapper)
             .arg(PROXY_BIN)
             .args(["-i", iface, "--tun", tun])
+            .args(
+                control_path
+                    .iter()
+                    .flat_map(|path| [OsStr::new("--control"), path.as_os_str()]),
+            )
             .args(extra_args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -467,7 +505,11 @@ impl Topology {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {PROXY_BIN}: {e}"));
-        Proxy { child, stderr_path }
+        Proxy {
+            child,
+            stderr_path,
+            control_path,
+        }
     }
 
     /// Starts the proxy on the client veth, waits for its TUN to be up and
@@ -546,6 +588,9 @@ impl Topology {
         });
         // The proxy's output is printed when it is dropped during the panic.
         assert!(tun_up, "TUN {tun} not up after {PROXY_STARTUP_TIMEOUT:?}");
+        if let Some(path) = &proxy.control_path {
+            wait_for_control(path);
+        }
         proxy
     }
 }
@@ -603,6 +648,19 @@ where
         })
     });
     Server { addr, acceptor }
+}
+
+/// Waits for a proxy's control socket at `path` to take connections: it is made just
+/// after the TUN (a second later when it replaces a socket left behind).
+pub fn wait_for_control(path: &Path) {
+    let listening = wait_until(PROXY_STARTUP_TIMEOUT, || {
+        std::os::unix::net::UnixStream::connect(path).is_ok()
+    });
+    assert!(
+        listening,
+        "no control socket at {} after {PROXY_STARTUP_TIMEOUT:?}",
+        path.display()
+    );
 }
 
 /// `ip -j link show` output for `dev` in `ns`, or None if there is no such
@@ -673,11 +731,20 @@ impl<T> Server<T> {
 pub struct Proxy {
     child: Child,
     stderr_path: PathBuf,
+    /// The control socket the harness gave it, if it did.
+    control_path: Option<PathBuf>,
 }
 
 impl Proxy {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The control socket the harness gave it (panics for one started without).
+    pub fn control_path(&self) -> &Path {
+        self.control_path
+            .as_deref()
+            .expect("a proxy started with its own --control")
     }
 
     /// Number of open file descriptors of the proxy process.
@@ -771,6 +838,10 @@ impl Drop for Proxy {
             );
         } else {
             let _ = fs::remove_file(&self.stderr_path);
+        }
+        // What a killed proxy leaves behind.
+        if let Some(path) = &self.control_path {
+            let _ = fs::remove_file(path);
         }
     }
 }
