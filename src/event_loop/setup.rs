@@ -40,9 +40,6 @@ pub fn run(config: Config) -> Result<(), Error> {
     let features = ring.probe(config.uring_cap).map_err(Error::Kernel)?;
     let tun = Tun::create(&config.tun_spec())?;
     let tun_name = tun.name().to_string();
-    // As root still: the control socket is handed to --user. After the TUN, so that a
-    // TUN name in use is named as that.
-    let control = Control::new(&config, &mut ring)?;
     // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
     let routes = if config.routes.is_empty() {
         None
@@ -56,6 +53,9 @@ pub fn run(config: Config) -> Result<(), Error> {
             index,
         )?)
     };
+    // As root still: the control socket is handed to --user. After the TUN and the
+    // rules, so that a TUN name or a table in use is the one error named.
+    let control = Control::new(&config, &mut ring)?;
     if let Some(cpu) = config.cpu {
         let mut set = nix::sched::CpuSet::new();
         set.set(cpu)
