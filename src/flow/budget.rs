@@ -4,7 +4,7 @@
 //! the server (the window advertised to the client is held to it). Allowances start
 //! small and double for flows that keep filling and draining them, the way the kernel
 //! autotunes its own buffers, while the budget has room; when it is tight, directions
-//! that hold much less than their allowance give the rest back.
+//! that hold much less than their allowance and have gone quiet give the rest back.
 //!
 //! Allowances add up to two thirds of the limit (a ring buffer keeps more resident than
 //! it holds). Half of that can be taken by any flow that fills its allowance; the other
@@ -12,10 +12,16 @@
 //! a server that does not) keep what they hold, so this keeps them from filling the
 //! whole budget and leaves room for the flows that are busy beside them.
 
+use smoltcp::time::{Duration, Instant};
+
 /// Bytes every direction may hold, budget or not: each flow can always make progress.
 pub const FLOOR: usize = 16 * 1024;
 /// Drained since its last growth, a direction counts as moving a lot of data.
 const BUSY: usize = 1 << 20;
+/// Nothing drained for this long, a direction counts as quiet. A busy one is looked at
+/// many times between two of its peer's ACKs, so "nothing since the last look" would
+/// shrink (and trim, and fault back in) the buffer of a bulk flow over and over.
+pub const QUIET: Duration = Duration::from_millis(200);
 
 /// The budget, and what the flows have of it.
 #[derive(Debug)]
@@ -68,6 +74,8 @@ impl Budget {
 /// One direction of one flow.
 #[derive(Clone, Copy, Debug)]
 pub struct Allowance {
+    /// When bytes last drained (or it was first looked at).
+    active_at: Option<Instant>,
     allow: usize,
     /// The most it may grow to: the buffer's size.
     cap: usize,
@@ -90,6 +98,7 @@ impl Allowance {
     /// A new direction of a buffer of `cap` bytes.
     pub fn new(cap: usize) -> Allowance {
         Allowance {
+            active_at: None,
             allow: FLOOR.min(cap),
             cap,
             charged: 0,
@@ -112,10 +121,14 @@ impl Allowance {
         self.drained += n;
     }
 
-    /// Brings the allowance up to date with `held`, the bytes the buffer holds now;
-    /// `used_up`: the peer has sent all it was allowed to (held it all, or reached the
-    /// end of the window: a fast reader on the other side keeps `held` low).
-    pub fn update(&mut self, held: usize, used_up: bool, budget: &mut Budget) {
+    /// Brings the allowance up to date at `now` with `held`, the bytes the buffer holds
+    /// now; `used_up`: the peer has sent all it was allowed to (held it all, or reached
+    /// the end of the window: a fast reader on the other side keeps `held` low).
+    pub fn update(&mut self, held: usize, used_up: bool, now: Instant, budget: &mut Budget) {
+        if self.drained != self.drained_at_update {
+            self.active_at = Some(now);
+        }
+        let active_at = *self.active_at.get_or_insert(now);
         if used_up || held >= self.allow {
             self.filled = true;
         }
@@ -131,10 +144,10 @@ impl Allowance {
         } else if budget.tight()
             && self.allow > FLOOR
             && held < self.allow / 4
-            && self.drained == self.drained_at_update
+            && now - active_at >= QUIET
         {
-            // Quiet (nothing drained since the last look): give back what it does not
-            // use, keeping room to double what it holds.
+            // Quiet: give back what it does not use, keeping room to double what it
+            // holds.
             self.allow = (2 * held).next_power_of_two().clamp(FLOOR, self.allow);
             self.filled = false;
             self.shrunk = true;
@@ -180,14 +193,15 @@ mod tests {
     use super::*;
 
     const MIB: usize = 1 << 20;
+    const T0: Instant = Instant::ZERO;
 
     /// A direction that fills its allowance and drains it, `rounds` times.
     fn busy(allowance: &mut Allowance, budget: &mut Budget, rounds: usize) {
         for _ in 0..rounds {
             let allow = allowance.get();
-            allowance.update(allow, false, budget);
+            allowance.update(allow, false, T0, budget);
             allowance.drained(allow);
-            allowance.update(0, false, budget);
+            allowance.update(0, false, T0, budget);
         }
     }
 
@@ -211,12 +225,12 @@ mod tests {
     fn idle_directions_cost_nothing_and_stopped_ones_keep_the_floor() {
         let mut budget = Budget::new(64 * MIB);
         let mut idle = Allowance::new(MIB);
-        idle.update(0, false, &mut budget);
+        idle.update(0, false, T0, &mut budget);
         assert_eq!(budget.used(), 0, "an idle direction is free");
         // A client that stopped reading: the buffer fills, nothing drains.
         let mut stalled = Allowance::new(MIB);
         for _ in 0..10 {
-            stalled.update(FLOOR, false, &mut budget);
+            stalled.update(FLOOR, false, T0, &mut budget);
         }
         assert_eq!(stalled.get(), FLOOR, "no growth without draining");
         assert_eq!(budget.used(), FLOOR);
@@ -231,7 +245,7 @@ mod tests {
         for allowance in &mut slow {
             busy(allowance, &mut budget, 5);
             let allow = allowance.get();
-            allowance.update(allow, false, &mut budget);
+            allowance.update(allow, false, T0, &mut budget);
         }
         // Their growth takes at most half; the floors they hold come on top.
         assert!(
@@ -264,11 +278,15 @@ mod tests {
             other.drained(BUSY);
         }
         assert!(budget.tight(), "used {}", budget.used());
-        // The bulk flow goes quiet: it holds a little, drains nothing between two looks,
-        // and shrinks to twice what it holds.
-        bulk.update(20_000, false, &mut budget);
+        // Between two ACKs a busy flow may hold little and drain nothing: it keeps its
+        // allowance (shrinking would trim its buffer and fault it back in).
+        bulk.update(20_000, false, T0, &mut budget);
         assert_eq!(bulk.get(), MIB, "it drained since the last look");
-        bulk.update(20_000, false, &mut budget);
+        let soon = T0 + QUIET - Duration::from_millis(1);
+        bulk.update(20_000, false, soon, &mut budget);
+        assert_eq!(bulk.get(), MIB, "not quiet yet");
+        // Nothing drained for QUIET: it shrinks to twice what it holds.
+        bulk.update(20_000, false, T0 + QUIET, &mut budget);
         assert_eq!(bulk.get(), 64 * 1024);
         assert!(!budget.tight() || budget.used() < 2 * MIB);
     }
@@ -297,8 +315,8 @@ mod tests {
             busy(&mut other, &mut budget, 1);
             other.drained(BUSY);
         }
-        bulk.update(1000, false, &mut budget);
-        bulk.update(1000, false, &mut budget);
+        bulk.update(1000, false, T0, &mut budget);
+        bulk.update(1000, false, T0 + QUIET, &mut budget);
         assert!(bulk.get() < MIB);
         assert!(bulk.take_trim());
     }

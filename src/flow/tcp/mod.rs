@@ -493,7 +493,7 @@ impl Flow {
             });
             self.window = tx.end().window;
         }
-        self.account(tx, budget);
+        self.account(now, tx, budget);
         if tx.take_exhausted() {
             self.starved = true;
         }
@@ -567,7 +567,7 @@ impl Flow {
 
     /// Brings the allowances up to date with what the buffers hold, and tells the
     /// client of a window its allowance opened that smoltcp would not announce.
-    fn account(&mut self, tx: &mut TxPool, budget: &mut Budget) {
+    fn account(&mut self, now: Instant, tx: &mut TxPool, budget: &mut Budget) {
         let (rx_held, tx_held) = self.memory.get(|sockets| {
             let socket = sockets.set.get::<tcp::Socket>(sockets.handle);
             (socket.recv_queue(), socket.send_queue())
@@ -576,8 +576,8 @@ impl Flow {
         self.tx.drained(acked.saturating_sub(self.tx_acked));
         self.tx_acked = acked;
         let used_up = std::mem::take(&mut self.rx_window_used);
-        self.rx.update(rx_held, used_up, budget);
-        self.tx.update(tx_held, false, budget);
+        self.rx.update(rx_held, used_up, now, budget);
+        self.tx.update(tx_held, false, now, budget);
         let limit = self.window_limit();
         let min_step = 2 * u32::from(self.segment_size);
         if window::update_due(&self.window, limit, min_step) {
