@@ -363,7 +363,17 @@ fn parse_upstream(text: &str) -> Result<Option<Socks5>, String> {
         .parse::<u16>()
         .ok()
         .filter(|&port| port != 0)
-        .ok_or_else(|| format!("--upstream: port '{port}' is not a number in 1..=65535"))?;
+        .ok_or_else(|| {
+            // Only digits are shown: `socks5://user:password` with the host forgotten
+            // would put the password here.
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                format!("--upstream: port '{port}' is not a number in 1..=65535")
+            } else {
+                "--upstream: the port is not a number in 1..=65535 (credentials go before \
+                 the host: user:pass@HOST:PORT)"
+                    .to_string()
+            }
+        })?;
     let credentials = match userinfo {
         None => None,
         Some(userinfo) => {
@@ -402,8 +412,12 @@ fn percent_decode(text: &str) -> Option<Vec<u8>> {
     let mut at = 0;
     while at < bytes.len() {
         if bytes[at] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(at + 1..at + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = bytes.get(at + 1..at + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            // Two hex digits: valid UTF-8 and a byte.
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             at += 3;
         } else {
             out.push(bytes[at]);
@@ -648,6 +662,11 @@ mod tests {
                 "bad %-escape in the password",
             ),
             ("socks5://:secret@192.0.2.1:1080", "user name is empty"),
+            ("socks5://alice:secret", "the port is not a number"),
+            (
+                "socks5://u:sec%+1ret@192.0.2.1:1080",
+                "bad %-escape in the password",
+            ),
             ("socks5://u:@192.0.2.1:1080", "password is empty"),
         ];
         for (text, expected) in cases {

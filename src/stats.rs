@@ -140,7 +140,7 @@ impl fmt::Display for Stats {
         let up = &self.upstream;
         writeln!(
             f,
-            "upstream: connect-failed {} timeout {} closed {} protocol-error {} no-acceptable-method {} auth-rejected {} general-failure {} not-allowed {} other-reply {}; udp associations {} ended {} fragments {} malformed {} too-big {} not-held {}; echo-refused {}",
+            "upstream: connect-failed {} timeout {} closed {} protocol-error {} no-acceptable-method {} auth-rejected {} general-failure {} not-allowed {} other-reply {} unreachable {}; udp associations {} ended {} fragments {} malformed {} too-big {} not-held {}; echo-refused {}",
             up.connect_failed,
             up.timeouts,
             up.closed,
@@ -150,6 +150,7 @@ impl fmt::Display for Stats {
             up.general_failure,
             up.not_allowed,
             up.other_reply,
+            up.unreachable,
             up.associations,
             up.associations_ended,
             up.udp_fragments,

@@ -713,7 +713,20 @@ fn stuck_and_garbage_clients_leave_relaying_and_other_clients_unharmed() {
     assert_eq!(held_listed, HELD, "every held flow listed");
     assert!(sample(&numbers, "tcp_flows_open") >= HELD as u64);
     let reply_size = status(&path, &[]).len();
+    // As many silent clients as the metrics endpoint serves at once: the scrape still
+    // gets through, making room by closing the one that waited longest.
+    let crowd: Vec<TcpStream> = join(topo.in_client(|| {
+        (0..8)
+            .map(|_| connect(METRICS.parse().unwrap()))
+            .collect::<Vec<_>>()
+    }));
     let metrics = scrape(&topo);
+    assert!(
+        sample(
+            &metrics,
+            "uringproxy_control_clients_total{event=evicted,listener=metrics}"
+        ) >= 1
+    );
     assert!(sample(&metrics, "uringproxy_open_flows{protocol=tcp,state=open}") >= HELD as u64);
     let (sent, received) = join(transfer);
     assert_eq!(received, sent, "the transfer beside the stuck clients");
@@ -767,6 +780,7 @@ fn stuck_and_garbage_clients_leave_relaying_and_other_clients_unharmed() {
     assert!(cut.len() < reply_size);
 
     proxy.assert_running();
+    drop(crowd);
     drop(held);
     drop(listener);
     proxy.terminate();

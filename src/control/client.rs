@@ -5,7 +5,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use argh::FromArgs;
 
@@ -108,16 +108,31 @@ fn fetch(path: &Path, args: &Args) -> Result<String, Error> {
     match stream.write_all(STATUS_REQUEST) {
         Err(err) if closed(&err) => {}
         Err(err) => return Err(io_error(err)),
-        Ok(()) => match stream.take(MAX_REPLY).read_to_end(&mut bytes) {
-            Err(err) if closed(&err) => {}
-            result => {
-                result.map_err(io_error)?;
+        Ok(()) => {
+            // The timeout bounds the whole reply, not each read: a proxy (or whatever
+            // listens there) trickling bytes cannot keep us waiting.
+            let deadline = Instant::now() + TIMEOUT;
+            let mut chunk = vec![0; 64 * 1024];
+            while (bytes.len() as u64) < MAX_REPLY {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io_error(ErrorKind::TimedOut.into()));
+                }
+                stream.set_read_timeout(Some(left)).map_err(io_error)?;
+                match stream.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                    Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                    Err(err) if closed(&err) => break,
+                    Err(err) => return Err(io_error(err)),
+                }
             }
-        },
+        }
     }
     if bytes.is_empty() {
         return Err(Error::Control(format!(
-            "{shown}: closed without a reply (the proxy serves only its own user and root,              and a few clients at a time)"
+            "{shown}: closed without a reply (the proxy serves only its own user and root, \
+             and a few clients at a time)"
         )));
     }
     String::from_utf8(bytes)

@@ -37,6 +37,9 @@ pub struct Clients {
     pub refused: u64,
     /// Closed at their deadline, before their reply was complete.
     pub timed_out: u64,
+    /// Closed before their deadline, still without a request, to make room for a new
+    /// client when every slot was taken.
+    pub evicted: u64,
     /// Sent a request that got an error reply.
     pub bad_requests: u64,
 }
@@ -55,7 +58,7 @@ pub struct Gauges {
     pub tun_read_buffers: u64,
     pub flow_buffers_resident_bound: u64,
     pub memory_limit: u64,
-    /// Resident memory of the process, if /proc/self/statm could be read.
+    /// Resident memory of the process, if /proc/self/status could be read.
     pub resident: Option<u64>,
 }
 
@@ -170,7 +173,7 @@ family!(
     UPSTREAM_FAILURES,
     "upstream_failures_total",
     Counter,
-    "TCP flows and UDP associations the SOCKS5 upstream (--upstream) failed, by cause (refusals and unreachable destinations are counted as the direct path's are)."
+    "TCP flows and UDP associations the SOCKS5 upstream (--upstream) failed, by cause (unreachable: a UDP ASSOCIATE refused with reply code 3 to 5; those to a CONNECT are counted as the direct path's are)."
 );
 family!(
     UPSTREAM_ASSOCIATIONS,
@@ -536,6 +539,11 @@ pub fn each_sample(snapshot: &Snapshot, mut each: impl FnMut(Sample)) {
             "upstream_other_reply",
             upstream.other_reply,
         ),
+        (
+            &[("cause", "unreachable")],
+            "upstream_unreachable",
+            upstream.unreachable,
+        ),
     ] {
         sample(&UPSTREAM_FAILURES, labels, key, value);
     }
@@ -568,6 +576,11 @@ pub fn each_sample(snapshot: &Snapshot, mut each: impl FnMut(Sample)) {
             snapshot.control.timed_out,
         ),
         (
+            &[("listener", "control"), ("event", "evicted")],
+            "control_evicted",
+            snapshot.control.evicted,
+        ),
+        (
             &[("listener", "control"), ("event", "bad_request")],
             "control_bad_requests",
             snapshot.control.bad_requests,
@@ -586,6 +599,11 @@ pub fn each_sample(snapshot: &Snapshot, mut each: impl FnMut(Sample)) {
             &[("listener", "metrics"), ("event", "timed_out")],
             "metrics_timed_out",
             snapshot.metrics.timed_out,
+        ),
+        (
+            &[("listener", "metrics"), ("event", "evicted")],
+            "metrics_evicted",
+            snapshot.metrics.evicted,
         ),
         (
             &[("listener", "metrics"), ("event", "bad_request")],

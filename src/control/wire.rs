@@ -167,7 +167,9 @@ pub fn parse(text: &str) -> Result<Reply, Error> {
         Some((_, MAGIC)) => {}
         Some((_, first)) => {
             return Err(match first.strip_prefix("error ") {
-                Some(why) => Error::Refused(why.chars().take(200).collect()),
+                Some(why) => {
+                    Error::Refused(why.chars().filter(|c| !c.is_control()).take(200).collect())
+                }
                 None => Error::NotStatus,
             });
         }

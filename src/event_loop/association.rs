@@ -121,6 +121,9 @@ pub fn strip<'d>(
     }
 }
 
+/// The queue of association deadlines is not compacted below this length.
+const MIN_COMPACTED: usize = 64;
+
 /// Associations whose handshake must be done by a deadline, in the order they started
 /// (all take the same time, so also in deadline order).
 #[derive(Default)]
@@ -129,6 +132,14 @@ pub struct Deadlines(VecDeque<(Instant, Id)>);
 impl Deadlines {
     pub fn next(&self) -> Option<Instant> {
         self.0.front().map(|&(at, _)| at)
+    }
+
+    /// Once the queue holds twice as many entries as there are `flows`, keeps only
+    /// those still `pending`.
+    fn compact(&mut self, flows: usize, pending: impl Fn(Id) -> bool) {
+        if self.0.len() >= 2 * flows.max(MIN_COMPACTED) {
+            self.0.retain(|&(_, id)| pending(id));
+        }
     }
 
     /// A flow whose deadline has come by `now`, if any.
@@ -170,6 +181,16 @@ impl Datagrams {
         let Some(upstream) = &self.upstream else {
             return;
         };
+        // Deadlines of flows closed (or set up) before them stay queued until they come
+        // due: with many short flows (a DNS query each) and a long --connect-timeout
+        // they would pile up, so they are dropped once they outnumber the flows twice.
+        let flows = &self.flows;
+        self.deadlines.compact(flows.len(), |id| {
+            flows
+                .get(id)
+                .and_then(|flow| flow.io.association.as_ref())
+                .is_some_and(|association| association.handshake.outcome().is_none())
+        });
         let Some(association) = self
             .flows
             .get(id)
@@ -322,6 +343,39 @@ pub fn relay_error(errno: Errno) -> Errno {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_of_gone_flows_do_not_pile_up() {
+        let mut deadlines = Deadlines::default();
+        let id = |slot| Id {
+            slot,
+            generation: 0,
+        };
+        // Many short flows, each closed at once.
+        for slot in 0..10_000 {
+            deadlines.compact(1, |_| false);
+            deadlines
+                .0
+                .push_back((Instant::from_millis(i64::from(slot)), id(slot)));
+            assert!(
+                deadlines.0.len() <= 2 * MIN_COMPACTED,
+                "{}",
+                deadlines.0.len()
+            );
+        }
+        // Pending ones are kept, in order.
+        deadlines.0.clear();
+        for slot in 0..200 {
+            deadlines
+                .0
+                .push_back((Instant::from_millis(i64::from(slot)), id(slot)));
+        }
+        deadlines.compact(10, |id| id.slot % 2 == 0);
+        assert_eq!(deadlines.0.len(), 100);
+        assert_eq!(deadlines.pop_due(Instant::from_millis(1)), Some(id(0)));
+        assert_eq!(deadlines.pop_due(Instant::from_millis(1)), None);
+        assert_eq!(deadlines.next(), Some(Instant::from_millis(2)));
+    }
 
     #[test]
     fn only_whole_datagrams_from_the_flows_server_are_relayed() {

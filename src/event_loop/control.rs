@@ -21,6 +21,7 @@ use slab::Slab;
 use smoltcp::time::Instant;
 use socket2::{SockRef, Socket};
 
+use super::datagrams::Outbound;
 use super::{Proxy, tun_io};
 use crate::config::Config;
 use crate::control::counters::{Clients, Gauges, Info, Snapshot};
@@ -252,6 +253,26 @@ impl Control {
         self.receive(ring, key);
     }
 
+    /// Closes the client of `service` that has waited longest for its request (counted
+    /// as evicted); false if there is none, or too many are still closing (each holds
+    /// its memory until its cancel completes).
+    fn evict_waiting(&mut self, ring: &mut Ring, service: Service) -> bool {
+        let mine = || self.clients.iter().filter(|(_, c)| c.service == service);
+        let closing = mine()
+            .filter(|(_, c)| matches!(c.phase, Phase::Closing))
+            .count();
+        let oldest = mine()
+            .filter(|(_, c)| matches!(c.phase, Phase::Request { .. }))
+            .min_by_key(|(_, c)| c.deadline)
+            .map(|(key, _)| key);
+        let Some(key) = oldest.filter(|_| closing < MAX_CLIENTS) else {
+            return false;
+        };
+        self.counters[service as usize].evicted += 1;
+        self.close(ring, key);
+        true
+    }
+
     /// Closes client `key`, once what it has in flight is cancelled.
     fn close(&mut self, ring: &mut Ring, key: usize) {
         let Some(client) = self.clients.get_mut(key) else {
@@ -294,31 +315,42 @@ impl Proxy {
             // not at once, which could spin.
             listener.accepting = false;
         }
-        if let Some(fd) = ring.take_accepted(completion) {
-            let counters = &mut control.counters[service as usize];
-            counters.accepted += 1;
-            let allowed = listener.clients < MAX_CLIENTS
-                && (service == Service::Metrics || peer_is_us_or_root(&fd));
-            match allowed.then(|| Region::new(CLIENT_MEMORY)).flatten() {
-                None => {
-                    counters.refused += 1;
-                    ring.close(fd);
-                }
-                Some(memory) => {
+        let Some(fd) = ring.take_accepted(completion) else {
+            control.arm_tick(ring);
+            return;
+        };
+        control.counters[service as usize].accepted += 1;
+        let trusted = service == Service::Metrics || peer_is_us_or_root(&fd);
+        let mut room = listener.clients < MAX_CLIENTS;
+        if trusted && !room {
+            // Clients that connect and say nothing must not keep the others out until
+            // their deadline: the one waiting longest for its request makes room.
+            room = control.evict_waiting(ring, service);
+        }
+        match (trusted && room)
+            .then(|| Region::new(CLIENT_MEMORY))
+            .flatten()
+        {
+            None => {
+                control.counters[service as usize].refused += 1;
+                ring.close(fd);
+            }
+            Some(memory) => {
+                if let Some(listener) = control.listeners[service as usize].as_mut() {
                     listener.clients += 1;
-                    let generation = control.next_generation;
-                    control.next_generation = generation.wrapping_add(1) & GENERATION_MASK;
-                    let key = control.clients.insert(Client {
-                        fd: Some(fd),
-                        service,
-                        generation,
-                        memory,
-                        phase: Phase::Request { have: 0 },
-                        deadline: now + REQUEST_TIMEOUT.into(),
-                        busy: false,
-                    });
-                    control.receive(ring, key);
                 }
+                let generation = control.next_generation;
+                control.next_generation = generation.wrapping_add(1) & GENERATION_MASK;
+                let key = control.clients.insert(Client {
+                    fd: Some(fd),
+                    service,
+                    generation,
+                    memory,
+                    phase: Phase::Request { have: 0 },
+                    deadline: now + REQUEST_TIMEOUT.into(),
+                    busy: false,
+                });
+                control.receive(ring, key);
             }
         }
         control.arm_tick(ring);
@@ -564,7 +596,7 @@ impl Proxy {
 }
 
 /// What `uringproxy status` lists of datagram flow `flow` at `now`.
-fn datagram_row<S>(flow: &datagram::Flow<S>, now: Instant) -> FlowRow {
+fn datagram_row(flow: &datagram::Flow<Outbound>, now: Instant) -> FlowRow {
     let key = flow.key();
     let address =
         |end: smoltcp::wire::IpEndpoint| std::net::SocketAddr::new(end.addr.into(), end.port);
@@ -578,6 +610,9 @@ fn datagram_row<S>(flow: &datagram::Flow<S>, now: Instant) -> FlowRow {
         server: address(key.server),
         state: if flow.is_closing() {
             State::Closing
+        } else if flow.io.socket.is_none() {
+            // Its SOCKS5 association is being set up.
+            State::Connecting
         } else {
             State::Open
         },

@@ -141,8 +141,6 @@ impl Datagrams {
             .with_mut(start..start + MAX_DATAGRAM, build)
             .min(MAX_DATAGRAM);
         self.filled.push((slot, len));
-        self.flows.counters.datagrams_up += 1;
-        self.flows.counters.bytes_up += len as u64;
         true
     }
 
@@ -204,7 +202,16 @@ impl Datagrams {
         if let Some(association) = &mut flow.io.association {
             self.filled.splice(0..0, association.take_held());
         }
-        let mut not_held = 0;
+        // Through an upstream each datagram starts with its SOCKS5 header, which is not
+        // payload.
+        let header = match self.upstream {
+            Some(_) => {
+                let server = flow.key().server;
+                socks5::udp_header_len(&SocketAddr::new(server.addr.into(), server.port))
+            }
+            None => 0,
+        };
+        let (mut sent, mut bytes, mut not_held) = (0, 0, 0);
         for (slot, len) in self.filled.drain(..) {
             let start = usize::from(slot) * MAX_DATAGRAM;
             let held = match (&flow.io.socket, &mut flow.io.association) {
@@ -215,6 +222,8 @@ impl Datagrams {
                     };
                     let token = Token::new(Op::UdpSend, 0, usize::from(slot)).encode();
                     ring.send(socket.as_fd(), buf, token);
+                    sent += 1;
+                    bytes += len.saturating_sub(header);
                     continue;
                 }
                 (None, Some(association)) => association.hold(slot, len),
@@ -226,6 +235,7 @@ impl Datagrams {
             }
         }
         self.not_held += not_held;
+        self.flows.relayed_up(id, sent, bytes);
     }
 }
 
@@ -347,8 +357,6 @@ impl Proxy {
             }
             _ => {}
         }
-        let bytes = udp.filled.iter().map(|&(_, len)| len).sum();
-        udp.flows.relayed_up(id, udp.filled.len(), bytes);
         udp.send_held(&mut self.ring, id);
         udp.arm_recv(&mut self.ring, id);
     }

@@ -288,12 +288,14 @@ impl<S> Flows<S> {
         id
     }
 
-    /// `datagrams` of a client datagram's (more for a segmentation super-packet),
-    /// `bytes` together, went out on flow `id`'s socket.
+    /// `datagrams` of clients (more than one for a segmentation super-packet, or held
+    /// ones), `bytes` of payload together, went out on flow `id`'s socket.
     pub fn relayed_up(&mut self, id: Id, datagrams: usize, bytes: usize) {
         let Some(flow) = self.table.get_mut(id) else {
             return;
         };
+        self.counters.datagrams_up += datagrams as u64;
+        self.counters.bytes_up += bytes as u64;
         flow.bytes_up += bytes as u64;
         if flow.kind == Kind::Echo {
             self.counters.echo_datagrams_up += datagrams as u64;

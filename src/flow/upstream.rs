@@ -73,6 +73,9 @@ pub struct Counters {
     pub not_allowed: u64,
     /// Reply codes 6 to 8 and unassigned ones.
     pub other_reply: u64,
+    /// Reply codes 3 to 5 (unreachable, refused) to a UDP ASSOCIATE; to a CONNECT they
+    /// reach the client as the direct path's would and are counted with those.
+    pub unreachable: u64,
     /// UDP associations set up, and ended by the upstream closing their control
     /// connection (or sending on it).
     pub associations: u64,
@@ -99,6 +102,11 @@ impl Counters {
             Fault::AuthRejected => &mut self.auth_rejected,
             Fault::Refused(ReplyCode::GeneralFailure) => &mut self.general_failure,
             Fault::Refused(ReplyCode::NotAllowed) => &mut self.not_allowed,
+            Fault::Refused(
+                ReplyCode::NetworkUnreachable
+                | ReplyCode::HostUnreachable
+                | ReplyCode::ConnectionRefused,
+            ) => &mut self.unreachable,
             Fault::Refused(_) => &mut self.other_reply,
         };
         *counter += 1;
@@ -215,6 +223,11 @@ impl Handshake {
         if self.stage == Stage::Connecting {
             self.stage = match result {
                 Ok(()) => Stage::Greeting,
+                // The connect's linked timeout (the same --connect-timeout as the
+                // deadline, so either may fire first): a silent upstream is a timeout.
+                Err(Errno::ECANCELED | Errno::ETIME | Errno::ETIMEDOUT) => {
+                    Stage::Failed(Fault::Timeout)
+                }
                 Err(_) => Stage::Failed(Fault::Connect),
             };
         }

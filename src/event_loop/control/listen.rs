@@ -6,12 +6,13 @@
 use std::fs;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, lchown};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use nix::sys::stat::Mode;
 use nix::unistd::User;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -52,8 +53,10 @@ pub fn control_socket(
     owner: Option<&User>,
 ) -> Result<(Socket, SocketFile), Error> {
     let path = &config.path;
+    // Never through a symbolic link: the owner-to-be can write in the directory, so it
+    // could swap the socket for a link to a file of root's between the bind and this.
     let chown = |path: &Path| match owner {
-        Some(user) => nix::unistd::chown(path, Some(user.uid), Some(user.gid))
+        Some(user) => lchown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
             .map_err(|err| failed("cannot hand to --user", path, err)),
         None => Ok(()),
     };
@@ -96,18 +99,18 @@ pub fn control_socket(
     let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)
         .map_err(|err| failed("cannot create the control socket", path, err))?;
     let address = SockAddr::unix(path).map_err(|err| failed("bad control socket", path, err))?;
-    socket
-        .bind(&address)
-        .map_err(|err| failed("cannot create the control socket", path, err))?;
+    // Made 0600 by the umask rather than a chmod after the bind, which would follow a
+    // link swapped in for the socket. Set-up runs on the one thread there is.
+    let umask = nix::sys::stat::umask(Mode::from_bits_truncate(0o177));
+    let bound = socket.bind(&address);
+    nix::sys::stat::umask(umask);
+    bound.map_err(|err| failed("cannot create the control socket", path, err))?;
     let meta = fs::symlink_metadata(path).map_err(|err| failed("cannot see", path, err))?;
-    // From here on the file goes again should set-up fail. Nothing can connect before
-    // `listen`, so the mode the umask left it with until then does not matter.
+    // From here on the file goes again should set-up fail.
     let file = SocketFile {
         path: path.clone(),
         identity: (meta.dev(), meta.ino()),
     };
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .map_err(|err| failed("cannot restrict", path, err))?;
     chown(path)?;
     socket
         .listen(BACKLOG)
