@@ -779,7 +779,9 @@ fn main() {
             udp_rate: args.udp_rate,
             flood_rate,
             idle_window: Duration::from_secs(20),
-            after_load_wait: Duration::from_secs(5),
+            // The proxy gives its pools' free pages back after 5 s without traffic:
+            // measured well after that.
+            after_load_wait: Duration::from_secs(10),
             idle_tcp: [1_000, 10_000],
             udp_flows: 1_000,
             stalled_flows: args.stalled,

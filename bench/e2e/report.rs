@@ -353,6 +353,10 @@ pub fn markdown(
     let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
     for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
         for (variant, cell) in variants.iter().zip(row) {
+            if !variant.udp && !scenario.is_tcp() {
+                // Not run: UDP does not go through that path.
+                continue;
+            }
             let mut result = cell
                 .value
                 .map_or_else(|| "failed".into(), |v| format_value(*scenario, v));
@@ -832,6 +836,7 @@ pub fn charts(
                 bars: row
                     .iter()
                     .enumerate()
+                    .filter(|&(v, _)| variants[v].udp || scenario.is_tcp())
                     .filter_map(|(v, cell)| bar(scenario, v, cell))
                     .collect(),
             })
