@@ -44,7 +44,7 @@ const READ_MULTISHOT: KernelVersion = KernelVersion::new(6, 7);
 
 /// Operations the proxy cannot do without, with the kernel that brought each. All are
 /// older than `FLOOR`; a kernel that lacks one is older than it claims or restricted.
-const REQUIRED: [(u8, &str); 8] = [
+const REQUIRED: [(u8, &str); 10] = [
     (opcode::Read::CODE, "IORING_OP_READ"),
     (opcode::Write::CODE, "IORING_OP_WRITE"),
     (opcode::Send::CODE, "IORING_OP_SEND"),
@@ -53,6 +53,9 @@ const REQUIRED: [(u8, &str); 8] = [
     (opcode::Close::CODE, "IORING_OP_CLOSE"),
     (opcode::AsyncCancel::CODE, "IORING_OP_ASYNC_CANCEL"),
     (opcode::LinkTimeout::CODE, "IORING_OP_LINK_TIMEOUT"),
+    // For the control socket and metrics endpoint (multishot accepts came in 5.19).
+    (opcode::Accept::CODE, "IORING_OP_ACCEPT"),
+    (opcode::Timeout::CODE, "IORING_OP_TIMEOUT"),
 ];
 
 /// Why this kernel cannot run the proxy.
