@@ -598,16 +598,14 @@ impl Proxy {
 /// What `uringproxy status` lists of datagram flow `flow` at `now`.
 fn datagram_row(flow: &datagram::Flow<Outbound>, now: Instant) -> FlowRow {
     let key = flow.key();
-    let address =
-        |end: smoltcp::wire::IpEndpoint| std::net::SocketAddr::new(end.addr.into(), end.port);
     let (bytes_up, bytes_down) = flow.bytes();
     FlowRow {
         proto: match flow.kind() {
             Kind::Udp => Proto::Udp,
             Kind::Echo => Proto::Icmp,
         },
-        client: address(key.client),
-        server: address(key.server),
+        client: key.client_addr(),
+        server: key.server_addr(),
         state: if flow.is_closing() {
             State::Closing
         } else if flow.io.socket.is_none() {

@@ -3,7 +3,6 @@
 //! that bring the server's datagrams back, and closing flows that went idle. Through a
 //! SOCKS5 upstream, each UDP flow's association is `association`'s.
 
-use std::net::SocketAddr;
 use std::os::fd::AsFd;
 
 use nix::errno::Errno;
@@ -205,10 +204,7 @@ impl Datagrams {
         // Through an upstream each datagram starts with its SOCKS5 header, which is not
         // payload.
         let header = match self.upstream {
-            Some(_) => {
-                let server = flow.key().server;
-                socks5::udp_header_len(&SocketAddr::new(server.addr.into(), server.port))
-            }
+            Some(_) => socks5::udp_header_len(&flow.key().server_addr()),
             None => 0,
         };
         let (mut sent, mut bytes, mut not_held) = (0, 0, 0);
@@ -315,7 +311,7 @@ impl Proxy {
                 let parts = payload
                     .chunks(chunk)
                     .chain(payload.is_empty().then_some(payload));
-                let server = SocketAddr::new(key.server.addr.into(), key.server.port);
+                let server = key.server_addr();
                 for part in parts {
                     // Through an upstream, each datagram starts with the SOCKS5 header.
                     let header = match &udp.upstream {
@@ -384,8 +380,7 @@ impl Proxy {
             // Through an upstream: the relay's header comes off, and only the flow's
             // server's datagrams go on.
             Some(flow) if flow.io.association.is_some() => {
-                let key = flow.key();
-                let server = SocketAddr::new(key.server.addr.into(), key.server.port);
+                let server = flow.key().server_addr();
                 match result {
                     Ok(datagram) => {
                         match association::strip(datagram, server, &mut self.stats.upstream) {

@@ -2,7 +2,7 @@
 //! handing them completions and packets, running the ones with work, and carrying out
 //! the actions they return.
 
-use std::net::{Shutdown, SocketAddr};
+use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -59,7 +59,6 @@ impl Entry {
     /// What `uringproxy status` lists of it at `now`.
     pub fn row(&self, now: Instant) -> FlowRow {
         let key = self.flow.key();
-        let address = |end: smoltcp::wire::IpEndpoint| SocketAddr::new(end.addr.into(), end.port);
         let state = match self.counted {
             Phase::Connecting => State::Connecting,
             Phase::Open => State::Open,
@@ -67,8 +66,8 @@ impl Entry {
         };
         FlowRow {
             proto: Proto::Tcp,
-            client: address(key.client),
-            server: address(key.server),
+            client: key.client_addr(),
+            server: key.server_addr(),
             state,
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
@@ -271,7 +270,7 @@ impl Proxy {
             self.stats.refused_limit += 1;
             return None;
         }
-        let server = SocketAddr::new(key.server.addr.into(), key.server.port);
+        let server = key.server_addr();
         let (peer, handshake) = match &tcp.upstream {
             Some(upstream) => (
                 upstream.server,

@@ -1,5 +1,7 @@
 //! Classifies a raw IP packet from the TUN and extracts the 4-tuple that names its flow.
 
+use std::net::SocketAddr;
+
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     IpAddress, IpEndpoint, IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpPacket, TcpRepr,
@@ -11,6 +13,18 @@ use smoltcp::wire::{
 pub struct FlowKey {
     pub client: IpEndpoint,
     pub server: IpEndpoint,
+}
+
+impl FlowKey {
+    /// The client's address and port, as the kernel's sockets name them.
+    pub fn client_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.client.addr.into(), self.client.port)
+    }
+
+    /// The server's address and port, as the kernel's sockets name them.
+    pub fn server_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.server.addr.into(), self.server.port)
+    }
 }
 
 /// What a packet read from the TUN is.
