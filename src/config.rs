@@ -110,6 +110,18 @@ impl Config {
                     .map_err(|err| Error::Usage(format!("--tun-addr {err}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // The kernel holds an address once per interface (whatever its prefix length).
+        if let Some(twice) = tun_addrs.iter().enumerate().find_map(|(i, cidr)| {
+            tun_addrs[..i]
+                .iter()
+                .any(|c| c.addr == cidr.addr)
+                .then_some(cidr)
+        }) {
+            return Err(Error::Usage(format!(
+                "--tun-addr {}: the same address is given twice",
+                twice.addr
+            )));
+        }
         if !(MIN_MTU..=MAX_MTU).contains(&args.mtu) {
             return Err(Error::Usage(format!(
                 "--mtu {} out of range {MIN_MTU}..={MAX_MTU}",
@@ -485,8 +497,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_values_with_a_message_naming_them() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 8] = [
             (&["--connect-timeout", "1000000000000"], "--connect-timeout"),
+            (
+                &["--tun-addr", "198.18.0.1/30", "--tun-addr", "198.18.0.1/24"],
+                "--tun-addr 198.18.0.1: the same address is given twice",
+            ),
             (&["--max-udp-flows", "0"], "--max-udp-flows"),
             (&["--mtu", "100"], "--mtu"),
             (&["--tun-addr", "10.0.0.1"], "10.0.0.1"),
