@@ -157,13 +157,10 @@ impl Config {
             return Err(Error::Usage("--max-udp-flows must be at least 1".into()));
         }
         if let Some(cpu) = args.cpu {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if cpu >= cores {
-                return Err(Error::Usage(format!(
-                    "--cpu {cpu}: this machine has cores 0..{}",
-                    cores - 1
-                )));
-            }
+            let allowed = allowed_cpus().map_err(|err| {
+                Error::Io("read the CPU affinity (sched_getaffinity)", err.into())
+            })?;
+            check_cpu(cpu, &allowed).map_err(Error::Usage)?;
         }
         // Tests cap the probe to exercise each fallback level on any kernel.
         let offload_cap = match (args.no_offload, std::env::var(OFFLOAD_CAP_ENV)) {
@@ -305,6 +302,50 @@ fn control_socket(flag: Option<&str>, tun: &str) -> Result<Option<ControlSocket>
 /// The `--route` networks. Each family routed needs a TUN address of that family: the
 /// TUN would otherwise lend connections another interface's source address, and with it
 /// the bypass rule would send them past the TUN.
+/// The ids of the CPUs this process may run on: its affinity mask, which taskset or a
+/// cpuset cgroup may have narrowed to ids that are not 0..count.
+fn allowed_cpus() -> nix::Result<Vec<usize>> {
+    let mask = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&cpu| mask.is_set(cpu).unwrap_or(false))
+        .collect())
+}
+
+/// `--cpu cpu` is usable if the process may run there; the error names where it may.
+fn check_cpu(cpu: usize, allowed: &[usize]) -> Result<(), String> {
+    if allowed.contains(&cpu) {
+        return Ok(());
+    }
+    Err(format!(
+        "--cpu {cpu}: not among the CPUs this process may run on ({})",
+        id_ranges(allowed)
+    ))
+}
+
+/// Ascending ids as the kernel's cpu lists show them: `0,2-3`.
+fn id_ranges(ids: &[usize]) -> String {
+    let mut text = String::new();
+    let mut rest = ids;
+    while let [first, ..] = rest {
+        let run = rest
+            .iter()
+            .zip(*first..)
+            .take_while(|(id, expected)| **id == *expected)
+            .count();
+        let last = rest[run - 1];
+        if !text.is_empty() {
+            text.push(',');
+        }
+        text.push_str(&if last == *first {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        });
+        rest = &rest[run..];
+    }
+    text
+}
+
 fn route_networks(texts: &[String], tun_addrs: &[Cidr]) -> Result<Vec<Cidr>, Error> {
     let mut routes = Vec::new();
     for text in texts {
@@ -514,6 +555,29 @@ mod tests {
             let err = Config::from_args(args(extra)).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn cpus_are_checked_against_their_ids() {
+        assert_eq!(id_ranges(&[0]), "0");
+        assert_eq!(id_ranges(&[1]), "1");
+        assert_eq!(id_ranges(&[0, 2, 3]), "0,2-3");
+        assert_eq!(id_ranges(&[0, 1, 2, 3, 5, 7, 8]), "0-3,5,7-8");
+        assert_eq!(id_ranges(&[4, 5, 6, 7]), "4-7");
+        assert_eq!(check_cpu(1, &[1]), Ok(()));
+        assert_eq!(check_cpu(3, &[0, 2, 3]), Ok(()));
+        assert_eq!(
+            check_cpu(0, &[1]),
+            Err("--cpu 0: not among the CPUs this process may run on (1)".to_string())
+        );
+        assert_eq!(
+            check_cpu(1, &[0, 2, 3]),
+            Err("--cpu 1: not among the CPUs this process may run on (0,2-3)".to_string())
+        );
+        // The mask read here is the test's own: it holds the CPU the test runs on.
+        let allowed = allowed_cpus().unwrap();
+        assert!(!allowed.is_empty());
+        assert!(allowed.windows(2).all(|w| w[0] < w[1]), "{allowed:?}");
     }
 
     #[test]
