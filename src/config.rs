@@ -28,6 +28,8 @@ pub struct Config {
     pub cpu: Option<usize>,
     /// The most offload to negotiate; probing steps down from here.
     pub offload_cap: Offload,
+    /// `offload_cap` comes from URINGPROXY_MAX_OFFLOAD.
+    pub offload_cap_from_env: bool,
     /// Use only the io_uring features of this kernel version (URINGPROXY_MAX_URING).
     pub uring_cap: Option<KernelVersion>,
     pub max_flows: usize,
@@ -94,6 +96,33 @@ impl Config {
             mtu: self.mtu,
             offload_cap: self.offload_cap,
         }
+    }
+
+    /// One warning per test override in effect: URINGPROXY_MAX_OFFLOAD and
+    /// URINGPROXY_MAX_URING lower features, which left in a service's environment would
+    /// otherwise go unnoticed.
+    pub fn override_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.offload_cap_from_env {
+            warnings.push(format!(
+                "{OFFLOAD_CAP_ENV}={} set: TUN offload capped at {}",
+                self.offload_cap.name(),
+                self.offload_cap
+            ));
+        }
+        if let Some(cap) = self.uring_cap {
+            let off = features::capped_off(cap);
+            let off = if off.is_empty() {
+                "nothing off".to_string()
+            } else {
+                format!("{} off", off.join(", "))
+            };
+            warnings.push(format!(
+                "{}={cap} set: io_uring features capped to those of Linux {cap} ({off})",
+                features::CAP_ENV
+            ));
+        }
+        warnings
     }
 
     /// Validates `args`: parses addresses, checks ranges and that the interface exists.
@@ -163,15 +192,19 @@ impl Config {
             check_cpu(cpu, &allowed).map_err(Error::Usage)?;
         }
         // Tests cap the probe to exercise each fallback level on any kernel.
-        let offload_cap = match (args.no_offload, std::env::var(OFFLOAD_CAP_ENV)) {
-            (true, _) => Offload::None,
-            (false, Ok(text)) => Offload::parse(&text).ok_or_else(|| {
-                Error::Usage(format!(
-                    "{OFFLOAD_CAP_ENV}={text}: expected none, header, csum, tso or uso"
-                ))
-            })?,
-            (false, Err(_)) => Offload::Uso,
-        };
+        let (offload_cap, offload_cap_from_env) =
+            match (args.no_offload, std::env::var(OFFLOAD_CAP_ENV)) {
+                (true, _) => (Offload::None, false),
+                (false, Ok(text)) => (
+                    Offload::parse(&text).ok_or_else(|| {
+                        Error::Usage(format!(
+                            "{OFFLOAD_CAP_ENV}={text}: expected none, header, csum, tso or uso"
+                        ))
+                    })?,
+                    true,
+                ),
+                (false, Err(_)) => (Offload::Uso, false),
+            };
         let uring_cap = match std::env::var(features::CAP_ENV) {
             Ok(text) => Some(KernelVersion::parse(&text).ok_or_else(|| {
                 Error::Usage(format!(
@@ -228,6 +261,7 @@ impl Config {
             mtu: args.mtu,
             cpu: args.cpu,
             offload_cap,
+            offload_cap_from_env,
             uring_cap,
             max_flows: args.max_flows,
             // More half-open flows than flows could never be reached.
@@ -555,6 +589,34 @@ mod tests {
             let err = Config::from_args(args(extra)).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn test_overrides_are_each_named_with_their_effect() {
+        let mut config = Config::from_args(args(&[])).unwrap();
+        config.offload_cap_from_env = false;
+        config.uring_cap = None;
+        assert!(config.override_warnings().is_empty());
+        config.offload_cap = Offload::Tso;
+        config.offload_cap_from_env = true;
+        config.uring_cap = Some(KernelVersion::new(6, 1));
+        assert_eq!(
+            config.override_warnings(),
+            [
+                "URINGPROXY_MAX_OFFLOAD=tso set: TUN offload capped at checksum + TCP segmentation",
+                "URINGPROXY_MAX_URING=6.1 set: io_uring features capped to those of Linux 6.1 \
+                 (multishot TUN reads off)",
+            ]
+        );
+        config.offload_cap_from_env = false;
+        config.uring_cap = Some(KernelVersion::new(6, 7));
+        assert_eq!(
+            config.override_warnings(),
+            [
+                "URINGPROXY_MAX_URING=6.7 set: io_uring features capped to those of Linux 6.7 \
+                 (nothing off)"
+            ]
+        );
     }
 
     #[test]

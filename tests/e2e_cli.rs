@@ -243,3 +243,48 @@ fn cpu_is_checked_against_the_affinity_mask() {
     );
     assert!(!topo.tun_exists(), "a TUN was created before the refusal");
 }
+
+/// Left in a service's environment, the test overrides would lower features without a
+/// word: each is announced by one warning at start-up, naming it and its effect.
+#[test]
+fn test_overrides_are_each_announced_once_at_start_up() {
+    let Some(topo) = Topology::for_test("test_overrides_are_each_announced_once_at_start_up")
+    else {
+        return;
+    };
+    let mut proxy = topo.start_proxy_unrouted(
+        &[],
+        &[
+            ("URINGPROXY_MAX_OFFLOAD", "csum"),
+            ("URINGPROXY_MAX_URING", "6.1"),
+        ],
+    );
+    let output = proxy.stats();
+    let lines: Vec<&str> = output.lines().collect();
+    let started = lines
+        .iter()
+        .position(|line| line.contains("info: relaying from"))
+        .unwrap_or_else(|| panic!("no start-up line:\n{output}"));
+    for (variable, warning) in [
+        (
+            "URINGPROXY_MAX_OFFLOAD",
+            "uringproxy: warn: URINGPROXY_MAX_OFFLOAD=csum set: TUN offload capped at checksum",
+        ),
+        (
+            "URINGPROXY_MAX_URING",
+            "uringproxy: warn: URINGPROXY_MAX_URING=6.1 set: io_uring features capped to those \
+             of Linux 6.1 (multishot TUN reads off)",
+        ),
+    ] {
+        let naming: Vec<(usize, &&str)> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, line)| line.contains(variable))
+            .collect();
+        assert!(
+            matches!(naming[..], [(at, line)] if *line == warning && at < started),
+            "expected one warning before start-up, {warning:?}:\n{output}"
+        );
+    }
+    proxy.terminate();
+}
