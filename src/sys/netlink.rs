@@ -476,20 +476,25 @@ mod tests {
         &message[NLMSG_HDR..]
     }
 
-    #[test]
-    fn rule_messages_carry_every_field() {
-        let from = rule(Some("198.18.0.1/32"), None, false);
-        let message = rule_message(RTM_NEWRULE, 7, &from);
+    /// The header of a request that creates something and fails if it exists.
+    fn assert_exclusive_add(message: &[u8], kind: u16, seq: u32) {
         assert_eq!(
             u32::from_ne_bytes(message[..4].try_into().unwrap()) as usize,
             message.len()
         );
-        assert_eq!(u16::from_ne_bytes([message[4], message[5]]), RTM_NEWRULE);
+        assert_eq!(u16::from_ne_bytes([message[4], message[5]]), kind);
         assert_eq!(
             u16::from_ne_bytes([message[6], message[7]]),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         );
-        assert_eq!(u32::from_ne_bytes(message[8..12].try_into().unwrap()), 7);
+        assert_eq!(u32::from_ne_bytes(message[8..12].try_into().unwrap()), seq);
+    }
+
+    #[test]
+    fn rule_messages_carry_every_field() {
+        let from = rule(Some("198.18.0.1/32"), None, false);
+        let message = rule_message(RTM_NEWRULE, 7, &from);
+        assert_exclusive_add(&message, RTM_NEWRULE, 7);
         let p = payload(&message);
         assert_eq!(&p[..FIXED], &[2, 0, 32, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
         let attrs = attributes(&p[FIXED..]).unwrap();
@@ -569,15 +574,7 @@ mod tests {
         ] {
             let cidr: Cidr = text.parse().unwrap();
             let message = new_address(3, 9, cidr);
-            assert_eq!(
-                u32::from_ne_bytes(message[..4].try_into().unwrap()) as usize,
-                message.len()
-            );
-            assert_eq!(u16::from_ne_bytes([message[4], message[5]]), RTM_NEWADDR);
-            assert_eq!(
-                u16::from_ne_bytes([message[6], message[7]]),
-                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
-            );
+            assert_exclusive_add(&message, RTM_NEWADDR, 3);
             let p = payload(&message);
             assert_eq!(&p[..4], &[family as u8, cidr.prefix, 0, 0], "{text}");
             assert_eq!(p[4..IFADDRMSG], 9u32.to_ne_bytes());
