@@ -2,7 +2,8 @@
 //! expiry closing the proxy's sockets, DNS (1,000 queries over UDP from one socket, and
 //! over TCP) against a small DNS responder in the server namespace, `ping` through the
 //! proxy to a live host and to an address with no host, and the ICMP errors that make
-//! failures look as they do on the direct path.
+//! failures look as they do on the direct path. Empty and largest datagrams cross both
+//! ways, with the servers routed into the TUN and with everything routed into it.
 
 mod common;
 
@@ -126,6 +127,54 @@ fn udp_segmentation_super_packets_are_split_into_their_datagrams() {
         "the send should have crossed the TUN as a super-packet:\n{stats}"
     );
     proxy.assert_running();
+}
+
+/// With the TUN at its largest MTU, echoes of empty datagrams and of the largest one a
+/// single IP packet carries (65,507 bytes of payload over IPv4, 65,487 over IPv6) cross
+/// the proxy both ways, each byte checked, none of them a receive error.
+fn empty_and_largest_datagrams_echo(topo: &Topology, proxy: &mut common::Proxy, port: u16) {
+    udp_echo_server(topo, port, Duration::from_secs(60));
+    for (server, largest) in [(topo.server_v4(), 65507), (topo.server_v6(), 65487)] {
+        let server = SocketAddr::new(server, port);
+        let echoed = join(topo.in_client(move || {
+            let socket = udp_client(server, IO_TIMEOUT);
+            [0, 1, 0, largest, 0]
+                .into_iter()
+                .enumerate()
+                .map(|(round, len)| {
+                    let sent = payload(round, len);
+                    (len, echo_once(&socket, &sent) == sent)
+                })
+                .collect::<Vec<_>>()
+        }));
+        let expected: Vec<_> = [0, 1, 0, largest, 0].map(|len| (len, true)).into();
+        assert_eq!(echoed, expected, "(length, echoed intact) via {server}");
+    }
+    let stats = proxy.stats();
+    assert!(
+        stats.contains("recv-errors 0 "),
+        "a server's datagram taken for an error:\n{stats}"
+    );
+    proxy.assert_running();
+}
+
+#[test]
+fn empty_and_largest_datagrams_cross_both_ways() {
+    let Some(topo) = Topology::for_test("empty_and_largest_datagrams_cross_both_ways") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&["--mtu", "65535"]);
+    empty_and_largest_datagrams_echo(&topo, &mut proxy, 7104);
+}
+
+#[test]
+fn empty_and_largest_datagrams_cross_with_everything_routed() {
+    let Some(topo) = Topology::for_test("empty_and_largest_datagrams_cross_with_everything") else {
+        return;
+    };
+    let args = ["--mtu", "65535", "--route", "0.0.0.0/0", "--route", "::/0"];
+    let mut proxy = topo.start_proxy_unrouted(&args, &[]);
+    empty_and_largest_datagrams_echo(&topo, &mut proxy, 7105);
 }
 
 #[test]

@@ -612,6 +612,37 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_server_datagram_becomes_an_empty_reply() {
+        let mut flows: Flows<()> = Flows::new(limits(8));
+        let mut tx = TxPool::new(4, 1500, Offload::None).unwrap();
+        let k = key(4000, 7);
+        let id = flows.open(Kind::Udp, k, (), at(0));
+        flows.arm_recv(id);
+        // A receive of 0 bytes ends the multishot receive: re-armed, not an error.
+        let empty = flows.on_received(id, at(1), Ok(b""), false, &mut tx);
+        assert_eq!(empty, Received::Rearm);
+        let mut packets = Vec::new();
+        tx.take_ready(|_, slice| packets.push(slice.region.with_mut(slice.range, |b| b.to_vec())));
+        assert_eq!(packets.len(), 1);
+        let Parsed::Udp {
+            key: back,
+            payload_len,
+            ..
+        } = parse(&packets[0])
+        else {
+            panic!("the reply is not UDP");
+        };
+        assert_eq!(
+            (back.client, back.server, payload_len),
+            (k.server, k.client, 0)
+        );
+        assert_eq!(
+            (flows.counters.datagrams_down, flows.counters.recv_errors),
+            (1, 0)
+        );
+    }
+
+    #[test]
     fn ping_flows_are_counted_apart_and_flows_carry_their_bytes_and_age() {
         let mut flows: Flows<()> = Flows::new(limits(8));
         let udp = flows.open(Kind::Udp, key(1, 443), (), at(3));
