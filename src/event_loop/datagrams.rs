@@ -273,17 +273,17 @@ impl Proxy {
                             association: None,
                         }),
                 };
-                match io {
-                    Ok(io) => {
-                        let id = udp.flows.open(kind, key, io, now);
-                        udp.associated(&mut self.ring, id);
-                        id
-                    }
-                    Err(_) => {
-                        udp.flows.counters.socket_errors += 1;
-                        return;
-                    }
-                }
+                let Ok(io) = io else {
+                    udp.flows.counters.socket_errors += 1;
+                    return;
+                };
+                // Refused (counted) with its socket closed here: a ping flow finds every
+                // echo identifier towards its server taken.
+                let Ok(id) = udp.flows.open(kind, key, io, now) else {
+                    return;
+                };
+                udp.associated(&mut self.ring, id);
+                id
             }
         };
         let Some(packet) = self
