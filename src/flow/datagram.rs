@@ -544,6 +544,13 @@ mod tests {
         Instant::from_secs(secs as i64)
     }
 
+    /// The packets `tx` holds for the client, taken.
+    fn ready(tx: &mut TxPool) -> Vec<Vec<u8>> {
+        let mut packets = Vec::new();
+        tx.take_ready(|_, slice| packets.push(slice.region.with_mut(slice.range, |b| b.to_vec())));
+        packets
+    }
+
     #[test]
     fn idle_flows_expire_after_their_own_timeout() {
         let mut flows: Flows<()> = Flows::new(limits(100));
@@ -619,8 +626,7 @@ mod tests {
         assert_eq!(kept, Received::Nothing, "the multishot receive stays armed");
         let refused = flows.on_received(id, at(2), Err(Errno::ECONNREFUSED), false, &mut tx);
         assert_eq!(refused, Received::Rearm);
-        let mut packets = Vec::new();
-        tx.take_ready(|_, slice| packets.push(slice.region.with_mut(slice.range, |b| b.to_vec())));
+        let packets = ready(&mut tx);
         assert_eq!(packets.len(), 2);
         let Parsed::Udp { key: back, .. } = parse(&packets[0]) else {
             panic!("the reply is not UDP");
@@ -647,8 +653,7 @@ mod tests {
         // A receive of 0 bytes ends the multishot receive: re-armed, not an error.
         let empty = flows.on_received(id, at(1), Ok(b""), false, &mut tx);
         assert_eq!(empty, Received::Rearm);
-        let mut packets = Vec::new();
-        tx.take_ready(|_, slice| packets.push(slice.region.with_mut(slice.range, |b| b.to_vec())));
+        let packets = ready(&mut tx);
         assert_eq!(packets.len(), 1);
         let Parsed::Udp {
             key: back,
@@ -678,14 +683,15 @@ mod tests {
 
     /// The echo identifiers of the ICMPv6 packets `tx` holds for the client.
     fn client_idents(tx: &mut TxPool) -> Vec<u16> {
-        let mut idents = Vec::new();
-        tx.take_ready(|_, slice| {
-            let packet = slice.region.with_mut(slice.range, |b| b.to_vec());
-            let ip = smoltcp::wire::Ipv6Packet::new_checked(&packet[..]).unwrap();
-            let icmp = smoltcp::wire::Icmpv6Packet::new_checked(ip.payload()).unwrap();
-            idents.push(icmp.echo_ident());
-        });
-        idents
+        ready(tx)
+            .iter()
+            .map(|packet| {
+                let ip = smoltcp::wire::Ipv6Packet::new_checked(&packet[..]).unwrap();
+                smoltcp::wire::Icmpv6Packet::new_checked(ip.payload())
+                    .unwrap()
+                    .echo_ident()
+            })
+            .collect()
     }
 
     #[test]
