@@ -290,10 +290,10 @@ mod emit {
             assert_eq!((repr, data), (udp, payload.as_slice()));
         };
         if offloaded {
-            // The proxy computes UDP checksums itself today (`emit_udp_reply` in
-            // relay::datagram). This is what handing them to the kernel would cost
-            // instead: the pseudo-header sum in the checksum field and a virtio-net
-            // header asking for completion, as `finish_tcp` does for TCP.
+            // The proxy computes UDP checksums itself today (`wire::udp::reply`). This
+            // is what handing them to the kernel would cost instead: the pseudo-header
+            // sum in the checksum field and a virtio-net header asking for completion,
+            // as `finish_tcp` does for TCP.
             let caps = offload_caps();
             let csum_start = ip.header_len() as u16;
             let emit = |buffer: &mut [u8]| {
@@ -663,7 +663,7 @@ mod stack {
                 "the proxy verifies TCP checksums: recompute them after patching"
             );
 
-            // As `EventLoop::open_flow` does, except that the buffers are written now:
+            // As `flow::tcp::Flow::new` does, except that the buffers are written now:
             // a fresh zeroed buffer (like the proxy's mmap) takes a page fault on the
             // first touch of each 4 KiB page, which would otherwise land in the timed
             // loop during its first pass through the rings and not after.
@@ -717,7 +717,7 @@ mod stack {
             self.sockets.get_mut::<tcp::Socket>(self.handle)
         }
 
-        /// Hands one client packet to the proxy, as `EventLoop::on_tun_packet` does.
+        /// Hands one client packet to the proxy, as `Flow::on_segment` does.
         fn ingress(&mut self, packet: &[u8]) {
             let iface = self.ifaces.serving(&self.server.addr);
             self.tx.begin(FlowTx {
@@ -729,7 +729,7 @@ mod stack {
             self.tx.end();
         }
 
-        /// Runs the proxy's egress for the flow, as `EventLoop::service` does, and
+        /// Runs the proxy's egress for the flow, as `Flow::poll` does, and
         /// completes the TUN writes it made, each passed to `each` first.
         fn egress(&mut self, mut each: impl FnMut(&[u8])) {
             let iface = self.ifaces.serving(&self.server.addr);

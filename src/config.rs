@@ -28,6 +28,8 @@ pub struct Config {
     pub cpu: Option<usize>,
     /// The most offload to negotiate; probing steps down from here.
     pub offload_cap: Offload,
+    /// `offload_cap` comes from URINGPROXY_MAX_OFFLOAD.
+    pub offload_cap_from_env: bool,
     /// Use only the io_uring features of this kernel version (URINGPROXY_MAX_URING).
     pub uring_cap: Option<KernelVersion>,
     pub max_flows: usize,
@@ -96,6 +98,33 @@ impl Config {
         }
     }
 
+    /// One warning per test override in effect: URINGPROXY_MAX_OFFLOAD and
+    /// URINGPROXY_MAX_URING lower features, which left in a service's environment would
+    /// otherwise go unnoticed.
+    pub fn override_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.offload_cap_from_env {
+            warnings.push(format!(
+                "{OFFLOAD_CAP_ENV}={} set: TUN offload capped at {}",
+                self.offload_cap.name(),
+                self.offload_cap
+            ));
+        }
+        if let Some(cap) = self.uring_cap {
+            let off = features::capped_off(cap);
+            let off = if off.is_empty() {
+                "nothing off".to_string()
+            } else {
+                format!("{} off", off.join(", "))
+            };
+            warnings.push(format!(
+                "{}={cap} set: io_uring features capped to those of Linux {cap} ({off})",
+                features::CAP_ENV
+            ));
+        }
+        warnings
+    }
+
     /// Validates `args`: parses addresses, checks ranges and that the interface exists.
     pub fn from_args(args: Args) -> Result<Config, Error> {
         let addr_texts: Vec<String> = if args.tun_addr.is_empty() {
@@ -110,6 +139,18 @@ impl Config {
                     .map_err(|err| Error::Usage(format!("--tun-addr {err}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // The kernel holds an address once per interface (whatever its prefix length).
+        if let Some(twice) = tun_addrs.iter().enumerate().find_map(|(i, cidr)| {
+            tun_addrs[..i]
+                .iter()
+                .any(|c| c.addr == cidr.addr)
+                .then_some(cidr)
+        }) {
+            return Err(Error::Usage(format!(
+                "--tun-addr {}: the same address is given twice",
+                twice.addr
+            )));
+        }
         if !(MIN_MTU..=MAX_MTU).contains(&args.mtu) {
             return Err(Error::Usage(format!(
                 "--mtu {} out of range {MIN_MTU}..={MAX_MTU}",
@@ -145,24 +186,25 @@ impl Config {
             return Err(Error::Usage("--max-udp-flows must be at least 1".into()));
         }
         if let Some(cpu) = args.cpu {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if cpu >= cores {
-                return Err(Error::Usage(format!(
-                    "--cpu {cpu}: this machine has cores 0..{}",
-                    cores - 1
-                )));
-            }
+            let allowed = allowed_cpus().map_err(|err| {
+                Error::Io("read the CPU affinity (sched_getaffinity)", err.into())
+            })?;
+            check_cpu(cpu, &allowed).map_err(Error::Usage)?;
         }
         // Tests cap the probe to exercise each fallback level on any kernel.
-        let offload_cap = match (args.no_offload, std::env::var(OFFLOAD_CAP_ENV)) {
-            (true, _) => Offload::None,
-            (false, Ok(text)) => Offload::parse(&text).ok_or_else(|| {
-                Error::Usage(format!(
-                    "{OFFLOAD_CAP_ENV}={text}: expected none, header, csum, tso or uso"
-                ))
-            })?,
-            (false, Err(_)) => Offload::Uso,
-        };
+        let (offload_cap, offload_cap_from_env) =
+            match (args.no_offload, std::env::var(OFFLOAD_CAP_ENV)) {
+                (true, _) => (Offload::None, false),
+                (false, Ok(text)) => (
+                    Offload::parse(&text).ok_or_else(|| {
+                        Error::Usage(format!(
+                            "{OFFLOAD_CAP_ENV}={text}: expected none, header, csum, tso or uso"
+                        ))
+                    })?,
+                    true,
+                ),
+                (false, Err(_)) => (Offload::Uso, false),
+            };
         let uring_cap = match std::env::var(features::CAP_ENV) {
             Ok(text) => Some(KernelVersion::parse(&text).ok_or_else(|| {
                 Error::Usage(format!(
@@ -219,6 +261,7 @@ impl Config {
             mtu: args.mtu,
             cpu: args.cpu,
             offload_cap,
+            offload_cap_from_env,
             uring_cap,
             max_flows: args.max_flows,
             // More half-open flows than flows could never be reached.
@@ -293,6 +336,50 @@ fn control_socket(flag: Option<&str>, tun: &str) -> Result<Option<ControlSocket>
 /// The `--route` networks. Each family routed needs a TUN address of that family: the
 /// TUN would otherwise lend connections another interface's source address, and with it
 /// the bypass rule would send them past the TUN.
+/// The ids of the CPUs this process may run on: its affinity mask, which taskset or a
+/// cpuset cgroup may have narrowed to ids that are not 0..count.
+fn allowed_cpus() -> nix::Result<Vec<usize>> {
+    let mask = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&cpu| mask.is_set(cpu).unwrap_or(false))
+        .collect())
+}
+
+/// `--cpu cpu` is usable if the process may run there; the error names where it may.
+fn check_cpu(cpu: usize, allowed: &[usize]) -> Result<(), String> {
+    if allowed.contains(&cpu) {
+        return Ok(());
+    }
+    Err(format!(
+        "--cpu {cpu}: not among the CPUs this process may run on ({})",
+        id_ranges(allowed)
+    ))
+}
+
+/// Ascending ids as the kernel's cpu lists show them: `0,2-3`.
+fn id_ranges(ids: &[usize]) -> String {
+    let mut text = String::new();
+    let mut rest = ids;
+    while let [first, ..] = rest {
+        let run = rest
+            .iter()
+            .zip(*first..)
+            .take_while(|(id, expected)| **id == *expected)
+            .count();
+        let last = rest[run - 1];
+        if !text.is_empty() {
+            text.push(',');
+        }
+        text.push_str(&if last == *first {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        });
+        rest = &rest[run..];
+    }
+    text
+}
+
 fn route_networks(texts: &[String], tun_addrs: &[Cidr]) -> Result<Vec<Cidr>, Error> {
     let mut routes = Vec::new();
     for text in texts {
@@ -485,8 +572,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_values_with_a_message_naming_them() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 8] = [
             (&["--connect-timeout", "1000000000000"], "--connect-timeout"),
+            (
+                &["--tun-addr", "198.18.0.1/30", "--tun-addr", "198.18.0.1/24"],
+                "--tun-addr 198.18.0.1: the same address is given twice",
+            ),
             (&["--max-udp-flows", "0"], "--max-udp-flows"),
             (&["--mtu", "100"], "--mtu"),
             (&["--tun-addr", "10.0.0.1"], "10.0.0.1"),
@@ -498,6 +589,57 @@ mod tests {
             let err = Config::from_args(args(extra)).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn test_overrides_are_each_named_with_their_effect() {
+        let mut config = Config::from_args(args(&[])).unwrap();
+        config.offload_cap_from_env = false;
+        config.uring_cap = None;
+        assert!(config.override_warnings().is_empty());
+        config.offload_cap = Offload::Tso;
+        config.offload_cap_from_env = true;
+        config.uring_cap = Some(KernelVersion::new(6, 1));
+        assert_eq!(
+            config.override_warnings(),
+            [
+                "URINGPROXY_MAX_OFFLOAD=tso set: TUN offload capped at checksum + TCP segmentation",
+                "URINGPROXY_MAX_URING=6.1 set: io_uring features capped to those of Linux 6.1 \
+                 (multishot TUN reads off)",
+            ]
+        );
+        config.offload_cap_from_env = false;
+        config.uring_cap = Some(KernelVersion::new(6, 7));
+        assert_eq!(
+            config.override_warnings(),
+            [
+                "URINGPROXY_MAX_URING=6.7 set: io_uring features capped to those of Linux 6.7 \
+                 (nothing off)"
+            ]
+        );
+    }
+
+    #[test]
+    fn cpus_are_checked_against_their_ids() {
+        assert_eq!(id_ranges(&[0]), "0");
+        assert_eq!(id_ranges(&[1]), "1");
+        assert_eq!(id_ranges(&[0, 2, 3]), "0,2-3");
+        assert_eq!(id_ranges(&[0, 1, 2, 3, 5, 7, 8]), "0-3,5,7-8");
+        assert_eq!(id_ranges(&[4, 5, 6, 7]), "4-7");
+        assert_eq!(check_cpu(1, &[1]), Ok(()));
+        assert_eq!(check_cpu(3, &[0, 2, 3]), Ok(()));
+        assert_eq!(
+            check_cpu(0, &[1]),
+            Err("--cpu 0: not among the CPUs this process may run on (1)".to_string())
+        );
+        assert_eq!(
+            check_cpu(1, &[0, 2, 3]),
+            Err("--cpu 1: not among the CPUs this process may run on (0,2-3)".to_string())
+        );
+        // The mask read here is the test's own: it holds the CPU the test runs on.
+        let allowed = allowed_cpus().unwrap();
+        assert!(!allowed.is_empty());
+        assert!(allowed.windows(2).all(|w| w[0] < w[1]), "{allowed:?}");
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl fmt::Display for Stats {
         )?;
         write!(
             f,
-            "drops: malformed {} bad-vnet-header {} fragments {} unsupported {} no-flow {} beyond-window {} replies-without-buffer {} udp-no-send-slot {} udp-replies-without-buffer {}",
+            "drops: malformed {} bad-vnet-header {} fragments {} unsupported {} no-flow {} beyond-window {} replies-without-buffer {} udp-no-send-slot {} udp-replies-without-buffer {} echo-no-ident {}",
             self.malformed,
             self.bad_vnet_header,
             self.fragments,
@@ -170,7 +170,8 @@ impl fmt::Display for Stats {
             self.beyond_window,
             self.tx.dropped_replies,
             udp.no_send_slot,
-            udp.reply_drops
+            udp.reply_drops,
+            udp.echo_no_ident
         )
     }
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use common::{KIB, PROXY_BIN, Topology, echo, exchange, join};
 
@@ -189,5 +190,101 @@ fn without_cap_net_raw_tcp_is_relayed_and_ping_is_reported_off() {
     let mut proxy = topo.start_proxy(&[]);
     let output = proxy.stats();
     assert!(!output.contains(off), "{output}");
+    proxy.terminate();
+}
+
+/// `--cpu` is checked against the CPUs the process may run on, not their count: under
+/// `taskset -c H` (H the highest CPU this test may use), `--cpu H` starts and pins the
+/// proxy there, and `--cpu L` (the lowest) is refused in one line naming H, before a
+/// TUN exists.
+#[test]
+fn cpu_is_checked_against_the_affinity_mask() {
+    let Some(topo) = Topology::for_test("cpu_is_checked_against_the_affinity_mask") else {
+        return;
+    };
+    let mask = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    let allowed: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| mask.is_set(cpu).unwrap_or(false))
+        .collect();
+    let (low, high) = (allowed[0], allowed[allowed.len() - 1]);
+    if low == high {
+        eprintln!("SKIPPED (needs two CPUs): cpu_is_checked_against_the_affinity_mask");
+        return;
+    }
+    let (low, high) = (low.to_string(), high.to_string());
+    let taskset = ["taskset", "-c", high.as_str()];
+
+    let mut proxy = topo.wait_for_tun(topo.spawn_proxy_wrapped(
+        &taskset,
+        topo.client_veth(),
+        &["--cpu", &high],
+        &[],
+    ));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l == format!("Cpus_allowed_list:\t{high}")),
+        "not pinned to CPU {high}:\n{status}"
+    );
+    proxy.terminate();
+    drop(proxy);
+
+    let mut refused = topo.spawn_proxy_wrapped(&taskset, topo.client_veth(), &["--cpu", &low], &[]);
+    let exit = refused
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running after 5 s");
+    assert_eq!(exit.code(), Some(1), "exit status {exit}");
+    assert_eq!(
+        refused.stderr().trim_end(),
+        format!(
+            "uringproxy: error: --cpu {low}: not among the CPUs this process may run on ({high})"
+        )
+    );
+    assert!(!topo.tun_exists(), "a TUN was created before the refusal");
+}
+
+/// Left in a service's environment, the test overrides would lower features without a
+/// word: each is announced by one warning at start-up, naming it and its effect.
+#[test]
+fn test_overrides_are_each_announced_once_at_start_up() {
+    let Some(topo) = Topology::for_test("test_overrides_are_each_announced_once_at_start_up")
+    else {
+        return;
+    };
+    let mut proxy = topo.start_proxy_unrouted(
+        &[],
+        &[
+            ("URINGPROXY_MAX_OFFLOAD", "csum"),
+            ("URINGPROXY_MAX_URING", "6.1"),
+        ],
+    );
+    let output = proxy.stats();
+    let lines: Vec<&str> = output.lines().collect();
+    let started = lines
+        .iter()
+        .position(|line| line.contains("info: relaying from"))
+        .unwrap_or_else(|| panic!("no start-up line:\n{output}"));
+    for (variable, warning) in [
+        (
+            "URINGPROXY_MAX_OFFLOAD",
+            "uringproxy: warn: URINGPROXY_MAX_OFFLOAD=csum set: TUN offload capped at checksum",
+        ),
+        (
+            "URINGPROXY_MAX_URING",
+            "uringproxy: warn: URINGPROXY_MAX_URING=6.1 set: io_uring features capped to those \
+             of Linux 6.1 (multishot TUN reads off)",
+        ),
+    ] {
+        let naming: Vec<(usize, &&str)> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, line)| line.contains(variable))
+            .collect();
+        assert!(
+            matches!(naming[..], [(at, line)] if *line == warning && at < started),
+            "expected one warning before start-up, {warning:?}:\n{output}"
+        );
+    }
     proxy.terminate();
 }

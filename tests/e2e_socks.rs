@@ -491,7 +491,8 @@ fn udp_echo_and_dns_through_a_danted_association_until_it_ends() {
         return;
     };
     let mut socks = danted(&topo);
-    let mut proxy = topo.start_proxy(&["--upstream", &upstream_arg(socks.addr, None)]);
+    let upstream = upstream_arg(socks.addr, None);
+    let mut proxy = topo.start_proxy(&["--upstream", &upstream, "--mtu", "65535"]);
     udp_echo_server(&topo, PORT, Duration::from_secs(60));
     dns_server(&topo, Duration::from_secs(60));
     let servers = [topo.server_v4(), topo.server_v6()];
@@ -499,11 +500,15 @@ fn udp_echo_and_dns_through_a_danted_association_until_it_ends() {
         let clients: Vec<_> = (0..FLOWS)
             .map(|flow| {
                 let server = SocketAddr::new(servers[flow % 2], PORT);
+                // The largest payload with the SOCKS5 header (10 bytes for an IPv4
+                // server, 22 for IPv6) in one datagram to the relay.
+                let largest = if server.is_ipv4() { 65497 } else { 65485 };
                 thread::spawn(move || {
                     let socket = udp_client(server, UDP_TIMEOUT);
-                    // The first datagrams are held while the association is set up.
-                    // (Not bigger than the TUN's MTU: the proxy takes no fragments.)
-                    for (round, len) in [1, 100, 1400, 0].into_iter().enumerate() {
+                    // The first datagrams are held while the association is set up;
+                    // an empty one is all header to the relay. (Not bigger than the
+                    // TUN's MTU: the proxy takes no fragments.)
+                    for (round, len) in [0, 1, 100, 1400, 0, largest].into_iter().enumerate() {
                         let sent: Vec<u8> = (0..len)
                             .map(|i| (i * 7 + flow * 13 + round) as u8)
                             .collect();

@@ -1,13 +1,15 @@
 //! End-to-end datagram tests: UDP echo over IPv4 and IPv6 with many flows at once, idle
 //! expiry closing the proxy's sockets, DNS (1,000 queries over UDP from one socket, and
 //! over TCP) against a small DNS responder in the server namespace, `ping` through the
-//! proxy to a live host and to an address with no host, and the ICMP errors that make
-//! failures look as they do on the direct path.
+//! proxy to a live host and to an address with no host, two pingers to one host each
+//! getting only their own replies, and the ICMP errors that make failures look as they
+//! do on the direct path. Empty and largest datagrams cross both
+//! ways, with the servers routed into the TUN and with everything routed into it.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -126,6 +128,54 @@ fn udp_segmentation_super_packets_are_split_into_their_datagrams() {
         "the send should have crossed the TUN as a super-packet:\n{stats}"
     );
     proxy.assert_running();
+}
+
+/// With the TUN at its largest MTU, echoes of empty datagrams and of the largest one a
+/// single IP packet carries (65,507 bytes of payload over IPv4, 65,487 over IPv6) cross
+/// the proxy both ways, each byte checked, none of them a receive error.
+fn empty_and_largest_datagrams_echo(topo: &Topology, proxy: &mut common::Proxy, port: u16) {
+    udp_echo_server(topo, port, Duration::from_secs(60));
+    for (server, largest) in [(topo.server_v4(), 65507), (topo.server_v6(), 65487)] {
+        let server = SocketAddr::new(server, port);
+        let echoed = join(topo.in_client(move || {
+            let socket = udp_client(server, IO_TIMEOUT);
+            [0, 1, 0, largest, 0]
+                .into_iter()
+                .enumerate()
+                .map(|(round, len)| {
+                    let sent = payload(round, len);
+                    (len, echo_once(&socket, &sent) == sent)
+                })
+                .collect::<Vec<_>>()
+        }));
+        let expected: Vec<_> = [0, 1, 0, largest, 0].map(|len| (len, true)).into();
+        assert_eq!(echoed, expected, "(length, echoed intact) via {server}");
+    }
+    let stats = proxy.stats();
+    assert!(
+        stats.contains("recv-errors 0 "),
+        "a server's datagram taken for an error:\n{stats}"
+    );
+    proxy.assert_running();
+}
+
+#[test]
+fn empty_and_largest_datagrams_cross_both_ways() {
+    let Some(topo) = Topology::for_test("empty_and_largest_datagrams_cross_both_ways") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&["--mtu", "65535"]);
+    empty_and_largest_datagrams_echo(&topo, &mut proxy, 7104);
+}
+
+#[test]
+fn empty_and_largest_datagrams_cross_with_everything_routed() {
+    let Some(topo) = Topology::for_test("empty_and_largest_datagrams_cross_with_everything") else {
+        return;
+    };
+    let args = ["--mtu", "65535", "--route", "0.0.0.0/0", "--route", "::/0"];
+    let mut proxy = topo.start_proxy_unrouted(&args, &[]);
+    empty_and_largest_datagrams_echo(&topo, &mut proxy, 7105);
 }
 
 #[test]
@@ -315,6 +365,136 @@ fn ping_reaches_live_hosts_and_not_absent_ones() {
     assert!(
         stats.contains("udp: flows opened 3 "),
         "three ping flows expected:\n{stats}"
+    );
+    proxy.assert_running();
+}
+
+/// A pinger in the client namespace: a raw ICMP socket connected to `server` (so it
+/// reads only what comes from there), sending echo requests with its own identifier and
+/// noting the echo replies with it.
+struct Pinger {
+    socket: socket2::Socket,
+    ipv4: bool,
+    ident: u16,
+    /// Sequence numbers of the replies read so far.
+    seen: Vec<u16>,
+}
+
+impl Pinger {
+    fn new(server: IpAddr, ident: u16) -> Pinger {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let (domain, protocol) = match server {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+        };
+        let socket = Socket::new(domain, Type::RAW, Some(protocol)).expect("raw socket");
+        socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        socket
+            .connect(&SocketAddr::new(server, 0).into())
+            .expect("connect");
+        Pinger {
+            socket,
+            ipv4: server.is_ipv4(),
+            ident,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The data of request `seq`: derived from both, so a reply shows whose it is.
+    fn data(&self, seq: u16) -> Vec<u8> {
+        (0..24u16)
+            .map(|i| (i.wrapping_mul(31) ^ self.ident ^ seq) as u8)
+            .collect()
+    }
+
+    fn send(&self, seq: u16) {
+        let mut request = vec![if self.ipv4 { 8 } else { 128 }, 0, 0, 0];
+        request.extend_from_slice(&self.ident.to_be_bytes());
+        request.extend_from_slice(&seq.to_be_bytes());
+        request.extend_from_slice(&self.data(seq));
+        if self.ipv4 {
+            // The kernel fills in the checksum of ICMPv6 from raw sockets, not of ICMP.
+            let sum = request.chunks(2).fold(0u32, |sum, pair| {
+                sum + u32::from(u16::from_be_bytes([pair[0], pair[1]]))
+            });
+            let folded = (sum & 0xffff) + (sum >> 16);
+            let checksum = !((folded & 0xffff) + (folded >> 16)) as u16;
+            request[2..4].copy_from_slice(&checksum.to_be_bytes());
+        }
+        self.socket.send(&request).expect("send echo request");
+    }
+
+    /// Reads until the reply to `seq` came (each read bounded by the socket's timeout),
+    /// noting every reply with our identifier.
+    fn await_reply(&mut self, seq: u16) {
+        let mut buf = [0u8; 1500];
+        while !self.seen.contains(&seq) {
+            let n = std::io::Read::read(&mut &self.socket, &mut buf)
+                .unwrap_or_else(|e| panic!("no reply {seq} for pinger {}: {e}", self.ident));
+            // IPv4 raw sockets read the IP header too.
+            let icmp = if self.ipv4 {
+                &buf[usize::from(buf[0] & 0x0f) * 4..n]
+            } else {
+                &buf[..n]
+            };
+            let reply = if self.ipv4 { 0 } else { 129 };
+            if icmp.len() < 8 || icmp[0] != reply {
+                continue;
+            }
+            let got = u16::from_be_bytes([icmp[6], icmp[7]]);
+            if u16::from_be_bytes([icmp[4], icmp[5]]) == self.ident {
+                assert_eq!(icmp[8..], self.data(got), "data of reply {got}");
+                self.seen.push(got);
+            }
+        }
+    }
+}
+
+#[test]
+fn pingers_to_one_host_each_get_only_their_own_replies() {
+    const ROUNDS: u16 = 4;
+    let Some(topo) = Topology::for_test("pingers_to_one_host_each_get_only_their_own_replies")
+    else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    // The datagram flows of a fresh proxy are given generations 0, 1, 2, ... Pairs of
+    // client identifiers whose outbound identifiers, once derived from the generation
+    // and the client's identifier alone, were one: the first two flows go to the IPv4
+    // server, the next two to the IPv6 one.
+    let derived = |generation: u16| generation.wrapping_mul(0x9e37);
+    let pairs = [0, 2].map(|g| [1, derived(g) ^ derived(g + 1) ^ 1]);
+    for (server, idents) in [topo.server_v4(), topo.server_v6()].into_iter().zip(pairs) {
+        let seen = join(topo.in_client(move || {
+            let mut pingers = idents.map(|ident| Pinger::new(server, ident));
+            // In turn, so that the flows are opened in this order.
+            for pinger in &mut pingers {
+                pinger.send(1);
+                pinger.await_reply(1);
+            }
+            for seq in 2..=ROUNDS {
+                for pinger in &pingers {
+                    pinger.send(seq);
+                }
+            }
+            // Each pinger's last request goes after all of the other's: a reply to the
+            // other's requests relayed to it would have come before its last one.
+            for pinger in &mut pingers {
+                pinger.send(ROUNDS + 1);
+                pinger.await_reply(ROUNDS + 1);
+            }
+            pingers.map(|pinger| pinger.seen)
+        }));
+        for (ident, mut seen) in idents.into_iter().zip(seen) {
+            seen.sort_unstable();
+            let expected: Vec<u16> = (1..=ROUNDS + 1).collect();
+            assert_eq!(seen, expected, "replies pinger {ident} got from {server}");
+        }
+    }
+    let stats = proxy.stats();
+    assert!(
+        stats.contains("udp: flows opened 4 "),
+        "four ping flows expected:\n{stats}"
     );
     proxy.assert_running();
 }

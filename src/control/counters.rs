@@ -492,6 +492,11 @@ pub fn each_sample(snapshot: &Snapshot, mut each: impl FnMut(Sample)) {
             "drops_echo_through_upstream",
             stats.upstream.echo_refused,
         ),
+        (
+            &[("reason", "echo_no_identifier")],
+            "drops_echo_no_identifier",
+            udp.echo_no_ident,
+        ),
     ] {
         sample(&DROPS, labels, key, value);
     }

@@ -273,17 +273,17 @@ impl Proxy {
                             association: None,
                         }),
                 };
-                match io {
-                    Ok(io) => {
-                        let id = udp.flows.open(kind, key, io, now);
-                        udp.associated(&mut self.ring, id);
-                        id
-                    }
-                    Err(_) => {
-                        udp.flows.counters.socket_errors += 1;
-                        return;
-                    }
-                }
+                let Ok(io) = io else {
+                    udp.flows.counters.socket_errors += 1;
+                    return;
+                };
+                // Refused (counted) with its socket closed here: a ping flow finds every
+                // echo identifier towards its server taken.
+                let Ok(id) = udp.flows.open(kind, key, io, now) else {
+                    return;
+                };
+                udp.associated(&mut self.ring, id);
+                id
             }
         };
         let Some(packet) = self
@@ -365,15 +365,10 @@ impl Proxy {
             // Every circulating receive buffer was in use: let more circulate.
             self.ring.more_buffers(RECV_GROUP);
         }
-        let result = match (completion.result, bid) {
-            (n, _) if n < 0 => Err(Errno::from_raw(-n)),
-            // A datagram in a buffer we hold; anything else is not one we can relay.
-            (n, Some(bid)) => self
-                .ring
-                .buffer(RECV_GROUP, bid, n as usize)
-                .ok_or(Errno::EINVAL),
-            (_, None) => Err(Errno::EINVAL),
-        };
+        let ring = &self.ring;
+        let result = received(completion.result, bid, |bid, len| {
+            ring.buffer(RECV_GROUP, bid, len)
+        });
         let udp = &mut self.udp;
         let more = completion.more();
         let received = match udp.flows.get(id) {
@@ -430,7 +425,45 @@ impl Proxy {
     }
 }
 
+/// The datagram (or error) a receive completion with `result` and provided buffer `bid`
+/// brought; `buffer` finds the bytes of a buffer we hold.
+fn received<'b>(
+    result: i32,
+    bid: Option<u16>,
+    buffer: impl FnOnce(u16, usize) -> Option<&'b [u8]>,
+) -> Result<&'b [u8], Errno> {
+    match (result, bid) {
+        (n, _) if n < 0 => Err(Errno::from_raw(-n)),
+        (n, Some(bid)) => buffer(bid, n as usize).ok_or(Errno::EINVAL),
+        // An empty datagram: the kernel hands back the buffer it picked and ends the
+        // multishot receive (a receive of 0 bytes is its end of stream), which is
+        // re-armed as after any last completion.
+        (0, None) => Ok(&[]),
+        // Bytes in no buffer we hold: nothing we can relay.
+        (_, None) => Err(Errno::EINVAL),
+    }
+}
+
 /// What the kernel dropped for `socket` (0 if it cannot say).
 fn socket_drops(socket: &Socket) -> u64 {
     sys::socket_drops(socket.as_fd()).map_or(0, u64::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_datagram_is_a_datagram_not_an_error() {
+        let bytes = [7u8; 16];
+        let held = |bid: u16, len: usize| (bid == 3).then(|| &bytes[..len]);
+        assert_eq!(received(0, None, held), Ok(&[][..]));
+        assert_eq!(received(5, Some(3), held), Ok(&bytes[..5]));
+        assert_eq!(received(5, Some(4), held), Err(Errno::EINVAL), "not ours");
+        assert_eq!(received(5, None, held), Err(Errno::EINVAL), "in no buffer");
+        assert_eq!(
+            received(-nix::libc::ECONNREFUSED, None, held),
+            Err(Errno::ECONNREFUSED)
+        );
+    }
 }

@@ -34,6 +34,9 @@ pub fn run(config: Config) -> Result<(), Error> {
     // loop, which stops cleanly (removing the rules), instead of killing the process
     // with its rules installed.
     let signals = Signals::new()?;
+    for warning in config.override_warnings() {
+        warn!("{warning}");
+    }
     // The ring next: a kernel that cannot run the proxy is refused before anything
     // (TUN, rules) has been created.
     let mut ring = Ring::new().map_err(Error::from_ring_setup)?;

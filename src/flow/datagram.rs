@@ -2,13 +2,15 @@
 //! its outbound socket in `io`: a connected UDP socket, or a raw ICMP socket per ping),
 //! idle timeouts, a bounded table that closes the longest-idle flow first, and what
 //! becomes of what the server sends (replies, or the ICMP errors a direct client would
-//! see). Idle order is kept per timeout, so expiry and eviction are O(1).
+//! see). Idle order is kept per timeout, so expiry and eviction are O(1). Each ping flow
+//! goes out with an echo identifier of its own towards its host.
 
 use std::time::Duration;
 
 use nix::errno::Errno;
 use smoltcp::time::Instant;
 
+use super::idents::Idents;
 use super::lru::Lru;
 use super::table::{Id, Table};
 use crate::stack::TxPool;
@@ -91,6 +93,9 @@ pub struct Counters {
     pub echo_datagrams_up: u64,
     pub echo_bytes_up: u64,
     pub echo_bytes_down: u64,
+    /// New ping flows refused because every echo identifier towards their host was
+    /// taken by other ping flows.
+    pub echo_no_ident: u64,
 }
 
 /// One flow; `io` is the event loop's (its socket), the rest is ours.
@@ -101,9 +106,8 @@ pub struct Flow<S> {
     key: FlowKey,
     /// The start of the client's latest datagram, quoted in ICMP errors.
     last_quote: Quote,
-    /// Echo identifier on the outbound side. It differs from the client's: a local ping
-    /// (raw or ping socket) would otherwise also take the reply meant for the proxy
-    /// and count it twice.
+    /// Echo identifier on the outbound side (0 for UDP), unique towards the server (see
+    /// `Idents`).
     echo_ident: u16,
     last_active: Instant,
     opened: Instant,
@@ -172,6 +176,8 @@ pub struct Flows<S> {
     table: Table<(Kind, FlowKey), Flow<S>>,
     /// Open (not closing) flows from longest to most recently idle, one list per class.
     idle: [Lru; 3],
+    /// The echo identifiers of open ping flows.
+    idents: Idents,
     limits: Limits,
     pub counters: Counters,
 }
@@ -181,6 +187,7 @@ impl<S> Flows<S> {
         Flows {
             table: Table::default(),
             idle: Default::default(),
+            idents: Idents::default(),
             limits,
             counters: Counters::default(),
         }
@@ -255,8 +262,23 @@ impl<S> Flows<S> {
         self.table.id_at(slot)
     }
 
-    /// A new flow of `kind` for `key`, whose outbound socket is `io`.
-    pub fn open(&mut self, kind: Kind, key: FlowKey, io: S, now: Instant) -> Id {
+    /// A new flow of `kind` for `key`, whose outbound socket is `io`. A ping flow is
+    /// refused (counted, `io` given back) when every echo identifier towards its server
+    /// is taken.
+    pub fn open(&mut self, kind: Kind, key: FlowKey, io: S, now: Instant) -> Result<Id, S> {
+        let echo_ident = match kind {
+            Kind::Udp => 0,
+            Kind::Echo => {
+                let host = key.server.addr;
+                match self.idents.free(host, key.client.port) {
+                    Some(ident) if self.idents.take(host, ident, key.client.port) => ident,
+                    _ => {
+                        self.counters.echo_no_ident += 1;
+                        return Err(io);
+                    }
+                }
+            }
+        };
         let class = Class::of(kind, &key);
         let id = self.table.insert(
             (kind, key),
@@ -266,7 +288,7 @@ impl<S> Flows<S> {
                 class,
                 key,
                 last_quote: Quote::of(&[]),
-                echo_ident: 0,
+                echo_ident,
                 last_active: now,
                 opened: now,
                 bytes_up: 0,
@@ -275,17 +297,12 @@ impl<S> Flows<S> {
                 closing: false,
             },
         );
-        if let Some(flow) = self.table.get_mut(id) {
-            // Spread over the identifier space, never the client's own.
-            flow.echo_ident =
-                (id.generation as u16).wrapping_mul(0x9e37) ^ key.client.port ^ 0x8000;
-        }
         self.lru(class).touch(id.slot);
         self.counters.flows_opened += 1;
         if kind == Kind::Echo {
             self.counters.echo_flows_opened += 1;
         }
-        id
+        Ok(id)
     }
 
     /// `datagrams` of clients (more than one for a segmentation super-packet, or held
@@ -439,8 +456,13 @@ impl<S> Flows<S> {
         let Some(flow) = self.table.get_mut(id) else {
             return Closing::Now;
         };
-        flow.closing = true;
+        let was_closing = std::mem::replace(&mut flow.closing, true);
         let (class, receiving) = (flow.class, flow.receiving);
+        // A closing flow relays nothing: a new ping may have its identifier.
+        if flow.kind == Kind::Echo && !was_closing {
+            self.idents
+                .release(flow.key.server.addr, flow.echo_ident, flow.key.client.port);
+        }
         self.table.forget_key(id);
         self.lru(class).remove(id.slot);
         if receiving {
@@ -453,6 +475,10 @@ impl<S> Flows<S> {
     pub fn remove(&mut self, id: Id) -> Option<Flow<S>> {
         let flow = self.table.remove(id)?;
         self.idle[flow.class as usize].remove(id.slot);
+        if flow.kind == Kind::Echo && !flow.closing {
+            self.idents
+                .release(flow.key.server.addr, flow.echo_ident, flow.key.client.port);
+        }
         Some(flow)
     }
 
@@ -518,12 +544,19 @@ mod tests {
         Instant::from_secs(secs as i64)
     }
 
+    /// The packets `tx` holds for the client, taken.
+    fn ready(tx: &mut TxPool) -> Vec<Vec<u8>> {
+        let mut packets = Vec::new();
+        tx.take_ready(|_, slice| packets.push(slice.region.with_mut(slice.range, |b| b.to_vec())));
+        packets
+    }
+
     #[test]
     fn idle_flows_expire_after_their_own_timeout() {
         let mut flows: Flows<()> = Flows::new(limits(100));
-        let web = flows.open(Kind::Udp, key(1000, 443), (), at(0));
-        let dns = flows.open(Kind::Udp, key(1001, 53), (), at(0));
-        let ping = flows.open(Kind::Echo, key(7, 0), (), at(0));
+        let web = flows.open(Kind::Udp, key(1000, 443), (), at(0)).unwrap();
+        let dns = flows.open(Kind::Udp, key(1001, 53), (), at(0)).unwrap();
+        let ping = flows.open(Kind::Echo, key(7, 0), (), at(0)).unwrap();
         assert_eq!(flows.next_expiry(), Some(at(10)), "DNS and ping go first");
         assert_eq!(flows.expired(at(9)), None);
         let mut gone = Vec::new();
@@ -547,9 +580,9 @@ mod tests {
     #[test]
     fn a_full_table_evicts_the_longest_idle_flow() {
         let mut flows: Flows<()> = Flows::new(limits(3));
-        let a = flows.open(Kind::Udp, key(1, 443), (), at(1));
-        let b = flows.open(Kind::Udp, key(2, 53), (), at(2));
-        let c = flows.open(Kind::Echo, key(3, 0), (), at(3));
+        let a = flows.open(Kind::Udp, key(1, 443), (), at(1)).unwrap();
+        let b = flows.open(Kind::Udp, key(2, 53), (), at(2)).unwrap();
+        let c = flows.open(Kind::Echo, key(3, 0), (), at(3)).unwrap();
         assert_eq!(flows.evict_for_new(), Some(a));
         flows.on_datagram(a, at(4), None);
         assert_eq!(flows.evict_for_new(), Some(b), "a was used again");
@@ -572,7 +605,7 @@ mod tests {
     fn a_flow_with_a_receive_armed_is_closed_after_its_cancel() {
         let mut flows: Flows<()> = Flows::new(limits(8));
         let mut tx = TxPool::new(4, 1500, Offload::None).unwrap();
-        let id = flows.open(Kind::Udp, key(1, 443), (), at(0));
+        let id = flows.open(Kind::Udp, key(1, 443), (), at(0)).unwrap();
         assert!(flows.arm_recv(id));
         assert!(!flows.arm_recv(id), "one receive at a time");
         assert_eq!(flows.close(id), Closing::Cancel);
@@ -585,7 +618,7 @@ mod tests {
         let mut flows: Flows<()> = Flows::new(limits(8));
         let mut tx = TxPool::new(4, 1500, Offload::None).unwrap();
         let k = key(5353, 53);
-        let id = flows.open(Kind::Udp, k, (), at(0));
+        let id = flows.open(Kind::Udp, k, (), at(0)).unwrap();
         let query = crate::wire::demux::tests::udp_packet(k.client, k.server, b"query");
         flows.on_datagram(id, at(0), Some(Quote::of(&query)));
         flows.arm_recv(id);
@@ -593,8 +626,7 @@ mod tests {
         assert_eq!(kept, Received::Nothing, "the multishot receive stays armed");
         let refused = flows.on_received(id, at(2), Err(Errno::ECONNREFUSED), false, &mut tx);
         assert_eq!(refused, Received::Rearm);
-        let mut packets = Vec::new();
-        tx.take_ready(|_, slice| packets.push(slice.region.with_mut(slice.range, |b| b.to_vec())));
+        let packets = ready(&mut tx);
         assert_eq!(packets.len(), 2);
         let Parsed::Udp { key: back, .. } = parse(&packets[0]) else {
             panic!("the reply is not UDP");
@@ -612,10 +644,136 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_server_datagram_becomes_an_empty_reply() {
+        let mut flows: Flows<()> = Flows::new(limits(8));
+        let mut tx = TxPool::new(4, 1500, Offload::None).unwrap();
+        let k = key(4000, 7);
+        let id = flows.open(Kind::Udp, k, (), at(0)).unwrap();
+        flows.arm_recv(id);
+        // A receive of 0 bytes ends the multishot receive: re-armed, not an error.
+        let empty = flows.on_received(id, at(1), Ok(b""), false, &mut tx);
+        assert_eq!(empty, Received::Rearm);
+        let packets = ready(&mut tx);
+        assert_eq!(packets.len(), 1);
+        let Parsed::Udp {
+            key: back,
+            payload_len,
+            ..
+        } = parse(&packets[0])
+        else {
+            panic!("the reply is not UDP");
+        };
+        assert_eq!(
+            (back.client, back.server, payload_len),
+            (k.server, k.client, 0)
+        );
+        assert_eq!(
+            (flows.counters.datagrams_down, flows.counters.recv_errors),
+            (1, 0)
+        );
+    }
+
+    /// What a ping flow's raw ICMPv6 socket reads: an echo reply with `ident`.
+    fn echo_reply_v6(ident: u16, seq: u16) -> Vec<u8> {
+        let mut reply = [0u8; 64];
+        let len = icmp::echo_request(&mut reply, false, ident, seq, b"data");
+        reply[0] = 129;
+        reply[..len].to_vec()
+    }
+
+    /// The echo identifiers of the ICMPv6 packets `tx` holds for the client.
+    fn client_idents(tx: &mut TxPool) -> Vec<u16> {
+        ready(tx)
+            .iter()
+            .map(|packet| {
+                let ip = smoltcp::wire::Ipv6Packet::new_checked(&packet[..]).unwrap();
+                smoltcp::wire::Icmpv6Packet::new_checked(ip.payload())
+                    .unwrap()
+                    .echo_ident()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pings_to_one_host_get_their_own_identifiers_and_replies() {
+        use crate::wire::demux::tests::v6;
+        let mut flows: Flows<()> = Flows::new(limits(8));
+        let mut tx = TxPool::new(8, 1500, Offload::None).unwrap();
+        let server = v6(2, 0);
+        // Client identifiers for which the identifier once derived from the flow's
+        // generation and the client's (generation * 0x9e37 ^ client ^ 0x8000) was the
+        // same for the first two flows: 0x8001.
+        let (first, second) = (1, 0x9e37 ^ 1);
+        let ping = |flows: &mut Flows<()>, ident| {
+            let key = FlowKey {
+                client: v6(1, ident),
+                server,
+            };
+            flows.open(Kind::Echo, key, (), at(0)).unwrap()
+        };
+        let a = ping(&mut flows, first);
+        let b = ping(&mut flows, second);
+        let (out_a, out_b) = (
+            flows.get(a).unwrap().echo_ident(),
+            flows.get(b).unwrap().echo_ident(),
+        );
+        assert_ne!(out_a, out_b, "one identifier for two pings to one host");
+        assert!(![first, second].contains(&out_a) && ![first, second].contains(&out_b));
+        // Each flow's socket reads both replies; each relays only its own, with its
+        // client's identifier.
+        for id in [a, b] {
+            flows.arm_recv(id);
+            for ident in [out_a, out_b] {
+                flows.on_received(id, at(1), Ok(&echo_reply_v6(ident, 5)), true, &mut tx);
+            }
+        }
+        assert_eq!(client_idents(&mut tx), vec![first, second]);
+        assert_eq!(flows.counters.echo_replies, 2);
+    }
+
+    #[test]
+    fn a_ping_is_refused_when_every_identifier_to_its_host_is_taken() {
+        use crate::wire::demux::tests::v6;
+        let mut flows: Flows<()> = Flows::new(limits(usize::MAX));
+        let pair = |client, server| FlowKey { client, server };
+        let key = |client| pair(v6(1, client), v6(2, 0));
+        let mut opened = Vec::new();
+        let mut outbound = std::collections::HashSet::new();
+        let mut refused = 0;
+        let (other, another) = (pair(v6(3, 7), v6(2, 0)), pair(v6(3, 8), v6(2, 0)));
+        for client in 0..=u16::MAX {
+            match flows.open(Kind::Echo, key(client), (), at(0)) {
+                Ok(id) => opened.push(id),
+                Err(()) => refused += 1,
+            }
+        }
+        // An identifier left only to the client it must not go to goes to another.
+        if opened.len() < 65536 {
+            opened.push(flows.open(Kind::Echo, other, (), at(0)).unwrap());
+        }
+        for &id in &opened {
+            outbound.insert(flows.get(id).unwrap().echo_ident());
+        }
+        assert_eq!(outbound.len(), 65536, "unique identifiers");
+        assert_eq!(flows.open(Kind::Echo, another, (), at(0)), Err(()));
+        assert_eq!(flows.counters.echo_no_ident, refused + 1);
+        // Another host has its own; a closing flow gives its identifier back, once.
+        let elsewhere = pair(v6(3, 8), v6(4, 0));
+        assert!(flows.open(Kind::Echo, elsewhere, (), at(0)).is_ok());
+        let gone = opened[0];
+        let freed = flows.get(gone).unwrap().echo_ident();
+        flows.close(gone);
+        let id = flows.open(Kind::Echo, another, (), at(0)).unwrap();
+        assert_eq!(flows.get(id).unwrap().echo_ident(), freed);
+        flows.remove(gone);
+        assert_eq!(flows.open(Kind::Echo, key(9), (), at(0)), Err(()));
+    }
+
+    #[test]
     fn ping_flows_are_counted_apart_and_flows_carry_their_bytes_and_age() {
         let mut flows: Flows<()> = Flows::new(limits(8));
-        let udp = flows.open(Kind::Udp, key(1, 443), (), at(3));
-        let ping = flows.open(Kind::Echo, key(7, 0), (), at(4));
+        let udp = flows.open(Kind::Udp, key(1, 443), (), at(3)).unwrap();
+        let ping = flows.open(Kind::Echo, key(7, 0), (), at(4)).unwrap();
         flows.relayed_up(udp, 2, 2800);
         flows.relayed_up(ping, 1, 64);
         assert_eq!(flows.counters.flows_opened, 2);

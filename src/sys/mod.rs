@@ -5,7 +5,6 @@ pub mod netlink;
 
 use std::ffi::CString;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use nix::libc;
@@ -114,47 +113,6 @@ pub fn set_tx_queue_len(ctl: &impl AsRawFd, name: &str, len: u32) -> io::Result<
     req.ifr_ifru.ifru_metric = len as libc::c_int;
     // SAFETY: SIOCSIFTXQLEN reads ifr_qlen (the int member of the union) from `req`.
     syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut req) })?;
-    Ok(())
-}
-
-fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in and sockaddr have the same size on Linux; this is how the
-    // SIOCSIFADDR family of ioctls expect an IPv4 address.
-    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-}
-
-/// Assigns an IPv4 address and netmask to interface `name` (SIOCSIFADDR, SIOCSIFNETMASK).
-pub fn set_ipv4(ctl: &impl AsRawFd, name: &str, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
-    let mut req = ifreq_named(name)?;
-    req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
-    // SAFETY: SIOCSIFADDR reads an ifreq; `req` is valid for the call.
-    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFADDR, &mut req) })?;
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    req.ifr_ifru.ifru_netmask = sockaddr_v4(Ipv4Addr::from(mask));
-    // SAFETY: as above, SIOCSIFNETMASK reads an ifreq.
-    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFNETMASK, &mut req) })?;
-    Ok(())
-}
-
-/// Assigns an IPv6 address to interface `index` through an AF_INET6 control socket.
-pub fn set_ipv6(ctl6: &impl AsRawFd, index: u32, addr: Ipv6Addr, prefix: u8) -> io::Result<()> {
-    let mut req = libc::in6_ifreq {
-        ifr6_addr: libc::in6_addr {
-            s6_addr: addr.octets(),
-        },
-        ifr6_prefixlen: u32::from(prefix),
-        ifr6_ifindex: index as libc::c_int,
-    };
-    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads an in6_ifreq; `req` is valid.
-    syscall!(unsafe { libc::ioctl(ctl6.as_raw_fd(), libc::SIOCSIFADDR, &mut req) })?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
-//! rtnetlink, hand-encoded: the few messages policy routing needs (add and delete a rule,
-//! add a route, dump the rules) and a bounds-checked reader for the kernel's replies.
-//! Which rules to install is `routing`'s business, not this module's.
+//! rtnetlink, hand-encoded: the few messages the TUN and policy routing need (add an
+//! address, add and delete a rule, add a route, dump the rules) and a bounds-checked
+//! reader for the kernel's replies. Which rules to install is `routing`'s business, not
+//! this module's.
 //!
 //! Not netlink-packet-route: that crate doubled the binary (+932 KiB stripped) for code
 //! no shorter than this.
@@ -17,6 +18,8 @@ use crate::wire::Cidr;
 const NLMSG_HDR: usize = 16;
 /// `struct rtmsg` and `struct fib_rule_hdr` are both 12 bytes.
 const FIXED: usize = 12;
+/// `struct ifaddrmsg`: family, prefix length, flags, scope, interface index.
+const IFADDRMSG: usize = 8;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -24,11 +27,14 @@ const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
+const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
 const RTM_GETRULE: u16 = 34;
 const RTA_OIF: u16 = 4;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
 const RTA_TABLE: u16 = 15;
 const FRA_DST: u16 = 1;
 const FRA_SRC: u16 = 2;
@@ -98,14 +104,14 @@ pub struct Rule {
 struct Message(Vec<u8>);
 
 impl Message {
-    fn new(kind: u16, flags: u16, seq: u32, fixed: [u8; FIXED]) -> Message {
+    fn new(kind: u16, flags: u16, seq: u32, fixed: &[u8]) -> Message {
         let mut buf = Vec::with_capacity(96);
         buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set in `finish`
         buf.extend_from_slice(&kind.to_ne_bytes());
         buf.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
         buf.extend_from_slice(&seq.to_ne_bytes());
         buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        buf.extend_from_slice(&fixed);
+        buf.extend_from_slice(fixed);
         Message(buf)
     }
 
@@ -151,10 +157,33 @@ fn new_default_route(seq: u32, family: Family, table: u32, ifindex: u32, protoco
         RTM_NEWROUTE,
         NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         seq,
-        rtmsg,
+        &rtmsg,
     )
     .attr(RTA_TABLE, &table.to_ne_bytes())
     .attr(RTA_OIF, &ifindex.to_ne_bytes())
+    .finish()
+}
+
+/// Adds `cidr` (address and prefix length) to interface `ifindex`, as `ip addr add`
+/// does: an IPv4 address joins those already there, where SIOCSIFADDR would replace the
+/// primary one. Exclusive: EEXIST if the interface has it already.
+fn new_address(seq: u32, ifindex: u32, cidr: Cidr) -> Vec<u8> {
+    let mut ifaddrmsg = [0u8; IFADDRMSG];
+    ifaddrmsg[0] = Family::of(cidr.addr).code();
+    ifaddrmsg[1] = cidr.prefix;
+    // Flags 0 and scope 0 (global), as for an address added by hand.
+    ifaddrmsg[4..].copy_from_slice(&ifindex.to_ne_bytes());
+    let addr = octets(cidr.addr);
+    // LOCAL and ADDRESS equal: ADDRESS would otherwise name a point-to-point peer (the
+    // TUN is one) instead of our address with its prefix route.
+    Message::new(
+        RTM_NEWADDR,
+        NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        seq,
+        &ifaddrmsg,
+    )
+    .attr(IFA_LOCAL, &addr)
+    .attr(IFA_ADDRESS, &addr)
     .finish()
 }
 
@@ -177,7 +206,7 @@ fn rule_message(kind: u16, seq: u32, rule: &Rule) -> Vec<u8> {
         RTM_NEWRULE => NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         _ => NLM_F_ACK,
     };
-    let mut message = Message::new(kind, flags, seq, hdr)
+    let mut message = Message::new(kind, flags, seq, &hdr)
         .attr(FRA_PRIORITY, &rule.priority.to_ne_bytes())
         .attr(FRA_TABLE, &rule.table.to_ne_bytes())
         .attr(FRA_PROTOCOL, &[rule.protocol]);
@@ -192,7 +221,7 @@ fn rule_message(kind: u16, seq: u32, rule: &Rule) -> Vec<u8> {
 
 /// A dump of every rule of both families (AF_UNSPEC).
 fn dump_rules(seq: u32) -> Vec<u8> {
-    Message::new(RTM_GETRULE, NLM_F_DUMP, seq, [0u8; FIXED]).finish()
+    Message::new(RTM_GETRULE, NLM_F_DUMP, seq, &[0u8; FIXED]).finish()
 }
 
 fn malformed(what: &str) -> io::Error {
@@ -328,6 +357,12 @@ impl Socket {
         Ok(Socket { socket, seq: 0 })
     }
 
+    /// Adds `cidr` to interface `ifindex`; EEXIST if it has that address already.
+    pub fn add_address(&mut self, ifindex: u32, cidr: Cidr) -> io::Result<()> {
+        let seq = self.next_seq();
+        self.call(seq, &new_address(seq, ifindex, cidr), |_| {})
+    }
+
     /// Adds `default dev <ifindex>` to `table`; EEXIST if the table already has one.
     pub fn add_default_route(
         &mut self,
@@ -441,20 +476,25 @@ mod tests {
         &message[NLMSG_HDR..]
     }
 
-    #[test]
-    fn rule_messages_carry_every_field() {
-        let from = rule(Some("198.18.0.1/32"), None, false);
-        let message = rule_message(RTM_NEWRULE, 7, &from);
+    /// The header of a request that creates something and fails if it exists.
+    fn assert_exclusive_add(message: &[u8], kind: u16, seq: u32) {
         assert_eq!(
             u32::from_ne_bytes(message[..4].try_into().unwrap()) as usize,
             message.len()
         );
-        assert_eq!(u16::from_ne_bytes([message[4], message[5]]), RTM_NEWRULE);
+        assert_eq!(u16::from_ne_bytes([message[4], message[5]]), kind);
         assert_eq!(
             u16::from_ne_bytes([message[6], message[7]]),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         );
-        assert_eq!(u32::from_ne_bytes(message[8..12].try_into().unwrap()), 7);
+        assert_eq!(u32::from_ne_bytes(message[8..12].try_into().unwrap()), seq);
+    }
+
+    #[test]
+    fn rule_messages_carry_every_field() {
+        let from = rule(Some("198.18.0.1/32"), None, false);
+        let message = rule_message(RTM_NEWRULE, 7, &from);
+        assert_exclusive_add(&message, RTM_NEWRULE, 7);
         let p = payload(&message);
         assert_eq!(&p[..FIXED], &[2, 0, 32, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
         let attrs = attributes(&p[FIXED..]).unwrap();
@@ -527,6 +567,27 @@ mod tests {
     }
 
     #[test]
+    fn address_messages_name_the_address_twice() {
+        for (text, family, len) in [
+            ("198.18.0.5/30", libc::AF_INET, 4),
+            ("fd7a:7072:7879::1/64", libc::AF_INET6, 16),
+        ] {
+            let cidr: Cidr = text.parse().unwrap();
+            let message = new_address(3, 9, cidr);
+            assert_exclusive_add(&message, RTM_NEWADDR, 3);
+            let p = payload(&message);
+            assert_eq!(&p[..4], &[family as u8, cidr.prefix, 0, 0], "{text}");
+            assert_eq!(p[4..IFADDRMSG], 9u32.to_ne_bytes());
+            let addr = octets(cidr.addr);
+            assert_eq!(addr.len(), len);
+            assert_eq!(
+                attributes(&p[IFADDRMSG..]).unwrap(),
+                vec![(IFA_LOCAL, &addr[..]), (IFA_ADDRESS, &addr[..])]
+            );
+        }
+    }
+
+    #[test]
     fn rules_survive_a_round_trip() {
         for r in [
             rule(Some("198.18.0.1/32"), None, false),
@@ -543,7 +604,7 @@ mod tests {
 
     /// A rule as the kernel dumps it (attributes in its order, suppress_prefixlength -1).
     fn dumped(hdr: [u8; FIXED], attrs: &[(u16, &[u8])]) -> Vec<u8> {
-        let mut message = Message::new(RTM_NEWRULE, 0x2, 1, hdr);
+        let mut message = Message::new(RTM_NEWRULE, 0x2, 1, &hdr);
         for (kind, value) in attrs {
             message = message.attr(*kind, value);
         }

@@ -14,7 +14,7 @@ use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, TcpPacket};
 use socket2::{Domain, Socket, Type};
 
 use crate::error::Error;
-use crate::sys;
+use crate::sys::{self, netlink};
 use crate::wire::{Cidr, Offload, offload, vnet};
 
 /// Packets the kernel may queue for us to read. The default (500) overflows while the
@@ -121,17 +121,18 @@ impl Tun {
             .map_err(|err| Error::from_io("set the TUN queue length", err))?;
         let index = sys::interface_index(&self.name)
             .ok_or_else(|| Error::Io("look up the new TUN", io::ErrorKind::NotFound.into()))?;
-        for cidr in &spec.addrs {
-            match cidr.addr {
-                IpAddr::V4(addr) => sys::set_ipv4(&ctl4, &self.name, addr, cidr.prefix)
-                    .map_err(|err| Error::from_io("assign the TUN IPv4 address", err))?,
-                IpAddr::V6(addr) => {
-                    let ctl6 = Socket::new(Domain::IPV6, Type::DGRAM, None)
-                        .map_err(|err| Error::Io("open IPv6 control socket", err))?;
-                    sys::set_ipv6(&ctl6, index, addr, cidr.prefix)
-                        .map_err(|err| Error::from_io("assign the TUN IPv6 address", err))?
-                }
-            }
+        // Through rtnetlink, like `ip addr add`: SIOCSIFADDR would replace the IPv4
+        // address for each one after the first.
+        let mut netlink =
+            netlink::Socket::open().map_err(|err| Error::Io("open an rtnetlink socket", err))?;
+        for &cidr in &spec.addrs {
+            let what = match cidr.addr {
+                IpAddr::V4(_) => "assign a TUN IPv4 address",
+                IpAddr::V6(_) => "assign a TUN IPv6 address",
+            };
+            netlink
+                .add_address(index, cidr)
+                .map_err(|err| Error::from_io(what, err))?;
         }
         sys::set_up(&ctl4, &self.name).map_err(|err| Error::from_io("bring the TUN up", err))
     }

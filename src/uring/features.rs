@@ -41,6 +41,8 @@ impl fmt::Display for KernelVersion {
 pub const FLOOR: KernelVersion = KernelVersion::new(6, 1);
 /// IORING_OP_READ_MULTISHOT: one armed read delivers every TUN packet.
 const READ_MULTISHOT: KernelVersion = KernelVersion::new(6, 7);
+/// The optional features, with the kernel that brought each, as a cap names them.
+const OPTIONAL: [(KernelVersion, &str); 1] = [(READ_MULTISHOT, "multishot TUN reads")];
 
 /// Operations the proxy cannot do without, with the kernel that brought each. All are
 /// older than `FLOOR`; a kernel that lacks one is older than it claims or restricted.
@@ -134,6 +136,15 @@ impl Features {
 /// Environment variable capping the io_uring features used to those of a kernel version
 /// (e.g. `6.1`), like URINGPROXY_MAX_OFFLOAD caps the offload probe.
 pub const CAP_ENV: &str = "URINGPROXY_MAX_URING";
+
+/// The optional features a cap to `cap` turns off, whatever the kernel has.
+pub fn capped_off(cap: KernelVersion) -> Vec<&'static str> {
+    OPTIONAL
+        .iter()
+        .filter(|&&(since, _)| cap < since)
+        .map(|&(_, name)| name)
+        .collect()
+}
 
 /// The running kernel's release, as `uname -r` prints it.
 pub fn release() -> String {

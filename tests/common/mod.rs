@@ -854,6 +854,15 @@ pub fn error_lines(output: &str) -> Vec<&str> {
         .collect()
 }
 
+/// A proxy's output without the warnings of the test overrides (URINGPROXY_MAX_URING,
+/// URINGPROXY_MAX_OFFLOAD), which .ci/test sets for a whole second run of the suite:
+/// the lines a test of the proxy's own messages compares.
+pub fn without_override_warnings(output: &str) -> impl Iterator<Item = &str> {
+    output
+        .lines()
+        .filter(|line| !line.starts_with("uringproxy: warn: URINGPROXY_MAX_"))
+}
+
 /// A KiB figure from /proc/<pid>/status, such as `VmRSS:`.
 pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
