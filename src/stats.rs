@@ -1,14 +1,8 @@
-//! Counters of what the proxy did and dropped, printed in human-readable groups.
-
-use std::fmt;
+//! Counters of what the proxy did and dropped, as the event loop increments them
+//! (`control::counters` names and reports them).
 
 use crate::stack::device::TxCounters;
 use crate::wire::vnet;
-
-/// Mean of `total` over `count`, 0 when there is nothing to average.
-fn mean(total: u64, count: u64) -> u64 {
-    total.checked_div(count).unwrap_or(0)
-}
 
 /// Plain counters; single-threaded, so no atomics.
 #[derive(Debug, Default, Clone)]
@@ -74,104 +68,5 @@ impl Stats {
             Failure::Upstream(fault) => return self.upstream.count(fault),
         };
         *counter += 1;
-    }
-}
-
-impl fmt::Display for Stats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "flows: opened {} closed {} refused-at-limit {} half-open-evicted {} socket-errors {} out-of-memory {}",
-            self.flows_opened,
-            self.flows_closed,
-            self.refused_limit,
-            self.half_open_evicted,
-            self.socket_errors,
-            self.memory_refusals
-        )?;
-        writeln!(
-            f,
-            "failures: connect-refused {} connect-unreachable {} connect-timeout {} connect-other {} server-reset {} client-reset {}",
-            self.connect_refused,
-            self.connect_unreachable,
-            self.connect_timeout,
-            self.connect_other,
-            self.server_resets,
-            self.client_resets
-        )?;
-        writeln!(
-            f,
-            "relayed: up {} B down {} B",
-            self.bytes_up, self.bytes_down
-        )?;
-        writeln!(
-            f,
-            "tun: reads {} (mean {} B) writes {} (mean {} B) write-errors {}",
-            self.tun_reads,
-            mean(self.tun_read_bytes, self.tun_reads),
-            self.tun_writes,
-            mean(self.tun_write_bytes, self.tun_writes),
-            self.tun_write_errors
-        )?;
-        writeln!(
-            f,
-            "offload: super-packets in {} (mean {} B) out {} (mean {} B)",
-            self.segmented_reads,
-            mean(self.segmented_read_bytes, self.segmented_reads),
-            self.tx.segmented,
-            mean(self.tx.segmented_bytes, self.tx.segmented)
-        )?;
-        let udp = &self.udp;
-        writeln!(
-            f,
-            "udp: flows opened {} expired {} evicted {} socket-errors {}; up {} datagrams ({} B) down {} ({} B); send-errors {} recv-errors {} socket-drops {}",
-            udp.flows_opened,
-            udp.flows_expired,
-            udp.flows_evicted,
-            udp.socket_errors,
-            udp.datagrams_up,
-            udp.bytes_up,
-            udp.datagrams_down,
-            udp.bytes_down,
-            udp.send_errors,
-            udp.recv_errors,
-            udp.socket_drops
-        )?;
-        let up = &self.upstream;
-        writeln!(
-            f,
-            "upstream: connect-failed {} timeout {} closed {} protocol-error {} no-acceptable-method {} auth-rejected {} general-failure {} not-allowed {} other-reply {} unreachable {}; udp associations {} ended {} fragments {} malformed {} too-big {} not-held {}; echo-refused {}",
-            up.connect_failed,
-            up.timeouts,
-            up.closed,
-            up.protocol_errors,
-            up.no_acceptable_method,
-            up.auth_rejected,
-            up.general_failure,
-            up.not_allowed,
-            up.other_reply,
-            up.unreachable,
-            up.associations,
-            up.associations_ended,
-            up.udp_fragments,
-            up.udp_malformed,
-            up.udp_too_big,
-            up.udp_not_held,
-            up.echo_refused
-        )?;
-        write!(
-            f,
-            "drops: malformed {} bad-vnet-header {} fragments {} unsupported {} no-flow {} beyond-window {} replies-without-buffer {} udp-no-send-slot {} udp-replies-without-buffer {} echo-no-ident {}",
-            self.malformed,
-            self.bad_vnet_header,
-            self.fragments,
-            self.unsupported,
-            self.no_flow,
-            self.beyond_window,
-            self.tx.dropped_replies,
-            udp.no_send_slot,
-            udp.reply_drops,
-            udp.echo_no_ident
-        )
     }
 }

@@ -352,7 +352,7 @@ fn connection_churn_leaves_nothing_behind() {
     );
     let stats = proxy.stats();
     assert!(
-        stats.contains("active flows 0,"),
+        stats.contains("flow states: connecting 0 open 0 closing 0 "),
         "flows left in the table:\n{stats}"
     );
     let rss = proxy.rss_kib();

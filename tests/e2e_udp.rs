@@ -363,7 +363,7 @@ fn ping_reaches_live_hosts_and_not_absent_ones() {
     );
     let stats = proxy.stats();
     assert!(
-        stats.contains("udp: flows opened 3 "),
+        stats.contains("icmp: flows opened 3 "),
         "three ping flows expected:\n{stats}"
     );
     proxy.assert_running();
@@ -493,7 +493,7 @@ fn pingers_to_one_host_each_get_only_their_own_replies() {
     }
     let stats = proxy.stats();
     assert!(
-        stats.contains("udp: flows opened 4 "),
+        stats.contains("icmp: flows opened 4 "),
         "four ping flows expected:\n{stats}"
     );
     proxy.assert_running();

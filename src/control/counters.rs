@@ -1,6 +1,6 @@
-//! Every number the proxy reports, named once: each sample has a Prometheus family and
-//! labels (for `/metrics`) and a flat key (for `uringproxy status` and its JSON), so the
-//! two views cannot drift apart.
+//! Every number the proxy reports, named once: one table gives each its Prometheus family
+//! and labels (`/metrics`), its flat key (`uringproxy status` and its JSON) and its line
+//! and label in the SIGUSR1 report, so the three views cannot drift apart.
 
 use crate::stats::Stats;
 
@@ -19,14 +19,63 @@ pub struct Family {
     pub kind: Kind,
 }
 
-/// One number.
-#[derive(Clone, Copy, Debug)]
-pub struct Sample {
+macro_rules! lines {
+    ($($variant:ident = $name:literal,)*) => {
+        /// The lines of the SIGUSR1 report: what is open and held now, then the counters,
+        /// `drops` last (the test harness takes it to end a report).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Line {
+            $($variant,)*
+        }
+
+        impl Line {
+            /// In the order they are printed.
+            pub const ALL: &[Line] = &[$(Line::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Line::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+lines! {
+    FlowStates = "flow states",
+    TunBuffers = "tun buffers",
+    Memory = "memory",
+    Flows = "flows",
+    Failures = "failures",
+    Relayed = "relayed",
+    Tun = "tun",
+    Offload = "offload",
+    Udp = "udp",
+    Icmp = "icmp",
+    Upstream = "upstream",
+    Control = "control",
+    Metrics = "metrics",
+    Drops = "drops",
+}
+
+/// One number: its family and labels, its status key (unique), its SIGUSR1 line and
+/// label (unique within the line), and where its value comes from.
+#[derive(Debug)]
+pub struct Entry {
     pub family: &'static Family,
     pub labels: &'static [(&'static str, &'static str)],
-    /// Its name in `uringproxy status` (unique).
     pub key: &'static str,
-    pub value: u64,
+    pub line: Line,
+    pub label: &'static str,
+    value: fn(&Snapshot) -> Option<u64>,
+}
+
+impl Entry {
+    /// Its value in `snapshot`; `None` when it could not be had (the resident memory,
+    /// when /proc cannot be read): the number is then left out.
+    pub fn value(&self, snapshot: &Snapshot) -> Option<u64> {
+        (self.value)(snapshot)
+    }
 }
 
 /// What the control socket and the metrics endpoint count about their clients.
@@ -120,6 +169,12 @@ family!(
     "tun_super_packets_total",
     Counter,
     "Segmentation super-packets (up to 64 KiB) read from and written to the TUN."
+);
+family!(
+    TUN_SUPER_PACKET_BYTES,
+    "tun_super_packet_bytes_total",
+    Counter,
+    "Bytes of the segmentation super-packets read from and written to the TUN."
 );
 family!(
     TUN_WRITE_ERRORS,
@@ -236,456 +291,209 @@ family!(
     "Resident memory of the proxy process (RSS), read when asked."
 );
 
-const TCP_UP: &[(&str, &str)] = &[("protocol", "tcp"), ("direction", "up")];
-const TCP_DOWN: &[(&str, &str)] = &[("protocol", "tcp"), ("direction", "down")];
-const UDP_UP: &[(&str, &str)] = &[("protocol", "udp"), ("direction", "up")];
-const UDP_DOWN: &[(&str, &str)] = &[("protocol", "udp"), ("direction", "down")];
-const ICMP_UP: &[(&str, &str)] = &[("protocol", "icmp"), ("direction", "up")];
-const ICMP_DOWN: &[(&str, &str)] = &[("protocol", "icmp"), ("direction", "down")];
-const READ: &[(&str, &str)] = &[("direction", "read")];
 const TCP: (&str, &str) = ("protocol", "tcp");
+const UDP: (&str, &str) = ("protocol", "udp");
+const ICMP: (&str, &str) = ("protocol", "icmp");
+const UP: (&str, &str) = ("direction", "up");
+const DOWN: (&str, &str) = ("direction", "down");
+const READ: &[(&str, &str)] = &[("direction", "read")];
 const WRITE: &[(&str, &str)] = &[("direction", "write")];
+const CONTROL: (&str, &str) = ("listener", "control");
+const METRICS: (&str, &str) = ("listener", "metrics");
 
-/// Calls `each` with every sample, families in one run each (the exposition format wants
-/// a family's samples together).
-pub fn each_sample(snapshot: &Snapshot, mut each: impl FnMut(Sample)) {
-    let (stats, gauges) = (snapshot.stats, snapshot.gauges);
-    let (udp, tx) = (&stats.udp, &stats.tx);
-    let mut sample = |family, labels, key, value| {
-        each(Sample {
-            family,
-            labels,
-            key,
-            value,
-        })
+/// The table: `family labels, key, line label: |snapshot| value;` for each entry.
+macro_rules! table {
+    ($($family:ident $labels:expr, $key:literal, $line:ident $label:literal, |$s:ident| $value:expr;)*) => {
+        /// Every number, a family's entries in one run (the exposition format wants a
+        /// family's samples together); within a SIGUSR1 line, entries print in this order.
+        pub static TABLE: &[Entry] = &[$(Entry {
+            family: &$family,
+            labels: $labels,
+            key: $key,
+            line: Line::$line,
+            label: $label,
+            value: |$s| $value.into(),
+        }),*];
     };
-    sample(&BYTES, TCP_UP, "tcp_bytes_up", stats.bytes_up);
-    sample(&BYTES, TCP_DOWN, "tcp_bytes_down", stats.bytes_down);
-    let udp_bytes_up = udp.bytes_up.saturating_sub(udp.echo_bytes_up);
-    let udp_bytes_down = udp.bytes_down.saturating_sub(udp.echo_bytes_down);
-    sample(&BYTES, UDP_UP, "udp_bytes_up", udp_bytes_up);
-    sample(&BYTES, UDP_DOWN, "udp_bytes_down", udp_bytes_down);
-    sample(&BYTES, ICMP_UP, "icmp_bytes_up", udp.echo_bytes_up);
-    sample(&BYTES, ICMP_DOWN, "icmp_bytes_down", udp.echo_bytes_down);
+}
 
-    let udp_up = udp.datagrams_up.saturating_sub(udp.echo_datagrams_up);
-    let udp_down = udp.datagrams_down.saturating_sub(udp.echo_replies);
-    sample(&DATAGRAMS, UDP_UP, "udp_datagrams_up", udp_up);
-    sample(&DATAGRAMS, UDP_DOWN, "udp_datagrams_down", udp_down);
-    sample(
-        &DATAGRAMS,
-        ICMP_UP,
-        "icmp_echo_requests",
-        udp.echo_datagrams_up,
-    );
-    sample(&DATAGRAMS, ICMP_DOWN, "icmp_echo_replies", udp.echo_replies);
+// UDP and ping share the datagram relay, whose counts include the ping flows' share:
+// UDP's own is what is left.
+table! {
+    FLOWS_OPENED &[TCP], "tcp_flows_opened", Flows "opened", |s| s.stats.flows_opened;
+    FLOWS_OPENED &[UDP], "udp_flows_opened", Udp "flows opened",
+        |s| s.stats.udp.flows_opened.saturating_sub(s.stats.udp.echo_flows_opened);
+    FLOWS_OPENED &[ICMP], "icmp_flows_opened", Icmp "flows opened",
+        |s| s.stats.udp.echo_flows_opened;
+    FLOWS_CLOSED &[TCP], "tcp_flows_closed", Flows "closed", |s| s.stats.flows_closed;
 
-    sample(&TUN_PACKETS, READ, "tun_reads", stats.tun_reads);
-    sample(&TUN_PACKETS, WRITE, "tun_writes", stats.tun_writes);
-    sample(&TUN_BYTES, READ, "tun_read_bytes", stats.tun_read_bytes);
-    sample(&TUN_BYTES, WRITE, "tun_write_bytes", stats.tun_write_bytes);
-    sample(
-        &TUN_SUPER_PACKETS,
-        READ,
-        "tun_super_packets_read",
-        stats.segmented_reads,
-    );
-    sample(
-        &TUN_SUPER_PACKETS,
-        WRITE,
-        "tun_super_packets_written",
-        tx.segmented,
-    );
-    sample(
-        &TUN_WRITE_ERRORS,
-        &[],
-        "tun_write_errors",
-        stats.tun_write_errors,
-    );
+    FLOWS_FAILED &[TCP, ("cause", "connect_refused")], "tcp_connect_refused",
+        Failures "connect-refused", |s| s.stats.connect_refused;
+    FLOWS_FAILED &[TCP, ("cause", "connect_unreachable")], "tcp_connect_unreachable",
+        Failures "connect-unreachable", |s| s.stats.connect_unreachable;
+    FLOWS_FAILED &[TCP, ("cause", "connect_timeout")], "tcp_connect_timeout",
+        Failures "connect-timeout", |s| s.stats.connect_timeout;
+    FLOWS_FAILED &[TCP, ("cause", "connect_other")], "tcp_connect_other",
+        Failures "connect-other", |s| s.stats.connect_other;
+    FLOWS_FAILED &[TCP, ("cause", "server_reset")], "tcp_server_resets",
+        Failures "server-reset", |s| s.stats.server_resets;
+    FLOWS_FAILED &[TCP, ("cause", "client_reset")], "tcp_client_resets",
+        Failures "client-reset", |s| s.stats.client_resets;
+    FLOWS_FAILED &[TCP, ("cause", "half_open_evicted")], "tcp_half_open_evicted",
+        Flows "half-open-evicted", |s| s.stats.half_open_evicted;
+    FLOWS_REFUSED &[TCP, ("cause", "limit")], "tcp_refused_at_limit",
+        Flows "refused-at-limit", |s| s.stats.refused_limit;
+    FLOWS_REFUSED &[TCP, ("cause", "socket_error")], "tcp_socket_errors",
+        Flows "socket-errors", |s| s.stats.socket_errors;
+    FLOWS_REFUSED &[TCP, ("cause", "out_of_memory")], "tcp_out_of_memory",
+        Flows "out-of-memory", |s| s.stats.memory_refusals;
 
-    let udp_opened = udp.flows_opened.saturating_sub(udp.echo_flows_opened);
-    sample(
-        &FLOWS_OPENED,
-        &[("protocol", "tcp")],
-        "tcp_flows_opened",
-        stats.flows_opened,
-    );
-    sample(
-        &FLOWS_OPENED,
-        &[("protocol", "udp")],
-        "udp_flows_opened",
-        udp_opened,
-    );
-    sample(
-        &FLOWS_OPENED,
-        &[("protocol", "icmp")],
-        "icmp_flows_opened",
-        udp.echo_flows_opened,
-    );
-    sample(
-        &FLOWS_CLOSED,
-        &[("protocol", "tcp")],
-        "tcp_flows_closed",
-        stats.flows_closed,
-    );
+    DATAGRAM_FLOWS_ENDED &[("cause", "expired")], "datagram_flows_expired",
+        Udp "expired", |s| s.stats.udp.flows_expired;
+    DATAGRAM_FLOWS_ENDED &[("cause", "evicted")], "datagram_flows_evicted",
+        Udp "evicted", |s| s.stats.udp.flows_evicted;
 
-    for (labels, key, value) in [
-        (
-            &[TCP, ("cause", "connect_refused")],
-            "tcp_connect_refused",
-            stats.connect_refused,
-        ),
-        (
-            &[TCP, ("cause", "connect_unreachable")],
-            "tcp_connect_unreachable",
-            stats.connect_unreachable,
-        ),
-        (
-            &[TCP, ("cause", "connect_timeout")],
-            "tcp_connect_timeout",
-            stats.connect_timeout,
-        ),
-        (
-            &[TCP, ("cause", "connect_other")],
-            "tcp_connect_other",
-            stats.connect_other,
-        ),
-        (
-            &[TCP, ("cause", "server_reset")],
-            "tcp_server_resets",
-            stats.server_resets,
-        ),
-        (
-            &[TCP, ("cause", "client_reset")],
-            "tcp_client_resets",
-            stats.client_resets,
-        ),
-        (
-            &[TCP, ("cause", "half_open_evicted")],
-            "tcp_half_open_evicted",
-            stats.half_open_evicted,
-        ),
-    ] {
-        sample(&FLOWS_FAILED, labels, key, value);
-    }
-    for (labels, key, value) in [
-        (
-            &[TCP, ("cause", "limit")],
-            "tcp_refused_at_limit",
-            stats.refused_limit,
-        ),
-        (
-            &[TCP, ("cause", "socket_error")],
-            "tcp_socket_errors",
-            stats.socket_errors,
-        ),
-        (
-            &[TCP, ("cause", "out_of_memory")],
-            "tcp_out_of_memory",
-            stats.memory_refusals,
-        ),
-    ] {
-        sample(&FLOWS_REFUSED, labels, key, value);
-    }
+    BYTES &[TCP, UP], "tcp_bytes_up", Relayed "bytes-up", |s| s.stats.bytes_up;
+    BYTES &[TCP, DOWN], "tcp_bytes_down", Relayed "bytes-down", |s| s.stats.bytes_down;
+    BYTES &[UDP, UP], "udp_bytes_up", Udp "bytes-up",
+        |s| s.stats.udp.bytes_up.saturating_sub(s.stats.udp.echo_bytes_up);
+    BYTES &[UDP, DOWN], "udp_bytes_down", Udp "bytes-down",
+        |s| s.stats.udp.bytes_down.saturating_sub(s.stats.udp.echo_bytes_down);
+    BYTES &[ICMP, UP], "icmp_bytes_up", Icmp "bytes-up", |s| s.stats.udp.echo_bytes_up;
+    BYTES &[ICMP, DOWN], "icmp_bytes_down", Icmp "bytes-down", |s| s.stats.udp.echo_bytes_down;
+    DATAGRAMS &[UDP, UP], "udp_datagrams_up", Udp "datagrams-up",
+        |s| s.stats.udp.datagrams_up.saturating_sub(s.stats.udp.echo_datagrams_up);
+    DATAGRAMS &[UDP, DOWN], "udp_datagrams_down", Udp "datagrams-down",
+        |s| s.stats.udp.datagrams_down.saturating_sub(s.stats.udp.echo_replies);
+    DATAGRAMS &[ICMP, UP], "icmp_echo_requests", Icmp "echo-requests",
+        |s| s.stats.udp.echo_datagrams_up;
+    DATAGRAMS &[ICMP, DOWN], "icmp_echo_replies", Icmp "echo-replies", |s| s.stats.udp.echo_replies;
+    DATAGRAM_ERRORS &[("op", "socket")], "datagram_socket_errors", Udp "socket-errors",
+        |s| s.stats.udp.socket_errors;
+    DATAGRAM_ERRORS &[("op", "send")], "datagram_send_errors", Udp "send-errors",
+        |s| s.stats.udp.send_errors;
+    DATAGRAM_ERRORS &[("op", "recv")], "datagram_recv_errors", Udp "recv-errors",
+        |s| s.stats.udp.recv_errors;
 
-    let (expired, evicted) = (udp.flows_expired, udp.flows_evicted);
-    sample(
-        &DATAGRAM_FLOWS_ENDED,
-        &[("cause", "expired")],
-        "datagram_flows_expired",
-        expired,
-    );
-    sample(
-        &DATAGRAM_FLOWS_ENDED,
-        &[("cause", "evicted")],
-        "datagram_flows_evicted",
-        evicted,
-    );
-    sample(
-        &DATAGRAM_ERRORS,
-        &[("op", "socket")],
-        "datagram_socket_errors",
-        udp.socket_errors,
-    );
-    sample(
-        &DATAGRAM_ERRORS,
-        &[("op", "send")],
-        "datagram_send_errors",
-        udp.send_errors,
-    );
-    sample(
-        &DATAGRAM_ERRORS,
-        &[("op", "recv")],
-        "datagram_recv_errors",
-        udp.recv_errors,
-    );
+    TUN_PACKETS READ, "tun_reads", Tun "reads", |s| s.stats.tun_reads;
+    TUN_PACKETS WRITE, "tun_writes", Tun "writes", |s| s.stats.tun_writes;
+    TUN_BYTES READ, "tun_read_bytes", Tun "read-bytes", |s| s.stats.tun_read_bytes;
+    TUN_BYTES WRITE, "tun_write_bytes", Tun "write-bytes", |s| s.stats.tun_write_bytes;
+    TUN_WRITE_ERRORS &[], "tun_write_errors", Tun "write-errors", |s| s.stats.tun_write_errors;
+    TUN_SUPER_PACKETS READ, "tun_super_packets_read", Offload "super-packets in",
+        |s| s.stats.segmented_reads;
+    TUN_SUPER_PACKETS WRITE, "tun_super_packets_written", Offload "out", |s| s.stats.tx.segmented;
+    TUN_SUPER_PACKET_BYTES READ, "tun_super_packet_bytes_read", Offload "bytes-in",
+        |s| s.stats.segmented_read_bytes;
+    TUN_SUPER_PACKET_BYTES WRITE, "tun_super_packet_bytes_written", Offload "bytes-out",
+        |s| s.stats.tx.segmented_bytes;
 
-    for (labels, key, value) in [
-        (
-            &[("reason", "malformed")],
-            "drops_malformed",
-            stats.malformed,
-        ),
-        (
-            &[("reason", "bad_vnet_header")],
-            "drops_bad_vnet_header",
-            stats.bad_vnet_header,
-        ),
-        (
-            &[("reason", "fragment")],
-            "drops_fragments",
-            stats.fragments,
-        ),
-        (
-            &[("reason", "unsupported")],
-            "drops_unsupported",
-            stats.unsupported,
-        ),
-        (&[("reason", "no_flow")], "drops_no_flow", stats.no_flow),
-        (
-            &[("reason", "beyond_window")],
-            "drops_beyond_window",
-            stats.beyond_window,
-        ),
-        (
-            &[("reason", "reply_without_buffer")],
-            "drops_replies_without_buffer",
-            tx.dropped_replies,
-        ),
-        (
-            &[("reason", "datagram_no_send_slot")],
-            "drops_datagram_no_send_slot",
-            udp.no_send_slot,
-        ),
-        (
-            &[("reason", "datagram_reply_without_buffer")],
-            "drops_datagram_replies_without_buffer",
-            udp.reply_drops,
-        ),
-        (
-            &[("reason", "datagram_socket_full")],
-            "drops_datagram_socket_full",
-            udp.socket_drops,
-        ),
-        (
-            &[("reason", "upstream_fragment")],
-            "drops_upstream_fragments",
-            stats.upstream.udp_fragments,
-        ),
-        (
-            &[("reason", "upstream_malformed")],
-            "drops_upstream_malformed",
-            stats.upstream.udp_malformed,
-        ),
-        (
-            &[("reason", "upstream_too_big")],
-            "drops_upstream_too_big",
-            stats.upstream.udp_too_big,
-        ),
-        (
-            &[("reason", "upstream_not_held")],
-            "drops_upstream_not_held",
-            stats.upstream.udp_not_held,
-        ),
-        (
-            &[("reason", "echo_through_upstream")],
-            "drops_echo_through_upstream",
-            stats.upstream.echo_refused,
-        ),
-        (
-            &[("reason", "echo_no_identifier")],
-            "drops_echo_no_identifier",
-            udp.echo_no_ident,
-        ),
-    ] {
-        sample(&DROPS, labels, key, value);
-    }
+    UPSTREAM_FAILURES &[("cause", "connect_failed")], "upstream_connect_failed",
+        Upstream "connect-failed", |s| s.stats.upstream.connect_failed;
+    UPSTREAM_FAILURES &[("cause", "timeout")], "upstream_timeouts", Upstream "timeout",
+        |s| s.stats.upstream.timeouts;
+    UPSTREAM_FAILURES &[("cause", "closed")], "upstream_closed", Upstream "closed",
+        |s| s.stats.upstream.closed;
+    UPSTREAM_FAILURES &[("cause", "protocol_error")], "upstream_protocol_errors",
+        Upstream "protocol-error", |s| s.stats.upstream.protocol_errors;
+    UPSTREAM_FAILURES &[("cause", "no_acceptable_method")], "upstream_no_acceptable_method",
+        Upstream "no-acceptable-method", |s| s.stats.upstream.no_acceptable_method;
+    UPSTREAM_FAILURES &[("cause", "auth_rejected")], "upstream_auth_rejected",
+        Upstream "auth-rejected", |s| s.stats.upstream.auth_rejected;
+    UPSTREAM_FAILURES &[("cause", "general_failure")], "upstream_general_failure",
+        Upstream "general-failure", |s| s.stats.upstream.general_failure;
+    UPSTREAM_FAILURES &[("cause", "not_allowed")], "upstream_not_allowed",
+        Upstream "not-allowed", |s| s.stats.upstream.not_allowed;
+    UPSTREAM_FAILURES &[("cause", "other_reply")], "upstream_other_reply",
+        Upstream "other-reply", |s| s.stats.upstream.other_reply;
+    UPSTREAM_FAILURES &[("cause", "unreachable")], "upstream_unreachable",
+        Upstream "unreachable", |s| s.stats.upstream.unreachable;
+    UPSTREAM_ASSOCIATIONS &[("event", "opened")], "upstream_associations",
+        Upstream "udp associations", |s| s.stats.upstream.associations;
+    UPSTREAM_ASSOCIATIONS &[("event", "ended")], "upstream_associations_ended",
+        Upstream "ended", |s| s.stats.upstream.associations_ended;
 
-    let upstream = &stats.upstream;
-    for (labels, key, value) in [
-        (
-            &[("cause", "connect_failed")],
-            "upstream_connect_failed",
-            upstream.connect_failed,
-        ),
-        (
-            &[("cause", "timeout")],
-            "upstream_timeouts",
-            upstream.timeouts,
-        ),
-        (&[("cause", "closed")], "upstream_closed", upstream.closed),
-        (
-            &[("cause", "protocol_error")],
-            "upstream_protocol_errors",
-            upstream.protocol_errors,
-        ),
-        (
-            &[("cause", "no_acceptable_method")],
-            "upstream_no_acceptable_method",
-            upstream.no_acceptable_method,
-        ),
-        (
-            &[("cause", "auth_rejected")],
-            "upstream_auth_rejected",
-            upstream.auth_rejected,
-        ),
-        (
-            &[("cause", "general_failure")],
-            "upstream_general_failure",
-            upstream.general_failure,
-        ),
-        (
-            &[("cause", "not_allowed")],
-            "upstream_not_allowed",
-            upstream.not_allowed,
-        ),
-        (
-            &[("cause", "other_reply")],
-            "upstream_other_reply",
-            upstream.other_reply,
-        ),
-        (
-            &[("cause", "unreachable")],
-            "upstream_unreachable",
-            upstream.unreachable,
-        ),
-    ] {
-        sample(&UPSTREAM_FAILURES, labels, key, value);
-    }
-    sample(
-        &UPSTREAM_ASSOCIATIONS,
-        &[("event", "opened")],
-        "upstream_associations",
-        upstream.associations,
-    );
-    sample(
-        &UPSTREAM_ASSOCIATIONS,
-        &[("event", "ended")],
-        "upstream_associations_ended",
-        upstream.associations_ended,
-    );
-    for (labels, key, value) in [
-        (
-            &[("listener", "control"), ("event", "accepted")],
-            "control_accepted",
-            snapshot.control.accepted,
-        ),
-        (
-            &[("listener", "control"), ("event", "refused")],
-            "control_refused",
-            snapshot.control.refused,
-        ),
-        (
-            &[("listener", "control"), ("event", "timed_out")],
-            "control_timed_out",
-            snapshot.control.timed_out,
-        ),
-        (
-            &[("listener", "control"), ("event", "evicted")],
-            "control_evicted",
-            snapshot.control.evicted,
-        ),
-        (
-            &[("listener", "control"), ("event", "bad_request")],
-            "control_bad_requests",
-            snapshot.control.bad_requests,
-        ),
-        (
-            &[("listener", "metrics"), ("event", "accepted")],
-            "metrics_accepted",
-            snapshot.metrics.accepted,
-        ),
-        (
-            &[("listener", "metrics"), ("event", "refused")],
-            "metrics_refused",
-            snapshot.metrics.refused,
-        ),
-        (
-            &[("listener", "metrics"), ("event", "timed_out")],
-            "metrics_timed_out",
-            snapshot.metrics.timed_out,
-        ),
-        (
-            &[("listener", "metrics"), ("event", "evicted")],
-            "metrics_evicted",
-            snapshot.metrics.evicted,
-        ),
-        (
-            &[("listener", "metrics"), ("event", "bad_request")],
-            "metrics_bad_requests",
-            snapshot.metrics.bad_requests,
-        ),
-    ] {
-        sample(&CONTROL_CLIENTS, labels, key, value);
-    }
+    DROPS &[("reason", "malformed")], "drops_malformed", Drops "malformed",
+        |s| s.stats.malformed;
+    DROPS &[("reason", "bad_vnet_header")], "drops_bad_vnet_header", Drops "bad-vnet-header",
+        |s| s.stats.bad_vnet_header;
+    DROPS &[("reason", "fragment")], "drops_fragments", Drops "fragments",
+        |s| s.stats.fragments;
+    DROPS &[("reason", "unsupported")], "drops_unsupported", Drops "unsupported",
+        |s| s.stats.unsupported;
+    DROPS &[("reason", "no_flow")], "drops_no_flow", Drops "no-flow", |s| s.stats.no_flow;
+    DROPS &[("reason", "beyond_window")], "drops_beyond_window", Drops "beyond-window",
+        |s| s.stats.beyond_window;
+    DROPS &[("reason", "reply_without_buffer")], "drops_replies_without_buffer",
+        Drops "replies-without-buffer", |s| s.stats.tx.dropped_replies;
+    DROPS &[("reason", "datagram_no_send_slot")], "drops_datagram_no_send_slot",
+        Drops "udp-no-send-slot", |s| s.stats.udp.no_send_slot;
+    DROPS &[("reason", "datagram_reply_without_buffer")], "drops_datagram_replies_without_buffer",
+        Drops "udp-replies-without-buffer", |s| s.stats.udp.reply_drops;
+    DROPS &[("reason", "datagram_socket_full")], "drops_datagram_socket_full",
+        Udp "socket-drops", |s| s.stats.udp.socket_drops;
+    DROPS &[("reason", "upstream_fragment")], "drops_upstream_fragments",
+        Upstream "fragments", |s| s.stats.upstream.udp_fragments;
+    DROPS &[("reason", "upstream_malformed")], "drops_upstream_malformed",
+        Upstream "malformed", |s| s.stats.upstream.udp_malformed;
+    DROPS &[("reason", "upstream_too_big")], "drops_upstream_too_big",
+        Upstream "too-big", |s| s.stats.upstream.udp_too_big;
+    DROPS &[("reason", "upstream_not_held")], "drops_upstream_not_held",
+        Upstream "not-held", |s| s.stats.upstream.udp_not_held;
+    DROPS &[("reason", "echo_through_upstream")], "drops_echo_through_upstream",
+        Upstream "echo-refused", |s| s.stats.upstream.echo_refused;
+    DROPS &[("reason", "echo_no_identifier")], "drops_echo_no_identifier",
+        Drops "echo-no-ident", |s| s.stats.udp.echo_no_ident;
 
-    for (labels, key, value) in [
-        (
-            &[TCP, ("state", "connecting")],
-            "tcp_flows_connecting",
-            gauges.tcp_connecting,
-        ),
-        (&[TCP, ("state", "open")], "tcp_flows_open", gauges.tcp_open),
-        (
-            &[TCP, ("state", "closing")],
-            "tcp_flows_closing",
-            gauges.tcp_closing,
-        ),
-        (
-            &[("protocol", "udp"), ("state", "open")],
-            "udp_flows_open",
-            gauges.udp_open,
-        ),
-        (
-            &[("protocol", "icmp"), ("state", "open")],
-            "icmp_flows_open",
-            gauges.icmp_open,
-        ),
-    ] {
-        sample(&OPEN_FLOWS, labels, key, value);
-    }
-    let tun_in_use = gauges.tun_write_buffers_in_use;
-    sample(
-        &TUN_WRITE_BUFFERS_IN_USE,
-        &[],
-        "tun_write_buffers_in_use",
-        tun_in_use,
-    );
-    sample(
-        &TUN_WRITE_BUFFERS,
-        &[],
-        "tun_write_buffers",
-        gauges.tun_write_buffers,
-    );
-    let circulating = gauges.tun_read_buffers_circulating;
-    sample(
-        &TUN_READ_BUFFERS_CIRCULATING,
-        &[],
-        "tun_read_buffers_circulating",
-        circulating,
-    );
-    sample(
-        &TUN_READ_BUFFERS,
-        &[],
-        "tun_read_buffers",
-        gauges.tun_read_buffers,
-    );
-    let bound = gauges.flow_buffers_resident_bound;
-    sample(
-        &FLOW_BUFFERS_BOUND,
-        &[],
-        "memory_flow_buffers_bound_bytes",
-        bound,
-    );
-    sample(
-        &MEMORY_LIMIT,
-        &[],
-        "memory_limit_bytes",
-        gauges.memory_limit,
-    );
-    if let Some(resident) = gauges.resident {
-        sample(&RESIDENT_MEMORY, &[], "memory_resident_bytes", resident);
-    }
+    CONTROL_CLIENTS &[CONTROL, ("event", "accepted")], "control_accepted",
+        Control "accepted", |s| s.control.accepted;
+    CONTROL_CLIENTS &[CONTROL, ("event", "refused")], "control_refused",
+        Control "refused", |s| s.control.refused;
+    CONTROL_CLIENTS &[CONTROL, ("event", "timed_out")], "control_timed_out",
+        Control "timed-out", |s| s.control.timed_out;
+    CONTROL_CLIENTS &[CONTROL, ("event", "evicted")], "control_evicted",
+        Control "evicted", |s| s.control.evicted;
+    CONTROL_CLIENTS &[CONTROL, ("event", "bad_request")], "control_bad_requests",
+        Control "bad-requests", |s| s.control.bad_requests;
+    CONTROL_CLIENTS &[METRICS, ("event", "accepted")], "metrics_accepted",
+        Metrics "accepted", |s| s.metrics.accepted;
+    CONTROL_CLIENTS &[METRICS, ("event", "refused")], "metrics_refused",
+        Metrics "refused", |s| s.metrics.refused;
+    CONTROL_CLIENTS &[METRICS, ("event", "timed_out")], "metrics_timed_out",
+        Metrics "timed-out", |s| s.metrics.timed_out;
+    CONTROL_CLIENTS &[METRICS, ("event", "evicted")], "metrics_evicted",
+        Metrics "evicted", |s| s.metrics.evicted;
+    CONTROL_CLIENTS &[METRICS, ("event", "bad_request")], "metrics_bad_requests",
+        Metrics "bad-requests", |s| s.metrics.bad_requests;
+
+    OPEN_FLOWS &[TCP, ("state", "connecting")], "tcp_flows_connecting",
+        FlowStates "connecting", |s| s.gauges.tcp_connecting;
+    OPEN_FLOWS &[TCP, ("state", "open")], "tcp_flows_open", FlowStates "open",
+        |s| s.gauges.tcp_open;
+    OPEN_FLOWS &[TCP, ("state", "closing")], "tcp_flows_closing", FlowStates "closing",
+        |s| s.gauges.tcp_closing;
+    OPEN_FLOWS &[UDP, ("state", "open")], "udp_flows_open", FlowStates "udp",
+        |s| s.gauges.udp_open;
+    OPEN_FLOWS &[ICMP, ("state", "open")], "icmp_flows_open", FlowStates "icmp",
+        |s| s.gauges.icmp_open;
+    TUN_WRITE_BUFFERS_IN_USE &[], "tun_write_buffers_in_use", TunBuffers "write-in-use",
+        |s| s.gauges.tun_write_buffers_in_use;
+    TUN_WRITE_BUFFERS &[], "tun_write_buffers", TunBuffers "write",
+        |s| s.gauges.tun_write_buffers;
+    TUN_READ_BUFFERS_CIRCULATING &[], "tun_read_buffers_circulating",
+        TunBuffers "read-circulating", |s| s.gauges.tun_read_buffers_circulating;
+    TUN_READ_BUFFERS &[], "tun_read_buffers", TunBuffers "read", |s| s.gauges.tun_read_buffers;
+    FLOW_BUFFERS_BOUND &[], "memory_flow_buffers_bound_bytes", Memory "flow-buffers-bound-bytes",
+        |s| s.gauges.flow_buffers_resident_bound;
+    MEMORY_LIMIT &[], "memory_limit_bytes", Memory "limit-bytes", |s| s.gauges.memory_limit;
+    RESIDENT_MEMORY &[], "memory_resident_bytes", Memory "resident-bytes", |s| s.gauges.resident;
+}
+
+/// Every entry with its value in `snapshot`, in table order.
+pub fn samples<'a>(snapshot: &'a Snapshot<'a>) -> impl Iterator<Item = (&'static Entry, u64)> + 'a {
+    TABLE
+        .iter()
+        .filter_map(|entry| Some((entry, entry.value(snapshot)?)))
 }
 
 #[cfg(test)]
@@ -723,49 +531,56 @@ pub(crate) mod tests {
         })
     }
 
-    pub fn samples(snapshot: &Snapshot) -> Vec<Sample> {
-        let mut all = Vec::new();
-        each_sample(snapshot, |sample| all.push(sample));
-        all
-    }
-
     #[test]
     fn keys_are_unique_and_families_come_in_one_run() {
-        let all = snapshot_with(samples);
-        let keys: HashSet<&str> = all.iter().map(|s| s.key).collect();
-        assert_eq!(keys.len(), all.len(), "a key used twice");
+        let keys: HashSet<&str> = TABLE.iter().map(|entry| entry.key).collect();
+        assert_eq!(keys.len(), TABLE.len(), "a key used twice");
         let mut seen = HashSet::new();
         let mut last = "";
-        for sample in &all {
-            if sample.family.name != last {
+        for entry in TABLE {
+            if entry.family.name != last {
                 assert!(
-                    seen.insert(sample.family.name),
+                    seen.insert(entry.family.name),
                     "{} split",
-                    sample.family.name
+                    entry.family.name
                 );
-                last = sample.family.name;
+                last = entry.family.name;
             }
         }
-        let label_sets: HashSet<(&str, Vec<(&str, &str)>)> = all
+        let label_sets: HashSet<(&str, Vec<(&str, &str)>)> = TABLE
             .iter()
-            .map(|s| (s.family.name, s.labels.to_vec()))
+            .map(|entry| (entry.family.name, entry.labels.to_vec()))
             .collect();
         assert_eq!(
             label_sets.len(),
-            all.len(),
-            "two samples with the same labels"
+            TABLE.len(),
+            "two entries with the same labels"
         );
     }
 
     #[test]
     fn ping_is_told_apart_from_udp() {
-        let all = snapshot_with(samples);
-        let value = |key: &str| all.iter().find(|s| s.key == key).unwrap().value;
+        let all: Vec<(&Entry, u64)> = snapshot_with(|snapshot| samples(snapshot).collect());
+        let value = |key: &str| all.iter().find(|(entry, _)| entry.key == key).unwrap().1;
         assert_eq!(value("udp_bytes_up"), 436);
         assert_eq!(value("icmp_bytes_up"), 64);
         assert_eq!(value("udp_flows_opened"), 3);
         assert_eq!(value("icmp_flows_opened"), 2);
         assert_eq!(value("control_accepted"), 7);
         assert_eq!(value("memory_resident_bytes"), 4096);
+    }
+
+    #[test]
+    fn a_number_that_could_not_be_had_is_left_out() {
+        let stats = Stats::default();
+        let (gauges, clients) = (Gauges::default(), Clients::default());
+        let snapshot = Snapshot {
+            stats: &stats,
+            gauges: &gauges,
+            control: &clients,
+            metrics: &clients,
+        };
+        assert_eq!(samples(&snapshot).count(), TABLE.len() - 1);
+        assert!(samples(&snapshot).all(|(entry, _)| entry.key != "memory_resident_bytes"));
     }
 }

@@ -1,7 +1,8 @@
-//! What the control socket and the metrics endpoint say, without any I/O: the numbers
-//! the proxy reports (named once, in `counters`), the `status` reply streamed over the
-//! control socket and its parser, the Prometheus exposition, the HTTP requests the
-//! metrics endpoint answers, and the `uringproxy status` client that renders a reply.
+//! What the control socket, the metrics endpoint and SIGUSR1 say, without any I/O: the
+//! numbers the proxy reports (named once, in `counters`), the `status` reply streamed
+//! over the control socket and its parser, the Prometheus exposition, the HTTP requests
+//! the metrics endpoint answers, the `uringproxy status` client that renders a reply,
+//! and the text report SIGUSR1 prints.
 
 pub mod client;
 pub mod counters;
@@ -9,6 +10,7 @@ pub mod http;
 pub mod out;
 pub mod prometheus;
 pub mod render;
+pub mod report;
 pub mod wire;
 
 use std::path::PathBuf;

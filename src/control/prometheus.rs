@@ -32,33 +32,30 @@ pub fn write(out: &mut impl Write, info: &Info, snapshot: &Snapshot) -> fmt::Res
          {PREFIX}uptime_seconds {}",
         info.uptime_s
     )?;
-    let mut result = Ok(());
     let mut family = "";
-    counters::each_sample(snapshot, |sample| {
-        result = result.and_then(|()| {
-            let name = sample.family.name;
-            if name != family {
-                family = name;
-                let kind = match sample.family.kind {
-                    Kind::Counter => "counter",
-                    Kind::Gauge => "gauge",
-                };
-                writeln!(out, "# HELP {PREFIX}{name} {}", sample.family.help)?;
-                writeln!(out, "# TYPE {PREFIX}{name} {kind}")?;
-            }
-            write!(out, "{PREFIX}{name}")?;
-            for (i, (label, value)) in sample.labels.iter().enumerate() {
-                out.write_char(if i == 0 { '{' } else { ',' })?;
-                write!(out, "{label}=")?;
-                label_value(out, value)?;
-            }
-            if !sample.labels.is_empty() {
-                out.write_char('}')?;
-            }
-            writeln!(out, " {}", sample.value)
-        });
-    });
-    result
+    for (entry, value) in counters::samples(snapshot) {
+        let name = entry.family.name;
+        if name != family {
+            family = name;
+            let kind = match entry.family.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+            };
+            writeln!(out, "# HELP {PREFIX}{name} {}", entry.family.help)?;
+            writeln!(out, "# TYPE {PREFIX}{name} {kind}")?;
+        }
+        write!(out, "{PREFIX}{name}")?;
+        for (i, (label, value)) in entry.labels.iter().enumerate() {
+            out.write_char(if i == 0 { '{' } else { ',' })?;
+            write!(out, "{label}=")?;
+            label_value(out, value)?;
+        }
+        if !entry.labels.is_empty() {
+            out.write_char('}')?;
+        }
+        writeln!(out, " {value}")?;
+    }
+    Ok(())
 }
 
 /// A quoted label value: backslash, double quote and newline escaped.

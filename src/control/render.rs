@@ -240,7 +240,7 @@ mod tests {
         let text = text(&reply, None);
         assert!(text.starts_with("uringproxy on upx0 via eth0, offload tso, up 1m01s\n"));
         assert!(
-            text.contains("  tcp      bytes_up 1000 B, bytes_down 2.0 KiB"),
+            text.contains("  tcp      flows_opened 3, bytes_up 1000 B, bytes_down 2.0 KiB\n"),
             "{text}"
         );
         assert!(text.contains("flows: 2\n"), "{text}");
@@ -270,7 +270,7 @@ mod tests {
              \"state\":\"open\",\"bytes_up\":5,\"bytes_down\":1048576,\"age_s\":12,\"idle_s\":0}]}"
         ), "{json}");
         assert!(
-            json.contains("\"counters\":{\"tcp_bytes_up\":1000,"),
+            json.contains("\"counters\":{\"tcp_flows_opened\":3,"),
             "{json}"
         );
         assert_eq!(json.matches('{').count(), json.matches('}').count());

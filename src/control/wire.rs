@@ -88,15 +88,14 @@ pub fn write_header(out: &mut impl Write, info: &Info, snapshot: &Snapshot) -> f
     writeln!(out, "interface {}", info.interface)?;
     writeln!(out, "offload {}", info.offload)?;
     writeln!(out, "uptime_s {}", info.uptime_s)?;
-    let mut result = Ok(());
-    counters::each_sample(snapshot, |sample| {
-        let kind = match sample.family.kind {
+    for (entry, value) in counters::samples(snapshot) {
+        let kind = match entry.family.kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
         };
-        result = result.and_then(|()| writeln!(out, "{kind} {} {}", sample.key, sample.value));
-    });
-    result
+        writeln!(out, "{kind} {} {value}", entry.key)?;
+    }
+    Ok(())
 }
 
 pub fn write_flow(out: &mut impl Write, flow: &FlowRow) -> fmt::Result {

@@ -556,7 +556,7 @@ impl Proxy {
     }
 
     /// Runs `report` on the proxy's identity and numbers (counters refreshed first).
-    fn with_report<R>(&self, report: impl FnOnce(&Info, &Snapshot) -> R) -> R {
+    pub(super) fn with_report<R>(&self, report: impl FnOnce(&Info, &Snapshot) -> R) -> R {
         let [tcp_connecting, tcp_open, tcp_closing] = self.tcp.phases().map(|n| n as u64);
         let (udp_open, icmp_open) = self.udp.flows.open_by_kind();
         let (write_in_use, write_buffers) = self.stack.tx.buffer_use();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use log::{debug, trace};
 
 use super::Proxy;
+use crate::control::report;
 use crate::logger;
 
 /// How often counters are logged at debug level.
@@ -27,25 +28,17 @@ impl Proxy {
         self.stats.udp.socket_drops = self.udp.socket_drops();
     }
 
-    pub(super) fn print_counters(&mut self) {
+    /// The report (`control::report`), counters brought up to date first.
+    fn report(&mut self) -> String {
         self.gather();
-        let [connecting, open, closing] = self.tcp.phases();
-        logger::line(format_args!(
-            "active flows {}, TUN offload {}",
-            self.tcp.len(),
-            self.tun.tun.offload()
-        ));
-        logger::line(format_args!(
-            "flow states: connecting {connecting} open {open} closing {closing}; udp/ping flows {}",
-            self.udp.flows.len()
-        ));
-        let budget = &self.tcp.budget;
-        logger::line(format_args!(
-            "memory: flow buffers resident at most {} KiB of the {} KiB limit",
-            budget.resident_bound() / 1024,
-            budget.limit() / 1024
-        ));
-        for line in self.stats.to_string().lines() {
+        let mut text = String::new();
+        // A String takes whatever is written.
+        let _ = self.with_report(|info, snapshot| report::write(&mut text, info, snapshot));
+        text
+    }
+
+    pub(super) fn print_counters(&mut self) {
+        for line in self.report().lines() {
             logger::line(format_args!("{line}"));
         }
     }
@@ -56,9 +49,8 @@ impl Proxy {
             return;
         }
         self.last_report = now;
-        self.gather();
-        for line in self.stats.to_string().lines() {
-            debug!("{line} (active flows {})", self.tcp.len());
+        for line in self.report().lines() {
+            debug!("{line}");
         }
         if log::log_enabled!(log::Level::Trace) {
             for (id, entry) in self.tcp.table.iter() {
