@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
     match wire::parse(data) {
         Parsed::Tcp { key, opens, mss } => {
             assert!(key.client.port != 0 && key.server.port != 0);
-            assert!(opens || mss.is_none(), "MSS read from a segment that opens nothing");
+            assert!(
+                opens || mss.is_none(),
+                "MSS read from a segment that opens nothing"
+            );
         }
         Parsed::Udp {
             key,
@@ -37,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
             ..
         } => {
             assert_eq!(key.server.port, 0);
-            assert!(data_start + data_len <= data.len(), "echo data outside the packet");
+            assert!(
+                data_start + data_len <= data.len(),
+                "echo data outside the packet"
+            );
         }
         Parsed::Fragment | Parsed::Unsupported | Parsed::Malformed => {}
     }
@@ -48,7 +54,11 @@ fn reply_round_trips(key: FlowKey, payload: &[u8]) {
     let mut buf = vec![0u8; payload.len() + 100];
     let Some(len) = udp::reply(&mut buf, key, payload) else {
         // Only a payload too big for one IP packet has no reply.
-        assert!(payload.len() + 8 > 65535 - 20, "no reply for {} bytes", payload.len());
+        assert!(
+            payload.len() + 8 > 65535 - 20,
+            "no reply for {} bytes",
+            payload.len()
+        );
         return;
     };
     let Parsed::Udp {

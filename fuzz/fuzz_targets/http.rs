@@ -21,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(full, answer, "a complete head is answered alike when full");
             let mut more = data.to_vec();
             more.extend_from_slice(b"GET /metrics HTTP/1.0\r\n\r\n");
-            assert_eq!(http::parse(&more, false), answer, "bytes after the head count");
+            assert_eq!(
+                http::parse(&more, false),
+                answer,
+                "bytes after the head count"
+            );
             if status == Status::Ok {
                 assert!(data.starts_with(b"GET /metrics"), "200 for {data:?}");
             }

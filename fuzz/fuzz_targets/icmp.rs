@@ -26,8 +26,12 @@ fuzz_target!(|data: &[u8]| {
 
 fn unreachable(data: &[u8], selector: u8) {
     let quote = Quote::of(data);
-    let reason = [Reason::Network, Reason::Host, Reason::Port, Reason::Prohibited]
-        [usize::from(selector >> 2) % 4];
+    let reason = [
+        Reason::Network,
+        Reason::Host,
+        Reason::Port,
+        Reason::Prohibited,
+    ][usize::from(selector >> 2) % 4];
     // The sequence number is read from inside the quote only.
     if let Some(seq) = quote.tcp_seq() {
         let bytes = &data[..data.len().min(QUOTE_LEN)];
@@ -47,11 +51,18 @@ fn unreachable(data: &[u8], selector: u8) {
         4 => {
             let ip = Ipv4Packet::new_checked(packet).expect("a valid IPv4 packet");
             assert!(ip.verify_checksum());
-            assert_eq!(ip.dst_addr().octets(), data[12..16], "back to the quoted source");
+            assert_eq!(
+                ip.dst_addr().octets(),
+                data[12..16],
+                "back to the quoted source"
+            );
             assert_eq!(ip.src_addr().octets(), data[16..20]);
             let message = Icmpv4Packet::new_checked(ip.payload()).expect("an ICMP message");
             assert!(message.verify_checksum());
-            assert_eq!(message.msg_type(), smoltcp::wire::Icmpv4Message::DstUnreachable);
+            assert_eq!(
+                message.msg_type(),
+                smoltcp::wire::Icmpv4Message::DstUnreachable
+            );
             // The quote: the client's header (without options), then the 8 bytes after
             // its options.
             let quoted = message.data();
@@ -61,12 +72,19 @@ fn unreachable(data: &[u8], selector: u8) {
         }
         6 => {
             let ip = Ipv6Packet::new_checked(packet).expect("a valid IPv6 packet");
-            assert_eq!(ip.dst_addr().octets(), data[8..24], "back to the quoted source");
+            assert_eq!(
+                ip.dst_addr().octets(),
+                data[8..24],
+                "back to the quoted source"
+            );
             assert_eq!(ip.src_addr().octets(), data[24..40]);
             let message = Icmpv6Packet::new_checked(ip.payload()).expect("an ICMPv6 message");
             let (src, dst) = (ip.src_addr(), ip.dst_addr());
             assert!(message.verify_checksum(&src, &dst));
-            assert_eq!(message.msg_type(), smoltcp::wire::Icmpv6Message::DstUnreachable);
+            assert_eq!(
+                message.msg_type(),
+                smoltcp::wire::Icmpv6Message::DstUnreachable
+            );
         }
         version => panic!("IP version {version} written"),
     }
@@ -106,8 +124,11 @@ fn echo_reply(data: &[u8], selector: u8) {
             assert!(ip.verify_checksum());
             assert_eq!(ip.dst_addr(), client);
             let message = Icmpv4Packet::new_checked(ip.payload()).unwrap();
-            let Ok(Icmpv4Repr::EchoReply { ident, data: echoed, .. }) =
-                Icmpv4Repr::parse(&message, &caps)
+            let Ok(Icmpv4Repr::EchoReply {
+                ident,
+                data: echoed,
+                ..
+            }) = Icmpv4Repr::parse(&message, &caps)
             else {
                 panic!("not a valid echo reply");
             };
@@ -119,8 +140,11 @@ fn echo_reply(data: &[u8], selector: u8) {
             let ip = Ipv6Packet::new_checked(&buf[..len]).expect("a valid IPv6 packet");
             assert_eq!(ip.dst_addr(), client);
             let message = Icmpv6Packet::new_checked(ip.payload()).unwrap();
-            let Ok(Icmpv6Repr::EchoReply { ident, data: echoed, .. }) =
-                Icmpv6Repr::parse(&ip.src_addr(), &client, &message, &caps)
+            let Ok(Icmpv6Repr::EchoReply {
+                ident,
+                data: echoed,
+                ..
+            }) = Icmpv6Repr::parse(&ip.src_addr(), &client, &message, &caps)
             else {
                 panic!("not a valid echo reply");
             };
@@ -140,14 +164,18 @@ fn echo_request(data: &[u8], selector: u8) {
     assert_eq!(&message[8..], &data[..len - 8]);
     if ipv4 {
         let packet = Icmpv4Packet::new_checked(message).unwrap();
-        let Ok(Icmpv4Repr::EchoRequest { ident: got, seq_no, .. }) =
-            Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())
+        let Ok(Icmpv4Repr::EchoRequest {
+            ident: got, seq_no, ..
+        }) = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())
         else {
             panic!("not a valid echo request");
         };
         assert_eq!((got, seq_no), (ident, seq));
     } else {
         assert_eq!((message[0], message[1]), (128, 0));
-        assert_eq!(message[4..8], [ident.to_be_bytes(), 0x1234u16.to_be_bytes()].concat());
+        assert_eq!(
+            message[4..8],
+            [ident.to_be_bytes(), 0x1234u16.to_be_bytes()].concat()
+        );
     }
 }

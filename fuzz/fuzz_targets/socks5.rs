@@ -97,8 +97,8 @@ fn handshake(bytes: &[u8], selector: u8) {
     } else {
         Command::UdpAssociate
     };
-    let credentials = (selector & 16 != 0)
-        .then(|| Rc::new(Credentials::new(b"user", b"secret").unwrap()));
+    let credentials =
+        (selector & 16 != 0).then(|| Rc::new(Credentials::new(b"user", b"secret").unwrap()));
     let password = credentials.is_some();
     let target: SocketAddr = "192.0.2.80:443".parse().unwrap();
     let mut handshake = Handshake::new(command, target, credentials, Instant::from_secs(10));
@@ -122,13 +122,14 @@ fn handshake(bytes: &[u8], selector: u8) {
         if let Some(range) = io.recv {
             assert!(!range.is_empty() && range.end <= SCRATCH);
             let n = range.len().min(chunk).min(stream.len() - consumed);
-            scratch[range.start..range.start + n]
-                .copy_from_slice(&stream[consumed..consumed + n]);
+            scratch[range.start..range.start + n].copy_from_slice(&stream[consumed..consumed + n]);
             consumed += n;
             handshake.on_received(&scratch, Ok(n));
         }
     }
-    let outcome = handshake.outcome().expect("the handshake ended with its stream");
+    let outcome = handshake
+        .outcome()
+        .expect("the handshake ended with its stream");
     assert_eq!(handshake.inflight(), 0);
     let greeting: &[u8] = if password { &[5, 2, 0, 2] } else { &[5, 1, 0] };
     assert!(

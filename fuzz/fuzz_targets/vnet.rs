@@ -10,10 +10,17 @@ fuzz_target!(|data: &[u8]| {
     let Ok((header, packet)) = Header::parse(data) else {
         return;
     };
-    assert_eq!(packet, &data[vnet::LEN..], "the packet is what follows the header");
+    assert_eq!(
+        packet,
+        &data[vnet::LEN..],
+        "the packet is what follows the header"
+    );
     if header.needs_csum {
         let end = usize::from(header.csum_start) + usize::from(header.csum_offset) + 2;
-        assert!(end <= packet.len(), "checksum field past the packet: {header:?}");
+        assert!(
+            end <= packet.len(),
+            "checksum field past the packet: {header:?}"
+        );
     }
     if header.gso != Gso::None {
         assert!(header.gso_size > 0, "segmentation into empty segments");
