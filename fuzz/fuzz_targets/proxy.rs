@@ -317,13 +317,21 @@ impl Harness {
         match u.int_in_range(0..=19u8)? {
             0..=3 => {
                 let faults = u.arbitrary::<u8>()?;
-                let ms = match u.int_in_range(0..=9u8)? {
-                    // Now and then a long pause: retransmissions, keep-alives, expiry.
-                    9 => u.int_in_range(1_000..=200_000u64)?,
-                    _ => u.int_in_range(0..=200u64)?,
+                let long = u.int_in_range(0..=9u8)? == 9;
+                let ms = if long {
+                    u.int_in_range(1_000..=200_000u64)?
+                } else {
+                    u.int_in_range(0..=200u64)?
                 };
                 let serve = u.arbitrary::<u16>()?;
-                self.turn(faults, serve, Duration::from_millis(ms));
+                if long {
+                    // Now and then a long pause (retransmissions, keep-alives, expiry),
+                    // with timers firing on time as the loop's would.
+                    self.turn(faults, serve, Duration::ZERO);
+                    self.wait(Duration::from_millis(ms));
+                } else {
+                    self.turn(faults, serve, Duration::from_millis(ms));
+                }
             }
             4 => {
                 let more = usize::from(u.arbitrary::<u16>()?);
@@ -1131,20 +1139,38 @@ impl Harness {
                 self.flow.as_ref().map(Flow::describe),
                 self.next,
             );
-            // Time moves to the next thing due when nothing is in flight.
-            let quiet = self.up.is_empty() && self.down.is_empty() && self.done.is_empty();
-            let client_at = self
-                .client_iface
-                .poll_at(self.now, &self.client_sockets)
-                .unwrap_or(self.now + Duration::from_secs(1));
-            let flow_at = self.next.deadline.unwrap_or(client_at);
-            let tick = if quiet && !self.woken && !self.next.again {
-                (client_at.min(flow_at) - self.now).max(Duration::from_millis(1))
-            } else {
-                Duration::from_millis(1)
-            };
-            self.turn(0, u16::MAX, tick.min(Duration::from_secs(1)));
+            let tick = self.next_tick();
+            self.turn(0, u16::MAX, tick);
         }
+    }
+
+    /// Turns on a clean network until `duration` has passed.
+    fn wait(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        for _ in 0..SETTLE_TURNS {
+            if self.now >= end {
+                return;
+            }
+            let tick = self.next_tick().min(end - self.now);
+            self.turn(0, u16::MAX, tick);
+        }
+    }
+
+    /// How far the clock moves in a turn: a millisecond while packets or completions
+    /// are in flight, else to the next timer of the client or the flow (at most 1 s).
+    fn next_tick(&mut self) -> Duration {
+        let quiet = self.up.is_empty() && self.down.is_empty() && self.done.is_empty();
+        let client_at = self
+            .client_iface
+            .poll_at(self.now, &self.client_sockets)
+            .unwrap_or(self.now + Duration::from_secs(1));
+        let flow_at = self.next.deadline.unwrap_or(client_at);
+        let tick = if quiet && !self.woken && !self.next.again {
+            (client_at.min(flow_at) - self.now).max(Duration::from_millis(1))
+        } else {
+            Duration::from_millis(1)
+        };
+        tick.min(Duration::from_secs(1))
     }
 }
 
