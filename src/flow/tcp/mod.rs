@@ -579,7 +579,11 @@ impl Flow {
         self.rx.update(rx_held, used_up, now, budget);
         self.tx.update(tx_held, false, now, budget);
         let limit = self.window_limit();
-        let min_step = 2 * u32::from(self.segment_size);
+        // Two segments, as for the kernel's window updates, but at most half the
+        // allowance (RFC 9293 3.8.6.2.2's receiver rule): with a jumbo MSS two segments
+        // can exceed the whole allowance, and the client, never told its window opened,
+        // would be left to zero-window probes with their backoff.
+        let min_step = (2 * u32::from(self.segment_size)).min(self.rx.get() as u32 / 2);
         if window::update_due(&self.window, limit, min_step) {
             let ends = (self.key.server, self.key.client);
             let state = &mut self.window;
