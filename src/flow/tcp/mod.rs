@@ -31,7 +31,7 @@ use smoltcp::wire::{IpAddress, IpListenEndpoint};
 use crate::flow::budget::{Allowance, Budget};
 use crate::flow::upstream::{self, Handshake};
 use crate::stack::device::FlowTx;
-use crate::stack::{StackDevice, TxPool};
+use crate::stack::{Claim, StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
 use crate::wire::FlowKey;
 use crate::wire::icmp::{self, Quote, Reason};
@@ -538,7 +538,9 @@ impl Flow {
                 _ => None,
             };
             if let Some(reason) = reason
-                && !tx.emit(|buf| icmp::unreachable(buf, &self.syn, reason))
+                && !tx.emit(Claim::Egress, |buf| {
+                    icmp::unreachable(buf, &self.syn, reason)
+                })
             {
                 tx.counters.dropped_replies += 1;
             }
@@ -587,7 +589,16 @@ impl Flow {
         if window::update_due(&self.window, limit, min_step) {
             let ends = (self.key.server, self.key.client);
             let state = &mut self.window;
-            tx.emit(|buf| window::window_update(buf, ends, state, limit));
+            // Not a reply to the client's packet but to the server taking its bytes
+            // (an outbound completion), and one that can wait: it leaves the ACKs'
+            // reserve. Without a buffer the update is owed: the flow waits for one
+            // (`starved`), and the next poll finds the update still due, since only a
+            // written one is recorded in the window state. (It always fits a buffer.)
+            if !tx.emit(Claim::Egress, |buf| {
+                window::window_update(buf, ends, state, limit)
+            }) {
+                self.starved = true;
+            }
         }
         let (trim_rx, trim_tx) = (self.rx.take_trim(), self.tx.take_trim());
         if trim_rx || trim_tx {

@@ -17,7 +17,7 @@ use smoltcp::wire::{
 
 use super::*;
 use crate::flow::budget::{Budget, FLOOR};
-use crate::stack::{self, StackDevice, TxPool};
+use crate::stack::{self, Claim, StackDevice, TxPool};
 use crate::uring::Region;
 use crate::wire::{self, Offload, Parsed};
 
@@ -855,7 +855,7 @@ fn the_flow_stays_until_its_rst_is_out() {
     });
     // Every TUN write buffer taken: the RST the server's reset causes cannot go out yet.
     let mut held = Vec::new();
-    while h.tx.emit(|buf| Some(buf.len().min(40))) {}
+    while h.tx.emit(Claim::Reply, |buf| Some(buf.len().min(40))) {}
     h.tx.take_ready(|index, _| held.push(index));
     h.server.reset = true;
     for _ in 0..20 {
@@ -1090,6 +1090,65 @@ fn at_the_floor_a_jumbo_mtu_needs_no_zero_window_probe() {
             );
         }
     }
+}
+
+#[test]
+fn a_window_update_that_found_no_buffer_goes_out_once_one_frees() {
+    let upload = pattern(64 * 1024, 18);
+    // Strict: the flow runs only when the event loop would run it.
+    let mut h = Harness::new(
+        Server {
+            stall_sends: true,
+            ..Server::default()
+        },
+        Order::Strict(4),
+    );
+    h.budget = Budget::new(0);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut offset = 0;
+    h.steps_until(100, |h| {
+        let client = h.client();
+        if client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+        h.flow().rx_held() == FLOOR
+    });
+    // The client has been told its window is closed; then every TUN write buffer is
+    // taken, and the server reads: the window opens, but its update finds no buffer.
+    for _ in 0..20 {
+        h.step();
+    }
+    let mut held = Vec::new();
+    while h.tx.emit(Claim::Reply, |buf| Some(buf.len().min(40))) {}
+    h.tx.take_ready(|index, _| held.push(index));
+    h.server.stall_sends = false;
+    h.steps_until(100, |h| h.flow().rx_held() == 0);
+    for _ in 0..5 {
+        h.step();
+    }
+    assert!(h.next.starved, "an update owed waits for a buffer");
+    // A write completes: the loop wakes the flows that found no buffer (only those).
+    for index in held {
+        h.tx.release(index);
+    }
+    if h.next.starved {
+        h.flow.as_mut().unwrap().on_tx_buffer();
+        h.woken = true;
+    }
+    let start = h.now;
+    h.steps_until(1000, |h| {
+        let client = h.client();
+        if offset < upload.len() && client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+        h.server.received.len() == upload.len()
+    });
+    // Well before the client's zero-window probe (1 s; its byte beyond the window
+    // would fail `flow_ingress`).
+    let took = h.now - start;
+    assert!(took < Duration::from_millis(500), "took {took}");
+    assert_eq!(h.server.received, upload);
 }
 
 #[test]
