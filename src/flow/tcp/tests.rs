@@ -1029,6 +1029,37 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
     }
 }
 
+/// A flow at the memory floor (no budget) whose server, with `download` to send, stopped
+/// reading until the client filled its window with the start of `upload` and was told
+/// it is closed; returns it and how much of `upload` the client has sent.
+fn window_closed(mtu: usize, order: Order, download: &[u8], upload: &[u8]) -> (Harness, usize) {
+    let mut h = Harness::with_mtu(
+        Server {
+            to_send: download.iter().copied().collect(),
+            stall_sends: true,
+            ..Server::default()
+        },
+        order,
+        mtu,
+    );
+    h.budget = Budget::new(0);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut offset = 0;
+    h.steps_until(100, |h| {
+        let client = h.client();
+        if client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+        h.flow().rx_held() == FLOOR
+    });
+    // Long enough for the flow's ACK of the last byte, with a zero window, to go out.
+    for _ in 0..20 {
+        h.step();
+    }
+    (h, offset)
+}
+
 #[test]
 fn at_the_floor_a_jumbo_mtu_needs_no_zero_window_probe() {
     // No budget: both directions stay at the 16 KiB floor, below two segments of a
@@ -1045,30 +1076,7 @@ fn at_the_floor_a_jumbo_mtu_needs_no_zero_window_probe() {
             Order::Shuffled(mtu as u64),
             Order::Strict(3),
         ] {
-            let mut h = Harness::with_mtu(
-                Server {
-                    to_send: download.iter().copied().collect(),
-                    stall_sends: true,
-                    ..Server::default()
-                },
-                order,
-                mtu,
-            );
-            h.budget = Budget::new(0);
-            connect(&mut h, Ok(()));
-            h.steps_until(50, |h| h.client().state() == State::Established);
-            let mut offset = 0;
-            h.steps_until(100, |h| {
-                let client = h.client();
-                if client.can_send() {
-                    offset += client.send_slice(&upload[offset..]).unwrap();
-                }
-                h.flow().rx_held() == FLOOR
-            });
-            // Long enough for the client to have been told its window is closed.
-            for _ in 0..20 {
-                h.step();
-            }
+            let (mut h, mut offset) = window_closed(mtu, order, &download, &upload);
             h.server.stall_sends = false;
             let start = h.now;
             let mut got = Vec::new();
@@ -1096,29 +1104,9 @@ fn at_the_floor_a_jumbo_mtu_needs_no_zero_window_probe() {
 fn a_window_update_that_found_no_buffer_goes_out_once_one_frees() {
     let upload = pattern(64 * 1024, 18);
     // Strict: the flow runs only when the event loop would run it.
-    let mut h = Harness::new(
-        Server {
-            stall_sends: true,
-            ..Server::default()
-        },
-        Order::Strict(4),
-    );
-    h.budget = Budget::new(0);
-    connect(&mut h, Ok(()));
-    h.steps_until(50, |h| h.client().state() == State::Established);
-    let mut offset = 0;
-    h.steps_until(100, |h| {
-        let client = h.client();
-        if client.can_send() {
-            offset += client.send_slice(&upload[offset..]).unwrap();
-        }
-        h.flow().rx_held() == FLOOR
-    });
-    // The client has been told its window is closed; then every TUN write buffer is
-    // taken, and the server reads: the window opens, but its update finds no buffer.
-    for _ in 0..20 {
-        h.step();
-    }
+    let (mut h, mut offset) = window_closed(MTU, Order::Strict(4), &[], &upload);
+    // Every TUN write buffer is taken, and the server reads: the window opens, but its
+    // update finds no buffer.
     let mut held = Vec::new();
     while h.tx.emit(Claim::Reply, |buf| Some(buf.len().min(40))) {}
     h.tx.take_ready(|index, _| held.push(index));
