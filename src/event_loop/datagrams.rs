@@ -16,6 +16,7 @@ use super::{MAX_TIMERS_PER_TURN, Proxy};
 use crate::error::Error;
 use crate::flow::Id;
 use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received};
+use crate::stack::Claim;
 use crate::sys;
 use crate::uring::{Completion, Op, Region, Ring, Slice, Token};
 use crate::wire::icmp::{self, Quote, Reason};
@@ -249,11 +250,10 @@ impl Proxy {
             // the client's pings: refused, and told so at once.
             self.stats.upstream.echo_refused += 1;
             let quote = Quote::of(self.packet(frame));
-            if !self
-                .stack
-                .tx
-                .emit(|buf| icmp::unreachable(buf, &quote, Reason::Prohibited))
-            {
+            // The answer to the echo request just read, like smoltcp's RST to a SYN:
+            // one per packet from the TUN, so it may take the reserve.
+            let reply = |buf: &mut [u8]| icmp::unreachable(buf, &quote, Reason::Prohibited);
+            if !self.stack.tx.emit(Claim::Reply, reply) {
                 self.udp.flows.counters.reply_drops += 1;
             }
             return;
