@@ -11,9 +11,6 @@ use crate::uring::{KernelVersion, features};
 use crate::wire::socks5::Credentials;
 use crate::wire::{Cidr, Offload};
 
-/// The TUN created unless `--tun` names another.
-pub const DEFAULT_TUN: &str = "uringproxy0";
-
 /// Default TUN addresses: the RFC 2544 benchmarking range and a ULA prefix, both
 /// unlikely to clash with a LAN.
 pub const DEFAULT_TUN_ADDRS: [&str; 2] = ["198.18.0.1/30", "fd7a:7072:7879::1/64"];
