@@ -35,9 +35,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &Socks5, timeout: std::time::Duration) -> Upstream {
+    pub fn new(server: SocketAddr, config: &Socks5, timeout: std::time::Duration) -> Upstream {
         Upstream {
-            server: config.server,
+            server,
             credentials: config.credentials.clone().map(Rc::new),
             timeout,
         }
