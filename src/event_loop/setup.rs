@@ -1,7 +1,7 @@
 //! Everything before the loop: the checks against the host, the signal mask, the
-//! kernel check, then (as root) the TUN, the control socket and metrics endpoint, the routes, pinning, the fd limit, the
-//! loop's own state, the drop to `--user`, and finally a check that pings can be
-//! relayed.
+//! kernel check, then (as root) the TUN, the control socket and metrics endpoint, the
+//! routes, pinning, the fd limit, the loop's own state, the drop to `--user`, and
+//! finally a check that pings can be relayed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
