@@ -1,24 +1,26 @@
-//! The validated configuration the proxy runs with, built from the command line.
+//! The configuration the proxy runs with, validated from the command line alone: no
+//! host I/O here, so what needs the host (the interface, the CPU mask, the user, the
+//! upstream's address) is checked by `event_loop` before it creates anything.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+mod upstream;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use upstream::Socks5;
+
 use crate::cli::Args;
 use crate::error::Error;
-use crate::sys;
 use crate::uring::{KernelVersion, features};
-use crate::wire::socks5::Credentials;
 use crate::wire::{Cidr, Offload};
-
-/// The TUN created unless `--tun` names another.
-pub const DEFAULT_TUN: &str = "uringproxy0";
 
 /// Default TUN addresses: the RFC 2544 benchmarking range and a ULA prefix, both
 /// unlikely to clash with a LAN.
 pub const DEFAULT_TUN_ADDRS: [&str; 2] = ["198.18.0.1/30", "fd7a:7072:7879::1/64"];
 
-/// Everything the proxy needs to run, checked against the host.
+/// Everything the proxy needs to run, each value checked on its own and against the
+/// others.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub interface: String,
@@ -43,8 +45,8 @@ pub struct Config {
     pub routes: Vec<Cidr>,
     /// The routing table (and rule priority) of `routes`.
     pub table: u32,
-    /// The user to switch to once set up.
-    pub user: Option<nix::unistd::User>,
+    /// The name of the user to switch to once set up.
+    pub user: Option<String>,
     /// The control socket to serve (`None`: `--control none`).
     pub control: Option<ControlSocket>,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -65,15 +67,6 @@ pub struct ControlSocket {
 /// Longest Unix socket path (`sun_path` less its terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// A SOCKS5 upstream (`--upstream`). Its `Debug` shows no credential.
-#[derive(Clone, Debug)]
-pub struct Socks5 {
-    pub server: SocketAddr,
-    pub credentials: Option<Credentials>,
-}
-
-const UPSTREAM_SYNTAX: &str = "socks5://[user:pass@]HOST:PORT or direct";
-
 /// Environment variable capping the offload probe (none, header, csum, tso, uso).
 pub const OFFLOAD_CAP_ENV: &str = "URINGPROXY_MAX_OFFLOAD";
 
@@ -88,16 +81,6 @@ const MAX_MTU: u32 = 65535;
 const MAX_INTERFACE_NAME: usize = 15;
 
 impl Config {
-    /// The TUN to create.
-    pub fn tun_spec(&self) -> crate::tun::Spec {
-        crate::tun::Spec {
-            name: self.tun_name.clone(),
-            addrs: self.tun_addrs.clone(),
-            mtu: self.mtu,
-            offload_cap: self.offload_cap,
-        }
-    }
-
     /// One warning per test override in effect: URINGPROXY_MAX_OFFLOAD and
     /// URINGPROXY_MAX_URING lower features, which left in a service's environment would
     /// otherwise go unnoticed.
@@ -125,7 +108,7 @@ impl Config {
         warnings
     }
 
-    /// Validates `args`: parses addresses, checks ranges and that the interface exists.
+    /// Validates `args`: parses addresses, checks ranges and names.
     pub fn from_args(args: Args) -> Result<Config, Error> {
         let addr_texts: Vec<String> = if args.tun_addr.is_empty() {
             DEFAULT_TUN_ADDRS.iter().map(|s| s.to_string()).collect()
@@ -185,12 +168,6 @@ impl Config {
         if args.max_udp_flows == 0 {
             return Err(Error::Usage("--max-udp-flows must be at least 1".into()));
         }
-        if let Some(cpu) = args.cpu {
-            let allowed = allowed_cpus().map_err(|err| {
-                Error::Io("read the CPU affinity (sched_getaffinity)", err.into())
-            })?;
-            check_cpu(cpu, &allowed).map_err(Error::Usage)?;
-        }
         // Tests cap the probe to exercise each fallback level on any kernel.
         let (offload_cap, offload_cap_from_env) =
             match (args.no_offload, std::env::var(OFFLOAD_CAP_ENV)) {
@@ -213,15 +190,6 @@ impl Config {
                 ))
             })?),
             Err(_) => None,
-        };
-        let user = match &args.user {
-            None => None,
-            Some(name) => Some(
-                nix::unistd::User::from_name(name)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| Error::Usage(format!("--user {name}: no such user")))?,
-            ),
         };
         let interface = args.interface.ok_or_else(|| {
             Error::Usage(
@@ -247,11 +215,8 @@ impl Config {
                 crate::routing::TABLES.end()
             )));
         }
-        if sys::interface_index(&interface).is_none() {
-            return Err(Error::UnknownInterface(interface));
-        }
         let upstream = match &args.upstream {
-            Some(url) => parse_upstream(&url.0).map_err(Error::Usage)?,
+            Some(url) => upstream::parse(&url.0).map_err(Error::Usage)?,
             None => None,
         };
         Ok(Config {
@@ -274,7 +239,7 @@ impl Config {
                 ))
             })?,
             connect_timeout: Duration::from_secs(args.connect_timeout),
-            user,
+            user: args.user,
             control,
             metrics,
             routes,
@@ -336,50 +301,6 @@ fn control_socket(flag: Option<&str>, tun: &str) -> Result<Option<ControlSocket>
 /// The `--route` networks. Each family routed needs a TUN address of that family: the
 /// TUN would otherwise lend connections another interface's source address, and with it
 /// the bypass rule would send them past the TUN.
-/// The ids of the CPUs this process may run on: its affinity mask, which taskset or a
-/// cpuset cgroup may have narrowed to ids that are not 0..count.
-fn allowed_cpus() -> nix::Result<Vec<usize>> {
-    let mask = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
-    Ok((0..nix::sched::CpuSet::count())
-        .filter(|&cpu| mask.is_set(cpu).unwrap_or(false))
-        .collect())
-}
-
-/// `--cpu cpu` is usable if the process may run there; the error names where it may.
-fn check_cpu(cpu: usize, allowed: &[usize]) -> Result<(), String> {
-    if allowed.contains(&cpu) {
-        return Ok(());
-    }
-    Err(format!(
-        "--cpu {cpu}: not among the CPUs this process may run on ({})",
-        id_ranges(allowed)
-    ))
-}
-
-/// Ascending ids as the kernel's cpu lists show them: `0,2-3`.
-fn id_ranges(ids: &[usize]) -> String {
-    let mut text = String::new();
-    let mut rest = ids;
-    while let [first, ..] = rest {
-        let run = rest
-            .iter()
-            .zip(*first..)
-            .take_while(|(id, expected)| **id == *expected)
-            .count();
-        let last = rest[run - 1];
-        if !text.is_empty() {
-            text.push(',');
-        }
-        text.push_str(&if last == *first {
-            first.to_string()
-        } else {
-            format!("{first}-{last}")
-        });
-        rest = &rest[run..];
-    }
-    text
-}
-
 fn route_networks(texts: &[String], tun_addrs: &[Cidr]) -> Result<Vec<Cidr>, Error> {
     let mut routes = Vec::new();
     for text in texts {
@@ -396,122 +317,6 @@ fn route_networks(texts: &[String], tun_addrs: &[Cidr]) -> Result<Vec<Cidr>, Err
         routes.push(route);
     }
     Ok(routes)
-}
-
-/// Parses `--upstream`: `direct`, or a socks5 URL whose host is an address or a name
-/// (resolved once, now) and whose user name and password may be %-encoded. The errors
-/// never repeat the text, which may hold a password.
-fn parse_upstream(text: &str) -> Result<Option<Socks5>, String> {
-    if text == "direct" {
-        return Ok(None);
-    }
-    let usage = |why: &str| format!("--upstream: {why} (expected {UPSTREAM_SYNTAX})");
-    let is_scheme = |scheme: &str| {
-        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-            && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-    };
-    let (scheme, rest) = text
-        .split_once("://")
-        .filter(|(scheme, _)| is_scheme(scheme))
-        .ok_or_else(|| usage("not a URL"))?;
-    if !scheme.eq_ignore_ascii_case("socks5") {
-        return Err(usage(&format!("unsupported scheme '{scheme}'")));
-    }
-    let (userinfo, host_port) = match rest.rsplit_once('@') {
-        Some((userinfo, host_port)) => (Some(userinfo), host_port),
-        None => (None, rest),
-    };
-    let host_port = host_port.strip_suffix('/').unwrap_or(host_port);
-    if host_port.contains(['/', '?', '#']) {
-        return Err(usage("a path, query or fragment is not allowed"));
-    }
-    let (host, port) = match host_port.strip_prefix('[') {
-        Some(bracketed) => {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| usage("unclosed '['"))?;
-            (host, after.strip_prefix(':'))
-        }
-        None => match host_port.rsplit_once(':') {
-            Some((host, _)) if host.contains(':') => {
-                return Err(usage("an IPv6 address goes in brackets"));
-            }
-            Some((host, port)) => (host, Some(port)),
-            None => (host_port, None),
-        },
-    };
-    if host.is_empty() {
-        return Err(usage("missing host"));
-    }
-    let port = port.ok_or_else(|| usage("missing port"))?;
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|&port| port != 0)
-        .ok_or_else(|| {
-            // Only digits are shown: `socks5://user:password` with the host forgotten
-            // would put the password here.
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                format!("--upstream: port '{port}' is not a number in 1..=65535")
-            } else {
-                "--upstream: the port is not a number in 1..=65535 (credentials go before \
-                 the host: user:pass@HOST:PORT)"
-                    .to_string()
-            }
-        })?;
-    let credentials = match userinfo {
-        None => None,
-        Some(userinfo) => {
-            let (user, password) = userinfo
-                .split_once(':')
-                .ok_or_else(|| usage("a user name needs a password (user:pass@)"))?;
-            let decode = |part: &str, what: &str| {
-                percent_decode(part)
-                    .ok_or_else(|| format!("--upstream: a bad %-escape in the {what}"))
-            };
-            let (user, password) = (decode(user, "user name")?, decode(password, "password")?);
-            Some(
-                Credentials::new(&user, &password)
-                    .map_err(|why| format!("--upstream: {why} (RFC 1929 takes 1 to 255 bytes)"))?,
-            )
-        }
-    };
-    let server = match host.parse::<IpAddr>() {
-        Ok(addr) => SocketAddr::new(addr, port),
-        Err(_) => (host, port)
-            .to_socket_addrs()
-            .map_err(|err| format!("--upstream: cannot resolve '{host}': {err}"))?
-            .next()
-            .ok_or_else(|| format!("--upstream: '{host}' has no address"))?,
-    };
-    Ok(Some(Socks5 {
-        server,
-        credentials,
-    }))
-}
-
-/// `text` with its %XX escapes decoded; `None` for a `%` not followed by two hex digits.
-fn percent_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        if bytes[at] == b'%' {
-            let hex = bytes.get(at + 1..at + 3)?;
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            // Two hex digits: valid UTF-8 and a byte.
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            at += 3;
-        } else {
-            out.push(bytes[at]);
-            at += 1;
-        }
-    }
-    Some(out)
 }
 
 /// A byte count with an optional K, M or G suffix (powers of 1024), at least 1 MiB.
@@ -572,7 +377,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_values_with_a_message_naming_them() {
-        let cases: [(&[&str], &str); 8] = [
+        let cases: [(&[&str], &str); 7] = [
             (&["--connect-timeout", "1000000000000"], "--connect-timeout"),
             (
                 &["--tun-addr", "198.18.0.1/30", "--tun-addr", "198.18.0.1/24"],
@@ -582,7 +387,6 @@ mod tests {
             (&["--mtu", "100"], "--mtu"),
             (&["--tun-addr", "10.0.0.1"], "10.0.0.1"),
             (&["--tun", "name-that-is-far-too-long"], "--tun"),
-            (&["--cpu", "100000"], "--cpu"),
             (&["--max-flows", "0"], "--max-flows"),
         ];
         for (extra, needle) in cases {
@@ -620,29 +424,6 @@ mod tests {
     }
 
     #[test]
-    fn cpus_are_checked_against_their_ids() {
-        assert_eq!(id_ranges(&[0]), "0");
-        assert_eq!(id_ranges(&[1]), "1");
-        assert_eq!(id_ranges(&[0, 2, 3]), "0,2-3");
-        assert_eq!(id_ranges(&[0, 1, 2, 3, 5, 7, 8]), "0-3,5,7-8");
-        assert_eq!(id_ranges(&[4, 5, 6, 7]), "4-7");
-        assert_eq!(check_cpu(1, &[1]), Ok(()));
-        assert_eq!(check_cpu(3, &[0, 2, 3]), Ok(()));
-        assert_eq!(
-            check_cpu(0, &[1]),
-            Err("--cpu 0: not among the CPUs this process may run on (1)".to_string())
-        );
-        assert_eq!(
-            check_cpu(1, &[0, 2, 3]),
-            Err("--cpu 1: not among the CPUs this process may run on (0,2-3)".to_string())
-        );
-        // The mask read here is the test's own: it holds the CPU the test runs on.
-        let allowed = allowed_cpus().unwrap();
-        assert!(!allowed.is_empty());
-        assert!(allowed.windows(2).all(|w| w[0] < w[1]), "{allowed:?}");
-    }
-
-    #[test]
     fn interface_names_follow_the_kernel_rules() {
         for good in ["uringproxy0", "a", "tun-1_x.y", "123456789012345", "é"] {
             assert_eq!(check_interface_name(good), Ok(()), "{good:?}");
@@ -670,6 +451,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("--tun 'up%d': '%'"), "{err}");
+    }
+
+    #[test]
+    fn nothing_is_asked_of_the_host() {
+        // None of these exist; `event_loop`'s host checks say so, not the configuration.
+        let parsed: Args = argh::FromArgs::from_args(
+            &["uringproxy"],
+            &[
+                "-i",
+                "nosuchif0",
+                "--user",
+                "nosuchuser0",
+                "--cpu",
+                "100000",
+                "--upstream",
+                "socks5://nosuchhost.invalid:1080",
+            ],
+        )
+        .unwrap();
+        let config = Config::from_args(parsed).unwrap();
+        assert_eq!(config.interface, "nosuchif0");
+        assert_eq!(config.user.as_deref(), Some("nosuchuser0"));
+        assert_eq!(config.cpu, Some(100000));
+        assert_eq!(config.upstream.unwrap().host, "nosuchhost.invalid");
     }
 
     #[test]
@@ -768,62 +573,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_urls_are_parsed_strictly_and_never_echoed() {
-        let parse = |text: &str| parse_upstream(text);
-        assert!(parse("direct").unwrap().is_none());
-        let plain = parse("socks5://192.0.2.1:1080").unwrap().unwrap();
-        assert_eq!(plain.server, "192.0.2.1:1080".parse().unwrap());
-        assert!(plain.credentials.is_none());
-        let v6 = parse("SOCKS5://[2001:db8::1]:1080/").unwrap().unwrap();
-        assert_eq!(v6.server, "[2001:db8::1]:1080".parse().unwrap());
-        let named = parse("socks5://localhost:9050").unwrap().unwrap();
-        assert!(named.server.ip().is_loopback(), "{named:?}");
-        // %-escapes, and an '@' in the password left raw: the host follows the last one.
-        let with = parse("socks5://al%69ce:p%40ss@w@rd@192.0.2.1:1080")
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            with.credentials,
-            Some(Credentials::new(b"alice", b"p@ss@w@rd").unwrap())
-        );
-        let long = "a".repeat(256);
-        let cases = [
-            ("http://192.0.2.1:3128", "unsupported scheme 'http'"),
-            ("192.0.2.1:1080", "not a URL"),
-            ("socks5://192.0.2.1", "missing port"),
-            ("socks5://192.0.2.1:", "port '' is not a number"),
-            ("socks5://192.0.2.1:0", "port '0' is not a number"),
-            ("socks5://192.0.2.1:65536", "port '65536'"),
-            ("socks5://:1080", "missing host"),
-            ("socks5://2001:db8::1:1080", "brackets"),
-            ("socks5://[2001:db8::1:1080", "unclosed"),
-            ("socks5://192.0.2.1:1080/path", "path"),
-            ("socks5://secretuser@192.0.2.1:1080", "needs a password"),
-            (
-                "socks5://u:sec%zzret@192.0.2.1:1080",
-                "bad %-escape in the password",
-            ),
-            ("socks5://:secret@192.0.2.1:1080", "user name is empty"),
-            ("socks5://alice:secret", "the port is not a number"),
-            (
-                "socks5://u:sec%+1ret@192.0.2.1:1080",
-                "bad %-escape in the password",
-            ),
-            ("socks5://u:@192.0.2.1:1080", "password is empty"),
-        ];
-        for (text, expected) in cases {
-            let err = parse(text).unwrap_err();
-            assert!(err.starts_with("--upstream: "), "{err}");
-            assert!(err.contains(expected), "{text}: {err}");
-            assert!(!err.contains("secret"), "{text}: {err}");
-            assert!(!err.contains('\n'));
-        }
-        let err = parse(&format!("socks5://{long}:p@192.0.2.1:1080")).unwrap_err();
-        assert!(err.contains("user name is longer than 255 bytes"), "{err}");
-        let err = parse(&format!("socks5://u:{long}@192.0.2.1:1080")).unwrap_err();
-        assert!(err.contains("password is longer than 255 bytes"), "{err}");
-        assert!(!err.contains(&long));
-        // The configuration as a whole does not show the password either.
+    fn the_upstream_password_is_not_shown() {
         let config = Config::from_args(args(&[
             "--upstream",
             "socks5://alice:hunter2@192.0.2.1:1080",
@@ -831,7 +581,7 @@ mod tests {
         .unwrap();
         let shown = format!("{config:?}");
         assert!(
-            shown.contains("192.0.2.1:1080") && !shown.contains("hunter2"),
+            shown.contains("192.0.2.1") && !shown.contains("hunter2"),
             "{shown}"
         );
         let err = Config::from_args(args(&["--upstream", "ftp://x"]))
@@ -841,13 +591,5 @@ mod tests {
             err.starts_with("--upstream: unsupported scheme 'ftp'"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn unknown_interface_is_named() {
-        let parsed: Args =
-            argh::FromArgs::from_args(&["uringproxy"], &["-i", "nosuchif0"]).unwrap();
-        let err = Config::from_args(parsed).unwrap_err().to_string();
-        assert!(err.contains("nosuchif0"));
     }
 }
