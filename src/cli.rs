@@ -1,13 +1,15 @@
-//! The command line: the proxy's flags and `demo`'s, parsed by argh, with argh's parse
-//! errors turned into one-line start-up errors; validation of the values lives in
-//! `config`.
+//! The command line: the flags of the proxy, of `demo` and of `status`, parsed by argh,
+//! with argh's parse errors turned into one-line start-up errors. Only parsing: the
+//! values are validated in `config`, and the commands run elsewhere.
 
 use argh::{EarlyExit, FromArgs};
 use log::LevelFilter;
 
 use crate::error::Error;
 use crate::logger;
-use crate::{control, demo};
+
+/// The TUN created unless `--tun` names another (and the one `status` asks by default).
+pub const DEFAULT_TUN: &str = "uringproxy0";
 
 /// uringproxy: a transparent TUN proxy that relays every TCP and UDP flow (and ping)
 /// routed into its TUN device through ordinary kernel sockets bound to one physical
@@ -27,7 +29,7 @@ pub struct Args {
     pub interface: Option<String>,
 
     /// name of the TUN device to create (default: uringproxy0)
-    #[argh(option, default = "String::from(crate::config::DEFAULT_TUN)")]
+    #[argh(option, default = "String::from(DEFAULT_TUN)")]
     pub tun: String,
 
     /// address of the TUN device as CIDR, repeatable, IPv4 and/or IPv6
@@ -143,12 +145,51 @@ impl std::fmt::Debug for UpstreamUrl {
     }
 }
 
+/// Shows uringproxy relaying TCP (both ways, hash-checked), UDP and ping between two
+/// network namespaces it creates and removes again, without touching the host's routing.
+/// Needs root.
+#[derive(FromArgs, Debug)]
+#[argh(help_triggers("-h", "--help", "help"))]
+pub struct DemoArgs {
+    /// bytes of TCP to move each way (default: 268435456, i.e. 256 MiB)
+    #[argh(option, default = "256 << 20")]
+    pub bytes: u64,
+
+    /// run the proxy with --no-offload
+    #[argh(switch)]
+    pub no_offload: bool,
+}
+
+/// Shows a running proxy: its TUN, interface, offload and uptime, its counters, and
+/// every live flow (protocol, client and server, state, bytes each way, age and idle
+/// time), most bytes first. Asks over the proxy's control socket.
+#[derive(FromArgs, Debug)]
+#[argh(help_triggers("-h", "--help", "help"))]
+pub struct StatusArgs {
+    /// the proxy's --tun: its control socket is /run/uringproxy/NAME.sock
+    /// (default: uringproxy0)
+    #[argh(option)]
+    pub tun: Option<String>,
+
+    /// the proxy's control socket, for one started with --control PATH
+    #[argh(option)]
+    pub control: Option<String>,
+
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    pub json: bool,
+
+    /// list only the N flows that moved the most bytes
+    #[argh(option)]
+    pub top: Option<usize>,
+}
+
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
     Run(Box<Args>),
-    Demo(demo::Args),
-    Status(control::client::Args),
+    Demo(DemoArgs),
+    Status(StatusArgs),
     /// Help or the version: text for stdout, nothing else to do.
     Print(String),
 }
@@ -170,13 +211,13 @@ pub fn from_env() -> Result<Command, Error> {
 pub fn parse(args: &[&str]) -> Result<Command, Error> {
     match args.split_first() {
         Some((&"demo", rest)) => {
-            return match demo::Args::from_args(&["uringproxy", "demo"], rest) {
+            return match DemoArgs::from_args(&["uringproxy", "demo"], rest) {
                 Ok(args) => Ok(Command::Demo(args)),
                 Err(exit) => early_exit(exit, "uringproxy demo --help"),
             };
         }
         Some((&"status", rest)) => {
-            return match control::client::Args::from_args(&["uringproxy", "status"], rest) {
+            return match StatusArgs::from_args(&["uringproxy", "status"], rest) {
                 Ok(args) => Ok(Command::Status(args)),
                 Err(exit) => early_exit(exit, "uringproxy status --help"),
             };

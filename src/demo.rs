@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use argh::FromArgs;
-
+use crate::cli::DemoArgs;
 use crate::error::Error;
 
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 2);
@@ -77,21 +76,6 @@ fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(2_654_435_761) >> 13) as u8
 }
 
-/// Shows uringproxy relaying TCP (both ways, hash-checked), UDP and ping between two
-/// network namespaces it creates and removes again, without touching the host's routing.
-/// Needs root.
-#[derive(FromArgs, Debug)]
-#[argh(help_triggers("-h", "--help", "help"))]
-pub struct Args {
-    /// bytes of TCP to move each way (default: 268435456, i.e. 256 MiB)
-    #[argh(option, default = "256 << 20")]
-    pub bytes: u64,
-
-    /// run the proxy with --no-offload
-    #[argh(switch)]
-    pub no_offload: bool,
-}
-
 /// Prints a line of the demo's report. A closed stdout (`demo | head`) is not an error
 /// of the demo: the rest of the report is dropped, the demo still cleans up.
 macro_rules! say {
@@ -100,7 +84,7 @@ macro_rules! say {
     }};
 }
 
-pub fn run(args: Args) -> Result<(), Error> {
+pub fn run(args: DemoArgs) -> Result<(), Error> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::NotPermitted(
             "create network namespaces for the demo",

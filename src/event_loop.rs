@@ -6,6 +6,7 @@
 mod association;
 mod control;
 mod datagrams;
+mod host;
 mod housekeeping;
 mod outbound;
 mod report;

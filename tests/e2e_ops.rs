@@ -1221,3 +1221,82 @@ fn a_restart_right_after_exit_finds_the_tun_name_free() {
     }
     server.join();
 }
+
+/// A jumbo MTU under a tight memory limit: with veths at MTU 9000 and a hundred
+/// downloads whose clients stopped reading holding every flow to the 16 KiB floor (less
+/// than two 8960-byte segments), a 1 MiB exchange on another flow must take at most
+/// three times what it takes with `--mtu 1500`. Without window updates of its own at
+/// that floor, the client only learnt its window had opened from zero-window probes.
+#[test]
+fn a_jumbo_mtu_at_the_memory_floor_moves_bytes_as_fast_as_a_small_one() {
+    const STALLED: usize = 100;
+    const EXCHANGE: u64 = MIB;
+    let Some(topo) = Topology::for_test("a_jumbo_mtu_at_the_memory_floor_moves_bytes") else {
+        return;
+    };
+    for (ns, dev) in [
+        (topo.client_ns(), topo.client_veth()),
+        (topo.server_ns(), topo.server_veth()),
+    ] {
+        common::ip(&format!("-n {ns} link set {dev} mtu 9000"));
+    }
+    let mut took = Vec::new();
+    for mtu in ["1500", "9000"] {
+        let mut proxy = topo.start_proxy(&["--mtu", mtu, "--memory-limit", "1M"]);
+        let release = Arc::new(AtomicBool::new(false));
+        let stalled_server = {
+            let release = Arc::clone(&release);
+            topo.serve(topo.server_v4(), STALLED, move |stream| {
+                stalled_server(stream, &release)
+            })
+        };
+        let addr = stalled_server.addr();
+        let stalled: Vec<_> = (0..STALLED)
+            .map(|i| {
+                let release = Arc::clone(&release);
+                topo.in_client(move || stalled_client(addr, STALLED_DOWNLOAD, i as u64, &release))
+            })
+            .collect();
+        // Every stalled flow holds the server bytes its allowance lets it: the budget
+        // (two thirds of the limit for allowances) is spent, nothing may grow.
+        let floor_kib = STALLED as u64 * 16 * 3 / 2;
+        let held = wait_until(Duration::from_secs(30), || {
+            resident_bound_kib(&proxy.stats()) >= floor_kib
+        });
+        assert!(held, "the stalled flows never filled their allowances");
+        let echo_server = topo.serve(topo.server_v4(), 1, echo);
+        let echo_addr = echo_server.addr();
+        let start = Instant::now();
+        let (sent, received) =
+            join(topo.in_client(move || exchange(common::connect(echo_addr), 1, EXCHANGE)));
+        took.push(start.elapsed());
+        assert_eq!(sent, common::payload_digest(1, EXCHANGE));
+        assert_eq!(received, sent, "the echo came back changed (--mtu {mtu})");
+        assert_eq!(echo_server.join(), [EXCHANGE]);
+        release.store(true, Ordering::Relaxed);
+        for (i, client) in stalled.into_iter().enumerate() {
+            let [_, down] = join(client);
+            assert_eq!(down, common::payload_digest(i as u64, STALLED_BYTES));
+        }
+        stalled_server.join();
+        proxy.terminate();
+    }
+    let (small, jumbo) = (took[0], took[1]);
+    eprintln!(
+        "1 MiB exchange beside {STALLED} stalled downloads: --mtu 1500 {small:?}, --mtu 9000 {jumbo:?}"
+    );
+    assert!(
+        jumbo <= 3 * small.max(Duration::from_millis(100)) && jumbo < Duration::from_secs(3),
+        "--mtu 9000 took {jumbo:?}, --mtu 1500 {small:?}"
+    );
+}
+
+/// The bound on the flows' resident buffers from a counters report, in KiB.
+fn resident_bound_kib(report: &str) -> u64 {
+    report
+        .rsplit("flow buffers resident at most ")
+        .next()
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
+}

@@ -7,10 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use argh::FromArgs;
-
 use super::{STATUS_REQUEST, render, socket_path, wire};
-use crate::config::DEFAULT_TUN;
+use crate::cli::{DEFAULT_TUN, StatusArgs};
 use crate::error::Error;
 
 /// How long the proxy may take to send its whole reply (it closes slow readers after
@@ -19,31 +17,7 @@ const TIMEOUT: Duration = Duration::from_secs(15);
 /// The most of a reply read: ~110 bytes a flow, so millions of flows.
 const MAX_REPLY: u64 = 512 << 20;
 
-/// Shows a running proxy: its TUN, interface, offload and uptime, its counters, and
-/// every live flow (protocol, client and server, state, bytes each way, age and idle
-/// time), most bytes first. Asks over the proxy's control socket.
-#[derive(FromArgs, Debug)]
-#[argh(help_triggers("-h", "--help", "help"))]
-pub struct Args {
-    /// the proxy's --tun: its control socket is /run/uringproxy/NAME.sock
-    /// (default: uringproxy0)
-    #[argh(option)]
-    pub tun: Option<String>,
-
-    /// the proxy's control socket, for one started with --control PATH
-    #[argh(option)]
-    pub control: Option<String>,
-
-    /// print one JSON object instead of text
-    #[argh(switch)]
-    pub json: bool,
-
-    /// list only the N flows that moved the most bytes
-    #[argh(option)]
-    pub top: Option<usize>,
-}
-
-pub fn run(args: Args) -> Result<(), Error> {
+pub fn run(args: StatusArgs) -> Result<(), Error> {
     let path = match (&args.tun, &args.control) {
         (Some(_), Some(_)) => {
             return Err(Error::Usage(
@@ -67,7 +41,7 @@ pub fn run(args: Args) -> Result<(), Error> {
 }
 
 /// The whole reply of the proxy at `path`.
-fn fetch(path: &Path, args: &Args) -> Result<String, Error> {
+fn fetch(path: &Path, args: &StatusArgs) -> Result<String, Error> {
     let shown = path.display();
     let mut stream = UnixStream::connect(path).map_err(|err| {
         let hint = match err.kind() {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use log::info;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::unistd::User;
 use slab::Slab;
 use smoltcp::time::Instant;
 use socket2::{SockRef, Socket};
@@ -138,7 +139,7 @@ pub struct Control {
 impl Control {
     /// Listens where `config` asks (before the privileges are dropped: the control
     /// socket is handed to `--user`) and starts accepting.
-    pub fn new(config: &Config, ring: &mut Ring) -> Result<Control, Error> {
+    pub fn new(config: &Config, user: Option<&User>, ring: &mut Ring) -> Result<Control, Error> {
         let mut control = Control {
             listeners: [None, None],
             clients: Slab::new(),
@@ -148,7 +149,7 @@ impl Control {
             counters: Default::default(),
         };
         if let Some(socket) = &config.control {
-            let (listener, file) = listen::control_socket(socket, config.user.as_ref())?;
+            let (listener, file) = listen::control_socket(socket, user)?;
             info!(
                 "control socket at {} (see `uringproxy status`)",
                 socket.path.display()

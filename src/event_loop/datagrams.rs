@@ -16,10 +16,11 @@ use super::{MAX_TIMERS_PER_TURN, Proxy};
 use crate::error::Error;
 use crate::flow::Id;
 use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received};
+use crate::stack::Claim;
 use crate::sys;
 use crate::uring::{Completion, Op, Region, Ring, Slice, Token};
 use crate::wire::icmp::{self, Quote, Reason};
-use crate::wire::{Parsed, socks5};
+use crate::wire::{Parsed, socks5, udp};
 use smoltcp::wire::IpAddress;
 
 /// Largest UDP payload (IPv4 limit), the size of each receive and send buffer.
@@ -249,11 +250,10 @@ impl Proxy {
             // the client's pings: refused, and told so at once.
             self.stats.upstream.echo_refused += 1;
             let quote = Quote::of(self.packet(frame));
-            if !self
-                .stack
-                .tx
-                .emit(|buf| icmp::unreachable(buf, &quote, Reason::Prohibited))
-            {
+            // The answer to the echo request just read, like smoltcp's RST to a SYN:
+            // one per packet from the TUN, so it may take the reserve.
+            let reply = |buf: &mut [u8]| icmp::unreachable(buf, &quote, Reason::Prohibited);
+            if !self.stack.tx.emit(Claim::Reply, reply) {
                 self.udp.flows.counters.reply_drops += 1;
             }
             return;
@@ -301,16 +301,7 @@ impl Proxy {
             } => {
                 udp.flows.on_datagram(id, now, Some(Quote::of(packet)));
                 let payload = &packet[payload_start..payload_start + payload_len];
-                // A UDP segmentation super-packet carries datagrams of `udp_segment`
-                // bytes back to back.
-                let chunk = frame
-                    .udp_segment
-                    .map_or(payload.len(), usize::from)
-                    .clamp(1, MAX_DATAGRAM);
-                // An empty datagram is a datagram too (`chunks` of nothing yields none).
-                let parts = payload
-                    .chunks(chunk)
-                    .chain(payload.is_empty().then_some(payload));
+                let parts = udp::datagrams(payload, frame.udp_segment, MAX_DATAGRAM);
                 let server = key.server_addr();
                 for part in parts {
                     // Through an upstream, each datagram starts with the SOCKS5 header.

@@ -35,10 +35,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &Socks5, timeout: std::time::Duration) -> Upstream {
+    /// The upstream `socks5` names, at `server` (its host looked up at start-up).
+    pub fn new(server: SocketAddr, socks5: &Socks5, timeout: std::time::Duration) -> Upstream {
         Upstream {
-            server: config.server,
-            credentials: config.credentials.clone().map(Rc::new),
+            server,
+            credentials: socks5.credentials.clone().map(Rc::new),
             timeout,
         }
     }

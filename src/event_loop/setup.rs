@@ -1,8 +1,9 @@
-//! Everything before the loop: the signal mask, the kernel check, then (as root) the
-//! TUN, the control socket and metrics endpoint, the routes, pinning, the fd limit, the
-//! loop's own state, the drop to `--user`, and finally a check that pings can be
-//! relayed.
+//! Everything before the loop: the checks against the host, the signal mask, the
+//! kernel check, then (as root) the TUN, the control socket and metrics endpoint, the
+//! routes, pinning, the fd limit, the loop's own state, the drop to `--user`, and
+//! finally a check that pings can be relayed.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use log::{info, warn};
@@ -11,6 +12,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::control::Control;
 use super::datagrams::Datagrams;
+use super::host;
 use super::outbound::Upstream;
 use super::signals::Signals;
 use super::tcp::TcpFlows;
@@ -24,12 +26,13 @@ use crate::flow::tcp::admission::Limits;
 use crate::routing::Routes;
 use crate::stack::Stack;
 use crate::sys;
-use crate::tun::Tun;
+use crate::tun::{self, Tun};
 use crate::uring::{Features, Ring};
 
 /// Sets the proxy up and runs it until a stopping signal or a fatal error; returns
 /// only once its TUN is gone, so a restart with the same name can follow at once.
 pub fn run(config: Config) -> Result<(), Error> {
+    let host = host::check(&config)?;
     // Before anything is created: a SIGHUP or SIGTERM during set-up then waits for the
     // loop, which stops cleanly (removing the rules), instead of killing the process
     // with its rules installed.
@@ -41,7 +44,12 @@ pub fn run(config: Config) -> Result<(), Error> {
     // (TUN, rules) has been created.
     let mut ring = Ring::new().map_err(Error::from_ring_setup)?;
     let features = ring.probe(config.uring_cap).map_err(Error::Kernel)?;
-    let tun = Tun::create(&config.tun_spec())?;
+    let tun = Tun::create(&tun::Spec {
+        name: config.tun_name.clone(),
+        addrs: config.tun_addrs.clone(),
+        mtu: config.mtu,
+        offload_cap: config.offload_cap,
+    })?;
     let tun_name = tun.name().to_string();
     // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
     let routes = if config.routes.is_empty() {
@@ -58,7 +66,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     };
     // As root still: the control socket is handed to --user. After the TUN and the
     // rules, so that a TUN name or a table in use is the one error named.
-    let control = Control::new(&config, &mut ring)?;
+    let control = Control::new(&config, host.user.as_ref(), &mut ring)?;
     if let Some(cpu) = config.cpu {
         let mut set = nix::sched::CpuSet::new();
         set.set(cpu)
@@ -73,7 +81,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let udp = Datagrams::new(
         config.udp.clone(),
         config.interface.clone(),
-        upstream(&config),
+        upstream(&config, host.upstream),
         &mut ring,
     )?;
     let epoch = std::time::Instant::now();
@@ -88,7 +96,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         },
         config.connect_timeout,
         config.interface.clone(),
-        upstream(&config),
+        upstream(&config, host.upstream),
         Budget::new(config.memory_limit),
     );
     let mut proxy = Proxy {
@@ -110,14 +118,14 @@ pub fn run(config: Config) -> Result<(), Error> {
         config,
     };
     // Everything that needs root is done: the TUN, the rules, the ring, the fd limit.
-    if let Some(user) = &proxy.config.user {
+    if let Some(user) = &host.user {
         sys::drop_privileges(user).map_err(|err| Error::Io("drop privileges (--user)", err))?;
         info!(
             "running as {} with CAP_NET_ADMIN and CAP_NET_RAW only",
             user.name
         );
     }
-    log_start(&proxy, features, fd_limit);
+    log_start(&proxy, features, fd_limit, host.upstream);
     // Through an upstream pings are refused: no raw socket is needed.
     if proxy.config.upstream.is_none() {
         check_echo_sockets(&proxy.config.interface);
@@ -128,15 +136,13 @@ pub fn run(config: Config) -> Result<(), Error> {
     result
 }
 
-/// The SOCKS5 upstream of `config`, as the flows use it.
-fn upstream(config: &Config) -> Option<Upstream> {
-    config
-        .upstream
-        .as_ref()
-        .map(|socks5| Upstream::new(socks5, config.connect_timeout))
+/// The SOCKS5 upstream of `config`, at `server`, as the flows use it.
+fn upstream(config: &Config, server: Option<SocketAddr>) -> Option<Upstream> {
+    let socks5 = config.upstream.as_ref()?;
+    Some(Upstream::new(server?, socks5, config.connect_timeout))
 }
 
-fn log_start(proxy: &Proxy, features: Features, fd_limit: u64) {
+fn log_start(proxy: &Proxy, features: Features, fd_limit: u64, upstream: Option<SocketAddr>) {
     info!("TUN offload: {}", proxy.tun.tun.offload());
     if features.read_multishot {
         info!("io_uring: multishot TUN reads");
@@ -161,12 +167,11 @@ fn log_start(proxy: &Proxy, features: Features, fd_limit: u64) {
         config.mtu,
         config.max_flows,
     );
-    if let Some(upstream) = &config.upstream {
+    if let (Some(socks5), Some(server)) = (&config.upstream, upstream) {
         // The address only: the credentials are never logged.
         info!(
-            "through the SOCKS5 upstream {}{} (TCP by CONNECT, UDP by UDP ASSOCIATE; pings are refused)",
-            upstream.server,
-            if upstream.credentials.is_some() {
+            "through the SOCKS5 upstream {server}{} (TCP by CONNECT, UDP by UDP ASSOCIATE; pings are refused)",
+            if socks5.credentials.is_some() {
                 " with a user name and password"
             } else {
                 ""

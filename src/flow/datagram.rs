@@ -13,7 +13,7 @@ use smoltcp::time::Instant;
 use super::idents::Idents;
 use super::lru::Lru;
 use super::table::{Id, Table};
-use crate::stack::TxPool;
+use crate::stack::{Claim, TxPool};
 use crate::wire::icmp::{self, EchoReply, Quote, Reason};
 use crate::wire::{FlowKey, udp};
 
@@ -373,7 +373,9 @@ impl<S> Flows<S> {
                 flow.last_active = now;
                 let class = flow.class;
                 let emitted = match flow.kind {
-                    Kind::Udp => Some(tx.emit(|buf| udp::reply(buf, flow.key, datagram))),
+                    Kind::Udp => {
+                        Some(tx.emit(Claim::Egress, |buf| udp::reply(buf, flow.key, datagram)))
+                    }
                     Kind::Echo => {
                         let (key, ident) = (flow.key, flow.echo_ident);
                         // Whose reply it is does not depend on the buffer: ask first, so a
@@ -381,11 +383,12 @@ impl<S> Flows<S> {
                         if icmp::echo_reply(&mut [], key, ident, datagram) == EchoReply::NotOurs {
                             None
                         } else {
-                            let written =
-                                tx.emit(|buf| match icmp::echo_reply(buf, key, ident, datagram) {
+                            let written = tx.emit(Claim::Egress, |buf| {
+                                match icmp::echo_reply(buf, key, ident, datagram) {
                                     EchoReply::Written(len) => Some(len),
                                     _ => None,
-                                });
+                                }
+                            });
                             self.counters.echo_replies += u64::from(written);
                             Some(written)
                         }
@@ -420,7 +423,9 @@ impl<S> Flows<S> {
                 };
                 if let Some(reason) = reason
                     && flow.kind == Kind::Udp
-                    && !tx.emit(|buf| icmp::unreachable(buf, &flow.last_quote, reason))
+                    && !tx.emit(Claim::Egress, |buf| {
+                        icmp::unreachable(buf, &flow.last_quote, reason)
+                    })
                 {
                     self.counters.reply_drops += 1;
                 }

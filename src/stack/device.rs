@@ -26,6 +26,19 @@ pub struct TxCounters {
     pub hidden_window_updates: u64,
 }
 
+/// What a packet `TxPool::emit` queues is, which decides whether it may take the
+/// buffers kept for replies to ingress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The one reply to the packet just read from the TUN, like smoltcp's ACKs and RSTs
+    /// to ingress: it may take the reserve, and is dropped without a buffer.
+    Reply,
+    /// Anything else (a server's datagram, an ICMP error about the outbound side, a
+    /// flow's window update): it leaves the reserve, so it can never starve the ACKs
+    /// of the client's data.
+    Egress,
+}
+
 /// What the device knows of the flow whose packets smoltcp is writing: handed over
 /// before each smoltcp call for the flow (`begin`) and taken back after it (`end`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -147,7 +160,8 @@ impl TxPool {
 
     /// Whether egress may take a buffer: the last eighth of the pool is kept for
     /// replies to ingress (the ACKs of the client's data), which are dropped without
-    /// one, while egress only waits for the next turn.
+    /// one, while egress only waits for the next turn (or, from `emit`, is a datagram
+    /// that may be lost anyway).
     fn has_free_for_egress(&self) -> bool {
         self.free.len() > self.reserve
     }
@@ -166,8 +180,12 @@ impl TxPool {
 
     /// Queues one packet for the TUN that `build` writes (a complete IP packet with valid
     /// checksums) into a free buffer, returning its length, or `None` when it does not
-    /// fit. False, with nothing queued, when there is no free buffer or it did not fit.
-    pub fn emit(&mut self, build: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {
+    /// fit. False, with nothing queued, when there is no free buffer `claim` may take or
+    /// it did not fit.
+    pub fn emit(&mut self, claim: Claim, build: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {
+        if claim == Claim::Egress && !self.has_free_for_egress() {
+            return false;
+        }
         let Some(&index) = self.free.last() else {
             return false;
         };
@@ -426,17 +444,39 @@ mod tests {
     #[test]
     fn emit_refuses_what_does_not_fit() {
         let mut pool = TxPool::new(1, 100, Offload::Header).unwrap();
-        assert!(!pool.emit(|_| Some(101)), "longer than the buffer");
-        assert!(!pool.emit(|_| None), "the builder gave up");
-        assert!(pool.emit(|b| {
+        let reply = Claim::Reply;
+        assert!(!pool.emit(reply, |_| Some(101)), "longer than the buffer");
+        assert!(!pool.emit(reply, |_| None), "the builder gave up");
+        assert!(pool.emit(reply, |b| {
             b[..100].fill(7);
             Some(100)
         }));
-        assert!(!pool.emit(|_| panic!("pool is empty")));
+        assert!(!pool.emit(reply, |_| panic!("pool is empty")));
         let mut seen = Vec::new();
         pool.take_ready(|_, slice| seen.push(slice.region.kernel_read(slice.range)));
         assert_eq!(seen[0].len(), vnet::LEN + 100);
         assert!(seen[0][vnet::LEN..].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn emitted_egress_leaves_the_reserve_to_replies_to_ingress() {
+        // Eight buffers: one is kept for replies.
+        let mut pool = TxPool::new(8, 100, Offload::None).unwrap();
+        let mut emitted = 0;
+        while emitted < 8 && pool.emit(Claim::Egress, |_| Some(40)) {
+            emitted += 1;
+        }
+        assert_eq!(emitted, 7, "egress stops short of the reserve");
+        // The ACK of an ingress packet (smoltcp's reply token) still finds a buffer.
+        pool.fill(40, PacketMeta::default(), |b| b.fill(0x45));
+        assert_eq!(pool.counters.dropped_replies, 0);
+        assert!(!pool.has_free());
+        assert!(!pool.emit(Claim::Reply, |_| Some(40)), "nothing left");
+        // A reply emitted by the loop may take the reserve too.
+        let mut pool = TxPool::new(8, 100, Offload::None).unwrap();
+        while pool.emit(Claim::Egress, |_| Some(40)) {}
+        assert!(pool.emit(Claim::Reply, |_| Some(40)));
+        assert!(!pool.has_free());
     }
 
     #[test]

@@ -5,7 +5,7 @@ pub mod device;
 #[cfg(test)]
 mod fuzz;
 
-pub use device::{StackDevice, TxPool};
+pub use device::{Claim, StackDevice, TxPool};
 
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::time::Instant;

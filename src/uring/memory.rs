@@ -118,8 +118,9 @@ impl Region {
         f(unsafe { std::slice::from_raw_parts_mut(ptr, range.len()) })
     }
 
-    /// Bytes `range`, read as the kernel would (tests stand in for the kernel).
-    #[cfg(test)]
+    /// Bytes `range`, read as the kernel would (tests and the fuzz targets in `fuzz/`
+    /// stand in for the kernel; cargo-fuzz builds with `--cfg fuzzing`).
+    #[cfg(any(test, fuzzing))]
     pub fn kernel_read(&self, range: Range<usize>) -> Vec<u8> {
         let ptr = self.ptr(&range).expect("range outside the region");
         // SAFETY: inside the live mapping; copied out at once, like a send would.
@@ -127,7 +128,7 @@ impl Region {
     }
 
     /// Writes `data` at `offset`, as a receive by the kernel would.
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     pub fn kernel_write(&self, offset: usize, data: &[u8]) {
         let ptr = self
             .ptr(&(offset..offset + data.len()))

@@ -1,4 +1,5 @@
-//! UDP datagrams the proxy writes to clients: the server's replies.
+//! UDP datagrams the proxy writes to clients (the server's replies), and the datagrams a
+//! client's UDP packet carries (several in a segmentation super-packet).
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
@@ -34,6 +35,23 @@ pub fn reply(buf: &mut [u8], key: FlowKey, payload: &[u8]) -> Option<usize> {
     )
 }
 
+/// The datagrams in `payload`, a UDP packet's data read from the TUN: with segmentation
+/// offload (USO) `segment_size` bytes each, back to back (the last may be shorter), else
+/// the whole payload; none longer than `max`. An empty payload is one empty datagram.
+pub fn datagrams(
+    payload: &[u8],
+    segment_size: Option<u16>,
+    max: usize,
+) -> impl Iterator<Item = &[u8]> {
+    let chunk = segment_size
+        .map_or(payload.len(), usize::from)
+        .clamp(1, max.max(1));
+    // `chunks` of nothing yields nothing.
+    payload
+        .chunks(chunk)
+        .chain(payload.is_empty().then_some(payload))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +79,26 @@ mod tests {
             assert_eq!(&buf[payload_start..payload_start + payload_len], b"answer");
             assert_eq!(reply(&mut buf[..len - 1], key, b"answer"), None);
         }
+    }
+
+    #[test]
+    fn a_super_packet_splits_into_its_datagrams() {
+        let payload = pattern(1000);
+        let parts: Vec<&[u8]> = datagrams(&payload, Some(300), 65507).collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [300, 300, 300, 100]
+        );
+        assert_eq!(parts.concat(), payload);
+        let whole: Vec<&[u8]> = datagrams(&payload, None, 65507).collect();
+        assert_eq!(whole, [&payload[..]]);
+        let capped: Vec<&[u8]> = datagrams(&payload, None, 600).collect();
+        assert_eq!(capped, [&payload[..600], &payload[600..]]);
+        let empty: Vec<&[u8]> = datagrams(&[], Some(300), 65507).collect();
+        assert_eq!(empty, [&[][..]], "an empty datagram is relayed too");
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| i as u8).collect()
     }
 }

@@ -31,7 +31,7 @@ use smoltcp::wire::{IpAddress, IpListenEndpoint};
 use crate::flow::budget::{Allowance, Budget};
 use crate::flow::upstream::{self, Handshake};
 use crate::stack::device::FlowTx;
-use crate::stack::{StackDevice, TxPool};
+use crate::stack::{Claim, StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
 use crate::wire::FlowKey;
 use crate::wire::icmp::{self, Quote, Reason};
@@ -538,7 +538,9 @@ impl Flow {
                 _ => None,
             };
             if let Some(reason) = reason
-                && !tx.emit(|buf| icmp::unreachable(buf, &self.syn, reason))
+                && !tx.emit(Claim::Egress, |buf| {
+                    icmp::unreachable(buf, &self.syn, reason)
+                })
             {
                 tx.counters.dropped_replies += 1;
             }
@@ -579,11 +581,24 @@ impl Flow {
         self.rx.update(rx_held, used_up, now, budget);
         self.tx.update(tx_held, false, now, budget);
         let limit = self.window_limit();
-        let min_step = 2 * u32::from(self.segment_size);
+        // Two segments, as for the kernel's window updates, but at most half the
+        // allowance (RFC 9293 3.8.6.2.2's receiver rule): with a jumbo MSS two segments
+        // can exceed the whole allowance, and the client, never told its window opened,
+        // would be left to zero-window probes with their backoff.
+        let min_step = (2 * u32::from(self.segment_size)).min(self.rx.get() as u32 / 2);
         if window::update_due(&self.window, limit, min_step) {
             let ends = (self.key.server, self.key.client);
             let state = &mut self.window;
-            tx.emit(|buf| window::window_update(buf, ends, state, limit));
+            // Not a reply to the client's packet but to the server taking its bytes
+            // (an outbound completion), and one that can wait: it leaves the ACKs'
+            // reserve. Without a buffer the update is owed: the flow waits for one
+            // (`starved`), and the next poll finds the update still due, since only a
+            // written one is recorded in the window state. (It always fits a buffer.)
+            if !tx.emit(Claim::Egress, |buf| {
+                window::window_update(buf, ends, state, limit)
+            }) {
+                self.starved = true;
+            }
         }
         let (trim_rx, trim_tx) = (self.rx.take_trim(), self.tx.take_trim());
         if trim_rx || trim_tx {

@@ -17,10 +17,11 @@ use smoltcp::wire::{
 
 use super::*;
 use crate::flow::budget::{Budget, FLOOR};
-use crate::stack::{self, StackDevice, TxPool};
+use crate::stack::{self, Claim, StackDevice, TxPool};
 use crate::uring::Region;
 use crate::wire::{self, Offload, Parsed};
 
+/// The MTU of the TUN and of the client's link, unless a test sets another.
 const MTU: usize = 1500;
 const SERVER: IpEndpoint = IpEndpoint {
     addr: IpAddress::Ipv4(Ipv4Address::new(192, 0, 2, 80)),
@@ -29,10 +30,10 @@ const SERVER: IpEndpoint = IpEndpoint {
 const FLOW_BUFFER: usize = 64 * 1024;
 
 /// The client's device: packets it sends pile up in `sent`, packets for it in `inbox`.
-#[derive(Default)]
 struct QueueDevice {
     inbox: VecDeque<Vec<u8>>,
     sent: VecDeque<Vec<u8>>,
+    mtu: usize,
 }
 
 struct QueueRx(Vec<u8>);
@@ -69,8 +70,16 @@ impl Device for QueueDevice {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
-        caps.max_transmission_unit = MTU;
+        caps.max_transmission_unit = self.mtu;
         caps
+    }
+}
+
+impl Flow {
+    /// The client's bytes the flow holds.
+    fn rx_held(&self) -> usize {
+        self.memory
+            .get(|sockets| sockets.set.get::<tcp::Socket>(sockets.handle).recv_queue())
     }
 }
 
@@ -160,6 +169,7 @@ struct Harness {
     icmp_to_client: usize,
     /// The SOCKS5 handshake the flow is created with (`None`: a direct flow).
     upstream: Option<Handshake>,
+    mtu: usize,
 }
 
 fn client_socket() -> tcp::Socket<'static> {
@@ -171,8 +181,18 @@ fn client_socket() -> tcp::Socket<'static> {
 
 impl Harness {
     fn new(server: Server, order: Order) -> Harness {
+        Harness::with_mtu(server, order, MTU)
+    }
+
+    /// A harness whose TUN and client link have this MTU (the client announces the MSS
+    /// it allows).
+    fn with_mtu(server: Server, order: Order, mtu: usize) -> Harness {
         let now = Instant::from_millis(1);
-        let mut client_dev = QueueDevice::default();
+        let mut client_dev = QueueDevice {
+            inbox: VecDeque::new(),
+            sent: VecDeque::new(),
+            mtu,
+        };
         let mut client_iface =
             Interface::new(Config::new(HardwareAddress::Ip), &mut client_dev, now);
         client_iface.update_ip_addrs(|addrs| {
@@ -191,7 +211,7 @@ impl Harness {
         } else {
             64
         };
-        let mut tx = TxPool::new(buffers, MTU, Offload::None).unwrap();
+        let mut tx = TxPool::new(buffers, mtu, Offload::None).unwrap();
         let proxy_iface = stack::new_interface(&mut StackDevice::egress(&mut tx), now, 7);
         let seed = match order {
             Order::Instant => 1,
@@ -222,6 +242,7 @@ impl Harness {
             connect_pending: false,
             icmp_to_client: 0,
             upstream: None,
+            mtu,
         };
         let cx = harness.client_iface.context();
         harness
@@ -310,7 +331,7 @@ impl Harness {
         if self.flow.is_none() && opens {
             let settings = Settings {
                 buffer: FLOW_BUFFER,
-                mtu: MTU as u32,
+                mtu: self.mtu as u32,
             };
             let region = Region::new(Flow::memory_needed(settings)).unwrap();
             let upstream = self.upstream.take();
@@ -328,7 +349,10 @@ impl Harness {
             return;
         }
         let flow = self.flow.as_mut().expect("segment before SYN");
-        assert!(flow.on_segment(self.now, &mut self.proxy_iface, &mut self.tx, packet));
+        assert!(
+            flow.on_segment(self.now, &mut self.proxy_iface, &mut self.tx, packet),
+            "the client sent beyond its window: a zero-window probe"
+        );
         self.woken = true;
     }
 
@@ -831,7 +855,7 @@ fn the_flow_stays_until_its_rst_is_out() {
     });
     // Every TUN write buffer taken: the RST the server's reset causes cannot go out yet.
     let mut held = Vec::new();
-    while h.tx.emit(|buf| Some(buf.len().min(40))) {}
+    while h.tx.emit(Claim::Reply, |buf| Some(buf.len().min(40))) {}
     h.tx.take_ready(|index, _| held.push(index));
     h.server.reset = true;
     for _ in 0..20 {
@@ -940,10 +964,7 @@ fn a_server_that_stops_reading_holds_the_client_to_the_floor() {
             }
             h.step();
         }
-        let held = h
-            .flow()
-            .memory
-            .get(|sockets| sockets.set.get::<tcp::Socket>(sockets.handle).recv_queue());
+        let held = h.flow().rx_held();
         assert!(held <= FLOOR, "{held} bytes held ({order:?})");
         assert!(held > 0);
         // The server reads again: everything arrives, the window opening as it drains.
@@ -1006,6 +1027,116 @@ fn pages_the_buffers_do_not_hold_go_back_to_the_kernel() {
             "{name} buffer: only {zeros} bytes read as zero"
         );
     }
+}
+
+/// A flow at the memory floor (no budget) whose server, with `download` to send, stopped
+/// reading until the client filled its window with the start of `upload` and was told
+/// it is closed; returns it and how much of `upload` the client has sent.
+fn window_closed(mtu: usize, order: Order, download: &[u8], upload: &[u8]) -> (Harness, usize) {
+    let mut h = Harness::with_mtu(
+        Server {
+            to_send: download.iter().copied().collect(),
+            stall_sends: true,
+            ..Server::default()
+        },
+        order,
+        mtu,
+    );
+    h.budget = Budget::new(0);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut offset = 0;
+    h.steps_until(100, |h| {
+        let client = h.client();
+        if client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+        h.flow().rx_held() == FLOOR
+    });
+    // Long enough for the flow's ACK of the last byte, with a zero window, to go out.
+    for _ in 0..20 {
+        h.step();
+    }
+    (h, offset)
+}
+
+#[test]
+fn at_the_floor_a_jumbo_mtu_needs_no_zero_window_probe() {
+    // No budget: both directions stay at the 16 KiB floor, below two segments of a
+    // jumbo MTU. The server first stops reading until the client has filled its window
+    // and been told so; from then on, each time the server drains the client's bytes the
+    // client must hear that its window opened. A client left to find out by zero-window
+    // probes (smoltcp's: a byte beyond the window, which `flow_ingress` refuses) waits
+    // at least smoltcp's minimum RTO, 1 s, for each.
+    let upload = pattern(512 * 1024, 16);
+    let download = pattern(512 * 1024, 17);
+    for mtu in [1500, 9000, 65535] {
+        for order in [
+            Order::Instant,
+            Order::Shuffled(mtu as u64),
+            Order::Strict(3),
+        ] {
+            let (mut h, mut offset) = window_closed(mtu, order, &download, &upload);
+            h.server.stall_sends = false;
+            let start = h.now;
+            let mut got = Vec::new();
+            h.steps_until(1000, |h| {
+                let client = h.client();
+                if offset < upload.len() && client.can_send() {
+                    offset += client.send_slice(&upload[offset..]).unwrap();
+                }
+                client_recv(h, &mut got);
+                h.server.received.len() == upload.len() && got.len() == download.len()
+            });
+            let took = h.now - start;
+            assert_eq!(h.server.received, upload, "MTU {mtu} ({order:?})");
+            assert_eq!(got, download, "MTU {mtu} ({order:?})");
+            assert_eq!((h.flow().rx.get(), h.flow().tx.get()), (FLOOR, FLOOR));
+            assert!(
+                took < Duration::from_secs(1),
+                "MTU {mtu} ({order:?}): 512 KiB each way took {took}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_window_update_that_found_no_buffer_goes_out_once_one_frees() {
+    let upload = pattern(64 * 1024, 18);
+    // Strict: the flow runs only when the event loop would run it.
+    let (mut h, mut offset) = window_closed(MTU, Order::Strict(4), &[], &upload);
+    // Every TUN write buffer is taken, and the server reads: the window opens, but its
+    // update finds no buffer.
+    let mut held = Vec::new();
+    while h.tx.emit(Claim::Reply, |buf| Some(buf.len().min(40))) {}
+    h.tx.take_ready(|index, _| held.push(index));
+    h.server.stall_sends = false;
+    h.steps_until(100, |h| h.flow().rx_held() == 0);
+    for _ in 0..5 {
+        h.step();
+    }
+    assert!(h.next.starved, "an update owed waits for a buffer");
+    // A write completes: the loop wakes the flows that found no buffer (only those).
+    for index in held {
+        h.tx.release(index);
+    }
+    if h.next.starved {
+        h.flow.as_mut().unwrap().on_tx_buffer();
+        h.woken = true;
+    }
+    let start = h.now;
+    h.steps_until(1000, |h| {
+        let client = h.client();
+        if offset < upload.len() && client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+        h.server.received.len() == upload.len()
+    });
+    // Well before the client's zero-window probe (1 s; its byte beyond the window
+    // would fail `flow_ingress`).
+    let took = h.now - start;
+    assert!(took < Duration::from_millis(500), "took {took}");
+    assert_eq!(h.server.received, upload);
 }
 
 #[test]
