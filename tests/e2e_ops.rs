@@ -1291,12 +1291,16 @@ fn a_jumbo_mtu_at_the_memory_floor_moves_bytes_as_fast_as_a_small_one() {
     );
 }
 
-/// The bound on the flows' resident buffers from a counters report, in KiB.
+/// The bound on the flows' resident buffers from the last counters report, in KiB.
 fn resident_bound_kib(report: &str) -> u64 {
-    report
-        .rsplit("flow buffers resident at most ")
+    let marker = " flow-buffers-bound-bytes ";
+    let Some((_, rest)) = report.rsplit_once(marker) else {
+        return 0;
+    };
+    let bytes: u64 = rest
+        .split(' ')
         .next()
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|kib| kib.parse().ok())
-        .unwrap_or(0)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    bytes / 1024
 }
