@@ -230,6 +230,12 @@ mod tests {
         let (filter, ignored) = Filter::parse("uringproxy=debug/flow \\d+");
         assert_eq!(ignored, ["/flow \\d+"]);
         assert_eq!(filter.level_of("uringproxy"), Debug);
+        // Everything after the first '/' is the message filter, commas included.
+        let (filter, ignored) = Filter::parse("warn/a,b=c");
+        assert_eq!(ignored, ["/a,b=c"]);
+        assert_eq!(filter, Filter::level(Warn));
+        // Spaces around a directive's parts do not count.
+        assert_eq!(parse(" uringproxy = debug ").level_of("uringproxy"), Debug);
     }
 
     #[test]

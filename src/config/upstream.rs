@@ -170,6 +170,17 @@ mod tests {
                 "bad %-escape in the password",
             ),
             ("socks5://u:@192.0.2.1:1080", "password is empty"),
+            // A cut-off escape, one in the user name, a query, a fragment.
+            (
+                "socks5://u:secret%4@192.0.2.1:1080",
+                "bad %-escape in the password",
+            ),
+            (
+                "socks5://us%er:secret@192.0.2.1:1080",
+                "bad %-escape in the user name",
+            ),
+            ("socks5://192.0.2.1:1080?secret", "query"),
+            ("socks5://192.0.2.1:1080#secret", "fragment"),
         ];
         for (text, expected) in cases {
             let err = parse(text).unwrap_err();
