@@ -341,15 +341,15 @@ impl Proxy {
                 let server = key.server_addr();
                 for part in parts {
                     // Through an upstream, each datagram starts with the SOCKS5 header.
+                    let counters = &mut self.stats.upstream;
                     let header = match &udp.upstream {
                         None => 0,
-                        Some(_) => match upstream::header_len(server, part.len(), MAX_DATAGRAM) {
-                            Some(header) => header,
-                            None => {
-                                self.stats.upstream.udp_too_big += 1;
-                                continue;
+                        Some(_) => {
+                            match upstream::header_len(server, part.len(), MAX_DATAGRAM, counters) {
+                                Some(header) => header,
+                                None => continue,
                             }
-                        },
+                        }
                     };
                     let copied = udp.fill(|buffer| {
                         if header > 0 {
@@ -397,30 +397,14 @@ impl Proxy {
         let udp = &mut self.udp;
         let more = completion.more();
         let received = match udp.flows.get(id) {
-            // Through an upstream: the relay's header comes off, and only the flow's
-            // server's datagrams go on.
             Some(flow) if flow.io.association.is_some() => {
                 let server = flow.key().server_addr();
-                match result {
-                    Ok(datagram) => {
-                        match upstream::strip(datagram, server, &mut self.stats.upstream) {
-                            Some(payload) => udp.flows.on_received(
-                                id,
-                                now,
-                                Ok(payload),
-                                more,
-                                &mut self.stack.tx,
-                            ),
-                            None => udp.flows.on_dropped(id, more),
-                        }
+                match upstream::from_relay(result, server, &mut self.stats.upstream) {
+                    Some(result) => {
+                        udp.flows
+                            .on_received(id, now, result, more, &mut self.stack.tx)
                     }
-                    Err(errno) => udp.flows.on_received(
-                        id,
-                        now,
-                        Err(upstream::relay_error(errno)),
-                        more,
-                        &mut self.stack.tx,
-                    ),
+                    None => udp.flows.on_dropped(id, more),
                 }
             }
             _ => udp

@@ -196,19 +196,37 @@ pub fn refuses(
 }
 
 /// Where datagrams for `server` go through the relay: the header's length, or `None` if
-/// `payload` bytes would not fit in one datagram of at most `max` with it.
-pub fn header_len(server: SocketAddr, payload: usize, max: usize) -> Option<usize> {
+/// `payload` bytes would not fit in one datagram of at most `max` with it (dropped,
+/// counted in `counters`).
+pub fn header_len(
+    server: SocketAddr,
+    payload: usize,
+    max: usize,
+    counters: &mut Counters,
+) -> Option<usize> {
     let header = socks5::udp_header_len(&server);
-    (header + payload <= max).then_some(header)
+    let fits = header + payload <= max;
+    counters.udp_too_big += u64::from(!fits);
+    fits.then_some(header)
+}
+
+/// What a receive from the relay (`result`) is for a flow to `server`: the relay's header
+/// comes off, and only the server's whole datagrams go on (`None`: dropped, counted in
+/// `counters`).
+pub fn from_relay<'d>(
+    result: Result<&'d [u8], RecvError>,
+    server: SocketAddr,
+    counters: &mut Counters,
+) -> Option<Result<&'d [u8], RecvError>> {
+    match result {
+        Ok(datagram) => strip(datagram, server, counters).map(Ok),
+        Err(error) => Some(Err(relay_error(error))),
+    }
 }
 
 /// The payload of datagram `datagram` from the relay if it is one from `server`, else
 /// `None` (dropped, counted in `counters`).
-pub fn strip<'d>(
-    datagram: &'d [u8],
-    server: SocketAddr,
-    counters: &mut Counters,
-) -> Option<&'d [u8]> {
+fn strip<'d>(datagram: &'d [u8], server: SocketAddr, counters: &mut Counters) -> Option<&'d [u8]> {
     match socks5::udp_datagram(datagram) {
         Ok((source, start))
             if source.ip().to_canonical() == server.ip() && source.port() == server.port() =>
@@ -229,7 +247,7 @@ pub fn strip<'d>(
 /// What a failed receive from the relay is for the flow: errors come from the path to the
 /// relay, not from the server, so the client is not told of them as ICMP errors (a lack of
 /// buffers keeps its meaning).
-pub fn relay_error(error: RecvError) -> RecvError {
+fn relay_error(error: RecvError) -> RecvError {
     match error {
         RecvError::NoBuffers => RecvError::NoBuffers,
         _ => RecvError::Other,

@@ -3,9 +3,7 @@
 mod association;
 mod handshake;
 
-pub use association::{
-    Association, Deadlines, Step, WATCH, header_len, refuses, relay_error, strip,
-};
+pub use association::{Association, Deadlines, Step, WATCH, from_relay, header_len, refuses};
 pub use handshake::{Handshake, Io, SCRATCH};
 
 use crate::wire::socks5::{self, ReplyCode};

@@ -205,10 +205,14 @@ fn only_whole_datagrams_from_the_flows_server_are_relayed() {
 fn datagrams_too_big_for_the_header_are_refused() {
     let v4: SocketAddr = "192.0.2.1:9".parse().unwrap();
     let v6: SocketAddr = "[2001:db8::1]:9".parse().unwrap();
-    assert_eq!(header_len(v4, 100, 65507), Some(10));
-    assert_eq!(header_len(v6, 100, 65507), Some(22));
-    assert_eq!(header_len(v4, 65497, 65507), Some(10));
-    assert_eq!(header_len(v4, 65498, 65507), None);
+    let mut counters = Counters::default();
+    assert_eq!(header_len(v4, 100, 65507, &mut counters), Some(10));
+    assert_eq!(header_len(v6, 100, 65507, &mut counters), Some(22));
+    assert_eq!(header_len(v4, 65497, 65507, &mut counters), Some(10));
+    assert_eq!(counters.udp_too_big, 0);
+    assert_eq!(header_len(v4, 65498, 65507, &mut counters), None);
+    assert_eq!(header_len(v6, 65486, 65507, &mut counters), None);
+    assert_eq!(counters.udp_too_big, 2);
 }
 
 #[test]
@@ -219,6 +223,15 @@ fn errors_on_the_path_to_the_relay_are_not_the_servers() {
     );
     assert_eq!(relay_error(RecvError::NoBuffers), RecvError::NoBuffers);
     assert_eq!(relay_error(RecvError::Other), RecvError::Other);
+    let server: SocketAddr = "192.0.2.53:53".parse().unwrap();
+    let mut counters = Counters::default();
+    let refused = Err(RecvError::Unreachable(Reason::Port));
+    assert_eq!(
+        from_relay(refused, server, &mut counters),
+        Some(Err(RecvError::Other))
+    );
+    assert_eq!(from_relay(Ok(b"\0\0"), server, &mut counters), None);
+    assert_eq!(counters.udp_malformed, 1);
 }
 
 #[test]
