@@ -897,7 +897,11 @@ impl Harness {
                 if let Some(evicted) = self.datagrams.evict_for_new() {
                     self.close_datagram(evicted);
                 }
-                let id = self.datagrams.open(kind, key, (), now);
+                // A ping refused (every echo identifier towards its host taken) is
+                // dropped, as the loop drops it.
+                let Ok(id) = self.datagrams.open(kind, key, (), now) else {
+                    return;
+                };
                 self.dgram.insert(
                     id,
                     Datagram {

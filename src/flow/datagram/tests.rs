@@ -131,6 +131,34 @@ fn server_datagrams_become_replies_and_errors_become_icmp() {
 }
 
 #[test]
+fn only_unreachable_errors_reach_a_udp_client_and_a_lack_of_buffers_is_no_error() {
+    let mut flows: Flows<()> = Flows::new(limits(8));
+    let mut tx = TxPool::new(4, 1500, Offload::None).unwrap();
+    let k = key(4000, 443);
+    let udp = flows.open(Kind::Udp, k, (), at(0)).unwrap();
+    let ping = flows.open(Kind::Echo, key(7, 0), (), at(0)).unwrap();
+    let query = crate::wire::demux::tests::udp_packet(k.client, k.server, b"q");
+    flows.on_datagram(udp, at(0), Some(Quote::of(&query)));
+    let unreachable = Err(RecvError::Unreachable(Reason::Host));
+    for (id, error) in [
+        (udp, Err(RecvError::NoBuffers)),
+        (udp, Err(RecvError::Other)),
+        (ping, unreachable),
+        (udp, unreachable),
+    ] {
+        flows.arm_recv(id);
+        assert_eq!(
+            flows.on_received(id, at(1), error, false, &mut tx),
+            Received::Rearm
+        );
+    }
+    let packets = ready(&mut tx);
+    assert_eq!(packets.len(), 1, "one ICMP error, the UDP flow's");
+    assert_eq!((packets[0][20], packets[0][21]), (3, 1), "host unreachable");
+    assert_eq!(flows.counters.recv_errors, 3, "all but the lack of buffers");
+}
+
+#[test]
 fn an_empty_server_datagram_becomes_an_empty_reply() {
     let mut flows: Flows<()> = Flows::new(limits(8));
     let mut tx = TxPool::new(4, 1500, Offload::None).unwrap();
