@@ -32,11 +32,11 @@ use smoltcp::wire::{
 };
 use uringproxy::flow::Id;
 use uringproxy::flow::budget::Budget;
-use uringproxy::flow::datagram::{Closing, Flows, Kind, Limits, Received};
+use uringproxy::flow::datagram::{Closing, Flows, Kind, Limits, Received, RecvError};
 use uringproxy::flow::tcp::{Action, Actions, Flow, Next, Phase, Settings};
 use uringproxy::stack::{Stack, TxPool};
 use uringproxy::uring::Region;
-use uringproxy::wire::icmp::Quote;
+use uringproxy::wire::icmp::{Quote, Reason};
 use uringproxy::wire::{self, FlowKey, Offload, Parsed, udp, vnet};
 
 const CLIENT_PORT: u16 = 40000;
@@ -897,7 +897,11 @@ impl Harness {
                 if let Some(evicted) = self.datagrams.evict_for_new() {
                     self.close_datagram(evicted);
                 }
-                let id = self.datagrams.open(kind, key, (), now);
+                // A ping refused (every echo identifier towards its host taken) is
+                // dropped, as the loop drops it.
+                let Ok(id) = self.datagrams.open(kind, key, (), now) else {
+                    return;
+                };
                 self.dgram.insert(
                     id,
                     Datagram {
@@ -986,17 +990,18 @@ impl Harness {
         Ok(())
     }
 
-    /// The server's side fails: an ICMP error the kernel turned into an errno.
+    /// The server's side fails: an ICMP error the kernel turned into an errno, as the
+    /// event loop tells it to the flow.
     fn server_error(&mut self, u: &mut Unstructured) -> Arb<()> {
         let Some(id) = self.armed(u)? else {
             return Ok(());
         };
-        let errno = *u.choose(&[
-            Errno::ECONNREFUSED,
-            Errno::EHOSTUNREACH,
-            Errno::ENETUNREACH,
-            Errno::EMSGSIZE,
-            Errno::ENOBUFS,
+        let error = *u.choose(&[
+            RecvError::Unreachable(Reason::Port),
+            RecvError::Unreachable(Reason::Host),
+            RecvError::Unreachable(Reason::Network),
+            RecvError::Other,
+            RecvError::NoBuffers,
         ])?;
         let more = u.arbitrary::<bool>()?;
         let (errors, drops) = (
@@ -1005,11 +1010,9 @@ impl Harness {
         );
         let result = self
             .datagrams
-            .on_received(id, self.now, Err(errno), more, &mut self.stack.tx);
-        let reported = matches!(
-            errno,
-            Errno::ECONNREFUSED | Errno::EHOSTUNREACH | Errno::ENETUNREACH
-        ) && self.dgram[&id].kind == Kind::Udp;
+            .on_received(id, self.now, Err(error), more, &mut self.stack.tx);
+        let reported =
+            matches!(error, RecvError::Unreachable(_)) && self.dgram[&id].kind == Kind::Udp;
         if reported
             && self.datagrams.counters.recv_errors > errors
             && self.datagrams.counters.reply_drops == drops
@@ -1046,7 +1049,7 @@ impl Harness {
                 let result = self.datagrams.on_received(
                     id,
                     self.now,
-                    Err(Errno::ECANCELED),
+                    Err(RecvError::Other),
                     false,
                     &mut self.stack.tx,
                 );

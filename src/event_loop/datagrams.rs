@@ -1,7 +1,9 @@
-//! The loop's side of UDP and ping flows: their sockets, the send slots client datagrams
-//! are copied into, the multishot receives (into provided buffers shared by all flows)
-//! that bring the server's datagrams back, and closing flows that went idle. Through a
-//! SOCKS5 upstream, each UDP flow's association is `association`'s.
+//! The loop's side of UDP and ping flows: sockets, send slots, receives, associations.
+
+// Client datagrams are copied into send slots, and the multishot receives (into provided
+// buffers shared by all flows) bring the server's datagrams back; flows that went idle
+// are closed. Through a SOCKS5 upstream, each UDP flow has an association (its control
+// connection is `association`'s), whose steps are carried out here.
 
 use std::os::fd::AsFd;
 
@@ -9,14 +11,14 @@ use nix::errno::Errno;
 use smoltcp::time::Instant;
 use socket2::Socket;
 
-use super::association::{self, Association, Deadlines};
+use super::association::Association;
 use super::outbound::{self, Purpose, Upstream};
 use super::tun_io::{self, Frame};
 use super::{MAX_TIMERS_PER_TURN, Proxy};
 use crate::error::Error;
 use crate::flow::Id;
-use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received};
-use crate::stack::Claim;
+use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received, RecvError};
+use crate::flow::upstream::{self, Deadlines, Step};
 use crate::sys;
 use crate::uring::{Completion, Op, Region, Ring, Slice, Token};
 use crate::wire::icmp::{self, Quote, Reason};
@@ -150,7 +152,7 @@ impl Datagrams {
     pub(super) fn close(&mut self, ring: &mut Ring, id: Id) {
         if let Some(association) = self.association(id) {
             association.close(ring);
-            let held: Vec<u16> = association.take_held().map(|(slot, _)| slot).collect();
+            let held: Vec<u16> = association.flow.take_held().map(|(slot, _)| slot).collect();
             self.free_slots.extend(held);
         }
         match self.flows.close(id) {
@@ -177,6 +179,32 @@ impl Datagrams {
         }
     }
 
+    /// Flow `id`'s association, if it has one.
+    fn association(&mut self, id: Id) -> Option<&mut Association> {
+        self.flows.get_mut(id)?.io.association.as_deref_mut()
+    }
+
+    /// Flow `id` was opened with an association: its control connection is connected, and
+    /// its deadline recorded.
+    fn associated(&mut self, ring: &mut Ring, id: Id) {
+        let Some(upstream) = &self.upstream else {
+            return;
+        };
+        let flows = &self.flows;
+        let Some(association) = flows.get(id).and_then(|flow| flow.io.association.as_ref()) else {
+            return;
+        };
+        association.connect(ring, upstream, id);
+        let pending = |id| {
+            flows
+                .get(id)
+                .and_then(|flow| flow.io.association.as_ref())
+                .is_some_and(|association| association.flow.is_pending())
+        };
+        let deadline = association.flow.deadline();
+        self.deadlines.push(deadline, id, flows.len(), pending);
+    }
+
     /// Arms flow `id`'s multishot receive if it needs one (and has its socket).
     pub(super) fn arm_recv(&mut self, ring: &mut Ring, id: Id) {
         let has_socket =
@@ -200,7 +228,7 @@ impl Datagrams {
             return;
         };
         if let Some(association) = &mut flow.io.association {
-            self.filled.splice(0..0, association.take_held());
+            self.filled.splice(0..0, association.flow.take_held());
         }
         // Through an upstream each datagram starts with its SOCKS5 header, which is not
         // payload.
@@ -223,7 +251,7 @@ impl Datagrams {
                     bytes += len.saturating_sub(header);
                     continue;
                 }
-                (None, Some(association)) => association.hold(slot, len),
+                (None, Some(association)) => association.flow.hold(slot, len),
                 (None, None) => false,
             };
             if !held {
@@ -245,17 +273,18 @@ impl Proxy {
             Parsed::Echo { key, .. } => (Kind::Echo, key),
             _ => return,
         };
-        if kind == Kind::Echo && self.udp.upstream.is_some() {
-            // ICMP cannot go through SOCKS5, and going around the upstream would leak
-            // the client's pings: refused, and told so at once.
-            self.stats.upstream.echo_refused += 1;
-            let quote = Quote::of(self.packet(frame));
-            // The answer to the echo request just read, like smoltcp's RST to a SYN:
-            // one per packet from the TUN, so it may take the reserve.
-            let reply = |buf: &mut [u8]| icmp::unreachable(buf, &quote, Reason::Prohibited);
-            if !self.stack.tx.emit(Claim::Reply, reply) {
-                self.udp.flows.counters.reply_drops += 1;
-            }
+        let (tx, counters) = (&mut self.stack.tx, &mut self.stats.upstream);
+        if self.udp.upstream.is_some()
+            && upstream::refuses(
+                kind,
+                self.ring
+                    .buffer(tun_io::READ_GROUP, frame.bid, frame.len)
+                    .map_or(&[][..], |buffer| &buffer[frame.ip_start..]),
+                tx,
+                counters,
+                &mut self.udp.flows.counters,
+            )
+        {
             return;
         }
         let udp = &mut self.udp;
@@ -266,7 +295,14 @@ impl Proxy {
                     udp.close(&mut self.ring, evicted);
                 }
                 let io = match &udp.upstream {
-                    Some(upstream) => Datagrams::associate(upstream, &udp.interface, now),
+                    Some(upstream) => {
+                        Association::open(upstream, &udp.interface, now).map(|association| {
+                            Outbound {
+                                socket: None,
+                                association: Some(Box::new(association)),
+                            }
+                        })
+                    }
                     None => outbound::socket(Purpose::Datagram(kind), key.server, &udp.interface)
                         .map(|socket| Outbound {
                             socket: Some(socket),
@@ -305,15 +341,13 @@ impl Proxy {
                 let server = key.server_addr();
                 for part in parts {
                     // Through an upstream, each datagram starts with the SOCKS5 header.
+                    let counters = &mut self.stats.upstream;
                     let header = match &udp.upstream {
                         None => 0,
                         Some(_) => {
-                            match association::header_len(server, part.len(), MAX_DATAGRAM) {
+                            match upstream::header_len(server, part.len(), MAX_DATAGRAM, counters) {
                                 Some(header) => header,
-                                None => {
-                                    self.stats.upstream.udp_too_big += 1;
-                                    continue;
-                                }
+                                None => continue,
                             }
                         }
                     };
@@ -363,30 +397,14 @@ impl Proxy {
         let udp = &mut self.udp;
         let more = completion.more();
         let received = match udp.flows.get(id) {
-            // Through an upstream: the relay's header comes off, and only the flow's
-            // server's datagrams go on.
             Some(flow) if flow.io.association.is_some() => {
                 let server = flow.key().server_addr();
-                match result {
-                    Ok(datagram) => {
-                        match association::strip(datagram, server, &mut self.stats.upstream) {
-                            Some(payload) => udp.flows.on_received(
-                                id,
-                                now,
-                                Ok(payload),
-                                more,
-                                &mut self.stack.tx,
-                            ),
-                            None => udp.flows.on_dropped(id, more),
-                        }
+                match upstream::from_relay(result, server, &mut self.stats.upstream) {
+                    Some(result) => {
+                        udp.flows
+                            .on_received(id, now, result, more, &mut self.stack.tx)
                     }
-                    Err(errno) => udp.flows.on_received(
-                        id,
-                        now,
-                        Err(association::relay_error(errno)),
-                        more,
-                        &mut self.stack.tx,
-                    ),
+                    None => udp.flows.on_dropped(id, more),
                 }
             }
             _ => udp
@@ -401,6 +419,57 @@ impl Proxy {
             Received::Close => udp.finish_close(&mut self.ring, id),
             Received::Nothing => {}
         }
+    }
+
+    /// A completion on flow `id`'s control connection.
+    pub(super) fn on_association_completion(&mut self, op: Op, id: Id, result: i32) {
+        let Some(association) = self.udp.association(id).filter(|a| a.is_open()) else {
+            return;
+        };
+        association.on_completion(op, result, &mut self.stats.upstream);
+        self.drive_association(id);
+    }
+
+    /// Fails the handshakes of associations past their deadline.
+    fn expire_associations(&mut self, now: Instant) {
+        for _ in 0..MAX_TIMERS_PER_TURN {
+            let Some(id) = self.udp.deadlines.pop_due(now) else {
+                break;
+            };
+            if let Some(association) = self.udp.association(id) {
+                association.flow.expire(now);
+                self.drive_association(id);
+            }
+        }
+    }
+
+    /// Carries out what flow `id`'s association asks for next: I/O on its control
+    /// connection, closing the flow, or opening its socket to the relay and sending what
+    /// was held.
+    fn drive_association(&mut self, id: Id) {
+        let udp = &mut self.udp;
+        let Some(association) = udp.association(id) else {
+            return;
+        };
+        let relay = match association.drive(&mut self.ring, id, &mut self.stats.upstream) {
+            Step::Wait | Step::Io(_) => return,
+            Step::Close => return udp.close(&mut self.ring, id),
+            Step::Open(relay) => relay,
+        };
+        let purpose = Purpose::Datagram(Kind::Udp);
+        let socket = match outbound::socket(purpose, relay.into(), &udp.interface) {
+            Ok(socket) => socket,
+            Err(_) => {
+                udp.flows.counters.socket_errors += 1;
+                return udp.close(&mut self.ring, id);
+            }
+        };
+        if let Some(flow) = udp.flows.get_mut(id) {
+            flow.io.socket = Some(socket);
+        }
+        self.stats.upstream.associations += 1;
+        udp.send_held(&mut self.ring, id);
+        udp.arm_recv(&mut self.ring, id);
     }
 
     /// Closes datagram flows idle past their timeout, and associations not set up by
@@ -422,16 +491,27 @@ fn received<'b>(
     result: i32,
     bid: Option<u16>,
     buffer: impl FnOnce(u16, usize) -> Option<&'b [u8]>,
-) -> Result<&'b [u8], Errno> {
+) -> Result<&'b [u8], RecvError> {
     match (result, bid) {
-        (n, _) if n < 0 => Err(Errno::from_raw(-n)),
-        (n, Some(bid)) => buffer(bid, n as usize).ok_or(Errno::EINVAL),
+        (n, _) if n < 0 => Err(recv_error(Errno::from_raw(-n))),
+        (n, Some(bid)) => buffer(bid, n as usize).ok_or(RecvError::Other),
         // An empty datagram: the kernel hands back the buffer it picked and ends the
         // multishot receive (a receive of 0 bytes is its end of stream), which is
         // re-armed as after any last completion.
         (0, None) => Ok(&[]),
         // Bytes in no buffer we hold: nothing we can relay.
-        (_, None) => Err(Errno::EINVAL),
+        (_, None) => Err(RecvError::Other),
+    }
+}
+
+/// What the kernel's error on a flow's socket is to the flow.
+fn recv_error(errno: Errno) -> RecvError {
+    match errno {
+        Errno::ENOBUFS => RecvError::NoBuffers,
+        Errno::ECONNREFUSED => RecvError::Unreachable(Reason::Port),
+        Errno::EHOSTUNREACH => RecvError::Unreachable(Reason::Host),
+        Errno::ENETUNREACH => RecvError::Unreachable(Reason::Network),
+        _ => RecvError::Other,
     }
 }
 
@@ -450,11 +530,30 @@ mod tests {
         let held = |bid: u16, len: usize| (bid == 3).then(|| &bytes[..len]);
         assert_eq!(received(0, None, held), Ok(&[][..]));
         assert_eq!(received(5, Some(3), held), Ok(&bytes[..5]));
-        assert_eq!(received(5, Some(4), held), Err(Errno::EINVAL), "not ours");
-        assert_eq!(received(5, None, held), Err(Errno::EINVAL), "in no buffer");
+        assert_eq!(
+            received(5, Some(4), held),
+            Err(RecvError::Other),
+            "not ours"
+        );
+        assert_eq!(
+            received(5, None, held),
+            Err(RecvError::Other),
+            "in no buffer"
+        );
         assert_eq!(
             received(-nix::libc::ECONNREFUSED, None, held),
-            Err(Errno::ECONNREFUSED)
+            Err(RecvError::Unreachable(Reason::Port))
         );
+        let error = |errno: Errno| received(-(errno as i32), None, held);
+        assert_eq!(error(Errno::ENOBUFS), Err(RecvError::NoBuffers));
+        assert_eq!(
+            error(Errno::EHOSTUNREACH),
+            Err(RecvError::Unreachable(Reason::Host))
+        );
+        assert_eq!(
+            error(Errno::ENETUNREACH),
+            Err(RecvError::Unreachable(Reason::Network))
+        );
+        assert_eq!(error(Errno::EMSGSIZE), Err(RecvError::Other));
     }
 }

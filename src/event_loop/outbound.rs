@@ -12,7 +12,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 use crate::config::Socks5;
 use crate::flow::datagram::Kind;
 use crate::flow::tcp::KEEPALIVE_IDLE;
-use crate::flow::upstream::Handshake;
+use crate::flow::upstream::{Association, Handshake};
 use crate::wire::socks5::{Command, Credentials};
 
 /// Probes of a silent server: every 20 s after a minute idle, given up after six, so a
@@ -55,6 +55,15 @@ impl Upstream {
         Handshake::new(
             command,
             target,
+            self.credentials.clone(),
+            now + self.timeout.into(),
+        )
+    }
+
+    /// The association of a UDP flow through the upstream, started at `now`.
+    pub fn association(&self, now: smoltcp::time::Instant) -> Association {
+        Association::new(
+            self.server,
             self.credentials.clone(),
             now + self.timeout.into(),
         )
