@@ -40,28 +40,44 @@ impl WindowState {
         }
     }
 
-    /// Whether the client's segment in `packet` (an IP packet) carries bytes beyond the
-    /// furthest edge advertised to it: a sender never sends them (RFC 9293 3.10.7.4),
-    /// and a receiver may drop them. `false` before a window was advertised.
-    pub fn beyond_window(&self, packet: &[u8]) -> bool {
+    /// Whether the client's segment in `packet` (an IP packet) may reach smoltcp: not if
+    /// it carries bytes beyond the furthest edge advertised to it (a sender never sends
+    /// them but as a zero-window probe, RFC 9293 3.10.7.4, and a receiver may drop
+    /// them). Any before a window was advertised may.
+    pub fn admit(&self, packet: &[u8]) -> Admission {
         let Some(furthest) = self.furthest else {
-            return false;
+            return Admission::Pass;
         };
-        let Some((seq, payload)) = tcp_payload(packet) else {
-            return false;
+        let Some(tcp) = tcp_range(packet)
+            .and_then(|range| packet.get(range))
+            .and_then(|segment| TcpPacket::new_checked(segment).ok())
+        else {
+            return Admission::Pass;
         };
-        payload > 0 && after(seq.wrapping_add(payload), furthest)
+        let seq = tcp.seq_number().0 as u32;
+        let payload = tcp
+            .as_ref()
+            .len()
+            .saturating_sub(usize::from(tcp.header_len())) as u32;
+        if payload == 0 || !after(seq.wrapping_add(payload), furthest) {
+            Admission::Pass
+        } else if tcp.rst() {
+            Admission::Drop
+        } else {
+            Admission::DropAndAck
+        }
     }
 }
 
-/// The sequence number and payload length of the TCP segment in `packet`.
-fn tcp_payload(packet: &[u8]) -> Option<(u32, u32)> {
-    let tcp = TcpPacket::new_checked(packet.get(tcp_range(packet)?)?).ok()?;
-    let payload = tcp
-        .as_ref()
-        .len()
-        .saturating_sub(usize::from(tcp.header_len()));
-    Some((tcp.seq_number().0 as u32, payload as u32))
+/// What becomes of a client's segment (`WindowState::admit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Pass,
+    /// An unacceptable reset: dropped silently (RFC 9293 3.10.7.4).
+    Drop,
+    /// Unacceptable, it is dropped, but its sender must hear the current window
+    /// (RFC 9293 3.10.7.4): a zero-window probe otherwise learns nothing.
+    DropAndAck,
 }
 
 /// What to do with a segment after its window was looked at.
@@ -238,24 +254,34 @@ pub fn update_due(state: &WindowState, limit: u32, min_step: u32) -> bool {
     allowed > known && allowed - known >= min_step && known < allowed / 2
 }
 
-/// Writes into `buf` a pure ACK from `from` to `to` with the state's sequence and
-/// acknowledgement numbers and a window ending at `limit` (a window update); returns
-/// its length and records it in `state`. Its checksum is complete. `None` when `buf`
-/// is too small or the state has not seen the connection set up yet.
-pub fn window_update(
+/// Writes into `buf` a pure ACK from `from` to `to` with the state's sequence number,
+/// acknowledgement number `ack` and a window ending at `limit`, or where the last one
+/// ended if that is further (RFC 9293 3.8.6: the right edge never moves back); returns
+/// its length and records it in `state`. Its checksum is complete. `None` when `buf` is
+/// too small or the state has not seen the connection set up yet.
+pub fn pure_ack(
     buf: &mut [u8],
     (from, to): (smoltcp::wire::IpEndpoint, smoltcp::wire::IpEndpoint),
     state: &mut WindowState,
+    ack: u32,
     limit: u32,
 ) -> Option<usize> {
     let shift = state.shift?;
-    let window = (room(limit, state.ack) >> shift).min(u32::from(u16::MAX)) as u16;
+    // Rounded down to the scale, so that the client is never offered more than the
+    // limit, unless that would move the right edge back.
+    let mut scaled = room(limit, ack) >> shift;
+    if let Some(edge) = state.edge
+        && after(edge, ack.wrapping_add(scaled << shift))
+    {
+        scaled = room(edge, ack).div_ceil(1 << shift);
+    }
+    let window = scaled.min(u32::from(u16::MAX)) as u16;
     let repr = TcpRepr {
         src_port: from.port,
         dst_port: to.port,
         control: TcpControl::None,
         seq_number: TcpSeqNumber(state.seq_end as i32),
-        ack_number: Some(TcpSeqNumber(state.ack as i32)),
+        ack_number: Some(TcpSeqNumber(ack as i32)),
         window_len: window,
         window_scale: None,
         max_seg_size: None,
@@ -280,8 +306,9 @@ pub fn window_update(
         },
     )?;
     // smoltcp's next window update for this ACK would now show the client nothing new.
-    state.advertise(state.ack.wrapping_add(u32::from(window) << shift));
-    state.last_pure = Some((state.ack, u16::MAX, window));
+    state.ack = ack;
+    state.advertise(ack.wrapping_add(u32::from(window) << shift));
+    state.last_pure = Some((ack, u16::MAX, window));
     Some(len)
 }
 
@@ -380,10 +407,14 @@ mod tests {
     }
 
     #[test]
-    fn bytes_beyond_the_furthest_edge_are_beyond_the_window() {
+    fn bytes_beyond_the_furthest_edge_are_dropped_and_acknowledged() {
         let mut state = WindowState::default();
         let probe = segment(TcpControl::None, 5000, 1, 100, None, b"x");
-        assert!(!state.beyond_window(&probe), "no window advertised yet");
+        assert_eq!(
+            Admission::Pass,
+            state.admit(&probe),
+            "no window advertised yet"
+        );
         let mut synack = segment(TcpControl::Syn, 100, 5000, 1000, Some(0), &[]);
         shape(&mut synack, &mut state, None, true);
         assert_eq!(state.furthest, Some(6000));
@@ -392,13 +423,15 @@ mod tests {
         shape(&mut ack, &mut state, None, true);
         assert_eq!((state.edge, state.furthest), (Some(5600), Some(6000)));
         let up_to_edge = segment(TcpControl::None, 5500, 101, 100, None, &[7; 500]);
-        assert!(!state.beyond_window(&up_to_edge));
+        assert_eq!(Admission::Pass, state.admit(&up_to_edge));
         let past_edge = segment(TcpControl::None, 5500, 101, 100, None, &[7; 501]);
-        assert!(state.beyond_window(&past_edge));
+        assert_eq!(state.admit(&past_edge), Admission::DropAndAck);
+        let rst = segment(TcpControl::Rst, 5500, 101, 100, None, &[7; 501]);
+        assert_eq!(state.admit(&rst), Admission::Drop, "never answered");
         // A FIN or a bare ACK at the edge carries no bytes.
         let fin = segment(TcpControl::Fin, 6000, 101, 100, None, &[]);
-        assert!(!state.beyond_window(&fin));
-        assert!(!state.beyond_window(&[0x45, 0, 0]), "garbage");
+        assert_eq!(Admission::Pass, state.admit(&fin));
+        assert_eq!(Admission::Pass, state.admit(&[0x45, 0, 0]), "garbage");
     }
 
     #[test]
@@ -446,10 +479,12 @@ mod tests {
         assert!(!update_due(&state, 1400, 100));
         assert!(update_due(&state, 1000 + 65536, 3000));
         let mut buf = [0u8; 64];
-        let len = window_update(
+        let ack = state.ack;
+        let len = pure_ack(
             &mut buf,
             (PROXY, v4([10, 0, 0, 1], 5000)),
             &mut state,
+            ack,
             1000 + 65536,
         )
         .expect("an ACK");

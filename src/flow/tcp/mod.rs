@@ -35,7 +35,7 @@ use crate::stack::{Claim, StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
 use crate::wire::FlowKey;
 use crate::wire::icmp::{self, Quote, Reason};
-use crate::wire::window::{self, WindowState};
+use crate::wire::window::{self, Admission, WindowState};
 use relay::Relay;
 pub use relay::{Failure, Phase, Teardown};
 
@@ -275,7 +275,9 @@ impl Flow {
     /// A packet from the client. Returns `false` when it was dropped for carrying
     /// bytes beyond the window advertised to the client: smoltcp, which believes it
     /// advertised its whole free buffer, would take them into pages `trim` may give
-    /// back.
+    /// back. Unless it is a reset, the client is then told the current window (a
+    /// zero-window probe is such a segment), as smoltcp would answer a segment beyond
+    /// its own window.
     pub fn on_segment(
         &mut self,
         now: Instant,
@@ -283,8 +285,25 @@ impl Flow {
         tx: &mut TxPool,
         packet: &[u8],
     ) -> bool {
-        if self.window.beyond_window(packet) {
-            return false;
+        match self.window.admit(packet) {
+            Admission::Pass => {}
+            Admission::Drop => return false,
+            Admission::DropAndAck => {
+                // Everything up to the client's next byte is in the receive buffer (its
+                // bytes beyond were never passed on), acknowledged or about to be.
+                let held = self
+                    .memory
+                    .get(|sockets| sockets.set.get::<tcp::Socket>(sockets.handle).recv_queue());
+                let ack = self.client_next.wrapping_add(held as u32);
+                let (ends, limit) = ((self.key.server, self.key.client), self.window_limit());
+                let state = &mut self.window;
+                if !tx.emit(Claim::Reply, |buf| {
+                    window::pure_ack(buf, ends, state, ack, limit)
+                }) {
+                    tx.counters.dropped_replies += 1;
+                }
+                return false;
+            }
         }
         let edge = self.window.edge;
         tx.begin(self.device_state());
@@ -594,8 +613,9 @@ impl Flow {
             // reserve. Without a buffer the update is owed: the flow waits for one
             // (`starved`), and the next poll finds the update still due, since only a
             // written one is recorded in the window state. (It always fits a buffer.)
+            let ack = state.ack;
             if !tx.emit(Claim::Egress, |buf| {
-                window::window_update(buf, ends, state, limit)
+                window::pure_ack(buf, ends, state, ack, limit)
             }) {
                 self.starved = true;
             }
