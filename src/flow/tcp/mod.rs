@@ -50,6 +50,8 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 pub const CLIENT_SILENCE_LIMIT: Duration = Duration::from_secs(180);
 /// How long a server may leave bytes of a finished client unacknowledged.
 pub const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
+/// smoltcp's own delayed-ACK time, where it is allowed one.
+const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
 /// How long into smoltcp's 10 s TIME-WAIT egress (ACKs) keeps running; past it egress
 /// stops so smoltcp's close timer cannot clear bytes still owed to the server.
 const TIME_WAIT_EGRESS: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(9);
@@ -474,15 +476,7 @@ impl Flow {
         }
         let state = self.memory.get(|sockets| sockets.state());
         let owes_server = self.owes_server();
-        if matches!(
-            state,
-            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
-        ) {
-            // The client closed: acknowledge at once, so no ACK is still owed when the
-            // flow is freed.
-            self.memory
-                .with(|sockets, _| sockets.socket().set_ack_delay(None));
-        }
+        self.update_ack_delay(state);
         if matches!(state, State::TimeWait | State::Closed) && owes_server && !self.orphaned {
             // The client is gone but bytes are still owed to the server. Like the kernel
             // with an orphaned socket, bound how long a server that stops reading may
@@ -513,6 +507,7 @@ impl Flow {
             self.window = tx.end().window;
         }
         self.account(now, tx, budget);
+        self.update_ack_delay(state);
         if tx.take_exhausted() {
             self.starved = true;
         }
@@ -537,6 +532,22 @@ impl Flow {
             }
         }
         next
+    }
+
+    /// Whether smoltcp may delay its ACKs. Not once the client closed, so that no ACK is
+    /// still owed when the flow is freed. Nor while the client's window is under two
+    /// segments: smoltcp ACKs at once only when more than a segment is unacknowledged,
+    /// which such a window may never hold (at MTU 65535 the floor's is one segment),
+    /// so each window would wait for the delayed-ACK timer.
+    fn update_ack_delay(&mut self, state: State) {
+        let closed = matches!(
+            state,
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        );
+        let tight = self.rx.get() < 2 * usize::from(self.segment_size);
+        let delay = (!closed && !tight).then_some(ACK_DELAY);
+        self.memory
+            .with(|sockets, _| sockets.socket().set_ack_delay(delay));
     }
 
     /// Starts the teardown (ICMP error, RST, cancel) and ends with `Close` and `Free`

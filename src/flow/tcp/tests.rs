@@ -1194,6 +1194,41 @@ fn a_zero_window_probe_beyond_the_window_is_answered_with_the_window() {
     }
 }
 
+/// Simulated time an upload of `len` bytes takes through a flow at the memory floor on
+/// links of this MTU.
+fn upload_time_at_the_floor(mtu: usize, len: usize) -> Duration {
+    let upload = pattern(len, 20);
+    let mut h = Harness::with_mtu(Server::default(), Order::Instant, mtu);
+    h.budget = Budget::new(0);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    let (start, mut offset) = (h.now, 0);
+    h.steps_until(20_000, |h| {
+        let client = h.client();
+        if offset < upload.len() && client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+        h.server.received.len() == upload.len()
+    });
+    assert_eq!(h.server.received, upload, "MTU {mtu}");
+    assert_eq!(h.flow().rx.get(), FLOOR);
+    h.now - start
+}
+
+#[test]
+fn at_the_floor_a_jumbo_mtu_is_not_held_to_the_delayed_ack() {
+    // At MTU 65535 the floor's whole window fits in one segment: smoltcp, which ACKs
+    // at once only past one full segment, would hold each ACK for its 10 ms delayed-ACK
+    // timer, one window per 10 ms (1.6 MB/s).
+    let len = 1024 * 1024;
+    let base = upload_time_at_the_floor(1500, len);
+    let jumbo = upload_time_at_the_floor(65535, len);
+    assert!(
+        jumbo <= base * 2,
+        "1 MiB at the floor: {jumbo} at MTU 65535, {base} at MTU 1500"
+    );
+}
+
 #[test]
 fn a_download_grows_its_send_allowance_and_goes_around_the_ring() {
     let download = pattern(600_000, 13);
