@@ -7,6 +7,7 @@ pub mod demux;
 pub mod icmp;
 pub mod offload;
 pub mod socks5;
+pub mod tcp;
 pub mod udp;
 pub mod vnet;
 pub mod window;
