@@ -10,7 +10,6 @@ pub mod socks5;
 pub mod tcp;
 pub mod udp;
 pub mod vnet;
-pub mod window;
 
 pub use cidr::Cidr;
 pub use demux::{FlowKey, Parsed, parse};

@@ -31,11 +31,11 @@ use smoltcp::wire::{IpAddress, IpListenEndpoint};
 use crate::flow::budget::{Allowance, Budget};
 use crate::flow::upstream::{self, Handshake};
 use crate::stack::device::FlowTx;
+use crate::stack::window::{self, Admission, WindowState};
 use crate::stack::{Claim, StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
 use crate::wire::FlowKey;
 use crate::wire::icmp::{self, Quote, Reason};
-use crate::wire::window::{self, Admission, WindowState};
 use relay::Relay;
 pub use relay::{Failure, Phase, Teardown};
 
@@ -308,13 +308,12 @@ impl Flow {
             }
         }
         let edge = self.window.edge;
-        tx.begin(self.device_state());
+        let flow = device_flow(self.segment_size, self.window_limit(), &mut self.window);
         let held = self.memory.with(|sockets, _| {
-            let mut device = StackDevice::ingress(packet, tx);
+            let mut device = StackDevice::ingress(packet, tx, Some(flow));
             iface.poll_ingress_single(now, &mut device, &mut sockets.set);
             sockets.set.get::<tcp::Socket>(sockets.handle).recv_queue()
         });
-        self.window = tx.end().window;
         // The client used its window up when its bytes reached the edge announced to it
         // (a fast server keeps what is held low, so that alone would not show it).
         let reached = self.client_next.wrapping_add(held as u32);
@@ -497,14 +496,13 @@ impl Flow {
                 .is_some_and(|since| now - since >= TIME_WAIT_EGRESS);
 
         if !holding_time_wait {
-            tx.begin(self.device_state());
+            let flow = device_flow(self.segment_size, self.window_limit(), &mut self.window);
             next.again = self.memory.with(|sockets, _| {
-                let mut device = StackDevice::egress(tx);
+                let mut device = StackDevice::egress(tx, flow);
                 (0..EGRESS_BUDGET).all(|_| {
                     iface.poll_egress(now, &mut device, &mut sockets.set) != PollResult::None
                 })
             });
-            self.window = tx.end().window;
         }
         self.account(now, tx, budget);
         self.update_ack_delay(state);
@@ -710,23 +708,12 @@ impl Flow {
 
     /// One egress pass for the shutdown rounds; true while packets are still owed.
     pub fn flush(&mut self, now: Instant, iface: &mut Interface, tx: &mut TxPool) -> bool {
-        tx.begin(self.device_state());
-        let owed = self.memory.with(|sockets, _| {
-            let mut device = StackDevice::egress(tx);
+        let flow = device_flow(self.segment_size, self.window_limit(), &mut self.window);
+        self.memory.with(|sockets, _| {
+            let mut device = StackDevice::egress(tx, flow);
             iface.poll_egress(now, &mut device, &mut sockets.set);
             iface.poll_at(now, &sockets.set).is_some()
-        });
-        self.window = tx.end().window;
-        owed
-    }
-
-    /// What the device needs to know of this flow to write its packets.
-    fn device_state(&self) -> FlowTx {
-        FlowTx {
-            ipv6_segment_size: self.segment_size,
-            window_limit: Some(self.window_limit()),
-            window: self.window,
-        }
+        })
     }
 
     /// The smoltcp state and relay state, for trace logs.
@@ -737,6 +724,16 @@ impl Flow {
             self.relay,
             self.upstream
         )
+    }
+}
+
+/// What the device needs to know of a flow to write its packets (a free function: the
+/// flow's memory is borrowed alongside).
+fn device_flow(segment_size: u16, window_limit: u32, window: &mut WindowState) -> FlowTx<'_> {
+    FlowTx {
+        ipv6_segment_size: segment_size,
+        window_limit: Some(window_limit),
+        window,
     }
 }
 

@@ -217,7 +217,11 @@ impl Harness {
             64
         };
         let mut tx = TxPool::new(buffers, mtu, Offload::None).unwrap();
-        let proxy_iface = stack::new_interface(&mut StackDevice::egress(&mut tx), now, 7);
+        let proxy_iface = stack::new_interface(
+            &mut StackDevice::for_interface(&mut tx, smoltcp::wire::IpVersion::Ipv4),
+            now,
+            7,
+        );
         let seed = match order {
             Order::Instant => 1,
             Order::Shuffled(seed) | Order::Strict(seed) => seed.max(1),

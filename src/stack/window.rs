@@ -5,11 +5,9 @@
 //! window update of its own when the allowance opens again, since smoltcp, believing
 //! it advertised more all along, would not.
 
-use std::ops::Range;
+use smoltcp::wire::{IpEndpoint, TcpOption};
 
-use smoltcp::wire::{
-    IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-};
+use crate::wire::tcp::{self, after};
 
 /// What the flow's own side of the connection last told the client, as read from the
 /// segments written for it.
@@ -48,10 +46,7 @@ impl WindowState {
         let Some(furthest) = self.furthest else {
             return Admission::Pass;
         };
-        let Some(tcp) = tcp_range(packet)
-            .and_then(|range| packet.get(range))
-            .and_then(|segment| TcpPacket::new_checked(segment).ok())
-        else {
+        let Some(tcp) = tcp::packet(packet) else {
             return Admission::Pass;
         };
         let seq = tcp.seq_number().0 as u32;
@@ -89,68 +84,11 @@ pub enum Verdict {
     Drop,
 }
 
-/// `a` is after `b` in sequence space.
-fn after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
-}
-
-/// Where in `packet` (an IP packet) its TCP segment lies, if it is one.
-fn tcp_range(packet: &[u8]) -> Option<Range<usize>> {
-    match IpVersion::of_packet(packet.get(..1)?).ok()? {
-        IpVersion::Ipv4 => {
-            let ip = Ipv4Packet::new_checked(packet).ok()?;
-            let total = usize::from(ip.total_len()).min(packet.len());
-            (ip.next_header() == IpProtocol::Tcp).then(|| usize::from(ip.header_len())..total)
-        }
-        IpVersion::Ipv6 => {
-            let ip = Ipv6Packet::new_checked(packet).ok()?;
-            let end = (40 + usize::from(ip.payload_len())).min(packet.len());
-            (ip.next_header() == IpProtocol::Tcp).then_some(40..end)
-        }
-    }
-}
-
-/// The TCP segment in `packet` (an IP packet), if it is one.
-fn tcp_of(packet: &mut [u8]) -> Option<TcpPacket<&mut [u8]>> {
-    let range = tcp_range(packet)?;
-    TcpPacket::new_checked(packet.get_mut(range)?).ok()
-}
-
-/// Updates the checksum of `tcp` for its window field changing from `old` to `new`
-/// (RFC 1624: HC' = ~(~HC + ~m + m')), without summing the whole segment again.
-fn patch_checksum(tcp: &mut TcpPacket<&mut [u8]>, old: u16, new: u16) {
-    let sum = u32::from(!tcp.checksum()) + u32::from(!old) + u32::from(new);
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let folded = (folded & 0xffff) + (folded >> 16);
-    tcp.set_checksum(!(folded as u16));
-}
-
-/// The window scale option of a SYN, if it carries one.
-fn window_scale(options: &[u8]) -> Option<u8> {
-    let mut at = 0;
-    while at < options.len() {
-        match options[at] {
-            0 => return None,
-            1 => at += 1,
-            kind => {
-                let len = usize::from(*options.get(at + 1)?);
-                if len < 2 || at + len > options.len() {
-                    return None;
-                }
-                if kind == 3 && len == 3 {
-                    return Some(options[at + 2].min(14));
-                }
-                at += len;
-            }
-        }
-    }
-    None
-}
-
 /// Looks at a segment the flow is about to write to its client, learns from it, and
 /// with a `limit` (the sequence number of the client's up to which it may send: the
-/// first byte not yet passed on plus the allowance) lowers its window to end there. `checksummed`: the segment carries its full checksum (no offload),
-/// which is then patched; otherwise the kernel completes it later. Anything but a TCP
+/// first byte not yet passed on plus the allowance) lowers its window to end there.
+/// `checksummed`: the segment carries its full checksum (no offload), which is then
+/// patched; otherwise the kernel completes it later. Anything but a TCP
 /// segment is left alone.
 pub fn shape(
     packet: &mut [u8],
@@ -158,7 +96,7 @@ pub fn shape(
     limit: Option<u32>,
     checksummed: bool,
 ) -> Verdict {
-    let Some(mut tcp) = tcp_of(packet) else {
+    let Some(mut tcp) = tcp::packet_mut(packet) else {
         return Verdict::Send;
     };
     let seq = tcp.seq_number().0 as u32;
@@ -180,13 +118,14 @@ pub fn shape(
     if syn {
         // The window of a SYN is never scaled; it announces the shift for later ones.
         let options = &tcp.as_ref()[20.min(header)..header];
-        state.shift = Some(window_scale(options).unwrap_or(0));
+        let scale = tcp::options(options).find_map(|(_, option)| match option {
+            TcpOption::WindowScale(scale) => Some(scale.min(14)),
+            _ => None,
+        });
+        state.shift = Some(scale.unwrap_or(0));
         let window = match limit.map(|edge| room(edge, ack)) {
             Some(room) if room < u32::from(raw) => {
-                tcp.set_window_len(room as u16);
-                if checksummed {
-                    patch_checksum(&mut tcp, raw, room as u16);
-                }
+                tcp::set_window(&mut tcp, room as u16, checksummed);
                 room as u16
             }
             _ => raw,
@@ -209,10 +148,7 @@ pub fn shape(
         // Rounded up: rounding down could move the right edge back by a few bytes.
         let scaled = window.div_ceil(1 << shift).min(u32::from(u16::MAX)) as u16;
         if scaled < raw {
-            tcp.set_window_len(scaled);
-            if checksummed {
-                patch_checksum(&mut tcp, raw, scaled);
-            }
+            tcp::set_window(&mut tcp, scaled, checksummed);
             sent = scaled;
         }
     }
@@ -261,7 +197,7 @@ pub fn update_due(state: &WindowState, limit: u32, min_step: u32) -> bool {
 /// too small or the state has not seen the connection set up yet.
 pub fn pure_ack(
     buf: &mut [u8],
-    (from, to): (smoltcp::wire::IpEndpoint, smoltcp::wire::IpEndpoint),
+    ends: (IpEndpoint, IpEndpoint),
     state: &mut WindowState,
     ack: u32,
     limit: u32,
@@ -276,35 +212,7 @@ pub fn pure_ack(
         scaled = room(edge, ack).div_ceil(1 << shift);
     }
     let window = scaled.min(u32::from(u16::MAX)) as u16;
-    let repr = TcpRepr {
-        src_port: from.port,
-        dst_port: to.port,
-        control: TcpControl::None,
-        seq_number: TcpSeqNumber(state.seq_end as i32),
-        ack_number: Some(TcpSeqNumber(ack as i32)),
-        window_len: window,
-        window_scale: None,
-        max_seg_size: None,
-        sack_permitted: false,
-        sack_ranges: [None, None, None],
-        timestamp: None,
-        payload: &[],
-    };
-    let caps = smoltcp::phy::ChecksumCapabilities::default();
-    let len = super::emit_ip(
-        buf,
-        (from.addr, to.addr),
-        IpProtocol::Tcp,
-        repr.header_len(),
-        |segment| {
-            repr.emit(
-                &mut TcpPacket::new_unchecked(segment),
-                &from.addr,
-                &to.addr,
-                &caps,
-            )
-        },
-    )?;
+    let len = tcp::pure_ack(buf, ends, state.seq_end, ack, window)?;
     // smoltcp's next window update for this ACK would now show the client nothing new.
     state.ack = ack;
     state.advertise(ack.wrapping_add(u32::from(window) << shift));
@@ -317,7 +225,9 @@ mod tests {
     use super::*;
     use crate::wire::demux::tests::v4;
     use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpAddress, IpEndpoint, IpRepr};
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, IpRepr, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
 
     const PROXY: IpEndpoint = IpEndpoint {
         addr: IpAddress::Ipv4(smoltcp::wire::Ipv4Address::new(10, 0, 0, 2)),
