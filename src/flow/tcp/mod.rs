@@ -73,14 +73,19 @@ pub enum Action {
     Cancel,
     /// Close the outbound socket.
     Close,
+    /// These bytes of the flow's region hold nothing: their pages may go back to the
+    /// kernel (madvise), whatever is in flight elsewhere in the region.
+    Discard(Range<usize>),
     /// Nothing is in flight and nothing owed: remove the flow, counting its failure.
     Free(Option<Failure>),
 }
 
-/// Actions of one poll, without allocating: a poll yields at most one of each kind.
+/// Actions of one poll, without allocating: a poll yields at most one of each kind but
+/// `Discard`, of which it yields at most five (two spans of the receive ring, three of
+/// the send ring around a receive in flight).
 #[derive(Debug, Default)]
 pub struct Actions {
-    items: [Option<Action>; 8],
+    items: [Option<Action>; 16],
     len: usize,
 }
 
@@ -504,7 +509,7 @@ impl Flow {
                 })
             });
         }
-        self.account(now, tx, budget);
+        self.account(now, tx, budget, actions);
         self.update_ack_delay(state);
         if tx.take_exhausted() {
             self.starved = true;
@@ -597,7 +602,13 @@ impl Flow {
 
     /// Brings the allowances up to date with what the buffers hold, and tells the
     /// client of a window its allowance opened that smoltcp would not announce.
-    fn account(&mut self, now: Instant, tx: &mut TxPool, budget: &mut Budget) {
+    fn account(
+        &mut self,
+        now: Instant,
+        tx: &mut TxPool,
+        budget: &mut Budget,
+        actions: &mut Actions,
+    ) {
         let (rx_held, tx_held) = self.memory.get(|sockets| {
             let socket = sockets.set.get::<tcp::Socket>(sockets.handle);
             (socket.recv_queue(), socket.send_queue())
@@ -631,25 +642,25 @@ impl Flow {
         }
         let (trim_rx, trim_tx) = (self.rx.take_trim(), self.tx.take_trim());
         if trim_rx || trim_tx {
-            self.trim(trim_rx, trim_tx);
+            self.trim(trim_rx, trim_tx, actions);
         }
     }
 
-    /// Gives back to the kernel the pages of the receive (`rx`) and send (`tx`) buffers
-    /// that hold nothing. Kept: the receive buffer's bytes and the rest of the window
-    /// the client was offered (out-of-order bytes land there), the send buffer's bytes
-    /// and the space a receive in flight writes.
-    fn trim(&mut self, rx: bool, tx: bool) {
+    /// Asks for the pages of the receive (`rx`) and send (`tx`) buffers that hold
+    /// nothing to go back to the kernel. Kept: the receive buffer's bytes and the rest
+    /// of the window the client was offered (out-of-order bytes land there), the send
+    /// buffer's bytes and the space a receive in flight writes.
+    fn trim(&mut self, rx: bool, tx: bool, actions: &mut Actions) {
         let size = self.buffer;
         let (relay, client_next) = (&self.relay, self.client_next);
         let furthest = self.window.furthest;
-        self.memory.with(|sockets, region| {
+        self.memory.get(|sockets| {
             let socket = sockets.set.get::<tcp::Socket>(sockets.handle);
             if rx && let Some(furthest) = furthest {
                 let offered = (furthest.wrapping_sub(client_next) as i32).max(0) as usize;
                 let kept = socket.recv_queue().max(offered);
                 for span in trim::free_spans(0..size, relay.client_bytes_at(), kept, None) {
-                    region.discard(span);
+                    actions.push(Action::Discard(span));
                 }
             }
             if tx {
@@ -662,7 +673,7 @@ impl Flow {
                 let from = size + (end + size - held) % size;
                 let ring = size..2 * size;
                 for span in trim::free_spans(ring, from, held, relay.receiving()) {
-                    region.discard(span);
+                    actions.push(Action::Discard(span));
                 }
             }
         });

@@ -478,6 +478,17 @@ impl Harness {
                 self.freed = Some(failure);
             }
             Action::UserTimeout(_) | Action::Linger0 => self.lifecycle.push(action),
+            Action::Discard(range) => {
+                // Never pages an operation in flight reads or writes.
+                for busy in [&self.stalled_send, &self.pending_recv]
+                    .into_iter()
+                    .flatten()
+                {
+                    let apart = range.end <= busy.start || busy.end <= range.start;
+                    assert!(apart, "discard {range:?} under {busy:?}");
+                }
+                region.discard(range);
+            }
         }
         drop(region);
     }
