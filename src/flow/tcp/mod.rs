@@ -14,6 +14,8 @@
 //! the next call.
 
 pub mod admission;
+mod lifecycle;
+mod memory;
 pub mod relay;
 #[cfg(test)]
 mod tests;
@@ -23,19 +25,19 @@ use std::ops::Range;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
-use crate::flow::budget::{Allowance, Budget};
+use crate::flow::budget::Allowance;
 use crate::flow::upstream::{self, Handshake};
 use crate::stack::device::FlowTx;
 use crate::stack::window::{self, Admission, WindowState};
 use crate::stack::{Claim, StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
 use crate::wire::FlowKey;
-use crate::wire::icmp::{self, Quote, Reason};
+use crate::wire::icmp::Quote;
 use relay::Relay;
 pub use relay::{Failure, Phase, Teardown};
 
@@ -404,29 +406,6 @@ impl Flow {
         self.starved = false;
     }
 
-    /// Resets a flow still waiting for its outbound connect (admission control makes
-    /// room for a newer SYN). False if it was no longer connecting.
-    pub fn evict(&mut self) -> bool {
-        // A flow whose connect completed this turn (not yet polled) is not connecting
-        // any more: it leaves admission's count through `left_half_open` instead.
-        if !self.half_open || self.relay.phase() != Phase::Connecting {
-            return false;
-        }
-        self.half_open = false;
-        let relay = &mut self.relay;
-        self.memory.with(|sockets, _| relay.evict(sockets.socket()));
-        true
-    }
-
-    /// Whether the flow has stopped connecting since last asked (once).
-    pub fn left_half_open(&mut self) -> bool {
-        let left = self.half_open && self.relay.phase() != Phase::Connecting;
-        if left {
-            self.half_open = false;
-        }
-        left
-    }
-
     /// Moves what can move between the two sides; `actions` gets the outbound I/O to
     /// start now.
     pub fn poll_relay(&mut self, actions: &mut Actions) {
@@ -460,271 +439,6 @@ impl Flow {
         if let Some(range) = io.send {
             actions.push(Action::Send(range));
         }
-    }
-
-    /// Runs smoltcp egress (at most `EGRESS_BUDGET` packets into `tx`), the flow's
-    /// lifecycle rules and its share of the memory `budget`; `actions` gets what to do
-    /// next.
-    pub fn poll(
-        &mut self,
-        now: Instant,
-        iface: &mut Interface,
-        tx: &mut TxPool,
-        budget: &mut Budget,
-        actions: &mut Actions,
-    ) -> Next {
-        let mut next = Next::default();
-        if let Some(handshake) = &mut self.upstream {
-            handshake.expire(now);
-            self.settle_handshake();
-        }
-        let state = self.memory.get(|sockets| sockets.state());
-        let owes_server = self.owes_server();
-        self.update_ack_delay(state);
-        if matches!(state, State::TimeWait | State::Closed) && owes_server && !self.orphaned {
-            // The client is gone but bytes are still owed to the server. Like the kernel
-            // with an orphaned socket, bound how long a server that stops reading may
-            // hold the flow: the outbound connection then fails and the flow ends.
-            self.orphaned = true;
-            actions.push(Action::UserTimeout(ORPHAN_TIMEOUT));
-        }
-        // smoltcp ends TIME-WAIT (and clears the receive buffer) from its egress timer,
-        // 10 s after entering it. Keep egress (ACKs) running until shortly before that,
-        // then hold it off while client bytes are still going to the server.
-        if state == State::TimeWait {
-            self.time_wait_since.get_or_insert(now);
-        }
-        let holding_time_wait = state == State::TimeWait
-            && owes_server
-            && self
-                .time_wait_since
-                .is_some_and(|since| now - since >= TIME_WAIT_EGRESS);
-
-        if !holding_time_wait {
-            let flow = device_flow(self.segment_size, self.window_limit(), &mut self.window);
-            next.again = self.memory.with(|sockets, _| {
-                let mut device = StackDevice::egress(tx, flow);
-                (0..EGRESS_BUDGET).all(|_| {
-                    iface.poll_egress(now, &mut device, &mut sockets.set) != PollResult::None
-                })
-            });
-        }
-        self.account(now, tx, budget, actions);
-        self.update_ack_delay(state);
-        if tx.take_exhausted() {
-            self.starved = true;
-        }
-        next.starved = self.starved;
-
-        let relay = &mut self.relay;
-        self.memory
-            .get(|sockets| relay.update_phase(sockets.set.get(sockets.handle)));
-        match self.relay.phase() {
-            Phase::Closing(teardown) => {
-                next.again |= self.teardown(teardown, now, iface, tx, actions);
-            }
-            Phase::Connecting => next.deadline = self.upstream.as_ref().map(Handshake::deadline),
-            Phase::Open if self.starved || next.again || holding_time_wait => {}
-            Phase::Open => {
-                // "Now" after a full egress pass means smoltcp is waiting on something
-                // that is not a packet (e.g. a zero window); never spin on it.
-                next.deadline = self
-                    .memory
-                    .get(|sockets| iface.poll_at(now, &sockets.set))
-                    .map(|at| at.max(now + smoltcp::time::Duration::from_millis(1)));
-            }
-        }
-        next
-    }
-
-    /// Whether smoltcp may delay its ACKs. Not once the client closed, so that no ACK is
-    /// still owed when the flow is freed. Nor while the client's window is under two
-    /// segments: smoltcp ACKs at once only when more than a segment is unacknowledged,
-    /// which such a window may never hold (at MTU 65535 the floor's is one segment),
-    /// so each window would wait for the delayed-ACK timer.
-    fn update_ack_delay(&mut self, state: State) {
-        let closed = matches!(
-            state,
-            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
-        );
-        let tight = self.rx.get() < 2 * usize::from(self.segment_size);
-        let delay = (!closed && !tight).then_some(ACK_DELAY);
-        self.memory
-            .with(|sockets, _| sockets.socket().set_ack_delay(delay));
-    }
-
-    /// Starts the teardown (ICMP error, RST, cancel) and ends with `Close` and `Free`
-    /// once nothing is in flight or owed. True when it must run again this turn.
-    fn teardown(
-        &mut self,
-        teardown: Teardown,
-        now: Instant,
-        iface: &mut Interface,
-        tx: &mut TxPool,
-        actions: &mut Actions,
-    ) -> bool {
-        if !self.teardown_started {
-            self.teardown_started = true;
-            let reason = match self.relay.failure() {
-                Some(Failure::HostUnreachable) => Some(Reason::Host),
-                Some(Failure::NetUnreachable) => Some(Reason::Network),
-                _ => None,
-            };
-            if let Some(reason) = reason
-                && !tx.emit(Claim::Egress, |buf| {
-                    icmp::unreachable(buf, &self.syn, reason)
-                })
-            {
-                tx.counters.dropped_replies += 1;
-            }
-            if teardown == Teardown::Abortive {
-                actions.push(Action::Linger0);
-                if self.inflight() > 0 {
-                    actions.push(Action::Cancel);
-                }
-            }
-        }
-        if self.inflight() > 0 || self.starved {
-            return false;
-        }
-        // An aborted socket keeps its peer until its RST is out (the tuple is cleared
-        // once sent); freeing it earlier would swallow the reset.
-        let rst_owed = self.memory.get(|sockets| {
-            sockets.state() == State::Closed && iface.poll_at(now, &sockets.set).is_some()
-        });
-        if rst_owed {
-            return true;
-        }
-        actions.push(Action::Close);
-        actions.push(Action::Free(self.relay.failure()));
-        false
-    }
-
-    /// Brings the allowances up to date with what the buffers hold, and tells the
-    /// client of a window its allowance opened that smoltcp would not announce.
-    fn account(
-        &mut self,
-        now: Instant,
-        tx: &mut TxPool,
-        budget: &mut Budget,
-        actions: &mut Actions,
-    ) {
-        let (rx_held, tx_held) = self.memory.get(|sockets| {
-            let socket = sockets.set.get::<tcp::Socket>(sockets.handle);
-            (socket.recv_queue(), socket.send_queue())
-        });
-        let acked = self.relay.committed().saturating_sub(tx_held);
-        self.tx.drained(acked.saturating_sub(self.tx_acked));
-        self.tx_acked = acked;
-        let used_up = std::mem::take(&mut self.rx_window_used);
-        self.rx.update(rx_held, used_up, now, budget);
-        self.tx.update(tx_held, false, now, budget);
-        let limit = self.window_limit();
-        // Two segments, as for the kernel's window updates, but at most half the
-        // allowance (RFC 9293 3.8.6.2.2's receiver rule): with a jumbo MSS two segments
-        // can exceed the whole allowance, and the client, never told its window opened,
-        // would be left to zero-window probes with their backoff.
-        let min_step = (2 * u32::from(self.segment_size)).min(self.rx.get() as u32 / 2);
-        if window::update_due(&self.window, limit, min_step) {
-            let ends = (self.key.server, self.key.client);
-            let state = &mut self.window;
-            // Not a reply to the client's packet but to the server taking its bytes
-            // (an outbound completion), and one that can wait: it leaves the ACKs'
-            // reserve. Without a buffer the update is owed: the flow waits for one
-            // (`starved`), and the next poll finds the update still due, since only a
-            // written one is recorded in the window state. (It always fits a buffer.)
-            let ack = state.ack;
-            if !tx.emit(Claim::Egress, |buf| {
-                window::pure_ack(buf, ends, state, ack, limit)
-            }) {
-                self.starved = true;
-            }
-        }
-        let (trim_rx, trim_tx) = (self.rx.take_trim(), self.tx.take_trim());
-        if trim_rx || trim_tx {
-            self.trim(trim_rx, trim_tx, actions);
-        }
-    }
-
-    /// Asks for the pages of the receive (`rx`) and send (`tx`) buffers that hold
-    /// nothing to go back to the kernel. Kept: the receive buffer's bytes and the rest
-    /// of the window the client was offered (out-of-order bytes land there), the send
-    /// buffer's bytes and the space a receive in flight writes.
-    fn trim(&mut self, rx: bool, tx: bool, actions: &mut Actions) {
-        let size = self.buffer;
-        let (relay, client_next) = (&self.relay, self.client_next);
-        let furthest = self.window.furthest;
-        self.memory.get(|sockets| {
-            let socket = sockets.set.get::<tcp::Socket>(sockets.handle);
-            if rx && let Some(furthest) = furthest {
-                let offered = (furthest.wrapping_sub(client_next) as i32).max(0) as usize;
-                let kept = socket.recv_queue().max(offered);
-                for span in trim::free_spans(0..size, relay.client_bytes_at(), kept, None) {
-                    actions.push(Action::Discard(span));
-                }
-            }
-            if tx {
-                // The bytes end where the last ones were added (at the start before the
-                // first), and begin `held` before that, around the ring.
-                let held = socket.send_queue().min(size);
-                let end = relay
-                    .server_bytes_end()
-                    .map_or(0, |end| end.saturating_sub(size));
-                let from = size + (end + size - held) % size;
-                let ring = size..2 * size;
-                for span in trim::free_spans(ring, from, held, relay.receiving()) {
-                    actions.push(Action::Discard(span));
-                }
-            }
-        });
-    }
-
-    /// Where the client's window may end: its first byte still with us, plus the
-    /// allowance.
-    fn window_limit(&self) -> u32 {
-        self.client_next.wrapping_add(self.rx.get() as u32)
-    }
-
-    /// How far into each of its buffers (receive, send) the flow may have written, from
-    /// their start: the receive buffer up to the furthest window the client was offered
-    /// (smoltcp writes nowhere else), the send buffer up to the server bytes it took
-    /// (it starts over at its beginning whenever it is empty). The whole buffer once
-    /// that went around the ring.
-    pub fn touched(&self) -> [usize; 2] {
-        let offered = self.window.furthest.map_or(0, |furthest| {
-            furthest.wrapping_sub(self.client_first) as usize
-        });
-        [
-            offered.min(self.buffer),
-            self.relay.committed().min(self.buffer),
-        ]
-    }
-
-    /// The flow ends: its share of the budget goes back.
-    pub fn release(&mut self, budget: &mut Budget) {
-        self.rx.release(budget);
-        self.tx.release(budget);
-    }
-
-    fn owes_server(&self) -> bool {
-        let relay = &self.relay;
-        self.memory
-            .get(|sockets| relay.owes_server(sockets.set.get(sockets.handle)))
-    }
-
-    /// Shutting down: RST to the client (the caller resets the server with `Linger0`).
-    pub fn abort(&mut self) {
-        self.memory.with(|sockets, _| sockets.socket().abort());
-    }
-
-    /// One egress pass for the shutdown rounds; true while packets are still owed.
-    pub fn flush(&mut self, now: Instant, iface: &mut Interface, tx: &mut TxPool) -> bool {
-        let flow = device_flow(self.segment_size, self.window_limit(), &mut self.window);
-        self.memory.with(|sockets, _| {
-            let mut device = StackDevice::egress(tx, flow);
-            iface.poll_egress(now, &mut device, &mut sockets.set);
-            iface.poll_at(now, &sockets.set).is_some()
-        })
     }
 
     /// The smoltcp state and relay state, for trace logs.
