@@ -1,8 +1,19 @@
-//! One relayed TCP connection as a state machine that performs no I/O whatsoever. It
-//! owns the flow's smoltcp socket (the client side, whose buffers live in memory the
-//! ring may read and write), the relay state and every lifecycle rule, takes the time
-//! as an argument, is told outbound completions as typed results, and returns the
-//! outbound I/O to start as `Action`s plus the time it next needs to run.
+//! One relayed TCP connection as a state machine that starts no I/O and makes no system
+//! call. It owns the flow's smoltcp socket (the client side, whose buffers live in
+//! memory the ring may read and write), the relay state and every lifecycle rule, takes
+//! the time as an argument, is told outbound completions as typed results (the errno
+//! of a failed one), and returns the outbound I/O to start and the pages to give back as
+//! `Action`s, plus the time it next needs to run.
+//!
+//! Packets towards the client it writes into TUN write buffers the loop lends it: it
+//! polls the smoltcp interface (which holds no sockets) with its own socket set over
+//! `stack::StackDevice`, whose tokens are the loop's free buffers, and writes its own
+//! ACKs and ICMP errors through `TxPool::emit`; the loop submits what was filled. This
+//! is the lent-buffer form of quinn-proto's `poll_transmit`, with smoltcp's `Device`
+//! as the lending interface: moving the smoltcp calls out to the loop would hand it the
+//! socket set and the window state between every ingress and egress call of every
+//! packet, for the same writes into the same buffers. A buffer that cannot be had is
+//! a state (`Next::starved`, an update still due), retried when one frees.
 //!
 //! Through a SOCKS5 upstream the outbound socket first carries the flow's handshake
 //! (`flow::upstream`), its I/O returned as the same `Action`s on scratch bytes after the
