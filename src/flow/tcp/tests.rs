@@ -548,6 +548,20 @@ impl Harness {
         got
     }
 
+    /// Steps (at most `limit`) until the server has all of `upload`, the client sending
+    /// it from `offset` on as its window lets it; returns how long that took.
+    fn finish_upload(&mut self, upload: &[u8], mut offset: usize, limit: usize) -> Duration {
+        let start = self.now;
+        self.steps_until(limit, |h| {
+            let client = h.client();
+            if offset < upload.len() && client.can_send() {
+                offset += client.send_slice(&upload[offset..]).unwrap();
+            }
+            h.server.received.len() == upload.len()
+        });
+        self.now - start
+    }
+
     fn steps_until(&mut self, limit: usize, mut done: impl FnMut(&mut Harness) -> bool) {
         for _ in 0..limit {
             if done(self) {
@@ -1136,7 +1150,7 @@ fn at_the_floor_a_jumbo_mtu_needs_no_zero_window_probe() {
 fn a_window_update_that_found_no_buffer_goes_out_once_one_frees() {
     let upload = pattern(64 * 1024, 18);
     // Strict: the flow runs only when the event loop would run it.
-    let (mut h, mut offset) = window_closed(MTU, Order::Strict(4), &[], &upload);
+    let (mut h, offset) = window_closed(MTU, Order::Strict(4), &[], &upload);
     // Every TUN write buffer is taken, and the server reads: the window opens, but its
     // update finds no buffer.
     let mut held = Vec::new();
@@ -1156,16 +1170,8 @@ fn a_window_update_that_found_no_buffer_goes_out_once_one_frees() {
         h.flow.as_mut().unwrap().on_tx_buffer();
         h.woken = true;
     }
-    let start = h.now;
-    h.steps_until(1000, |h| {
-        let client = h.client();
-        if offset < upload.len() && client.can_send() {
-            offset += client.send_slice(&upload[offset..]).unwrap();
-        }
-        h.server.received.len() == upload.len()
-    });
+    let took = h.finish_upload(&upload, offset, 1000);
     // Well before the client's zero-window probe (1 s).
-    let took = h.now - start;
     assert!(took < Duration::from_millis(500), "took {took}");
     assert_eq!(h.probes, []);
     assert_eq!(h.server.received, upload);
@@ -1179,7 +1185,7 @@ fn a_zero_window_probe_beyond_the_window_is_answered_with_the_window() {
     // asks of a segment that is not acceptable.
     let upload = pattern(64 * 1024, 19);
     for order in [Order::Instant, Order::Shuffled(7), Order::Strict(6)] {
-        let (mut h, mut offset) = window_closed(MTU, order, &[], &upload);
+        let (mut h, offset) = window_closed(MTU, order, &[], &upload);
         let edge = h.flow().window.furthest.expect("a window was advertised");
         h.steps_until(5000, |h| h.probes.len() == 2);
         for &probe in &h.probes {
@@ -1195,15 +1201,7 @@ fn a_zero_window_probe_beyond_the_window_is_answered_with_the_window() {
         );
         // The server reads again: the window opens and the client goes on at once.
         h.server.stall_sends = false;
-        let start = h.now;
-        h.steps_until(1000, |h| {
-            let client = h.client();
-            if offset < upload.len() && client.can_send() {
-                offset += client.send_slice(&upload[offset..]).unwrap();
-            }
-            h.server.received.len() == upload.len()
-        });
-        let took = h.now - start;
+        let took = h.finish_upload(&upload, offset, 1000);
         assert!(took < Duration::from_millis(500), "{order:?}: took {took}");
         assert_eq!(h.server.received, upload, "{order:?}");
     }
@@ -1217,17 +1215,10 @@ fn upload_time_at_the_floor(mtu: usize, len: usize) -> Duration {
     h.budget = Budget::new(0);
     connect(&mut h, Ok(()));
     h.steps_until(50, |h| h.client().state() == State::Established);
-    let (start, mut offset) = (h.now, 0);
-    h.steps_until(20_000, |h| {
-        let client = h.client();
-        if offset < upload.len() && client.can_send() {
-            offset += client.send_slice(&upload[offset..]).unwrap();
-        }
-        h.server.received.len() == upload.len()
-    });
+    let took = h.finish_upload(&upload, 0, 20_000);
     assert_eq!(h.server.received, upload, "MTU {mtu}");
     assert_eq!(h.flow().rx.get(), FLOOR);
-    h.now - start
+    took
 }
 
 #[test]
