@@ -530,6 +530,7 @@ mod stack {
     use smoltcp::time::{Duration, Instant};
     use smoltcp::wire::IpListenEndpoint;
     use uringproxy::stack::device::FlowTx;
+    use uringproxy::stack::window::WindowState;
     use uringproxy::stack::{Interfaces, StackDevice, TxPool};
     use uringproxy::wire::Parsed;
     use uringproxy::wire::{Offload, vnet};
@@ -553,6 +554,8 @@ mod stack {
         server: IpEndpoint,
         /// The flow's MSS, which the event loop hands the pool for IPv6 segmentation.
         segment_size: u16,
+        /// What the proxy's segments told the client (learnt, no limit set).
+        window: WindowState,
         /// smoltcp's clock, fixed: see `new`.
         now: Instant,
         /// Bytes moved each way per iteration.
@@ -655,7 +658,7 @@ mod stack {
             // is only right if the proxy does not verify them (it leaves that to the
             // kernel that built them).
             assert!(
-                !StackDevice::egress(&mut tx)
+                !StackDevice::for_interface(&mut tx, IpVersion::Ipv4)
                     .capabilities()
                     .checksum
                     .tcp
@@ -691,6 +694,7 @@ mod stack {
                 handle,
                 server,
                 segment_size: family.mss(),
+                window: WindowState::default(),
                 now,
                 len,
                 segment: Vec::new(),
@@ -720,26 +724,26 @@ mod stack {
         /// Hands one client packet to the proxy, as `Flow::on_segment` does.
         fn ingress(&mut self, packet: &[u8]) {
             let iface = self.ifaces.serving(&self.server.addr);
-            self.tx.begin(FlowTx {
+            let flow = FlowTx {
                 ipv6_segment_size: self.segment_size,
-                ..FlowTx::default()
-            });
-            let mut device = StackDevice::ingress(packet, &mut self.tx);
+                window_limit: None,
+                window: &mut self.window,
+            };
+            let mut device = StackDevice::ingress(packet, &mut self.tx, Some(flow));
             iface.poll_ingress_single(self.now, &mut device, &mut self.sockets);
-            self.tx.end();
         }
 
         /// Runs the proxy's egress for the flow, as `Flow::poll` does, and
         /// completes the TUN writes it made, each passed to `each` first.
         fn egress(&mut self, mut each: impl FnMut(&[u8])) {
             let iface = self.ifaces.serving(&self.server.addr);
-            self.tx.begin(FlowTx {
+            let flow = FlowTx {
                 ipv6_segment_size: self.segment_size,
-                ..FlowTx::default()
-            });
-            let mut device = StackDevice::egress(&mut self.tx);
+                window_limit: None,
+                window: &mut self.window,
+            };
+            let mut device = StackDevice::egress(&mut self.tx, flow);
             while iface.poll_egress(self.now, &mut device, &mut self.sockets) != PollResult::None {}
-            self.tx.end();
             self.tx.take_ready(|index, write| {
                 write.region.with_mut(write.range, |bytes| each(bytes));
                 self.written.push(index);

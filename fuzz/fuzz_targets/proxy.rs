@@ -656,6 +656,15 @@ impl Harness {
                 self.next = Next::default();
             }
             Action::UserTimeout(_) | Action::Linger0 => {}
+            Action::Discard(range) => {
+                // Never pages an operation in flight reads or writes.
+                assert!(range.end <= size, "discard {range:?}");
+                for busy in [&self.send, &self.recv].into_iter().flatten() {
+                    let apart = range.end <= busy.start || busy.end <= range.start;
+                    assert!(apart, "discard {range:?} under {busy:?}");
+                }
+                flow.region().discard(range);
+            }
         }
     }
 

@@ -477,9 +477,17 @@ fn execute(
     let token = |op| Token::new(op, id.generation, id.slot as usize).encode();
     let mut freed = None;
     for action in actions.drain() {
-        if let Action::Free(failure) = action {
-            freed = Some(failure);
-            continue;
+        match action {
+            Action::Free(failure) => {
+                freed = Some(failure);
+                continue;
+            }
+            // Whether or not its socket is still open.
+            Action::Discard(range) => {
+                entry.flow.region().discard(range);
+                continue;
+            }
+            _ => {}
         }
         let Some(socket) = &entry.socket else {
             // Its socket is closed: what the relay asks for fails at once, so nothing it
@@ -520,7 +528,7 @@ fn execute(
                     ring.close(socket.into());
                 }
             }
-            Action::Free(_) => {}
+            Action::Free(_) | Action::Discard(_) => {}
         }
     }
     freed

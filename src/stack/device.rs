@@ -7,8 +7,8 @@ use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Med
 use smoltcp::time::Instant;
 use smoltcp::wire::IpVersion;
 
+use super::window::{self, WindowState};
 use crate::uring::{Region, Slice};
-use crate::wire::window::{self, WindowState};
 use crate::wire::{Offload, offload, vnet};
 
 /// Largest packet smoltcp may hand the TUN for segmentation: the IPv4 length limit.
@@ -39,18 +39,29 @@ pub enum Claim {
     Egress,
 }
 
-/// What the device knows of the flow whose packets smoltcp is writing: handed over
-/// before each smoltcp call for the flow (`begin`) and taken back after it (`end`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FlowTx {
+/// What the device must know of the flow whose packets smoltcp writes during one call,
+/// lent by the flow for that call.
+#[derive(Debug)]
+pub struct FlowTx<'a> {
     /// MSS for segmenting IPv6 packets: smoltcp does not pass its segmentation
     /// metadata along for IPv6.
     pub ipv6_segment_size: u16,
-    /// Bytes beyond the acknowledged ones the client may send (the flow's memory
-    /// allowance); `None` leaves smoltcp's own window.
+    /// The client's sequence number up to which it may send (its first byte not yet
+    /// passed on plus the flow's memory allowance); `None` leaves smoltcp's window.
     pub window_limit: Option<u32>,
-    /// What the flow's segments told the client so far.
-    pub window: WindowState,
+    /// What the flow's segments told the client so far, brought up to date.
+    pub window: &'a mut WindowState,
+}
+
+impl FlowTx<'_> {
+    /// The same, for a shorter call.
+    fn reborrow(&mut self) -> FlowTx<'_> {
+        FlowTx {
+            ipv6_segment_size: self.ipv6_segment_size,
+            window_limit: self.window_limit,
+            window: &mut *self.window,
+        }
+    }
 }
 
 /// Fixed transmit buffers, in one region the ring writes from; each filled buffer
@@ -71,8 +82,6 @@ pub struct TxPool {
     offload: Offload,
     /// Bytes in front of each packet: the virtio-net header, if negotiated.
     header_len: usize,
-    /// The flow being polled.
-    flow: FlowTx,
     pub counters: TxCounters,
 }
 
@@ -98,7 +107,6 @@ impl TxPool {
             mtu,
             offload,
             header_len,
-            flow: FlowTx::default(),
             counters: TxCounters::default(),
         })
     }
@@ -128,16 +136,6 @@ impl TxPool {
     /// The MSS our own MTU allows for IPv6 (40 bytes of IPv6, 20 of TCP header).
     fn ipv6_mss_limit(&self) -> u16 {
         u16::try_from(self.mtu.saturating_sub(60)).unwrap_or(u16::MAX)
-    }
-
-    /// The flow whose packets the next smoltcp call writes.
-    pub fn begin(&mut self, flow: FlowTx) {
-        self.flow = flow;
-    }
-
-    /// That flow's state after the call.
-    pub fn end(&mut self) -> FlowTx {
-        std::mem::take(&mut self.flow)
     }
 
     /// Returns buffer `index` after its write completed.
@@ -206,7 +204,15 @@ impl TxPool {
         true
     }
 
-    fn fill<R>(&mut self, len: usize, meta: PacketMeta, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    /// Hands smoltcp a free buffer for a `len`-byte packet, then shapes what it wrote for
+    /// `flow` (none: a reply for no flow) and adds the virtio-net header.
+    fn fill<R>(
+        &mut self,
+        len: usize,
+        meta: PacketMeta,
+        flow: Option<FlowTx>,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> R {
         let total = self.header_len + len;
         let index = match self.free.pop() {
             Some(index) if total <= self.buf_size => index,
@@ -223,28 +229,25 @@ impl TxPool {
         let (level, header_len) = (self.offload, self.header_len);
         let start = self.range(index).start;
         let counters = &mut self.counters;
-        let flow = &mut self.flow;
-        let ipv6_segment_size = flow.ipv6_segment_size;
+        let ipv6_segment_size = flow.as_ref().map(|flow| flow.ipv6_segment_size);
         let (result, kept) = self.region.with_mut(start..start + total, |buffer| {
             let (header, packet) = buffer.split_at_mut(header_len);
             let result = f(packet);
             // Before the checksum is finished: with offload, it is left to the kernel;
             // without, smoltcp computed it and the window's change is patched in.
-            let verdict = window::shape(
-                packet,
-                &mut flow.window,
-                flow.window_limit,
-                !level.checksum(),
-            );
-            if verdict == window::Verdict::Drop {
-                return (result, false);
+            if let Some(flow) = flow {
+                let verdict =
+                    window::shape(packet, flow.window, flow.window_limit, !level.checksum());
+                if verdict == window::Verdict::Drop {
+                    return (result, false);
+                }
             }
             if level.vnet_header() {
                 let vnet_header = if level.checksum() {
                     let segment_size = match packet.first().map(|byte| byte >> 4) {
                         Some(6) if level.tso() => {
                             offload::clamp_syn_mss(packet, ipv6_mss_limit);
-                            Some(ipv6_segment_size)
+                            ipv6_segment_size
                         }
                         _ => meta.segmentation_offload_size.map(|size| size.get()),
                     };
@@ -309,25 +312,34 @@ impl TxPool {
 pub struct StackDevice<'a> {
     rx: Option<&'a [u8]>,
     tx: &'a mut TxPool,
+    /// The flow whose socket smoltcp is polling, if any.
+    flow: Option<FlowTx<'a>>,
     /// Only read when an interface is created (smoltcp caches the capabilities).
     version: IpVersion,
 }
 
 impl<'a> StackDevice<'a> {
-    /// For egress: nothing to receive.
-    pub fn egress(tx: &'a mut TxPool) -> StackDevice<'a> {
+    /// For egress of `flow`: nothing to receive.
+    pub fn egress(tx: &'a mut TxPool, flow: FlowTx<'a>) -> StackDevice<'a> {
         StackDevice {
             rx: None,
             tx,
+            flow: Some(flow),
             version: IpVersion::Ipv4,
         }
     }
 
-    /// For ingress of one IP packet (without its virtio-net header).
-    pub fn ingress(packet: &'a [u8], tx: &'a mut TxPool) -> StackDevice<'a> {
+    /// For ingress of one IP packet (without its virtio-net header) for `flow` (none:
+    /// a packet of no flow, to be answered).
+    pub fn ingress(
+        packet: &'a [u8],
+        tx: &'a mut TxPool,
+        flow: Option<FlowTx<'a>>,
+    ) -> StackDevice<'a> {
         StackDevice {
             rx: Some(packet),
             tx,
+            flow,
             version: IpVersion::Ipv4,
         }
     }
@@ -337,6 +349,7 @@ impl<'a> StackDevice<'a> {
         StackDevice {
             rx: None,
             tx,
+            flow: None,
             version,
         }
     }
@@ -356,12 +369,14 @@ impl phy::Device for StackDevice<'_> {
         let packet = self.rx.take()?;
         // A reply to an ingress packet (RST, challenge ACK) must never block ingress:
         // without a free buffer it is dropped (and counted), like a full NIC queue would.
-        Some((RxToken { packet }, TxToken::new(self.tx)))
+        let flow = self.flow.as_mut().map(FlowTx::reborrow);
+        Some((RxToken { packet }, TxToken::new(self.tx, flow)))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
         if self.tx.has_free_for_egress() {
-            Some(TxToken::new(self.tx))
+            let flow = self.flow.as_mut().map(FlowTx::reborrow);
+            Some(TxToken::new(self.tx, flow))
         } else {
             self.tx.exhausted = true;
             None
@@ -385,14 +400,16 @@ impl phy::RxToken for RxToken<'_> {
 
 pub struct TxToken<'a> {
     pool: &'a mut TxPool,
+    flow: Option<FlowTx<'a>>,
     /// smoltcp sets the segment size here when the packet needs segmentation.
     meta: PacketMeta,
 }
 
 impl<'a> TxToken<'a> {
-    fn new(pool: &'a mut TxPool) -> TxToken<'a> {
+    fn new(pool: &'a mut TxPool, flow: Option<FlowTx<'a>>) -> TxToken<'a> {
         TxToken {
             pool,
+            flow,
             meta: PacketMeta::default(),
         }
     }
@@ -400,7 +417,7 @@ impl<'a> TxToken<'a> {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        self.pool.fill(len, self.meta, f)
+        self.pool.fill(len, self.meta, self.flow, f)
     }
 
     fn set_meta(&mut self, meta: PacketMeta) {
@@ -416,10 +433,10 @@ mod tests {
     fn pool_hands_out_each_buffer_once_until_released() {
         let mut pool = TxPool::new(2, 64, Offload::None).unwrap();
         let meta = PacketMeta::default();
-        pool.fill(10, meta, |b| b.fill(1));
-        pool.fill(20, meta, |b| b.fill(2));
+        pool.fill(10, meta, None, |b| b.fill(1));
+        pool.fill(20, meta, None, |b| b.fill(2));
         assert!(!pool.has_free());
-        pool.fill(5, meta, |b| b.fill(3));
+        pool.fill(5, meta, None, |b| b.fill(3));
         assert_eq!(pool.counters.dropped_replies, 1);
         let mut seen = Vec::new();
         pool.take_ready(|index, slice| {
@@ -436,7 +453,9 @@ mod tests {
     #[test]
     fn oversized_request_goes_to_scratch_not_a_panic() {
         let mut pool = TxPool::new(1, 16, Offload::None).unwrap();
-        pool.fill(100, PacketMeta::default(), |b| assert_eq!(b.len(), 16));
+        pool.fill(100, PacketMeta::default(), None, |b| {
+            assert_eq!(b.len(), 16)
+        });
         assert_eq!(pool.counters.dropped_replies, 1);
         assert!(pool.has_free());
     }
@@ -468,7 +487,7 @@ mod tests {
         }
         assert_eq!(emitted, 7, "egress stops short of the reserve");
         // The ACK of an ingress packet (smoltcp's reply token) still finds a buffer.
-        pool.fill(40, PacketMeta::default(), |b| b.fill(0x45));
+        pool.fill(40, PacketMeta::default(), None, |b| b.fill(0x45));
         assert_eq!(pool.counters.dropped_replies, 0);
         assert!(!pool.has_free());
         assert!(!pool.emit(Claim::Reply, |_| Some(40)), "nothing left");
@@ -482,7 +501,7 @@ mod tests {
     #[test]
     fn vnet_header_goes_in_front_of_each_packet() {
         let mut pool = TxPool::new(1, 1500, Offload::Header).unwrap();
-        pool.fill(40, PacketMeta::default(), |b| b.fill(0x45));
+        pool.fill(40, PacketMeta::default(), None, |b| b.fill(0x45));
         let mut seen = Vec::new();
         pool.take_ready(|_, slice| seen.push(slice.region.kernel_read(slice.range)));
         assert_eq!(seen[0].len(), vnet::LEN + 40);

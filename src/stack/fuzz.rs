@@ -173,7 +173,7 @@ fn fuzz_ingress_never_panics() {
                 } else {
                     &mut no_flow
                 };
-                iface.poll_ingress_single(now, &mut StackDevice::ingress(ip, &mut tx), set);
+                iface.poll_ingress_single(now, &mut StackDevice::ingress(ip, &mut tx, None), set);
                 reached_smoltcp += 1;
                 let released: Vec<u16> = {
                     let mut written = Vec::new();

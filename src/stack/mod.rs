@@ -1,9 +1,11 @@
-//! Glue between smoltcp and the TUN: the in-memory device the interface is polled with
-//! and the pool of transmit buffers that become TUN writes.
+//! Glue between smoltcp and the TUN: the in-memory device the interface is polled with,
+//! the pool of transmit buffers that become TUN writes, and the receive window the
+//! device holds each flow's segments to.
 
 pub mod device;
 #[cfg(test)]
 mod fuzz;
+pub mod window;
 
 pub use device::{Claim, StackDevice, TxPool};
 
@@ -66,7 +68,7 @@ impl Stack {
     /// A TCP packet for no flow: smoltcp answers it (RST unless it is one).
     pub fn reject(&mut self, now: Instant, server: &IpAddress, packet: &[u8]) {
         let iface = self.ifaces.serving(server);
-        let mut device = StackDevice::ingress(packet, &mut self.tx);
+        let mut device = StackDevice::ingress(packet, &mut self.tx, None);
         iface.poll_ingress_single(now, &mut device, &mut self.no_flow);
     }
 }

@@ -7,9 +7,9 @@ pub mod demux;
 pub mod icmp;
 pub mod offload;
 pub mod socks5;
+pub mod tcp;
 pub mod udp;
 pub mod vnet;
-pub mod window;
 
 pub use cidr::Cidr;
 pub use demux::{FlowKey, Parsed, parse};

@@ -3,8 +3,9 @@
 //! kernel completes.
 
 use smoltcp::wire::checksum;
-use smoltcp::wire::{IpAddress, IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpPacket};
+use smoltcp::wire::{IpAddress, IpProtocol, TcpOption, TcpPacket};
 
+use super::tcp;
 use super::vnet::{self, Gso};
 
 /// Offset of the checksum field in a TCP header.
@@ -14,21 +15,22 @@ const TCP_CHECKSUM_OFFSET: u16 = 16;
 /// when its payload exceeds `segment_size` (the flow's MSS). Returns the header to send in
 /// front of it. Anything but a well-formed TCP packet gets a plain header, unchanged.
 pub fn finish_tcp(packet: &mut [u8], segment_size: Option<u16>) -> vnet::Header {
-    let Some((src, dst, ip_len, l4_len)) = tcp_addresses(packet) else {
+    let Some(tcp::Segment { src, dst, range }) = tcp::segment(packet) else {
         return vnet::Header::PLAIN;
     };
-    let Ok(mut tcp) = TcpPacket::new_checked(&mut packet[ip_len..]) else {
+    let (ip_len, l4_len) = (range.start, range.len());
+    let Ok(mut segment) = TcpPacket::new_checked(&mut packet[range]) else {
         return vnet::Header::PLAIN;
     };
     // The kernel adds the segment's own bytes to this and folds it (per segment when it
     // segments, adjusting the length).
-    tcp.set_checksum(checksum::pseudo_header(
+    segment.set_checksum(checksum::pseudo_header(
         &src,
         &dst,
         IpProtocol::Tcp,
         l4_len as u32,
     ));
-    let tcp_header_len = usize::from(tcp.header_len());
+    let tcp_header_len = usize::from(segment.header_len());
     let payload_len = l4_len.saturating_sub(tcp_header_len);
     let segment_size = segment_size.filter(|&size| size > 0 && payload_len > usize::from(size));
     let gso = match (segment_size, src) {
@@ -52,66 +54,20 @@ pub fn finish_tcp(packet: &mut [u8], segment_size: Option<u16>) -> vnet::Header 
 /// much; a client whose own link MTU is larger than ours would then send segments our
 /// side cannot carry. Call before the checksum is finished.
 pub fn clamp_syn_mss(packet: &mut [u8], max: u16) {
-    let Some((_, _, ip_len, _)) = tcp_addresses(packet) else {
+    let Some(mut segment) = tcp::packet_mut(packet) else {
         return;
     };
-    let Ok(tcp) = TcpPacket::new_checked(&mut packet[ip_len..]) else {
-        return;
-    };
-    if !tcp.syn() {
+    if !segment.syn() {
         return;
     }
-    let header_len = usize::from(tcp.header_len());
-    let options = &mut packet[ip_len + 20..ip_len + header_len];
-    let mut at = 0;
-    while at < options.len() {
-        match options[at] {
-            0 => break,
-            1 => at += 1,
-            kind => {
-                let Some(&len) = options.get(at + 1) else {
-                    break;
-                };
-                let len = usize::from(len);
-                if len < 2 || at + len > options.len() {
-                    break;
-                }
-                if kind == 2 && len == 4 {
-                    let mss = u16::from_be_bytes([options[at + 2], options[at + 3]]);
-                    options[at + 2..at + 4].copy_from_slice(&mss.min(max).to_be_bytes());
-                }
-                at += len;
-            }
-        }
-    }
-}
-
-/// Source, destination, IP header length and TCP length of a TCP packet.
-fn tcp_addresses(packet: &[u8]) -> Option<(IpAddress, IpAddress, usize, usize)> {
-    match IpVersion::of_packet(packet.get(..1)?).ok()? {
-        IpVersion::Ipv4 => {
-            let ip = Ipv4Packet::new_checked(packet).ok()?;
-            (ip.next_header() == IpProtocol::Tcp).then(|| {
-                let header_len = usize::from(ip.header_len());
-                (
-                    IpAddress::Ipv4(ip.src_addr()),
-                    IpAddress::Ipv4(ip.dst_addr()),
-                    header_len,
-                    packet.len() - header_len,
-                )
-            })
-        }
-        IpVersion::Ipv6 => {
-            let ip = Ipv6Packet::new_checked(packet).ok()?;
-            (ip.next_header() == IpProtocol::Tcp).then(|| {
-                (
-                    IpAddress::Ipv6(ip.src_addr()),
-                    IpAddress::Ipv6(ip.dst_addr()),
-                    ip.header_len(),
-                    packet.len() - ip.header_len(),
-                )
-            })
-        }
+    let options = segment.options_mut();
+    let found = tcp::options(options).find_map(|(at, option)| match option {
+        TcpOption::MaxSegmentSize(mss) => Some((at, mss)),
+        _ => None,
+    });
+    if let Some((at, mss)) = found {
+        // The option's kind and length, then its value.
+        options[at + 2..at + 4].copy_from_slice(&mss.min(max).to_be_bytes());
     }
 }
 
@@ -119,7 +75,7 @@ fn tcp_addresses(packet: &[u8]) -> Option<(IpAddress, IpAddress, usize, usize)> 
 mod tests {
     use super::*;
     use crate::wire::demux::tests::{tcp_packet, v4, v6};
-    use smoltcp::wire::TcpControl;
+    use smoltcp::wire::{Ipv4Packet, Ipv6Packet, TcpControl};
 
     /// Completing the partial checksum the way the kernel does must give a valid packet.
     fn complete(packet: &mut [u8], header: &vnet::Header) {

@@ -1,8 +1,19 @@
-//! One relayed TCP connection as a state machine that performs no I/O whatsoever. It
-//! owns the flow's smoltcp socket (the client side, whose buffers live in memory the
-//! ring may read and write), the relay state and every lifecycle rule, takes the time
-//! as an argument, is told outbound completions as typed results, and returns the
-//! outbound I/O to start as `Action`s plus the time it next needs to run.
+//! One relayed TCP connection as a state machine that starts no I/O and makes no system
+//! call. It owns the flow's smoltcp socket (the client side, whose buffers live in
+//! memory the ring may read and write), the relay state and every lifecycle rule, takes
+//! the time as an argument, is told outbound completions as typed results (the errno
+//! of a failed one), and returns the outbound I/O to start and the pages to give back as
+//! `Action`s, plus the time it next needs to run.
+//!
+//! Packets towards the client it writes into TUN write buffers the loop lends it: it
+//! polls the smoltcp interface (which holds no sockets) with its own socket set over
+//! `stack::StackDevice`, whose tokens are the loop's free buffers, and writes its own
+//! ACKs and ICMP errors through `TxPool::emit`; the loop submits what was filled. This
+//! is the lent-buffer form of quinn-proto's `poll_transmit`, with smoltcp's `Device`
+//! as the lending interface: moving the smoltcp calls out to the loop would hand it the
+//! socket set and the window state between every ingress and egress call of every
+//! packet, for the same writes into the same buffers. A buffer that cannot be had is
+//! a state (`Next::starved`, an update still due), retried when one frees.
 //!
 //! Through a SOCKS5 upstream the outbound socket first carries the flow's handshake
 //! (`flow::upstream`), its I/O returned as the same `Action`s on scratch bytes after the
@@ -14,6 +25,8 @@
 //! the next call.
 
 pub mod admission;
+mod lifecycle;
+mod memory;
 pub mod relay;
 #[cfg(test)]
 mod tests;
@@ -23,19 +36,19 @@ use std::ops::Range;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
-use crate::flow::budget::{Allowance, Budget};
+use crate::flow::budget::Allowance;
 use crate::flow::upstream::{self, Handshake};
 use crate::stack::device::FlowTx;
+use crate::stack::window::{self, Admission, WindowState};
 use crate::stack::{Claim, StackDevice, TxPool};
 use crate::uring::{Family, Lent, Region};
 use crate::wire::FlowKey;
-use crate::wire::icmp::{self, Quote, Reason};
-use crate::wire::window::{self, WindowState};
+use crate::wire::icmp::Quote;
 use relay::Relay;
 pub use relay::{Failure, Phase, Teardown};
 
@@ -50,6 +63,8 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 pub const CLIENT_SILENCE_LIMIT: Duration = Duration::from_secs(180);
 /// How long a server may leave bytes of a finished client unacknowledged.
 pub const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
+/// smoltcp's own delayed-ACK time, where it is allowed one.
+const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
 /// How long into smoltcp's 10 s TIME-WAIT egress (ACKs) keeps running; past it egress
 /// stops so smoltcp's close timer cannot clear bytes still owed to the server.
 const TIME_WAIT_EGRESS: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(9);
@@ -71,14 +86,19 @@ pub enum Action {
     Cancel,
     /// Close the outbound socket.
     Close,
+    /// These bytes of the flow's region hold nothing: their pages may go back to the
+    /// kernel (madvise), whatever is in flight elsewhere in the region.
+    Discard(Range<usize>),
     /// Nothing is in flight and nothing owed: remove the flow, counting its failure.
     Free(Option<Failure>),
 }
 
-/// Actions of one poll, without allocating: a poll yields at most one of each kind.
+/// Actions of one poll, without allocating: a poll yields at most one of each kind but
+/// `Discard`, of which it yields at most five (two spans of the receive ring, three of
+/// the send ring around a receive in flight).
 #[derive(Debug, Default)]
 pub struct Actions {
-    items: [Option<Action>; 8],
+    items: [Option<Action>; 16],
     len: usize,
 }
 
@@ -275,7 +295,9 @@ impl Flow {
     /// A packet from the client. Returns `false` when it was dropped for carrying
     /// bytes beyond the window advertised to the client: smoltcp, which believes it
     /// advertised its whole free buffer, would take them into pages `trim` may give
-    /// back.
+    /// back. Unless it is a reset, the client is then told the current window (a
+    /// zero-window probe is such a segment), as smoltcp would answer a segment beyond
+    /// its own window.
     pub fn on_segment(
         &mut self,
         now: Instant,
@@ -283,17 +305,33 @@ impl Flow {
         tx: &mut TxPool,
         packet: &[u8],
     ) -> bool {
-        if self.window.beyond_window(packet) {
-            return false;
+        match self.window.admit(packet) {
+            Admission::Pass => {}
+            Admission::Drop => return false,
+            Admission::DropAndAck => {
+                // Everything up to the client's next byte is in the receive buffer (its
+                // bytes beyond were never passed on), acknowledged or about to be.
+                let held = self
+                    .memory
+                    .get(|sockets| sockets.set.get::<tcp::Socket>(sockets.handle).recv_queue());
+                let ack = self.client_next.wrapping_add(held as u32);
+                let (ends, limit) = ((self.key.server, self.key.client), self.window_limit());
+                let state = &mut self.window;
+                if !tx.emit(Claim::Reply, |buf| {
+                    window::pure_ack(buf, ends, state, ack, limit)
+                }) {
+                    tx.counters.dropped_replies += 1;
+                }
+                return false;
+            }
         }
         let edge = self.window.edge;
-        tx.begin(self.device_state());
+        let flow = device_flow(self.segment_size, self.window_limit(), &mut self.window);
         let held = self.memory.with(|sockets, _| {
-            let mut device = StackDevice::ingress(packet, tx);
+            let mut device = StackDevice::ingress(packet, tx, Some(flow));
             iface.poll_ingress_single(now, &mut device, &mut sockets.set);
             sockets.set.get::<tcp::Socket>(sockets.handle).recv_queue()
         });
-        self.window = tx.end().window;
         // The client used its window up when its bytes reached the edge announced to it
         // (a fast server keeps what is held low, so that alone would not show it).
         let reached = self.client_next.wrapping_add(held as u32);
@@ -379,29 +417,6 @@ impl Flow {
         self.starved = false;
     }
 
-    /// Resets a flow still waiting for its outbound connect (admission control makes
-    /// room for a newer SYN). False if it was no longer connecting.
-    pub fn evict(&mut self) -> bool {
-        // A flow whose connect completed this turn (not yet polled) is not connecting
-        // any more: it leaves admission's count through `left_half_open` instead.
-        if !self.half_open || self.relay.phase() != Phase::Connecting {
-            return false;
-        }
-        self.half_open = false;
-        let relay = &mut self.relay;
-        self.memory.with(|sockets, _| relay.evict(sockets.socket()));
-        true
-    }
-
-    /// Whether the flow has stopped connecting since last asked (once).
-    pub fn left_half_open(&mut self) -> bool {
-        let left = self.half_open && self.relay.phase() != Phase::Connecting;
-        if left {
-            self.half_open = false;
-        }
-        left
-    }
-
     /// Moves what can move between the two sides; `actions` gets the outbound I/O to
     /// start now.
     pub fn poll_relay(&mut self, actions: &mut Actions) {
@@ -437,267 +452,6 @@ impl Flow {
         }
     }
 
-    /// Runs smoltcp egress (at most `EGRESS_BUDGET` packets into `tx`), the flow's
-    /// lifecycle rules and its share of the memory `budget`; `actions` gets what to do
-    /// next.
-    pub fn poll(
-        &mut self,
-        now: Instant,
-        iface: &mut Interface,
-        tx: &mut TxPool,
-        budget: &mut Budget,
-        actions: &mut Actions,
-    ) -> Next {
-        let mut next = Next::default();
-        if let Some(handshake) = &mut self.upstream {
-            handshake.expire(now);
-            self.settle_handshake();
-        }
-        let state = self.memory.get(|sockets| sockets.state());
-        let owes_server = self.owes_server();
-        if matches!(
-            state,
-            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
-        ) {
-            // The client closed: acknowledge at once, so no ACK is still owed when the
-            // flow is freed.
-            self.memory
-                .with(|sockets, _| sockets.socket().set_ack_delay(None));
-        }
-        if matches!(state, State::TimeWait | State::Closed) && owes_server && !self.orphaned {
-            // The client is gone but bytes are still owed to the server. Like the kernel
-            // with an orphaned socket, bound how long a server that stops reading may
-            // hold the flow: the outbound connection then fails and the flow ends.
-            self.orphaned = true;
-            actions.push(Action::UserTimeout(ORPHAN_TIMEOUT));
-        }
-        // smoltcp ends TIME-WAIT (and clears the receive buffer) from its egress timer,
-        // 10 s after entering it. Keep egress (ACKs) running until shortly before that,
-        // then hold it off while client bytes are still going to the server.
-        if state == State::TimeWait {
-            self.time_wait_since.get_or_insert(now);
-        }
-        let holding_time_wait = state == State::TimeWait
-            && owes_server
-            && self
-                .time_wait_since
-                .is_some_and(|since| now - since >= TIME_WAIT_EGRESS);
-
-        if !holding_time_wait {
-            tx.begin(self.device_state());
-            next.again = self.memory.with(|sockets, _| {
-                let mut device = StackDevice::egress(tx);
-                (0..EGRESS_BUDGET).all(|_| {
-                    iface.poll_egress(now, &mut device, &mut sockets.set) != PollResult::None
-                })
-            });
-            self.window = tx.end().window;
-        }
-        self.account(now, tx, budget);
-        if tx.take_exhausted() {
-            self.starved = true;
-        }
-        next.starved = self.starved;
-
-        let relay = &mut self.relay;
-        self.memory
-            .get(|sockets| relay.update_phase(sockets.set.get(sockets.handle)));
-        match self.relay.phase() {
-            Phase::Closing(teardown) => {
-                next.again |= self.teardown(teardown, now, iface, tx, actions);
-            }
-            Phase::Connecting => next.deadline = self.upstream.as_ref().map(Handshake::deadline),
-            Phase::Open if self.starved || next.again || holding_time_wait => {}
-            Phase::Open => {
-                // "Now" after a full egress pass means smoltcp is waiting on something
-                // that is not a packet (e.g. a zero window); never spin on it.
-                next.deadline = self
-                    .memory
-                    .get(|sockets| iface.poll_at(now, &sockets.set))
-                    .map(|at| at.max(now + smoltcp::time::Duration::from_millis(1)));
-            }
-        }
-        next
-    }
-
-    /// Starts the teardown (ICMP error, RST, cancel) and ends with `Close` and `Free`
-    /// once nothing is in flight or owed. True when it must run again this turn.
-    fn teardown(
-        &mut self,
-        teardown: Teardown,
-        now: Instant,
-        iface: &mut Interface,
-        tx: &mut TxPool,
-        actions: &mut Actions,
-    ) -> bool {
-        if !self.teardown_started {
-            self.teardown_started = true;
-            let reason = match self.relay.failure() {
-                Some(Failure::HostUnreachable) => Some(Reason::Host),
-                Some(Failure::NetUnreachable) => Some(Reason::Network),
-                _ => None,
-            };
-            if let Some(reason) = reason
-                && !tx.emit(Claim::Egress, |buf| {
-                    icmp::unreachable(buf, &self.syn, reason)
-                })
-            {
-                tx.counters.dropped_replies += 1;
-            }
-            if teardown == Teardown::Abortive {
-                actions.push(Action::Linger0);
-                if self.inflight() > 0 {
-                    actions.push(Action::Cancel);
-                }
-            }
-        }
-        if self.inflight() > 0 || self.starved {
-            return false;
-        }
-        // An aborted socket keeps its peer until its RST is out (the tuple is cleared
-        // once sent); freeing it earlier would swallow the reset.
-        let rst_owed = self.memory.get(|sockets| {
-            sockets.state() == State::Closed && iface.poll_at(now, &sockets.set).is_some()
-        });
-        if rst_owed {
-            return true;
-        }
-        actions.push(Action::Close);
-        actions.push(Action::Free(self.relay.failure()));
-        false
-    }
-
-    /// Brings the allowances up to date with what the buffers hold, and tells the
-    /// client of a window its allowance opened that smoltcp would not announce.
-    fn account(&mut self, now: Instant, tx: &mut TxPool, budget: &mut Budget) {
-        let (rx_held, tx_held) = self.memory.get(|sockets| {
-            let socket = sockets.set.get::<tcp::Socket>(sockets.handle);
-            (socket.recv_queue(), socket.send_queue())
-        });
-        let acked = self.relay.committed().saturating_sub(tx_held);
-        self.tx.drained(acked.saturating_sub(self.tx_acked));
-        self.tx_acked = acked;
-        let used_up = std::mem::take(&mut self.rx_window_used);
-        self.rx.update(rx_held, used_up, now, budget);
-        self.tx.update(tx_held, false, now, budget);
-        let limit = self.window_limit();
-        // Two segments, as for the kernel's window updates, but at most half the
-        // allowance (RFC 9293 3.8.6.2.2's receiver rule): with a jumbo MSS two segments
-        // can exceed the whole allowance, and the client, never told its window opened,
-        // would be left to zero-window probes with their backoff.
-        let min_step = (2 * u32::from(self.segment_size)).min(self.rx.get() as u32 / 2);
-        if window::update_due(&self.window, limit, min_step) {
-            let ends = (self.key.server, self.key.client);
-            let state = &mut self.window;
-            // Not a reply to the client's packet but to the server taking its bytes
-            // (an outbound completion), and one that can wait: it leaves the ACKs'
-            // reserve. Without a buffer the update is owed: the flow waits for one
-            // (`starved`), and the next poll finds the update still due, since only a
-            // written one is recorded in the window state. (It always fits a buffer.)
-            if !tx.emit(Claim::Egress, |buf| {
-                window::window_update(buf, ends, state, limit)
-            }) {
-                self.starved = true;
-            }
-        }
-        let (trim_rx, trim_tx) = (self.rx.take_trim(), self.tx.take_trim());
-        if trim_rx || trim_tx {
-            self.trim(trim_rx, trim_tx);
-        }
-    }
-
-    /// Gives back to the kernel the pages of the receive (`rx`) and send (`tx`) buffers
-    /// that hold nothing. Kept: the receive buffer's bytes and the rest of the window
-    /// the client was offered (out-of-order bytes land there), the send buffer's bytes
-    /// and the space a receive in flight writes.
-    fn trim(&mut self, rx: bool, tx: bool) {
-        let size = self.buffer;
-        let (relay, client_next) = (&self.relay, self.client_next);
-        let furthest = self.window.furthest;
-        self.memory.with(|sockets, region| {
-            let socket = sockets.set.get::<tcp::Socket>(sockets.handle);
-            if rx && let Some(furthest) = furthest {
-                let offered = (furthest.wrapping_sub(client_next) as i32).max(0) as usize;
-                let kept = socket.recv_queue().max(offered);
-                for span in trim::free_spans(0..size, relay.client_bytes_at(), kept, None) {
-                    region.discard(span);
-                }
-            }
-            if tx {
-                // The bytes end where the last ones were added (at the start before the
-                // first), and begin `held` before that, around the ring.
-                let held = socket.send_queue().min(size);
-                let end = relay
-                    .server_bytes_end()
-                    .map_or(0, |end| end.saturating_sub(size));
-                let from = size + (end + size - held) % size;
-                let ring = size..2 * size;
-                for span in trim::free_spans(ring, from, held, relay.receiving()) {
-                    region.discard(span);
-                }
-            }
-        });
-    }
-
-    /// Where the client's window may end: its first byte still with us, plus the
-    /// allowance.
-    fn window_limit(&self) -> u32 {
-        self.client_next.wrapping_add(self.rx.get() as u32)
-    }
-
-    /// How far into each of its buffers (receive, send) the flow may have written, from
-    /// their start: the receive buffer up to the furthest window the client was offered
-    /// (smoltcp writes nowhere else), the send buffer up to the server bytes it took
-    /// (it starts over at its beginning whenever it is empty). The whole buffer once
-    /// that went around the ring.
-    pub fn touched(&self) -> [usize; 2] {
-        let offered = self.window.furthest.map_or(0, |furthest| {
-            furthest.wrapping_sub(self.client_first) as usize
-        });
-        [
-            offered.min(self.buffer),
-            self.relay.committed().min(self.buffer),
-        ]
-    }
-
-    /// The flow ends: its share of the budget goes back.
-    pub fn release(&mut self, budget: &mut Budget) {
-        self.rx.release(budget);
-        self.tx.release(budget);
-    }
-
-    fn owes_server(&self) -> bool {
-        let relay = &self.relay;
-        self.memory
-            .get(|sockets| relay.owes_server(sockets.set.get(sockets.handle)))
-    }
-
-    /// Shutting down: RST to the client (the caller resets the server with `Linger0`).
-    pub fn abort(&mut self) {
-        self.memory.with(|sockets, _| sockets.socket().abort());
-    }
-
-    /// One egress pass for the shutdown rounds; true while packets are still owed.
-    pub fn flush(&mut self, now: Instant, iface: &mut Interface, tx: &mut TxPool) -> bool {
-        tx.begin(self.device_state());
-        let owed = self.memory.with(|sockets, _| {
-            let mut device = StackDevice::egress(tx);
-            iface.poll_egress(now, &mut device, &mut sockets.set);
-            iface.poll_at(now, &sockets.set).is_some()
-        });
-        self.window = tx.end().window;
-        owed
-    }
-
-    /// What the device needs to know of this flow to write its packets.
-    fn device_state(&self) -> FlowTx {
-        FlowTx {
-            ipv6_segment_size: self.segment_size,
-            window_limit: Some(self.window_limit()),
-            window: self.window,
-        }
-    }
-
     /// The smoltcp state and relay state, for trace logs.
     pub fn describe(&self) -> String {
         format!(
@@ -706,6 +460,16 @@ impl Flow {
             self.relay,
             self.upstream
         )
+    }
+}
+
+/// What the device needs to know of a flow to write its packets (a free function: the
+/// flow's memory is borrowed alongside).
+fn device_flow(segment_size: u16, window_limit: u32, window: &mut WindowState) -> FlowTx<'_> {
+    FlowTx {
+        ipv6_segment_size: segment_size,
+        window_limit: Some(window_limit),
+        window,
     }
 }
 

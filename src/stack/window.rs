@@ -5,11 +5,9 @@
 //! window update of its own when the allowance opens again, since smoltcp, believing
 //! it advertised more all along, would not.
 
-use std::ops::Range;
+use smoltcp::wire::{IpEndpoint, TcpOption};
 
-use smoltcp::wire::{
-    IpProtocol, IpVersion, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-};
+use crate::wire::tcp::{self, after};
 
 /// What the flow's own side of the connection last told the client, as read from the
 /// segments written for it.
@@ -40,28 +38,41 @@ impl WindowState {
         }
     }
 
-    /// Whether the client's segment in `packet` (an IP packet) carries bytes beyond the
-    /// furthest edge advertised to it: a sender never sends them (RFC 9293 3.10.7.4),
-    /// and a receiver may drop them. `false` before a window was advertised.
-    pub fn beyond_window(&self, packet: &[u8]) -> bool {
+    /// Whether the client's segment in `packet` (an IP packet) may reach smoltcp: not if
+    /// it carries bytes beyond the furthest edge advertised to it (a sender never sends
+    /// them but as a zero-window probe, RFC 9293 3.10.7.4, and a receiver may drop
+    /// them). Any before a window was advertised may.
+    pub fn admit(&self, packet: &[u8]) -> Admission {
         let Some(furthest) = self.furthest else {
-            return false;
+            return Admission::Pass;
         };
-        let Some((seq, payload)) = tcp_payload(packet) else {
-            return false;
+        let Some(tcp) = tcp::packet(packet) else {
+            return Admission::Pass;
         };
-        payload > 0 && after(seq.wrapping_add(payload), furthest)
+        let seq = tcp.seq_number().0 as u32;
+        let payload = tcp
+            .as_ref()
+            .len()
+            .saturating_sub(usize::from(tcp.header_len())) as u32;
+        if payload == 0 || !after(seq.wrapping_add(payload), furthest) {
+            Admission::Pass
+        } else if tcp.rst() {
+            Admission::Drop
+        } else {
+            Admission::DropAndAck
+        }
     }
 }
 
-/// The sequence number and payload length of the TCP segment in `packet`.
-fn tcp_payload(packet: &[u8]) -> Option<(u32, u32)> {
-    let tcp = TcpPacket::new_checked(packet.get(tcp_range(packet)?)?).ok()?;
-    let payload = tcp
-        .as_ref()
-        .len()
-        .saturating_sub(usize::from(tcp.header_len()));
-    Some((tcp.seq_number().0 as u32, payload as u32))
+/// What becomes of a client's segment (`WindowState::admit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Pass,
+    /// An unacceptable reset: dropped silently (RFC 9293 3.10.7.4).
+    Drop,
+    /// Unacceptable, it is dropped, but its sender must hear the current window
+    /// (RFC 9293 3.10.7.4): a zero-window probe otherwise learns nothing.
+    DropAndAck,
 }
 
 /// What to do with a segment after its window was looked at.
@@ -73,68 +84,11 @@ pub enum Verdict {
     Drop,
 }
 
-/// `a` is after `b` in sequence space.
-fn after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
-}
-
-/// Where in `packet` (an IP packet) its TCP segment lies, if it is one.
-fn tcp_range(packet: &[u8]) -> Option<Range<usize>> {
-    match IpVersion::of_packet(packet.get(..1)?).ok()? {
-        IpVersion::Ipv4 => {
-            let ip = Ipv4Packet::new_checked(packet).ok()?;
-            let total = usize::from(ip.total_len()).min(packet.len());
-            (ip.next_header() == IpProtocol::Tcp).then(|| usize::from(ip.header_len())..total)
-        }
-        IpVersion::Ipv6 => {
-            let ip = Ipv6Packet::new_checked(packet).ok()?;
-            let end = (40 + usize::from(ip.payload_len())).min(packet.len());
-            (ip.next_header() == IpProtocol::Tcp).then_some(40..end)
-        }
-    }
-}
-
-/// The TCP segment in `packet` (an IP packet), if it is one.
-fn tcp_of(packet: &mut [u8]) -> Option<TcpPacket<&mut [u8]>> {
-    let range = tcp_range(packet)?;
-    TcpPacket::new_checked(packet.get_mut(range)?).ok()
-}
-
-/// Updates the checksum of `tcp` for its window field changing from `old` to `new`
-/// (RFC 1624: HC' = ~(~HC + ~m + m')), without summing the whole segment again.
-fn patch_checksum(tcp: &mut TcpPacket<&mut [u8]>, old: u16, new: u16) {
-    let sum = u32::from(!tcp.checksum()) + u32::from(!old) + u32::from(new);
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let folded = (folded & 0xffff) + (folded >> 16);
-    tcp.set_checksum(!(folded as u16));
-}
-
-/// The window scale option of a SYN, if it carries one.
-fn window_scale(options: &[u8]) -> Option<u8> {
-    let mut at = 0;
-    while at < options.len() {
-        match options[at] {
-            0 => return None,
-            1 => at += 1,
-            kind => {
-                let len = usize::from(*options.get(at + 1)?);
-                if len < 2 || at + len > options.len() {
-                    return None;
-                }
-                if kind == 3 && len == 3 {
-                    return Some(options[at + 2].min(14));
-                }
-                at += len;
-            }
-        }
-    }
-    None
-}
-
 /// Looks at a segment the flow is about to write to its client, learns from it, and
 /// with a `limit` (the sequence number of the client's up to which it may send: the
-/// first byte not yet passed on plus the allowance) lowers its window to end there. `checksummed`: the segment carries its full checksum (no offload),
-/// which is then patched; otherwise the kernel completes it later. Anything but a TCP
+/// first byte not yet passed on plus the allowance) lowers its window to end there.
+/// `checksummed`: the segment carries its full checksum (no offload), which is then
+/// patched; otherwise the kernel completes it later. Anything but a TCP
 /// segment is left alone.
 pub fn shape(
     packet: &mut [u8],
@@ -142,7 +96,7 @@ pub fn shape(
     limit: Option<u32>,
     checksummed: bool,
 ) -> Verdict {
-    let Some(mut tcp) = tcp_of(packet) else {
+    let Some(mut tcp) = tcp::packet_mut(packet) else {
         return Verdict::Send;
     };
     let seq = tcp.seq_number().0 as u32;
@@ -164,13 +118,14 @@ pub fn shape(
     if syn {
         // The window of a SYN is never scaled; it announces the shift for later ones.
         let options = &tcp.as_ref()[20.min(header)..header];
-        state.shift = Some(window_scale(options).unwrap_or(0));
+        let scale = tcp::options(options).find_map(|(_, option)| match option {
+            TcpOption::WindowScale(scale) => Some(scale.min(14)),
+            _ => None,
+        });
+        state.shift = Some(scale.unwrap_or(0));
         let window = match limit.map(|edge| room(edge, ack)) {
             Some(room) if room < u32::from(raw) => {
-                tcp.set_window_len(room as u16);
-                if checksummed {
-                    patch_checksum(&mut tcp, raw, room as u16);
-                }
+                tcp::set_window(&mut tcp, room as u16, checksummed);
                 room as u16
             }
             _ => raw,
@@ -193,10 +148,7 @@ pub fn shape(
         // Rounded up: rounding down could move the right edge back by a few bytes.
         let scaled = window.div_ceil(1 << shift).min(u32::from(u16::MAX)) as u16;
         if scaled < raw {
-            tcp.set_window_len(scaled);
-            if checksummed {
-                patch_checksum(&mut tcp, raw, scaled);
-            }
+            tcp::set_window(&mut tcp, scaled, checksummed);
             sent = scaled;
         }
     }
@@ -238,50 +190,33 @@ pub fn update_due(state: &WindowState, limit: u32, min_step: u32) -> bool {
     allowed > known && allowed - known >= min_step && known < allowed / 2
 }
 
-/// Writes into `buf` a pure ACK from `from` to `to` with the state's sequence and
-/// acknowledgement numbers and a window ending at `limit` (a window update); returns
-/// its length and records it in `state`. Its checksum is complete. `None` when `buf`
-/// is too small or the state has not seen the connection set up yet.
-pub fn window_update(
+/// Writes into `buf` a pure ACK from `from` to `to` with the state's sequence number,
+/// acknowledgement number `ack` and a window ending at `limit`, or where the last one
+/// ended if that is further (RFC 9293 3.8.6: the right edge never moves back); returns
+/// its length and records it in `state`. Its checksum is complete. `None` when `buf` is
+/// too small or the state has not seen the connection set up yet.
+pub fn pure_ack(
     buf: &mut [u8],
-    (from, to): (smoltcp::wire::IpEndpoint, smoltcp::wire::IpEndpoint),
+    ends: (IpEndpoint, IpEndpoint),
     state: &mut WindowState,
+    ack: u32,
     limit: u32,
 ) -> Option<usize> {
     let shift = state.shift?;
-    let window = (room(limit, state.ack) >> shift).min(u32::from(u16::MAX)) as u16;
-    let repr = TcpRepr {
-        src_port: from.port,
-        dst_port: to.port,
-        control: TcpControl::None,
-        seq_number: TcpSeqNumber(state.seq_end as i32),
-        ack_number: Some(TcpSeqNumber(state.ack as i32)),
-        window_len: window,
-        window_scale: None,
-        max_seg_size: None,
-        sack_permitted: false,
-        sack_ranges: [None, None, None],
-        timestamp: None,
-        payload: &[],
-    };
-    let caps = smoltcp::phy::ChecksumCapabilities::default();
-    let len = super::emit_ip(
-        buf,
-        (from.addr, to.addr),
-        IpProtocol::Tcp,
-        repr.header_len(),
-        |segment| {
-            repr.emit(
-                &mut TcpPacket::new_unchecked(segment),
-                &from.addr,
-                &to.addr,
-                &caps,
-            )
-        },
-    )?;
+    // Rounded down to the scale, so that the client is never offered more than the
+    // limit, unless that would move the right edge back.
+    let mut scaled = room(limit, ack) >> shift;
+    if let Some(edge) = state.edge
+        && after(edge, ack.wrapping_add(scaled << shift))
+    {
+        scaled = room(edge, ack).div_ceil(1 << shift);
+    }
+    let window = scaled.min(u32::from(u16::MAX)) as u16;
+    let len = tcp::pure_ack(buf, ends, state.seq_end, ack, window)?;
     // smoltcp's next window update for this ACK would now show the client nothing new.
-    state.advertise(state.ack.wrapping_add(u32::from(window) << shift));
-    state.last_pure = Some((state.ack, u16::MAX, window));
+    state.ack = ack;
+    state.advertise(ack.wrapping_add(u32::from(window) << shift));
+    state.last_pure = Some((ack, u16::MAX, window));
     Some(len)
 }
 
@@ -290,7 +225,9 @@ mod tests {
     use super::*;
     use crate::wire::demux::tests::v4;
     use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpAddress, IpEndpoint, IpRepr};
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, IpRepr, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
 
     const PROXY: IpEndpoint = IpEndpoint {
         addr: IpAddress::Ipv4(smoltcp::wire::Ipv4Address::new(10, 0, 0, 2)),
@@ -380,10 +317,14 @@ mod tests {
     }
 
     #[test]
-    fn bytes_beyond_the_furthest_edge_are_beyond_the_window() {
+    fn bytes_beyond_the_furthest_edge_are_dropped_and_acknowledged() {
         let mut state = WindowState::default();
         let probe = segment(TcpControl::None, 5000, 1, 100, None, b"x");
-        assert!(!state.beyond_window(&probe), "no window advertised yet");
+        assert_eq!(
+            Admission::Pass,
+            state.admit(&probe),
+            "no window advertised yet"
+        );
         let mut synack = segment(TcpControl::Syn, 100, 5000, 1000, Some(0), &[]);
         shape(&mut synack, &mut state, None, true);
         assert_eq!(state.furthest, Some(6000));
@@ -392,13 +333,15 @@ mod tests {
         shape(&mut ack, &mut state, None, true);
         assert_eq!((state.edge, state.furthest), (Some(5600), Some(6000)));
         let up_to_edge = segment(TcpControl::None, 5500, 101, 100, None, &[7; 500]);
-        assert!(!state.beyond_window(&up_to_edge));
+        assert_eq!(Admission::Pass, state.admit(&up_to_edge));
         let past_edge = segment(TcpControl::None, 5500, 101, 100, None, &[7; 501]);
-        assert!(state.beyond_window(&past_edge));
+        assert_eq!(state.admit(&past_edge), Admission::DropAndAck);
+        let rst = segment(TcpControl::Rst, 5500, 101, 100, None, &[7; 501]);
+        assert_eq!(state.admit(&rst), Admission::Drop, "never answered");
         // A FIN or a bare ACK at the edge carries no bytes.
         let fin = segment(TcpControl::Fin, 6000, 101, 100, None, &[]);
-        assert!(!state.beyond_window(&fin));
-        assert!(!state.beyond_window(&[0x45, 0, 0]), "garbage");
+        assert_eq!(Admission::Pass, state.admit(&fin));
+        assert_eq!(Admission::Pass, state.admit(&[0x45, 0, 0]), "garbage");
     }
 
     #[test]
@@ -446,10 +389,12 @@ mod tests {
         assert!(!update_due(&state, 1400, 100));
         assert!(update_due(&state, 1000 + 65536, 3000));
         let mut buf = [0u8; 64];
-        let len = window_update(
+        let ack = state.ack;
+        let len = pure_ack(
             &mut buf,
             (PROXY, v4([10, 0, 0, 1], 5000)),
             &mut state,
+            ack,
             1000 + 65536,
         )
         .expect("an ACK");
