@@ -1285,8 +1285,11 @@ fn a_jumbo_mtu_at_the_memory_floor_moves_bytes_as_fast_as_a_small_one() {
     eprintln!(
         "1 MiB exchange beside {STALLED} stalled downloads: --mtu 1500 {small:?}, --mtu 9000 {jumbo:?}"
     );
+    // Stalled on zero-window probes the exchange took 22 s; unstalled it takes tens of
+    // ms, and on a loaded machine both runs slow down alike, so the bound is the ratio,
+    // with a floor of 1 s that load alone does not reach and a stall far exceeds.
     assert!(
-        jumbo <= 3 * small.max(Duration::from_millis(100)) && jumbo < Duration::from_secs(3),
+        jumbo <= 3 * small.max(Duration::from_secs(1)),
         "--mtu 9000 took {jumbo:?}, --mtu 1500 {small:?}"
     );
 }
