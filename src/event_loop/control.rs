@@ -7,12 +7,13 @@
 //! Clients are few (`MAX_CLIENTS` per listener; more are closed at once), each holds a
 //! fixed amount of memory, and each has a deadline, checked once a second.
 
+mod clients;
 mod listen;
+mod reply;
+mod snapshot;
 
-use std::fmt::Write;
-use std::net::Shutdown;
 use std::ops::Range;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use log::info;
@@ -20,22 +21,16 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::User;
 use slab::Slab;
 use smoltcp::time::Instant;
-use socket2::{SockRef, Socket};
+use socket2::Socket;
 
-use super::datagrams::Outbound;
-use super::{Proxy, tun_io};
+use super::Proxy;
 use crate::config::Config;
-use crate::control::counters::{Clients, Gauges, Info, Snapshot};
-use crate::control::out::Out;
-use crate::control::wire::{self, FlowRow, Proto, State};
-use crate::control::{
-    CONTROL_REQUEST_LIMIT, HTTP_HEAD_LIMIT, REPLY_BUFFER, Request, http, prometheus,
-};
+use crate::control::counters::Clients;
+use crate::control::{CONTROL_REQUEST_LIMIT, HTTP_HEAD_LIMIT, REPLY_BUFFER, http};
 use crate::error::Error;
 use crate::flow::Id;
-use crate::flow::datagram::{self, Kind};
 use crate::uring::token::GENERATION_MASK;
-use crate::uring::{Completion, Op, Region, Ring, Slice, Token};
+use crate::uring::{Completion, Op, Region, Ring};
 use listen::SocketFile;
 
 /// Clients served at once by each listener.
@@ -174,128 +169,6 @@ impl Control {
         control.arm_accepts(ring);
         Ok(control)
     }
-
-    fn arm_accepts(&mut self, ring: &mut Ring) {
-        for (index, listener) in self.listeners.iter_mut().enumerate() {
-            if let Some(listener) = listener
-                && !listener.accepting
-            {
-                let token = Token::new(Op::ControlAccept, 0, index).encode();
-                ring.accept_multishot(listener.socket.as_fd(), token);
-                listener.accepting = true;
-            }
-        }
-    }
-
-    /// Keeps the tick coming while there are deadlines to check or accepts to re-arm.
-    fn arm_tick(&mut self, ring: &mut Ring) {
-        let needed =
-            !self.clients.is_empty() || self.listeners.iter().flatten().any(|l| !l.accepting);
-        if needed && !self.tick_armed {
-            ring.timeout(TICK, Token::new(Op::ControlTick, 0, 0).encode());
-            self.tick_armed = true;
-        }
-    }
-
-    fn token(&self, op: Op, key: usize) -> u64 {
-        Token::new(op, self.clients[key].generation, key).encode()
-    }
-
-    /// Receives more of client `key`'s request (or, draining, whatever it sends).
-    fn receive(&mut self, ring: &mut Ring, key: usize) {
-        let token = self.token(Op::ControlRecv, key);
-        let client = &mut self.clients[key];
-        let have = match client.phase {
-            Phase::Request { have } => have,
-            Phase::Draining => 0,
-            _ => return,
-        };
-        let Some(fd) = &client.fd else {
-            return;
-        };
-        let buf = Slice {
-            region: client.memory.clone(),
-            range: have..client.service.request_limit(),
-        };
-        ring.recv(fd.as_fd(), buf, token);
-        client.busy = true;
-    }
-
-    /// Sends what is left of client `key`'s reply.
-    fn send(&mut self, ring: &mut Ring, key: usize) {
-        let token = self.token(Op::ControlSend, key);
-        let client = &mut self.clients[key];
-        let (Phase::Reply { range, .. }, Some(fd)) = (&client.phase, &client.fd) else {
-            return;
-        };
-        let buf = Slice {
-            region: client.memory.clone(),
-            range: range.clone(),
-        };
-        ring.send(fd.as_fd(), buf, token);
-        client.busy = true;
-    }
-
-    /// Client `key`'s reply is out: it is closed once it has closed its side (or its
-    /// linger is over). Not on the ring: io_uring hands a shutdown to a worker thread,
-    /// and shutdown(SHUT_WR) does not block.
-    fn finish(&mut self, ring: &mut Ring, key: usize, now: Instant) {
-        let client = &mut self.clients[key];
-        let shut = client
-            .fd
-            .as_ref()
-            .is_some_and(|fd| SockRef::from(fd).shutdown(Shutdown::Write).is_ok());
-        if !shut {
-            self.close(ring, key);
-            return;
-        }
-        client.phase = Phase::Draining;
-        client.deadline = now + LINGER.into();
-        self.receive(ring, key);
-    }
-
-    /// Closes the client of `service` that has waited longest for its request (counted
-    /// as evicted); false if there is none, or too many are still closing (each holds
-    /// its memory until its cancel completes).
-    fn evict_waiting(&mut self, ring: &mut Ring, service: Service) -> bool {
-        let mine = || self.clients.iter().filter(|(_, c)| c.service == service);
-        let closing = mine()
-            .filter(|(_, c)| matches!(c.phase, Phase::Closing))
-            .count();
-        let oldest = mine()
-            .filter(|(_, c)| matches!(c.phase, Phase::Request { .. }))
-            .min_by_key(|(_, c)| c.deadline)
-            .map(|(key, _)| key);
-        let Some(key) = oldest.filter(|_| closing < MAX_CLIENTS) else {
-            return false;
-        };
-        self.counters[service as usize].evicted += 1;
-        self.close(ring, key);
-        true
-    }
-
-    /// Closes client `key`, once what it has in flight is cancelled.
-    fn close(&mut self, ring: &mut Ring, key: usize) {
-        let Some(client) = self.clients.get_mut(key) else {
-            return;
-        };
-        if client.busy {
-            if !matches!(client.phase, Phase::Closing)
-                && let Some(fd) = &client.fd
-            {
-                ring.cancel_fd(fd.as_fd());
-            }
-            client.phase = Phase::Closing;
-            return;
-        }
-        let client = self.clients.remove(key);
-        if let Some(listener) = &mut self.listeners[client.service as usize] {
-            listener.clients -= 1;
-        }
-        if let Some(fd) = client.fd {
-            ring.close(fd);
-        }
-    }
 }
 
 impl Proxy {
@@ -405,221 +278,6 @@ impl Proxy {
         control.arm_accepts(&mut self.ring);
         control.arm_tick(&mut self.ring);
     }
-
-    /// `n` more bytes of client `key`'s request arrived: answer once it is complete.
-    fn on_control_request(&mut self, key: usize, n: usize) {
-        let client = &mut self.control.clients[key];
-        let Phase::Request { have } = &mut client.phase else {
-            return;
-        };
-        *have += n;
-        let (have, service) = (*have, client.service);
-        let full = have >= service.request_limit();
-        let memory = client.memory.clone();
-        let answer = memory.with_mut(0..have, |request| match service {
-            Service::Control => match Request::parse(request, full) {
-                Request::Incomplete => None,
-                Request::Status => Some(Answer::Status),
-                Request::Invalid(why) => Some(Answer::Refusal(why)),
-            },
-            Service::Metrics => match http::parse(request, full) {
-                http::Parsed::Incomplete => None,
-                http::Parsed::Respond(status) => Some(Answer::Http(status)),
-            },
-        });
-        let Some(answer) = answer else {
-            self.control.receive(&mut self.ring, key);
-            return;
-        };
-        if !matches!(answer, Answer::Status | Answer::Http(http::Status::Ok)) {
-            self.control.counters[service as usize].bad_requests += 1;
-        }
-        let now = self.now();
-        self.control.clients[key].deadline = now + REPLY_TIMEOUT.into();
-        self.refresh_counters();
-        let reply = REPLY_START..CLIENT_MEMORY;
-        let (len, next) = match answer {
-            Answer::Status => memory.with_mut(reply, |buf| {
-                let mut out = Out::new(buf);
-                let mut listing = Listing::default();
-                let header = self.with_report(|info, snapshot| {
-                    out.record(|out| wire::write_header(out, info, snapshot))
-                });
-                let done = header && self.list_flows(&mut out, &mut listing, now);
-                (out.len(), (!done).then_some(listing))
-            }),
-            Answer::Refusal(why) => memory.with_mut(reply, |buf| {
-                let mut out = Out::new(buf);
-                out.record(|out| wire::write_error(out, why));
-                (out.len(), None)
-            }),
-            Answer::Http(status) => {
-                let mut body = std::mem::take(&mut self.control.scratch);
-                body.clear();
-                if status == http::Status::Ok {
-                    // A String takes whatever is written.
-                    let _ = self
-                        .with_report(|info, snapshot| prometheus::write(&mut body, info, snapshot));
-                } else {
-                    body.push_str(status.explanation());
-                }
-                let len = memory.with_mut(reply, |buf| {
-                    let mut out = Out::new(buf);
-                    out.record(|out| {
-                        http::write_head(out, status, body.len())?;
-                        out.write_str(&body)
-                    });
-                    out.len()
-                });
-                self.control.scratch = body;
-                (len, None)
-            }
-        };
-        self.start_reply(key, len, next);
-    }
-
-    /// Sends the `len` bytes just rendered into client `key`'s reply buffer, to go on
-    /// with the listing `next` (if any) once they are out.
-    fn start_reply(&mut self, key: usize, len: usize, next: Option<Listing>) {
-        if len == 0 {
-            // Nothing fitted the buffer (it is sized so that this cannot happen).
-            self.control.close(&mut self.ring, key);
-            return;
-        }
-        self.control.clients[key].phase = Phase::Reply {
-            range: REPLY_START..REPLY_START + len,
-            next,
-        };
-        self.control.send(&mut self.ring, key);
-    }
-
-    /// `n` bytes of client `key`'s reply went out: the rest of this slice, the next
-    /// slice, or (the reply complete) the close.
-    fn on_control_sent(&mut self, key: usize, n: usize) {
-        let now = self.now();
-        let client = &mut self.control.clients[key];
-        let Phase::Reply { range, next } = &mut client.phase else {
-            return;
-        };
-        range.start = (range.start + n).min(range.end);
-        if range.start < range.end {
-            self.control.send(&mut self.ring, key);
-            return;
-        }
-        let Some(mut listing) = next.take() else {
-            self.control.finish(&mut self.ring, key, now);
-            return;
-        };
-        let memory = client.memory.clone();
-        let (len, done) = memory.with_mut(REPLY_START..CLIENT_MEMORY, |buf| {
-            let mut out = Out::new(buf);
-            let done = self.list_flows(&mut out, &mut listing, now);
-            (out.len(), done)
-        });
-        self.start_reply(key, len, (!done).then_some(listing));
-    }
-
-    /// Lists flows into `out` from `listing` on: at most `ROWS_PER_SLICE`, and as many
-    /// as fit. True once the listing is complete (its `end` line written).
-    fn list_flows(&self, out: &mut Out, listing: &mut Listing, now: Instant) -> bool {
-        let mut rows = 0;
-        loop {
-            let row = if !listing.datagrams {
-                let table = &self.tcp.table;
-                if listing.slot >= table.slot_end() {
-                    *listing = Listing {
-                        datagrams: true,
-                        slot: 0,
-                        ..*listing
-                    };
-                    continue;
-                }
-                let entry = table.id_at(listing.slot).and_then(|id| table.get(id));
-                entry.map(|entry| entry.row(now))
-            } else {
-                let flows = &self.udp.flows;
-                if listing.slot >= flows.slot_end() {
-                    return out.record(|out| wire::write_end(out, listing.listed));
-                }
-                flows
-                    .at_slot(listing.slot)
-                    .map(|flow| datagram_row(flow, now))
-            };
-            if let Some(row) = row {
-                if rows == ROWS_PER_SLICE || !out.record(|out| wire::write_flow(out, &row)) {
-                    return false;
-                }
-                rows += 1;
-                listing.listed += 1;
-            }
-            listing.slot += 1;
-        }
-    }
-
-    /// Runs `report` on the proxy's identity and numbers (counters refreshed first).
-    pub(super) fn with_report<R>(&self, report: impl FnOnce(&Info, &Snapshot) -> R) -> R {
-        let [tcp_connecting, tcp_open, tcp_closing] = self.tcp.phases().map(|n| n as u64);
-        let (udp_open, icmp_open) = self.udp.flows.open_by_kind();
-        let (write_in_use, write_buffers) = self.stack.tx.buffer_use();
-        let (read_circulating, read_buffers) = self.ring.buffer_use(tun_io::READ_GROUP);
-        let gauges = Gauges {
-            tcp_connecting,
-            tcp_open,
-            tcp_closing,
-            udp_open: udp_open as u64,
-            icmp_open: icmp_open as u64,
-            tun_write_buffers_in_use: write_in_use as u64,
-            tun_write_buffers: write_buffers as u64,
-            tun_read_buffers_circulating: u64::from(read_circulating),
-            tun_read_buffers: u64::from(read_buffers),
-            flow_buffers_resident_bound: self.tcp.budget.resident_bound() as u64,
-            memory_limit: self.tcp.budget.limit() as u64,
-            resident: resident_bytes(),
-        };
-        let tun = &self.tun.tun;
-        let info = Info {
-            tun: tun.name(),
-            interface: &self.config.interface,
-            offload: tun.offload().name(),
-            uptime_s: self.epoch.elapsed().as_secs(),
-        };
-        let [control, metrics] = &self.control.counters;
-        report(
-            &info,
-            &Snapshot {
-                stats: &self.stats,
-                gauges: &gauges,
-                control,
-                metrics,
-            },
-        )
-    }
-}
-
-/// What `uringproxy status` lists of datagram flow `flow` at `now`.
-fn datagram_row(flow: &datagram::Flow<Outbound>, now: Instant) -> FlowRow {
-    let key = flow.key();
-    let (bytes_up, bytes_down) = flow.bytes();
-    FlowRow {
-        proto: match flow.kind() {
-            Kind::Udp => Proto::Udp,
-            Kind::Echo => Proto::Icmp,
-        },
-        client: key.client_addr(),
-        server: key.server_addr(),
-        state: if flow.is_closing() {
-            State::Closing
-        } else if flow.io.socket.is_none() {
-            // Its SOCKS5 association is being set up.
-            State::Connecting
-        } else {
-            State::Open
-        },
-        bytes_up,
-        bytes_down,
-        age_s: (now - flow.opened()).secs(),
-        idle_s: (now - flow.last_active()).secs(),
-    }
 }
 
 /// Whether the peer of control connection `fd` runs as the proxy's user or as root
@@ -628,12 +286,4 @@ fn datagram_row(flow: &datagram::Flow<Outbound>, now: Instant) -> FlowRow {
 fn peer_is_us_or_root(fd: &OwnedFd) -> bool {
     getsockopt(fd, PeerCredentials)
         .is_ok_and(|peer| peer.uid() == 0 || peer.uid() == nix::unistd::geteuid().as_raw())
-}
-
-/// The process's resident memory (VmRSS of /proc/self/status), read when asked.
-fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

@@ -1,0 +1,76 @@
+//! The ring's provided buffer groups: registered once, lent, handed back, grown, shrunk.
+
+use std::io;
+
+use super::Ring;
+use super::buf_ring::BufRing;
+
+impl Ring {
+    /// Registers `count` (a power of two) provided buffers of `size` bytes as `group`,
+    /// for multishot and buffer-selecting reads and receives. A group is registered once.
+    pub fn provide_buffers(&mut self, group: u16, count: u16, size: usize) -> io::Result<()> {
+        let slot = usize::from(group);
+        if self.buf_rings.get(slot).is_some_and(Option::is_some) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        let buffers = BufRing::new(&self.ring, group, count, size)?;
+        if self.buf_rings.len() <= slot {
+            self.buf_rings.resize_with(slot + 1, || None);
+        }
+        self.buf_rings[slot] = Some(buffers);
+        Ok(())
+    }
+
+    /// The first `len` bytes of provided buffer `bid` of `group`, as the completion that
+    /// handed it over left them; `None` for a buffer the kernel owns or none at all.
+    pub fn buffer(&self, group: u16, bid: u16, len: usize) -> Option<&[u8]> {
+        self.buf_ring(group)?.packet(bid, len)
+    }
+
+    /// Hands provided buffer `bid` back to the kernel (visible after `publish`).
+    pub fn recycle(&mut self, group: u16, bid: u16) {
+        if let Some(buffers) = self.buf_ring_mut(group) {
+            buffers.give_back(bid);
+        }
+    }
+
+    /// The kernel found no buffer of `group` (ENOBUFS): let more of them circulate.
+    pub fn more_buffers(&mut self, group: u16) {
+        if let Some(buffers) = self.buf_ring_mut(group) {
+            buffers.grow();
+        }
+    }
+
+    /// Idle: fewer buffers circulate and the pages of the others go back to the kernel.
+    pub fn shrink_buffers(&mut self) {
+        for buffers in self.buf_rings.iter_mut().flatten() {
+            buffers.shrink();
+        }
+    }
+
+    fn buf_ring_mut(&mut self, group: u16) -> Option<&mut BufRing> {
+        self.buf_rings.get_mut(usize::from(group))?.as_mut()
+    }
+
+    /// Makes recycled buffers of `group` visible to the kernel.
+    pub fn publish(&self, group: u16) {
+        if let Some(buffers) = self.buf_ring(group) {
+            buffers.publish();
+        }
+    }
+
+    /// Buffers of `group` circulating now, and registered in all.
+    pub fn buffer_use(&self, group: u16) -> (u16, u16) {
+        self.buf_ring(group)
+            .map_or((0, 0), |buffers| (buffers.circulating(), buffers.count()))
+    }
+
+    /// Size of each provided buffer of `group`.
+    pub fn buffer_size(&self, group: u16) -> usize {
+        self.buf_ring(group).map_or(0, BufRing::buf_size)
+    }
+
+    fn buf_ring(&self, group: u16) -> Option<&BufRing> {
+        self.buf_rings.get(usize::from(group))?.as_ref()
+    }
+}

@@ -1,0 +1,173 @@
+//! The ring against the kernel: memory held until completion, buffers handed over once.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use nix::libc;
+
+use super::*;
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    nix::unistd::pipe().expect("pipe")
+}
+
+fn completions(ring: &mut Ring, want: usize) -> Vec<Completion> {
+    let mut all = Vec::new();
+    let mut batch = Vec::new();
+    for _ in 0..100 {
+        if all.len() >= want {
+            break;
+        }
+        ring.submit_and_wait(Some(Duration::from_millis(10)))
+            .expect("io_uring_enter");
+        ring.drain(&mut batch, 64);
+        all.extend_from_slice(&batch);
+    }
+    all
+}
+
+#[test]
+fn a_region_outlives_its_owner_until_the_read_into_it_completes() {
+    let mut ring = Ring::new().expect("io_uring");
+    let (reader, writer) = pipe();
+    let region = Region::new(4096).unwrap();
+    let buf = Slice {
+        region: region.clone(),
+        range: 100..200,
+    };
+    ring.read(reader.as_fd(), buf, 7);
+    let _ = ring.submit_and_wait(Some(Duration::ZERO));
+    assert_eq!(region.holders(), 2, "the pending read holds the region");
+    let watch = region.clone();
+    drop(region);
+    nix::unistd::write(&writer, b"hello").expect("write the pipe");
+    let done = completions(&mut ring, 1);
+    assert_eq!((done[0].token, done[0].result), (7, 5));
+    assert_eq!(watch.kernel_read(100..105), b"hello");
+    assert_eq!(watch.holders(), 1, "let go once complete");
+}
+
+#[test]
+fn a_multishot_receive_hands_over_each_buffer_once() {
+    let mut ring = Ring::new().expect("io_uring");
+    ring.provide_buffers(3, 4, 256).unwrap();
+    assert!(
+        ring.provide_buffers(3, 4, 256).is_err(),
+        "a group is registered once"
+    );
+    let (ours, peer) = UnixDatagram::pair().expect("socketpair");
+    ring.recv_multishot(ours.as_fd(), 3, 9);
+    let _ = ring.submit_and_wait(Some(Duration::ZERO));
+    peer.send(b"one").unwrap();
+    peer.send(b"two").unwrap();
+    let done = completions(&mut ring, 2);
+    assert_eq!(done.len(), 2);
+    for (completion, expected) in done.iter().zip([&b"one"[..], b"two"]) {
+        assert!(completion.more(), "still armed");
+        let bid = completion.buffer_id().expect("a provided buffer");
+        let len = completion.result as usize;
+        assert_eq!(ring.buffer(3, bid, len), Some(expected));
+    }
+    assert_eq!(
+        ring.inflight.len(),
+        1,
+        "one entry while the receive stays armed"
+    );
+    let first = done[0].buffer_id().unwrap();
+    ring.recycle(3, first);
+    assert_eq!(ring.buffer(3, first, 3), None, "the kernel's again");
+    ring.recycle(3, first); // twice: ignored, never two ring entries for one buffer
+    ring.recycle(3, 400); // not a buffer at all
+    assert_eq!(ring.buffer(3, 400, 1), None);
+    assert!(ring.cancel_all(Duration::from_secs(1)));
+    assert!(ring.inflight.is_empty());
+}
+
+#[test]
+fn a_chain_of_reads_takes_what_is_queued_and_is_cancelled_quickly() {
+    let mut ring = Ring::new().expect("io_uring");
+    ring.provide_buffers(2, 16, 64).unwrap();
+    let (reader, writer) = pipe();
+    ring.read_chain(reader.as_fd(), 2, 16, 5);
+    for byte in [b"a", b"b", b"c"] {
+        nix::unistd::write(&writer, byte).expect("write the pipe");
+        let done = completions(&mut ring, 1);
+        assert_eq!(done.len(), 1, "one read at a time takes each write");
+        let bid = done[0].buffer_id().unwrap();
+        assert_eq!(ring.buffer(2, bid, 1), Some(&byte[..]));
+        ring.recycle(2, bid);
+        ring.publish(2);
+    }
+    assert_eq!(ring.inflight.len(), 13);
+    let started = Instant::now();
+    assert!(ring.cancel_all(Duration::from_secs(1)));
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "each cancelled read started the next: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_multishot_accept_hands_over_each_connection_once() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = std::env::temp_dir().join(format!("uring-accept-{}", std::process::id()));
+    let _ = std::fs::remove_file(&dir);
+    let listener = UnixListener::bind(&dir).unwrap();
+    let mut first = UnixStream::connect(&dir).unwrap();
+    let mut second = UnixStream::connect(&dir).unwrap();
+    std::fs::remove_file(&dir).unwrap();
+    let mut ring = Ring::new().expect("io_uring");
+    // Both are waiting: the accept takes them as it is submitted.
+    ring.accept_multishot(listener.as_fd(), 11);
+    ring.submit_and_wait(Some(Duration::from_secs(1))).unwrap();
+    let mut done = Vec::new();
+    ring.drain(&mut done, 16);
+    assert_eq!(done.len(), 2, "{done:?}");
+    assert!(done.iter().all(|c| c.token == 11 && c.more()), "{done:?}");
+    // The first is claimed and works; the second is not, and is closed.
+    let owned = ring.take_accepted(&done[0]).expect("an fd");
+    assert!(ring.take_accepted(&done[0]).is_none(), "handed over once");
+    let mut server = UnixStream::from(owned);
+    first.write_all(b"hi").unwrap();
+    let mut got = [0u8; 2];
+    server.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hi");
+    ring.drain(&mut Vec::new(), 16);
+    let mut rest = Vec::new();
+    assert_eq!(
+        second.read_to_end(&mut rest).unwrap(),
+        0,
+        "unclaimed: closed"
+    );
+    ring.timeout(Duration::from_millis(1), 12);
+    let done = completions(&mut ring, 1);
+    assert_eq!((done[0].token, done[0].result), (12, -libc::ETIME));
+    assert!(ring.take_accepted(&done[0]).is_none(), "not an accept's");
+    assert!(ring.cancel_all(Duration::from_secs(1)));
+}
+
+#[test]
+fn cancel_all_ends_every_pending_operation() {
+    let mut ring = Ring::new().expect("io_uring");
+    let pipes: Vec<_> = (0..4).map(|_| pipe()).collect();
+    let region = Region::new(4096).unwrap();
+    for (i, (reader, _)) in pipes.iter().enumerate() {
+        let buf = Slice {
+            region: region.clone(),
+            range: i * 16..i * 16 + 16,
+        };
+        ring.read(reader.as_fd(), buf, i as u64);
+    }
+    let _ = ring.submit_and_wait(Some(Duration::ZERO));
+    assert_eq!(ring.inflight.len(), 4);
+    assert!(ring.cancel_all(Duration::from_secs(1)));
+    assert!(ring.inflight.is_empty());
+    assert_eq!(
+        region.holders(),
+        1,
+        "no operation holds the memory any more"
+    );
+}
