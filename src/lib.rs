@@ -1,4 +1,5 @@
-//! uringproxy as a library: the layers the binary runs, exposed for benchmarks.
+//! uringproxy as a library: what the binary runs, plus the layers that benchmarks and
+//! fuzz targets drive directly (wire, stack, flow, the ring's memory, control's parsers).
 #![deny(unsafe_code)]
 
 pub mod cli;
@@ -9,10 +10,10 @@ pub mod error;
 pub mod event_loop;
 pub mod flow;
 pub mod logger;
-pub mod routing;
+mod routing;
 pub mod stack;
-pub mod stats;
-pub mod sys;
-pub mod tun;
+mod stats;
+mod sys;
+mod tun;
 pub mod uring;
 pub mod wire;

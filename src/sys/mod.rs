@@ -167,10 +167,6 @@ impl Mapping {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Gives the pages wholly inside `range` back to the kernel (MADV_DONTNEED): they
     /// read as zero afterwards and cost memory again only once touched.
     pub fn discard(&self, range: std::ops::Range<usize>) {

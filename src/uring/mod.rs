@@ -23,7 +23,8 @@ use socket2::SockAddr;
 
 use buf_ring::BufRing;
 pub use features::{Features, KernelVersion};
-pub use memory::{Family, Lent, Region};
+pub use memory::Region;
+pub(crate) use memory::{Family, Lent};
 pub use token::{Op, Token};
 
 /// Submission queue entries: enough for a full turn of TUN writes plus flow operations;
