@@ -264,6 +264,12 @@ fn stalled_flows_are_held_to_the_memory_limit() {
         "stalled flows: RSS {baseline} KiB -> peak {peak} KiB with {STALLED} stalled each way, \
          limit {LIMIT_MIB} MiB; {stats}"
     );
+    // Every flow was live: none reset for want of a connect slot, none by the server
+    // (one that cannot keep up with its accepts does that: see `listen` in tests/common).
+    assert!(
+        stats.contains("half-open-evicted 0 ") && stats.contains("server-reset 0 "),
+        "flows were reset: {stats}"
+    );
     release.store(true, Ordering::Relaxed);
     let mut received = Vec::new();
     let mut sent = Vec::new();

@@ -503,6 +503,19 @@ fn a_stale_control_socket_is_replaced_and_a_live_one_refused() {
     let tun_gone = wait_until(Duration::from_secs(5), || !topo.tun_exists());
     assert!(tun_gone, "the killed proxy's TUN is still there");
     let mut third = topo.start_proxy(&["--control", shared]);
+    // Until the third has replaced it, the killed one's socket may still take
+    // connections (the kernel tears its ring down after it, longer on a loaded
+    // machine), and one made there is reset without a reply: wait for the third's own.
+    let replaced = wait_until(Duration::from_secs(5), || {
+        third
+            .stderr()
+            .contains("uringproxy: info: control socket at")
+    });
+    assert!(
+        replaced,
+        "the third made no control socket: {}",
+        third.stderr()
+    );
     common::wait_for_control(&path);
     assert!(status(&path, &[]).starts_with("uringproxy on "));
     third.terminate();
@@ -713,13 +726,17 @@ fn stuck_and_garbage_clients_leave_relaying_and_other_clients_unharmed() {
     assert_eq!(held_listed, HELD, "every held flow listed");
     assert!(sample(&numbers, "tcp_flows_open") >= HELD as u64);
     let reply_size = status(&path, &[]).len();
-    // As many silent clients as the metrics endpoint serves at once: the scrape still
-    // gets through, making room by closing the one that waited longest.
+    // As many silent clients as the metrics endpoint serves at once: a scrape still
+    // gets through, making room by closing the one that waited longest. Asked from
+    // here at once: the scraper's Python can take seconds to start on a loaded
+    // machine, by which time the crowd's request deadline (5 s) may have made room.
     let crowd: Vec<TcpStream> = join(topo.in_client(|| {
         (0..8)
             .map(|_| connect(METRICS.parse().unwrap()))
             .collect::<Vec<_>>()
     }));
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    assert_eq!(http_status_line(&topo, request), "HTTP/1.1 200 OK");
     let metrics = scrape(&topo);
     assert!(
         sample(

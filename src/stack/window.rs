@@ -135,7 +135,21 @@ pub fn shape(
         return Verdict::Send;
     }
     let shift = state.shift.unwrap_or(0);
-    let mut sent = raw;
+    // smoltcp rounds its free space down to its window scale: the edge it advertises
+    // lies up to a unit short of where its buffer ends, moving back and forth within
+    // that unit as its acknowledgement number moves, and it takes bytes only up to the
+    // edge it advertised last. A client that sent up to a further edge as the buffer
+    // filled would keep a sequence number past smoltcp's behind a zero window, and
+    // smoltcp drops every later segment of such a client as out of window, with the
+    // acknowledgement it carries. Offering one unit less keeps every edge the client
+    // learns short of any smoltcp advertises later (where its buffer ends never moves
+    // back), so smoltcp always takes what the client sends.
+    let ceiling = if shift > 0 {
+        raw.saturating_sub(1)
+    } else {
+        raw
+    };
+    let mut sent = ceiling;
     if let Some(limit) = limit {
         let wanted = (u32::from(raw) << shift).min(room(limit, ack));
         let mut edge = ack.wrapping_add(wanted);
@@ -147,10 +161,10 @@ pub fn shape(
         let window = edge.wrapping_sub(ack);
         // Rounded up: rounding down could move the right edge back by a few bytes.
         let scaled = window.div_ceil(1 << shift).min(u32::from(u16::MAX)) as u16;
-        if scaled < raw {
-            tcp::set_window(&mut tcp, scaled, checksummed);
-            sent = scaled;
-        }
+        sent = sent.min(scaled);
+    }
+    if sent != raw {
+        tcp::set_window(&mut tcp, sent, checksummed);
     }
     if payload == 0 && !fin {
         // smoltcp changed its window (a window update) but after the limit the client
@@ -203,13 +217,15 @@ pub fn pure_ack(
     limit: u32,
 ) -> Option<usize> {
     let shift = state.shift?;
-    // Rounded down to the scale, so that the client is never offered more than the
-    // limit, unless that would move the right edge back.
-    let mut scaled = room(limit, ack) >> shift;
+    // Rounded down to the scale and one unit short of the limit, as `shape` keeps
+    // smoltcp's windows (the limit can be where smoltcp's buffer ends). An edge offered
+    // before is kept, rounded down too: rounding up could pass smoltcp's edge, while
+    // the few bytes below the old edge it gives up smoltcp still takes.
+    let mut scaled = (room(limit, ack) >> shift).saturating_sub(u32::from(shift > 0));
     if let Some(edge) = state.edge
         && after(edge, ack.wrapping_add(scaled << shift))
     {
-        scaled = room(edge, ack).div_ceil(1 << shift);
+        scaled = room(edge, ack) >> shift;
     }
     let window = scaled.min(u32::from(u16::MAX)) as u16;
     let len = tcp::pure_ack(buf, ends, state.seq_end, ack, window)?;
@@ -383,7 +399,7 @@ mod tests {
             shift: Some(2),
             ..WindowState::default()
         };
-        let mut ack = segment(TcpControl::None, 7, 1000, 100, None, &[]);
+        let mut ack = segment(TcpControl::None, 7, 1000, 101, None, &[]);
         shape(&mut ack, &mut state, Some(1400), true);
         assert_eq!(state.edge, Some(1400));
         assert!(!update_due(&state, 1400, 100));
@@ -400,11 +416,48 @@ mod tests {
         .expect("an ACK");
         let (window, valid) = window_of(&buf[..len]);
         assert!(valid);
-        assert_eq!(u32::from(window), 65536 >> 2);
+        assert_eq!(
+            u32::from(window),
+            (65536 >> 2) - 1,
+            "one unit short of the limit"
+        );
         assert!(!update_due(&state, 1000 + 65536, 3000), "told now");
         let ip = Ipv4Packet::new_checked(&buf[..len]).unwrap();
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert_eq!((tcp.seq_number().0, tcp.ack_number().0), (7, 1000));
+    }
+
+    #[test]
+    fn no_edge_offered_lies_in_the_unit_smoltcp_rounds_away() {
+        // smoltcp's buffer ends at `end`; as its acknowledgement number moves it offers
+        // that end rounded down to its scale, 32 bytes, so its later windows may end up
+        // to 31 bytes short of it. Nothing offered may reach into those bytes, with or
+        // without a limit (a limit can be where the buffer ends).
+        let end = 1_040_000u32;
+        for limit in [None, Some(end)] {
+            let mut state = WindowState {
+                shift: Some(5),
+                ..WindowState::default()
+            };
+            for ack in (1_000_000..end).step_by(1_337) {
+                let raw = ((end - ack) >> 5) as u16;
+                let mut ack_segment = segment(TcpControl::None, 7, ack, raw, None, &[]);
+                shape(&mut ack_segment, &mut state, limit, true);
+                let (window, valid) = window_of(&ack_segment);
+                assert!(valid);
+                let edge = ack + (u32::from(window) << 5);
+                assert!(edge <= end - 32, "{edge} offered at {ack} ({limit:?})");
+            }
+            assert!(state.furthest.is_some_and(|furthest| furthest <= end - 32));
+        }
+        // Without window scaling nothing is rounded: the window goes out as it is.
+        let mut state = WindowState {
+            shift: Some(0),
+            ..WindowState::default()
+        };
+        let mut unscaled = segment(TcpControl::None, 7, 1000, 4000, None, &[]);
+        shape(&mut unscaled, &mut state, None, true);
+        assert_eq!(window_of(&unscaled), (4000, true));
     }
 
     #[test]

@@ -620,9 +620,7 @@ where
     F: Fn(TcpStream) -> T + Send + Sync + 'static,
     T: Send + 'static,
 {
-    let listener = join(in_netns(ns, move || {
-        TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"))
-    }));
+    let listener = join(in_netns(ns, move || listen(SocketAddr::new(ip, 0), conns)));
     // Linux bounds accept() by SO_RCVTIMEO, so a client that never
     // arrives fails the test instead of hanging it.
     SockRef::from(&listener)
@@ -648,6 +646,29 @@ where
         })
     });
     Server { addr, acceptor }
+}
+
+/// A listener at `addr` whose accept queue holds `conns` connections (std's
+/// `TcpListener::bind` allows 128). Tests open up to thousands at once, and the thread
+/// that accepts them falls behind on a loaded machine: with a short queue the server's
+/// kernel then drops handshakes and answers with SYN cookies, and a data segment after a
+/// dropped cookie ACK fails validation and is reset (nstat: TcpExtListenOverflows,
+/// TcpExtSyncookiesFailed = TcpOutRsts). The proxy rightly relays that reset to its
+/// client, and its connects stalled meanwhile count against `--max-half-open`.
+fn listen(addr: SocketAddr, conns: usize) -> TcpListener {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.cloexec(),
+        None,
+    )
+    .expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&addr.into())
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let backlog = i32::try_from(conns).map_or(i32::MAX, |n| n.max(128));
+    socket.listen(backlog).expect("listen");
+    socket.into()
 }
 
 /// Waits for a proxy's control socket at `path` to take connections: it is made just

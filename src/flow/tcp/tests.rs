@@ -175,6 +175,11 @@ struct Harness {
     /// The SOCKS5 handshake the flow is created with (`None`: a direct flow).
     upstream: Option<Handshake>,
     mtu: usize,
+    /// Each of the flow's buffers (`FLOW_BUFFER` unless a test changes it first).
+    buffer: usize,
+    /// The flow takes one of the client's packets per step, the rest waiting their turn
+    /// (a slow link): its ACKs then go out between the client's segments.
+    trickle: bool,
 }
 
 fn client_socket() -> tcp::Socket<'static> {
@@ -254,6 +259,8 @@ impl Harness {
             probes: Vec::new(),
             upstream: None,
             mtu,
+            buffer: FLOW_BUFFER,
+            trickle: false,
         };
         let cx = harness.client_iface.context();
         harness
@@ -295,6 +302,9 @@ impl Harness {
         }
         while let Some(packet) = self.client_dev.sent.pop_front() {
             self.flow_ingress(&packet);
+            if self.trickle {
+                break;
+            }
         }
         // The kernel and the server go on whether the flow runs or not.
         if self.flow.is_some() {
@@ -350,7 +360,7 @@ impl Harness {
         assert_eq!(key.server, SERVER);
         if self.flow.is_none() && opens {
             let settings = Settings {
-                buffer: FLOW_BUFFER,
+                buffer: self.buffer,
                 mtu: self.mtu as u32,
             };
             let region = Region::new(Flow::memory_needed(settings)).unwrap();
@@ -1045,6 +1055,62 @@ fn a_busy_flow_grows_its_window_past_the_floor() {
         h.flow().rx.get()
     );
     assert_eq!(h.server.received, upload);
+}
+
+/// smoltcp rounds its window down to its scale, so the edge it advertises moves back and
+/// forth by up to a unit as its acknowledgement number moves, and it takes bytes only up
+/// to the edge it advertised last. A client that sent up to a further edge just as the
+/// buffer filled (its server stopped reading) then holds bytes smoltcp never takes,
+/// behind a zero window, and its sequence number stays past smoltcp's: every segment it
+/// sends later is out of window, and smoltcp dropped it with the acknowledgement it
+/// carried. A download then stalled for good once its own bytes needed acknowledging
+/// (seen end to end: an echo under load, both directions stuck).
+#[test]
+fn a_client_that_filled_its_window_is_still_heard_acknowledging_a_download() {
+    // 1 MiB buffers: window scale 5, as the proxy's default flows have.
+    const BUFFER: usize = 1 << 20;
+    let upload = pattern(16 * BUFFER, 3);
+    let download = pattern(2 * BUFFER, 4);
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    h.buffer = BUFFER;
+    // A client with buffers as large as the flow's, so that it can fill its window (the
+    // allowance grows only then).
+    h.client_sockets.remove(h.client);
+    h.client = h.client_sockets.add(tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; BUFFER]),
+        tcp::SocketBuffer::new(vec![0u8; BUFFER]),
+    ));
+    let cx = h.client_iface.context();
+    let client = h.client_sockets.get_mut::<tcp::Socket>(h.client);
+    // Without Nagle it sends up to the edge of its window, as Linux does.
+    client.set_nagle_enabled(false);
+    client.connect(cx, SERVER, 40000).unwrap();
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| h.client().state() == State::Established);
+    let mut offset = 0;
+    let mut send = |h: &mut Harness| {
+        let client = h.client();
+        if offset < upload.len() && client.can_send() {
+            offset += client.send_slice(&upload[offset..]).unwrap();
+        }
+    };
+    // A busy upload: the window grows to the whole buffer.
+    h.steps_until(20_000, |h| {
+        send(h);
+        h.flow().rx.get() == BUFFER
+    });
+    // The server stops reading and starts sending: the client fills its window while
+    // it takes the download, its segments reaching the flow between the flow's ACKs.
+    h.server.stall_sends = true;
+    h.trickle = true;
+    h.server.to_send.extend(&download);
+    let mut got = Vec::new();
+    h.steps_until(60_000, |h| {
+        send(h);
+        client_recv(h, &mut got);
+        got.len() == download.len()
+    });
+    assert_eq!(got, download);
 }
 
 #[test]
