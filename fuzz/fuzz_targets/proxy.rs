@@ -20,7 +20,6 @@ use std::ops::Range;
 
 use libfuzzer_sys::arbitrary::{Result as Arb, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use nix::errno::Errno;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp::{self, State};
@@ -30,7 +29,7 @@ use smoltcp::wire::{
     IpEndpoint, IpProtocol, IpRepr, Ipv4Address, Ipv4Packet, Ipv6Address, Ipv6Packet, UdpPacket,
     UdpRepr,
 };
-use uringproxy::flow::Id;
+use uringproxy::flow::{Id, IoError};
 use uringproxy::flow::budget::Budget;
 use uringproxy::flow::datagram::{Closing, Flows, Kind, Limits, Received, RecvError};
 use uringproxy::flow::tcp::{Action, Actions, Flow, Next, Phase, Settings};
@@ -129,9 +128,9 @@ impl Device for QueueDevice {
 /// A completion the simulated kernel has produced and not yet delivered.
 #[derive(Debug)]
 enum Done {
-    Connect(Result<(), Errno>),
-    Sent(Result<usize, Errno>),
-    Received(Result<usize, Errno>),
+    Connect(Result<(), IoError>),
+    Sent(Result<usize, IoError>),
+    Received(Result<usize, IoError>),
 }
 
 /// The simulated server behind the outbound socket.
@@ -178,7 +177,7 @@ struct Harness {
     next: Next,
     woken: bool,
     connect_pending: bool,
-    connected: Option<Result<(), Errno>>,
+    connected: Option<Result<(), IoError>>,
     send: Option<Range<usize>>,
     recv: Option<Range<usize>>,
     done: Vec<Done>,
@@ -362,10 +361,10 @@ impl Harness {
                     let result = *u.choose(&[
                         Ok(()),
                         Ok(()),
-                        Err(Errno::ECONNREFUSED),
-                        Err(Errno::EHOSTUNREACH),
-                        Err(Errno::ENETUNREACH),
-                        Err(Errno::ETIMEDOUT),
+                        Err(IoError::Refused),
+                        Err(IoError::HostUnreachable),
+                        Err(IoError::NetUnreachable),
+                        Err(IoError::TimedOut),
                     ])?;
                     self.connected = Some(result);
                     self.done.push(Done::Connect(result));
@@ -546,7 +545,7 @@ impl Harness {
                 self.done.push(Done::Received(Ok(n)));
                 self.recv = None;
             } else if self.server.reset {
-                self.done.push(Done::Received(Err(Errno::ECONNRESET)));
+                self.done.push(Done::Received(Err(IoError::Other)));
                 self.recv = None;
             } else if self.server.eof {
                 self.done.push(Done::Received(Ok(0)));
@@ -635,10 +634,10 @@ impl Harness {
             }
             Action::Cancel => {
                 if self.send.take().is_some() {
-                    self.done.push(Done::Sent(Err(Errno::ECANCELED)));
+                    self.done.push(Done::Sent(Err(IoError::Cancelled)));
                 }
                 if self.recv.take().is_some() {
-                    self.done.push(Done::Received(Err(Errno::ECANCELED)));
+                    self.done.push(Done::Received(Err(IoError::Cancelled)));
                 }
             }
             Action::Close => self.closed = true,

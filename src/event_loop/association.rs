@@ -6,7 +6,6 @@
 
 use std::os::fd::AsFd;
 
-use nix::errno::Errno;
 use smoltcp::time::Instant;
 use socket2::Socket;
 
@@ -57,11 +56,7 @@ impl Association {
 
     /// A completion of `op` on the control connection, with `result`.
     pub fn on_completion(&mut self, op: Op, result: i32, counters: &mut Counters) {
-        let outcome = if result < 0 {
-            Err(Errno::from_raw(-result))
-        } else {
-            Ok(result as usize)
-        };
+        let outcome = outbound::completion(result);
         let flow = &mut self.flow;
         match op {
             Op::AssociationConnect => flow.on_connected(outcome.map(drop)),

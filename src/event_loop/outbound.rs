@@ -5,11 +5,13 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 
+use nix::errno::Errno;
 use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
 use smoltcp::wire::{IpAddress, IpEndpoint};
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
 use crate::config::Socks5;
+use crate::flow::IoError;
 use crate::flow::datagram::Kind;
 use crate::flow::tcp::KEEPALIVE_IDLE;
 use crate::flow::upstream::{Association, Handshake};
@@ -117,4 +119,70 @@ pub fn socket(purpose: Purpose, server: IpEndpoint, interface: &str) -> std::io:
         }
     }
     Ok(socket)
+}
+
+/// A completion's `result` on an outbound TCP socket (a count, or -errno) as its flow is
+/// told it.
+pub fn completion(result: i32) -> Result<usize, IoError> {
+    if result < 0 {
+        Err(io_error(Errno::from_raw(-result)))
+    } else {
+        Ok(result as usize)
+    }
+}
+
+/// What an error of a system call on an outbound TCP socket is to its flow.
+pub fn io_error_of(error: std::io::Error) -> IoError {
+    io_error(Errno::from_raw(
+        error.raw_os_error().unwrap_or(nix::libc::EIO),
+    ))
+}
+
+/// What the kernel's error on an outbound TCP socket is to its flow: the causes some flow
+/// tells apart, the rest as `Other`.
+fn io_error(errno: Errno) -> IoError {
+    match errno {
+        Errno::ECONNREFUSED => IoError::Refused,
+        Errno::EHOSTUNREACH => IoError::HostUnreachable,
+        Errno::ENETUNREACH => IoError::NetUnreachable,
+        // ETIME is an io_uring timer's expiry.
+        Errno::ETIMEDOUT | Errno::ETIME => IoError::TimedOut,
+        Errno::ECANCELED => IoError::Cancelled,
+        _ => IoError::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_errors_reach_flows_as_the_causes_they_tell_apart() {
+        let cases = [
+            (Errno::ECONNREFUSED, IoError::Refused),
+            (Errno::EHOSTUNREACH, IoError::HostUnreachable),
+            (Errno::ENETUNREACH, IoError::NetUnreachable),
+            (Errno::ETIMEDOUT, IoError::TimedOut),
+            (Errno::ETIME, IoError::TimedOut),
+            (Errno::ECANCELED, IoError::Cancelled),
+            // Told apart by no flow.
+            (Errno::ECONNRESET, IoError::Other),
+            (Errno::EPIPE, IoError::Other),
+            (Errno::EBADF, IoError::Other),
+        ];
+        for (errno, error) in cases {
+            assert_eq!(completion(-(errno as i32)), Err(error), "{errno}");
+            let io = std::io::Error::from_raw_os_error(errno as i32);
+            assert_eq!(io_error_of(io), error, "{errno} from a system call");
+        }
+        assert_eq!(
+            completion(-4095),
+            Err(IoError::Other),
+            "an errno unknown to nix"
+        );
+        assert_eq!(completion(0), Ok(0), "end of stream");
+        assert_eq!(completion(1 << 16), Ok(1 << 16));
+        let no_errno = std::io::Error::other("no errno");
+        assert_eq!(io_error_of(no_errno), IoError::Other);
+    }
 }

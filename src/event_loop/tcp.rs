@@ -7,7 +7,6 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use log::warn;
-use nix::errno::Errno;
 use smoltcp::time::Instant;
 use socket2::Socket;
 
@@ -18,7 +17,7 @@ use crate::control::wire::{FlowRow, Proto, State};
 use crate::flow::budget::Budget;
 use crate::flow::tcp::admission::{Admission, Limits, Verdict};
 use crate::flow::tcp::{Action, Actions, Failure, Flow, Phase, Settings};
-use crate::flow::{Id, Table};
+use crate::flow::{Id, IoError, Table};
 use crate::uring::{Op, Region, Ring, Slice, Token};
 use crate::wire::FlowKey;
 use crate::wire::icmp::Quote;
@@ -367,11 +366,7 @@ impl Proxy {
         let Some(entry) = self.tcp.table.get_mut(id) else {
             return;
         };
-        let outcome = if result < 0 {
-            Err(Errno::from_raw(-result))
-        } else {
-            Ok(result as usize)
-        };
+        let outcome = outbound::completion(result);
         match op {
             Op::Connect => entry.flow.on_connected(outcome.map(drop)),
             Op::Send => {
@@ -493,9 +488,9 @@ fn execute(
             // Its socket is closed: what the relay asks for fails at once, so nothing it
             // counts as in flight is left waiting.
             match action {
-                Action::Shutdown => entry.flow.on_shutdown(Err(Errno::EBADF)),
-                Action::Send(_) => drop(entry.flow.on_sent(Err(Errno::EBADF))),
-                Action::Recv(_) => drop(entry.flow.on_received(Err(Errno::EBADF))),
+                Action::Shutdown => entry.flow.on_shutdown(Err(IoError::Other)),
+                Action::Send(_) => drop(entry.flow.on_sent(Err(IoError::Other))),
+                Action::Recv(_) => drop(entry.flow.on_received(Err(IoError::Other))),
                 _ => {}
             }
             continue;
@@ -512,7 +507,9 @@ fn execute(
                 // hands it to an io-wq worker thread, which (wake-ups included) took 9% of
                 // the proxy's CPU in the crr benchmark. shutdown(SHUT_WR) of a TCP socket
                 // does not block.
-                let result = socket.shutdown(Shutdown::Write).map_err(errno_of);
+                let result = socket
+                    .shutdown(Shutdown::Write)
+                    .map_err(outbound::io_error_of);
                 entry.flow.on_shutdown(result);
             }
             Action::UserTimeout(timeout) => {
@@ -532,8 +529,4 @@ fn execute(
         }
     }
     freed
-}
-
-fn errno_of(err: std::io::Error) -> Errno {
-    Errno::from_raw(err.raw_os_error().unwrap_or(nix::libc::EIO))
 }

@@ -1,8 +1,8 @@
 //! One relayed TCP connection as a state machine that starts no I/O and makes no system
 //! call. It owns the flow's smoltcp socket (the client side, whose buffers live in
 //! memory the ring may read and write), the relay state and every lifecycle rule, takes
-//! the time as an argument, is told outbound completions as typed results (the errno
-//! of a failed one), and returns the outbound I/O to start and the pages to give back as
+//! the time as an argument, is told outbound completions as typed results (an `IoError`
+//! for a failed one), and returns the outbound I/O to start and the pages to give back as
 //! `Action`s, plus the time it next needs to run.
 //!
 //! Packets towards the client it writes into TUN write buffers the loop lends it: it
@@ -35,12 +35,12 @@ mod trim;
 use std::ops::Range;
 use std::time::Duration;
 
-use nix::errno::Errno;
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
+use crate::flow::IoError;
 use crate::flow::budget::Allowance;
 use crate::flow::upstream::{self, Handshake};
 use crate::stack::device::FlowTx;
@@ -339,7 +339,7 @@ impl Flow {
         true
     }
 
-    pub fn on_connected(&mut self, result: Result<(), Errno>) {
+    pub fn on_connected(&mut self, result: Result<(), IoError>) {
         let relay = &mut self.relay;
         match &mut self.upstream {
             None => self
@@ -355,7 +355,7 @@ impl Flow {
 
     /// A send finished; returns how many client bytes it passed to the server (none for
     /// the handshake's).
-    pub fn on_sent(&mut self, result: Result<usize, Errno>) -> usize {
+    pub fn on_sent(&mut self, result: Result<usize, IoError>) -> usize {
         if let Some(handshake) = self.upstream.as_mut().filter(|h| h.sending()) {
             handshake.on_sent(result);
             self.settle_handshake();
@@ -372,7 +372,7 @@ impl Flow {
 
     /// A receive finished; returns how many server bytes it passed to smoltcp (none for
     /// the handshake's).
-    pub fn on_received(&mut self, result: Result<usize, Errno>) -> usize {
+    pub fn on_received(&mut self, result: Result<usize, IoError>) -> usize {
         if let Some(handshake) = self.upstream.as_mut().filter(|h| h.receiving()) {
             self.memory
                 .with(|sockets, _| handshake.on_received(sockets.scratch, result));
@@ -406,7 +406,7 @@ impl Flow {
         self.relay.inflight() + self.upstream.as_ref().map_or(0, Handshake::inflight)
     }
 
-    pub fn on_shutdown(&mut self, result: Result<(), Errno>) {
+    pub fn on_shutdown(&mut self, result: Result<(), IoError>) {
         let relay = &mut self.relay;
         self.memory
             .with(|sockets, _| relay.on_shutdown(sockets.socket(), result));

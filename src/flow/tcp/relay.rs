@@ -4,9 +4,9 @@
 
 use std::ops::Range;
 
-use nix::errno::Errno;
 use smoltcp::socket::tcp::{self, State};
 
+use crate::flow::IoError;
 use crate::flow::upstream::Fault;
 use crate::uring::Region;
 use crate::wire::socks5::ReplyCode;
@@ -203,17 +203,20 @@ impl Relay {
     }
 
     /// The outbound connect finished.
-    pub fn on_connected(&mut self, socket: &mut tcp::Socket, result: Result<(), Errno>) {
+    pub fn on_connected(&mut self, socket: &mut tcp::Socket, result: Result<(), IoError>) {
         self.completed();
         if self.phase != Phase::Connecting {
             return;
         }
         match result {
             Ok(()) => self.open(socket),
-            Err(Errno::ECONNREFUSED) => self.fail(socket, Failure::ConnectRefused),
-            Err(Errno::EHOSTUNREACH) => self.fail_quietly(Failure::HostUnreachable),
-            Err(Errno::ENETUNREACH) => self.fail_quietly(Failure::NetUnreachable),
-            Err(Errno::ECANCELED | Errno::ETIMEDOUT) => self.fail(socket, Failure::ConnectTimeout),
+            Err(IoError::Refused) => self.fail(socket, Failure::ConnectRefused),
+            Err(IoError::HostUnreachable) => self.fail_quietly(Failure::HostUnreachable),
+            Err(IoError::NetUnreachable) => self.fail_quietly(Failure::NetUnreachable),
+            // Still connecting, the connect is cancelled only by its linked timeout.
+            Err(IoError::Cancelled | IoError::TimedOut) => {
+                self.fail(socket, Failure::ConnectTimeout);
+            }
             Err(_) => self.fail(socket, Failure::ConnectOther),
         }
     }
@@ -258,7 +261,7 @@ impl Relay {
         &mut self,
         socket: &mut tcp::Socket,
         region: &Region,
-        result: Result<usize, Errno>,
+        result: Result<usize, IoError>,
     ) -> usize {
         self.completed();
         let in_flight = std::mem::take(&mut self.sending);
@@ -292,7 +295,7 @@ impl Relay {
         &mut self,
         socket: &mut tcp::Socket,
         region: &Region,
-        result: Result<usize, Errno>,
+        result: Result<usize, IoError>,
     ) {
         self.completed();
         let Some(range) = self.receiving.take() else {
@@ -313,7 +316,7 @@ impl Relay {
     }
 
     /// The shutdown(SHUT_WR) forwarding the client's FIN finished.
-    pub fn on_shutdown(&mut self, socket: &mut tcp::Socket, result: Result<(), Errno>) {
+    pub fn on_shutdown(&mut self, socket: &mut tcp::Socket, result: Result<(), IoError>) {
         self.completed();
         self.client_fin = ClientFin::Forwarded;
         if result.is_err() && self.phase == Phase::Open {

@@ -6,7 +6,6 @@
 
 use std::collections::VecDeque;
 
-use nix::errno::Errno;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp::{self, State};
@@ -102,9 +101,9 @@ impl Rng {
 /// A completion the simulated kernel has produced and not yet delivered.
 #[derive(Debug)]
 enum Done {
-    Connect(Result<(), Errno>),
-    Sent(Result<usize, Errno>),
-    Received(Result<usize, Errno>),
+    Connect(Result<(), IoError>),
+    Sent(Result<usize, IoError>),
+    Received(Result<usize, IoError>),
 }
 
 /// What the simulated server does with the outbound socket.
@@ -280,7 +279,7 @@ impl Harness {
     }
 
     /// The outbound connect completes with `result`.
-    fn connected(&mut self, result: Result<(), Errno>) {
+    fn connected(&mut self, result: Result<(), IoError>) {
         self.done.push(Done::Connect(result));
     }
 
@@ -464,10 +463,10 @@ impl Harness {
             }
             Action::Cancel => {
                 if self.stalled_send.take().is_some() {
-                    self.done.push(Done::Sent(Err(Errno::ECANCELED)));
+                    self.done.push(Done::Sent(Err(IoError::Cancelled)));
                 }
                 if self.pending_recv.take().is_some() {
-                    self.done.push(Done::Received(Err(Errno::ECANCELED)));
+                    self.done.push(Done::Received(Err(IoError::Cancelled)));
                 }
                 self.lifecycle.push(action);
             }
@@ -527,7 +526,7 @@ impl Harness {
                 self.done.push(Done::Received(Ok(n)));
                 self.pending_recv = None;
             } else if self.server.reset {
-                self.done.push(Done::Received(Err(Errno::ECONNRESET)));
+                self.done.push(Done::Received(Err(IoError::Other)));
                 self.pending_recv = None;
             } else if self.server.eof {
                 self.done.push(Done::Received(Ok(0)));
@@ -594,7 +593,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn connect(h: &mut Harness, result: Result<(), Errno>) {
+fn connect(h: &mut Harness, result: Result<(), IoError>) {
     h.steps_until(5, |h| h.flow.is_some());
     h.connected(result);
 }
@@ -654,7 +653,7 @@ fn handshake_waits_for_the_outbound_connect() {
 #[test]
 fn refused_connect_resets_the_client_and_frees_the_flow() {
     let mut h = Harness::new(Server::default(), Order::Instant);
-    connect(&mut h, Err(Errno::ECONNREFUSED));
+    connect(&mut h, Err(IoError::Refused));
     h.steps_until(20, |h| {
         h.client().state() == State::Closed && h.freed.is_some()
     });
@@ -665,7 +664,7 @@ fn refused_connect_resets_the_client_and_frees_the_flow() {
 #[test]
 fn an_unreachable_host_gets_the_client_an_icmp_error_not_a_rst() {
     let mut h = Harness::new(Server::default(), Order::Instant);
-    connect(&mut h, Err(Errno::EHOSTUNREACH));
+    connect(&mut h, Err(IoError::HostUnreachable));
     h.steps_until(5, |h| h.freed.is_some());
     assert_eq!(h.freed, Some(Some(Failure::HostUnreachable)));
     // The ICMP error went out in the last step; the client's socket has not seen a RST.
@@ -688,6 +687,27 @@ fn an_unreachable_host_gets_the_client_an_icmp_error_not_a_rst() {
     );
     assert_eq!(IpAddress::Ipv4(ip.src_addr()), SERVER.addr);
     assert_eq!(h.client().state(), State::SynSent);
+}
+
+#[test]
+fn each_connect_error_fails_the_flow_by_its_cause() {
+    // (error, failure counted, the client reset rather than told by an ICMP error)
+    let cases = [
+        (IoError::Refused, Failure::ConnectRefused, true),
+        (IoError::HostUnreachable, Failure::HostUnreachable, false),
+        (IoError::NetUnreachable, Failure::NetUnreachable, false),
+        (IoError::TimedOut, Failure::ConnectTimeout, true),
+        // The connect's linked timeout fired.
+        (IoError::Cancelled, Failure::ConnectTimeout, true),
+        (IoError::Other, Failure::ConnectOther, true),
+    ];
+    for (error, failure, reset) in cases {
+        let mut h = Harness::new(Server::default(), Order::Instant);
+        connect(&mut h, Err(error));
+        let client = if reset { State::Closed } else { State::SynSent };
+        h.steps_until(20, |h| h.freed.is_some() && h.client().state() == client);
+        assert_eq!(h.freed, Some(Some(failure)), "{error:?}");
+    }
 }
 
 #[test]
@@ -946,7 +966,7 @@ fn an_evicted_half_open_flow_resets_the_client_once_its_connect_is_cancelled() {
     assert!(!h.flow.as_mut().unwrap().evict(), "only once");
     h.steps_until(5, |h| h.lifecycle.contains(&Action::Cancel));
     assert!(h.freed.is_none(), "the connect is still in flight");
-    h.connected(Err(Errno::ECANCELED));
+    h.connected(Err(IoError::Cancelled));
     h.steps_until(20, |h| {
         h.freed.is_some() && h.client().state() == State::Closed
     });
@@ -1501,7 +1521,7 @@ fn a_silent_or_vanishing_upstream_fails_the_flow_within_the_connect_timeout() {
 
         // Cannot be reached.
         let mut h = through_upstream(Server::default(), order, None);
-        connect(&mut h, Err(Errno::ECONNREFUSED));
+        connect(&mut h, Err(IoError::Refused));
         h.steps_until(100, |h| h.freed.is_some());
         assert_eq!(h.freed, Some(Some(Failure::Upstream(Fault::Connect))));
         h.steps_until(20, |h| h.client().state() == State::Closed);

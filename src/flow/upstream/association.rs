@@ -12,12 +12,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::rc::Rc;
 
-use nix::errno::Errno;
 use smoltcp::time::Instant;
 
 use super::{Counters, Handshake, Io};
-use crate::flow::Id;
 use crate::flow::datagram::{self, Kind, RecvError};
+use crate::flow::{Id, IoError};
 use crate::stack::{Claim, TxPool};
 use crate::wire::icmp::{self, Quote, Reason};
 use crate::wire::socks5::{self, Bound, Command, Credentials, UdpError};
@@ -95,12 +94,12 @@ impl Association {
     }
 
     /// The control connection was made, or not.
-    pub fn on_connected(&mut self, result: Result<(), Errno>) {
+    pub fn on_connected(&mut self, result: Result<(), IoError>) {
         self.handshake.on_connected(result);
     }
 
     /// A send on the control connection finished.
-    pub fn on_sent(&mut self, result: Result<usize, Errno>) {
+    pub fn on_sent(&mut self, result: Result<usize, IoError>) {
         self.handshake.on_sent(result);
     }
 
@@ -110,7 +109,7 @@ impl Association {
     pub fn on_received(
         &mut self,
         scratch: &[u8],
-        result: Result<usize, Errno>,
+        result: Result<usize, IoError>,
         counters: &mut Counters,
     ) {
         if self.handshake.receiving() {

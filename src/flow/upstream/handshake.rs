@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::rc::Rc;
 
-use nix::errno::Errno;
 use smoltcp::time::Instant;
 
 use super::Fault;
+use crate::flow::IoError;
 use crate::wire::socks5::{self, Bound, Command, Credentials, Method};
 
 /// Where requests are written in the scratch buffer, and where replies are received.
@@ -128,15 +128,13 @@ impl Handshake {
     }
 
     /// The connection to the upstream was made, or not.
-    pub fn on_connected(&mut self, result: Result<(), Errno>) {
+    pub fn on_connected(&mut self, result: Result<(), IoError>) {
         if self.stage == Stage::Connecting {
             self.stage = match result {
                 Ok(()) => Stage::Greeting,
                 // The connect's linked timeout (the same --connect-timeout as the
                 // deadline, so either may fire first): a silent upstream is a timeout.
-                Err(Errno::ECANCELED | Errno::ETIME | Errno::ETIMEDOUT) => {
-                    Stage::Failed(Fault::Timeout)
-                }
+                Err(IoError::Cancelled | IoError::TimedOut) => Stage::Failed(Fault::Timeout),
                 Err(_) => Stage::Failed(Fault::Connect),
             };
         }
@@ -194,7 +192,7 @@ impl Handshake {
     }
 
     /// A send finished: how many bytes the kernel took.
-    pub fn on_sent(&mut self, result: Result<usize, Errno>) {
+    pub fn on_sent(&mut self, result: Result<usize, IoError>) {
         self.sending = false;
         if !self.under_way() {
             return;
@@ -210,7 +208,7 @@ impl Handshake {
     }
 
     /// A receive into the range `pump` gave finished; `scratch` holds what arrived.
-    pub fn on_received(&mut self, scratch: &[u8], result: Result<usize, Errno>) {
+    pub fn on_received(&mut self, scratch: &[u8], result: Result<usize, IoError>) {
         self.receiving = false;
         if !self.under_way() {
             return;

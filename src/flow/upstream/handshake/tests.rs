@@ -256,7 +256,7 @@ fn a_silent_upstream_times_out_and_its_receive_is_then_cancelled() {
     h.expire(h.deadline());
     assert_eq!(h.outcome(), Some(Err(Fault::Timeout)));
     assert_eq!(h.inflight(), 1, "still to be cancelled");
-    h.on_received(&[0; SCRATCH], Err(Errno::ECANCELED));
+    h.on_received(&[0; SCRATCH], Err(IoError::Cancelled));
     assert_eq!(h.inflight(), 0);
     assert_eq!(
         h.outcome(),
@@ -279,14 +279,32 @@ fn a_failed_connect_or_a_reset_ends_it() {
         Io::default(),
         "not connected yet"
     );
-    h.on_connected(Err(Errno::ECONNREFUSED));
+    h.on_connected(Err(IoError::Refused));
     assert_eq!(h.outcome(), Some(Err(Fault::Connect)));
+    let connect_fails = [
+        (IoError::HostUnreachable, Fault::Connect),
+        (IoError::NetUnreachable, Fault::Connect),
+        (IoError::Other, Fault::Connect),
+        (IoError::TimedOut, Fault::Timeout),
+        // The connect's linked timeout, the same as the deadline, fired first.
+        (IoError::Cancelled, Fault::Timeout),
+    ];
+    for (error, fault) in connect_fails {
+        let mut h = Handshake::new(
+            Command::Connect,
+            TARGET.parse().unwrap(),
+            None,
+            Instant::from_secs(10),
+        );
+        h.on_connected(Err(error));
+        assert_eq!(h.outcome(), Some(Err(fault)), "{error:?}");
+    }
     let mut h = handshake(None);
     let io = h.pump(&mut [0; SCRATCH]);
     assert!(io.send.is_some() && io.recv.is_some());
-    h.on_sent(Err(Errno::EPIPE));
+    h.on_sent(Err(IoError::Other));
     assert_eq!(h.outcome(), Some(Err(Fault::Closed)));
-    h.on_received(&[0; SCRATCH], Err(Errno::ECONNRESET));
+    h.on_received(&[0; SCRATCH], Err(IoError::Other));
     assert_eq!(h.inflight(), 0);
 }
 
