@@ -424,11 +424,21 @@ impl Pinger {
         self.socket.send(&request).expect("send echo request");
     }
 
-    /// Reads until the reply to `seq` came (each read bounded by the socket's timeout),
-    /// noting every reply with our identifier.
+    /// Reads until the reply to `seq` came (each read bounded by the socket's timeout,
+    /// the whole by a deadline and a count of packets), noting every reply with our
+    /// identifier.
     fn await_reply(&mut self, seq: u16) {
         let mut buf = [0u8; 1500];
-        while !self.seen.contains(&seq) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for _ in 0..10_000 {
+            if self.seen.contains(&seq) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reply {seq} for pinger {} within 30 s",
+                self.ident
+            );
             let n = std::io::Read::read(&mut &self.socket, &mut buf)
                 .unwrap_or_else(|e| panic!("no reply {seq} for pinger {}: {e}", self.ident));
             // IPv4 raw sockets read the IP header too.
@@ -447,6 +457,10 @@ impl Pinger {
                 self.seen.push(got);
             }
         }
+        panic!(
+            "no reply {seq} for pinger {} among 10,000 packets",
+            self.ident
+        );
     }
 }
 

@@ -291,6 +291,10 @@ impl Proxy {
         let id = match udp.flows.find(kind, key) {
             Some(id) => id,
             None => {
+                // Before any flow is evicted for it or a socket made.
+                if udp.flows.refuses(kind, key) {
+                    return;
+                }
                 if let Some(evicted) = udp.flows.evict_for_new() {
                     udp.close(&mut self.ring, evicted);
                 }

@@ -62,14 +62,10 @@ impl Idents {
     /// is found close by; `None` when every other one is taken. It stays free until
     /// `take` takes it.
     pub fn free(&self, host: IpAddress, client: u16) -> Option<u16> {
-        let (next, taken) = self
-            .hosts
-            .get(&host)
-            .map_or((self.first, 0), |state| (state.next, state.taken));
-        let avoided = u32::from(!self.taken.contains(&(host, client)));
-        if taken + avoided >= PER_HOST {
+        if self.exhausted(host, client) {
             return None;
         }
+        let next = self.hosts.get(&host).map_or(self.first, |state| state.next);
         let usable = |ident: u16| ident != client && !self.taken.contains(&(host, ident));
         let candidates = (0..=u16::MAX).map(|step| next.wrapping_add(step));
         candidates
@@ -78,6 +74,14 @@ impl Idents {
             .find(|&ident| usable(ident) && !self.clients.contains_key(&ident))
             // At least one is usable: found within one round from the cursor.
             .or_else(|| candidates.clone().find(|&ident| usable(ident)))
+    }
+
+    /// Whether no identifier towards `host` is left for a flow of `client` (the client's
+    /// own, if free, is never handed out). O(1).
+    pub fn exhausted(&self, host: IpAddress, client: u16) -> bool {
+        let taken = self.hosts.get(&host).map_or(0, |state| state.taken);
+        let avoided = u32::from(!self.taken.contains(&(host, client)));
+        taken + avoided >= PER_HOST
     }
 
     /// Takes `ident` towards `host` for a flow of `client` (one `free` gave); false if it

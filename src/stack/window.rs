@@ -1,9 +1,11 @@
 //! The receive window a flow advertises to its client, held to the flow's memory
 //! allowance. smoltcp advertises all the free space of its receive buffer; the TUN
 //! device rewrites the window of each segment it writes for the flow to at most the
-//! allowance (never moving the right edge back, RFC 9293 3.8.6), and the flow sends a
-//! window update of its own when the allowance opens again, since smoltcp, believing
-//! it advertised more all along, would not.
+//! allowance, and the flow sends a window update of its own when the allowance opens
+//! again, since smoltcp, believing it advertised more all along, would not. Every edge
+//! offered stays a window-scale unit short of smoltcp's own, so the client never sends
+//! what smoltcp would refuse; for that it may move back by less than one unit (RFC 9293
+//! 3.8.6 asks for none), and bytes up to the furthest edge are still let through.
 
 use smoltcp::wire::{IpEndpoint, TcpOption};
 
@@ -23,6 +25,9 @@ pub struct WindowState {
     /// The furthest right edge ever advertised: the client may send up to it, even if a
     /// later window (rounded to its scale) ended a little short of it.
     pub furthest: Option<u32>,
+    /// The right edge smoltcp itself advertised last (before the limit): it takes bytes
+    /// only up to there.
+    smoltcp_edge: Option<u32>,
     /// The sequence number after the last byte (or SYN/FIN) sent.
     pub seq_end: u32,
     /// The last pure ACK (no data, no SYN/FIN): its ack number and window field, as
@@ -131,6 +136,7 @@ pub fn shape(
             _ => raw,
         };
         state.ack = ack;
+        state.smoltcp_edge = Some(ack.wrapping_add(u32::from(raw)));
         state.advertise(ack.wrapping_add(u32::from(window)));
         return Verdict::Send;
     }
@@ -159,7 +165,7 @@ pub fn shape(
             edge = before;
         }
         let window = edge.wrapping_sub(ack);
-        // Rounded up: rounding down could move the right edge back by a few bytes.
+        // Rounded up, not to move the edge kept back; the ceiling still bounds it.
         let scaled = window.div_ceil(1 << shift).min(u32::from(u16::MAX)) as u16;
         sent = sent.min(scaled);
     }
@@ -181,6 +187,7 @@ pub fn shape(
         state.last_pure = None;
     }
     state.ack = ack;
+    state.smoltcp_edge = Some(ack.wrapping_add(u32::from(raw) << shift));
     state.advertise(ack.wrapping_add(u32::from(sent) << shift));
     Verdict::Send
 }
@@ -194,21 +201,46 @@ fn room(limit: u32, ack: u32) -> u32 {
     }
 }
 
-/// Whether the client should be told that its window now ends at `limit`: the edge it
-/// knows is short of it by half the window or more, and by at least `min_step` bytes.
+/// The window field a pure ACK acknowledging `ack` offers with `limit`: up to the limit
+/// or smoltcp's own edge, whichever is nearer, rounded down to the scale and one unit
+/// short, as `shape` keeps smoltcp's windows; or to the edge offered before if that is
+/// further, rounded down too (rounding up could pass smoltcp's edge, while the few bytes
+/// below the old edge it gives up smoltcp still takes). `None` before the connection
+/// was set up.
+fn offer(state: &WindowState, ack: u32, limit: u32) -> Option<u16> {
+    let shift = state.shift?;
+    let target = match state.smoltcp_edge {
+        Some(edge) if after(limit, edge) => edge,
+        _ => limit,
+    };
+    let mut scaled = (room(target, ack) >> shift).saturating_sub(u32::from(shift > 0));
+    if let Some(edge) = state.edge
+        && after(edge, ack.wrapping_add(scaled << shift))
+    {
+        scaled = room(edge, ack) >> shift;
+    }
+    Some(scaled.min(u32::from(u16::MAX)) as u16)
+}
+
+/// Whether the client should be told that its window now ends at `limit`: the window a
+/// pure ACK would offer goes past the edge it knows by at least `min_step` bytes, and
+/// that edge is short of it by half the window or more. Judged on what would be sent,
+/// so that an update it would not change is not sent over and over.
 pub fn update_due(state: &WindowState, limit: u32, min_step: u32) -> bool {
-    let (Some(_), Some(edge)) = (state.shift, state.edge) else {
+    let (Some(shift), Some(edge)) = (state.shift, state.edge) else {
         return false;
     };
-    let (known, allowed) = (room(edge, state.ack), room(limit, state.ack));
-    allowed > known && allowed - known >= min_step && known < allowed / 2
+    let Some(window) = offer(state, state.ack, limit) else {
+        return false;
+    };
+    let (known, offered) = (room(edge, state.ack), u32::from(window) << shift);
+    offered > known && offered - known >= min_step && known < offered / 2
 }
 
 /// Writes into `buf` a pure ACK from `from` to `to` with the state's sequence number,
-/// acknowledgement number `ack` and a window ending at `limit`, or where the last one
-/// ended if that is further (RFC 9293 3.8.6: the right edge never moves back); returns
-/// its length and records it in `state`. Its checksum is complete. `None` when `buf` is
-/// too small or the state has not seen the connection set up yet.
+/// acknowledgement number `ack` and the window `offer` gives for `limit`; returns its
+/// length and records it in `state`. Its checksum is complete. `None` when `buf` is too
+/// small or the state has not seen the connection set up yet.
 pub fn pure_ack(
     buf: &mut [u8],
     ends: (IpEndpoint, IpEndpoint),
@@ -217,17 +249,7 @@ pub fn pure_ack(
     limit: u32,
 ) -> Option<usize> {
     let shift = state.shift?;
-    // Rounded down to the scale and one unit short of the limit, as `shape` keeps
-    // smoltcp's windows (the limit can be where smoltcp's buffer ends). An edge offered
-    // before is kept, rounded down too: rounding up could pass smoltcp's edge, while
-    // the few bytes below the old edge it gives up smoltcp still takes.
-    let mut scaled = (room(limit, ack) >> shift).saturating_sub(u32::from(shift > 0));
-    if let Some(edge) = state.edge
-        && after(edge, ack.wrapping_add(scaled << shift))
-    {
-        scaled = room(edge, ack) >> shift;
-    }
-    let window = scaled.min(u32::from(u16::MAX)) as u16;
+    let window = offer(state, ack, limit)?;
     let len = tcp::pure_ack(buf, ends, state.seq_end, ack, window)?;
     // smoltcp's next window update for this ACK would now show the client nothing new.
     state.ack = ack;
@@ -399,7 +421,8 @@ mod tests {
             shift: Some(2),
             ..WindowState::default()
         };
-        let mut ack = segment(TcpControl::None, 7, 1000, 101, None, &[]);
+        // smoltcp offers far more than the limit (60,000 units of 4 bytes).
+        let mut ack = segment(TcpControl::None, 7, 1000, 60_000, None, &[]);
         shape(&mut ack, &mut state, Some(1400), true);
         assert_eq!(state.edge, Some(1400));
         assert!(!update_due(&state, 1400, 100));
@@ -425,6 +448,44 @@ mod tests {
         let ip = Ipv4Packet::new_checked(&buf[..len]).unwrap();
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert_eq!((tcp.seq_number().0, tcp.ack_number().0), (7, 1000));
+    }
+
+    #[test]
+    fn an_update_that_would_offer_nothing_new_is_not_due() {
+        // Window scale 11 (2 KiB units, 64 MiB buffers): with 3000 bytes allowed past a
+        // closed window, one unit short rounds the offer down to nothing, the ACK the
+        // client already has; it was due, and sent, on every poll.
+        let mut state = WindowState {
+            shift: Some(11),
+            ..WindowState::default()
+        };
+        let mut zero = segment(TcpControl::None, 7, 1000, 30_000, None, &[]);
+        shape(&mut zero, &mut state, Some(1000), true);
+        assert_eq!(state.edge, Some(1000));
+        assert!(!update_due(&state, 1000 + 3000, 2920));
+        assert!(update_due(&state, 1000 + 3 * 2048, 2920));
+    }
+
+    #[test]
+    fn a_window_update_never_offers_past_smoltcps_own_edge() {
+        // smoltcp offered 10 units of 32 bytes from 1000; the limit lies far beyond.
+        let mut state = WindowState {
+            shift: Some(5),
+            ..WindowState::default()
+        };
+        let mut ack = segment(TcpControl::None, 7, 1000, 10, None, &[]);
+        shape(&mut ack, &mut state, Some(1000 + 64), true);
+        let mut buf = [0u8; 64];
+        let len = pure_ack(
+            &mut buf,
+            (PROXY, v4([10, 0, 0, 1], 5000)),
+            &mut state,
+            1000,
+            1000 + (1 << 20),
+        )
+        .expect("an ACK");
+        let (window, _) = window_of(&buf[..len]);
+        assert_eq!(window, 9, "one unit short of smoltcp's 10");
     }
 
     #[test]

@@ -278,6 +278,15 @@ impl<S> Flows<S> {
         self.table.id_at(slot)
     }
 
+    /// Whether a new flow of `kind` for `key` would be refused (counted): a ping flow
+    /// when every echo identifier towards its server is taken. Asked before a flow is
+    /// evicted or a socket made to make room for it.
+    pub fn refuses(&mut self, kind: Kind, key: FlowKey) -> bool {
+        let refused = kind == Kind::Echo && self.idents.exhausted(key.server.addr, key.client.port);
+        self.counters.echo_no_ident += u64::from(refused);
+        refused
+    }
+
     /// A new flow of `kind` for `key`, whose outbound socket is `io`. A ping flow is
     /// refused (counted, `io` given back) when every echo identifier towards its server
     /// is taken.

@@ -270,14 +270,18 @@ fn a_ping_is_refused_when_every_identifier_to_its_host_is_taken() {
         outbound.insert(flows.get(id).unwrap().echo_ident());
     }
     assert_eq!(outbound.len(), 65536, "unique identifiers");
+    // Known before a socket is made or a flow evicted for it.
+    assert!(flows.refuses(Kind::Echo, another));
+    assert!(!flows.refuses(Kind::Udp, another));
     assert_eq!(flows.open(Kind::Echo, another, (), at(0)), Err(()));
-    assert_eq!(flows.counters.echo_no_ident, refused + 1);
+    assert_eq!(flows.counters.echo_no_ident, refused + 2);
     // Another host has its own; a closing flow gives its identifier back, once.
     let elsewhere = pair(v6(3, 8), v6(4, 0));
     assert!(flows.open(Kind::Echo, elsewhere, (), at(0)).is_ok());
     let gone = opened[0];
     let freed = flows.get(gone).unwrap().echo_ident();
     flows.close(gone);
+    assert!(!flows.refuses(Kind::Echo, another));
     let id = flows.open(Kind::Echo, another, (), at(0)).unwrap();
     assert_eq!(flows.get(id).unwrap().echo_ident(), freed);
     flows.remove(gone);
