@@ -29,10 +29,10 @@ use smoltcp::wire::{
     IpEndpoint, IpProtocol, IpRepr, Ipv4Address, Ipv4Packet, Ipv6Address, Ipv6Packet, UdpPacket,
     UdpRepr,
 };
-use uringproxy::flow::{Id, IoError};
 use uringproxy::flow::budget::Budget;
 use uringproxy::flow::datagram::{Closing, Flows, Kind, Limits, Received, RecvError};
 use uringproxy::flow::tcp::{Action, Actions, Flow, Next, Phase, Settings};
+use uringproxy::flow::{Id, IoError};
 use uringproxy::stack::{Stack, TxPool};
 use uringproxy::uring::Region;
 use uringproxy::wire::icmp::{Quote, Reason};
@@ -47,6 +47,11 @@ const SETTLE_TURNS: usize = 50_000;
 /// The most each side sends in one run: enough for windows to fill and grow, little
 /// enough to keep runs short.
 const STREAM_LIMIT: usize = 512 * 1024;
+/// The longest a held TUN write stays uncompleted: the kernel completes them late, never
+/// not at all. Held through a long pause, they would starve the flow of buffers for
+/// minutes: no data and no keep-alive could reach the idle client, and the flow's first
+/// egress after `CLIENT_SILENCE_LIMIT` (3 min) of client silence resets it.
+const HOLD_LIMIT: Duration = Duration::from_secs(10);
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
@@ -187,8 +192,9 @@ struct Harness {
     /// Packets on the wire each way (the down ones only TCP: the client's).
     up: VecDeque<Vec<u8>>,
     down: VecDeque<Vec<u8>>,
-    /// TUN writes not completed yet, while `hold_writes` is set.
-    held: Vec<u16>,
+    /// TUN writes not completed yet, while `hold_writes` is set (at most `HOLD_LIMIT`),
+    /// with when each was submitted.
+    held: VecDeque<(u16, Instant)>,
     hold_writes: bool,
     /// Injected packets may have put bytes into the flow, or acknowledged some: the
     /// streams are no longer checked.
@@ -292,7 +298,7 @@ impl Harness {
             server: Server::default(),
             up: VecDeque::new(),
             down: VecDeque::new(),
-            held: Vec::new(),
+            held: VecDeque::new(),
             hold_writes: false,
             tainted: false,
             datagrams: Flows::new(Limits {
@@ -668,7 +674,8 @@ impl Harness {
     }
 
     /// Submits the packets the pool filled: TCP to the client, the rest checked here.
-    /// Their buffers come back at once unless writes are held.
+    /// Their buffers come back at once unless writes are held, and after `HOLD_LIMIT` if
+    /// they are.
     fn flush_tx(&mut self) {
         let mut written = Vec::new();
         self.stack.tx.take_ready(|index, slice| {
@@ -682,18 +689,21 @@ impl Harness {
                 framed
             };
             self.check_sent(packet);
-            self.held.push(index);
+            self.held.push_back((index, self.now));
         }
-        if !self.hold_writes {
-            for index in self.held.drain(..) {
-                self.stack.tx.release(index);
-                // The loop wakes the flows that found no buffer when one comes back.
-                if self.next.starved
-                    && let Some(flow) = &mut self.flow
-                {
-                    flow.on_tx_buffer();
-                    self.woken = true;
-                }
+        // Submitted in order, so the oldest come back first.
+        while let Some(&(index, at)) = self.held.front() {
+            if self.hold_writes && self.now - at < HOLD_LIMIT {
+                break;
+            }
+            self.held.pop_front();
+            self.stack.tx.release(index);
+            // The loop wakes the flows that found no buffer when one comes back.
+            if self.next.starved
+                && let Some(flow) = &mut self.flow
+            {
+                flow.on_tx_buffer();
+                self.woken = true;
             }
         }
     }
