@@ -52,6 +52,10 @@ const STREAM_LIMIT: usize = 512 * 1024;
 /// minutes: no data and no keep-alive could reach the idle client, and the flow's first
 /// egress after `CLIENT_SILENCE_LIMIT` (3 min) of client silence resets it.
 const HOLD_LIMIT: Duration = Duration::from_secs(10);
+/// The loop's bound on an outbound connect (`--connect-timeout`'s default): the ring's
+/// linked timeout cancels it then. Left pending for minutes, the client's SYN-ACK would
+/// leave with its silence allowance nearly spent.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
@@ -182,6 +186,8 @@ struct Harness {
     next: Next,
     woken: bool,
     connect_pending: bool,
+    /// When the pending connect was submitted.
+    connect_since: Instant,
     connected: Option<Result<(), IoError>>,
     send: Option<Range<usize>>,
     recv: Option<Range<usize>>,
@@ -289,6 +295,7 @@ impl Harness {
             next: Next::default(),
             woken: false,
             connect_pending: false,
+            connect_since: Instant::ZERO,
             connected: None,
             send: None,
             recv: None,
@@ -451,6 +458,13 @@ impl Harness {
             self.dispatch(&framed);
         }
         self.serve(usize::from(serve).max(1));
+        if self.connect_pending
+            && self.connected.is_none()
+            && self.now - self.connect_since >= CONNECT_LIMIT
+        {
+            self.connected = Some(Err(IoError::Cancelled));
+            self.done.push(Done::Connect(Err(IoError::Cancelled)));
+        }
         self.deliver(faults & 0x40 != 0);
         let due = self.next.again || self.next.deadline.is_some_and(|at| at <= self.now);
         if self.woken || due {
@@ -509,6 +523,7 @@ impl Harness {
             ));
             self.flows_made += 1;
             self.connect_pending = true;
+            self.connect_since = now;
             self.connected = None;
             self.closed = false;
             self.next = Next::default();
