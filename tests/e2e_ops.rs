@@ -1142,10 +1142,10 @@ fn demo_help_interrupt_and_closed_stdout() {
         .spawn()
         .expect("run uringproxy demo");
     let pid = child.id();
+    // The demo's namespace is listed a moment before it can be entered.
     let running = common::wait_until(Duration::from_secs(10), || {
-        common::run("ip", &["netns", "list"]).contains(&format!("upd-c-{pid}"))
-            && common::run("ip", &["-n", &format!("upd-c-{pid}"), "rule", "show"])
-                .contains("lookup 30064")
+        common::try_run("ip", &["-n", &format!("upd-c-{pid}"), "rule", "show"])
+            .is_some_and(|rules| rules.contains("lookup 30064"))
     });
     assert!(running, "demo did not get its proxy up");
     // The proxy is the demo's child (`ip netns exec` execs it).

@@ -89,11 +89,7 @@ fn ip_available() -> bool {
 /// Runs a command to completion and returns its stdout; panics with its
 /// stderr if it fails.
 pub fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let output = output_of(program, args);
     assert!(
         output.status.success(),
         "`{program} {}` failed ({}): {}",
@@ -102,6 +98,25 @@ pub fn run(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr).trim_end()
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs a command to completion and returns its stdout if it succeeded: for probes of
+/// what another process is still setting up (a namespace is listed before it can be
+/// entered).
+pub fn try_run(program: &str, args: &[&str]) -> Option<String> {
+    let output = output_of(program, args);
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn output_of(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
 /// Runs `ip` with a whitespace-separated argument string (none of our
