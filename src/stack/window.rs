@@ -172,6 +172,10 @@ pub fn shape(
     if sent != raw {
         tcp::set_window(&mut tcp, sent, checksummed);
     }
+    // Recorded even for a segment dropped below: smoltcp believes it sent it, takes
+    // bytes up to there, and announces no more until its window doubles; a stale edge
+    // would hold our own window updates below one that smoltcp never repeats.
+    state.smoltcp_edge = Some(ack.wrapping_add(u32::from(raw) << shift));
     if payload == 0 && !fin {
         // smoltcp changed its window (a window update) but after the limit the client
         // would see the very ACK it saw last: a duplicate, which it would count.
@@ -187,7 +191,6 @@ pub fn shape(
         state.last_pure = None;
     }
     state.ack = ack;
-    state.smoltcp_edge = Some(ack.wrapping_add(u32::from(raw) << shift));
     state.advertise(ack.wrapping_add(u32::from(sent) << shift));
     Verdict::Send
 }
@@ -464,6 +467,29 @@ mod tests {
         assert_eq!(state.edge, Some(1000));
         assert!(!update_due(&state, 1000 + 3000, 2920));
         assert!(update_due(&state, 1000 + 3 * 2048, 2920));
+    }
+
+    #[test]
+    fn a_window_update_dropped_as_a_duplicate_still_moves_smoltcps_edge() {
+        // smoltcp's buffer was full (window 0); it opens to 100 units, but the limit
+        // still holds the client at 0: that update is dropped as a duplicate ACK.
+        let mut state = WindowState {
+            shift: Some(5),
+            ..WindowState::default()
+        };
+        let mut closed = segment(TcpControl::None, 7, 1000, 0, None, &[]);
+        assert_eq!(
+            shape(&mut closed, &mut state, Some(1000), true),
+            Verdict::Send
+        );
+        let mut opened = segment(TcpControl::None, 7, 1000, 100, None, &[]);
+        assert_eq!(
+            shape(&mut opened, &mut state, Some(1000), true),
+            Verdict::Drop
+        );
+        // smoltcp will not announce again before its window doubles: once the
+        // allowance opens, our own update must, up to smoltcp's 100 units.
+        assert!(update_due(&state, 1000 + 4096, 1024));
     }
 
     #[test]
