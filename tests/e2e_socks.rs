@@ -18,27 +18,10 @@ use std::time::{Duration, Instant};
 
 use common::{
     ANY, Topology, check_response, dns_query, dns_response, echo_once, join, ping, recv_to_end,
-    send_payload, udp_client, udp_echo_server, wait_until,
+    send_payload, tool_or_skip, udp_client, udp_echo_server, wait_until,
 };
 
 const UDP_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Whether `tool` is installed; otherwise prints why the test is skipped (or panics in
-/// CI, where .ci/test installs it).
-fn tool_or_skip(tool: &str, test: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !found {
-        if std::env::var_os("URINGPROXY_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
-            panic!("{test} needs {tool} (apt-get install it; .ci/test does)");
-        }
-        eprintln!("SKIPPED (needs {tool}): {test}");
-    }
-    found
-}
 
 /// A free TCP (and UDP) port on `ip` in the server namespace.
 fn free_port(topo: &Topology, ip: IpAddr) -> u16 {

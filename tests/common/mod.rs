@@ -77,6 +77,23 @@ pub fn privileged_or_skip(test: &str) -> bool {
     false
 }
 
+/// Whether `tool` is installed; otherwise prints why the test is skipped (or panics in
+/// CI, where .ci/test installs it).
+pub fn tool_or_skip(tool: &str, test: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        if std::env::var_os("URINGPROXY_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+            panic!("{test} needs {tool} (apt-get install it; .ci/test does)");
+        }
+        eprintln!("SKIPPED (needs {tool}): {test}");
+    }
+    found
+}
+
 fn ip_available() -> bool {
     Command::new("ip")
         .arg("-V")
