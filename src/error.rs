@@ -18,7 +18,8 @@ pub enum Error {
     NoTun(io::Error),
     /// The TUN name is already taken by an interface we did not create.
     TunExists(String),
-    /// io_uring could not be set up (not built in, disabled by sysctl or seccomp).
+    /// io_uring could not be set up (not built in, disabled by sysctl or seccomp, or
+    /// RLIMIT_MEMLOCK too low).
     IoUring(io::Error),
     /// The kernel's io_uring lacks something the proxy needs.
     Kernel(crate::uring::features::Unsupported),
@@ -59,6 +60,12 @@ impl fmt::Display for Error {
                 Some(libc::ENOSYS) => write!(
                     f,
                     "io_uring unavailable: {err} (this kernel was built without io_uring)"
+                ),
+                // Measured on 6.18: set-up needs more than 256 KiB of it.
+                Some(libc::ENOMEM) => write!(
+                    f,
+                    "io_uring unavailable: {err} (without CAP_IPC_LOCK its rings count against \
+                     RLIMIT_MEMLOCK: raise it to 8 MiB, e.g. LimitMEMLOCK=8M in a systemd unit)"
                 ),
                 _ => write!(
                     f,
@@ -125,6 +132,11 @@ mod tests {
         let enosys = io::Error::from_raw_os_error(libc::ENOSYS);
         let text = Error::IoUring(enosys).to_string();
         assert!(text.contains("built without io_uring"), "{text}");
+        // Without CAP_IPC_LOCK the rings count against RLIMIT_MEMLOCK (a service's
+        // default may be 64 KiB): ENOMEM at set-up says so.
+        let enomem = io::Error::from_raw_os_error(libc::ENOMEM);
+        let text = Error::from_ring_setup(enomem).to_string();
+        assert!(text.contains("RLIMIT_MEMLOCK"), "{text}");
         let enomem = io::Error::from_raw_os_error(libc::ENOMEM);
         let text = Error::from_buffer_ring("register TUN read buffers", enomem).to_string();
         assert!(text.starts_with("register TUN read buffers: "), "{text}");
