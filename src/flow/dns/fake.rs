@@ -138,8 +138,12 @@ impl FakeTable {
 
     /// The slot of `name` (lower-case dotted text), given a slot if it has none yet
     /// (the least recently used one no flow holds and unused for `MIN_IDLE`); `None`
-    /// when no slot can be given. The entry counts as used at `now`.
+    /// when no slot can be given, or `name` is empty or longer than a name can be. The
+    /// entry counts as used at `now`.
     pub fn lookup(&mut self, name: &str, now: Instant) -> Option<Slot> {
+        if name.is_empty() || name.len() > MAX_TEXT {
+            return None;
+        }
         let hash = self.hash(name);
         let slot = match self.find(name, hash) {
             Some(slot) => slot,

@@ -184,7 +184,7 @@ impl Resolver {
 
     /// A question the fake table does not answer.
     fn other(&mut self, query: &Query, out: &mut [u8]) -> Answer {
-        if self.forward {
+        if self.forward && forwardable(query.qtype) {
             self.counters.forwarded += 1;
             return Answer::Forward;
         }
@@ -214,6 +214,14 @@ impl Resolver {
             }
         }
     }
+}
+
+/// Whether a question of type `qtype` may go to the DNS server: not OPT (a pseudo-record,
+/// never asked for), not zone transfers nor the obsolete mail meta types (251 to 254),
+/// which are answered with streams of messages or not at all: a forwarded query gets
+/// one reply.
+fn forwardable(qtype: u16) -> bool {
+    qtype != dns::TYPE_OPT && !(dns::TYPE_IXFR..dns::TYPE_ANY).contains(&qtype)
 }
 
 /// Writes a reply into `out` and counts it; dropped (and counted) if `out` cannot hold

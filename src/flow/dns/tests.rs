@@ -117,6 +117,13 @@ fn https_and_svcb_get_no_record_and_other_types_are_forwarded_or_refused() {
     );
     let mut refusing = resolver(false, 100);
     assert_eq!(ask(&mut refusing, &mx, 0).0, Rcode::Refused as u8);
+    // Zone transfers and OPT are not forwarded; ANY is.
+    for qtype in [251, 252, 253, 254, dns::TYPE_OPT] {
+        let message = query(2, "example.com", qtype);
+        assert_eq!(ask(&mut dns, &message, 0).0, Rcode::Refused as u8, "{qtype}");
+    }
+    let any = query(2, "example.com", dns::TYPE_ANY);
+    assert_eq!(dns.answer(&any, Instant::ZERO, &mut out), Answer::Forward);
     // Another class, and names that are not host names.
     let mut chaos = query(3, "version.bind", 16);
     let len = chaos.len();
@@ -129,7 +136,7 @@ fn https_and_svcb_get_no_record_and_other_types_are_forwarded_or_refused() {
     let mut spaced = query(5, "a_b.example", dns::TYPE_A);
     spaced[HEADER_LEN + 2] = b' ';
     assert_eq!(ask(&mut dns, &spaced, 0).0, Rcode::Refused as u8);
-    assert_eq!(dns.counters().refused, 3);
+    assert_eq!(dns.counters().refused, 8);
 }
 
 #[test]
