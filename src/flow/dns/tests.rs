@@ -120,7 +120,11 @@ fn https_and_svcb_get_no_record_and_other_types_are_forwarded_or_refused() {
     // Zone transfers and OPT are not forwarded; ANY is.
     for qtype in [251, 252, 253, 254, dns::TYPE_OPT] {
         let message = query(2, "example.com", qtype);
-        assert_eq!(ask(&mut dns, &message, 0).0, Rcode::Refused as u8, "{qtype}");
+        assert_eq!(
+            ask(&mut dns, &message, 0).0,
+            Rcode::Refused as u8,
+            "{qtype}"
+        );
     }
     let any = query(2, "example.com", dns::TYPE_ANY);
     assert_eq!(dns.answer(&any, Instant::ZERO, &mut out), Answer::Forward);
