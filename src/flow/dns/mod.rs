@@ -16,8 +16,6 @@ pub use fake::FakeTable;
 /// TTL of fake answers: short, so that a client asks again rather than keeping an
 /// address the table may since have given to another name.
 pub const TTL: u32 = 1;
-/// Default number of names the table holds (`--fake-entries`).
-pub const DEFAULT_CAPACITY: usize = 65_536;
 
 /// What the resolver is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -221,3 +221,38 @@ fn a_buffer_too_small_for_the_question_drops_the_query() {
     );
     assert_eq!(dns.counters().dropped, 2);
 }
+
+#[test]
+fn the_longest_replies_fit_512_bytes() {
+    let mut dns = resolver(false, 100);
+    let label = "a".repeat(63);
+    let longest = [&label[..], &label, &label, &"b".repeat(61)].join(".");
+    assert_eq!(longest.len(), MAX_TEXT);
+    let with_edns = |mut message: Vec<u8>| {
+        message[11] = 1;
+        message.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+        message
+    };
+    let mut out = [0u8; UDP_MAX];
+    for (qtype, name) in [
+        (dns::TYPE_A, longest.clone()),
+        (dns::TYPE_AAAA, longest.clone()),
+        // The reverse name of the address just given, the longest there is.
+        (
+            dns::TYPE_PTR,
+            "2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.4.f.0.0.9.7.8.7.2.7.0.7.a.7.d.f.ip6.arpa".into(),
+        ),
+    ] {
+        let message = with_edns(query(1, &name, qtype));
+        let Answer::Reply(len) = dns.answer(&message, Instant::ZERO, &mut out) else {
+            panic!("no reply to {qtype}");
+        };
+        let header = Header::parse(&out[..len]).unwrap();
+        assert_eq!((header.rcode(), header.ancount, header.arcount), (0, 1, 1));
+        assert!(!header.tc(), "{qtype}: {len} bytes");
+    }
+    assert_eq!(
+        dns.name_of("198.18.0.2".parse().unwrap()),
+        Some(longest.as_str())
+    );
+}

@@ -280,7 +280,10 @@ fn long_names_take_each_others_places_when_their_pool_is_full() {
     assert_eq!(fake.name_of(ip("198.18.0.1")), Some(long(0).as_str()));
     assert_eq!(fake.name_of(ip("198.18.0.3")), Some("short.example"));
     let counters = fake.counters();
-    assert_eq!((counters.size, counters.evictions, counters.full), (3, 1, 1));
+    assert_eq!(
+        (counters.size, counters.evictions, counters.full),
+        (3, 1, 1)
+    );
     // Held long names stay.
     assert!(fake.hold(ip("198.18.0.1")) && fake.hold(ip("198.18.0.2")));
     assert_eq!(fake.lookup(&long(3), at(100)), None);
@@ -294,5 +297,8 @@ fn long_names_take_each_others_places_when_their_pool_is_full() {
     small.lookup("b", at(10)).unwrap();
     assert_eq!(small.long_free.len(), 1);
     let again = small.lookup(&long(1), at(20)).unwrap();
-    assert_eq!(small.name_of(IpAddr::V4(small.v4(again))), Some(long(1).as_str()));
+    assert_eq!(
+        small.name_of(IpAddr::V4(small.v4(again))),
+        Some(long(1).as_str())
+    );
 }
