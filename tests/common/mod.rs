@@ -628,6 +628,60 @@ impl Drop for Topology {
     }
 }
 
+/// Adds network namespace `ns` (serialised as the topologies' are, after reaping those
+/// of killed runs), with its loopback up: for tests that build a topology of their own.
+/// Names of the form `upx-[csr]-<pid>-...` are reaped when a killed run leaves them.
+pub fn add_namespace(ns: &str) {
+    static REAP: Once = Once::new();
+    REAP.call_once(reap_stale_namespaces);
+    {
+        let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        ip(&format!("netns add {ns}"));
+    }
+    ip(&format!("-n {ns} link set lo up"));
+}
+
+/// Deletes namespace `ns`; never panics (it runs in Drop guards, maybe while unwinding).
+pub fn delete_namespace(ns: &str) {
+    let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    match Command::new("ip").args(["netns", "del", ns]).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "warning: ip netns del {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        ),
+        Err(e) => eprintln!("warning: ip netns del {ns}: {e}"),
+    }
+}
+
+/// Spawns the proxy in namespace `ns` with exactly `args` (its log in the temporary
+/// directory), without waiting for it to come up: for topologies built by the test.
+pub fn spawn_proxy_in(ns: &str, args: &[&str]) -> Proxy {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+    let stderr_path = std::env::temp_dir().join(format!("{ns}.{seq}.proxy.log"));
+    let log = File::create(&stderr_path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
+    let control_path = args
+        .iter()
+        .position(|&arg| arg == "--control")
+        .and_then(|at| args.get(at + 1))
+        .map(PathBuf::from);
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, PROXY_BIN])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log file"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {PROXY_BIN}: {e}"));
+    Proxy {
+        child,
+        stderr_path,
+        control_path,
+    }
+}
+
 /// Listens on `ip` (kernel-chosen port) in namespace `ns`, accepts exactly `conns`
 /// connections and runs `handler` on each one in its own thread.
 fn serve_in<T, F>(ns: &str, ip: IpAddr, conns: usize, handler: F) -> Server<T>
