@@ -687,7 +687,20 @@ fn rules_go_at_sigterm_and_a_killed_run_s_at_the_next_start() {
         "--exclude-uid",
         "34",
     ];
+    // The host forwards IPv4 only: the proxy says so and starts all the same.
+    ip(&format!(
+        "netns exec {} sysctl -qw net.ipv6.conf.all.forwarding=0",
+        gw.router
+    ));
     let mut proxy = gw.start_proxy(&args);
+    let stderr = proxy.stderr();
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("forward")).collect();
+    assert_eq!(
+        warnings,
+        [
+            "uringproxy: warn: net.ipv6.conf.all.forwarding is not 1: the host does not forward IPv6, so --lan clients' IPv6 traffic reaches neither the TUN nor anywhere else (sysctl -w net.ipv6.conf.all.forwarding=1)"
+        ]
+    );
     let installed = gw.our_rules();
     // IPv4: TUN source, bypass, exclude, uid exclude, destination, and per LAN an
     // exclude, main and the TUN; IPv6: the LANs' main and TUN rules.
@@ -761,4 +774,23 @@ fn bad_gateway_flags_are_one_line_before_anything_is_created() {
         assert!(!run("ip", &["-n", &gw.router, "link", "show"]).contains(TUN));
         assert_eq!(gw.our_rules(), Vec::<String>::new());
     }
+}
+
+#[test]
+fn the_upstreams_address_stays_direct_for_the_lan() {
+    let Some(gw) = Gateway::for_test("the_upstreams_address_stays_direct_for_the_lan") else {
+        return;
+    };
+    let wan = Servers::start(&gw.wan, &WAN_EXCLUDED, false);
+    // Nothing listens for SOCKS5 there: only the address matters to the rules.
+    let upstream = format!("socks5://{}:1080", WAN_EXCLUDED[0]);
+    let _proxy = gw.start_proxy(&["--lan", "lan0", "--upstream", &upstream]);
+    let text = gw.status(false);
+    assert!(
+        text.contains("  IPv4 30059: from all to 203.0.113.20/32 iif lan0 lookup main\n"),
+        "{text}"
+    );
+    // Reached directly, as if --exclude'd: the upstream sees the client itself.
+    check_tcp(&gw, &wan, WAN_EXCLUDED[0], CLIENT[0], 300);
+    check_udp(&gw, WAN_EXCLUDED[0], CLIENT[0]);
 }
