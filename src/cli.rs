@@ -45,7 +45,7 @@ pub struct Args {
 
     /// on a router: send new connections forwarded from this interface (a LAN, e.g.
     /// br-lan) into the TUN, IPv4 and IPv6, repeatable; traffic to the router itself and
-    /// to networks it reaches through other interfaces than -i stays direct
+    /// to networks with a route of their own in the main table (other LANs) stays direct
     #[argh(option)]
     pub lan: Vec<String>,
 
@@ -64,7 +64,7 @@ pub struct Args {
     #[argh(option)]
     pub exclude_uid: Vec<String>,
 
-    /// routing table for --route, also the priority of its rules; one per running
+    /// routing table for --route and --lan, also the priority of --route's rules; one per running
     /// proxy, 30064..=32765 (default: 30064)
     #[argh(option, default = "crate::routing::DEFAULT_TABLE")]
     pub table: u32,
