@@ -43,7 +43,28 @@ pub struct Args {
     #[argh(option)]
     pub route: Vec<String>,
 
-    /// routing table for --route, also the priority of its rules; one per running
+    /// on a router: send new connections forwarded from this interface (a LAN, e.g.
+    /// br-lan) into the TUN, IPv4 and IPv6, repeatable; traffic to the router itself and
+    /// to networks with a route of their own in the main table (other LANs) stays direct
+    #[argh(option)]
+    pub lan: Vec<String>,
+
+    /// destinations that never go into the TUN, for the host's and the LAN's traffic,
+    /// as CIDR, repeatable; beats --route (an --upstream's address is excluded always)
+    #[argh(option)]
+    pub exclude: Vec<String>,
+
+    /// with --route: only this user's connections go into the TUN, a uid or a range
+    /// N-M, repeatable (default: every user)
+    #[argh(option)]
+    pub uid: Vec<String>,
+
+    /// with --route: this user's connections stay direct, a uid or a range N-M,
+    /// repeatable
+    #[argh(option)]
+    pub exclude_uid: Vec<String>,
+
+    /// routing table for --route and --lan, also the priority of --route's rules; one per running
     /// proxy, 30064..=32765 (default: 30064)
     #[argh(option, default = "crate::routing::DEFAULT_TABLE")]
     pub table: u32,

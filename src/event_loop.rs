@@ -67,6 +67,8 @@ struct Proxy {
     /// Set when the TUN itself fails; the loop ends with it.
     fatal: Option<Error>,
     config: Config,
+    /// The policy rules installed for this run, for `status`.
+    rules: Vec<String>,
 }
 
 impl Proxy {

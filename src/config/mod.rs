@@ -12,6 +12,7 @@ pub use upstream::Socks5;
 
 use crate::cli::Args;
 use crate::error::Error;
+pub use crate::routing::UidRange;
 use crate::uring::{KernelVersion, features};
 use crate::wire::{Cidr, Offload};
 
@@ -45,6 +46,14 @@ pub struct Config {
     pub routes: Vec<Cidr>,
     /// The routing table (and rule priority) of `routes`.
     pub table: u32,
+    /// `--lan`: interfaces whose forwarded traffic goes into the TUN.
+    pub lans: Vec<String>,
+    /// `--exclude`: destinations that never go into the TUN.
+    pub excludes: Vec<Cidr>,
+    /// `--uid`: the users whose host connections go in (empty: all).
+    pub uids: Vec<UidRange>,
+    /// `--exclude-uid`: the users whose host connections stay direct.
+    pub exclude_uids: Vec<UidRange>,
     /// The name of the user to switch to once set up.
     pub user: Option<String>,
     /// The control socket to serve (`None`: `--control none`).
@@ -198,6 +207,20 @@ impl Config {
             )
         })?;
         let routes = route_networks(&args.route, &tun_addrs)?;
+        let lans = lan_interfaces(&args.lan, &args.tun, &interface)?;
+        let excludes = args
+            .exclude
+            .iter()
+            .map(|text| match Cidr::network(text) {
+                Ok(cidr) if cidr.prefix == 0 => Err(Error::Usage(format!(
+                    "--exclude {cidr} excludes everything of its family: leave its --route out instead"
+                ))),
+                Ok(cidr) => Ok(cidr),
+                Err(err) => Err(Error::Usage(format!("--exclude {err}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let uids = uid_ranges("--uid", &args.uid, &routes)?;
+        let exclude_uids = uid_ranges("--exclude-uid", &args.exclude_uid, &routes)?;
         let control = control_socket(args.control.as_deref(), &args.tun)?;
         let metrics = match &args.metrics {
             None => None,
@@ -243,6 +266,10 @@ impl Config {
             control,
             metrics,
             routes,
+            lans,
+            excludes,
+            uids,
+            exclude_uids,
             upstream,
             table: args.table,
             udp: crate::flow::datagram::Limits {
@@ -317,6 +344,48 @@ fn route_networks(texts: &[String], tun_addrs: &[Cidr]) -> Result<Vec<Cidr>, Err
         routes.push(route);
     }
     Ok(routes)
+}
+
+/// The `--lan` interfaces, each once. A LAN is where forwarded traffic comes from: the
+/// TUN (whose replies would go round in circles) and `-i` (where relayed flows leave)
+/// cannot be one. Whether it exists is asked of the host later.
+fn lan_interfaces(texts: &[String], tun: &str, interface: &str) -> Result<Vec<String>, Error> {
+    let mut lans: Vec<String> = Vec::new();
+    for name in texts {
+        check_interface_name(name).map_err(|why| Error::Usage(format!("--lan '{name}': {why}")))?;
+        if name == tun {
+            return Err(Error::Usage(format!(
+                "--lan {name}: that is the proxy's own TUN; name the interface the LAN's clients are on"
+            )));
+        }
+        if name == interface {
+            return Err(Error::Usage(format!(
+                "--lan {name}: that is -i, where relayed flows leave; a LAN must be another interface"
+            )));
+        }
+        if !lans.contains(name) {
+            lans.push(name.clone());
+        }
+    }
+    Ok(lans)
+}
+
+/// `--uid` or `--exclude-uid` ranges: they pick among the host's connections that
+/// `--route` sends in, so they mean nothing without one.
+fn uid_ranges(flag: &str, texts: &[String], routes: &[Cidr]) -> Result<Vec<UidRange>, Error> {
+    let ranges = texts
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|why| Error::Usage(format!("{flag} {why}")))
+        })
+        .collect::<Result<Vec<UidRange>, _>>()?;
+    if !ranges.is_empty() && routes.is_empty() {
+        return Err(Error::Usage(format!(
+            "{flag} selects among the host's connections that --route sends into the TUN: give a --route too"
+        )));
+    }
+    Ok(ranges)
 }
 
 /// A byte count with an optional K, M or G suffix (powers of 1024), at least 1 MiB.
@@ -523,6 +592,73 @@ mod tests {
                 err.starts_with(start),
                 "{err:?} does not start with {start:?}"
             );
+        }
+    }
+
+    #[test]
+    fn lans_excludes_and_users() {
+        let config = Config::from_args(args(&[
+            "--lan",
+            "br-lan",
+            "--lan",
+            "eth1",
+            "--lan",
+            "br-lan",
+            "--exclude",
+            "192.0.2.0/24",
+            "--exclude",
+            "2001:db8::1/128",
+            "--route",
+            "0.0.0.0/0",
+            "--uid",
+            "1000-1999",
+            "--exclude-uid",
+            "34",
+        ]))
+        .unwrap();
+        assert_eq!(config.lans, ["br-lan", "eth1"]);
+        assert_eq!(config.excludes.len(), 2);
+        assert_eq!((config.uids[0].first, config.uids[0].last), (1000, 1999));
+        assert_eq!(
+            (config.exclude_uids[0].first, config.exclude_uids[0].last),
+            (34, 34)
+        );
+        let cases: [(&[&str], &str); 9] = [
+            (&["--exclude", "::/0"], "--exclude ::/0 excludes everything"),
+            (
+                &["--lan", "uringproxy0"],
+                "--lan uringproxy0: that is the proxy's own TUN",
+            ),
+            (
+                &["--tun", "t1", "--lan", "t1"],
+                "--lan t1: that is the proxy's own TUN",
+            ),
+            (&["--lan", "lo"], "--lan lo: that is -i"),
+            (&["--lan", "a/b"], "--lan 'a/b': '/'"),
+            (
+                &["--exclude", "192.0.2.1/24"],
+                "--exclude '192.0.2.1/24' has host bits set: the network is 192.0.2.0/24",
+            ),
+            (
+                &["--route", "::/0", "--uid", "x"],
+                "--uid 'x': expected a user id",
+            ),
+            (
+                &["--route", "::/0", "--exclude-uid", "9-1"],
+                "--exclude-uid '9-1': the range is reversed",
+            ),
+            (
+                &["--uid", "1000"],
+                "--uid selects among the host's connections that --route sends",
+            ),
+        ];
+        for (extra, start) in cases {
+            let err = Config::from_args(args(extra)).unwrap_err().to_string();
+            assert!(
+                err.starts_with(start),
+                "{err:?} does not start with {start:?}"
+            );
+            assert!(!err.contains('\n'), "{err}");
         }
     }
 

@@ -128,6 +128,8 @@ pub struct Info<'a> {
     /// The offload level's short name (`Offload::name`).
     pub offload: &'a str,
     pub uptime_s: u64,
+    /// The policy rules the proxy installed, as `routing` describes them.
+    pub rules: &'a [String],
 }
 
 macro_rules! family {

@@ -57,6 +57,10 @@ pub fn text(reply: &Reply, top: Option<usize>) -> String {
         reply.offload,
         human_duration(reply.uptime_s)
     );
+    let _ = writeln!(out, "rules: {}", reply.rules.len());
+    for rule in &reply.rules {
+        let _ = writeln!(out, "  {rule}");
+    }
     for (title, values) in [("counters", &reply.counters), ("now", &reply.gauges)] {
         let _ = writeln!(out, "{title}:");
         for (group, line) in grouped(values) {
@@ -150,7 +154,14 @@ pub fn json(reply: &Reply, top: Option<usize>) -> String {
         json_string(&mut out, value);
         out.push(',');
     }
-    let _ = write!(out, "\"uptime_s\":{}", reply.uptime_s);
+    let _ = write!(out, "\"uptime_s\":{},\"rules\":[", reply.uptime_s);
+    for (i, rule) in reply.rules.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        json_string(&mut out, rule);
+    }
+    out.push(']');
     for (name, values) in [("counters", &reply.counters), ("gauges", &reply.gauges)] {
         let _ = write!(out, ",\"{name}\":{{");
         for (i, (key, value)) in values.iter().enumerate() {
@@ -244,6 +255,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("flows: 2\n"), "{text}");
+        assert!(
+            text.contains("\nrules: 2\n  IPv4 30060: from all iif br-lan lookup main suppress_prefixlength 0\n  IPv4 30061: "),
+            "{text}"
+        );
         let table: Vec<&str> = text
             .lines()
             .skip_while(|l| !l.starts_with("PROTO"))
@@ -269,6 +284,10 @@ mod tests {
             "\"flows\":[{\"proto\":\"tcp\",\"client\":\"10.0.0.2:41000\",\"server\":\"10.0.0.1:443\",\
              \"state\":\"open\",\"bytes_up\":5,\"bytes_down\":1048576,\"age_s\":12,\"idle_s\":0}]}"
         ), "{json}");
+        assert!(
+            json.contains("\"uptime_s\":61,\"rules\":[\"IPv4 30060: from all iif br-lan lookup main suppress_prefixlength 0\",\"IPv4 30061: from all iif br-lan lookup 30064\"],\"counters\""),
+            "{json}"
+        );
         assert!(
             json.contains("\"counters\":{\"tcp_flows_opened\":3,"),
             "{json}"

@@ -8,13 +8,14 @@
 //! interface eth0
 //! offload tso
 //! uptime_s 3600
+//! rule IPv4 30061: from all iif br-lan lookup 30064
 //! counter tcp_bytes_up 123456
 //! gauge tcp_flows_open 1
 //! flow tcp 10.0.0.2:41000 93.184.215.14:443 open 5120 104857 12 0
 //! end 1
 //! ```
 //!
-//! A flow line is: protocol, client, server (IPv6 as `[addr]:port`), state, bytes up,
+//! A rule line is one policy rule the proxy installed, as `ip rule` shows it. A flow line is: protocol, client, server (IPv6 as `[addr]:port`), state, bytes up,
 //! bytes down, age and idle seconds. Records of unknown kinds are skipped, so later
 //! versions may add some; `error WHY` instead of the header is a refusal.
 
@@ -88,6 +89,9 @@ pub fn write_header(out: &mut impl Write, info: &Info, snapshot: &Snapshot) -> f
     writeln!(out, "interface {}", info.interface)?;
     writeln!(out, "offload {}", info.offload)?;
     writeln!(out, "uptime_s {}", info.uptime_s)?;
+    for rule in info.rules {
+        writeln!(out, "rule {rule}")?;
+    }
     for (entry, value) in counters::samples(snapshot) {
         let kind = match entry.family.kind {
             Kind::Counter => "counter",
@@ -130,6 +134,8 @@ pub struct Reply {
     pub interface: String,
     pub offload: String,
     pub uptime_s: u64,
+    /// The policy rules the proxy installed.
+    pub rules: Vec<String>,
     pub counters: Vec<(String, u64)>,
     pub gauges: Vec<(String, u64)>,
     pub flows: Vec<FlowRow>,
@@ -202,6 +208,7 @@ pub fn parse(text: &str) -> Result<Reply, Error> {
                 };
                 list.push((key, number(value)?));
             }
+            ("rule", fields) => reply.rules.push(rule(fields).ok_or(malformed("bad rule"))?),
             ("flow", fields) => reply.flows.push(flow(fields).ok_or(malformed("bad flow"))?),
             ("end", [count]) => {
                 if number(count)? != reply.flows.len() as u64 {
@@ -222,6 +229,14 @@ pub fn parse(text: &str) -> Result<Reply, Error> {
 fn name_field(text: &str) -> Option<String> {
     (!text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_graphic()))
         .then(|| text.to_string())
+}
+
+/// A rule's words (interface names, addresses, numbers): printable ASCII, at most 200
+/// bytes in all, so a hostile reply cannot write escape sequences to a terminal.
+fn rule(fields: &[&str]) -> Option<String> {
+    let text = fields.join(" ");
+    (!fields.is_empty() && text.len() <= 200 && fields.iter().all(|f| name_field(f).is_some()))
+        .then_some(text)
 }
 
 fn flow(fields: &[&str]) -> Option<FlowRow> {
@@ -251,6 +266,11 @@ pub(crate) mod tests {
             interface: "eth0",
             offload: "tso",
             uptime_s: 61,
+            // Leaked: test data that lives as long as the test binary.
+            rules: Box::leak(Box::new([
+                "IPv4 30060: from all iif br-lan lookup main suppress_prefixlength 0".to_string(),
+                "IPv4 30061: from all iif br-lan lookup 30064".to_string(),
+            ])),
         }
     }
 
@@ -303,6 +323,7 @@ pub(crate) mod tests {
         );
         assert_eq!((reply.offload.as_str(), reply.uptime_s), ("tso", 61));
         assert_eq!(reply.flows, rows());
+        assert_eq!(reply.rules, info().rules);
         assert!(reply.counters.contains(&("tcp_bytes_up".into(), 1000)));
         assert!(reply.gauges.contains(&("tcp_flows_open".into(), 2)));
     }
@@ -344,6 +365,8 @@ pub(crate) mod tests {
             ("counter a\u{1b}[31m 1", "bad name"),
             ("counter a 1 2", "wrong number of fields"),
             ("tun ", "bad name"),
+            ("rule", "bad rule"),
+            ("rule 30061: from all iif \u{1b}[2J", "bad rule"),
         ] {
             let text = format!("{MAGIC}\n{bad}\nend 0\n");
             match parse(&text) {

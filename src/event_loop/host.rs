@@ -38,11 +38,47 @@ pub fn check(config: &Config) -> Result<Host, Error> {
     if sys::interface_index(&config.interface).is_none() {
         return Err(Error::UnknownInterface(config.interface.clone()));
     }
+    if let Some(lan) = config
+        .lans
+        .iter()
+        .find(|lan| sys::interface_index(lan).is_none())
+    {
+        return Err(Error::Usage(format!(
+            "--lan {lan}: no such interface (see `ip link` for the names)"
+        )));
+    }
     let upstream = match &config.upstream {
         Some(socks5) => Some(resolve(socks5).map_err(Error::Usage)?),
         None => None,
     };
     Ok(Host { user, upstream })
+}
+
+/// One line per family that `--lan` proxies while the host does not forward it: its
+/// clients' traffic then never reaches the TUN. A warning, not an error: the proxy
+/// does not change the host's forwarding itself, and a router's firewall service (or
+/// an administrator) commonly turns it on after the proxy has started.
+pub fn forwarding_warnings(config: &Config) -> Vec<String> {
+    if config.lans.is_empty() {
+        return Vec::new();
+    }
+    let families = [
+        (true, "IPv4", "net.ipv4.ip_forward"),
+        (false, "IPv6", "net.ipv6.conf.all.forwarding"),
+    ];
+    families
+        .into_iter()
+        .filter(|(v4, ..)| config.tun_addrs.iter().any(|a| a.addr.is_ipv4() == *v4))
+        .filter_map(|(_, family, key)| {
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            let on = std::fs::read_to_string(&path).is_ok_and(|value| value.trim() != "0");
+            (!on).then(|| {
+                format!(
+                    "{key} is not 1: the host does not forward {family}, so --lan clients' {family} traffic reaches neither the TUN nor anywhere else (sysctl -w {key}=1)"
+                )
+            })
+        })
+        .collect()
 }
 
 /// The upstream's address: its host as written if that is an address, else the first
@@ -154,6 +190,10 @@ mod tests {
         assert!(
             error(&["-i", "lo", "--cpu", "100000"]).starts_with("--cpu 100000: not among"),
             "a CPU id no machine has was taken"
+        );
+        assert_eq!(
+            error(&["-i", "lo", "--lan", "nosuchif0"]),
+            "--lan nosuchif0: no such interface (see `ip link` for the names)"
         );
         let host = check(&config(&["-i", "lo", "--user", "root"])).unwrap();
         assert_eq!(host.user.map(|user| user.uid.as_raw()), Some(0));

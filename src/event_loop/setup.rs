@@ -23,11 +23,12 @@ use crate::error::Error;
 use crate::flow::budget::Budget;
 use crate::flow::tcp::Settings;
 use crate::flow::tcp::admission::Limits;
-use crate::routing::Routes;
+use crate::routing::{Plan, Routes};
 use crate::stack::Stack;
 use crate::sys;
 use crate::tun::{self, Tun};
 use crate::uring::{Features, Ring};
+use crate::wire::Cidr;
 
 /// Sets the proxy up and runs it until a stopping signal or a fatal error; returns
 /// only once its TUN is gone, so a restart with the same name can follow at once.
@@ -37,7 +38,11 @@ pub fn run(config: Config) -> Result<(), Error> {
     // loop, which stops cleanly (removing the rules), instead of killing the process
     // with its rules installed.
     let signals = Signals::new()?;
-    for warning in config.override_warnings() {
+    for warning in config
+        .override_warnings()
+        .into_iter()
+        .chain(host::forwarding_warnings(&config))
+    {
         warn!("{warning}");
     }
     // The ring next: a kernel that cannot run the proxy is refused before anything
@@ -52,15 +57,29 @@ pub fn run(config: Config) -> Result<(), Error> {
     })?;
     let tun_name = tun.name().to_string();
     // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
-    let routes = if config.routes.is_empty() {
+    let routes = if config.routes.is_empty() && config.lans.is_empty() {
         None
     } else {
         let index = sys::interface_index(&tun_name)
             .ok_or_else(|| Error::Io("look up the new TUN", std::io::ErrorKind::NotFound.into()))?;
+        if !config.lans.is_empty() {
+            forward_on_tun(&tun_name)?;
+        }
+        // The upstream's own address never goes in: whoever reaches it directly (the
+        // LAN, the host) would otherwise be relayed to it through itself.
+        let excludes: Vec<Cidr> = (config.excludes.iter().copied())
+            .chain(host.upstream.map(|server| Cidr::host(server.ip())))
+            .collect();
         Some(Routes::install(
-            &config.routes,
-            &config.tun_addrs,
-            config.table,
+            &Plan {
+                table: config.table,
+                tun_addrs: &config.tun_addrs,
+                routes: &config.routes,
+                lans: &config.lans,
+                excludes: &excludes,
+                uids: &config.uids,
+                exclude_uids: &config.exclude_uids,
+            },
             index,
         )?)
     };
@@ -116,6 +135,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         stop: false,
         fatal: None,
         config,
+        rules: routes.as_ref().map_or_else(Vec::new, Routes::describe),
     };
     // Everything that needs root is done: the TUN, the rules, the ring, the fd limit.
     if let Some(user) = &host.user {
@@ -134,6 +154,21 @@ pub fn run(config: Config) -> Result<(), Error> {
     shutdown::finish(proxy, Duration::from_secs(1));
     drop(routes);
     result
+}
+
+/// Lets the kernel forward what comes out of our TUN (the LAN's replies): the TUN's
+/// own setting, which it took from the host's default when it was created. The host's
+/// settings stay as they are.
+fn forward_on_tun(tun: &str) -> Result<(), Error> {
+    for family in ["ipv4", "ipv6"] {
+        let path = format!("/proc/sys/net/{family}/conf/{tun}/forwarding");
+        match std::fs::write(&path, "1") {
+            // IPv6 disabled on this host: nothing of it to forward.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            result => result.map_err(|err| Error::Io("enable forwarding on the TUN", err))?,
+        }
+    }
+    Ok(())
 }
 
 /// The SOCKS5 upstream of `config`, at `server`, as the flows use it.

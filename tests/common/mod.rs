@@ -516,32 +516,20 @@ impl Topology {
         let stderr_path = std::env::temp_dir().join(name);
         let control_path = own_control
             .then(|| std::env::temp_dir().join(format!("{}.{tun}.{seq}.sock", self.client_ns)));
-        let log = File::create(&stderr_path)
-            .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
-        // `ip netns exec` (and the wrapper) exec the proxy, so the child's pid is the
-        // proxy's.
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.client_ns])
-            .args(wrapper)
-            .arg(PROXY_BIN)
-            .args(["-i", iface, "--tun", tun])
-            .args(
-                control_path
-                    .iter()
-                    .flat_map(|path| [OsStr::new("--control"), path.as_os_str()]),
-            )
-            .args(extra_args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log file"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {PROXY_BIN}: {e}"));
-        Proxy {
-            child,
-            stderr_path,
-            control_path,
+        let mut command: Vec<&OsStr> = wrapper.iter().map(OsStr::new).collect();
+        command.push(OsStr::new(PROXY_BIN));
+        command.extend(["-i", iface, "--tun", tun].map(OsStr::new));
+        if let Some(path) = &control_path {
+            command.extend([OsStr::new("--control"), path.as_os_str()]);
         }
+        command.extend(extra_args.iter().map(OsStr::new));
+        spawn_logged(
+            &self.client_ns,
+            &command,
+            env,
+            stderr_path,
+            control_path.clone(),
+        )
     }
 
     /// Starts the proxy on the client veth, waits for its TUN to be up and
@@ -629,19 +617,82 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let router = self.router_ns.iter();
         for ns in [&self.client_ns, &self.server_ns].into_iter().chain(router) {
-            // No panicking here: this may run while a test is unwinding.
-            match Command::new("ip").args(["netns", "del", ns]).output() {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => eprintln!(
-                    "warning: ip netns del {ns}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim_end()
-                ),
-                Err(e) => eprintln!("warning: ip netns del {ns}: {e}"),
-            }
+            delete_namespace(ns);
         }
+    }
+}
+
+/// Adds network namespace `ns` (serialised as the topologies' are, after reaping those
+/// of killed runs), with its loopback up: for tests that build a topology of their own.
+/// Names of the form `upx-[csr]-<pid>-...` are reaped when a killed run leaves them.
+pub fn add_namespace(ns: &str) {
+    static REAP: Once = Once::new();
+    REAP.call_once(reap_stale_namespaces);
+    {
+        let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        ip(&format!("netns add {ns}"));
+    }
+    ip(&format!("-n {ns} link set lo up"));
+}
+
+/// Deletes namespace `ns`; never panics (it runs in Drop guards, maybe while unwinding).
+pub fn delete_namespace(ns: &str) {
+    let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    match Command::new("ip").args(["netns", "del", ns]).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "warning: ip netns del {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        ),
+        Err(e) => eprintln!("warning: ip netns del {ns}: {e}"),
+    }
+}
+
+/// Spawns the proxy in namespace `ns` with exactly `args` (its log in the temporary
+/// directory), without waiting for it to come up: for topologies built by the test.
+pub fn spawn_proxy_in(ns: &str, args: &[&str]) -> Proxy {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+    let stderr_path = std::env::temp_dir().join(format!("{ns}.{seq}.proxy.log"));
+    let control_path = args
+        .iter()
+        .position(|&arg| arg == "--control")
+        .and_then(|at| args.get(at + 1))
+        .map(PathBuf::from);
+    let command: Vec<&OsStr> = std::iter::once(PROXY_BIN)
+        .chain(args.iter().copied())
+        .map(OsStr::new)
+        .collect();
+    spawn_logged(ns, &command, &[], stderr_path, control_path)
+}
+
+/// Runs `command` (the proxy, or a wrapper that execs it) in namespace `ns` with its
+/// output to a new log at `stderr_path`. `ip netns exec` (and the wrapper) exec the
+/// proxy, so the child's pid is the proxy's.
+fn spawn_logged(
+    ns: &str,
+    command: &[&OsStr],
+    env: &[(&str, &str)],
+    stderr_path: PathBuf,
+    control_path: Option<PathBuf>,
+) -> Proxy {
+    let log = File::create(&stderr_path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(command)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log file"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {PROXY_BIN}: {e}"));
+    Proxy {
+        child,
+        stderr_path,
+        control_path,
     }
 }
 

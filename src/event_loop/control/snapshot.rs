@@ -33,6 +33,7 @@ impl Proxy {
             interface: &self.config.interface,
             offload: tun.offload().name(),
             uptime_s: self.epoch.elapsed().as_secs(),
+            rules: &self.rules,
         };
         let [control, metrics] = &self.control.counters;
         report(

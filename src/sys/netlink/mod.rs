@@ -42,14 +42,18 @@ const IFA_LOCAL: u16 = 2;
 const RTA_TABLE: u16 = 15;
 const FRA_DST: u16 = 1;
 const FRA_SRC: u16 = 2;
+const FRA_IIFNAME: u16 = 3;
 const FRA_PRIORITY: u16 = 6;
 const FRA_SUPPRESS_IFGROUP: u16 = 13;
 const FRA_SUPPRESS_PREFIXLEN: u16 = 14;
 const FRA_TABLE: u16 = 15;
+const FRA_UID_RANGE: u16 = 20;
 const FRA_PROTOCOL: u16 = 21;
 /// The attribute type without the NLA_F_NESTED and NLA_F_NET_BYTEORDER bits.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const FIB_RULE_INVERT: u32 = 0x2;
+/// Reported on an `iif` rule whose interface does not exist (now).
+const FIB_RULE_IIF_DETACHED: u32 = 0x8;
 const FR_ACT_TO_TBL: u8 = 1;
 const RT_SCOPE_LINK: u8 = 253;
 const RTN_UNICAST: u8 = 1;
@@ -89,19 +93,77 @@ impl Family {
     }
 }
 
-/// A policy rule that looks up a table: `[not] [from SRC] [to DST] lookup TABLE pref
-/// PRIORITY proto PROTOCOL`. A `/0` selector is written as `None` (the kernel stores
-/// and reports it as absent).
+/// A policy rule that looks up a table: `[not] [from SRC] [to DST] [iif NAME] [uidrange
+/// A-B] lookup TABLE [suppress_prefixlength N] pref PRIORITY proto PROTOCOL`. A `/0`
+/// selector is written as `None` (the kernel stores and reports it as absent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub family: Family,
     pub priority: u32,
     pub src: Option<Cidr>,
     pub dst: Option<Cidr>,
+    /// `iif NAME`: only packets that arrived on that interface (forwarded or delivered
+    /// to the host), never the host's own.
+    pub iif: Option<String>,
+    /// `uidrange A-B`: only lookups made for sockets of these users.
+    pub uids: Option<(u32, u32)>,
     /// `not`: inverts the whole selector.
     pub invert: bool,
     pub table: u32,
+    /// `suppress_prefixlength N`: a route found with a prefix of N bits or fewer is
+    /// ignored and the next rule tried.
+    pub suppress_prefixlen: Option<u8>,
     pub protocol: u8,
+}
+
+impl Rule {
+    /// A rule with only a family, priority, table and protocol: every selector empty.
+    pub fn new(family: Family, priority: u32, table: u32, protocol: u8) -> Rule {
+        Rule {
+            family,
+            priority,
+            src: None,
+            dst: None,
+            iif: None,
+            uids: None,
+            invert: false,
+            table,
+            suppress_prefixlen: None,
+            protocol,
+        }
+    }
+}
+
+/// As `ip rule` shows it, without the family and the `proto`: `30061: from all iif br-lan
+/// lookup 30064`.
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:", self.priority)?;
+        if self.invert {
+            f.write_str(" not")?;
+        }
+        match self.src {
+            Some(src) => write!(f, " from {src}")?,
+            None => f.write_str(" from all")?,
+        }
+        if let Some(dst) = self.dst {
+            write!(f, " to {dst}")?;
+        }
+        if let Some(iif) = &self.iif {
+            write!(f, " iif {iif}")?;
+        }
+        if let Some((first, last)) = self.uids {
+            write!(f, " uidrange {first}-{last}")?;
+        }
+        match self.table {
+            254 => f.write_str(" lookup main")?,
+            table => write!(f, " lookup {table}")?,
+        }
+        if let Some(len) = self.suppress_prefixlen {
+            write!(f, " suppress_prefixlength {len}")?;
+        }
+        Ok(())
+    }
 }
 
 /// A NETLINK_ROUTE socket for one request at a time.

@@ -4,9 +4,9 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{
-    FIB_RULE_INVERT, FIXED, FR_ACT_TO_TBL, FRA_DST, FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC,
-    FRA_SUPPRESS_IFGROUP, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, Family, NLA_TYPE_MASK, NLMSG_DONE,
-    NLMSG_HDR, Rule,
+    FIB_RULE_IIF_DETACHED, FIB_RULE_INVERT, FIXED, FR_ACT_TO_TBL, FRA_DST, FRA_IIFNAME,
+    FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_SUPPRESS_IFGROUP, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE,
+    FRA_UID_RANGE, Family, NLA_TYPE_MASK, NLMSG_DONE, NLMSG_HDR, Rule,
 };
 use crate::wire::Cidr;
 
@@ -80,25 +80,22 @@ fn address(family: Family, value: &[u8]) -> Option<IpAddr> {
 }
 
 /// A rule from a dump, or `None` when it is anything `Rule` cannot describe exactly
-/// (another action, an interface, mark, port or uid selector, a malformed attribute):
-/// such a rule is never ours, so the caller never deletes it.
+/// (another action, an output interface, mark or port selector, a malformed attribute):
+/// such a rule is never ours, so the caller never deletes it. An `iif` rule whose
+/// interface is gone is described all the same (the kernel flags it detached).
 pub(super) fn parse_rule(payload: &[u8]) -> Option<Rule> {
     let hdr = payload.get(..FIXED)?;
     let family = Family::from_code(hdr[0])?;
     let (dst_len, src_len, tos, action) = (hdr[1], hdr[2], hdr[3], hdr[7]);
     let flags = u32::from_ne_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-    if tos != 0 || action != FR_ACT_TO_TBL || flags & !FIB_RULE_INVERT != 0 {
+    if tos != 0
+        || action != FR_ACT_TO_TBL
+        || flags & !(FIB_RULE_INVERT | FIB_RULE_IIF_DETACHED) != 0
+    {
         return None;
     }
-    let mut rule = Rule {
-        family,
-        priority: 0,
-        src: None,
-        dst: None,
-        invert: flags & FIB_RULE_INVERT != 0,
-        table: u32::from(hdr[4]),
-        protocol: 0,
-    };
+    let mut rule = Rule::new(family, 0, u32::from(hdr[4]), 0);
+    rule.invert = flags & FIB_RULE_INVERT != 0;
     for (kind, value) in attributes(&payload[FIXED..])? {
         match kind {
             FRA_PRIORITY => rule.priority = u32_value(value)?,
@@ -116,8 +113,19 @@ pub(super) fn parse_rule(payload: &[u8]) -> Option<Rule> {
                     prefix: dst_len,
                 })
             }
+            FRA_IIFNAME => {
+                let name = value.split(|&b| b == 0).next().filter(|n| !n.is_empty())?;
+                rule.iif = Some(std::str::from_utf8(name).ok()?.to_string());
+            }
+            FRA_UID_RANGE => {
+                let range = <[u8; 8]>::try_from(value).ok()?;
+                rule.uids = Some((u32_value(&range[..4])?, u32_value(&range[4..])?));
+            }
             // Reported on every rule; u32::MAX (-1) means unset.
             FRA_SUPPRESS_PREFIXLEN | FRA_SUPPRESS_IFGROUP if u32_value(value)? == u32::MAX => {}
+            FRA_SUPPRESS_PREFIXLEN => {
+                rule.suppress_prefixlen = Some(u8::try_from(u32_value(value)?).ok()?);
+            }
             _ => return None,
         }
     }

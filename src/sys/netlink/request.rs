@@ -3,10 +3,10 @@
 use std::net::IpAddr;
 
 use super::{
-    FIB_RULE_INVERT, FIXED, FR_ACT_TO_TBL, FRA_DST, FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE,
-    Family, IFA_ADDRESS, IFA_LOCAL, IFADDRMSG, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST, RT_SCOPE_LINK, RTA_OIF, RTA_TABLE, RTM_GETRULE, RTM_NEWADDR, RTM_NEWROUTE,
-    RTM_NEWRULE, RTN_UNICAST, Rule,
+    FIB_RULE_INVERT, FIXED, FR_ACT_TO_TBL, FRA_DST, FRA_IIFNAME, FRA_PRIORITY, FRA_PROTOCOL,
+    FRA_SRC, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_UID_RANGE, Family, IFA_ADDRESS, IFA_LOCAL,
+    IFADDRMSG, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, RT_SCOPE_LINK,
+    RTA_OIF, RTA_TABLE, RTM_GETRULE, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWRULE, RTN_UNICAST, Rule,
 };
 use crate::wire::Cidr;
 
@@ -131,6 +131,20 @@ pub(super) fn rule_message(kind: u16, seq: u32, rule: &Rule) -> Vec<u8> {
     }
     if let Some(dst) = dst {
         message = message.attr(FRA_DST, &octets(dst.addr));
+    }
+    if let Some(iif) = &rule.iif {
+        // NUL-terminated, as the kernel's nla_strscpy expects.
+        let mut name = iif.as_bytes().to_vec();
+        name.push(0);
+        message = message.attr(FRA_IIFNAME, &name);
+    }
+    if let Some((first, last)) = rule.uids {
+        let mut range = first.to_ne_bytes().to_vec();
+        range.extend_from_slice(&last.to_ne_bytes());
+        message = message.attr(FRA_UID_RANGE, &range);
+    }
+    if let Some(len) = rule.suppress_prefixlen {
+        message = message.attr(FRA_SUPPRESS_PREFIXLEN, &u32::from(len).to_ne_bytes());
     }
     message.finish()
 }

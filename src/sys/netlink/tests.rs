@@ -13,13 +13,10 @@ fn cidr(text: &str) -> Cidr {
 fn rule(src: Option<&str>, dst: Option<&str>, invert: bool) -> Rule {
     let addr = src.or(dst).map(|t| cidr(t).addr);
     Rule {
-        family: addr.map_or(Family::V4, Family::of),
-        priority: 30063,
         src: src.map(cidr),
         dst: dst.map(cidr),
         invert,
-        table: 30064,
-        protocol: 117,
+        ..Rule::new(addr.map_or(Family::V4, Family::of), 30063, 30064, 117)
     }
 }
 
@@ -148,9 +145,73 @@ fn rules_survive_a_round_trip() {
         rule(Some("fd7a:7072:7879::1/128"), None, false),
         rule(None, Some("128.0.0.0/1"), false),
         rule(None, Some("2001:db8::/32"), false),
+        Rule {
+            iif: Some("br-lan".into()),
+            suppress_prefixlen: Some(0),
+            table: 254,
+            ..rule(None, None, false)
+        },
+        Rule {
+            iif: Some("lan.10".into()),
+            ..rule(None, Some("fd00::/8"), false)
+        },
+        Rule {
+            uids: Some((1000, 1999)),
+            ..rule(None, Some("0.0.0.0/1"), false)
+        },
+        Rule {
+            uids: Some((0, u32::MAX - 1)),
+            table: 254,
+            ..rule(None, None, false)
+        },
     ] {
         let message = rule_message(RTM_NEWRULE, 1, &r);
         assert_eq!(parse_rule(payload(&message)), Some(r));
+    }
+}
+
+#[test]
+fn interface_uid_and_suppress_attributes() {
+    let r = Rule {
+        iif: Some("eth1".into()),
+        uids: Some((7, 9)),
+        suppress_prefixlen: Some(0),
+        ..rule(None, None, false)
+    };
+    let message = rule_message(RTM_NEWRULE, 1, &r);
+    let attrs = attributes(&payload(&message)[FIXED..]).unwrap();
+    let mut range = 7u32.to_ne_bytes().to_vec();
+    range.extend_from_slice(&9u32.to_ne_bytes());
+    assert_eq!(
+        attrs[3..],
+        [
+            (FRA_IIFNAME, &b"eth1\0"[..]),
+            (FRA_UID_RANGE, &range[..]),
+            (FRA_SUPPRESS_PREFIXLEN, &0u32.to_ne_bytes()[..]),
+        ]
+    );
+    // As the kernel dumps an `iif` rule whose interface is gone: flagged detached, the
+    // name padded with NULs; still the same rule, so a leftover can be deleted.
+    let detached = dumped(
+        [2, 0, 0, 0, 0, 0, 0, 1, 8, 0, 0, 0],
+        &[
+            (FRA_IIFNAME, &b"eth1\0\0\0"[..]),
+            (FRA_TABLE, &30064u32.to_ne_bytes()),
+            (FRA_PRIORITY, &30063u32.to_ne_bytes()),
+            (FRA_PROTOCOL, &[117]),
+            (FRA_UID_RANGE, &range),
+            (FRA_SUPPRESS_PREFIXLEN, &0u32.to_ne_bytes()),
+        ],
+    );
+    assert_eq!(parse_rule(payload(&detached)), Some(r));
+    // An empty name, a short uid range, a prefix length no address has: not described.
+    for attr in [
+        (FRA_IIFNAME, &b"\0\0\0\0"[..]),
+        (FRA_UID_RANGE, &range[..4]),
+        (FRA_SUPPRESS_PREFIXLEN, &300u32.to_ne_bytes()[..]),
+    ] {
+        let bad = dumped([2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0], &[attr]);
+        assert_eq!(parse_rule(payload(&bad)), None, "{attr:?}");
     }
 }
 
@@ -200,12 +261,11 @@ fn dumped_rules_as_the_kernel_writes_them() {
 fn rules_with_selectors_we_do_not_model_are_not_described() {
     let base = [2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0];
     let table = (FRA_TABLE, &30064u32.to_ne_bytes()[..]);
-    const FRA_IIFNAME: u16 = 3;
     const FRA_FWMARK: u16 = 10;
+    const FRA_OIFNAME: u16 = 17;
     for attrs in [
-        vec![table, (FRA_IIFNAME, &b"lo\0\0"[..])],
+        vec![table, (FRA_OIFNAME, &b"lo\0\0"[..])],
         vec![table, (FRA_FWMARK, &1u32.to_ne_bytes()[..])],
-        vec![table, (FRA_SUPPRESS_PREFIXLEN, &0u32.to_ne_bytes()[..])],
     ] {
         assert_eq!(parse_rule(payload(&dumped(base, &attrs))), None);
     }
