@@ -111,7 +111,7 @@ impl Datagrams {
         };
         let gathering = flow.io.batch.is_some();
         if let Some((slot, batch)) = &mut flow.io.batch {
-            let offset = batch.len();
+            let offset = batch.bytes();
             if batch.join(len, &limits) {
                 let start = usize::from(*slot) * MAX_DATAGRAM + offset;
                 self.slots.with_mut(start..start + len, build);
@@ -177,12 +177,12 @@ impl Datagrams {
         let start = usize::from(slot) * MAX_DATAGRAM;
         let buf = Slice {
             region: self.slots.clone(),
-            range: start..start + batch.len(),
+            range: start..start + batch.bytes(),
         };
         let token = Token::new(Op::UdpSend, 0, usize::from(slot)).encode();
         let mut sending = Sending {
             id,
-            len: batch.len(),
+            len: batch.bytes(),
             segment: 0,
             sends: 1,
         };
@@ -194,7 +194,7 @@ impl Datagrams {
                     sending.segment = segment;
                 } else {
                     sending.sends =
-                        send_each(ring, socket, &self.slots, slot, batch.len(), segment);
+                        send_each(ring, socket, &self.slots, slot, batch.bytes(), segment);
                 }
             }
             None => ring.send(socket.as_fd(), buf, token),
@@ -205,7 +205,7 @@ impl Datagrams {
             Some(_) => socks5::udp_header_len(&flow.key().server_addr()),
             None => 0,
         };
-        let payload = batch.len().saturating_sub(header * batch.segments());
+        let payload = batch.bytes().saturating_sub(header * batch.segments());
         if sending.segment > 0 {
             self.flows.counters.super_sends_up += 1;
             self.flows.counters.super_send_segments_up += batch.segments() as u64;

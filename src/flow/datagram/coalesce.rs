@@ -73,7 +73,7 @@ impl Batch {
     }
 
     /// Bytes of the send.
-    pub fn len(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.len
     }
 
@@ -123,14 +123,14 @@ mod tests {
     /// back into exactly those.
     fn check(batch: &Batch, lengths: &[usize]) {
         assert_eq!(batch.segments(), lengths.len());
-        assert_eq!(batch.len(), lengths.iter().sum::<usize>());
+        assert_eq!(batch.bytes(), lengths.iter().sum::<usize>());
         let Some(segment) = batch.segment() else {
             assert_eq!(lengths.len(), 1, "a plain send carries one datagram");
             return;
         };
-        let cut: Vec<usize> = (0..batch.len())
+        let cut: Vec<usize> = (0..batch.bytes())
             .step_by(usize::from(segment))
-            .map(|at| (batch.len() - at).min(usize::from(segment)))
+            .map(|at| (batch.bytes() - at).min(usize::from(segment)))
             .collect();
         assert_eq!(cut, lengths, "the kernel's segmentation gives them back");
     }
