@@ -234,7 +234,7 @@ family!(
     UDP_GSO_FALLBACKS,
     "udp_gso_fallbacks_total",
     Counter,
-    "Segmented sends the kernel refused (egress without checksum offload, path MTU below the segment): sent again one datagram at a time, and that socket sends no more segmented."
+    "Segmented sends the kernel refused (EIO: egress without checksum offload on older kernels; EMSGSIZE: a path MTU below the segment size): sent again one datagram at a time, and that socket sends no more segmented."
 );
 family!(
     DROPS,

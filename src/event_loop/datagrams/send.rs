@@ -226,7 +226,8 @@ impl Datagrams {
         let Some(mut sending) = self.sending.get(usize::from(slot)).copied() else {
             return;
         };
-        let refused = sending.segment > 0 && matches!(-result, libc::EIO | libc::EINVAL);
+        let refused =
+            sending.segment > 0 && matches!(-result, libc::EIO | libc::EINVAL | libc::EMSGSIZE);
         let socket = self
             .flows
             .get_mut(sending.id)
