@@ -369,13 +369,7 @@ fn aioquic_or_skip(test: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
-    if !found {
-        if std::env::var_os("URINGPROXY_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
-            panic!("{test} needs aioquic (pip install aioquic; .ci/test does)");
-        }
-        eprintln!("SKIPPED (needs aioquic): {test}");
-    }
-    found
+    common::found_or_skip(found, "aioquic", "pip install aioquic", test)
 }
 
 #[test]

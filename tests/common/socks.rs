@@ -18,13 +18,7 @@ pub fn tool_or_skip(tool: &str, test: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
-    if !found {
-        if std::env::var_os("URINGPROXY_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
-            panic!("{test} needs {tool} (apt-get install it; .ci/test does)");
-        }
-        eprintln!("SKIPPED (needs {tool}): {test}");
-    }
-    found
+    super::found_or_skip(found, tool, "apt-get install it", test)
 }
 
 /// A free TCP (and UDP) port on `ip` in the server namespace.

@@ -88,7 +88,7 @@ pub struct Counters {
     pub super_sends_up: u64,
     pub super_send_segments_up: u64,
     /// Segmented sends the kernel refused (EIO: an egress device without checksum
-    /// offload, before Linux 6.11; EMSGSIZE: a path MTU below the segment size): their
+    /// offload, on older kernels; EMSGSIZE: a path MTU below the segment size): their
     /// datagrams went again one by one, and the socket sends no more segmented.
     pub gso_fallbacks: u64,
     /// Server datagrams dropped because no TUN write buffer could hold them.
