@@ -97,6 +97,8 @@ impl Proxy {
                 self.dispatch(completion);
             }
             self.completions = completions;
+            // The client datagrams of this turn's TUN reads, gathered per flow.
+            self.udp.flush(&mut self.ring);
             self.ring.publish(tun_io::READ_GROUP);
             self.ring.publish(datagrams::RECV_GROUP);
             if let Some(err) = self.fatal.take() {
@@ -149,7 +151,9 @@ impl Proxy {
                 }
                 None => {}
             },
-            Op::UdpSend => self.udp.on_sent(token.key, completion.result),
+            Op::UdpSend => self
+                .udp
+                .on_sent(&mut self.ring, token.key, completion.result),
             Op::UdpRecv => self.on_udp_received(id, completion),
             Op::Connect | Op::Send | Op::Recv => {
                 self.on_tcp_completion(token.op, id, completion.result);

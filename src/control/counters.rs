@@ -221,6 +221,24 @@ family!(
     "Errors of UDP and ping flows' sockets, by operation (socket: none could be opened for a new flow)."
 );
 family!(
+    UDP_SUPER_SENDS,
+    "udp_super_sends_total",
+    Counter,
+    "Sends to servers carrying more than one client datagram (one sendmsg with UDP_SEGMENT)."
+);
+family!(
+    UDP_SUPER_SEND_SEGMENTS,
+    "udp_super_send_segments_total",
+    Counter,
+    "Client datagrams in those sends (mean per send: this over uringproxy_udp_super_sends_total)."
+);
+family!(
+    UDP_GSO_FALLBACKS,
+    "udp_gso_fallbacks_total",
+    Counter,
+    "Segmented sends the kernel refused (EIO: egress without checksum offload on older kernels; EMSGSIZE: a path MTU below the segment size): sent again one datagram at a time, and that socket sends no more segmented."
+);
+family!(
     DROPS,
     "drops_total",
     Counter,
@@ -370,6 +388,12 @@ table! {
     DATAGRAMS &[ICMP, UP], "icmp_echo_requests", Icmp "echo-requests",
         |s| s.stats.udp.echo_datagrams_up;
     DATAGRAMS &[ICMP, DOWN], "icmp_echo_replies", Icmp "echo-replies", |s| s.stats.udp.echo_replies;
+    UDP_SUPER_SENDS &[], "udp_super_sends_up", Udp "super-sends-up",
+        |s| s.stats.udp.super_sends_up;
+    UDP_SUPER_SEND_SEGMENTS &[], "udp_super_send_segments_up", Udp "super-send-segments-up",
+        |s| s.stats.udp.super_send_segments_up;
+    UDP_GSO_FALLBACKS &[], "udp_gso_fallbacks", Udp "gso-fallbacks",
+        |s| s.stats.udp.gso_fallbacks;
     DATAGRAM_ERRORS &[("op", "socket")], "datagram_socket_errors", Udp "socket-errors",
         |s| s.stats.udp.socket_errors;
     DATAGRAM_ERRORS &[("op", "send")], "datagram_send_errors", Udp "send-errors",

@@ -11,16 +11,19 @@ use nix::errno::Errno;
 use smoltcp::time::Instant;
 use socket2::Socket;
 
+mod send;
+
 use super::association::Association;
 use super::outbound::{self, Purpose, Upstream};
 use super::tun_io::{self, Frame};
 use super::{MAX_TIMERS_PER_TURN, Proxy};
 use crate::error::Error;
 use crate::flow::Id;
+use crate::flow::datagram::coalesce::{self, Batch};
 use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received, RecvError};
 use crate::flow::upstream::{self, Deadlines, Step};
 use crate::sys;
-use crate::uring::{Completion, Op, Region, Ring, Slice, Token};
+use crate::uring::{Completion, Op, Region, Ring, Token};
 use crate::wire::icmp::{self, Quote, Reason};
 use crate::wire::{Parsed, socks5, udp};
 use smoltcp::wire::IpAddress;
@@ -45,6 +48,21 @@ pub struct Outbound {
     pub socket: Option<Socket>,
     /// The SOCKS5 association of a UDP flow through an upstream.
     pub association: Option<Box<Association>>,
+    /// The send slot gathering this turn's client datagrams, and what it holds.
+    pub batch: Option<(u16, Batch)>,
+    /// The socket may send segmented (until the kernel refuses it once).
+    pub segmenting: bool,
+}
+
+impl Outbound {
+    fn new(socket: Option<Socket>, association: Option<Box<Association>>) -> Outbound {
+        Outbound {
+            socket,
+            association,
+            batch: None,
+            segmenting: true,
+        }
+    }
 }
 
 pub struct Datagrams {
@@ -54,6 +72,14 @@ pub struct Datagrams {
     /// Slots filled for the datagram being handled, and their lengths, before their
     /// sends are submitted (kept to reuse its memory).
     filled: Vec<(u16, usize)>,
+    /// Each slot's sends in flight.
+    sending: Vec<send::Sending>,
+    /// Flows that gathered client datagrams this turn.
+    batched: Vec<Id>,
+    /// Gathered sends of flows to submit, in order, before anything else of theirs.
+    ready: Vec<(Id, u16, Batch)>,
+    /// What one send may carry towards IPv4 and IPv6 servers.
+    limits: [coalesce::Limits; 2],
     pub(super) interface: String,
     /// The SOCKS5 proxy UDP flows are associated through; `None`: direct.
     pub(super) upstream: Option<Upstream>,
@@ -73,7 +99,7 @@ impl Datagrams {
     ) -> Result<Datagrams, Error> {
         ring.provide_buffers(RECV_GROUP, RECV_BUFFERS, MAX_DATAGRAM)
             .map_err(|err| Error::from_buffer_ring("register UDP receive buffers", err))?;
-        let slots = Region::new(usize::from(SEND_SLOTS) * MAX_DATAGRAM).ok_or_else(|| {
+        let slots = Region::new(send::REGION_LEN).ok_or_else(|| {
             Error::Io(
                 "allocate UDP send slots",
                 std::io::ErrorKind::OutOfMemory.into(),
@@ -84,6 +110,10 @@ impl Datagrams {
             slots,
             free_slots: (0..SEND_SLOTS).rev().collect(),
             filled: Vec::new(),
+            sending: vec![send::Sending::IDLE; usize::from(SEND_SLOTS)],
+            batched: Vec::new(),
+            ready: Vec::new(),
+            limits: send::probe(&interface),
             interface,
             upstream,
             deadlines: Deadlines::default(),
@@ -118,18 +148,6 @@ impl Datagrams {
             .discard_buffers(self.free_slots.iter().copied(), MAX_DATAGRAM);
     }
 
-    /// A client datagram's send finished: its slot is free again.
-    pub fn on_sent(&mut self, slot: u32, result: i32) {
-        if let Ok(slot) = u16::try_from(slot)
-            && slot < SEND_SLOTS
-        {
-            self.free_slots.push(slot);
-        }
-        if result < 0 {
-            self.flows.counters.send_errors += 1;
-        }
-    }
-
     /// Copies what `build` writes into a free send slot (it returns the length). False
     /// when every slot is in flight (the datagram is dropped, counted).
     fn fill(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> bool {
@@ -150,6 +168,7 @@ impl Datagrams {
     /// association ends at once (its control connection's memory is the ring's to keep
     /// until its operations are done), the datagrams it held are dropped.
     pub(super) fn close(&mut self, ring: &mut Ring, id: Id) {
+        self.flush_flow(ring, id);
         if let Some(association) = self.association(id) {
             association.close(ring);
             let held: Vec<u16> = association.flow.take_held().map(|(slot, _)| slot).collect();
@@ -169,6 +188,9 @@ impl Datagrams {
     /// memory, so they need not be waited for).
     fn finish_close(&mut self, ring: &mut Ring, id: Id) {
         if let Some(mut flow) = self.flows.remove(id) {
+            if let Some((slot, _)) = flow.io.batch.take() {
+                self.free_slots.push(slot);
+            }
             if let Some(socket) = flow.io.socket.take() {
                 self.flows.counters.socket_drops += socket_drops(&socket);
                 ring.close(socket.into());
@@ -230,25 +252,15 @@ impl Datagrams {
         if let Some(association) = &mut flow.io.association {
             self.filled.splice(0..0, association.flow.take_held());
         }
-        // Through an upstream each datagram starts with its SOCKS5 header, which is not
-        // payload.
-        let header = match self.upstream {
-            Some(_) => socks5::udp_header_len(&flow.key().server_addr()),
-            None => 0,
-        };
-        let (mut sent, mut bytes, mut not_held) = (0, 0, 0);
-        for (slot, len) in self.filled.drain(..) {
-            let start = usize::from(slot) * MAX_DATAGRAM;
+        let mut filled = std::mem::take(&mut self.filled);
+        for (slot, len) in filled.drain(..) {
+            let Some(flow) = self.flows.get_mut(id) else {
+                self.free_slots.push(slot);
+                continue;
+            };
             let held = match (&flow.io.socket, &mut flow.io.association) {
-                (Some(socket), _) => {
-                    let buf = Slice {
-                        region: self.slots.clone(),
-                        range: start..start + len,
-                    };
-                    let token = Token::new(Op::UdpSend, 0, usize::from(slot)).encode();
-                    ring.send(socket.as_fd(), buf, token);
-                    sent += 1;
-                    bytes += len.saturating_sub(header);
+                (Some(_), _) => {
+                    self.submit(ring, id, slot, Batch::new(len, &coalesce::Limits::SINGLE));
                     continue;
                 }
                 (None, Some(association)) => association.flow.hold(slot, len),
@@ -256,11 +268,10 @@ impl Datagrams {
             };
             if !held {
                 self.free_slots.push(slot);
-                not_held += 1;
+                self.not_held += 1;
             }
         }
-        self.not_held += not_held;
-        self.flows.relayed_up(id, sent, bytes);
+        self.filled = filled;
     }
 }
 
@@ -299,19 +310,10 @@ impl Proxy {
                     udp.close(&mut self.ring, evicted);
                 }
                 let io = match &udp.upstream {
-                    Some(upstream) => {
-                        Association::open(upstream, &udp.interface, now).map(|association| {
-                            Outbound {
-                                socket: None,
-                                association: Some(Box::new(association)),
-                            }
-                        })
-                    }
+                    Some(upstream) => Association::open(upstream, &udp.interface, now)
+                        .map(|association| Outbound::new(None, Some(Box::new(association)))),
                     None => outbound::socket(Purpose::Datagram(kind), key.server, &udp.interface)
-                        .map(|socket| Outbound {
-                            socket: Some(socket),
-                            association: None,
-                        }),
+                        .map(|socket| Outbound::new(Some(socket), None)),
                 };
                 let Ok(io) = io else {
                     udp.flows.counters.socket_errors += 1;
@@ -355,12 +357,13 @@ impl Proxy {
                             }
                         }
                     };
-                    let copied = udp.fill(|buffer| {
+                    let len = header + part.len();
+                    let copied = udp.gather(id, len, |buffer| {
                         if header > 0 {
                             socks5::udp_header(buffer, server);
                         }
-                        buffer[header..header + part.len()].copy_from_slice(part);
-                        header + part.len()
+                        buffer[header..len].copy_from_slice(part);
+                        len
                     });
                     if !copied {
                         break;
@@ -382,6 +385,7 @@ impl Proxy {
             }
             _ => {}
         }
+        udp.submit_ready(&mut self.ring);
         udp.send_held(&mut self.ring, id);
         udp.arm_recv(&mut self.ring, id);
     }

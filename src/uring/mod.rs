@@ -9,6 +9,7 @@ pub mod features;
 pub mod memory;
 mod provided;
 mod reap;
+mod sendmsg;
 mod submit;
 pub mod token;
 
@@ -25,6 +26,7 @@ use buf_ring::BufRing;
 pub use features::{Features, KernelVersion};
 pub use memory::Region;
 pub(crate) use memory::{Family, Lent};
+pub use sendmsg::{MESSAGE_ALIGN, MESSAGE_LEN, SOL_UDP, UDP_SEGMENT};
 pub use token::{Op, Token};
 
 /// Submission queue entries: enough for a full turn of TUN writes plus flow operations;

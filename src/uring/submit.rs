@@ -139,7 +139,7 @@ impl Ring {
     }
 
     /// Records a watched operation and queues it.
-    fn submit_watched(&mut self, entry: squeue::Entry, token: u64, keep: Keep) {
+    pub(super) fn submit_watched(&mut self, entry: squeue::Entry, token: u64, keep: Keep) {
         self.submit_pending_entry(
             entry,
             Pending {
@@ -252,7 +252,7 @@ fn bounds(buf: &Slice) -> (*mut u8, u32) {
     }
 }
 
-fn fd_of(fd: BorrowedFd<'_>) -> types::Fd {
+pub(super) fn fd_of(fd: BorrowedFd<'_>) -> types::Fd {
     types::Fd(fd.as_raw_fd() as RawFd)
 }
 

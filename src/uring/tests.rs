@@ -171,3 +171,52 @@ fn cancel_all_ends_every_pending_operation() {
         "no operation holds the memory any more"
     );
 }
+
+#[test]
+fn a_segmented_send_arrives_as_its_datagrams_and_bad_message_ranges_are_refused() {
+    let mut ring = Ring::new().expect("io_uring");
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    sender.connect(receiver.local_addr().unwrap()).unwrap();
+    let region = Region::new(8192).unwrap();
+    let bytes: Vec<u8> = (0..2500u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    region.with_mut(0..bytes.len(), |buf| buf.copy_from_slice(&bytes));
+    let data = |range: std::ops::Range<usize>| Slice {
+        region: region.clone(),
+        range,
+    };
+    // Misaligned, overlapping the data, too short, outside the region: nothing queued.
+    for message in [
+        4097..4097 + MESSAGE_LEN,
+        2000..2000 + MESSAGE_LEN,
+        4096..4100,
+    ] {
+        assert!(!ring.send_segmented(sender.as_fd(), data(0..2500), message, 1000, 1));
+    }
+    assert!(!ring.send_segmented(
+        sender.as_fd(),
+        data(0..2500),
+        8190..8190 + MESSAGE_LEN,
+        1000,
+        1
+    ));
+    assert_eq!(region.holders(), 1, "refused sends hold nothing");
+    assert!(ring.send_segmented(
+        sender.as_fd(),
+        data(0..2500),
+        4096..4096 + MESSAGE_LEN,
+        1000,
+        2
+    ));
+    let done = completions(&mut ring, 1);
+    assert_eq!((done[0].token, done[0].result), (2, 2500));
+    let mut buf = [0u8; 4096];
+    for expected in [&bytes[..1000], &bytes[1000..2000], &bytes[2000..]] {
+        let n = receiver.recv(&mut buf).expect("a datagram");
+        assert_eq!(&buf[..n], expected, "one segment, one datagram");
+    }
+    assert_eq!(region.holders(), 1, "let go once complete");
+}

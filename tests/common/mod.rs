@@ -15,6 +15,8 @@
 // it, so unused helpers are expected rather than a sign of dead code.
 #![allow(dead_code)]
 
+pub mod socks;
+
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File};
@@ -57,6 +59,18 @@ pub const ROUTE_TABLE: &str = "200";
 const PROXY_STARTUP_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// `found` (whether `what`, which a test needs, is installed), printing why the test is
+/// skipped when it is not, or panicking in CI, where .ci/test installs it (`how`).
+pub fn found_or_skip(found: bool, what: &str, how: &str, test: &str) -> bool {
+    if !found {
+        if std::env::var_os("URINGPROXY_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+            panic!("{test} needs {what} ({how}; .ci/test does)");
+        }
+        eprintln!("SKIPPED (needs {what}): {test}");
+    }
+    found
+}
+
 /// Returns whether a privileged test can run. Otherwise prints
 /// `SKIPPED (needs ...): <test>` and returns false, or panics when
 /// `URINGPROXY_REQUIRE_ROOT_TESTS=1` so CI cannot silently skip everything.
@@ -85,13 +99,7 @@ pub fn tool_or_skip(tool: &str, test: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
-    if !found {
-        if std::env::var_os("URINGPROXY_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
-            panic!("{test} needs {tool} (apt-get install it; .ci/test does)");
-        }
-        eprintln!("SKIPPED (needs {tool}): {test}");
-    }
-    found
+    found_or_skip(found, tool, "apt-get install it", test)
 }
 
 fn ip_available() -> bool {

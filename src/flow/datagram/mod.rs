@@ -7,6 +7,7 @@
 // timeout, so expiry and eviction are O(1). Each ping flow goes out with an echo
 // identifier of its own towards its host.
 
+pub mod coalesce;
 mod receive;
 
 use std::time::Duration;
@@ -82,6 +83,14 @@ pub struct Counters {
     pub bytes_down: u64,
     /// Client datagrams dropped because every send slot was in flight.
     pub no_send_slot: u64,
+    /// Sends carrying more than one client datagram (UDP_SEGMENT), and the datagrams in
+    /// them.
+    pub super_sends_up: u64,
+    pub super_send_segments_up: u64,
+    /// Segmented sends the kernel refused (EIO: an egress device without checksum
+    /// offload, on older kernels; EMSGSIZE: a path MTU below the segment size): their
+    /// datagrams went again one by one, and the socket sends no more segmented.
+    pub gso_fallbacks: u64,
     /// Server datagrams dropped because no TUN write buffer could hold them.
     pub reply_drops: u64,
     pub send_errors: u64,
