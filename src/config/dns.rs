@@ -77,6 +77,15 @@ pub fn parse(flags: &Flags, tun_addrs: &[Cidr]) -> Result<Option<FakeDns>, Strin
                 "--fake-range {range}: at most a /{least} of this family"
             ));
         }
+        // As for --route: the TUN lends relayed connections its address of the family.
+        if !tun_addrs
+            .iter()
+            .any(|tun| tun.addr.is_ipv4() == range.addr.is_ipv4())
+        {
+            return Err(format!(
+                "--fake-range {range} needs a --tun-addr of its family"
+            ));
+        }
         if let Some(tun) = tun_addrs.iter().find(|tun| overlaps(range, **tun)) {
             return Err(format!("--fake-range {range} overlaps --tun-addr {tun}"));
         }
@@ -245,6 +254,9 @@ mod tests {
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
             assert!(!err.contains('\n'));
         }
+        let v6 = ["fd00:1:2:3::/64".to_string()];
+        let err = parse(&flags(&v6, None), &tun(&["10.0.0.1/30"])).unwrap_err();
+        assert!(err.contains("needs a --tun-addr of its family"), "{err}");
         let err = parse(&flags(&[], None), &tun(&["198.18.0.1/15"])).unwrap_err();
         assert!(err.contains("give an IPv4 --fake-range"), "{err}");
     }

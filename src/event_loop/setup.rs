@@ -52,13 +52,27 @@ pub fn run(config: Config) -> Result<(), Error> {
     })?;
     let tun_name = tun.name().to_string();
     // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
-    let routes = if config.routes.is_empty() {
+    // The fake ranges of --dns fake are routed into the TUN like --route networks: the
+    // proxy hands their addresses out, nothing else could reach them.
+    let routed: Vec<_> = config
+        .routes
+        .iter()
+        .copied()
+        .chain(
+            config
+                .dns
+                .iter()
+                .flat_map(|dns| [Some(dns.v4), dns.v6])
+                .flatten(),
+        )
+        .collect();
+    let routes = if routed.is_empty() {
         None
     } else {
         let index = sys::interface_index(&tun_name)
             .ok_or_else(|| Error::Io("look up the new TUN", std::io::ErrorKind::NotFound.into()))?;
         Some(Routes::install(
-            &config.routes,
+            &routed,
             &config.tun_addrs,
             config.table,
             index,
