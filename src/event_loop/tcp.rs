@@ -273,7 +273,7 @@ impl Proxy {
         let (peer, handshake) = match &tcp.upstream {
             Some(upstream) => (
                 upstream.server,
-                Some(upstream.handshake(Command::Connect, server, now)),
+                Some(upstream.handshake(Command::Connect, server.into(), now)),
             ),
             None => (server, None),
         };

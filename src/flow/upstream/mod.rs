@@ -4,7 +4,7 @@ mod association;
 mod handshake;
 
 pub use association::{Association, Deadlines, Step, WATCH, from_relay, header_len, refuses};
-pub use handshake::{Handshake, Io, SCRATCH};
+pub use handshake::{Handshake, Io, SCRATCH, Target};
 
 use crate::wire::socks5::{self, ReplyCode};
 
