@@ -43,6 +43,20 @@ pub struct Stats {
     pub udp: crate::flow::datagram::Counters,
     pub upstream: crate::flow::upstream::Counters,
     pub fragments: u64,
+    pub dns: DnsStats,
+}
+
+/// Fake-IP DNS (`--dns fake`): the resolver's counters (copied when printed) and what
+/// the loop counts beside them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DnsStats {
+    pub resolver: crate::flow::dns::DnsCounters,
+    /// TCP SYNs to a fake address no name is mapped to (after a restart, or evicted),
+    /// answered with RST; UDP datagrams to one, answered with ICMP port unreachable.
+    pub unmapped_tcp: u64,
+    pub unmapped_udp: u64,
+    /// Replies that found no TUN write buffer.
+    pub reply_drops: u64,
 }
 
 impl Stats {

@@ -6,6 +6,7 @@
 // connection is `association`'s), whose steps are carried out here.
 
 use std::os::fd::AsFd;
+use std::rc::Rc;
 
 use nix::errno::Errno;
 use smoltcp::time::Instant;
@@ -45,6 +46,8 @@ pub struct Outbound {
     pub socket: Option<Socket>,
     /// The SOCKS5 association of a UDP flow through an upstream.
     pub association: Option<Box<Association>>,
+    /// The name a flow to a fake address goes to (`--dns fake`), its table entry held.
+    pub name: Option<Rc<str>>,
 }
 
 pub struct Datagrams {
@@ -62,6 +65,8 @@ pub struct Datagrams {
     /// Client datagrams dropped for want of room among those held for associations
     /// being set up (copied to the counters when printed).
     pub not_held: u64,
+    /// Fake addresses whose flows ended, for the loop to release their names.
+    pub released: Vec<std::net::IpAddr>,
 }
 
 impl Datagrams {
@@ -88,6 +93,7 @@ impl Datagrams {
             upstream,
             deadlines: Deadlines::default(),
             not_held: 0,
+            released: Vec::new(),
         })
     }
 
@@ -169,6 +175,9 @@ impl Datagrams {
     /// memory, so they need not be waited for).
     fn finish_close(&mut self, ring: &mut Ring, id: Id) {
         if let Some(mut flow) = self.flows.remove(id) {
+            if flow.io.name.is_some() {
+                self.released.push(flow.key().server_addr().ip());
+            }
             if let Some(socket) = flow.io.socket.take() {
                 self.flows.counters.socket_drops += socket_drops(&socket);
                 ring.close(socket.into());
@@ -232,9 +241,10 @@ impl Datagrams {
         }
         // Through an upstream each datagram starts with its SOCKS5 header, which is not
         // payload.
-        let header = match self.upstream {
-            Some(_) => socks5::udp_header_len(&flow.key().server_addr()),
-            None => 0,
+        let header = match (&self.upstream, &flow.io.name) {
+            (Some(_), Some(name)) => socks5::udp_header_name_len(name.as_bytes()),
+            (Some(_), None) => socks5::udp_header_len(&flow.key().server_addr()),
+            (None, _) => 0,
         };
         let (mut sent, mut bytes, mut not_held) = (0, 0, 0);
         for (slot, len) in self.filled.drain(..) {
@@ -273,6 +283,24 @@ impl Proxy {
             Parsed::Echo { key, .. } => (Kind::Echo, key),
             _ => return,
         };
+        if let Parsed::Udp {
+            key,
+            payload_start,
+            payload_len,
+        } = parsed
+            && key.server.port == super::dns::PORT
+            && let Some(dns) = &mut self.dns
+        {
+            let packet = self
+                .ring
+                .buffer(tun_io::READ_GROUP, frame.bid, frame.len)
+                .map_or(&[][..], |buffer| &buffer[frame.ip_start..]);
+            let payload = &packet[payload_start..payload_start + payload_len];
+            for query in udp::datagrams(payload, frame.udp_segment, MAX_DATAGRAM) {
+                dns.on_query(key, query, now, &mut self.stack.tx);
+            }
+            return;
+        }
         let (tx, counters) = (&mut self.stack.tx, &mut self.stats.upstream);
         if self.udp.upstream.is_some()
             && upstream::refuses(
@@ -295,6 +323,21 @@ impl Proxy {
                 if udp.flows.refuses(kind, key) {
                     return;
                 }
+                // A fake destination goes by its name, held while the flow lives.
+                let server_ip = key.server_addr().ip();
+                let name = match &mut self.dns {
+                    Some(dns) if dns.is_fake(server_ip) => match dns.hold(server_ip) {
+                        Some(name) => Some(name),
+                        None => {
+                            let packet = self
+                                .ring
+                                .buffer(tun_io::READ_GROUP, frame.bid, frame.len)
+                                .map_or(&[][..], |buffer| &buffer[frame.ip_start..]);
+                            return dns.refuse_unmapped(packet, &mut self.stack.tx);
+                        }
+                    },
+                    _ => None,
+                };
                 if let Some(evicted) = udp.flows.evict_for_new() {
                     udp.close(&mut self.ring, evicted);
                 }
@@ -304,6 +347,7 @@ impl Proxy {
                             Outbound {
                                 socket: None,
                                 association: Some(Box::new(association)),
+                                name,
                             }
                         })
                     }
@@ -311,16 +355,22 @@ impl Proxy {
                         .map(|socket| Outbound {
                             socket: Some(socket),
                             association: None,
+                            name: None,
                         }),
+                };
+                let release = |dns: &mut Option<super::dns::Dns>| {
+                    if let Some(dns) = dns.as_mut().filter(|dns| dns.is_fake(server_ip)) {
+                        dns.release(server_ip);
+                    }
                 };
                 let Ok(io) = io else {
                     udp.flows.counters.socket_errors += 1;
-                    return;
+                    return release(&mut self.dns);
                 };
                 // Refused (counted) with its socket closed here: a ping flow finds every
                 // echo identifier towards its server taken.
                 let Ok(id) = udp.flows.open(kind, key, io, now) else {
-                    return;
+                    return release(&mut self.dns);
                 };
                 udp.associated(&mut self.ring, id);
                 id
@@ -343,21 +393,35 @@ impl Proxy {
                 let payload = &packet[payload_start..payload_start + payload_len];
                 let parts = udp::datagrams(payload, frame.udp_segment, MAX_DATAGRAM);
                 let server = key.server_addr();
+                // Taken out while the datagrams are copied (`fill` borrows the relay).
+                let name = udp.flows.get_mut(id).and_then(|flow| flow.io.name.take());
                 for part in parts {
                     // Through an upstream, each datagram starts with the SOCKS5 header.
                     let counters = &mut self.stats.upstream;
                     let header = match &udp.upstream {
                         None => 0,
                         Some(_) => {
-                            match upstream::header_len(server, part.len(), MAX_DATAGRAM, counters) {
+                            match upstream::header_len(
+                                server,
+                                name.as_deref(),
+                                part.len(),
+                                MAX_DATAGRAM,
+                                counters,
+                            ) {
                                 Some(header) => header,
                                 None => continue,
                             }
                         }
                     };
                     let copied = udp.fill(|buffer| {
-                        if header > 0 {
-                            socks5::udp_header(buffer, server);
+                        match (header, name.as_deref()) {
+                            (0, _) => {}
+                            (_, Some(name)) => {
+                                socks5::udp_header_name(buffer, name.as_bytes(), server.port());
+                            }
+                            (_, None) => {
+                                socks5::udp_header(buffer, server);
+                            }
                         }
                         buffer[header..header + part.len()].copy_from_slice(part);
                         header + part.len()
@@ -365,6 +429,9 @@ impl Proxy {
                     if !copied {
                         break;
                     }
+                }
+                if let Some(flow) = udp.flows.get_mut(id) {
+                    flow.io.name = name;
                 }
             }
             Parsed::Echo {
@@ -403,7 +470,8 @@ impl Proxy {
         let received = match udp.flows.get(id) {
             Some(flow) if flow.io.association.is_some() => {
                 let server = flow.key().server_addr();
-                match upstream::from_relay(result, server, &mut self.stats.upstream) {
+                let by_name = flow.io.name.is_some();
+                match upstream::from_relay(result, server, by_name, &mut self.stats.upstream) {
                     Some(result) => {
                         udp.flows
                             .on_received(id, now, result, more, &mut self.stack.tx)
@@ -479,6 +547,11 @@ impl Proxy {
     /// Closes datagram flows idle past their timeout, and associations not set up by
     /// their deadline.
     pub(super) fn expire_datagrams(&mut self, now: Instant) {
+        if let Some(dns) = &mut self.dns {
+            for addr in self.udp.released.drain(..) {
+                dns.release(addr);
+            }
+        }
         self.expire_associations(now);
         for _ in 0..MAX_TIMERS_PER_TURN {
             let Some(id) = self.udp.flows.expired(now) else {

@@ -37,6 +37,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     // loop, which stops cleanly (removing the rules), instead of killing the process
     // with its rules installed.
     let signals = Signals::new()?;
+    let dns = super::dns::Dns::new(&config)?;
     for warning in config.override_warnings() {
         warn!("{warning}");
     }
@@ -119,6 +120,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         stack: Stack::new(tx, Instant::ZERO, random_seed()),
         tcp,
         udp,
+        dns,
         timers: Default::default(),
         signals,
         housekeeping: Default::default(),

@@ -4,6 +4,7 @@
 
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use std::rc::Rc;
 use std::time::Duration;
 
 use log::warn;
@@ -17,6 +18,7 @@ use crate::control::wire::{FlowRow, Proto, State};
 use crate::flow::budget::Budget;
 use crate::flow::tcp::admission::{Admission, Limits, Verdict};
 use crate::flow::tcp::{Action, Actions, Failure, Flow, Phase, Settings};
+use crate::flow::upstream::Target;
 use crate::flow::{Id, IoError, Table};
 use crate::uring::{Op, Region, Ring, Slice, Token};
 use crate::wire::FlowKey;
@@ -52,6 +54,8 @@ pub struct Entry {
     bytes_up: u64,
     bytes_down: u64,
     counted: Phase,
+    /// The name a flow to a fake address connected to (`--dns fake`), held in the table.
+    name: Option<Rc<str>>,
 }
 
 impl Entry {
@@ -72,6 +76,7 @@ impl Entry {
             bytes_down: self.bytes_down,
             age_s: (now - self.opened_at).secs(),
             idle_s: (now - self.active_at).secs(),
+            name: self.name.as_deref().map(str::to_string),
         }
     }
 }
@@ -270,11 +275,50 @@ impl Proxy {
             return None;
         }
         let server = key.server_addr();
+        // A fake destination (`--dns fake`) is connected to by its name, which the flow
+        // holds while it lives; one without a name is refused (RST) at once.
+        let name = match &mut self.dns {
+            Some(dns) if dns.is_fake(server.ip()) => match dns.hold(server.ip()) {
+                Some(name) => Some(name),
+                None => {
+                    dns.counters.unmapped_tcp += 1;
+                    return None;
+                }
+            },
+            _ => None,
+        };
+        let opened = self.open_tcp_to(key, mss, syn, now, name.clone());
+        if opened.is_none()
+            && name.is_some()
+            && let Some(dns) = &mut self.dns
+        {
+            dns.release(server.ip());
+        }
+        opened
+    }
+
+    /// `open_tcp` for a destination whose name (if it has one) is held.
+    fn open_tcp_to(
+        &mut self,
+        key: FlowKey,
+        mss: Option<u16>,
+        syn: Quote,
+        now: Instant,
+        name: Option<Rc<str>>,
+    ) -> Option<Id> {
+        let tcp = &mut self.tcp;
+        let server = key.server_addr();
         let (peer, handshake) = match &tcp.upstream {
-            Some(upstream) => (
-                upstream.server,
-                Some(upstream.handshake(Command::Connect, server.into(), now)),
-            ),
+            Some(upstream) => {
+                let target = match name.clone() {
+                    Some(name) => Target::Name(name, server.port()),
+                    None => server.into(),
+                };
+                (
+                    upstream.server,
+                    Some(upstream.handshake(Command::Connect, target, now)),
+                )
+            }
             None => (server, None),
         };
         let socket = match outbound::socket(Purpose::Tcp, peer.into(), &tcp.interface) {
@@ -344,6 +388,7 @@ impl Proxy {
                 bytes_up: 0,
                 bytes_down: 0,
                 counted: Phase::Connecting,
+                name,
             }),
         );
         tcp.phases[phase_index(Phase::Connecting)] += 1;
@@ -440,6 +485,11 @@ impl Proxy {
                 self.stats.count_failure(failure);
             }
             if let Some(entry) = tcp.table.remove(id) {
+                if entry.name.is_some()
+                    && let Some(dns) = &mut self.dns
+                {
+                    dns.release(entry.flow.key().server_addr().ip());
+                }
                 let touched = entry.flow.touched();
                 if let Some(region) = entry.flow.into_region() {
                     tcp.keep_spare(region, touched);

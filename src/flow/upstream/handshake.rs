@@ -38,7 +38,7 @@ enum Stage {
 pub enum Target {
     Addr(SocketAddr),
     /// A host name and port (fake-IP DNS): the upstream resolves the name.
-    Name(Box<str>, u16),
+    Name(Rc<str>, u16),
 }
 
 impl From<SocketAddr> for Target {

@@ -1,0 +1,128 @@
+//! The loop's side of fake-IP DNS (`--dns fake`): queries read from the TUN answered in
+//! place, and the names flows to fake addresses connect to.
+
+// The resolver (`flow::dns`) decides; this carries its replies to the TUN, from the
+// address the client asked, so no socket is involved. A flow to a fake address holds
+// its table entry while it lives, so the name cannot be given away under it.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::rc::Rc;
+
+use smoltcp::time::Instant;
+use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
+
+use crate::config::{Config, FakeDns};
+use crate::error::Error;
+use crate::flow::dns::{Answer, FakeConfig, Resolver};
+use crate::stack::{Claim, TxPool};
+use crate::stats::DnsStats;
+use crate::wire::icmp::{self, Quote, Reason};
+use crate::wire::{Cidr, FlowKey, udp};
+
+/// The DNS port: datagrams to it, to any address, are queries for the resolver.
+pub const PORT: u16 = 53;
+/// Largest reply written: the classic UDP limit, which every reply the resolver writes
+/// fits in.
+const MAX_REPLY: usize = 512;
+/// The IPv6 range the resolver is given when the TUN has no IPv6 address.
+const UNROUTED_V6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x7072, 0x7879, 0xfa4e, 0, 0, 0, 0);
+
+/// Fake-IP DNS in the loop.
+pub struct Dns {
+    resolver: Resolver,
+    /// Where a reply is written before it is copied into a TUN write buffer.
+    reply: Box<[u8; MAX_REPLY]>,
+    pub counters: DnsStats,
+}
+
+impl Dns {
+    /// The resolver `config` asks for, if it asks for one.
+    pub fn new(config: &Config) -> Result<Option<Dns>, Error> {
+        let Some(dns) = &config.dns else {
+            return Ok(None);
+        };
+        let resolver = fake_config(dns, config)
+            .and_then(Resolver::new)
+            .map_err(|why| Error::Usage(format!("--dns fake: {why}")))?;
+        Ok(Some(Dns {
+            resolver,
+            reply: Box::new([0; MAX_REPLY]),
+            counters: DnsStats::default(),
+        }))
+    }
+
+    /// The counters, the resolver's taken now.
+    pub fn counters(&self) -> DnsStats {
+        DnsStats {
+            resolver: self.resolver.counters(),
+            ..self.counters
+        }
+    }
+
+    /// Whether a flow to `addr` must go by name (`addr` is in a fake range).
+    pub fn is_fake(&self, addr: IpAddr) -> bool {
+        self.resolver.is_fake(addr)
+    }
+
+    /// The name a flow to fake address `addr` starts with, its table entry held until
+    /// `release`; `None` (counted by the caller) if no name is mapped to it.
+    pub fn hold(&mut self, addr: IpAddr) -> Option<Rc<str>> {
+        let name = self.resolver.name_of(addr)?.into();
+        self.resolver.hold(addr).then_some(name)
+    }
+
+    /// A flow that `hold` gave a name ended.
+    pub fn release(&mut self, addr: IpAddr) {
+        self.resolver.release(addr);
+    }
+
+    /// A UDP datagram `payload` to port 53 from the client of `key`: answered from the
+    /// address it was sent to, at once.
+    pub fn on_query(&mut self, key: FlowKey, payload: &[u8], now: Instant, tx: &mut TxPool) {
+        match self.resolver.answer(payload, now, &mut self.reply[..]) {
+            Answer::Reply(len) => {
+                let reply = &self.reply[..len.min(MAX_REPLY)];
+                if !tx.emit(Claim::Reply, |buf| udp::reply(buf, key, reply)) {
+                    self.counters.reply_drops += 1;
+                }
+            }
+            // Counted by the resolver.
+            Answer::Forward | Answer::Drop => {}
+        }
+    }
+
+    /// A UDP datagram (`packet`) to a fake address no name is mapped to: ICMP port
+    /// unreachable at once, as if nothing listened there.
+    pub fn refuse_unmapped(&mut self, packet: &[u8], tx: &mut TxPool) {
+        self.counters.unmapped_udp += 1;
+        let quote = Quote::of(packet);
+        if !tx.emit(Claim::Reply, |buf| {
+            icmp::unreachable(buf, &quote, Reason::Port)
+        }) {
+            self.counters.reply_drops += 1;
+        }
+    }
+}
+
+/// The resolver's configuration from the validated flags.
+fn fake_config(dns: &FakeDns, config: &Config) -> Result<FakeConfig, String> {
+    let IpAddr::V4(v4) = dns.v4.addr else {
+        return Err(format!("{} is not an IPv4 range", dns.v4));
+    };
+    // Without an IPv6 TUN address there is no IPv6 range to route; the resolver still
+    // wants one, and gets the default's place, never routed here.
+    let v6 = match dns.v6 {
+        Some(Cidr {
+            addr: IpAddr::V6(addr),
+            prefix,
+        }) => Ipv6Cidr::new(addr, prefix),
+        _ => Ipv6Cidr::new(UNROUTED_V6, 64),
+    };
+    Ok(FakeConfig {
+        v4: Ipv4Cidr::new(v4, dns.v4.prefix),
+        v6,
+        exclude: config.tun_addrs.iter().map(|tun| tun.addr).collect(),
+        capacity: dns.entries,
+        forward: false,
+    })
+}
