@@ -6,6 +6,7 @@
 mod association;
 mod control;
 mod datagrams;
+mod dns;
 mod host;
 mod housekeeping;
 mod outbound;
@@ -53,6 +54,8 @@ struct Proxy {
     stack: Stack,
     tcp: TcpFlows,
     udp: Datagrams,
+    /// Fake-IP DNS (`--dns fake`).
+    dns: Option<dns::Dns>,
     timers: Timers,
     signals: Signals,
     housekeeping: Housekeeping,
