@@ -1,0 +1,425 @@
+//! End-to-end tests of `--dns fake`: the client namespace resolves through the proxy
+//! (its resolv.conf names the TUN's peer address), gets fake addresses, and its flows to
+//! them reach the server by name through a SOCKS5 upstream, which resolves the names
+//! with the server namespace's own /etc/hosts. Real tools on both ends: getaddrinfo
+//! (getent), curl, dig, microsocks, danted.
+
+mod common;
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::socks::{danted, microsocks, tool_or_skip};
+use common::udp_echo_server;
+use common::{ANY, PROXY_BIN, Topology, dns_query, echo_once, join, send_payload, udp_client};
+use sha2::{Digest, Sha256};
+
+/// The TUN's peer with the default --tun-addr (198.18.0.1/30): the documented resolver
+/// address, routed into the TUN by the TUN's own prefix.
+const RESOLVER: &str = "198.18.0.2";
+/// Where fake addresses come from with the default --tun-addr.
+const FAKE_V4_PREFIX: &str = "198.19.";
+const FAKE_V6_PREFIX: &str = "fd7a:7072:7879:fa4e:";
+const UDP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Files `ip netns exec NS` mounts over those of /etc (hosts, resolv.conf), in
+/// /etc/netns/NS, removed again on drop.
+struct NetnsEtc {
+    dir: PathBuf,
+}
+
+impl NetnsEtc {
+    fn new(ns: &str, files: &[(&str, String)]) -> NetnsEtc {
+        let dir = PathBuf::from("/etc/netns").join(ns);
+        fs::create_dir_all(&dir).expect("create /etc/netns/NS");
+        let etc = NetnsEtc { dir };
+        for (name, text) in files {
+            fs::write(etc.dir.join(name), text).expect("write a namespace's /etc file");
+        }
+        etc
+    }
+}
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The client namespace resolving through the proxy, and the server namespace knowing
+/// `hosts` (name, address) from its /etc/hosts.
+fn name_service(topo: &Topology, hosts: &[(&str, IpAddr)]) -> [NetnsEtc; 2] {
+    let hosts: String = hosts
+        .iter()
+        .map(|(name, addr)| format!("{addr} {name}\n"))
+        .collect();
+    let resolv = format!("nameserver {RESOLVER}\noptions timeout:2 attempts:3\n");
+    [
+        NetnsEtc::new(topo.server_ns(), &[("hosts", hosts)]),
+        NetnsEtc::new(topo.client_ns(), &[("resolv.conf", resolv)]),
+    ]
+}
+
+/// `program args` in the client namespace (with its /etc files), to completion.
+fn in_client(topo: &Topology, program: &str, args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", topo.client_ns(), program])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+/// dig's answer section for `args`, and its status (NOERROR, REFUSED...).
+fn dig(topo: &Topology, args: &[&str]) -> (Vec<String>, String) {
+    let mut all = vec!["+time=3", "+tries=2", "+nocomments", "+nocmd", "+nostats"];
+    all.push("@198.18.0.2");
+    all.extend_from_slice(args);
+    let output = in_client(topo, "dig", &all);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "dig {args:?}: {text}");
+    let answers = text
+        .lines()
+        .filter(|line| !line.starts_with(';') && !line.trim().is_empty())
+        .map(|line| {
+            line.split_whitespace()
+                .last()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    // +nocomments hides the header: ask again for the status alone.
+    let mut status_args = vec!["+time=3", "+tries=2", "@198.18.0.2"];
+    status_args.extend_from_slice(args);
+    let status = String::from_utf8_lossy(&in_client(topo, "dig", &status_args).stdout)
+        .split("status: ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or("none")
+        .to_string();
+    (answers, status)
+}
+
+/// The fake IPv4 address the proxy gives `name`, asked over UDP from the client
+/// namespace without its resolv.conf.
+fn fake_v4(topo: &Topology, name: &str) -> Ipv4Addr {
+    let query = dns_query(0x1234, name);
+    let resolver = SocketAddr::new(RESOLVER.parse().unwrap(), 53);
+    let reply = join(topo.in_client(move || echo_once(&udp_client(resolver, UDP_TIMEOUT), &query)));
+    a_record(&reply)
+}
+
+/// The address of the one A record that ends `reply` (the proxy answers an A question
+/// with one record and nothing after it).
+fn a_record(reply: &[u8]) -> Ipv4Addr {
+    assert!(reply.len() >= 16 + 12, "short reply: {reply:?}");
+    assert_eq!(reply[3] & 0x0f, 0, "rcode of {reply:?}");
+    assert_eq!(u16::from_be_bytes([reply[6], reply[7]]), 1, "one answer");
+    let end = reply.len();
+    Ipv4Addr::new(
+        reply[end - 4],
+        reply[end - 3],
+        reply[end - 2],
+        reply[end - 1],
+    )
+}
+
+/// A one-shot HTTP/1.0 server of `len` payload bytes (seeded by the connection's
+/// order) on the server namespace's both families, for `conns` connections.
+fn http_server(topo: &Topology, conns: usize, len: u64) -> common::Server<common::Transfer> {
+    topo.serve(ANY, conns, move |mut stream| {
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") && request.len() < 8192 {
+            stream.read_exact(&mut byte).expect("read the request");
+            request.push(byte[0]);
+        }
+        write!(
+            stream,
+            "HTTP/1.0 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        send_payload(&mut stream, len ^ request.len() as u64, len)
+    })
+}
+
+/// The value labelled `label` on the last `dns:` line of the counters in `stats`.
+fn dns_field(stats: &str, label: &str) -> u64 {
+    let line = stats
+        .lines()
+        .rfind(|l| l.contains("dns:"))
+        .unwrap_or_default();
+    line.split(&format!(" {label} "))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {label} in {line}"))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+#[test]
+fn names_resolve_to_fake_addresses_and_flows_reach_them_by_name_through_microsocks() {
+    const TEST: &str =
+        "names_resolve_to_fake_addresses_and_flows_reach_them_by_name_through_microsocks";
+    const LEN: u64 = 4 << 20;
+    if !["microsocks", "curl", "dig", "getent"]
+        .iter()
+        .all(|tool| tool_or_skip(tool, TEST))
+    {
+        return;
+    }
+    let Some(topo) = Topology::for_test(TEST) else {
+        return;
+    };
+    let _etc = name_service(
+        &topo,
+        &[
+            ("web.fake.test", topo.server_v4()),
+            ("web.fake.test", topo.server_v6()),
+        ],
+    );
+    let socks = microsocks(&topo, None);
+    let upstream = format!("socks5://{}", socks.addr);
+    // Nothing routed but what the proxy routes itself: the fake ranges.
+    let mut proxy = topo.start_proxy_unrouted(&["--upstream", &upstream, "--dns", "fake"], &[]);
+
+    // getaddrinfo through the client's resolv.conf: one fake address of each family.
+    let output = in_client(&topo, "getent", &["ahosts", "web.fake.test"]);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "getent: {text}");
+    let addrs: HashSet<IpAddr> = text
+        .lines()
+        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(addrs.len(), 2, "{text}");
+    assert!(
+        addrs
+            .iter()
+            .any(|a| a.to_string().starts_with(FAKE_V4_PREFIX))
+            && addrs
+                .iter()
+                .any(|a| a.to_string().starts_with(FAKE_V6_PREFIX)),
+        "not fake addresses: {text}"
+    );
+
+    // curl by name over the fake IPv4 address, then the fake IPv6 one: the server
+    // answers through microsocks, which looked the name up itself.
+    let server = http_server(&topo, 2, LEN);
+    let url = format!("http://web.fake.test:{}/file", server.addr().port());
+    let mut downloaded = Vec::new();
+    for family in ["-4", "-6"] {
+        let output = in_client(
+            &topo,
+            "curl",
+            &["-sS", "--fail", "--max-time", "60", family, "-o", "-", &url],
+        );
+        assert!(
+            output.status.success(),
+            "curl {family}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(output.stdout.len() as u64, LEN, "curl {family}");
+        downloaded.push(sha256(&output.stdout));
+    }
+    let sent: Vec<[u8; 32]> = server.join().iter().map(|t| t.sha256).collect();
+    for hash in &downloaded {
+        assert!(
+            sent.contains(hash),
+            "a download does not match what was sent"
+        );
+    }
+
+    // dig: A and AAAA give the addresses getaddrinfo got, HTTPS no record, PTR of the
+    // fake address the name; MX goes nowhere without --dns-server.
+    let (a, status) = dig(&topo, &["web.fake.test", "A"]);
+    assert_eq!(status, "NOERROR");
+    let (aaaa, _) = dig(&topo, &["web.fake.test", "AAAA"]);
+    let dug: HashSet<IpAddr> = a.iter().chain(&aaaa).map(|a| a.parse().unwrap()).collect();
+    assert_eq!(dug, addrs);
+    let (https, status) = dig(&topo, &["web.fake.test", "HTTPS"]);
+    assert_eq!((https.len(), status.as_str()), (0, "NOERROR"));
+    let (ptr, status) = dig(&topo, &["-x", &a[0]]);
+    assert_eq!(
+        (ptr, status.as_str()),
+        (vec!["web.fake.test.".to_string()], "NOERROR")
+    );
+    let (mx, status) = dig(&topo, &["web.fake.test", "MX"]);
+    assert_eq!((mx.len(), status.as_str()), (0, "REFUSED"));
+
+    // A live flow shows its name in `uringproxy status`.
+    let held = http_server(&topo, 1, 1);
+    let fake: IpAddr = a[0].parse().unwrap();
+    let target = SocketAddr::new(fake, held.addr().port());
+    let mut stream = join(topo.in_client(move || common::connect(target)));
+    let status = Command::new(PROXY_BIN)
+        .args(["status", "--control"])
+        .arg(proxy.control_path())
+        .output()
+        .expect("run uringproxy status");
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains(&format!("{target} (web.fake.test)")),
+        "{status}"
+    );
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    assert!(response.starts_with(b"HTTP/1.0 200 OK"));
+    held.join();
+
+    let stats = proxy.stats();
+    for label in [
+        "a",
+        "aaaa",
+        "https-svcb",
+        "ptr",
+        "other",
+        "answered",
+        "refused",
+    ] {
+        assert!(dns_field(&stats, label) > 0, "no {label} counted:\n{stats}");
+    }
+    assert!(stats.contains("unmapped-tcp 0 unmapped-udp 0"), "{stats}");
+    proxy.assert_running();
+}
+
+#[test]
+fn stale_fake_addresses_fail_at_once_after_a_restart() {
+    const TEST: &str = "stale_fake_addresses_fail_at_once_after_a_restart";
+    if !tool_or_skip("microsocks", TEST) {
+        return;
+    }
+    let Some(topo) = Topology::for_test(TEST) else {
+        return;
+    };
+    let socks = microsocks(&topo, None);
+    let upstream = format!("socks5://{}", socks.addr);
+    let args = ["--upstream", upstream.as_str(), "--dns", "fake"];
+    let mut proxy = topo.start_proxy_unrouted(&args, &[]);
+    let stale = IpAddr::V4(fake_v4(&topo, "gone.fake.test"));
+    assert!(stale.to_string().starts_with(FAKE_V4_PREFIX), "{stale}");
+    proxy.terminate();
+    drop(proxy);
+    // A new proxy (another TUN: the old one may linger a few ms) knows no names.
+    let mut proxy = topo.start_proxy_on("upxfake1", &args, &[]);
+    let (error, took) = join(topo.in_client(move || {
+        let start = Instant::now();
+        let target = SocketAddr::new(stale, 80);
+        match TcpStream::connect_timeout(&target, Duration::from_secs(10)) {
+            Ok(_) => panic!("connected to stale {target}"),
+            Err(e) => (e.kind(), start.elapsed()),
+        }
+    }));
+    assert_eq!(error, ErrorKind::ConnectionRefused, "took {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let (error, took) = join(topo.in_client(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(SocketAddr::new(stale, 9)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let start = Instant::now();
+        socket.send(b"anyone?").unwrap();
+        let error = socket
+            .recv(&mut [0u8; 64])
+            .expect_err("an answer from nowhere");
+        (error.kind(), start.elapsed())
+    }));
+    assert_eq!(error, ErrorKind::ConnectionRefused, "took {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let stats = proxy.stats();
+    assert!(stats.contains("unmapped-tcp 1 unmapped-udp 1"), "{stats}");
+    proxy.assert_running();
+}
+
+#[test]
+fn udp_by_name_through_a_danted_association() {
+    const TEST: &str = "udp_by_name_through_a_danted_association";
+    const PORT: u16 = 7300;
+    if !tool_or_skip("danted", TEST) {
+        return;
+    }
+    let Some(topo) = Topology::for_test(TEST) else {
+        return;
+    };
+    // danted resolves the name from the server's /etc/hosts.
+    let _etc = name_service(&topo, &[("echo.fake.test", topo.server_v4())]);
+    let socks = danted(&topo);
+    let upstream = format!("socks5://{}", socks.addr);
+    let mut proxy = topo.start_proxy_unrouted(&["--upstream", &upstream, "--dns", "fake"], &[]);
+    udp_echo_server(&topo, PORT, Duration::from_secs(60));
+    let fake = SocketAddr::new(IpAddr::V4(fake_v4(&topo, "echo.fake.test")), PORT);
+    join(topo.in_client(move || {
+        let socket = udp_client(fake, UDP_TIMEOUT);
+        for (round, len) in [1usize, 100, 1400, 0, 8000].into_iter().enumerate() {
+            let sent: Vec<u8> = (0..len).map(|i| (i * 7 + round) as u8).collect();
+            let echoed = echo_once(&socket, &sent);
+            assert!(echoed == sent, "{len} bytes came back as {}", echoed.len());
+        }
+    }));
+    let stats = proxy.stats();
+    assert!(stats.contains("udp associations 1 ended 0 "), "{stats}");
+    proxy.assert_running();
+}
+
+#[test]
+fn more_names_than_the_table_holds_reuse_its_entries() {
+    const TEST: &str = "more_names_than_the_table_holds_reuse_its_entries";
+    const NAMES: u32 = 70_000;
+    const ENTRIES: u32 = 65_536;
+    if !tool_or_skip("microsocks", TEST) {
+        return;
+    }
+    let Some(topo) = Topology::for_test(TEST) else {
+        return;
+    };
+    let socks = microsocks(&topo, None);
+    let upstream = format!("socks5://{}", socks.addr);
+    let mut proxy = topo.start_proxy_unrouted(&["--upstream", &upstream, "--dns", "fake"], &[]);
+    let resolver = SocketAddr::new(RESOLVER.parse().unwrap(), 53);
+    // `round` names, each asked once, their answers all fake and (within one table's
+    // worth) all different.
+    let ask = |round: u32| {
+        join(topo.in_client(move || {
+            let socket = udp_client(resolver, UDP_TIMEOUT);
+            let mut seen = HashSet::new();
+            for i in 0..NAMES {
+                let name = format!("n{i}.r{round}.fake.test");
+                let query = dns_query(i as u16, &name);
+                let addr = a_record(&echo_once(&socket, &query));
+                assert!(
+                    addr.to_string().starts_with(FAKE_V4_PREFIX),
+                    "{name}: {addr}"
+                );
+                if i < ENTRIES {
+                    assert!(seen.insert(addr), "{name}: {addr} given twice");
+                }
+            }
+        }))
+    };
+    let entries = |stats: &str| -> u64 {
+        assert_eq!(
+            dns_field(stats, "evictions"),
+            dns_field(stats, "a") - u64::from(ENTRIES),
+            "{stats}"
+        );
+        dns_field(stats, "entries")
+    };
+    ask(0);
+    assert_eq!(entries(&proxy.stats()), u64::from(ENTRIES));
+    let rss = proxy.rss_kib();
+    ask(1);
+    assert_eq!(entries(&proxy.stats()), u64::from(ENTRIES));
+    let grown = proxy.rss_kib().saturating_sub(rss);
+    assert!(
+        grown < 2048,
+        "RSS grew by {grown} KiB for {NAMES} more names"
+    );
+    proxy.assert_running();
+}
