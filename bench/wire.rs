@@ -17,6 +17,8 @@
 //!   N is one MSS (1460 bytes over IPv4, 1440 over IPv6) or 65000 bytes (a 64 KiB
 //!   super-packet, as a TUN with TSO delivers); throughput figures count N, the bytes
 //!   moved each way. Demux and virtio-net header parsing, measured above, come on top.
+//! - `dns`: the fake-IP resolver answering one A query, for a name in its table and
+//!   for a new name that evicts another.
 //!
 //! Run with `cargo bench --bench wire` (filter with e.g. `cargo bench --bench wire --
 //! stack`). `cargo test --release --bench wire` runs each benchmark once, as a test.
@@ -931,5 +933,94 @@ mod stack {
     #[divan::bench(args = [1440, SUPER])]
     fn tcp_v6(bencher: Bencher, len: usize) {
         round_trip(bencher, Family::V6, len);
+    }
+}
+
+/// The fake-IP resolver's answer to one A query (`Resolver::answer`, parse to reply,
+/// into a 512-byte buffer): a name in the table (`a_cached`), a name never seen in a
+/// full 65,534-entry table, each one evicting the least recently used (`a_new`), and
+/// the parse alone (`parse`).
+mod dns {
+    use super::*;
+    use smoltcp::time::Instant;
+    use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
+    use uringproxy::flow::dns::{Answer, FakeConfig, Resolver};
+    use uringproxy::wire::dns::{Query, TYPE_A, UDP_MAX};
+
+    fn resolver() -> Resolver {
+        Resolver::new(FakeConfig {
+            v4: Ipv4Cidr::new(Ipv4Address::new(198, 18, 0, 0), 16),
+            v6: Ipv6Cidr::new(
+                Ipv6Address::new(0xfd7a, 0x7072, 0x7879, 0xf4, 0, 0, 0, 0),
+                64,
+            ),
+            exclude: Vec::new(),
+            capacity: 65_536,
+            forward: false,
+        })
+        .unwrap()
+    }
+
+    /// An A query for `name`, as a stub resolver sends it.
+    fn query(name: &str) -> Vec<u8> {
+        let mut out = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            out.push(label.len() as u8);
+            out.extend_from_slice(label.as_bytes());
+        }
+        out.extend_from_slice(&[0, 0, 1, 0, 1]);
+        out
+    }
+
+    #[divan::bench]
+    fn parse(bencher: Bencher) {
+        let message = query("www.example.com");
+        assert_eq!(Query::parse(&message).unwrap().qtype, TYPE_A);
+        bencher.bench_local(|| Query::parse(black_box(&message)));
+    }
+
+    #[divan::bench]
+    fn a_cached(bencher: Bencher) {
+        let mut resolver = resolver();
+        let message = query("www.example.com");
+        let mut out = [0u8; UDP_MAX];
+        let mut now = Instant::ZERO;
+        assert!(matches!(
+            resolver.answer(&message, now, &mut out),
+            Answer::Reply(_)
+        ));
+        bencher.bench_local(|| {
+            now += smoltcp::time::Duration::from_micros(1);
+            resolver.answer(black_box(&message), now, &mut out)
+        });
+        assert_eq!(resolver.counters().table_size, 1);
+    }
+
+    #[divan::bench]
+    fn a_new(bencher: Bencher) {
+        let mut resolver = resolver();
+        // More names than entries, so that every query past the first round evicts.
+        let messages: Vec<Vec<u8>> = (0..100_000)
+            .map(|i| query(&format!("host-{i}.example.com")))
+            .collect();
+        let mut out = [0u8; UDP_MAX];
+        let mut now = Instant::ZERO;
+        let mut next = 0;
+        // Warm: the table full, the names after it all new.
+        for message in &messages[..65_534] {
+            now += smoltcp::time::Duration::from_millis(1);
+            resolver.answer(message, now, &mut out);
+        }
+        next += 65_534;
+        bencher.bench_local(|| {
+            // Entries come back after 34,466 queries, long past MIN_IDLE at 1 ms each.
+            now += smoltcp::time::Duration::from_millis(1);
+            let message = &messages[next % messages.len()];
+            next += 1;
+            resolver.answer(black_box(message), now, &mut out)
+        });
+        let counters = resolver.counters();
+        assert_eq!(counters.table_size, 65_534);
+        assert_eq!(counters.answered, next as u64, "every query got an address");
     }
 }

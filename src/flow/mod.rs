@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod datagram;
+pub mod dns;
 pub mod idents;
 pub mod lru;
 pub mod table;

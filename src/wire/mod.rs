@@ -4,6 +4,7 @@
 
 pub mod cidr;
 pub mod demux;
+pub mod dns;
 pub mod icmp;
 pub mod offload;
 pub mod socks5;
