@@ -107,7 +107,8 @@ pub struct Args {
     pub fake_range: Vec<String>,
 
     /// names the fake-address table holds; past it the least recently used name no
-    /// flow uses is forgotten (default: 65536, or the IPv4 range's size if smaller)
+    /// flow uses is forgotten (default: 65536, or as many as the IPv4 range holds: 65534
+    /// in a /16)
     #[argh(option)]
     pub fake_entries: Option<usize>,
 

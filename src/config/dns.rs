@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::wire::Cidr;
 
-/// `--fake-entries` unless given (and the v4 range allows it).
+/// `--fake-entries` unless given and the IPv4 range holds as many: a /16 holds 65,534.
 pub const DEFAULT_ENTRIES: usize = 65_536;
 /// The default IPv4 range is the first /16 of the RFC 2544 benchmarking range (where
 /// the default TUN address lives too) that does not overlap a TUN address's network.
@@ -77,6 +77,11 @@ pub fn parse(flags: &Flags, tun_addrs: &[Cidr]) -> Result<Option<FakeDns>, Strin
                 "--fake-range {range}: at most a /{least} of this family"
             ));
         }
+        if range.addr.is_ipv4() && range.prefix > 30 {
+            return Err(format!(
+                "--fake-range {range}: at least a /30 (the first and last address are not handed out)"
+            ));
+        }
         // As for --route: the TUN lends relayed connections its address of the family.
         if !tun_addrs
             .iter()
@@ -98,9 +103,8 @@ pub fn parse(flags: &Flags, tun_addrs: &[Cidr]) -> Result<Option<FakeDns>, Strin
         )?,
     };
     let v6 = v6.or_else(|| default_v6(tun_addrs));
-    let room = 1usize
-        .checked_shl(32 - u32::from(v4.prefix))
-        .unwrap_or(usize::MAX);
+    // The range's first and last addresses (network, broadcast) are never handed out.
+    let room = (1usize << (32 - u32::from(v4.prefix))) - 2;
     let entries = match flags.entries {
         Some(0) => return Err("--fake-entries 0: at least 1".into()),
         Some(n) if n > room => {
@@ -194,7 +198,7 @@ mod tests {
             .unwrap();
         assert_eq!(dns.v4.to_string(), "198.19.0.0/16");
         assert_eq!(dns.v6.unwrap().to_string(), "fd7a:7072:7879:fa4e::/64");
-        assert_eq!(dns.entries, 65_536);
+        assert_eq!(dns.entries, 65_534, "a /16 less its first and last address");
         assert_eq!(dns.server, None);
         let dns = parse(
             &flags(&[], None),
@@ -217,16 +221,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(dns.v4.to_string(), "10.64.0.0/24");
-        assert_eq!(dns.entries, 256, "the default shrinks to the range");
+        assert_eq!(dns.entries, 254, "the default shrinks to the range");
         let dns = parse(&flags(&given, Some(200)), &tun(&DEFAULT_TUN))
             .unwrap()
             .unwrap();
         assert_eq!(dns.entries, 200);
-        let cases: [(&[&str], Option<usize>, &str); 8] = [
+        let cases: [(&[&str], Option<usize>, &str); 9] = [
+            (&["10.64.0.0/31"], None, "at least a /30"),
             (
                 &["10.64.0.0/24"],
-                Some(257),
-                "--fake-entries 257: more than the 256",
+                Some(255),
+                "--fake-entries 255: more than the 254",
             ),
             (&[], Some(0), "--fake-entries 0"),
             (
