@@ -7,6 +7,7 @@ mod association;
 mod control;
 mod datagrams;
 mod dns;
+mod forward;
 mod host;
 mod housekeeping;
 mod outbound;
@@ -113,6 +114,7 @@ impl Proxy {
             let now = self.now();
             self.fire_timers(now);
             self.expire_datagrams(now);
+            self.service_forwards(now);
             self.housekeeping(now);
             self.service_tcp_work();
             let table = &self.tcp;
@@ -162,6 +164,9 @@ impl Proxy {
             Op::ControlTick => self.on_control_tick(),
             Op::AssociationConnect | Op::AssociationSend | Op::AssociationRecv => {
                 self.on_association_completion(token.op, id, completion.result);
+            }
+            Op::DnsConnect | Op::DnsSend | Op::DnsRecv => {
+                self.on_forward_completion(token.op, id, completion.result);
             }
         }
     }
@@ -215,6 +220,9 @@ impl Proxy {
         [
             self.timers.next(),
             self.udp.next_expiry(),
+            self.dns
+                .as_ref()
+                .and_then(|dns| dns.forwards.as_ref()?.next_deadline()),
             self.housekeeping.due(self.tcp.closed_since_peak()),
         ]
         .into_iter()

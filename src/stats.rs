@@ -57,6 +57,10 @@ pub struct DnsStats {
     pub unmapped_udp: u64,
     /// Replies that found no TUN write buffer.
     pub reply_drops: u64,
+    /// Queries to forward dropped because `MAX_FORWARDS` were in flight, and forwarded
+    /// ones that failed (the upstream or the server refused, closed or was silent).
+    pub forward_busy: u64,
+    pub forward_failed: u64,
 }
 
 impl Stats {

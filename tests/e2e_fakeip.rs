@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::socks::{danted, microsocks, tool_or_skip};
+use common::socks::{Daemon, danted, microsocks, tool_or_skip};
 use common::udp_echo_server;
 use common::{ANY, PROXY_BIN, Topology, dns_query, echo_once, join, send_payload, udp_client};
 use sha2::{Digest, Sha256};
@@ -441,5 +441,71 @@ fn more_names_than_the_table_holds_reuse_its_entries() {
         grown < 2048,
         "RSS grew by {grown} KiB for {NAMES} more names"
     );
+    proxy.assert_running();
+}
+
+#[test]
+fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
+    const TEST: &str = "other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server";
+    if !["microsocks", "dnsmasq", "dig"]
+        .iter()
+        .all(|tool| tool_or_skip(tool, TEST))
+    {
+        return;
+    }
+    let Some(topo) = Topology::for_test(TEST) else {
+        return;
+    };
+    let socks = microsocks(&topo, None);
+    // dnsmasq in the server namespace, answering MX from its command line: reachable
+    // only there, so an answer came through the upstream.
+    let server = SocketAddr::new(topo.server_v4(), 53);
+    let (listen, mx) = (
+        format!("--listen-address={}", topo.server_v4()),
+        "--mx-host=mail.fake.test,mx1.fake.test,10",
+    );
+    let _dnsmasq = Daemon::start(
+        &topo,
+        Daemon::dir("dnsmasq"),
+        server,
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--pid-file=",
+            "--log-queries",
+            "--log-facility=-",
+            &listen,
+            mx,
+            "--txt-record=note.fake.test,through the upstream",
+        ],
+    );
+    let upstream = format!("socks5://{}", socks.addr);
+    let server = server.to_string();
+    let mut proxy = topo.start_proxy_unrouted(
+        &[
+            "--upstream",
+            &upstream,
+            "--dns",
+            "fake",
+            "--dns-server",
+            &server,
+        ],
+        &[],
+    );
+    let (mx, status) = dig(&topo, &["mail.fake.test", "MX"]);
+    assert_eq!(status, "NOERROR");
+    assert_eq!(mx, ["mx1.fake.test."]);
+    let (txt, status) = dig(&topo, &["note.fake.test", "TXT"]);
+    assert_eq!(
+        (txt, status.as_str()),
+        (vec!["upstream\"".to_string()], "NOERROR")
+    );
+    let stats = proxy.stats();
+    assert!(dns_field(&stats, "forwarded") >= 2, "{stats}");
+    assert_eq!(dns_field(&stats, "forward-failed"), 0, "{stats}");
+    assert_eq!(dns_field(&stats, "refused"), 0, "{stats}");
     proxy.assert_running();
 }

@@ -479,6 +479,11 @@ table! {
     DROPS &[("reason", "dns_reply_without_buffer")], "drops_dns_replies_without_buffer",
         Dns "replies-without-buffer", |s| s.stats.dns.reply_drops;
 
+    DROPS &[("reason", "dns_forward_busy")], "drops_dns_forward_busy",
+        Dns "forward-busy", |s| s.stats.dns.forward_busy;
+    DROPS &[("reason", "dns_forward_failed")], "drops_dns_forward_failed",
+        Dns "forward-failed", |s| s.stats.dns.forward_failed;
+
     DNS_QUERIES &[("type", "a")], "dns_queries_a", Dns "a", |s| s.stats.dns.resolver.a;
     DNS_QUERIES &[("type", "aaaa")], "dns_queries_aaaa", Dns "aaaa",
         |s| s.stats.dns.resolver.aaaa;

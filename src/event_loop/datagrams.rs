@@ -296,8 +296,13 @@ impl Proxy {
                 .buffer(tun_io::READ_GROUP, frame.bid, frame.len)
                 .map_or(&[][..], |buffer| &buffer[frame.ip_start..]);
             let payload = &packet[payload_start..payload_start + payload_len];
+            let upstream = self
+                .udp
+                .upstream
+                .as_ref()
+                .map(|u| (u, self.udp.interface.as_str()));
             for query in udp::datagrams(payload, frame.udp_segment, MAX_DATAGRAM) {
-                dns.on_query(key, query, now, &mut self.stack.tx);
+                dns.on_query(key, query, now, &mut self.stack.tx, upstream);
             }
             return;
         }

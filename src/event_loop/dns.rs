@@ -11,6 +11,8 @@ use std::rc::Rc;
 use smoltcp::time::Instant;
 use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
 
+use super::forward::Forwards;
+use super::outbound::Upstream;
 use crate::config::{Config, FakeDns};
 use crate::error::Error;
 use crate::flow::dns::{Answer, FakeConfig, Resolver};
@@ -33,6 +35,8 @@ pub struct Dns {
     /// Where a reply is written before it is copied into a TUN write buffer.
     reply: Box<[u8; MAX_REPLY]>,
     pub counters: DnsStats,
+    /// Queries forwarded to `--dns-server`, if one is given.
+    pub forwards: Option<Forwards>,
 }
 
 impl Dns {
@@ -48,6 +52,7 @@ impl Dns {
             resolver,
             reply: Box::new([0; MAX_REPLY]),
             counters: DnsStats::default(),
+            forwards: dns.server.map(Forwards::new),
         }))
     }
 
@@ -77,8 +82,15 @@ impl Dns {
     }
 
     /// A UDP datagram `payload` to port 53 from the client of `key`: answered from the
-    /// address it was sent to, at once.
-    pub fn on_query(&mut self, key: FlowKey, payload: &[u8], now: Instant, tx: &mut TxPool) {
+    /// address it was sent to, at once, or taken to forward through `upstream`.
+    pub fn on_query(
+        &mut self,
+        key: FlowKey,
+        payload: &[u8],
+        now: Instant,
+        tx: &mut TxPool,
+        upstream: Option<(&Upstream, &str)>,
+    ) {
         match self.resolver.answer(payload, now, &mut self.reply[..]) {
             Answer::Reply(len) => {
                 let reply = &self.reply[..len.min(MAX_REPLY)];
@@ -86,8 +98,16 @@ impl Dns {
                     self.counters.reply_drops += 1;
                 }
             }
+            Answer::Forward => {
+                // The resolver forwards only with --dns-server, which needs --upstream.
+                if let (Some(forwards), Some((upstream, interface))) =
+                    (&mut self.forwards, upstream)
+                {
+                    forwards.start(payload, key, upstream, interface, now, &mut self.counters);
+                }
+            }
             // Counted by the resolver.
-            Answer::Forward | Answer::Drop => {}
+            Answer::Drop => {}
         }
     }
 
@@ -123,6 +143,6 @@ fn fake_config(dns: &FakeDns, config: &Config) -> Result<FakeConfig, String> {
         v6,
         exclude: config.tun_addrs.iter().map(|tun| tun.addr).collect(),
         capacity: dns.entries,
-        forward: false,
+        forward: dns.server.is_some(),
     })
 }

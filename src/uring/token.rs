@@ -34,6 +34,11 @@ pub enum Op {
     AssociationConnect = 20,
     AssociationSend = 21,
     AssociationRecv = 22,
+    /// Connect, send and receive of a DNS query forwarded through the SOCKS5 upstream
+    /// (`--dns-server`; the key is the exchange's slot).
+    DnsConnect = 23,
+    DnsSend = 24,
+    DnsRecv = 25,
 }
 
 impl Op {
@@ -54,6 +59,9 @@ impl Op {
             20 => Op::AssociationConnect,
             21 => Op::AssociationSend,
             22 => Op::AssociationRecv,
+            23 => Op::DnsConnect,
+            24 => Op::DnsSend,
+            25 => Op::DnsRecv,
             _ => return None,
         })
     }
@@ -118,6 +126,9 @@ mod tests {
             Op::AssociationConnect,
             Op::AssociationSend,
             Op::AssociationRecv,
+            Op::DnsConnect,
+            Op::DnsSend,
+            Op::DnsRecv,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));
