@@ -7,6 +7,7 @@ mod association;
 mod control;
 mod datagrams;
 mod dns;
+mod dns_tcp;
 mod forward;
 mod host;
 mod housekeeping;
@@ -167,6 +168,9 @@ impl Proxy {
             }
             Op::DnsConnect | Op::DnsSend | Op::DnsRecv => {
                 self.on_forward_completion(token.op, id, completion.result);
+            }
+            Op::DnsTcpRecv | Op::DnsTcpSend => {
+                self.on_dns_tcp_completion(token.op, id, completion.result);
             }
         }
     }

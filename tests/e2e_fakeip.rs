@@ -503,8 +503,38 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
         (txt, status.as_str()),
         (vec!["upstream\"".to_string()], "NOERROR")
     );
+    // Over TCP too: answered by the proxy, or forwarded and the reply framed back.
+    let (mx, status) = dig(&topo, &["+tcp", "mail.fake.test", "MX"]);
+    assert_eq!(
+        (mx, status.as_str()),
+        (vec!["mx1.fake.test.".to_string()], "NOERROR")
+    );
+    let (a, status) = dig(&topo, &["+tcp", "mail.fake.test", "A"]);
+    assert_eq!(status, "NOERROR");
+    assert!(a.len() == 1 && a[0].starts_with(FAKE_V4_PREFIX), "{a:?}");
+    // Several queries on one connection (dig +keepopen), one of them forwarded.
+    let (answers, _) = dig(
+        &topo,
+        &[
+            "+tcp",
+            "+keepopen",
+            "one.fake.test",
+            "A",
+            "note.fake.test",
+            "TXT",
+            "two.fake.test",
+            "AAAA",
+        ],
+    );
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(answers[0].starts_with(FAKE_V4_PREFIX), "{answers:?}");
+    assert_eq!(answers[1], "upstream\"");
+    assert!(answers[2].starts_with(FAKE_V6_PREFIX), "{answers:?}");
     let stats = proxy.stats();
     assert!(dns_field(&stats, "forwarded") >= 2, "{stats}");
+    for label in ["tcp-refused", "tcp-malformed", "tcp-overflow"] {
+        assert_eq!(dns_field(&stats, label), 0, "{stats}");
+    }
     assert_eq!(dns_field(&stats, "forward-failed"), 0, "{stats}");
     assert_eq!(dns_field(&stats, "refused"), 0, "{stats}");
     proxy.assert_running();

@@ -484,6 +484,13 @@ table! {
     DROPS &[("reason", "dns_forward_failed")], "drops_dns_forward_failed",
         Dns "forward-failed", |s| s.stats.dns.forward_failed;
 
+    DROPS &[("reason", "dns_tcp_refused")], "drops_dns_tcp_refused",
+        Dns "tcp-refused", |s| s.stats.dns.tcp_refused;
+    DROPS &[("reason", "dns_tcp_malformed")], "drops_dns_tcp_malformed",
+        Dns "tcp-malformed", |s| s.stats.dns.tcp_malformed;
+    DROPS &[("reason", "dns_tcp_overflow")], "drops_dns_tcp_overflow",
+        Dns "tcp-overflow", |s| s.stats.dns.tcp_overflow;
+
     DNS_QUERIES &[("type", "a")], "dns_queries_a", Dns "a", |s| s.stats.dns.resolver.a;
     DNS_QUERIES &[("type", "aaaa")], "dns_queries_aaaa", Dns "aaaa",
         |s| s.stats.dns.resolver.aaaa;

@@ -11,15 +11,23 @@ use std::rc::Rc;
 use smoltcp::time::Instant;
 use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
 
-use super::forward::Forwards;
+use super::dns_tcp::Conns;
+use super::forward::{Client, Forwards};
 use super::outbound::Upstream;
 use crate::config::{Config, FakeDns};
 use crate::error::Error;
 use crate::flow::dns::{Answer, FakeConfig, Resolver};
+use crate::flow::upstream::MAX_QUERY;
 use crate::stack::{Claim, TxPool};
 use crate::stats::DnsStats;
+use crate::uring::Ring;
 use crate::wire::icmp::{self, Quote, Reason};
 use crate::wire::{Cidr, FlowKey, udp};
+
+use super::Proxy;
+use super::dns_tcp::ConnId;
+use crate::flow::Id;
+use crate::uring::Op;
 
 /// The DNS port: datagrams to it, to any address, are queries for the resolver.
 pub const PORT: u16 = 53;
@@ -37,6 +45,9 @@ pub struct Dns {
     pub counters: DnsStats,
     /// Queries forwarded to `--dns-server`, if one is given.
     pub forwards: Option<Forwards>,
+    /// DNS over TCP from clients, and where a query from one is copied to be answered.
+    pub conns: Conns,
+    query: Box<[u8; MAX_QUERY]>,
 }
 
 impl Dns {
@@ -53,6 +64,8 @@ impl Dns {
             reply: Box::new([0; MAX_REPLY]),
             counters: DnsStats::default(),
             forwards: dns.server.map(Forwards::new),
+            conns: Conns::default(),
+            query: Box::new([0; MAX_QUERY]),
         }))
     }
 
@@ -103,11 +116,51 @@ impl Dns {
                 if let (Some(forwards), Some((upstream, interface))) =
                     (&mut self.forwards, upstream)
                 {
-                    forwards.start(payload, key, upstream, interface, now, &mut self.counters);
+                    let client = Client::Udp(key);
+                    forwards.start(
+                        payload,
+                        client,
+                        upstream,
+                        interface,
+                        now,
+                        &mut self.counters,
+                    );
                 }
             }
             // Counted by the resolver.
             Answer::Drop => {}
+        }
+    }
+
+    /// Answers the queries DNS-over-TCP connections received (forwarding those the
+    /// resolver does not answer through `upstream`), and starts their I/O.
+    pub fn answer_tcp(
+        &mut self,
+        ring: &mut Ring,
+        now: Instant,
+        upstream: Option<(&Upstream, &str)>,
+    ) {
+        while let Some((len, conn)) = self.conns.take_query(&mut self.query[..]) {
+            let query = &self.query[..len];
+            match self.resolver.answer(query, now, &mut self.reply[..]) {
+                Answer::Reply(len) => {
+                    let reply = &self.reply[..len.min(MAX_REPLY)];
+                    self.conns.queue(conn, reply, &mut self.counters);
+                }
+                Answer::Forward => {
+                    if let (Some(forwards), Some((upstream, interface))) =
+                        (&mut self.forwards, upstream)
+                    {
+                        let client = Client::Tcp(conn);
+                        forwards.start(query, client, upstream, interface, now, &mut self.counters);
+                    }
+                }
+                Answer::Drop => {}
+            }
+            self.conns.pump(ring, conn.slot);
+        }
+        if let (Some(forwards), Some((upstream, _))) = (&mut self.forwards, upstream) {
+            forwards.connect_pending(ring, upstream);
         }
     }
 
@@ -145,4 +198,26 @@ fn fake_config(dns: &FakeDns, config: &Config) -> Result<FakeConfig, String> {
         capacity: dns.entries,
         forward: dns.server.is_some(),
     })
+}
+
+impl Proxy {
+    /// A completion on the proxy's end of a DNS-over-TCP flow.
+    pub(super) fn on_dns_tcp_completion(&mut self, op: Op, id: Id, result: i32) {
+        let now = self.now();
+        let Some(dns) = &mut self.dns else {
+            return;
+        };
+        let conn = ConnId {
+            slot: id.slot as usize,
+            generation: id.generation,
+        };
+        dns.conns.on_completion(op, conn, result, &mut dns.counters);
+        let upstream = self
+            .udp
+            .upstream
+            .as_ref()
+            .map(|u| (u, self.udp.interface.as_str()));
+        dns.answer_tcp(&mut self.ring, now, upstream);
+        dns.conns.pump(&mut self.ring, conn.slot);
+    }
 }

@@ -11,6 +11,7 @@ use std::os::fd::AsFd;
 use smoltcp::time::Instant;
 use socket2::Socket;
 
+use super::dns_tcp::{ConnId, Conns};
 use super::outbound::{self, Purpose, Upstream};
 use super::{MAX_TIMERS_PER_TURN, Proxy};
 use crate::flow::Id;
@@ -31,9 +32,18 @@ struct Exchange {
     /// What the ring sends from and receives into.
     scratch: Region,
     forward: Forward,
-    /// The client's UDP flow (its server: the address it asked).
-    client: FlowKey,
+    /// Where the reply goes.
+    client: Client,
     generation: u32,
+}
+
+/// Who asked a forwarded query.
+#[derive(Clone, Copy, Debug)]
+pub enum Client {
+    /// A UDP datagram of this flow (its server: the address asked).
+    Udp(FlowKey),
+    /// A DNS-over-TCP connection.
+    Tcp(ConnId),
 }
 
 /// Forwarded queries.
@@ -66,13 +76,13 @@ impl Forwards {
             .min()
     }
 
-    /// Takes `query` from the client of `client` to forward through `upstream` (its
+    /// Takes `query` from `client` to forward through `upstream` (its
     /// socket bound to `interface`); its connect starts with `connect_pending`. Counted
     /// and dropped when every slot is taken or no socket can be had.
     pub fn start(
         &mut self,
         query: &[u8],
-        client: FlowKey,
+        client: Client,
         upstream: &Upstream,
         interface: &str,
         now: Instant,
@@ -144,21 +154,29 @@ impl Forwards {
 
     /// Carries out what the exchange in `slot` asks for next: I/O, or its end (the
     /// reply sent to the client, or the failure counted) and its connection closed.
-    fn drive(&mut self, ring: &mut Ring, slot: usize, tx: &mut TxPool, counters: &mut DnsStats) {
+    fn drive(&mut self, ring: &mut Ring, slot: usize, to: To<'_>) {
         let Some(exchange) = self.slots[slot].as_mut() else {
             return;
         };
         match exchange.forward.outcome() {
-            Some(Ok(reply)) => {
-                let client = exchange.client;
-                let sent = exchange.scratch.with_mut(reply, |reply| {
-                    tx.emit(Claim::Reply, |buf| udp::reply(buf, client, reply))
-                });
-                if !sent {
-                    counters.reply_drops += 1;
+            Some(Ok(reply)) => match exchange.client {
+                Client::Udp(client) => {
+                    let sent = exchange.scratch.with_mut(reply, |reply| {
+                        to.tx
+                            .emit(Claim::Reply, |buf| udp::reply(buf, client, reply))
+                    });
+                    if !sent {
+                        to.counters.reply_drops += 1;
+                    }
                 }
-            }
-            Some(Err(_)) => counters.forward_failed += 1,
+                Client::Tcp(conn) => {
+                    exchange
+                        .scratch
+                        .with_mut(reply, |reply| to.conns.queue(conn, reply, to.counters));
+                    to.conns.pump(ring, conn.slot);
+                }
+            },
+            Some(Err(_)) => to.counters.forward_failed += 1,
             None => {
                 let (forward, scratch) = (&mut exchange.forward, &exchange.scratch);
                 let io = scratch.with_mut(0..FORWARD_SCRATCH, |bytes| forward.pump(bytes));
@@ -195,6 +213,14 @@ impl Forwards {
     }
 }
 
+/// Where replies go: the TUN for UDP clients, the connections of TCP ones; and the
+/// counters.
+pub struct To<'a> {
+    pub tx: &'a mut TxPool,
+    pub conns: &'a mut Conns,
+    pub counters: &'a mut DnsStats,
+}
+
 /// The generation bits a token keeps.
 const GENERATION: u32 = crate::uring::token::GENERATION_MASK;
 
@@ -212,8 +238,12 @@ impl Proxy {
             return;
         };
         if forwards.on_completion(op, id, result) {
-            let tx = &mut self.stack.tx;
-            forwards.drive(&mut self.ring, id.slot as usize, tx, &mut dns.counters);
+            let to = To {
+                tx: &mut self.stack.tx,
+                conns: &mut dns.conns,
+                counters: &mut dns.counters,
+            };
+            forwards.drive(&mut self.ring, id.slot as usize, to);
         }
     }
 
@@ -235,8 +265,12 @@ impl Proxy {
                 .filter(|exchange| exchange.forward.deadline() <= now);
             if let Some(exchange) = due {
                 exchange.forward.expire(now);
-                let tx = &mut self.stack.tx;
-                forwards.drive(&mut self.ring, slot, tx, &mut dns.counters);
+                let to = To {
+                    tx: &mut self.stack.tx,
+                    conns: &mut dns.conns,
+                    counters: &mut dns.counters,
+                };
+                forwards.drive(&mut self.ring, slot, to);
             }
         }
     }

@@ -238,10 +238,13 @@ impl Proxy {
         mss: Option<u16>,
     ) {
         let now = self.now();
-        let id = match (self.tcp.table.find(&key), syn) {
-            (Some(id), _) => Some(id),
-            (None, Some(syn)) => self.open_tcp(key, mss, syn, now),
-            (None, None) => None,
+        // A flow to port 53 under --dns fake is answered by the proxy (`dns_tcp`): its
+        // socket is connected from the start.
+        let local = self.dns.is_some() && key.server.port == super::dns::PORT;
+        let (id, opened) = match (self.tcp.table.find(&key), syn) {
+            (Some(id), _) => (Some(id), false),
+            (None, Some(syn)) => (self.open_tcp(key, mss, syn, now), true),
+            (None, None) => (None, false),
         };
         let packet = self
             .ring
@@ -263,6 +266,12 @@ impl Proxy {
                 self.stack.reject(now, &key.server.addr, packet);
             }
         }
+        if local
+            && opened
+            && let Some(id) = id
+        {
+            self.on_tcp_completion(Op::Connect, id, 0);
+        }
     }
 
     /// Opens a flow for a new SYN: a held-back listening socket plus an outbound
@@ -275,6 +284,15 @@ impl Proxy {
             return None;
         }
         let server = key.server_addr();
+        if let Some(dns) = &mut self.dns
+            && server.port() == super::dns::PORT
+        {
+            let Some(socket) = dns.conns.open(&mut self.ring) else {
+                dns.counters.tcp_refused += 1;
+                return None;
+            };
+            return self.open_tcp_to(key, mss, syn, now, None, Some(socket));
+        }
         // A fake destination (`--dns fake`) is connected to by its name, which the flow
         // holds while it lives; one without a name is refused (RST) at once.
         let name = match &mut self.dns {
@@ -287,7 +305,7 @@ impl Proxy {
             },
             _ => None,
         };
-        let opened = self.open_tcp_to(key, mss, syn, now, name.clone());
+        let opened = self.open_tcp_to(key, mss, syn, now, name.clone(), None);
         if opened.is_none()
             && name.is_some()
             && let Some(dns) = &mut self.dns
@@ -297,7 +315,8 @@ impl Proxy {
         opened
     }
 
-    /// `open_tcp` for a destination whose name (if it has one) is held.
+    /// `open_tcp` for a destination whose name (if it has one) is held, or that is
+    /// served by the proxy on `local`, already connected.
     fn open_tcp_to(
         &mut self,
         key: FlowKey,
@@ -305,10 +324,13 @@ impl Proxy {
         syn: Quote,
         now: Instant,
         name: Option<Rc<str>>,
+        local: Option<Socket>,
     ) -> Option<Id> {
         let tcp = &mut self.tcp;
         let server = key.server_addr();
+        let served_here = local.is_some();
         let (peer, handshake) = match &tcp.upstream {
+            _ if served_here => (server, None),
             Some(upstream) => {
                 let target = match name.clone() {
                     Some(name) => Target::Name(name, server.port()),
@@ -321,7 +343,10 @@ impl Proxy {
             }
             None => (server, None),
         };
-        let socket = match outbound::socket(Purpose::Tcp, peer.into(), &tcp.interface) {
+        let socket = match local.map_or_else(
+            || outbound::socket(Purpose::Tcp, peer.into(), &tcp.interface),
+            Ok,
+        ) {
             Ok(socket) => socket,
             Err(err) => {
                 self.stats.socket_errors += 1;
@@ -392,7 +417,9 @@ impl Proxy {
             }),
         );
         tcp.phases[phase_index(Phase::Connecting)] += 1;
-        if let Some(socket) = tcp.table.get(id).and_then(|entry| entry.socket.as_ref()) {
+        if let Some(socket) = tcp.table.get(id).and_then(|entry| entry.socket.as_ref())
+            && !served_here
+        {
             self.ring
                 .connect(socket.as_fd(), peer, tcp.connect_timeout, token(id));
         }

@@ -39,6 +39,10 @@ pub enum Op {
     DnsConnect = 23,
     DnsSend = 24,
     DnsRecv = 25,
+    /// Receive and send on the proxy's end of a DNS-over-TCP flow's socket pair (the
+    /// key is the connection's slot).
+    DnsTcpRecv = 26,
+    DnsTcpSend = 27,
 }
 
 impl Op {
@@ -62,6 +66,8 @@ impl Op {
             23 => Op::DnsConnect,
             24 => Op::DnsSend,
             25 => Op::DnsRecv,
+            26 => Op::DnsTcpRecv,
+            27 => Op::DnsTcpSend,
             _ => return None,
         })
     }
@@ -129,6 +135,8 @@ mod tests {
             Op::DnsConnect,
             Op::DnsSend,
             Op::DnsRecv,
+            Op::DnsTcpRecv,
+            Op::DnsTcpSend,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));

@@ -5,7 +5,7 @@ mod forward;
 mod handshake;
 
 pub use association::{Association, Deadlines, Step, WATCH, from_relay, header_len, refuses};
-pub use forward::{FORWARD_SCRATCH, Forward};
+pub use forward::{FORWARD_SCRATCH, Forward, MAX_QUERY};
 pub use handshake::{Handshake, Io, SCRATCH, Target};
 
 use crate::wire::socks5::{self, ReplyCode};
