@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::socks::{Daemon, danted, microsocks, tool_or_skip};
 use common::udp_echo_server;
-use common::{ANY, PROXY_BIN, Topology, dns_query, echo_once, join, send_payload, udp_client};
+use common::{
+    ANY, PROXY_BIN, Proxy, Topology, dns_query, echo_once, join, send_payload, udp_client,
+};
 use sha2::{Digest, Sha256};
 
 /// The TUN's peer with the default --tun-addr (198.18.0.1/30): the documented resolver
@@ -65,6 +67,15 @@ fn name_service(topo: &Topology, hosts: &[(&str, IpAddr)]) -> [NetnsEtc; 2] {
         NetnsEtc::new(topo.server_ns(), &[("hosts", hosts)]),
         NetnsEtc::new(topo.client_ns(), &[("resolv.conf", resolv)]),
     ]
+}
+
+/// A proxy with TUN `tun` and `--dns fake` through `socks`, routing nothing but what
+/// it routes itself: the fake ranges.
+fn fake_dns_proxy(topo: &Topology, tun: &str, socks: &Daemon, extra: &[&str]) -> Proxy {
+    let upstream = format!("socks5://{}", socks.addr);
+    let mut args = vec!["--upstream", upstream.as_str(), "--dns", "fake"];
+    args.extend_from_slice(extra);
+    topo.start_proxy_on(tun, &args, &[])
 }
 
 /// `program args` in the client namespace (with its /etc files), to completion.
@@ -187,9 +198,7 @@ fn names_resolve_to_fake_addresses_and_flows_reach_them_by_name_through_microsoc
         ],
     );
     let socks = microsocks(&topo, None);
-    let upstream = format!("socks5://{}", socks.addr);
-    // Nothing routed but what the proxy routes itself: the fake ranges.
-    let mut proxy = topo.start_proxy_unrouted(&["--upstream", &upstream, "--dns", "fake"], &[]);
+    let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
 
     // getaddrinfo through the client's resolv.conf: one fake address of each family.
     let output = in_client(&topo, "getent", &["ahosts", "web.fake.test"]);
@@ -301,15 +310,13 @@ fn stale_fake_addresses_fail_at_once_after_a_restart() {
         return;
     };
     let socks = microsocks(&topo, None);
-    let upstream = format!("socks5://{}", socks.addr);
-    let args = ["--upstream", upstream.as_str(), "--dns", "fake"];
-    let mut proxy = topo.start_proxy_unrouted(&args, &[]);
+    let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
     let stale = IpAddr::V4(fake_v4(&topo, "gone.fake.test"));
     assert!(stale.to_string().starts_with(FAKE_V4_PREFIX), "{stale}");
     proxy.terminate();
     drop(proxy);
     // A new proxy (another TUN: the old one may linger a few ms) knows no names.
-    let mut proxy = topo.start_proxy_on("upxfake1", &args, &[]);
+    let mut proxy = fake_dns_proxy(&topo, "upxfake1", &socks, &[]);
     let (error, took) = join(topo.in_client(move || {
         let start = Instant::now();
         let target = SocketAddr::new(stale, 80);
@@ -353,8 +360,7 @@ fn udp_by_name_through_a_danted_association() {
     // danted resolves the name from the server's /etc/hosts.
     let _etc = name_service(&topo, &[("echo.fake.test", topo.server_v4())]);
     let socks = danted(&topo);
-    let upstream = format!("socks5://{}", socks.addr);
-    let mut proxy = topo.start_proxy_unrouted(&["--upstream", &upstream, "--dns", "fake"], &[]);
+    let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
     udp_echo_server(&topo, PORT, Duration::from_secs(60));
     let fake = SocketAddr::new(IpAddr::V4(fake_v4(&topo, "echo.fake.test")), PORT);
     join(topo.in_client(move || {
@@ -384,8 +390,7 @@ fn more_names_than_the_table_holds_reuse_its_entries() {
         return;
     };
     let socks = microsocks(&topo, None);
-    let upstream = format!("socks5://{}", socks.addr);
-    let mut proxy = topo.start_proxy_unrouted(&["--upstream", &upstream, "--dns", "fake"], &[]);
+    let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
     let resolver = SocketAddr::new(RESOLVER.parse().unwrap(), 53);
     // `round` names, each asked once, their answers all fake and (within one table's
     // worth) all different.
@@ -482,19 +487,8 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
             "--txt-record=note.fake.test,through the upstream",
         ],
     );
-    let upstream = format!("socks5://{}", socks.addr);
     let server = server.to_string();
-    let mut proxy = topo.start_proxy_unrouted(
-        &[
-            "--upstream",
-            &upstream,
-            "--dns",
-            "fake",
-            "--dns-server",
-            &server,
-        ],
-        &[],
-    );
+    let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &["--dns-server", &server]);
     let (mx, status) = dig(&topo, &["mail.fake.test", "MX"]);
     assert_eq!(status, "NOERROR");
     assert_eq!(mx, ["mx1.fake.test."]);
