@@ -533,3 +533,99 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
     assert_eq!(dns_field(&stats, "refused"), 0, "{stats}");
     proxy.assert_running();
 }
+
+/// `ssh -D` in the server namespace as a SOCKS5 server on the server's address: an sshd
+/// on its loopback (its privilege separation directory on a tmpfs of its own mount
+/// namespace, which `ip netns exec` made) and an ssh client logged in with a fresh key.
+fn ssh_socks(topo: &Topology) -> [Daemon; 2] {
+    let dir = Daemon::dir("ssh");
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    for key in ["host_key", "id"] {
+        let made = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f", &path(key)])
+            .status()
+            .expect("run ssh-keygen");
+        assert!(made.success(), "ssh-keygen {key}");
+    }
+    fs::copy(path("id.pub"), path("authorized_keys")).expect("authorize the key");
+    let sshd_port = common::socks::free_port(topo, "127.0.0.1".parse().unwrap());
+    let config = format!(
+        "ListenAddress 127.0.0.1:{sshd_port}\nHostKey {}\nAuthorizedKeysFile {}\n\
+         PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n",
+        path("host_key"),
+        path("authorized_keys")
+    );
+    fs::write(path("sshd_config"), config).expect("write sshd_config");
+    let script = format!(
+        "mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd && exec /usr/sbin/sshd -D -e -f {}",
+        path("sshd_config")
+    );
+    let sshd_addr = SocketAddr::new("127.0.0.1".parse().unwrap(), sshd_port);
+    let sshd = Daemon::start(topo, dir.clone(), sshd_addr, "sh", &["-c", &script]);
+    let socks_port = common::socks::free_port(topo, topo.server_v4());
+    let socks_addr = SocketAddr::new(topo.server_v4(), socks_port);
+    let forward = format!("{socks_addr}");
+    let port = sshd_port.to_string();
+    let client = Daemon::start(
+        topo,
+        Daemon::dir("ssh-client"),
+        socks_addr,
+        "ssh",
+        &[
+            "-N",
+            "-D",
+            &forward,
+            "-i",
+            &path("id"),
+            "-p",
+            &port,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "GatewayPorts=yes",
+            "root@127.0.0.1",
+        ],
+    );
+    [client, sshd]
+}
+
+#[test]
+fn names_reach_their_server_through_ssh_dynamic_forwarding() {
+    const TEST: &str = "names_reach_their_server_through_ssh_dynamic_forwarding";
+    const LEN: u64 = 1 << 20;
+    if !["sshd", "ssh", "ssh-keygen", "curl"]
+        .iter()
+        .all(|tool| tool_or_skip(tool, TEST))
+    {
+        return;
+    }
+    let Some(topo) = Topology::for_test(TEST) else {
+        return;
+    };
+    // sshd resolves the name the client asked for, from the server's /etc/hosts.
+    let _etc = name_service(&topo, &[("ssh.fake.test", topo.server_v4())]);
+    let [socks, _sshd] = ssh_socks(&topo);
+    let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
+    let server = http_server(&topo, 1, LEN);
+    let url = format!("http://ssh.fake.test:{}/file", server.addr().port());
+    let output = in_client(
+        &topo,
+        "curl",
+        &["-sS", "--fail", "--max-time", "60", "-4", "-o", "-", &url],
+    );
+    assert!(
+        output.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let sent = server.join().remove(0);
+    assert_eq!(
+        (output.stdout.len() as u64, sha256(&output.stdout)),
+        (sent.bytes, sent.sha256)
+    );
+    proxy.assert_running();
+}
