@@ -302,7 +302,7 @@ family!(
     DNS_RESULTS,
     "dns_results_total",
     Counter,
-    "What became of the DNS queries (--dns fake): answered, forwarded to --dns-server, refused, formerr (malformed), servfail (the table full of names in use), dropped."
+    "What became of the DNS queries (--dns fake): answered, forwarded to --dns-server, refused, formerr (malformed), servfail (the table full of names in use), dropped, aaaa_without_range (no record: the TUN has no IPv6 address)."
 );
 family!(
     FAKE_UNMAPPED,
@@ -512,6 +512,8 @@ table! {
         |s| s.stats.dns.resolver.servfail;
     DNS_RESULTS &[("result", "dropped")], "dns_dropped", Dns "dropped",
         |s| s.stats.dns.resolver.dropped;
+    DNS_RESULTS &[("result", "aaaa_without_range")], "dns_aaaa_without_range",
+        Dns "aaaa-without-range", |s| s.stats.dns.aaaa_without_range;
     FAKE_UNMAPPED &[TCP], "fake_unmapped_tcp", Dns "unmapped-tcp",
         |s| s.stats.dns.unmapped_tcp;
     FAKE_UNMAPPED &[UDP], "fake_unmapped_udp", Dns "unmapped-udp",

@@ -21,6 +21,7 @@ use crate::flow::upstream::MAX_QUERY;
 use crate::stack::{Claim, TxPool};
 use crate::stats::DnsStats;
 use crate::uring::Ring;
+use crate::wire::dns::{self, Query, Rcode, TYPE_AAAA};
 use crate::wire::icmp::{self, Quote, Reason};
 use crate::wire::{Cidr, FlowKey, udp};
 
@@ -47,7 +48,9 @@ pub struct Dns {
     pub forwards: Option<Forwards>,
     /// DNS over TCP from clients, and where a query from one is copied to be answered.
     pub conns: Conns,
-    query: Box<[u8; MAX_QUERY]>,
+    query: Box<[u8]>,
+    /// The TUN has an IPv6 address, and with it a routed IPv6 fake range.
+    v6_routed: bool,
 }
 
 impl Dns {
@@ -65,7 +68,8 @@ impl Dns {
             counters: DnsStats::default(),
             forwards: dns.server.map(Forwards::new),
             conns: Conns::default(),
-            query: Box::new([0; MAX_QUERY]),
+            query: vec![0; MAX_QUERY].into_boxed_slice(),
+            v6_routed: dns.v6.is_some(),
         }))
     }
 
@@ -89,6 +93,23 @@ impl Dns {
         self.resolver.hold(addr).then_some(name)
     }
 
+    /// The resolver's answer to `query`, written into `self.reply`. Without an IPv6 TUN
+    /// address there is no IPv6 range routed: AAAA then gets no record, so clients use
+    /// the IPv4 answer instead of an address that leads nowhere.
+    fn resolve(&mut self, query: &[u8], now: Instant) -> Answer {
+        if !self.v6_routed
+            && let Ok(parsed) = Query::parse(query)
+            && parsed.qtype == TYPE_AAAA
+        {
+            self.counters.aaaa_without_range += 1;
+            return match dns::reply(&mut self.reply[..], &parsed, Rcode::NoError, None) {
+                Some(len) => Answer::Reply(len),
+                None => Answer::Drop,
+            };
+        }
+        self.resolver.answer(query, now, &mut self.reply[..])
+    }
+
     /// A flow that `hold` gave a name ended.
     pub fn release(&mut self, addr: IpAddr) {
         self.resolver.release(addr);
@@ -104,7 +125,7 @@ impl Dns {
         tx: &mut TxPool,
         upstream: Option<(&Upstream, &str)>,
     ) {
-        match self.resolver.answer(payload, now, &mut self.reply[..]) {
+        match self.resolve(payload, now) {
             Answer::Reply(len) => {
                 let reply = &self.reply[..len.min(MAX_REPLY)];
                 if !tx.emit(Claim::Reply, |buf| udp::reply(buf, key, reply)) {
@@ -140,9 +161,11 @@ impl Dns {
         now: Instant,
         upstream: Option<(&Upstream, &str)>,
     ) {
-        while let Some((len, conn)) = self.conns.take_query(&mut self.query[..]) {
-            let query = &self.query[..len];
-            match self.resolver.answer(query, now, &mut self.reply[..]) {
+        // Taken out while queries are answered from it (an empty box allocates nothing).
+        let mut buffer = std::mem::take(&mut self.query);
+        while let Some((len, conn)) = self.conns.take_query(&mut buffer) {
+            let query = &buffer[..len];
+            match self.resolve(query, now) {
                 Answer::Reply(len) => {
                     let reply = &self.reply[..len.min(MAX_REPLY)];
                     self.conns.queue(conn, reply, &mut self.counters);
@@ -159,6 +182,7 @@ impl Dns {
             }
             self.conns.pump(ring, conn.slot);
         }
+        self.query = buffer;
         if let (Some(forwards), Some((upstream, _))) = (&mut self.forwards, upstream) {
             forwards.connect_pending(ring, upstream);
         }
@@ -219,5 +243,59 @@ impl Proxy {
             .map(|u| (u, self.udp.interface.as_str()));
         dns.answer_tcp(&mut self.ring, now, upstream);
         dns.conns.pump(&mut self.ring, conn.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dns_for(extra: &[&str]) -> Dns {
+        let mut args = vec![
+            "-i",
+            "lo",
+            "--upstream",
+            "socks5://192.0.2.1:1080",
+            "--dns",
+            "fake",
+        ];
+        args.extend_from_slice(extra);
+        let args: crate::cli::Args = argh::FromArgs::from_args(&["uringproxy"], &args).unwrap();
+        Dns::new(&Config::from_args(args).unwrap())
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A query for `example.com` of type `qtype`.
+    fn query(qtype: u16) -> Vec<u8> {
+        let mut query = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        query.extend_from_slice(b"\x07example\x03com\x00");
+        query.extend_from_slice(&qtype.to_be_bytes());
+        query.extend_from_slice(&1u16.to_be_bytes());
+        query
+    }
+
+    /// The rcode and answer count of the reply `dns` wrote for `qtype`.
+    fn answered(dns: &mut Dns, qtype: u16) -> (u8, u16) {
+        let Answer::Reply(len) = dns.resolve(&query(qtype), Instant::ZERO) else {
+            panic!("no reply to type {qtype}");
+        };
+        let reply = &dns.reply[..len];
+        (reply[3] & 0x0f, u16::from_be_bytes([reply[6], reply[7]]))
+    }
+
+    #[test]
+    fn without_an_ipv6_tun_address_aaaa_gets_no_record() {
+        let mut dns = dns_for(&["--tun-addr", "10.0.0.1/30"]);
+        assert_eq!(answered(&mut dns, dns::TYPE_A), (0, 1));
+        assert_eq!(answered(&mut dns, TYPE_AAAA), (0, 0));
+        assert_eq!(dns.counters().aaaa_without_range, 1);
+        let mut dns = dns_for(&[]);
+        assert_eq!(
+            answered(&mut dns, TYPE_AAAA),
+            (0, 1),
+            "the default TUN has IPv6"
+        );
+        assert_eq!(dns.counters().aaaa_without_range, 0);
     }
 }
