@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
     if selector & 1 == 0 {
         let size = [dns::UDP_MAX, 64, 40, 12][usize::from(selector >> 2) % 4];
         answer(&mut resolver, rest, Instant::ZERO, size);
+        truncate(rest, size);
     } else {
         tcp(&mut resolver, rest, usize::from(selector >> 2).max(1));
     }
@@ -69,6 +70,40 @@ fn tcp(resolver: &mut Resolver, bytes: &[u8], chunk: usize) {
             assert!(taken > 0 || rest.is_empty());
         }
     }
+}
+
+/// A server's reply cut for a UDP client taking `limit` bytes: whole if it fits, else
+/// its header and question with TC set.
+fn truncate(reply: &[u8], limit: usize) {
+    let mut cut = reply.to_vec();
+    let Some(len) = dns::truncate(&mut cut, limit) else {
+        assert!(reply.len() > limit);
+        return;
+    };
+    if reply.len() <= limit {
+        assert_eq!((len, &cut[..]), (reply.len(), reply));
+        return;
+    }
+    assert!(len <= limit);
+    let header = Header::parse(&cut).unwrap();
+    let before = Header::parse(reply).unwrap();
+    assert!(header.tc());
+    assert_eq!(
+        (header.id, header.flags),
+        (before.id, before.flags | 0x0200)
+    );
+    assert_eq!(
+        (
+            header.qdcount,
+            header.ancount,
+            header.nscount,
+            header.arcount
+        ),
+        (1, 0, 0, 0)
+    );
+    let name = Name::parse(&cut[HEADER_LEN..]).expect("the question is kept");
+    assert_eq!(len, HEADER_LEN + name.wire().len() + 4);
+    assert_eq!(cut[HEADER_LEN..len], reply[HEADER_LEN..len]);
 }
 
 /// Answers `query` into a buffer of `size` bytes (framed as over TCP when larger than

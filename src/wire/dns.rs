@@ -29,6 +29,10 @@ pub const TYPE_AAAA: u16 = 28;
 pub const TYPE_OPT: u16 = 41;
 pub const TYPE_SVCB: u16 = 64;
 pub const TYPE_HTTPS: u16 = 65;
+/// Incremental and full zone transfers, then MAILB and MAILA (RFC 1035 3.2.3), before
+/// ANY: meta types that ask for more than one reply or are obsolete.
+pub const TYPE_IXFR: u16 = 251;
+pub const TYPE_ANY: u16 = 255;
 /// The Internet class, the only one answered.
 pub const CLASS_IN: u16 = 1;
 
@@ -301,6 +305,9 @@ pub struct Query<'a> {
     pub qclass: u16,
     /// The query carried an OPT record (EDNS): the reply carries one too.
     pub edns: bool,
+    /// The largest reply the client takes over UDP: 512 bytes without EDNS, else the
+    /// payload size its OPT record announces (512 if it announces less, RFC 6891 6.2.5).
+    pub udp_size: u16,
     /// The question as it came (name, type, class), echoed byte for byte: clients that
     /// randomise the case of names (0x20 bits) check it.
     question: &'a [u8],
@@ -328,8 +335,8 @@ impl<'a> Query<'a> {
         let qtype = u16_at(question, end - 4).ok_or(Error::Truncated)?;
         let qclass = u16_at(question, end - 2).ok_or(Error::Truncated)?;
         let rest = &body[end..];
-        let rest = match header.arcount {
-            0 => rest,
+        let (rest, udp_size) = match header.arcount {
+            0 => (rest, UDP_MAX as u16),
             1 => opt_record(rest)?,
             _ => return Err(Error::Additional),
         };
@@ -342,14 +349,15 @@ impl<'a> Query<'a> {
             qtype,
             qclass,
             edns: header.arcount == 1,
+            udp_size,
             question,
         })
     }
 }
 
-/// Reads an OPT record (RFC 6891 6.1.2) off the start of `bytes`; returns what follows.
-/// Its payload size and options do not matter: every reply fits 512 bytes.
-fn opt_record(bytes: &[u8]) -> Result<&[u8], Error> {
+/// Reads an OPT record (RFC 6891 6.1.2) off the start of `bytes`; returns what follows
+/// and the UDP payload size it announces. Its options do not matter.
+fn opt_record(bytes: &[u8]) -> Result<(&[u8], u16), Error> {
     let (&root, rest) = bytes.split_first().ok_or(Error::Truncated)?;
     if root != 0 {
         return Err(Error::Additional);
@@ -358,8 +366,10 @@ fn opt_record(bytes: &[u8]) -> Result<&[u8], Error> {
     if kind != TYPE_OPT {
         return Err(Error::Additional);
     }
+    let size = u16_at(rest, 2).ok_or(Error::Truncated)?;
     let rdlen = usize::from(u16_at(rest, 8).ok_or(Error::Truncated)?);
-    rest.get(RECORD_FIXED + rdlen..).ok_or(Error::Truncated)
+    let rest = rest.get(RECORD_FIXED + rdlen..).ok_or(Error::Truncated)?;
+    Ok((rest, size.max(UDP_MAX as u16)))
 }
 
 /// What an answer record holds.
@@ -467,6 +477,27 @@ pub fn error(out: &mut [u8], header: &Header, rcode: Rcode) -> Option<usize> {
     let out = out.get_mut(..HEADER_LEN)?;
     write_header(out, header.id, header.reply_flags(rcode), [0; 4]);
     Some(HEADER_LEN)
+}
+
+/// Cuts `message`, a reply longer than `limit` (a forwarded server's reply to a client
+/// over UDP, say), down to its header and question with TC set: the client asks again
+/// over TCP (RFC 1035 4.2.1). Returns the length to send (the whole message if it fits),
+/// or `None` if the reply to cut has no one question that fits in `limit`.
+pub fn truncate(message: &mut [u8], limit: usize) -> Option<usize> {
+    if message.len() <= limit {
+        return Some(message.len());
+    }
+    let header = Header::parse(message)?;
+    if header.qdcount != 1 {
+        return None;
+    }
+    let name = Name::parse(&message[HEADER_LEN..]).ok()?;
+    let end = HEADER_LEN + name.0.len() + 4;
+    if end > limit.min(message.len()) {
+        return None;
+    }
+    write_header(message, header.id, header.flags | FLAG_TC, [1, 0, 0, 0]);
+    Some(end)
 }
 
 /// Writes a header with `counts` (QD, AN, NS, AR) into `out`, at least 12 bytes long.

@@ -16,8 +16,13 @@ use crate::wire::dns::MAX_TEXT;
 /// out with a TTL of 1 s is connected to right after the answer, and a client that
 /// caches a little longer than the TTL still finds its name.
 pub const MIN_IDLE: Duration = Duration::from_secs(2);
-/// No entry in the index.
+/// No entry in the index; no slot of the long-name pool.
 const EMPTY: u32 = u32::MAX;
+/// Bytes of a name kept in its entry's own slot of the arena: nearly every name in use
+/// is shorter, and a slot sized for the longest (253 bytes) would quadruple the table.
+const SHORT: usize = 64;
+/// Entries per slot of the pool that holds longer names.
+const LONG_SHARE: usize = 16;
 
 /// One name and its two addresses (given by its slot number).
 #[derive(Clone, Copy, Debug)]
@@ -28,8 +33,10 @@ struct Entry {
     hash: u32,
     /// Live flows to one of its addresses: while any, the entry is not reused.
     holds: u32,
-    /// Bytes of its name in the arena.
+    /// Bytes of its name.
     len: u8,
+    /// Its slot in the long-name pool if its name is longer than `SHORT`, else `EMPTY`.
+    long: u32,
 }
 
 /// What a table counts.
@@ -59,9 +66,16 @@ pub struct FakeTable {
     span: u32,
     capacity: u32,
     entries: Vec<Entry>,
-    /// The names' text, `MAX_TEXT` bytes per slot: zero pages until written, so what is
+    /// The names' text, `SHORT` bytes per slot: zero pages until written, so what is
     /// resident grows with the entries used.
     names: Vec<u8>,
+    /// Longer names, `MAX_TEXT` bytes per slot, one slot per `LONG_SHARE` entries, and
+    /// the slots free. When none is, a long name takes the place of the least recently
+    /// used long name: long names (some chosen by web pages) cannot crowd out the rest.
+    long_names: Vec<u8>,
+    long_free: Vec<u32>,
+    /// Entries no flow holds with a name in the pool, least recently used first.
+    long_lru: Lru,
     /// Slots by name hash, linear probing, at most half full.
     index: Vec<u32>,
     /// Entries no flow holds, least recently used first.
@@ -108,6 +122,7 @@ impl FakeTable {
             return Err(format!("fake range {v4} leaves no address to hand out"));
         }
         let slots = capacity as usize;
+        let long_slots = (slots / LONG_SHARE).max(1) as u32;
         Ok(FakeTable {
             v4: v4_base,
             v6: v6_base,
@@ -117,7 +132,10 @@ impl FakeTable {
             span,
             capacity,
             entries: Vec::with_capacity(slots),
-            names: vec![0; slots * MAX_TEXT],
+            names: vec![0; slots * SHORT],
+            long_names: vec![0; long_slots as usize * MAX_TEXT],
+            long_free: (0..long_slots).rev().collect(),
+            long_lru: Lru::default(),
             index: vec![EMPTY; (2 * slots).next_power_of_two()],
             lru: Lru::default(),
             hasher: RandomState::new(),
@@ -138,8 +156,12 @@ impl FakeTable {
 
     /// The slot of `name` (lower-case dotted text), given a slot if it has none yet
     /// (the least recently used one no flow holds and unused for `MIN_IDLE`); `None`
-    /// when no slot can be given. The entry counts as used at `now`.
+    /// when no slot can be given, or `name` is empty or longer than a name can be. The
+    /// entry counts as used at `now`.
     pub fn lookup(&mut self, name: &str, now: Instant) -> Option<Slot> {
+        if name.is_empty() || name.len() > MAX_TEXT {
+            return None;
+        }
         let hash = self.hash(name);
         let slot = match self.find(name, hash) {
             Some(slot) => slot,
@@ -148,7 +170,7 @@ impl FakeTable {
         let entry = &mut self.entries[slot as usize];
         entry.used = now;
         if entry.holds == 0 {
-            self.lru.touch(slot);
+            self.touch(slot);
         }
         Some(Slot(slot))
     }
@@ -173,10 +195,7 @@ impl FakeTable {
 
     /// The name `addr` was handed out for.
     pub fn name_of(&self, addr: IpAddr) -> Option<&str> {
-        let slot = self.slot_of(addr)?;
-        let start = slot as usize * MAX_TEXT;
-        let len = usize::from(self.entries[slot as usize].len);
-        std::str::from_utf8(&self.names[start..start + len]).ok()
+        std::str::from_utf8(self.name_at(self.slot_of(addr)?)).ok()
     }
 
     /// A live flow to `addr` starts: its entry is not reused until `release`. False
@@ -189,6 +208,7 @@ impl FakeTable {
         entry.holds += 1;
         if entry.holds == 1 {
             self.lru.remove(slot);
+            self.long_lru.remove(slot);
         }
         true
     }
@@ -205,7 +225,7 @@ impl FakeTable {
         }
         entry.holds -= 1;
         if entry.holds == 0 {
-            self.lru.touch(slot);
+            self.touch(slot);
         }
     }
 
@@ -218,9 +238,21 @@ impl FakeTable {
         self.index.len() - 1
     }
 
+    /// Makes `slot`, which no flow holds, the most recently used.
+    fn touch(&mut self, slot: u32) {
+        self.lru.touch(slot);
+        if self.entries[slot as usize].long != EMPTY {
+            self.long_lru.touch(slot);
+        }
+    }
+
     fn name_at(&self, slot: u32) -> &[u8] {
-        let start = slot as usize * MAX_TEXT;
-        &self.names[start..start + usize::from(self.entries[slot as usize].len)]
+        let entry = &self.entries[slot as usize];
+        let (arena, start) = match entry.long {
+            EMPTY => (&self.names, slot as usize * SHORT),
+            long => (&self.long_names, long as usize * MAX_TEXT),
+        };
+        &arena[start..start + usize::from(entry.len)]
     }
 
     fn find(&self, name: &str, hash: u32) -> Option<u32> {
@@ -237,42 +269,66 @@ impl FakeTable {
         }
     }
 
-    /// Gives `name` a slot: a never used one while there are, else the oldest reusable.
+    /// Gives `name` a slot: a long name the oldest reusable long name's if the pool is
+    /// full; else a never used slot while there are, else the oldest reusable.
     fn insert(&mut self, name: &str, hash: u32, now: Instant) -> Option<u32> {
-        let slot = if self.entries.len() < self.capacity as usize {
+        let long = name.len() > SHORT;
+        let slot = if long && self.long_free.is_empty() {
+            self.reuse(self.long_lru.oldest(), now)?
+        } else if self.entries.len() < self.capacity as usize {
             self.entries.push(Entry {
                 used: now,
                 hash,
                 holds: 0,
                 len: 0,
+                long: EMPTY,
             });
             (self.entries.len() - 1) as u32
         } else {
-            let oldest = self
-                .lru
-                .oldest()
-                .filter(|&slot| now - self.entries[slot as usize].used >= MIN_IDLE);
-            let Some(oldest) = oldest else {
-                self.counters.full += 1;
-                return None;
-            };
-            self.unindex(oldest);
-            self.counters.evictions += 1;
-            oldest
+            self.reuse(self.lru.oldest(), now)?
         };
-        let start = slot as usize * MAX_TEXT;
-        self.names[start..start + name.len()].copy_from_slice(name.as_bytes());
+        let (long, arena, start) = if long {
+            // There is one: free before, or freed by the entry reused.
+            let long = self.long_free.pop()?;
+            (long, &mut self.long_names, long as usize * MAX_TEXT)
+        } else {
+            (EMPTY, &mut self.names, slot as usize * SHORT)
+        };
+        arena[start..start + name.len()].copy_from_slice(name.as_bytes());
         self.entries[slot as usize] = Entry {
             used: now,
             hash,
             holds: 0,
             len: name.len() as u8,
+            long,
         };
         let mut at = hash as usize & self.mask();
         while self.index[at] != EMPTY {
             at = (at + 1) & self.mask();
         }
         self.index[at] = slot;
+        Some(slot)
+    }
+
+    /// Takes the entry `oldest` (the least recently used of a list) from its name if it
+    /// has been unused for `MIN_IDLE`; counts a refusal if not.
+    fn reuse(&mut self, oldest: Option<u32>, now: Instant) -> Option<u32> {
+        let Some(slot) = oldest.filter(|&slot| now - self.entries[slot as usize].used >= MIN_IDLE)
+        else {
+            self.counters.full += 1;
+            return None;
+        };
+        self.unindex(slot);
+        self.lru.remove(slot);
+        self.long_lru.remove(slot);
+        let entry = &mut self.entries[slot as usize];
+        if entry.long != EMPTY {
+            self.long_free.push(entry.long);
+        }
+        // Unmapped until its new name is in.
+        entry.len = 0;
+        entry.long = EMPTY;
+        self.counters.evictions += 1;
         Some(slot)
     }
 

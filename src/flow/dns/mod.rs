@@ -16,8 +16,6 @@ pub use fake::FakeTable;
 /// TTL of fake answers: short, so that a client asks again rather than keeping an
 /// address the table may since have given to another name.
 pub const TTL: u32 = 1;
-/// Default number of names the table holds (`--fake-entries`).
-pub const DEFAULT_CAPACITY: usize = 65_536;
 
 /// What the resolver is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,7 +182,7 @@ impl Resolver {
 
     /// A question the fake table does not answer.
     fn other(&mut self, query: &Query, out: &mut [u8]) -> Answer {
-        if self.forward {
+        if self.forward && forwardable(query.qtype) {
             self.counters.forwarded += 1;
             return Answer::Forward;
         }
@@ -214,6 +212,14 @@ impl Resolver {
             }
         }
     }
+}
+
+/// Whether a question of type `qtype` may go to the DNS server: not OPT (a pseudo-record,
+/// never asked for), not zone transfers nor the obsolete mail meta types (251 to 254),
+/// which are answered with streams of messages or not at all: a forwarded query gets
+/// one reply.
+fn forwardable(qtype: u16) -> bool {
+    qtype != dns::TYPE_OPT && !(dns::TYPE_IXFR..dns::TYPE_ANY).contains(&qtype)
 }
 
 /// Writes a reply into `out` and counts it; dropped (and counted) if `out` cannot hold

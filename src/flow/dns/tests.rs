@@ -117,6 +117,17 @@ fn https_and_svcb_get_no_record_and_other_types_are_forwarded_or_refused() {
     );
     let mut refusing = resolver(false, 100);
     assert_eq!(ask(&mut refusing, &mx, 0).0, Rcode::Refused as u8);
+    // Zone transfers and OPT are not forwarded; ANY is.
+    for qtype in [251, 252, 253, 254, dns::TYPE_OPT] {
+        let message = query(2, "example.com", qtype);
+        assert_eq!(
+            ask(&mut dns, &message, 0).0,
+            Rcode::Refused as u8,
+            "{qtype}"
+        );
+    }
+    let any = query(2, "example.com", dns::TYPE_ANY);
+    assert_eq!(dns.answer(&any, Instant::ZERO, &mut out), Answer::Forward);
     // Another class, and names that are not host names.
     let mut chaos = query(3, "version.bind", 16);
     let len = chaos.len();
@@ -129,7 +140,7 @@ fn https_and_svcb_get_no_record_and_other_types_are_forwarded_or_refused() {
     let mut spaced = query(5, "a_b.example", dns::TYPE_A);
     spaced[HEADER_LEN + 2] = b' ';
     assert_eq!(ask(&mut dns, &spaced, 0).0, Rcode::Refused as u8);
-    assert_eq!(dns.counters().refused, 3);
+    assert_eq!(dns.counters().refused, 8);
 }
 
 #[test]
@@ -209,4 +220,39 @@ fn a_buffer_too_small_for_the_question_drops_the_query() {
         Answer::Drop
     );
     assert_eq!(dns.counters().dropped, 2);
+}
+
+#[test]
+fn the_longest_replies_fit_512_bytes() {
+    let mut dns = resolver(false, 100);
+    let label = "a".repeat(63);
+    let longest = [&label[..], &label, &label, &"b".repeat(61)].join(".");
+    assert_eq!(longest.len(), MAX_TEXT);
+    let with_edns = |mut message: Vec<u8>| {
+        message[11] = 1;
+        message.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+        message
+    };
+    let mut out = [0u8; UDP_MAX];
+    for (qtype, name) in [
+        (dns::TYPE_A, longest.clone()),
+        (dns::TYPE_AAAA, longest.clone()),
+        // The reverse name of the address just given, the longest there is.
+        (
+            dns::TYPE_PTR,
+            "2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.4.f.0.0.9.7.8.7.2.7.0.7.a.7.d.f.ip6.arpa".into(),
+        ),
+    ] {
+        let message = with_edns(query(1, &name, qtype));
+        let Answer::Reply(len) = dns.answer(&message, Instant::ZERO, &mut out) else {
+            panic!("no reply to {qtype}");
+        };
+        let header = Header::parse(&out[..len]).unwrap();
+        assert_eq!((header.rcode(), header.ancount, header.arcount), (0, 1, 1));
+        assert!(!header.tc(), "{qtype}: {len} bytes");
+    }
+    assert_eq!(
+        dns.name_of("198.18.0.2".parse().unwrap()),
+        Some(longest.as_str())
+    );
 }

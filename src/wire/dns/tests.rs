@@ -315,3 +315,40 @@ fn errors_answer_the_header_alone() {
     assert_eq!(out, [0xab, 0xcd, 0x81, 0x81, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!(error(&mut out[..11], &header, Rcode::FormErr), None);
 }
+
+#[test]
+fn the_udp_size_is_512_without_edns_and_at_least_512_with_it() {
+    let plain = query(1, "example.com", TYPE_A, false);
+    assert_eq!(Query::parse(&plain).unwrap().udp_size, 512);
+    let mut edns = query(1, "example.com", TYPE_A, true);
+    assert_eq!(Query::parse(&edns).unwrap().udp_size, 4096);
+    let size_at = plain.len() + 3;
+    edns[size_at..size_at + 2].copy_from_slice(&100u16.to_be_bytes());
+    assert_eq!(Query::parse(&edns).unwrap().udp_size, 512);
+}
+
+#[test]
+fn a_long_reply_is_cut_to_its_question_with_tc() {
+    // A server's reply: the question, then records the proxy does not read.
+    let mut message = query(0x4242, "example.com", 16, false);
+    let question_end = message.len();
+    message[2] = 0x81;
+    message[3] = 0x80;
+    message[7] = 3;
+    message.extend_from_slice(&[0xab; 600]);
+    let len = message.len();
+    assert_eq!(truncate(&mut message, len), Some(len), "fits: unchanged");
+    assert_eq!(truncate(&mut message.clone(), question_end - 1), None);
+    assert_eq!(truncate(&mut message, 512), Some(question_end));
+    let header = Header::parse(&message).unwrap();
+    assert_eq!((header.id, header.flags), (0x4242, 0x8380));
+    assert_eq!([header.qdcount, header.ancount, header.arcount], [1, 0, 0]);
+    // No question, or one that cannot be read.
+    let mut none = message.clone();
+    none[5] = 0;
+    assert_eq!(truncate(&mut none, 20), None);
+    let mut pointer = message.clone();
+    pointer[HEADER_LEN] = 0xc0;
+    assert_eq!(truncate(&mut pointer, 100), None);
+    assert_eq!(truncate(&mut [0u8; 11], 10), None);
+}

@@ -187,6 +187,7 @@ fn names_churn_through_a_full_table_without_growing_it() {
             fake.entries.capacity(),
             fake.names.capacity(),
             fake.index.capacity(),
+            (fake.long_names.capacity(), fake.long_free.capacity()),
         )
     };
     let before = memory(&fake);
@@ -194,14 +195,16 @@ fn names_churn_through_a_full_table_without_growing_it() {
     for i in 0..70_000u32 {
         name.clear();
         name.push_str(&format!("host-{i}.example.com"));
+        // Some long names, which go to the pool.
+        if i % 100 == 0 {
+            name.push_str(&".long".repeat(20));
+        }
         let slot = fake.lookup(&name, at(i64::from(i / 1000) * 10)).unwrap();
         let addr = IpAddr::V4(fake.v4(slot));
         assert_eq!(fake.name_of(addr), Some(name.as_str()));
         assert_eq!(fake.name_of(IpAddr::V6(fake.v6(slot))), Some(name.as_str()));
     }
-    assert_eq!(memory(&fake).0, before.0);
-    assert_eq!(memory(&fake).1, before.1);
-    assert_eq!(memory(&fake).2, before.2);
+    assert_eq!(memory(&fake), before);
     let counters = fake.counters();
     assert_eq!(
         (counters.size, counters.evictions),
@@ -214,6 +217,9 @@ fn names_churn_through_a_full_table_without_growing_it() {
     assert_eq!(fake.v4(last), Ipv4Addr::from(first + (69_999 - 65_534)));
     for i in (70_000 - 65_534)..70_000u32 {
         let name = format!("host-{i}.example.com");
+        if i % 100 == 0 {
+            continue;
+        }
         assert!(fake.find(&name, fake.hash(&name)).is_some(), "{name}");
     }
     for i in 0..(70_000 - 65_534u32) {
@@ -225,6 +231,7 @@ fn names_churn_through_a_full_table_without_growing_it() {
 #[test]
 fn the_index_matches_a_model_under_random_churn() {
     // A small table in a busy index: deletions shift entries back across the wrap.
+    // 40 entries: a pool of 2 long names.
     let mut fake = table("198.18.0.0/24", &[], 40);
     let mut model: std::collections::HashMap<String, Ipv4Addr> = Default::default();
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -232,7 +239,13 @@ fn the_index_matches_a_model_under_random_churn() {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        let name = format!("n{}", state % 97);
+        // One name in ten is long: 10 long names share a pool of 2.
+        let n = state % 97;
+        let name = if n < 10 {
+            format!("n{n}.{}", "long".repeat(20))
+        } else {
+            format!("n{n}")
+        };
         let now = at(step * 3);
         let slot = fake.lookup(&name, now).unwrap();
         let addr = fake.v4(slot);
@@ -246,4 +259,46 @@ fn the_index_matches_a_model_under_random_churn() {
         }
         assert_eq!(model.len(), fake.counters().size as usize);
     }
+}
+
+#[test]
+fn long_names_take_each_others_places_when_their_pool_is_full() {
+    // 32 entries: a pool of 2 long names.
+    let mut fake = table("198.18.0.0/24", &[], 32);
+    let long = |i: usize| format!("{}.n{i}.example", "x".repeat(60));
+    for i in 0..2 {
+        fake.lookup(&long(i), at(0)).unwrap();
+    }
+    fake.lookup("short.example", at(0)).unwrap();
+    assert_eq!(fake.lookup(&long(2), at(1)), None, "both long names in use");
+    fake.lookup(&long(0), at(2)).unwrap();
+    // The third long name takes the place of the oldest long one, though the table has
+    // room.
+    let third = fake.lookup(&long(2), at(3)).unwrap();
+    assert_eq!(fake.v4(third), Ipv4Addr::new(198, 18, 0, 2));
+    assert_eq!(fake.name_of(ip("198.18.0.2")), Some(long(2).as_str()));
+    assert_eq!(fake.name_of(ip("198.18.0.1")), Some(long(0).as_str()));
+    assert_eq!(fake.name_of(ip("198.18.0.3")), Some("short.example"));
+    let counters = fake.counters();
+    assert_eq!(
+        (counters.size, counters.evictions, counters.full),
+        (3, 1, 1)
+    );
+    // Held long names stay.
+    assert!(fake.hold(ip("198.18.0.1")) && fake.hold(ip("198.18.0.2")));
+    assert_eq!(fake.lookup(&long(3), at(100)), None);
+    fake.release(ip("198.18.0.1"));
+    let fourth = fake.lookup(&long(3), at(100)).unwrap();
+    assert_eq!(fake.v4(fourth), Ipv4Addr::new(198, 18, 0, 1));
+    // A short name evicting a long one gives its pool slot back.
+    let mut small = table("198.18.0.0/29", &[], 2);
+    small.lookup(&long(0), at(0)).unwrap();
+    small.lookup("a", at(0)).unwrap();
+    small.lookup("b", at(10)).unwrap();
+    assert_eq!(small.long_free.len(), 1);
+    let again = small.lookup(&long(1), at(20)).unwrap();
+    assert_eq!(
+        small.name_of(IpAddr::V4(small.v4(again))),
+        Some(long(1).as_str())
+    );
 }
