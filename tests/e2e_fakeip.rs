@@ -469,6 +469,8 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
         format!("--listen-address={}", topo.server_v4()),
         "--mx-host=mail.fake.test,mx1.fake.test,10",
     );
+    // Three strings of 250 bytes: a reply longer than 512 bytes.
+    let big_txt = format!("--txt-record=big.fake.test,{0},{0},{0}", "x".repeat(250));
     let _dnsmasq = Daemon::start(
         &topo,
         Daemon::dir("dnsmasq"),
@@ -485,6 +487,7 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
             &listen,
             mx,
             "--txt-record=note.fake.test,through the upstream",
+            &big_txt,
         ],
     );
     let server = server.to_string();
@@ -524,6 +527,33 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
     assert!(answers[0].starts_with(FAKE_V4_PREFIX), "{answers:?}");
     assert_eq!(answers[1], "upstream\"");
     assert!(answers[2].starts_with(FAKE_V6_PREFIX), "{answers:?}");
+    // A long reply: whole to a client that takes it (EDNS, dig's default), cut with TC
+    // set for one that does not, which dig then asks over TCP.
+    let (txt, status) = dig(&topo, &["big.fake.test", "TXT"]);
+    assert_eq!((txt.len(), status.as_str()), (1, "NOERROR"), "{txt:?}");
+    let truncated = in_client(
+        &topo,
+        "dig",
+        &[
+            "+noedns",
+            "+ignore",
+            "+time=3",
+            "@198.18.0.2",
+            "big.fake.test",
+            "TXT",
+        ],
+    );
+    let text = String::from_utf8_lossy(&truncated.stdout);
+    let flags = text
+        .lines()
+        .find(|l| l.starts_with(";; flags:"))
+        .unwrap_or_default();
+    assert!(
+        flags.contains(" tc ") && flags.contains("ANSWER: 0"),
+        "{text}"
+    );
+    let (txt, status) = dig(&topo, &["+noedns", "big.fake.test", "TXT"]);
+    assert_eq!((txt.len(), status.as_str()), (1, "NOERROR"), "{txt:?}");
     let stats = proxy.stats();
     assert!(dns_field(&stats, "forwarded") >= 2, "{stats}");
     for label in ["tcp-refused", "tcp-malformed", "tcp-overflow"] {

@@ -137,7 +137,8 @@ impl Dns {
                 if let (Some(forwards), Some((upstream, interface))) =
                     (&mut self.forwards, upstream)
                 {
-                    let client = Client::Udp(key);
+                    let limit = Query::parse(payload).map_or(dns::UDP_MAX as u16, |q| q.udp_size);
+                    let client = Client::Udp(key, limit);
                     forwards.start(
                         payload,
                         client,

@@ -20,7 +20,7 @@ use crate::stack::{Claim, TxPool};
 use crate::stats::DnsStats;
 use crate::uring::{Op, Region, Ring, Slice, Token};
 use crate::wire::socks5::Command;
-use crate::wire::{FlowKey, udp};
+use crate::wire::{FlowKey, dns, udp};
 
 /// Forwarded queries in flight at most; more are dropped (counted), the client asks
 /// again.
@@ -40,8 +40,9 @@ struct Exchange {
 /// Who asked a forwarded query.
 #[derive(Clone, Copy, Debug)]
 pub enum Client {
-    /// A UDP datagram of this flow (its server: the address asked).
-    Udp(FlowKey),
+    /// A UDP datagram of this flow (its server: the address asked), and the largest
+    /// reply the client takes over UDP (512 bytes, or what its EDNS record says).
+    Udp(FlowKey, u16),
     /// A DNS-over-TCP connection.
     Tcp(ConnId),
 }
@@ -160,13 +161,21 @@ impl Forwards {
         };
         match exchange.forward.outcome() {
             Some(Ok(reply)) => match exchange.client {
-                Client::Udp(client) => {
+                Client::Udp(client, limit) => {
+                    // Longer than the client takes: cut to its question with TC set, and
+                    // it asks again over TCP.
                     let sent = exchange.scratch.with_mut(reply, |reply| {
-                        to.tx
-                            .emit(Claim::Reply, |buf| udp::reply(buf, client, reply))
+                        let len = dns::truncate(reply, usize::from(limit))?;
+                        let reply = &reply[..len];
+                        Some(
+                            to.tx
+                                .emit(Claim::Reply, |buf| udp::reply(buf, client, reply)),
+                        )
                     });
-                    if !sent {
-                        to.counters.reply_drops += 1;
+                    match sent {
+                        Some(true) => {}
+                        Some(false) => to.counters.reply_drops += 1,
+                        None => to.counters.forward_failed += 1,
                     }
                 }
                 Client::Tcp(conn) => {
