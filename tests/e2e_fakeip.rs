@@ -69,6 +69,14 @@ fn name_service(topo: &Topology, hosts: &[(&str, IpAddr)]) -> [NetnsEtc; 2] {
     ]
 }
 
+/// The topology of `test`, if it and `tools` can be had (else it is skipped).
+fn topology(test: &str, tools: &[&str]) -> Option<Topology> {
+    if !tools.iter().all(|tool| tool_or_skip(tool, test)) {
+        return None;
+    }
+    Topology::for_test(test)
+}
+
 /// A proxy with TUN `tun` and `--dns fake` through `socks`, routing nothing but what
 /// it routes itself: the fake ranges.
 fn fake_dns_proxy(topo: &Topology, tun: &str, socks: &Daemon, extra: &[&str]) -> Proxy {
@@ -172,6 +180,19 @@ fn dns_field(stats: &str, label: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {label} in {line}"))
 }
 
+/// What curl downloads from `url` in the client namespace, resolving its name over
+/// `family` (`-4`, `-6`).
+fn curl(topo: &Topology, family: &str, url: &str) -> Vec<u8> {
+    let args = ["-sS", "--fail", "--max-time", "60", family, "-o", "-", url];
+    let output = in_client(topo, "curl", &args);
+    assert!(
+        output.status.success(),
+        "curl {family}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
@@ -181,13 +202,7 @@ fn names_resolve_to_fake_addresses_and_flows_reach_them_by_name_through_microsoc
     const TEST: &str =
         "names_resolve_to_fake_addresses_and_flows_reach_them_by_name_through_microsocks";
     const LEN: u64 = 4 << 20;
-    if !["microsocks", "curl", "dig", "getent"]
-        .iter()
-        .all(|tool| tool_or_skip(tool, TEST))
-    {
-        return;
-    }
-    let Some(topo) = Topology::for_test(TEST) else {
+    let Some(topo) = topology(TEST, &["microsocks", "curl", "dig", "getent"]) else {
         return;
     };
     let _etc = name_service(
@@ -225,18 +240,9 @@ fn names_resolve_to_fake_addresses_and_flows_reach_them_by_name_through_microsoc
     let url = format!("http://web.fake.test:{}/file", server.addr().port());
     let mut downloaded = Vec::new();
     for family in ["-4", "-6"] {
-        let output = in_client(
-            &topo,
-            "curl",
-            &["-sS", "--fail", "--max-time", "60", family, "-o", "-", &url],
-        );
-        assert!(
-            output.status.success(),
-            "curl {family}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert_eq!(output.stdout.len() as u64, LEN, "curl {family}");
-        downloaded.push(sha256(&output.stdout));
+        let body = curl(&topo, family, &url);
+        assert_eq!(body.len() as u64, LEN, "curl {family}");
+        downloaded.push(sha256(&body));
     }
     let sent: Vec<[u8; 32]> = server.join().iter().map(|t| t.sha256).collect();
     for hash in &downloaded {
@@ -303,10 +309,7 @@ fn names_resolve_to_fake_addresses_and_flows_reach_them_by_name_through_microsoc
 #[test]
 fn stale_fake_addresses_fail_at_once_after_a_restart() {
     const TEST: &str = "stale_fake_addresses_fail_at_once_after_a_restart";
-    if !tool_or_skip("microsocks", TEST) {
-        return;
-    }
-    let Some(topo) = Topology::for_test(TEST) else {
+    let Some(topo) = topology(TEST, &["microsocks"]) else {
         return;
     };
     let socks = microsocks(&topo, None);
@@ -351,10 +354,7 @@ fn stale_fake_addresses_fail_at_once_after_a_restart() {
 fn udp_by_name_through_a_danted_association() {
     const TEST: &str = "udp_by_name_through_a_danted_association";
     const PORT: u16 = 7300;
-    if !tool_or_skip("danted", TEST) {
-        return;
-    }
-    let Some(topo) = Topology::for_test(TEST) else {
+    let Some(topo) = topology(TEST, &["danted"]) else {
         return;
     };
     // danted resolves the name from the server's /etc/hosts.
@@ -383,10 +383,7 @@ fn more_names_than_the_table_holds_reuse_its_entries() {
     const NAMES: u32 = 70_000;
     // The default --fake-entries, 65,536, less the first and last address of the /16.
     const ENTRIES: u32 = 65_534;
-    if !tool_or_skip("microsocks", TEST) {
-        return;
-    }
-    let Some(topo) = Topology::for_test(TEST) else {
+    let Some(topo) = topology(TEST, &["microsocks"]) else {
         return;
     };
     let socks = microsocks(&topo, None);
@@ -452,13 +449,7 @@ fn more_names_than_the_table_holds_reuse_its_entries() {
 #[test]
 fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
     const TEST: &str = "other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server";
-    if !["microsocks", "dnsmasq", "dig"]
-        .iter()
-        .all(|tool| tool_or_skip(tool, TEST))
-    {
-        return;
-    }
-    let Some(topo) = Topology::for_test(TEST) else {
+    let Some(topo) = topology(TEST, &["microsocks", "dnsmasq", "dig"]) else {
         return;
     };
     let socks = microsocks(&topo, None);
@@ -627,13 +618,7 @@ fn ssh_socks(topo: &Topology) -> [Daemon; 2] {
 fn names_reach_their_server_through_ssh_dynamic_forwarding() {
     const TEST: &str = "names_reach_their_server_through_ssh_dynamic_forwarding";
     const LEN: u64 = 1 << 20;
-    if !["sshd", "ssh", "ssh-keygen", "curl"]
-        .iter()
-        .all(|tool| tool_or_skip(tool, TEST))
-    {
-        return;
-    }
-    let Some(topo) = Topology::for_test(TEST) else {
+    let Some(topo) = topology(TEST, &["sshd", "ssh", "ssh-keygen", "curl"]) else {
         return;
     };
     // sshd resolves the name the client asked for, from the server's /etc/hosts.
@@ -642,19 +627,10 @@ fn names_reach_their_server_through_ssh_dynamic_forwarding() {
     let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
     let server = http_server(&topo, 1, LEN);
     let url = format!("http://ssh.fake.test:{}/file", server.addr().port());
-    let output = in_client(
-        &topo,
-        "curl",
-        &["-sS", "--fail", "--max-time", "60", "-4", "-o", "-", &url],
-    );
-    assert!(
-        output.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let body = curl(&topo, "-4", &url);
     let sent = server.join().remove(0);
     assert_eq!(
-        (output.stdout.len() as u64, sha256(&output.stdout)),
+        (body.len() as u64, sha256(&body)),
         (sent.bytes, sent.sha256)
     );
     proxy.assert_running();
