@@ -115,6 +115,29 @@ pub struct Args {
     #[argh(option)]
     pub upstream: Option<UpstreamUrl>,
 
+    /// answer DNS queries entering the TUN (UDP and TCP, port 53, any address) with
+    /// fake addresses; flows to them connect by name through --upstream, so names are
+    /// resolved by the upstream, never here: fake (needs --upstream)
+    #[argh(option)]
+    pub dns: Option<String>,
+
+    /// range fake addresses are taken from, routed into the TUN; at most one IPv4 and
+    /// one IPv6 (default: a /16 of 198.18.0.0/15 off --tun-addr, and a /64 in the TUN
+    /// address's /48)
+    #[argh(option)]
+    pub fake_range: Vec<String>,
+
+    /// names the fake-address table holds; past it the least recently used name no
+    /// flow uses is forgotten (default: 65536, or as many as the IPv4 range holds: 65534
+    /// in a /16)
+    #[argh(option)]
+    pub fake_entries: Option<usize>,
+
+    /// DNS server (ADDR:PORT) queries of other types than A, AAAA, HTTPS, SVCB and PTR
+    /// go to, over TCP through --upstream (default: none, they are refused)
+    #[argh(option)]
+    pub dns_server: Option<String>,
+
     /// seconds a UDP flow may stay idle before its socket is closed (default: 60)
     #[argh(option, default = "60")]
     pub udp_timeout: u64,

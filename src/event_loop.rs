@@ -6,6 +6,9 @@
 mod association;
 mod control;
 mod datagrams;
+mod dns;
+mod dns_tcp;
+mod forward;
 mod host;
 mod housekeeping;
 mod outbound;
@@ -53,6 +56,8 @@ struct Proxy {
     stack: Stack,
     tcp: TcpFlows,
     udp: Datagrams,
+    /// Fake-IP DNS (`--dns fake`).
+    dns: Option<dns::Dns>,
     timers: Timers,
     signals: Signals,
     housekeeping: Housekeeping,
@@ -114,6 +119,7 @@ impl Proxy {
             let now = self.now();
             self.fire_timers(now);
             self.expire_datagrams(now);
+            self.service_forwards(now);
             self.housekeeping(now);
             self.service_tcp_work();
             let table = &self.tcp;
@@ -165,6 +171,12 @@ impl Proxy {
             Op::ControlTick => self.on_control_tick(),
             Op::AssociationConnect | Op::AssociationSend | Op::AssociationRecv => {
                 self.on_association_completion(token.op, id, completion.result);
+            }
+            Op::DnsConnect | Op::DnsSend | Op::DnsRecv => {
+                self.on_forward_completion(token.op, id, completion.result);
+            }
+            Op::DnsTcpRecv | Op::DnsTcpSend => {
+                self.on_dns_tcp_completion(token.op, id, completion.result);
             }
         }
     }
@@ -218,6 +230,9 @@ impl Proxy {
         [
             self.timers.next(),
             self.udp.next_expiry(),
+            self.dns
+                .as_ref()
+                .and_then(|dns| dns.forwards.as_ref()?.next_deadline()),
             self.housekeeping.due(self.tcp.closed_since_peak()),
         ]
         .into_iter()

@@ -43,6 +43,32 @@ pub struct Stats {
     pub udp: crate::flow::datagram::Counters,
     pub upstream: crate::flow::upstream::Counters,
     pub fragments: u64,
+    pub dns: DnsStats,
+}
+
+/// Fake-IP DNS (`--dns fake`): the resolver's counters (copied when printed) and what
+/// the loop counts beside them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DnsStats {
+    pub resolver: crate::flow::dns::DnsCounters,
+    /// TCP SYNs to a fake address no name is mapped to (after a restart, or evicted),
+    /// answered with RST; UDP datagrams to one, answered with ICMP port unreachable.
+    pub unmapped_tcp: u64,
+    pub unmapped_udp: u64,
+    /// Replies that found no TUN write buffer.
+    pub reply_drops: u64,
+    /// Queries to forward dropped because `MAX_FORWARDS` were in flight, and forwarded
+    /// ones that failed (the upstream or the server refused, closed or was silent).
+    pub forward_busy: u64,
+    pub forward_failed: u64,
+    /// DNS over TCP: flows to port 53 refused (every connection slot taken), streams
+    /// ended for a bad length prefix, or for replies their client did not read.
+    pub tcp_refused: u64,
+    pub tcp_malformed: u64,
+    pub tcp_overflow: u64,
+    /// AAAA queries answered with no record: the TUN has no IPv6 address to route an
+    /// IPv6 fake range with.
+    pub aaaa_without_range: u64,
 }
 
 impl Stats {

@@ -12,26 +12,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::socks::{Daemon, danted, free_port};
+use common::socks::{danted, free_port, microsocks};
 use common::{
     ANY, Topology, check_response, dns_query, dns_response, echo_once, join, ping, recv_to_end,
     send_payload, tool_or_skip, udp_client, udp_echo_server, wait_until,
 };
 
 const UDP_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// microsocks on the server's IPv4 address, with `-u user -P pass` if given.
-fn microsocks(topo: &Topology, auth: Option<(&str, &str)>) -> Daemon {
-    let ip = topo.server_v4();
-    let port = free_port(topo, ip);
-    let (ip_text, port_text) = (ip.to_string(), port.to_string());
-    let mut args = vec!["-i", &ip_text, "-p", &port_text];
-    if let Some((user, password)) = auth {
-        args.extend(["-u", user, "-P", password]);
-    }
-    let addr = SocketAddr::new(ip, port);
-    Daemon::start(topo, Daemon::dir("microsocks"), addr, "microsocks", &args)
-}
 
 fn upstream_arg(addr: SocketAddr, auth: Option<(&str, &str)>) -> String {
     match auth {

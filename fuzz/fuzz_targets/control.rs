@@ -73,5 +73,7 @@ fn row(b: &[u8]) -> FlowRow {
         bytes_down: u64_at(24),
         age_s: u64_at(32),
         idle_s: u64_at(40),
+        // A fake address's name (`--dns fake`), on some rows.
+        name: (b[1] & 4 != 0).then(|| format!("n{}.fake.test", b[2])),
     }
 }

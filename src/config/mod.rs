@@ -2,12 +2,14 @@
 //! host I/O here, so what needs the host (the interface, the CPU mask, the user, the
 //! upstream's address) is checked by `event_loop` before it creates anything.
 
+mod dns;
 mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use dns::FakeDns;
 pub use upstream::Socks5;
 
 use crate::cli::Args;
@@ -62,6 +64,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// The SOCKS5 proxy flows go through; `None`: direct.
     pub upstream: Option<Socks5>,
+    /// Fake-IP DNS (`--dns fake`); `None`: DNS is relayed like any UDP.
+    pub dns: Option<FakeDns>,
 }
 
 /// Where the control socket goes.
@@ -242,6 +246,17 @@ impl Config {
             Some(url) => upstream::parse(&url.0).map_err(Error::Usage)?,
             None => None,
         };
+        let dns = dns::parse(
+            &dns::Flags {
+                dns: args.dns.as_deref(),
+                ranges: &args.fake_range,
+                entries: args.fake_entries,
+                server: args.dns_server.as_deref(),
+                upstream: upstream.is_some(),
+            },
+            &tun_addrs,
+        )
+        .map_err(Error::Usage)?;
         Ok(Config {
             interface,
             tun_name: args.tun,
@@ -271,6 +286,7 @@ impl Config {
             uids,
             exclude_uids,
             upstream,
+            dns,
             table: args.table,
             udp: crate::flow::datagram::Limits {
                 idle_timeout: Duration::from_secs(args.udp_timeout),

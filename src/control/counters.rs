@@ -53,6 +53,7 @@ lines! {
     Udp = "udp",
     Icmp = "icmp",
     Upstream = "upstream",
+    Dns = "dns",
     Control = "control",
     Metrics = "metrics",
     Drops = "drops",
@@ -311,6 +312,36 @@ family!(
     "Resident memory of the proxy process (RSS), read when asked."
 );
 
+family!(
+    DNS_QUERIES,
+    "dns_queries_total",
+    Counter,
+    "DNS queries answered by the proxy (--dns fake), by question type (https_svcb: HTTPS and SVCB)."
+);
+family!(
+    DNS_RESULTS,
+    "dns_results_total",
+    Counter,
+    "What became of the DNS queries (--dns fake): answered, forwarded to --dns-server, refused, formerr (malformed), servfail (the table full of names in use), dropped, aaaa_without_range (no record: the TUN has no IPv6 address)."
+);
+family!(
+    FAKE_UNMAPPED,
+    "fake_unmapped_total",
+    Counter,
+    "Flows to a fake address no name is mapped to (after a restart, or evicted), refused at once: TCP with RST, UDP with ICMP port unreachable."
+);
+family!(
+    FAKE_EVICTIONS,
+    "fake_evictions_total",
+    Counter,
+    "Fake-address table entries given to another name (the least recently used, held by no flow)."
+);
+family!(
+    FAKE_ENTRIES,
+    "fake_entries",
+    Gauge,
+    "Names in the fake-address table (at most --fake-entries)."
+);
 const TCP: (&str, &str) = ("protocol", "tcp");
 const UDP: (&str, &str) = ("protocol", "udp");
 const ICMP: (&str, &str) = ("protocol", "icmp");
@@ -471,6 +502,51 @@ table! {
     DROPS &[("reason", "echo_no_identifier")], "drops_echo_no_identifier",
         Drops "echo-no-ident", |s| s.stats.udp.echo_no_ident;
 
+    DROPS &[("reason", "dns_reply_without_buffer")], "drops_dns_replies_without_buffer",
+        Dns "replies-without-buffer", |s| s.stats.dns.reply_drops;
+
+    DROPS &[("reason", "dns_forward_busy")], "drops_dns_forward_busy",
+        Dns "forward-busy", |s| s.stats.dns.forward_busy;
+    DROPS &[("reason", "dns_forward_failed")], "drops_dns_forward_failed",
+        Dns "forward-failed", |s| s.stats.dns.forward_failed;
+
+    DROPS &[("reason", "dns_tcp_refused")], "drops_dns_tcp_refused",
+        Dns "tcp-refused", |s| s.stats.dns.tcp_refused;
+    DROPS &[("reason", "dns_tcp_malformed")], "drops_dns_tcp_malformed",
+        Dns "tcp-malformed", |s| s.stats.dns.tcp_malformed;
+    DROPS &[("reason", "dns_tcp_overflow")], "drops_dns_tcp_overflow",
+        Dns "tcp-overflow", |s| s.stats.dns.tcp_overflow;
+
+    DNS_QUERIES &[("type", "a")], "dns_queries_a", Dns "a", |s| s.stats.dns.resolver.a;
+    DNS_QUERIES &[("type", "aaaa")], "dns_queries_aaaa", Dns "aaaa",
+        |s| s.stats.dns.resolver.aaaa;
+    DNS_QUERIES &[("type", "https_svcb")], "dns_queries_https_svcb", Dns "https-svcb",
+        |s| s.stats.dns.resolver.https_svcb;
+    DNS_QUERIES &[("type", "ptr")], "dns_queries_ptr", Dns "ptr",
+        |s| s.stats.dns.resolver.ptr;
+    DNS_QUERIES &[("type", "other")], "dns_queries_other", Dns "other",
+        |s| s.stats.dns.resolver.other;
+    DNS_RESULTS &[("result", "answered")], "dns_answered", Dns "answered",
+        |s| s.stats.dns.resolver.answered;
+    DNS_RESULTS &[("result", "forwarded")], "dns_forwarded", Dns "forwarded",
+        |s| s.stats.dns.resolver.forwarded;
+    DNS_RESULTS &[("result", "refused")], "dns_refused", Dns "refused",
+        |s| s.stats.dns.resolver.refused;
+    DNS_RESULTS &[("result", "formerr")], "dns_formerr", Dns "formerr",
+        |s| s.stats.dns.resolver.formerr;
+    DNS_RESULTS &[("result", "servfail")], "dns_servfail", Dns "servfail",
+        |s| s.stats.dns.resolver.servfail;
+    DNS_RESULTS &[("result", "dropped")], "dns_dropped", Dns "dropped",
+        |s| s.stats.dns.resolver.dropped;
+    DNS_RESULTS &[("result", "aaaa_without_range")], "dns_aaaa_without_range",
+        Dns "aaaa-without-range", |s| s.stats.dns.aaaa_without_range;
+    FAKE_UNMAPPED &[TCP], "fake_unmapped_tcp", Dns "unmapped-tcp",
+        |s| s.stats.dns.unmapped_tcp;
+    FAKE_UNMAPPED &[UDP], "fake_unmapped_udp", Dns "unmapped-udp",
+        |s| s.stats.dns.unmapped_udp;
+    FAKE_EVICTIONS &[], "fake_evictions", Dns "evictions",
+        |s| s.stats.dns.resolver.evictions;
+
     CONTROL_CLIENTS &[CONTROL, ("event", "accepted")], "control_accepted",
         Control "accepted", |s| s.control.accepted;
     CONTROL_CLIENTS &[CONTROL, ("event", "refused")], "control_refused",
@@ -513,6 +589,7 @@ table! {
         |s| s.gauges.flow_buffers_resident_bound;
     MEMORY_LIMIT &[], "memory_limit_bytes", Memory "limit-bytes", |s| s.gauges.memory_limit;
     RESIDENT_MEMORY &[], "memory_resident_bytes", Memory "resident-bytes", |s| s.gauges.resident;
+    FAKE_ENTRIES &[], "fake_entries", Dns "entries", |s| s.stats.dns.resolver.table_size;
 }
 
 /// Every entry with its value in `snapshot`, in table order.

@@ -83,7 +83,10 @@ pub fn text(reply: &Reply, top: Option<usize>) -> String {
             [
                 flow.proto.name().to_string(),
                 flow.client.to_string(),
-                flow.server.to_string(),
+                match &flow.name {
+                    Some(name) => format!("{} ({name})", flow.server),
+                    None => flow.server.to_string(),
+                },
                 flow.state.name().to_string(),
                 human_bytes(flow.bytes_up),
                 human_bytes(flow.bytes_down),
@@ -191,6 +194,13 @@ pub fn json(reply: &Reply, top: Option<usize>) -> String {
             flow.age_s,
             flow.idle_s
         );
+        if let Some(name) = &flow.name {
+            // Before the object's closing brace.
+            out.pop();
+            out.push_str(",\"name\":");
+            json_string(&mut out, name);
+            out.push('}');
+        }
     }
     out.push_str("]}\n");
     out
@@ -265,7 +275,7 @@ mod tests {
             .collect();
         assert_eq!(table.len(), 3, "{text}");
         assert!(
-            table[1].starts_with("tcp    10.0.0.2:41000  10.0.0.1:443  open "),
+            table[1].starts_with("tcp    10.0.0.2:41000  10.0.0.1:443 (www.example.com)  open "),
             "{text}"
         );
         assert!(table[1].ends_with("5 B  1.0 MiB  12s    0s"), "{text}");
@@ -282,7 +292,8 @@ mod tests {
         assert!(json.starts_with("{\"tun\":\"a\\\"b\\\\c\\n\\u0001\",\"interface\":\"eth0\""));
         assert!(json.contains(
             "\"flows\":[{\"proto\":\"tcp\",\"client\":\"10.0.0.2:41000\",\"server\":\"10.0.0.1:443\",\
-             \"state\":\"open\",\"bytes_up\":5,\"bytes_down\":1048576,\"age_s\":12,\"idle_s\":0}]}"
+             \"state\":\"open\",\"bytes_up\":5,\"bytes_down\":1048576,\"age_s\":12,\"idle_s\":0,\
+             \"name\":\"www.example.com\"}]}"
         ), "{json}");
         assert!(
             json.contains("\"uptime_s\":61,\"rules\":[\"IPv4 30060: from all iif br-lan lookup main suppress_prefixlength 0\",\"IPv4 30061: from all iif br-lan lookup 30064\"],\"counters\""),

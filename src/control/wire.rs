@@ -80,6 +80,8 @@ pub struct FlowRow {
     pub age_s: u64,
     /// Seconds since bytes last moved either way.
     pub idle_s: u64,
+    /// The name a flow to a fake address (`--dns fake`) connected to.
+    pub name: Option<String>,
 }
 
 /// Writes the header: identity and every counter and gauge.
@@ -103,7 +105,7 @@ pub fn write_header(out: &mut impl Write, info: &Info, snapshot: &Snapshot) -> f
 }
 
 pub fn write_flow(out: &mut impl Write, flow: &FlowRow) -> fmt::Result {
-    writeln!(
+    write!(
         out,
         "flow {} {} {} {} {} {} {} {}",
         flow.proto.name(),
@@ -114,7 +116,18 @@ pub fn write_flow(out: &mut impl Write, flow: &FlowRow) -> fmt::Result {
         flow.bytes_down,
         flow.age_s,
         flow.idle_s
-    )
+    )?;
+    // Names come from DNS queries: one that would break the line is left out.
+    match flow.name.as_deref().and_then(host_name) {
+        Some(name) => writeln!(out, " {name}"),
+        None => writeln!(out),
+    }
+}
+
+/// A host name as a flow line carries it: printable ASCII, at most 255 bytes.
+fn host_name(text: &str) -> Option<&str> {
+    (!text.is_empty() && text.len() <= 255 && text.bytes().all(|b| b.is_ascii_graphic()))
+        .then_some(text)
 }
 
 /// The last line: how many flows the reply listed.
@@ -240,6 +253,10 @@ fn rule(fields: &[&str]) -> Option<String> {
 }
 
 fn flow(fields: &[&str]) -> Option<FlowRow> {
+    let (fields, name) = match fields {
+        [fields @ .., name] if fields.len() == 8 => (fields, Some(host_name(name)?.to_string())),
+        _ => (fields, None),
+    };
     let [proto, client, server, state, up, down, age, idle] = fields else {
         return None;
     };
@@ -252,6 +269,7 @@ fn flow(fields: &[&str]) -> Option<FlowRow> {
         bytes_down: down.parse().ok()?,
         age_s: age.parse().ok()?,
         idle_s: idle.parse().ok()?,
+        name,
     })
 }
 
@@ -285,6 +303,7 @@ pub(crate) mod tests {
                 bytes_down: 1 << 20,
                 age_s: 12,
                 idle_s: 0,
+                name: Some("www.example.com".into()),
             },
             FlowRow {
                 proto: Proto::Udp,
@@ -295,6 +314,7 @@ pub(crate) mod tests {
                 bytes_down: 0,
                 age_s: 1,
                 idle_s: 1,
+                name: None,
             },
         ]
     }

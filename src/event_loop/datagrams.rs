@@ -6,6 +6,7 @@
 // connection is `association`'s), whose steps are carried out here.
 
 use std::os::fd::AsFd;
+use std::rc::Rc;
 
 use nix::errno::Errno;
 use smoltcp::time::Instant;
@@ -29,7 +30,7 @@ use crate::wire::{Parsed, socks5, udp};
 use smoltcp::wire::IpAddress;
 
 /// Largest UDP payload (IPv4 limit), the size of each receive and send buffer.
-const MAX_DATAGRAM: usize = 65507;
+pub(super) const MAX_DATAGRAM: usize = 65507;
 /// Buffers the kernel picks from for the flows' multishot receives, shared by all flows.
 const RECV_BUFFERS: u16 = 256;
 /// Buffer group of those buffers (the TUN reads use group 0).
@@ -52,15 +53,22 @@ pub struct Outbound {
     pub batch: Option<(u16, Batch)>,
     /// The socket may send segmented (until the kernel refuses it once).
     pub segmenting: bool,
+    /// The name a flow to a fake address goes to (`--dns fake`), its table entry held.
+    pub name: Option<Rc<str>>,
 }
 
 impl Outbound {
-    fn new(socket: Option<Socket>, association: Option<Box<Association>>) -> Outbound {
+    fn new(
+        socket: Option<Socket>,
+        association: Option<Box<Association>>,
+        name: Option<Rc<str>>,
+    ) -> Outbound {
         Outbound {
             socket,
             association,
             batch: None,
             segmenting: true,
+            name,
         }
     }
 }
@@ -88,6 +96,8 @@ pub struct Datagrams {
     /// Client datagrams dropped for want of room among those held for associations
     /// being set up (copied to the counters when printed).
     pub not_held: u64,
+    /// Fake addresses whose flows ended, for the loop to release their names.
+    pub released: Vec<std::net::IpAddr>,
 }
 
 impl Datagrams {
@@ -118,6 +128,7 @@ impl Datagrams {
             upstream,
             deadlines: Deadlines::default(),
             not_held: 0,
+            released: Vec::new(),
         })
     }
 
@@ -190,6 +201,9 @@ impl Datagrams {
         if let Some(mut flow) = self.flows.remove(id) {
             if let Some((slot, _)) = flow.io.batch.take() {
                 self.free_slots.push(slot);
+            }
+            if flow.io.name.is_some() {
+                self.released.push(flow.key().server_addr().ip());
             }
             if let Some(socket) = flow.io.socket.take() {
                 self.flows.counters.socket_drops += socket_drops(&socket);
@@ -284,6 +298,9 @@ impl Proxy {
             Parsed::Echo { key, .. } => (Kind::Echo, key),
             _ => return,
         };
+        if self.answered_query(frame, &parsed, now) {
+            return;
+        }
         let (tx, counters) = (&mut self.stack.tx, &mut self.stats.upstream);
         if self.udp.upstream.is_some()
             && upstream::refuses(
@@ -298,36 +315,47 @@ impl Proxy {
         {
             return;
         }
-        let udp = &mut self.udp;
-        let id = match udp.flows.find(kind, key) {
+        let id = match self.udp.flows.find(kind, key) {
             Some(id) => id,
             None => {
                 // Before any flow is evicted for it or a socket made.
-                if udp.flows.refuses(kind, key) {
+                if self.udp.flows.refuses(kind, key) {
                     return;
                 }
+                // A fake destination goes by its name, held while the flow lives.
+                let server_ip = key.server_addr().ip();
+                let Ok(name) = self.fake_destination(frame, server_ip) else {
+                    return;
+                };
+                let udp = &mut self.udp;
                 if let Some(evicted) = udp.flows.evict_for_new() {
                     udp.close(&mut self.ring, evicted);
                 }
                 let io = match &udp.upstream {
                     Some(upstream) => Association::open(upstream, &udp.interface, now)
-                        .map(|association| Outbound::new(None, Some(Box::new(association)))),
+                        .map(|association| Outbound::new(None, Some(Box::new(association)), name)),
                     None => outbound::socket(Purpose::Datagram(kind), key.server, &udp.interface)
-                        .map(|socket| Outbound::new(Some(socket), None)),
+                        .map(|socket| Outbound::new(Some(socket), None, None)),
+                };
+                let release = |dns: &mut Option<super::dns::Dns>| {
+                    if let Some(dns) = dns.as_mut().filter(|dns| dns.is_fake(server_ip)) {
+                        dns.release(server_ip);
+                    }
                 };
                 let Ok(io) = io else {
                     udp.flows.counters.socket_errors += 1;
-                    return;
+                    return release(&mut self.dns);
                 };
                 // Refused (counted) with its socket closed here: a ping flow finds every
                 // echo identifier towards its server taken.
                 let Ok(id) = udp.flows.open(kind, key, io, now) else {
-                    return;
+                    return release(&mut self.dns);
                 };
                 udp.associated(&mut self.ring, id);
                 id
             }
         };
+        let udp = &mut self.udp;
         let Some(packet) = self
             .ring
             .buffer(tun_io::READ_GROUP, frame.bid, frame.len)
@@ -345,22 +373,33 @@ impl Proxy {
                 let payload = &packet[payload_start..payload_start + payload_len];
                 let parts = udp::datagrams(payload, frame.udp_segment, MAX_DATAGRAM);
                 let server = key.server_addr();
+                let name = udp.flows.get(id).and_then(|flow| flow.io.name.clone());
                 for part in parts {
                     // Through an upstream, each datagram starts with the SOCKS5 header.
                     let counters = &mut self.stats.upstream;
                     let header = match &udp.upstream {
                         None => 0,
-                        Some(_) => {
-                            match upstream::header_len(server, part.len(), MAX_DATAGRAM, counters) {
-                                Some(header) => header,
-                                None => continue,
-                            }
-                        }
+                        Some(_) => match upstream::header_len(
+                            server,
+                            name.as_deref(),
+                            part.len(),
+                            MAX_DATAGRAM,
+                            counters,
+                        ) {
+                            Some(header) => header,
+                            None => continue,
+                        },
                     };
                     let len = header + part.len();
                     let copied = udp.gather(id, len, |buffer| {
-                        if header > 0 {
-                            socks5::udp_header(buffer, server);
+                        match (header, name.as_deref()) {
+                            (0, _) => {}
+                            (_, Some(name)) => {
+                                socks5::udp_header_name(buffer, name.as_bytes(), server.port());
+                            }
+                            (_, None) => {
+                                socks5::udp_header(buffer, server);
+                            }
                         }
                         buffer[header..len].copy_from_slice(part);
                         len
@@ -407,7 +446,8 @@ impl Proxy {
         let received = match udp.flows.get(id) {
             Some(flow) if flow.io.association.is_some() => {
                 let server = flow.key().server_addr();
-                match upstream::from_relay(result, server, &mut self.stats.upstream) {
+                let by_name = flow.io.name.is_some();
+                match upstream::from_relay(result, server, by_name, &mut self.stats.upstream) {
                     Some(result) => {
                         udp.flows
                             .on_received(id, now, result, more, &mut self.stack.tx)
@@ -483,6 +523,11 @@ impl Proxy {
     /// Closes datagram flows idle past their timeout, and associations not set up by
     /// their deadline.
     pub(super) fn expire_datagrams(&mut self, now: Instant) {
+        if let Some(dns) = &mut self.dns {
+            for addr in self.udp.released.drain(..) {
+                dns.release(addr);
+            }
+        }
         self.expire_associations(now);
         for _ in 0..MAX_TIMERS_PER_TURN {
             let Some(id) = self.udp.flows.expired(now) else {

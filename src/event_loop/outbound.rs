@@ -14,7 +14,7 @@ use crate::config::Socks5;
 use crate::flow::IoError;
 use crate::flow::datagram::Kind;
 use crate::flow::tcp::KEEPALIVE_IDLE;
-use crate::flow::upstream::{Association, Handshake};
+use crate::flow::upstream::{Association, Handshake, Target};
 use crate::wire::socks5::{Command, Credentials};
 
 /// Probes of a silent server: every 20 s after a minute idle, given up after six, so a
@@ -51,7 +51,7 @@ impl Upstream {
     pub fn handshake(
         &self,
         command: Command,
-        target: SocketAddr,
+        target: Target,
         now: smoltcp::time::Instant,
     ) -> Handshake {
         Handshake::new(

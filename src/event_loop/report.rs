@@ -21,6 +21,9 @@ impl Proxy {
         self.stats.tx = self.stack.tx.counters.clone();
         self.stats.udp = self.udp.flows.counters.clone();
         self.stats.upstream.udp_not_held = self.udp.not_held;
+        if let Some(dns) = &self.dns {
+            self.stats.dns = dns.counters();
+        }
     }
 
     fn gather(&mut self) {

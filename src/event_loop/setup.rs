@@ -38,6 +38,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     // loop, which stops cleanly (removing the rules), instead of killing the process
     // with its rules installed.
     let signals = Signals::new()?;
+    let dns = super::dns::Dns::new(&config)?;
     for warning in config
         .override_warnings()
         .into_iter()
@@ -57,7 +58,21 @@ pub fn run(config: Config) -> Result<(), Error> {
     })?;
     let tun_name = tun.name().to_string();
     // Held for the whole run: dropping it (normal exit, error, panic) removes the rules.
-    let routes = if config.routes.is_empty() && config.lans.is_empty() {
+    // The fake ranges of --dns fake are routed into the TUN like --route networks: the
+    // proxy hands their addresses out, nothing else could reach them.
+    let routed: Vec<_> = config
+        .routes
+        .iter()
+        .copied()
+        .chain(
+            config
+                .dns
+                .iter()
+                .flat_map(|dns| [Some(dns.v4), dns.v6])
+                .flatten(),
+        )
+        .collect();
+    let routes = if routed.is_empty() && config.lans.is_empty() {
         None
     } else {
         let index = sys::interface_index(&tun_name)
@@ -74,7 +89,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             &Plan {
                 table: config.table,
                 tun_addrs: &config.tun_addrs,
-                routes: &config.routes,
+                routes: &routed,
                 lans: &config.lans,
                 excludes: &excludes,
                 uids: &config.uids,
@@ -124,6 +139,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         stack: Stack::new(tx, Instant::ZERO, random_seed()),
         tcp,
         udp,
+        dns,
         timers: Default::default(),
         signals,
         housekeeping: Default::default(),

@@ -4,6 +4,7 @@
 
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use std::rc::Rc;
 use std::time::Duration;
 
 use log::warn;
@@ -17,6 +18,7 @@ use crate::control::wire::{FlowRow, Proto, State};
 use crate::flow::budget::Budget;
 use crate::flow::tcp::admission::{Admission, Limits, Verdict};
 use crate::flow::tcp::{Action, Actions, Failure, Flow, Phase, Settings};
+use crate::flow::upstream::Target;
 use crate::flow::{Id, IoError, Table};
 use crate::uring::{Op, Region, Ring, Slice, Token};
 use crate::wire::FlowKey;
@@ -52,6 +54,8 @@ pub struct Entry {
     bytes_up: u64,
     bytes_down: u64,
     counted: Phase,
+    /// The name a flow to a fake address connected to (`--dns fake`), held in the table.
+    name: Option<Rc<str>>,
 }
 
 impl Entry {
@@ -72,6 +76,7 @@ impl Entry {
             bytes_down: self.bytes_down,
             age_s: (now - self.opened_at).secs(),
             idle_s: (now - self.active_at).secs(),
+            name: self.name.as_deref().map(str::to_string),
         }
     }
 }
@@ -233,10 +238,13 @@ impl Proxy {
         mss: Option<u16>,
     ) {
         let now = self.now();
-        let id = match (self.tcp.table.find(&key), syn) {
-            (Some(id), _) => Some(id),
-            (None, Some(syn)) => self.open_tcp(key, mss, syn, now),
-            (None, None) => None,
+        // A flow to port 53 under --dns fake is answered by the proxy (`dns_tcp`): its
+        // socket is connected from the start.
+        let local = self.dns.is_some() && key.server.port == super::dns::PORT;
+        let (id, opened) = match (self.tcp.table.find(&key), syn) {
+            (Some(id), _) => (Some(id), false),
+            (None, Some(syn)) => (self.open_tcp(key, mss, syn, now), true),
+            (None, None) => (None, false),
         };
         let packet = self
             .ring
@@ -258,6 +266,12 @@ impl Proxy {
                 self.stack.reject(now, &key.server.addr, packet);
             }
         }
+        if local
+            && opened
+            && let Some(id) = id
+        {
+            self.on_tcp_completion(Op::Connect, id, 0);
+        }
     }
 
     /// Opens a flow for a new SYN: a held-back listening socket plus an outbound
@@ -270,14 +284,69 @@ impl Proxy {
             return None;
         }
         let server = key.server_addr();
+        if let Some(dns) = &mut self.dns
+            && server.port() == super::dns::PORT
+        {
+            let Some(socket) = dns.conns.open(&mut self.ring) else {
+                dns.counters.tcp_refused += 1;
+                return None;
+            };
+            return self.open_tcp_to(key, mss, syn, now, None, Some(socket));
+        }
+        // A fake destination (`--dns fake`) is connected to by its name, which the flow
+        // holds while it lives; one without a name is refused (RST) at once.
+        let name = match &mut self.dns {
+            Some(dns) if dns.is_fake(server.ip()) => match dns.hold(server.ip()) {
+                Some(name) => Some(name),
+                None => {
+                    dns.counters.unmapped_tcp += 1;
+                    return None;
+                }
+            },
+            _ => None,
+        };
+        let opened = self.open_tcp_to(key, mss, syn, now, name.clone(), None);
+        if opened.is_none()
+            && name.is_some()
+            && let Some(dns) = &mut self.dns
+        {
+            dns.release(server.ip());
+        }
+        opened
+    }
+
+    /// `open_tcp` for a destination whose name (if it has one) is held, or that is
+    /// served by the proxy on `local`, already connected.
+    fn open_tcp_to(
+        &mut self,
+        key: FlowKey,
+        mss: Option<u16>,
+        syn: Quote,
+        now: Instant,
+        name: Option<Rc<str>>,
+        local: Option<Socket>,
+    ) -> Option<Id> {
+        let tcp = &mut self.tcp;
+        let server = key.server_addr();
+        let served_here = local.is_some();
         let (peer, handshake) = match &tcp.upstream {
-            Some(upstream) => (
-                upstream.server,
-                Some(upstream.handshake(Command::Connect, server, now)),
-            ),
+            _ if served_here => (server, None),
+            Some(upstream) => {
+                let target = match name.clone() {
+                    Some(name) => Target::Name(name, server.port()),
+                    None => server.into(),
+                };
+                (
+                    upstream.server,
+                    Some(upstream.handshake(Command::Connect, target, now)),
+                )
+            }
             None => (server, None),
         };
-        let socket = match outbound::socket(Purpose::Tcp, peer.into(), &tcp.interface) {
+        let socket = match local.map_or_else(
+            || outbound::socket(Purpose::Tcp, peer.into(), &tcp.interface),
+            Ok,
+        ) {
             Ok(socket) => socket,
             Err(err) => {
                 self.stats.socket_errors += 1;
@@ -344,10 +413,13 @@ impl Proxy {
                 bytes_up: 0,
                 bytes_down: 0,
                 counted: Phase::Connecting,
+                name,
             }),
         );
         tcp.phases[phase_index(Phase::Connecting)] += 1;
-        if let Some(socket) = tcp.table.get(id).and_then(|entry| entry.socket.as_ref()) {
+        if let Some(socket) = tcp.table.get(id).and_then(|entry| entry.socket.as_ref())
+            && !served_here
+        {
             self.ring
                 .connect(socket.as_fd(), peer, tcp.connect_timeout, token(id));
         }
@@ -440,6 +512,11 @@ impl Proxy {
                 self.stats.count_failure(failure);
             }
             if let Some(entry) = tcp.table.remove(id) {
+                if entry.name.is_some()
+                    && let Some(dns) = &mut self.dns
+                {
+                    dns.release(entry.flow.key().server_addr().ip());
+                }
                 let touched = entry.flow.touched();
                 if let Some(region) = entry.flow.into_region() {
                     tcp.keep_spare(region, touched);

@@ -34,6 +34,15 @@ pub enum Op {
     AssociationConnect = 20,
     AssociationSend = 21,
     AssociationRecv = 22,
+    /// Connect, send and receive of a DNS query forwarded through the SOCKS5 upstream
+    /// (`--dns-server`; the key is the exchange's slot).
+    DnsConnect = 23,
+    DnsSend = 24,
+    DnsRecv = 25,
+    /// Receive and send on the proxy's end of a DNS-over-TCP flow's socket pair (the
+    /// key is the connection's slot).
+    DnsTcpRecv = 26,
+    DnsTcpSend = 27,
 }
 
 impl Op {
@@ -54,6 +63,11 @@ impl Op {
             20 => Op::AssociationConnect,
             21 => Op::AssociationSend,
             22 => Op::AssociationRecv,
+            23 => Op::DnsConnect,
+            24 => Op::DnsSend,
+            25 => Op::DnsRecv,
+            26 => Op::DnsTcpRecv,
+            27 => Op::DnsTcpSend,
             _ => return None,
         })
     }
@@ -118,6 +132,11 @@ mod tests {
             Op::AssociationConnect,
             Op::AssociationSend,
             Op::AssociationRecv,
+            Op::DnsConnect,
+            Op::DnsSend,
+            Op::DnsRecv,
+            Op::DnsTcpRecv,
+            Op::DnsTcpSend,
         ] {
             let token = Token::new(op, 0x00ab_cdef, 0xfeed_beef);
             assert_eq!(Token::decode(token.encode()), Some(token));

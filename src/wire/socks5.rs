@@ -239,6 +239,37 @@ pub fn request(buf: &mut [u8], command: Command, addr: SocketAddr) -> usize {
     3 + put_address(&mut buf[3..], &addr)
 }
 
+/// Writes a request for `command` to the host `name` (ATYP 3, the server resolves it)
+/// and `port`; returns its length. `None` for a name longer than 255 bytes or empty.
+pub fn request_name(buf: &mut [u8], command: Command, name: &[u8], port: u16) -> Option<usize> {
+    buf[..3].copy_from_slice(&[VERSION, command as u8, 0]);
+    Some(3 + put_name(&mut buf[3..], name, port)?)
+}
+
+/// Writes ATYP 3, the name and the port; returns the bytes written.
+fn put_name(buf: &mut [u8], name: &[u8], port: u16) -> Option<usize> {
+    let len = u8::try_from(name.len()).ok().filter(|&len| len > 0)?;
+    let end = 2 + name.len();
+    buf[0] = ATYP_DOMAIN;
+    buf[1] = len;
+    buf[2..end].copy_from_slice(name);
+    buf[end..end + 2].copy_from_slice(&port.to_be_bytes());
+    Some(end + 2)
+}
+
+/// Bytes of the UDP request header for a datagram to host `name`.
+pub fn udp_header_name_len(name: &[u8]) -> usize {
+    3 + 2 + name.len() + 2
+}
+
+/// Writes the UDP request header for a datagram to host `name` and `port` (not
+/// fragmented); returns its length, `udp_header_name_len`, or `None` for a name longer
+/// than 255 bytes or empty.
+pub fn udp_header_name(buf: &mut [u8], name: &[u8], port: u16) -> Option<usize> {
+    buf[..3].copy_from_slice(&[0, 0, 0]);
+    Some(3 + put_name(&mut buf[3..], name, port)?)
+}
+
 /// Bytes of the address (type byte, address, port) starting at `start[0]`, from its
 /// first two bytes.
 fn address_len_of(start: &[u8]) -> Result<Option<usize>, Error> {
@@ -334,6 +365,24 @@ pub fn udp_datagram(datagram: &[u8]) -> Result<(SocketAddr, usize), UdpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_go_as_atyp_3() {
+        let mut buf = [0u8; 300];
+        let len = request_name(&mut buf, Command::Connect, b"example.com", 443).unwrap();
+        assert_eq!(&buf[..len], b"\x05\x01\x00\x03\x0bexample.com\x01\xbb");
+        let len = udp_header_name(&mut buf, b"a.b", 53).unwrap();
+        assert_eq!(len, udp_header_name_len(b"a.b"));
+        assert_eq!(&buf[..len], b"\x00\x00\x00\x03\x03a.b\x00\x35");
+        let long = [b'a'; 256];
+        assert_eq!(
+            request_name(&mut [0; 300], Command::Connect, &long, 1),
+            None
+        );
+        assert_eq!(udp_header_name(&mut [0; 300], b"", 1), None);
+        let len = request_name(&mut buf, Command::Connect, &long[..255], 1).unwrap();
+        assert_eq!(len, 3 + 1 + 1 + 255 + 2);
+    }
 
     fn v4(text: &str) -> SocketAddr {
         text.parse().unwrap()

@@ -1,4 +1,5 @@
-//! SOCKS5 servers from Debian for the end-to-end tests, run in the server namespace.
+//! SOCKS5 servers (and other daemons) run in a test's server namespace: microsocks
+//! for CONNECT, danted for UDP ASSOCIATE, each stopped with its process group on drop.
 
 use std::fs;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -115,6 +116,19 @@ impl Drop for Daemon {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// microsocks on the server's IPv4 address, with `-u user -P pass` if given.
+pub fn microsocks(topo: &Topology, auth: Option<(&str, &str)>) -> Daemon {
+    let ip = topo.server_v4();
+    let port = free_port(topo, ip);
+    let (ip_text, port_text) = (ip.to_string(), port.to_string());
+    let mut args = vec!["-i", &ip_text, "-p", &port_text];
+    if let Some((user, password)) = auth {
+        args.extend(["-u", user, "-P", password]);
+    }
+    let addr = SocketAddr::new(ip, port);
+    Daemon::start(topo, Daemon::dir("microsocks"), addr, "microsocks", &args)
 }
 
 /// danted on the server's IPv4 address, relaying CONNECT and UDP for anyone, its

@@ -189,5 +189,6 @@ fn datagram_row(flow: &datagram::Flow<Outbound>, now: Instant) -> FlowRow {
         bytes_down,
         age_s: (now - flow.opened()).secs(),
         idle_s: (now - flow.last_active()).secs(),
+        name: flow.io.name.as_deref().map(str::to_string),
     }
 }

@@ -201,9 +201,10 @@ impl Datagrams {
         }
         // Through an upstream each datagram starts with its SOCKS5 header, which is not
         // payload.
-        let header = match self.upstream {
-            Some(_) => socks5::udp_header_len(&flow.key().server_addr()),
-            None => 0,
+        let header = match (&self.upstream, &flow.io.name) {
+            (Some(_), Some(name)) => socks5::udp_header_name_len(name.as_bytes()),
+            (Some(_), None) => socks5::udp_header_len(&flow.key().server_addr()),
+            (None, _) => 0,
         };
         let payload = batch.bytes().saturating_sub(header * batch.segments());
         if sending.segment > 0 {

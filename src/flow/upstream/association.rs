@@ -194,16 +194,21 @@ pub fn refuses(
     true
 }
 
-/// Where datagrams for `server` go through the relay: the header's length, or `None` if
+/// Where datagrams for `server` (by `name`, if it has one) go through the relay: the
+/// header's length, or `None` if
 /// `payload` bytes would not fit in one datagram of at most `max` with it (dropped,
 /// counted in `counters`).
 pub fn header_len(
     server: SocketAddr,
+    name: Option<&str>,
     payload: usize,
     max: usize,
     counters: &mut Counters,
 ) -> Option<usize> {
-    let header = socks5::udp_header_len(&server);
+    let header = match name {
+        Some(name) => socks5::udp_header_name_len(name.as_bytes()),
+        None => socks5::udp_header_len(&server),
+    };
     let fits = header + payload <= max;
     counters.udp_too_big += u64::from(!fits);
     fits.then_some(header)
@@ -215,23 +220,29 @@ pub fn header_len(
 pub fn from_relay<'d>(
     result: Result<&'d [u8], RecvError>,
     server: SocketAddr,
+    by_name: bool,
     counters: &mut Counters,
 ) -> Option<Result<&'d [u8], RecvError>> {
     match result {
-        Ok(datagram) => strip(datagram, server, counters).map(Ok),
+        Ok(datagram) => strip(datagram, server, by_name, counters).map(Ok),
         Err(error) => Some(Err(relay_error(error))),
     }
 }
 
 /// The payload of datagram `datagram` from the relay if it is one from `server`, else
 /// `None` (dropped, counted in `counters`).
-fn strip<'d>(datagram: &'d [u8], server: SocketAddr, counters: &mut Counters) -> Option<&'d [u8]> {
+fn strip<'d>(
+    datagram: &'d [u8],
+    server: SocketAddr,
+    by_name: bool,
+    counters: &mut Counters,
+) -> Option<&'d [u8]> {
+    // A server asked for by name answers from an address only the upstream knows.
+    let from_server = |source: SocketAddr| {
+        (by_name || source.ip().to_canonical() == server.ip()) && source.port() == server.port()
+    };
     match socks5::udp_datagram(datagram) {
-        Ok((source, start))
-            if source.ip().to_canonical() == server.ip() && source.port() == server.port() =>
-        {
-            Some(&datagram[start..])
-        }
+        Ok((source, start)) if from_server(source) => Some(&datagram[start..]),
         Err(UdpError::Fragment) => {
             counters.udp_fragments += 1;
             None

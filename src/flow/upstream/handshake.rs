@@ -33,6 +33,20 @@ enum Stage {
     Failed(Fault),
 }
 
+/// Where a request asks the upstream to go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Addr(SocketAddr),
+    /// A host name and port (fake-IP DNS): the upstream resolves the name.
+    Name(Rc<str>, u16),
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Target {
+        Target::Addr(addr)
+    }
+}
+
 /// I/O to start now, as ranges of the scratch buffer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Io {
@@ -45,7 +59,7 @@ pub struct Io {
 pub struct Handshake {
     command: Command,
     /// The destination of a CONNECT, the client address of a UDP ASSOCIATE.
-    target: SocketAddr,
+    target: Target,
     credentials: Option<Rc<Credentials>>,
     deadline: Instant,
     stage: Stage,
@@ -68,13 +82,13 @@ impl Handshake {
     /// once told its connection is made.
     pub fn new(
         command: Command,
-        target: SocketAddr,
+        target: impl Into<Target>,
         credentials: Option<Rc<Credentials>>,
         deadline: Instant,
     ) -> Handshake {
         Handshake {
             command,
-            target,
+            target: target.into(),
             credentials,
             deadline,
             stage: Stage::Connecting,
@@ -177,10 +191,19 @@ impl Handshake {
             (Stage::Auth, Some(credentials)) => {
                 (socks5::auth_request(area, credentials), socks5::SHORT_REPLY)
             }
-            (Stage::Request, _) => (
-                socks5::request(area, self.command, self.target),
-                socks5::REPLY_PREFIX,
-            ),
+            (Stage::Request, _) => {
+                let len = match &self.target {
+                    Target::Addr(addr) => Some(socks5::request(area, self.command, *addr)),
+                    Target::Name(name, port) => {
+                        socks5::request_name(area, self.command, name.as_bytes(), *port)
+                    }
+                };
+                let Some(len) = len else {
+                    self.fail(Fault::Protocol);
+                    return false;
+                };
+                (len, socks5::REPLY_PREFIX)
+            }
             _ => {
                 self.fail(Fault::Protocol);
                 return false;

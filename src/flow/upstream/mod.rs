@@ -1,10 +1,12 @@
 //! The SOCKS5 upstream without I/O: handshakes, UDP associations, and why they fail.
 
 mod association;
+mod forward;
 mod handshake;
 
 pub use association::{Association, Deadlines, Step, WATCH, from_relay, header_len, refuses};
-pub use handshake::{Handshake, Io, SCRATCH};
+pub use forward::{FORWARD_SCRATCH, Forward, MAX_QUERY};
+pub use handshake::{Handshake, Io, SCRATCH, Target};
 
 use crate::wire::socks5::{self, ReplyCode};
 

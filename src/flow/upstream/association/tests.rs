@@ -181,15 +181,21 @@ fn only_whole_datagrams_from_the_flows_server_are_relayed() {
     let n = socks5::udp_header(&mut datagram, server);
     datagram[n..n + 4].copy_from_slice(b"answ");
     assert_eq!(
-        strip(&datagram[..n + 4], server, &mut counters),
+        strip(&datagram[..n + 4], server, false, &mut counters),
         Some(&b"answ"[..])
     );
     let other: SocketAddr = "192.0.2.54:53".parse().unwrap();
-    assert_eq!(strip(&datagram[..n + 4], other, &mut counters), None);
+    assert_eq!(strip(&datagram[..n + 4], other, false, &mut counters), None);
     datagram[2] = 1;
-    assert_eq!(strip(&datagram[..n + 4], server, &mut counters), None);
+    assert_eq!(
+        strip(&datagram[..n + 4], server, false, &mut counters),
+        None
+    );
     datagram[2] = 0;
-    assert_eq!(strip(&datagram[..n - 1], server, &mut counters), None);
+    assert_eq!(
+        strip(&datagram[..n - 1], server, false, &mut counters),
+        None
+    );
     assert_eq!(
         (counters.udp_fragments, counters.udp_malformed),
         (1, 2),
@@ -198,7 +204,15 @@ fn only_whole_datagrams_from_the_flows_server_are_relayed() {
     // A source the relay gives as an IPv4-mapped IPv6 address is the same server.
     let mapped: SocketAddr = "[::ffff:192.0.2.53]:53".parse().unwrap();
     let n = socks5::udp_header(&mut datagram, mapped);
-    assert!(strip(&datagram[..n], server, &mut counters).is_some());
+    assert!(strip(&datagram[..n], server, false, &mut counters).is_some());
+    // A server asked for by name: any address the relay resolved it to, the same port.
+    let resolved: SocketAddr = "198.51.100.7:53".parse().unwrap();
+    let n = socks5::udp_header(&mut datagram, resolved);
+    assert!(strip(&datagram[..n], server, true, &mut counters).is_some());
+    assert!(strip(&datagram[..n], server, false, &mut counters).is_none());
+    let other_port: SocketAddr = "198.51.100.7:54".parse().unwrap();
+    let n = socks5::udp_header(&mut datagram, other_port);
+    assert!(strip(&datagram[..n], server, true, &mut counters).is_none());
 }
 
 #[test]
@@ -206,13 +220,18 @@ fn datagrams_too_big_for_the_header_are_refused() {
     let v4: SocketAddr = "192.0.2.1:9".parse().unwrap();
     let v6: SocketAddr = "[2001:db8::1]:9".parse().unwrap();
     let mut counters = Counters::default();
-    assert_eq!(header_len(v4, 100, 65507, &mut counters), Some(10));
-    assert_eq!(header_len(v6, 100, 65507, &mut counters), Some(22));
-    assert_eq!(header_len(v4, 65497, 65507, &mut counters), Some(10));
+    assert_eq!(header_len(v4, None, 100, 65507, &mut counters), Some(10));
+    assert_eq!(header_len(v6, None, 100, 65507, &mut counters), Some(22));
+    assert_eq!(header_len(v4, None, 65497, 65507, &mut counters), Some(10));
     assert_eq!(counters.udp_too_big, 0);
-    assert_eq!(header_len(v4, 65498, 65507, &mut counters), None);
-    assert_eq!(header_len(v6, 65486, 65507, &mut counters), None);
+    assert_eq!(header_len(v4, None, 65498, 65507, &mut counters), None);
+    assert_eq!(header_len(v6, None, 65486, 65507, &mut counters), None);
     assert_eq!(counters.udp_too_big, 2);
+    // By name: 3 + 1 + 1 + 11 + 2 bytes of header for "example.com".
+    assert_eq!(
+        header_len(v4, Some("example.com"), 100, 65507, &mut counters),
+        Some(18)
+    );
 }
 
 #[test]
@@ -227,10 +246,10 @@ fn errors_on_the_path_to_the_relay_are_not_the_servers() {
     let mut counters = Counters::default();
     let refused = Err(RecvError::Unreachable(Reason::Port));
     assert_eq!(
-        from_relay(refused, server, &mut counters),
+        from_relay(refused, server, false, &mut counters),
         Some(Err(RecvError::Other))
     );
-    assert_eq!(from_relay(Ok(b"\0\0"), server, &mut counters), None);
+    assert_eq!(from_relay(Ok(b"\0\0"), server, false, &mut counters), None);
     assert_eq!(counters.udp_malformed, 1);
 }
 

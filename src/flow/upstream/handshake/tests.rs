@@ -33,7 +33,7 @@ impl Peer {
 fn handshake(credentials: Option<Credentials>) -> Handshake {
     let mut handshake = Handshake::new(
         Command::Connect,
-        TARGET.parse().unwrap(),
+        TARGET.parse::<SocketAddr>().unwrap(),
         credentials.map(Rc::new),
         Instant::from_secs(10),
     );
@@ -79,6 +79,23 @@ fn run(handshake: &mut Handshake, peer: &mut Peer) -> Option<Result<Bound, Fault
         }
     }
     handshake.outcome()
+}
+
+#[test]
+fn a_name_is_asked_for_as_atyp_3() {
+    let mut handshake = Handshake::new(
+        Command::Connect,
+        Target::Name("example.com".into(), 443),
+        None,
+        Instant::from_secs(10),
+    );
+    handshake.on_connected(Ok(()));
+    let mut peer = Peer::new(&[&NO_AUTH, &SUCCESS_V4]);
+    assert!(matches!(run(&mut handshake, &mut peer), Some(Ok(_))));
+    let mut request = vec![5, 1, 0, 3, 11];
+    request.extend_from_slice(b"example.com");
+    request.extend_from_slice(&443u16.to_be_bytes());
+    assert_eq!(peer.received, [&[5, 1, 0][..], &request].concat());
 }
 
 fn connect_request() -> Vec<u8> {
@@ -207,7 +224,7 @@ fn the_longest_reply_fits_and_is_read_whole() {
 fn a_relay_named_by_a_domain_is_refused_for_udp() {
     let mut h = Handshake::new(
         Command::UdpAssociate,
-        "0.0.0.0:0".parse().unwrap(),
+        "0.0.0.0:0".parse::<SocketAddr>().unwrap(),
         None,
         Instant::from_secs(10),
     );
@@ -270,7 +287,7 @@ fn a_silent_upstream_times_out_and_its_receive_is_then_cancelled() {
 fn a_failed_connect_or_a_reset_ends_it() {
     let mut h = Handshake::new(
         Command::Connect,
-        TARGET.parse().unwrap(),
+        TARGET.parse::<SocketAddr>().unwrap(),
         None,
         Instant::from_secs(10),
     );
@@ -292,7 +309,7 @@ fn a_failed_connect_or_a_reset_ends_it() {
     for (error, fault) in connect_fails {
         let mut h = Handshake::new(
             Command::Connect,
-            TARGET.parse().unwrap(),
+            TARGET.parse::<SocketAddr>().unwrap(),
             None,
             Instant::from_secs(10),
         );
