@@ -15,6 +15,8 @@
 // it, so unused helpers are expected rather than a sign of dead code.
 #![allow(dead_code)]
 
+pub mod socks;
+
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File};
