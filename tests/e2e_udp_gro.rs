@@ -198,7 +198,11 @@ fn counter(stats: &str, label: &str) -> u64 {
 fn totals() -> (u64, u64) {
     let sends: Vec<Vec<(u32, usize)>> = (0..ROUNDS).flat_map(round_sends).collect();
     let all = sends.iter().map(Vec::len).sum::<usize>() as u64;
-    let gso = sends.iter().filter(|s| s.len() > 1).map(Vec::len).sum::<usize>() as u64;
+    let gso = sends
+        .iter()
+        .filter(|s| s.len() > 1)
+        .map(Vec::len)
+        .sum::<usize>() as u64;
     (all, gso)
 }
 
@@ -211,7 +215,10 @@ fn gso_and_plain_datagrams_reach_the_client_as_sent_in_super_packets() {
     run(&topo, topo.server_v4(), 7300);
     run(&topo, topo.server_v6(), 7301);
     let stats = proxy.stats();
-    assert!(stats.contains("offload uso"), "the TUN took no USO:\n{stats}");
+    assert!(
+        stats.contains("offload uso"),
+        "the TUN took no USO:\n{stats}"
+    );
     let (all, gso) = totals();
     let super_packets = counter(&stats, "udp-super-packets-out");
     let in_them = counter(&stats, "udp-datagrams-in-super-packets-out");
@@ -219,7 +226,11 @@ fn gso_and_plain_datagrams_reach_the_client_as_sent_in_super_packets() {
     // may be coalesced too (by the veth's GRO), when they are of one size.
     assert!(super_packets >= 2 * u64::from(ROUNDS), "{stats}");
     assert!(in_them >= 2 * gso && in_them <= 2 * all, "{stats}");
-    assert_eq!(counter(&stats, "udp-per-datagram-fallbacks-out"), 0, "{stats}");
+    assert_eq!(
+        counter(&stats, "udp-per-datagram-fallbacks-out"),
+        0,
+        "{stats}"
+    );
     assert!(counter(&stats, "udp-coalesced-receives") >= super_packets);
     proxy.assert_running();
 }
@@ -322,6 +333,10 @@ fn through_a_socks5_relay_coalesced_datagrams_lose_each_header() {
         counter(&stats, "udp-super-packets-out") >= 2 * u64::from(ROUNDS),
         "{stats}"
     );
-    assert_eq!(counter(&stats, "udp-per-datagram-fallbacks-out"), 0, "{stats}");
+    assert_eq!(
+        counter(&stats, "udp-per-datagram-fallbacks-out"),
+        0,
+        "{stats}"
+    );
     proxy.assert_running();
 }
