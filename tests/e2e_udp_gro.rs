@@ -13,6 +13,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::setsockopt;
+use nix::sys::socket::sockopt::RcvBufForce;
 use sha2::{Digest, Sha256};
 use socket2::{MsgHdr, SockAddr, SockRef};
 
@@ -23,8 +25,9 @@ use common::{ANY, Topology, in_netns, join, udp_client};
 const SIZE: usize = 1350;
 /// Datagrams in each GSO send.
 const PER_SEND: usize = 44;
-/// GSO sends, then plain datagrams of these lengths, in each round.
-const GSO_SENDS: usize = 2;
+/// GSO sends (unless the client asks for fewer), then plain datagrams of these lengths,
+/// in each round.
+const GSO_SENDS: u8 = 2;
 const PLAIN: [usize; 3] = [1, SIZE, 700];
 /// Rounds of a run: the client asks for each when it has every datagram of the last,
 /// so no queue along the way overflows and any loss is the proxy's.
@@ -32,15 +35,16 @@ const ROUNDS: u32 = 12;
 /// A lost datagram fails the run after this.
 const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Each datagram of round `round`, as (sequence number, length), grouped by send.
-fn round_sends(round: u32) -> Vec<Vec<(u32, usize)>> {
+/// Each datagram of round `round` with `gso_sends` GSO sends, as (sequence number,
+/// length), grouped by send.
+fn round_sends(round: u32, gso_sends: u8) -> Vec<Vec<(u32, usize)>> {
     let mut seq = round * 1000;
     let mut next = |len| {
         seq += 1;
         (seq, len)
     };
     let mut sends = Vec::new();
-    for send in 0..GSO_SENDS {
+    for send in 0..usize::from(gso_sends) {
         let last = 100 + (round as usize * 37 + send * 11) % (SIZE - 100);
         let lens = (0..PER_SEND).map(|i| if i + 1 < PER_SEND { SIZE } else { last });
         sends.push(lens.map(&mut next).collect());
@@ -64,11 +68,12 @@ fn datagram(seq: u32, len: usize) -> Vec<u8> {
 
 /// Sends round `round`'s datagrams to `to` on `socket`, each after `header` (a SOCKS5
 /// relay's); returns the hash of the datagrams (without headers).
-fn answer(socket: &UdpSocket, to: SocketAddr, header: &[u8], round: u32) -> Sha256 {
+fn answer(socket: &UdpSocket, to: SocketAddr, header: &[u8], request: [u8; 5]) -> Sha256 {
     let mut hash = Sha256::new();
     let to = SockAddr::from(to);
     let gso = udp_segment_cmsg((header.len() + SIZE) as u16);
-    for send in round_sends(round) {
+    let round = u32::from_be_bytes(request[..4].try_into().unwrap());
+    for send in round_sends(round, request[4]) {
         let mut bytes = Vec::new();
         for &(seq, len) in &send {
             let datagram = datagram(seq, len);
@@ -88,9 +93,9 @@ fn answer(socket: &UdpSocket, to: SocketAddr, header: &[u8], round: u32) -> Sha2
     hash
 }
 
-/// Answers `rounds` requests (a round number each, after the relay header whose length
-/// `header_len` tells, which the answer repeats) on `socket`, or stops after a minute;
-/// returns the hash of everything sent.
+/// Answers `rounds` requests (a round number and its GSO sends, after the relay header
+/// whose length `header_len` tells, which the answer repeats) on `socket`, or stops
+/// after a minute; returns the hash of everything sent.
 fn serve_rounds(
     socket: &UdpSocket,
     header_len: fn(&[u8]) -> Option<usize>,
@@ -108,10 +113,9 @@ fn serve_rounds(
         let Some(header_len) = header_len(&request[..n]) else {
             continue;
         };
-        let Some(round) = request[..n].get(header_len..).filter(|r| r.len() == 4) else {
+        let Some(Ok(round)) = request[..n].get(header_len..).map(<[u8; 5]>::try_from) else {
             continue;
         };
-        let round = u32::from_be_bytes(round.try_into().unwrap());
         hashes.push(answer(socket, from, &request[..header_len], round));
     }
     let mut all = Sha256::new();
@@ -149,15 +153,19 @@ fn udp_segment_cmsg(size: u16) -> Vec<u8> {
 
 /// Asks `server` for `ROUNDS` rounds from the client namespace and checks each datagram
 /// as it comes, in order; returns the hash of all of them.
-fn receive_rounds(topo: &Topology, server: SocketAddr) -> Vec<u8> {
+fn receive_rounds(topo: &Topology, server: SocketAddr, gso_sends: u8) -> Vec<u8> {
     join(topo.in_client(move || {
         let socket = udp_client(server, RECV_TIMEOUT);
+        // Room for a whole round, should the client be descheduled while it comes.
+        setsockopt(&socket, RcvBufForce, &(4 << 20)).expect("SO_RCVBUFFORCE");
         let mut all = Sha256::new();
         let mut buf = vec![0u8; 65536];
         for round in 0..ROUNDS {
             let mut hash = Sha256::new();
-            socket.send(&round.to_be_bytes()).expect("ask for a round");
-            for (seq, len) in round_sends(round).into_iter().flatten() {
+            let mut request = round.to_be_bytes().to_vec();
+            request.push(gso_sends);
+            socket.send(&request).expect("ask for a round");
+            for (seq, len) in round_sends(round, gso_sends).into_iter().flatten() {
                 let n = socket.recv(&mut buf).unwrap_or_else(|err| {
                     panic!("{server}: datagram {seq} ({len} bytes) of round {round}: {err}")
                 });
@@ -176,9 +184,9 @@ fn receive_rounds(topo: &Topology, server: SocketAddr) -> Vec<u8> {
 }
 
 /// Runs the rounds to `ip` on `port` and checks the client got all the server sent.
-fn run(topo: &Topology, ip: IpAddr, port: u16) {
+fn run(topo: &Topology, ip: IpAddr, port: u16, gso_sends: u8) {
     let server = gso_server(topo, port, ROUNDS);
-    let received = receive_rounds(topo, SocketAddr::new(ip, port));
+    let received = receive_rounds(topo, SocketAddr::new(ip, port), gso_sends);
     assert_eq!(received, join(server), "hash of all datagrams via {ip}");
 }
 
@@ -196,7 +204,9 @@ fn counter(stats: &str, label: &str) -> u64 {
 
 /// The datagrams sent in all rounds, and how many came through a GSO send.
 fn totals() -> (u64, u64) {
-    let sends: Vec<Vec<(u32, usize)>> = (0..ROUNDS).flat_map(round_sends).collect();
+    let sends: Vec<Vec<(u32, usize)>> = (0..ROUNDS)
+        .flat_map(|round| round_sends(round, GSO_SENDS))
+        .collect();
     let all = sends.iter().map(Vec::len).sum::<usize>() as u64;
     let gso = sends
         .iter()
@@ -212,8 +222,8 @@ fn gso_and_plain_datagrams_reach_the_client_as_sent_in_super_packets() {
         return;
     };
     let mut proxy = topo.start_proxy(&[]);
-    run(&topo, topo.server_v4(), 7300);
-    run(&topo, topo.server_v6(), 7301);
+    run(&topo, topo.server_v4(), 7300, GSO_SENDS);
+    run(&topo, topo.server_v6(), 7301, GSO_SENDS);
     let stats = proxy.stats();
     assert!(
         stats.contains("offload uso"),
@@ -241,8 +251,8 @@ fn without_uso_on_the_tun_each_datagram_is_written_alone() {
         return;
     };
     let mut proxy = topo.start_proxy_with_env(&[], &[("URINGPROXY_MAX_OFFLOAD", "tso")]);
-    run(&topo, topo.server_v4(), 7302);
-    run(&topo, topo.server_v6(), 7303);
+    run(&topo, topo.server_v4(), 7302, GSO_SENDS);
+    run(&topo, topo.server_v6(), 7303, GSO_SENDS);
     let stats = proxy.stats();
     assert!(stats.contains("offload tso"), "{stats}");
     assert_eq!(counter(&stats, "udp-super-packets-out"), 0, "{stats}");
@@ -270,8 +280,9 @@ fn through_danted_every_datagram_arrives_as_sent() {
     let socks = danted(&topo);
     let upstream = upstream_arg(socks.addr, None);
     let mut proxy = topo.start_proxy(&["--upstream", &upstream]);
-    run(&topo, topo.server_v4(), 7304);
-    run(&topo, topo.server_v6(), 7305);
+    // One GSO send a round: danted's socket (default buffer) takes it split, 44 at once.
+    run(&topo, topo.server_v4(), 7304, 1);
+    run(&topo, topo.server_v6(), 7305, 1);
     let stats = proxy.stats();
     assert!(
         stats.contains("udp associations 2 ended 0 fragments 0 malformed 0 "),
@@ -325,7 +336,7 @@ fn through_a_socks5_relay_coalesced_datagrams_lose_each_header() {
     let upstream = upstream_arg(relay.addr(), None);
     let mut proxy = topo.start_proxy(&["--upstream", &upstream]);
     let received = [topo.server_v4(), topo.server_v6()]
-        .map(|ip| receive_rounds(&topo, SocketAddr::new(ip, 7306)));
+        .map(|ip| receive_rounds(&topo, SocketAddr::new(ip, 7306), GSO_SENDS));
     assert_eq!(received.to_vec(), relay.join(), "hash of all datagrams");
     let stats = proxy.stats();
     assert!(stats.contains("fragments 0 malformed 0 "), "{stats}");
