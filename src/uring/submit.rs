@@ -48,16 +48,11 @@ impl Ring {
         self.chain = chain;
     }
 
-    /// A multishot receive into the provided buffers of `group`.
-    pub fn recv_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
-        let entry = opcode::RecvMulti::new(fd_of(fd), group).build();
-        self.submit_picking(entry, token, group);
-    }
-
     /// A multishot `recvmsg` into the provided buffers of `group`: each completion's
     /// buffer holds the kernel's header, `RECVMSG_CONTROL` bytes of control messages
     /// and the datagram (see `Ring::message`), so that a UDP_GRO segment size comes
-    /// with every coalesced datagram. An empty datagram does not end it, unlike `recv`'s.
+    /// with every coalesced datagram. An empty datagram ends it (its completion says
+    /// so), as it ends a multishot `recv`.
     pub fn recvmsg_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
         let msghdr = Box::new(recvmsg_template());
         let entry = opcode::RecvMsgMulti::new(fd_of(fd), &*msghdr, group).build();
