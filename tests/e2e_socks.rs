@@ -12,20 +12,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::socks::{danted, free_port, microsocks};
+use common::socks::{danted, free_port, microsocks, upstream_arg};
 use common::{
     ANY, Topology, check_response, dns_query, dns_response, echo_once, join, ping, recv_to_end,
     send_payload, tool_or_skip, udp_client, udp_echo_server, wait_until,
 };
 
 const UDP_TIMEOUT: Duration = Duration::from_secs(2);
-
-fn upstream_arg(addr: SocketAddr, auth: Option<(&str, &str)>) -> String {
-    match auth {
-        Some((user, password)) => format!("socks5://{user}:{password}@{addr}"),
-        None => format!("socks5://{addr}"),
-    }
-}
 
 /// One connection to `ip` from the client: `up` bytes there, then `down` bytes back,
 /// both hash-checked; returns the address the server saw the connection come from.

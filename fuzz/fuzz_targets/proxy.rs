@@ -30,7 +30,7 @@ use smoltcp::wire::{
     UdpRepr,
 };
 use uringproxy::flow::budget::Budget;
-use uringproxy::flow::datagram::{Closing, Flows, Kind, Limits, Received, RecvError};
+use uringproxy::flow::datagram::{self, Arrival, Closing, Flows, Kind, Limits, Received, RecvError};
 use uringproxy::flow::tcp::{Action, Actions, Flow, Next, Phase, Settings};
 use uringproxy::flow::{Id, IoError};
 use uringproxy::stack::{Stack, TxPool};
@@ -697,13 +697,14 @@ impl Harness {
             written.push((index, slice.region.with_mut(slice.range, |b| b.to_vec())));
         });
         for (index, framed) in written {
-            let packet = if self.offload.vnet_header() {
-                let (_, packet) = vnet::Header::parse(&framed).expect("our own vnet header");
-                packet.to_vec()
+            let (packet, segment_size) = if self.offload.vnet_header() {
+                let (header, packet) = vnet::Header::parse(&framed).expect("our own vnet header");
+                let uso = header.gso == vnet::Gso::UdpL4;
+                (packet.to_vec(), uso.then_some(header.gso_size))
             } else {
-                framed
+                (framed, None)
             };
-            self.check_sent(packet);
+            self.check_sent(packet, segment_size);
             self.held.push_back((index, self.now));
         }
         // Submitted in order, so the oldest come back first.
@@ -723,8 +724,9 @@ impl Harness {
         }
     }
 
-    /// A packet the proxy wrote to the TUN.
-    fn check_sent(&mut self, packet: Vec<u8>) {
+    /// A packet the proxy wrote to the TUN (a UDP super-packet of datagrams of
+    /// `segment_size` bytes, the kernel to split it).
+    fn check_sent(&mut self, packet: Vec<u8>, segment_size: Option<u16>) {
         let (protocol, payload_at) = match packet[0] >> 4 {
             4 => {
                 let ip = Ipv4Packet::new_checked(&packet[..]).expect("a valid IPv4 packet");
@@ -749,8 +751,14 @@ impl Harness {
                     panic!("a UDP reply that does not parse");
                 };
                 let payload = &packet[payload_start..payload_start + payload_len];
-                let expected = self.replies.get_mut(&key).and_then(VecDeque::pop_front);
-                assert_eq!(expected.as_deref(), Some(payload), "an unexpected reply");
+                let datagrams: Vec<&[u8]> = match segment_size {
+                    Some(size) => payload.chunks(usize::from(size)).collect(),
+                    None => vec![payload],
+                };
+                for datagram in datagrams {
+                    let expected = self.replies.get_mut(&key).and_then(VecDeque::pop_front);
+                    assert_eq!(expected.as_deref(), Some(datagram), "an unexpected reply");
+                }
             }
             IpProtocol::Icmp | IpProtocol::Icmpv6 => {
                 let message = &packet[payload_at..];
@@ -993,6 +1001,11 @@ impl Harness {
         let more = u.arbitrary::<bool>()?;
         let len = u.int_in_range(0..=2000usize)?;
         let payload = stream(4, 0, len);
+        // Now and then several datagrams in one receive, as UDP_GRO coalesces them.
+        let segment_size = match u.int_in_range(0..=3u8)? {
+            0 => Some(u.int_in_range(1..=1400u16)?),
+            _ => None,
+        };
         let flow = &self.dgram[&id];
         let (kind, key) = (flow.kind, flow.key);
         let received = match kind {
@@ -1008,16 +1021,33 @@ impl Harness {
                 raw_echo_reply(key, ident, &payload)
             }
         };
+        let segment_size = segment_size.filter(|_| kind == Kind::Udp);
+        let mut ranges = Vec::new();
+        datagram::split(&received, segment_size, &mut ranges);
+        let batch = Arrival {
+            bytes: &received,
+            datagrams: &ranges,
+        };
         let down_before = self.datagrams.counters.datagrams_down;
-        let result =
-            self.datagrams
-                .on_received(id, self.now, Ok(&received), more, &mut self.stack.tx);
-        if self.datagrams.counters.datagrams_down > down_before {
-            let back = FlowKey {
-                client: key.server,
-                server: key.client,
-            };
-            self.replies.entry(back).or_default().push_back(payload);
+        let result = self
+            .datagrams
+            .on_received(id, self.now, Ok(batch), more, &mut self.stack.tx);
+        // Written in order until the buffers ran out: the first ones went.
+        let written = (self.datagrams.counters.datagrams_down - down_before) as usize;
+        let back = FlowKey {
+            client: key.server,
+            server: key.client,
+        };
+        let queue = self.replies.entry(back).or_default();
+        match kind {
+            Kind::Udp => queue.extend(
+                ranges
+                    .iter()
+                    .take(written)
+                    .map(|r| payload[r.clone()].to_vec()),
+            ),
+            Kind::Echo if written > 0 => queue.push_back(payload),
+            Kind::Echo => {}
         }
         self.received(id, more, result);
         Ok(())

@@ -180,6 +180,30 @@ family!(
     "Bytes of the segmentation super-packets read from and written to the TUN."
 );
 family!(
+    UDP_SUPER_PACKETS,
+    "udp_super_packets_total",
+    Counter,
+    "UDP super-packets (USO) the kernel split into datagrams: written to the TUN (down)."
+);
+family!(
+    UDP_SUPER_PACKET_DATAGRAMS,
+    "udp_super_packet_datagrams_total",
+    Counter,
+    "Server datagrams in the UDP super-packets (also in datagrams_total); over udp_super_packets_total, the mean per coalesced receive."
+);
+family!(
+    UDP_COALESCED_RECEIVES,
+    "udp_coalesced_receives_total",
+    Counter,
+    "Receives from servers that brought several UDP datagrams at once (UDP_GRO)."
+);
+family!(
+    UDP_PER_DATAGRAM_FALLBACKS,
+    "udp_per_datagram_fallbacks_total",
+    Counter,
+    "Coalesced receives written to the TUN one datagram at a time (no USO on the TUN, or datagrams of unequal size)."
+);
+family!(
     TUN_WRITE_ERRORS,
     "tun_write_errors_total",
     Counter,
@@ -444,6 +468,14 @@ table! {
         |s| s.stats.segmented_read_bytes;
     TUN_SUPER_PACKET_BYTES WRITE, "tun_super_packet_bytes_written", Offload "bytes-out",
         |s| s.stats.tx.segmented_bytes;
+    UDP_SUPER_PACKETS &[DOWN], "udp_super_packets_down", Offload "udp-super-packets-out",
+        |s| s.stats.udp.super_packets_down;
+    UDP_SUPER_PACKET_DATAGRAMS &[DOWN], "udp_super_packet_datagrams_down",
+        Offload "udp-datagrams-in-super-packets-out", |s| s.stats.udp.super_packet_datagrams_down;
+    UDP_COALESCED_RECEIVES &[], "udp_coalesced_receives", Offload "udp-coalesced-receives",
+        |s| s.stats.udp.coalesced_receives;
+    UDP_PER_DATAGRAM_FALLBACKS &[DOWN], "udp_per_datagram_fallbacks_down",
+        Offload "udp-per-datagram-fallbacks-out", |s| s.stats.udp.per_datagram_fallbacks;
 
     UPSTREAM_FAILURES &[("cause", "connect_failed")], "upstream_connect_failed",
         Upstream "connect-failed", |s| s.stats.upstream.connect_failed;

@@ -8,10 +8,10 @@
 use std::os::fd::AsFd;
 use std::rc::Rc;
 
-use nix::errno::Errno;
 use smoltcp::time::Instant;
 use socket2::Socket;
 
+mod recv;
 mod send;
 
 use super::association::Association;
@@ -21,16 +21,19 @@ use super::{MAX_TIMERS_PER_TURN, Proxy};
 use crate::error::Error;
 use crate::flow::Id;
 use crate::flow::datagram::coalesce::{self, Batch};
-use crate::flow::datagram::{Closing, Flows, Kind, Limits, Received, RecvError};
+use crate::flow::datagram::{Closing, Flows, Kind, Limits};
 use crate::flow::upstream::{self, Deadlines, Step};
 use crate::sys;
-use crate::uring::{Completion, Op, Region, Ring, Token};
-use crate::wire::icmp::{self, Quote, Reason};
+use crate::uring::{Op, Region, Ring, Token};
+use crate::wire::icmp::{self, Quote};
 use crate::wire::{Parsed, socks5, udp};
 use smoltcp::wire::IpAddress;
 
-/// Largest UDP payload (IPv4 limit), the size of each receive and send buffer.
+/// Largest UDP payload (IPv4 limit), the size of each send buffer.
 pub(super) const MAX_DATAGRAM: usize = 65507;
+/// Size of each receive buffer: the kernel's header and control messages, then a
+/// datagram, or several coalesced (UDP_GRO) up to 64 KiB.
+const RECV_BUFFER: usize = crate::uring::RECVMSG_OVERHEAD + (64 << 10);
 /// Buffers the kernel picks from for the flows' multishot receives, shared by all flows.
 const RECV_BUFFERS: u16 = 256;
 /// Buffer group of those buffers (the TUN reads use group 0).
@@ -98,6 +101,8 @@ pub struct Datagrams {
     pub not_held: u64,
     /// Fake addresses whose flows ended, for the loop to release their names.
     pub released: Vec<std::net::IpAddr>,
+    /// Where the datagrams of the receive being handled lie (kept to reuse its memory).
+    batch: Vec<std::ops::Range<usize>>,
 }
 
 impl Datagrams {
@@ -107,7 +112,7 @@ impl Datagrams {
         upstream: Option<Upstream>,
         ring: &mut Ring,
     ) -> Result<Datagrams, Error> {
-        ring.provide_buffers(RECV_GROUP, RECV_BUFFERS, MAX_DATAGRAM)
+        ring.provide_buffers(RECV_GROUP, RECV_BUFFERS, RECV_BUFFER)
             .map_err(|err| Error::from_buffer_ring("register UDP receive buffers", err))?;
         let slots = Region::new(send::REGION_LEN).ok_or_else(|| {
             Error::Io(
@@ -129,6 +134,7 @@ impl Datagrams {
             deadlines: Deadlines::default(),
             not_held: 0,
             released: Vec::new(),
+            batch: Vec::new(),
         })
     }
 
@@ -197,7 +203,7 @@ impl Datagrams {
 
     /// Closes flow `id`'s socket and forgets the flow (its sends use slots, not its
     /// memory, so they need not be waited for).
-    fn finish_close(&mut self, ring: &mut Ring, id: Id) {
+    pub(super) fn finish_close(&mut self, ring: &mut Ring, id: Id) {
         if let Some(mut flow) = self.flows.remove(id) {
             if let Some((slot, _)) = flow.io.batch.take() {
                 self.free_slots.push(slot);
@@ -250,7 +256,7 @@ impl Datagrams {
             && let Some(socket) = self.flows.get(id).and_then(|flow| flow.io.socket.as_ref())
         {
             let token = Token::new(Op::UdpRecv, id.generation, id.slot as usize).encode();
-            ring.recv_multishot(socket.as_fd(), RECV_GROUP, token);
+            ring.recvmsg_multishot(socket.as_fd(), RECV_GROUP, token);
         }
     }
 
@@ -429,46 +435,6 @@ impl Proxy {
         udp.arm_recv(&mut self.ring, id);
     }
 
-    /// A completion of flow `id`'s multishot receive.
-    pub(super) fn on_udp_received(&mut self, id: Id, completion: &Completion) {
-        let now = self.now();
-        let bid = completion.buffer_id();
-        if completion.result == -nix::libc::ENOBUFS {
-            // Every circulating receive buffer was in use: let more circulate.
-            self.ring.more_buffers(RECV_GROUP);
-        }
-        let ring = &self.ring;
-        let result = received(completion.result, bid, |bid, len| {
-            ring.buffer(RECV_GROUP, bid, len)
-        });
-        let udp = &mut self.udp;
-        let more = completion.more();
-        let received = match udp.flows.get(id) {
-            Some(flow) if flow.io.association.is_some() => {
-                let server = flow.key().server_addr();
-                let by_name = flow.io.name.is_some();
-                match upstream::from_relay(result, server, by_name, &mut self.stats.upstream) {
-                    Some(result) => {
-                        udp.flows
-                            .on_received(id, now, result, more, &mut self.stack.tx)
-                    }
-                    None => udp.flows.on_dropped(id, more),
-                }
-            }
-            _ => udp
-                .flows
-                .on_received(id, now, result, more, &mut self.stack.tx),
-        };
-        if let Some(bid) = bid {
-            self.ring.recycle(RECV_GROUP, bid);
-        }
-        match received {
-            Received::Rearm => udp.arm_recv(&mut self.ring, id),
-            Received::Close => udp.finish_close(&mut self.ring, id),
-            Received::Nothing => {}
-        }
-    }
-
     /// A completion on flow `id`'s control connection.
     pub(super) fn on_association_completion(&mut self, op: Op, id: Id, result: i32) {
         let Some(association) = self.udp.association(id).filter(|a| a.is_open()) else {
@@ -538,75 +504,7 @@ impl Proxy {
     }
 }
 
-/// The datagram (or error) a receive completion with `result` and provided buffer `bid`
-/// brought; `buffer` finds the bytes of a buffer we hold.
-fn received<'b>(
-    result: i32,
-    bid: Option<u16>,
-    buffer: impl FnOnce(u16, usize) -> Option<&'b [u8]>,
-) -> Result<&'b [u8], RecvError> {
-    match (result, bid) {
-        (n, _) if n < 0 => Err(recv_error(Errno::from_raw(-n))),
-        (n, Some(bid)) => buffer(bid, n as usize).ok_or(RecvError::Other),
-        // An empty datagram: the kernel hands back the buffer it picked and ends the
-        // multishot receive (a receive of 0 bytes is its end of stream), which is
-        // re-armed as after any last completion.
-        (0, None) => Ok(&[]),
-        // Bytes in no buffer we hold: nothing we can relay.
-        (_, None) => Err(RecvError::Other),
-    }
-}
-
-/// What the kernel's error on a flow's socket is to the flow.
-fn recv_error(errno: Errno) -> RecvError {
-    match errno {
-        Errno::ENOBUFS => RecvError::NoBuffers,
-        Errno::ECONNREFUSED => RecvError::Unreachable(Reason::Port),
-        Errno::EHOSTUNREACH => RecvError::Unreachable(Reason::Host),
-        Errno::ENETUNREACH => RecvError::Unreachable(Reason::Network),
-        _ => RecvError::Other,
-    }
-}
-
 /// What the kernel dropped for `socket` (0 if it cannot say).
 fn socket_drops(socket: &Socket) -> u64 {
     sys::socket_drops(socket.as_fd()).map_or(0, u64::from)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_empty_datagram_is_a_datagram_not_an_error() {
-        let bytes = [7u8; 16];
-        let held = |bid: u16, len: usize| (bid == 3).then(|| &bytes[..len]);
-        assert_eq!(received(0, None, held), Ok(&[][..]));
-        assert_eq!(received(5, Some(3), held), Ok(&bytes[..5]));
-        assert_eq!(
-            received(5, Some(4), held),
-            Err(RecvError::Other),
-            "not ours"
-        );
-        assert_eq!(
-            received(5, None, held),
-            Err(RecvError::Other),
-            "in no buffer"
-        );
-        assert_eq!(
-            received(-nix::libc::ECONNREFUSED, None, held),
-            Err(RecvError::Unreachable(Reason::Port))
-        );
-        let error = |errno: Errno| received(-(errno as i32), None, held);
-        assert_eq!(error(Errno::ENOBUFS), Err(RecvError::NoBuffers));
-        assert_eq!(
-            error(Errno::EHOSTUNREACH),
-            Err(RecvError::Unreachable(Reason::Host))
-        );
-        assert_eq!(
-            error(Errno::ENETUNREACH),
-            Err(RecvError::Unreachable(Reason::Network))
-        );
-        assert_eq!(error(Errno::EMSGSIZE), Err(RecvError::Other));
-    }
 }

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use nix::errno::Errno;
-use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
+use nix::sys::socket::setsockopt;
+use nix::sys::socket::sockopt::{RcvBufForce, UdpGroSegment};
 use smoltcp::wire::{IpAddress, IpEndpoint};
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
@@ -113,6 +114,10 @@ pub fn socket(purpose: Purpose, server: IpEndpoint, interface: &str) -> std::io:
                 // Above net.core.rmem_max only with CAP_NET_ADMIN, which is kept.
                 setsockopt(&socket, RcvBufForce, &UDP_RECV_BUFFER)
                     .or_else(|_| socket.set_recv_buffer_size(UDP_RECV_BUFFER))?;
+                // Server datagrams come coalesced, many to a receive (Linux 5.0+), each
+                // receive saying their size: written to the TUN as one super-packet with
+                // USO, else split again. Without it (refused) they come one by one.
+                let _ = setsockopt(&socket, UdpGroSegment, &true);
             }
             let port = if kind == Kind::Udp { server.port } else { 0 };
             socket.connect(&SockAddr::from(SocketAddr::new(server.addr.into(), port)))?;

@@ -9,7 +9,7 @@ use smoltcp::wire::IpVersion;
 
 use super::window::{self, WindowState};
 use crate::uring::{Region, Slice};
-use crate::wire::{Offload, offload, vnet};
+use crate::wire::{Offload, offload, uso, vnet};
 
 /// Largest packet smoltcp may hand the TUN for segmentation: the IPv4 length limit.
 pub const MAX_SEGMENTATION_PACKET: usize = 65535;
@@ -181,6 +181,27 @@ impl TxPool {
     /// fit. False, with nothing queued, when there is no free buffer `claim` may take or
     /// it did not fit.
     pub fn emit(&mut self, claim: Claim, build: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {
+        self.emit_with_header(claim, |packet| {
+            build(packet).map(|len| (len, vnet::Header::PLAIN))
+        })
+    }
+
+    /// What a UDP super-packet may hold, if the TUN takes them (USO negotiated).
+    pub fn uso_limits(&self) -> Option<uso::Limits> {
+        (self.offload >= Offload::Uso).then(|| uso::Limits {
+            mtu: self.mtu,
+            max_packet: self.buf_size - self.header_len,
+        })
+    }
+
+    /// Like `emit`, for a packet that `build` says what to ask of the TUN for in its
+    /// virtio-net header (a UDP super-packet to split); the header is left out on a TUN
+    /// without one, which is never asked for more than `Header::PLAIN`.
+    pub fn emit_with_header(
+        &mut self,
+        claim: Claim,
+        build: impl FnOnce(&mut [u8]) -> Option<(usize, vnet::Header)>,
+    ) -> bool {
         if claim == Claim::Egress && !self.has_free_for_egress() {
             return false;
         }
@@ -190,9 +211,9 @@ impl TxPool {
         let (header_len, vnet_header) = (self.header_len, self.offload.vnet_header());
         let built = self.region.with_mut(self.range(index), |buffer| {
             let (header, packet) = buffer.split_at_mut(header_len);
-            let len = build(packet).filter(|&len| len <= packet.len())?;
+            let (len, vnet) = build(packet).filter(|&(len, _)| len <= packet.len())?;
             if vnet_header {
-                vnet::Header::PLAIN.emit(header);
+                vnet.emit(header);
             }
             Some(len)
         });

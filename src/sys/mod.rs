@@ -1,6 +1,7 @@
 //! Thin wrappers over the Linux ioctls and syscalls that nix and socket2 do not cover.
 #![allow(unsafe_code)]
 
+pub mod cmsg;
 pub mod netlink;
 
 use std::ffi::CString;

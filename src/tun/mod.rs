@@ -10,12 +10,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use log::warn;
 use nix::libc;
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, TcpPacket};
+use smoltcp::wire::{IpAddress, IpEndpoint, IpProtocol, IpRepr, TcpPacket};
 use socket2::{Domain, Socket, Type};
 
 use crate::error::Error;
 use crate::sys::{self, netlink};
-use crate::wire::{Cidr, Offload, offload, vnet};
+use crate::wire::{Cidr, FlowKey, Offload, offload, uso, vnet};
 
 /// Packets the kernel may queue for us to read. The default (500) overflows while the
 /// proxy is busy with a burst, and a dropped window update from a client costs a
@@ -101,13 +101,21 @@ impl Tun {
             offload,
         };
         tun.configure(spec)?;
-        if tun.offload.tso() && !tun.accepts_gso_writes(spec) {
+        if tun.offload.tso() && !tun.accepts_gso_writes(spec, gso_probe) {
             warn!(
                 "the kernel refuses segmentation-offload writes to the TUN; using checksum offload only"
             );
             sys::tun_set_offload(tun.fd.as_raw_fd(), tun_flags(Offload::Checksum))
                 .map_err(|err| Error::from_io("negotiate TUN offload (TUNSETOFFLOAD)", err))?;
             tun.offload = Offload::Checksum;
+        }
+        if tun.offload == Offload::Uso && !tun.accepts_gso_writes(spec, uso_probe) {
+            warn!(
+                "the kernel refuses UDP segmentation-offload writes to the TUN; using TCP segmentation only"
+            );
+            sys::tun_set_offload(tun.fd.as_raw_fd(), tun_flags(Offload::Tso))
+                .map_err(|err| Error::from_io("negotiate TUN offload (TUNSETOFFLOAD)", err))?;
+            tun.offload = Offload::Tso;
         }
         Ok(tun)
     }
@@ -138,17 +146,18 @@ impl Tun {
     }
 
     /// Some kernels (e.g. 6.6.44, 6.10.3) reject GSO writes with EINVAL. Find out with a
-    /// two-segment TCP packet per configured family from the loopback address to ours:
-    /// the kernel validates the virtio-net header in write(2), then drops the packet
-    /// (a loopback source on another device is a martian for IPv4 and refused by
-    /// ip6_rcv for IPv6), so nothing is delivered or answered.
-    fn accepts_gso_writes(&self, spec: &Spec) -> bool {
+    /// two-segment packet (`probe`: TCP, or UDP for USO) per configured family from the
+    /// loopback address to ours: the kernel validates the virtio-net header in
+    /// write(2), then drops the packet (a loopback source on another device is a
+    /// martian for IPv4 and refused by ip6_rcv for IPv6), so nothing is delivered or
+    /// answered.
+    fn accepts_gso_writes(&self, spec: &Spec, probe: fn(IpAddress, IpAddress) -> Vec<u8>) -> bool {
         spec.addrs.iter().all(|cidr| {
             let (from, to) = match cidr.addr {
                 IpAddr::V4(addr) => (IpAddress::v4(127, 0, 0, 1), IpAddress::Ipv4(addr)),
                 IpAddr::V6(addr) => (IpAddress::v6(0, 0, 0, 0, 0, 0, 0, 1), IpAddress::Ipv6(addr)),
             };
-            match sys::write_packet(self.fd.as_raw_fd(), &gso_probe(from, to)) {
+            match sys::write_packet(self.fd.as_raw_fd(), &probe(from, to)) {
                 Err(err) => err.raw_os_error() != Some(libc::EINVAL),
                 // Anything else says nothing about GSO; let the data path find out.
                 Ok(_) => true,
@@ -226,6 +235,24 @@ fn gso_probe(from: IpAddress, to: IpAddress) -> Vec<u8> {
     buf
 }
 
+/// A virtio-net header plus a UDP super-packet of two 100-byte datagrams from `from` to
+/// `to`, as the proxy writes them with USO.
+fn uso_probe(from: IpAddress, to: IpAddress) -> Vec<u8> {
+    let key = FlowKey {
+        client: IpEndpoint::new(to, 9),
+        server: IpEndpoint::new(from, 9),
+    };
+    let datagram = [0u8; 100];
+    let mut buf = vec![0u8; vnet::LEN + 2 * datagram.len() + 48];
+    let (header, packet) = buf.split_at_mut(vnet::LEN);
+    let datagrams = [&datagram[..], &datagram[..]];
+    let (len, vnet_header) =
+        uso::reply(packet, key, datagrams.into_iter(), 100).expect("the probe fits its buffer");
+    vnet_header.emit(header);
+    buf.truncate(vnet::LEN + len);
+    buf
+}
+
 impl AsFd for Tun {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -266,7 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn gso_probe_is_a_valid_two_segment_packet() {
+    fn gso_probes_are_valid_two_segment_packets() {
         for (from, to) in [
             (IpAddress::v4(127, 0, 0, 1), IpAddress::v4(198, 18, 0, 1)),
             (
@@ -274,16 +301,20 @@ mod tests {
                 IpAddress::v6(0xfd7a, 0, 0, 0, 0, 0, 0, 1),
             ),
         ] {
-            let probe = gso_probe(from, to);
-            let (header, packet) = vnet::Header::parse(&probe).unwrap();
-            assert!(header.needs_csum);
-            assert_ne!(header.gso, vnet::Gso::None);
-            let payload = packet.len() - usize::from(header.hdr_len);
-            assert_eq!(payload, 2 * usize::from(header.gso_size));
-            assert!(matches!(
-                crate::wire::parse(packet),
-                crate::wire::Parsed::Tcp { .. }
-            ));
+            for (probe, udp) in [(gso_probe(from, to), false), (uso_probe(from, to), true)] {
+                let (header, packet) = vnet::Header::parse(&probe).unwrap();
+                assert!(header.needs_csum);
+                assert_ne!(header.gso, vnet::Gso::None);
+                assert_eq!(header.gso == vnet::Gso::UdpL4, udp);
+                let payload = packet.len() - usize::from(header.hdr_len);
+                assert_eq!(payload, 2 * usize::from(header.gso_size));
+                let parsed = crate::wire::parse(packet);
+                if udp {
+                    assert!(matches!(parsed, crate::wire::Parsed::Udp { .. }));
+                } else {
+                    assert!(matches!(parsed, crate::wire::Parsed::Tcp { .. }));
+                }
+            }
         }
     }
 }

@@ -46,11 +46,13 @@ const OPTIONAL: [(KernelVersion, &str); 1] = [(READ_MULTISHOT, "multishot TUN re
 
 /// Operations the proxy cannot do without, with the kernel that brought each. All are
 /// older than `FLOOR`; a kernel that lacks one is older than it claims or restricted.
-const REQUIRED: [(u8, &str); 10] = [
+const REQUIRED: [(u8, &str); 11] = [
     (opcode::Read::CODE, "IORING_OP_READ"),
     (opcode::Write::CODE, "IORING_OP_WRITE"),
     (opcode::Send::CODE, "IORING_OP_SEND"),
     (opcode::Recv::CODE, "IORING_OP_RECV"),
+    // Multishot (6.0), for the datagram flows' receives with their control messages.
+    (opcode::RecvMsg::CODE, "IORING_OP_RECVMSG"),
     (opcode::Connect::CODE, "IORING_OP_CONNECT"),
     (opcode::Close::CODE, "IORING_OP_CLOSE"),
     (opcode::AsyncCancel::CODE, "IORING_OP_ASYNC_CANCEL"),

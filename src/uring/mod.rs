@@ -19,6 +19,7 @@ use std::ops::Range;
 use std::os::fd::OwnedFd;
 
 use io_uring::{IoUring, cqueue, squeue, types};
+use nix::libc;
 use slab::Slab;
 use socket2::SockAddr;
 
@@ -26,6 +27,7 @@ use buf_ring::BufRing;
 pub use features::{Features, KernelVersion};
 pub use memory::Region;
 pub(crate) use memory::{Family, Lent};
+pub use provided::Message;
 pub use sendmsg::{MESSAGE_ALIGN, MESSAGE_LEN, SOL_UDP, UDP_SEGMENT};
 pub use token::{Op, Token};
 
@@ -34,6 +36,13 @@ pub use token::{Op, Token};
 const SQ_ENTRIES: u32 = 1024;
 /// Completion queue entries: 16x the SQ so bursts of multishot reads never overflow it.
 const CQ_ENTRIES: u32 = 16384;
+/// Bytes of control messages each `recvmsg_multishot` buffer has room for: a UDP_GRO
+/// segment size takes 24 (one cmsghdr and an int, aligned).
+pub const RECVMSG_CONTROL: usize = 64;
+/// Bytes a `recvmsg_multishot` buffer holds in front of its datagram: the kernel's
+/// `io_uring_recvmsg_out` header, then the control messages.
+pub const RECVMSG_OVERHEAD: usize = 16 + RECVMSG_CONTROL;
+
 /// `user_data` of operations whose completion nobody waits for (cancels, closes, link
 /// timeouts); every other operation's is its index in the in-flight table plus one.
 const UNWATCHED: u64 = 0;
@@ -87,6 +96,8 @@ enum Keep {
     Timeout(Box<types::Timespec>),
     /// Points at no memory; each successful completion is a new file descriptor.
     Accept,
+    /// A multishot recvmsg's header (the kernel may read it at any re-issue).
+    Msghdr(Box<libc::msghdr>),
 }
 
 /// The ring, set up for one thread that submits and reaps everything itself.

@@ -2,8 +2,20 @@
 
 use std::io;
 
+use io_uring::types;
+
 use super::Ring;
 use super::buf_ring::BufRing;
+
+/// A datagram a multishot `recvmsg` delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub payload: &'a [u8],
+    /// Its control messages (see `sys::cmsg`).
+    pub control: &'a [u8],
+    /// It was longer than the buffer: `payload` is only its start.
+    pub truncated: bool,
+}
 
 impl Ring {
     /// Registers `count` (a power of two) provided buffers of `size` bytes as `group`,
@@ -25,6 +37,23 @@ impl Ring {
     /// handed it over left them; `None` for a buffer the kernel owns or none at all.
     pub fn buffer(&self, group: u16, bid: u16, len: usize) -> Option<&[u8]> {
         self.buf_ring(group)?.packet(bid, len)
+    }
+
+    /// What a `recvmsg_multishot` completion of `len` bytes left in provided buffer `bid`
+    /// of `group`; `None` for a buffer the kernel owns or one that holds no message.
+    pub fn message(&self, group: u16, bid: u16, len: usize) -> Option<Message<'_>> {
+        let buffer = self.buffer(group, bid, len)?;
+        let out = types::RecvMsgOut::parse(buffer, &super::submit::recvmsg_template()).ok()?;
+        // Its slices borrow the parser, not the buffer: taken again from the buffer,
+        // laid out as the template asks (no name, then the control field).
+        let control_start = super::RECVMSG_OVERHEAD - super::RECVMSG_CONTROL;
+        let control = control_start..control_start + out.control_data().len();
+        let payload = super::RECVMSG_OVERHEAD..super::RECVMSG_OVERHEAD + out.payload_data().len();
+        Some(Message {
+            payload: buffer.get(payload)?,
+            control: buffer.get(control)?,
+            truncated: out.is_payload_truncated(),
+        })
     }
 
     /// Hands provided buffer `bid` back to the kernel (visible after `publish`).

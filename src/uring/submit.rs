@@ -48,10 +48,22 @@ impl Ring {
         self.chain = chain;
     }
 
-    /// A multishot receive into the provided buffers of `group`.
-    pub fn recv_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
-        let entry = opcode::RecvMulti::new(fd_of(fd), group).build();
-        self.submit_picking(entry, token, group);
+    /// A multishot `recvmsg` into the provided buffers of `group`: each completion's
+    /// buffer holds the kernel's header, `RECVMSG_CONTROL` bytes of control messages
+    /// and the datagram (see `Ring::message`), so that a UDP_GRO segment size comes
+    /// with every coalesced datagram. An empty datagram ends it (its completion says
+    /// so), as it ends a multishot `recv`.
+    pub fn recvmsg_multishot(&mut self, fd: BorrowedFd<'_>, group: u16, token: u64) {
+        let msghdr = Box::new(recvmsg_template());
+        let entry = opcode::RecvMsgMulti::new(fd_of(fd), &*msghdr, group).build();
+        self.submit_pending_entry(
+            entry,
+            Pending {
+                token,
+                keep: Keep::Msghdr(msghdr),
+                group: Some(group),
+            },
+        );
     }
 
     /// Accepts connections on listening socket `fd` until cancelled or an error ends
@@ -250,6 +262,16 @@ fn bounds(buf: &Slice) -> (*mut u8, u32) {
         Some(ptr) => (ptr, u32::try_from(buf.range.len()).unwrap_or(u32::MAX)),
         None => (buf.region.ptr(&(0..0)).unwrap_or(std::ptr::null_mut()), 0),
     }
+}
+
+/// What a multishot `recvmsg` is given: no name (the sockets are connected) and room for
+/// `RECVMSG_CONTROL` bytes of control messages; the kernel reads only those two lengths.
+pub(super) fn recvmsg_template() -> libc::msghdr {
+    // SAFETY: msghdr is plain data (lengths, flags, pointers), for which all zeroes
+    // (null pointers) is a valid value.
+    let mut msghdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    msghdr.msg_controllen = super::RECVMSG_CONTROL;
+    msghdr
 }
 
 pub(super) fn fd_of(fd: BorrowedFd<'_>) -> types::Fd {

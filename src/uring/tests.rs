@@ -51,24 +51,35 @@ fn a_region_outlives_its_owner_until_the_read_into_it_completes() {
 #[test]
 fn a_multishot_receive_hands_over_each_buffer_once() {
     let mut ring = Ring::new().expect("io_uring");
-    ring.provide_buffers(3, 4, 256).unwrap();
+    let size = RECVMSG_OVERHEAD + 256;
+    ring.provide_buffers(3, 4, size).unwrap();
     assert!(
-        ring.provide_buffers(3, 4, 256).is_err(),
+        ring.provide_buffers(3, 4, size).is_err(),
         "a group is registered once"
     );
     let (ours, peer) = UnixDatagram::pair().expect("socketpair");
-    ring.recv_multishot(ours.as_fd(), 3, 9);
+    ring.recvmsg_multishot(ours.as_fd(), 3, 9);
     let _ = ring.submit_and_wait(Some(Duration::ZERO));
     peer.send(b"one").unwrap();
     peer.send(b"two").unwrap();
-    let done = completions(&mut ring, 2);
-    assert_eq!(done.len(), 2);
-    for (completion, expected) in done.iter().zip([&b"one"[..], b"two"]) {
-        assert!(completion.more(), "still armed");
+    peer.send(b"").unwrap();
+    let done = completions(&mut ring, 3);
+    assert_eq!(done.len(), 3);
+    for (completion, expected) in done.iter().zip([&b"one"[..], b"two", b""]) {
         let bid = completion.buffer_id().expect("a provided buffer");
         let len = completion.result as usize;
-        assert_eq!(ring.buffer(3, bid, len), Some(expected));
+        let message = ring.message(3, bid, len).expect("a message");
+        assert_eq!(message.payload, expected);
+        assert!(message.control.is_empty() && !message.truncated);
     }
+    assert!(done[0].more() && done[1].more(), "still armed");
+    assert!(
+        !done[2].more(),
+        "an empty datagram, brought, ends it as recv's does"
+    );
+    assert!(ring.inflight.is_empty());
+    ring.recvmsg_multishot(ours.as_fd(), 3, 9);
+    let _ = ring.submit_and_wait(Some(Duration::ZERO));
     assert_eq!(
         ring.inflight.len(),
         1,
@@ -76,10 +87,21 @@ fn a_multishot_receive_hands_over_each_buffer_once() {
     );
     let first = done[0].buffer_id().unwrap();
     ring.recycle(3, first);
-    assert_eq!(ring.buffer(3, first, 3), None, "the kernel's again");
+    assert_eq!(
+        ring.message(3, first, RECVMSG_OVERHEAD + 3),
+        None,
+        "the kernel's again"
+    );
     ring.recycle(3, first); // twice: ignored, never two ring entries for one buffer
     ring.recycle(3, 400); // not a buffer at all
     assert_eq!(ring.buffer(3, 400, 1), None);
+    // Longer than the buffer: cut, and said so.
+    peer.send(&[7; 300]).unwrap();
+    let done = completions(&mut ring, 1);
+    let bid = done[0].buffer_id().expect("a provided buffer");
+    let message = ring.message(3, bid, done[0].result as usize).unwrap();
+    assert!(message.truncated);
+    assert_eq!(message.payload, &[7; 256][..]);
     assert!(ring.cancel_all(Duration::from_secs(1)));
     assert!(ring.inflight.is_empty());
 }

@@ -10,6 +10,7 @@ pub mod offload;
 pub mod socks5;
 pub mod tcp;
 pub mod udp;
+pub mod uso;
 pub mod vnet;
 
 pub use cidr::Cidr;

@@ -162,3 +162,10 @@ pub fn danted(topo: &Topology) -> Daemon {
         &["-f", &path, "-p", &pid, "-N", "1"],
     )
 }
+
+pub fn upstream_arg(addr: SocketAddr, auth: Option<(&str, &str)>) -> String {
+    match auth {
+        Some((user, password)) => format!("socks5://{user}:{password}@{addr}"),
+        None => format!("socks5://{addr}"),
+    }
+}

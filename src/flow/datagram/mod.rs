@@ -7,8 +7,11 @@
 // timeout, so expiry and eviction are O(1). Each ping flow goes out with an echo
 // identifier of its own towards its host.
 
+mod arrival;
 pub mod coalesce;
 mod receive;
+
+pub use arrival::{Arrival, split};
 
 use std::time::Duration;
 
@@ -107,6 +110,14 @@ pub struct Counters {
     /// New ping flows refused because every echo identifier towards their host was
     /// taken by other ping flows.
     pub echo_no_ident: u64,
+    /// Receives that brought several server datagrams at once (UDP_GRO), and those of
+    /// them written to the TUN one datagram at a time (no USO, or unequal datagrams).
+    pub coalesced_receives: u64,
+    pub per_datagram_fallbacks: u64,
+    /// UDP super-packets written to the TUN for the kernel to split (USO), and the
+    /// server datagrams in them (also counted in `datagrams_down`).
+    pub super_packets_down: u64,
+    pub super_packet_datagrams_down: u64,
 }
 
 /// One flow; `io` is the event loop's (its socket), the rest is ours.

@@ -2,21 +2,21 @@
 
 use smoltcp::time::Instant;
 
-use super::{Flows, Kind, Received, RecvError};
+use super::{Arrival, Counters, Flow, Flows, Kind, Received, RecvError};
 use crate::flow::Id;
 use crate::stack::{Claim, TxPool};
 use crate::wire::icmp::{self, EchoReply};
-use crate::wire::udp;
+use crate::wire::{udp, uso};
 
 impl<S> Flows<S> {
-    /// A completion of flow `id`'s receive: a server datagram, or the error the kernel
+    /// A completion of flow `id`'s receive: server datagrams, or the error the kernel
     /// turned an ICMP error from the path into; `more` says whether the receive stays
     /// armed. Replies and errors for the client go into `tx`.
     pub fn on_received(
         &mut self,
         id: Id,
         now: Instant,
-        result: Result<&[u8], RecvError>,
+        result: Result<Arrival<'_>, RecvError>,
         more: bool,
         tx: &mut TxPool,
     ) -> Received {
@@ -34,44 +34,16 @@ impl<S> Flows<S> {
             };
         }
         match result {
-            Ok(datagram) => {
+            Ok(batch) => {
                 flow.last_active = now;
                 let class = flow.class;
-                let emitted = match flow.kind {
-                    Kind::Udp => {
-                        Some(tx.emit(Claim::Egress, |buf| udp::reply(buf, flow.key, datagram)))
+                let count = batch.datagrams.len();
+                self.counters.coalesced_receives += u64::from(count > 1);
+                if !(flow.kind == Kind::Udp && reply_as_one(flow, batch, tx, &mut self.counters)) {
+                    self.counters.per_datagram_fallbacks += u64::from(count > 1);
+                    for datagram in batch.iter() {
+                        reply(flow, datagram, tx, &mut self.counters);
                     }
-                    Kind::Echo => {
-                        let (key, ident) = (flow.key, flow.echo_ident);
-                        // Whose reply it is does not depend on the buffer: ask first, so a
-                        // reply dropped for want of a buffer is counted as one.
-                        if icmp::echo_reply(&mut [], key, ident, datagram) == EchoReply::NotOurs {
-                            None
-                        } else {
-                            let written = tx.emit(Claim::Egress, |buf| {
-                                match icmp::echo_reply(buf, key, ident, datagram) {
-                                    EchoReply::Written(len) => Some(len),
-                                    _ => None,
-                                }
-                            });
-                            self.counters.echo_replies += u64::from(written);
-                            Some(written)
-                        }
-                    }
-                };
-                match emitted {
-                    Some(true) => {
-                        let len = datagram.len() as u64;
-                        self.counters.datagrams_down += 1;
-                        self.counters.bytes_down += len;
-                        flow.bytes_down += len;
-                        if flow.kind == Kind::Echo {
-                            self.counters.echo_bytes_down += len;
-                        }
-                    }
-                    Some(false) => self.counters.reply_drops += 1,
-                    // Not for this flow (another ping's reply, an ICMP error): ignored.
-                    None => {}
                 }
                 self.idle[class as usize].touch(id.slot);
             }
@@ -112,5 +84,78 @@ impl<S> Flows<S> {
             (false, false) => Received::Rearm,
             (true, _) => Received::Nothing,
         }
+    }
+}
+
+/// Writes the UDP datagrams of `batch` (more than one, of one size but a shorter last)
+/// for flow `flow`'s client as one super-packet, if the TUN takes them; false when they
+/// are to be written one by one. Nothing else is merged: each datagram reaches the
+/// client as it came.
+fn reply_as_one<S>(
+    flow: &mut Flow<S>,
+    batch: Arrival<'_>,
+    tx: &mut TxPool,
+    counters: &mut Counters,
+) -> bool {
+    let key = flow.key;
+    let lens = batch.iter().map(<[u8]>::len);
+    let Some(size) = tx
+        .uso_limits()
+        .and_then(|limits| uso::segment_size(lens.clone(), key.client.addr, limits))
+    else {
+        return false;
+    };
+    let count = batch.datagrams.len() as u64;
+    if tx.emit_with_header(Claim::Egress, |buf| {
+        uso::reply(buf, key, batch.iter(), size)
+    }) {
+        let bytes = lens.sum::<usize>() as u64;
+        counters.super_packets_down += 1;
+        counters.super_packet_datagrams_down += count;
+        counters.datagrams_down += count;
+        counters.bytes_down += bytes;
+        flow.bytes_down += bytes;
+    } else {
+        counters.reply_drops += count;
+    }
+    true
+}
+
+/// Writes one server `datagram` (a UDP payload, or an ICMP message of a ping flow) for
+/// flow `flow`'s client.
+fn reply<S>(flow: &mut Flow<S>, datagram: &[u8], tx: &mut TxPool, counters: &mut Counters) {
+    let emitted = match flow.kind {
+        Kind::Udp => Some(tx.emit(Claim::Egress, |buf| udp::reply(buf, flow.key, datagram))),
+        Kind::Echo => {
+            let (key, ident) = (flow.key, flow.echo_ident);
+            // Whose reply it is does not depend on the buffer: ask first, so a reply
+            // dropped for want of a buffer is counted as one.
+            if icmp::echo_reply(&mut [], key, ident, datagram) == EchoReply::NotOurs {
+                None
+            } else {
+                let written = tx.emit(Claim::Egress, |buf| {
+                    match icmp::echo_reply(buf, key, ident, datagram) {
+                        EchoReply::Written(len) => Some(len),
+                        _ => None,
+                    }
+                });
+                counters.echo_replies += u64::from(written);
+                Some(written)
+            }
+        }
+    };
+    match emitted {
+        Some(true) => {
+            let len = datagram.len() as u64;
+            counters.datagrams_down += 1;
+            counters.bytes_down += len;
+            flow.bytes_down += len;
+            if flow.kind == Kind::Echo {
+                counters.echo_bytes_down += len;
+            }
+        }
+        Some(false) => counters.reply_drops += 1,
+        // Not for this flow (another ping's reply, an ICMP error): ignored.
+        None => {}
     }
 }

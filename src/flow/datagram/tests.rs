@@ -21,6 +21,23 @@ fn key(client_port: u16, server_port: u16) -> FlowKey {
     }
 }
 
+/// Flow `id`'s receive brought one server `datagram`.
+fn receive<S>(
+    flows: &mut Flows<S>,
+    id: Id,
+    now: Instant,
+    datagram: &[u8],
+    more: bool,
+    tx: &mut TxPool,
+) -> Received {
+    let whole = 0..datagram.len();
+    let batch = Arrival {
+        bytes: datagram,
+        datagrams: std::slice::from_ref(&whole),
+    };
+    flows.on_received(id, now, Ok(batch), more, tx)
+}
+
 fn at(secs: u64) -> Instant {
     Instant::from_secs(secs as i64)
 }
@@ -103,7 +120,7 @@ fn server_datagrams_become_replies_and_errors_become_icmp() {
     let query = crate::wire::demux::tests::udp_packet(k.client, k.server, b"query");
     flows.on_datagram(id, at(0), Some(Quote::of(&query)));
     flows.arm_recv(id);
-    let kept = flows.on_received(id, at(1), Ok(b"answer"), true, &mut tx);
+    let kept = receive(&mut flows, id, at(1), b"answer", true, &mut tx);
     assert_eq!(kept, Received::Nothing, "the multishot receive stays armed");
     let refused = flows.on_received(
         id,
@@ -166,7 +183,7 @@ fn an_empty_server_datagram_becomes_an_empty_reply() {
     let id = flows.open(Kind::Udp, k, (), at(0)).unwrap();
     flows.arm_recv(id);
     // A receive of 0 bytes ends the multishot receive: re-armed, not an error.
-    let empty = flows.on_received(id, at(1), Ok(b""), false, &mut tx);
+    let empty = receive(&mut flows, id, at(1), b"", false, &mut tx);
     assert_eq!(empty, Received::Rearm);
     let packets = ready(&mut tx);
     assert_eq!(packets.len(), 1);
@@ -239,7 +256,14 @@ fn pings_to_one_host_get_their_own_identifiers_and_replies() {
     for id in [a, b] {
         flows.arm_recv(id);
         for ident in [out_a, out_b] {
-            flows.on_received(id, at(1), Ok(&echo_reply_v6(ident, 5)), true, &mut tx);
+            receive(
+                &mut flows,
+                id,
+                at(1),
+                &echo_reply_v6(ident, 5),
+                true,
+                &mut tx,
+            );
         }
     }
     assert_eq!(client_idents(&mut tx), vec![first, second]);

@@ -214,19 +214,27 @@ pub fn header_len(
     fits.then_some(header)
 }
 
-/// What a receive from the relay (`result`) is for a flow to `server`: the relay's header
-/// comes off, and only the server's whole datagrams go on (`None`: dropped, counted in
-/// `counters`).
+/// What a receive from the relay (`result`: its bytes, and their UDP_GRO segment size
+/// when it coalesced several datagrams) is for a flow to `server`: its bytes, with
+/// `ranges` filled with the payloads of the server's whole datagrams in it, each
+/// relay's header off (others dropped, counted in `counters`: `ranges` may end empty).
 pub fn from_relay<'d>(
-    result: Result<&'d [u8], RecvError>,
+    result: Result<(&'d [u8], Option<u16>), RecvError>,
     server: SocketAddr,
     by_name: bool,
+    ranges: &mut Vec<Range<usize>>,
     counters: &mut Counters,
-) -> Option<Result<&'d [u8], RecvError>> {
-    match result {
-        Ok(datagram) => strip(datagram, server, by_name, counters).map(Ok),
-        Err(error) => Some(Err(relay_error(error))),
-    }
+) -> Result<&'d [u8], RecvError> {
+    let (bytes, segment_size) = result.map_err(relay_error)?;
+    datagram::split(bytes, segment_size, ranges);
+    ranges.retain_mut(|range| {
+        let Some(payload) = strip(&bytes[range.clone()], server, by_name, counters) else {
+            return false;
+        };
+        range.start = range.end - payload.len();
+        true
+    });
+    Ok(bytes)
 }
 
 /// The payload of datagram `datagram` from the relay if it is one from `server`, else

@@ -245,12 +245,55 @@ fn errors_on_the_path_to_the_relay_are_not_the_servers() {
     let server: SocketAddr = "192.0.2.53:53".parse().unwrap();
     let mut counters = Counters::default();
     let refused = Err(RecvError::Unreachable(Reason::Port));
+    let mut ranges = Vec::new();
     assert_eq!(
-        from_relay(refused, server, false, &mut counters),
-        Some(Err(RecvError::Other))
+        from_relay(refused, server, false, &mut ranges, &mut counters),
+        Err(RecvError::Other)
     );
-    assert_eq!(from_relay(Ok(b"\0\0"), server, false, &mut counters), None);
+    let malformed = Ok((&b"\0\0"[..], None));
+    assert!(from_relay(malformed, server, false, &mut ranges, &mut counters).is_ok());
+    assert!(ranges.is_empty());
     assert_eq!(counters.udp_malformed, 1);
+}
+
+#[test]
+fn a_coalesced_receive_from_the_relay_loses_each_datagrams_header() {
+    let server: SocketAddr = "192.0.2.53:4433".parse().unwrap();
+    let other: SocketAddr = "192.0.2.54:4433".parse().unwrap();
+    let datagram = |from: SocketAddr, payload: &[u8]| {
+        let mut bytes = vec![0u8; socks5::udp_header_len(&from)];
+        socks5::udp_header(&mut bytes, from);
+        bytes.extend(payload);
+        bytes
+    };
+    // Four of 110 bytes (10 of header) coalesced, the last shorter: one from another
+    // source and one fragment among them are dropped, counted.
+    let mut fragment = datagram(server, &[3; 100]);
+    fragment[2] = 1;
+    let received = [
+        datagram(server, &[1; 100]),
+        datagram(other, &[2; 100]),
+        fragment,
+        datagram(server, &[4; 100]),
+        datagram(server, &[5; 40]),
+    ]
+    .concat();
+    let (mut counters, mut ranges) = (Counters::default(), Vec::new());
+    let bytes = from_relay(
+        Ok((&received, Some(110))),
+        server,
+        false,
+        &mut ranges,
+        &mut counters,
+    );
+    let bytes = bytes.unwrap();
+    let payloads: Vec<&[u8]> = ranges.iter().map(|range| &bytes[range.clone()]).collect();
+    assert_eq!(payloads, [&[1; 100][..], &[4; 100], &[5; 40]]);
+    assert_eq!((counters.udp_malformed, counters.udp_fragments), (1, 1));
+    let one = datagram(server, b"");
+    let bytes = from_relay(Ok((&one, None)), server, false, &mut ranges, &mut counters).unwrap();
+    let empty = bytes.len()..bytes.len();
+    assert_eq!(ranges, std::slice::from_ref(&empty), "an empty datagram");
 }
 
 #[test]
