@@ -35,6 +35,10 @@ pub const UDP_ECHO_FLOWS: usize = 8;
 /// Payload of each udp-up/udp-down datagram: a full-sized one that still fits the
 /// 1500-byte MTU over IPv6 (1448 bytes with headers).
 pub const FLOOD_SIZE: usize = 1400;
+/// With `--udp-gso`: the datagrams QUIC stacks send on Linux, 1,350 bytes, 44 to a
+/// `sendmsg` with a UDP_SEGMENT control message (one 59,400-byte super-datagram).
+pub const GSO_FLOOD_SIZE: usize = 1350;
+pub const GSO_BATCH: usize = 44;
 /// Socket buffers of the flood's sender and receiver (forced past rmem_max/wmem_max):
 /// ~90 ms of 1 Gbit/s at ~2.3 KiB of kernel memory per datagram, so that a receiver
 /// descheduled for a moment on these shared cores is not counted as the path's loss
@@ -589,19 +593,31 @@ pub fn udp_echo(
     sample
 }
 
-/// One-way UDP at `rate` datagrams/s of `FLOOD_SIZE` bytes for `duration` on one flow:
-/// client to server (`upload`) or back. The sender paces with a token bucket and
-/// never blocks: a datagram its own socket has no room for is not sent (and `offered`
-/// falls short of `due`), one a local queue drops (ENOBUFS) counts as sent and lost.
-/// Units are distinct intact datagrams received; duplicates and corrupt ones are errors.
+/// What udp-up and udp-down send: `rate` datagrams/s of `size` bytes, `batch` to a send
+/// (more than one: a UDP_SEGMENT super-datagram).
+#[derive(Clone, Copy)]
+pub struct Flood {
+    pub rate: u64,
+    pub size: usize,
+    pub batch: usize,
+}
+
+/// One-way UDP at `flood.rate` datagrams/s for `duration` on one flow: client to server
+/// (`upload`) or back. The sender paces with a token bucket and never blocks: a send its
+/// own socket has no room for is not made (and `offered` falls short of `due`), one a
+/// local queue drops (ENOBUFS) counts as sent and lost. With `flood.batch` > 1 the
+/// sender waits until a whole batch is due and sends it as one super-datagram (the
+/// kernel takes all of it or none); the receiver is a plain socket either way. Units
+/// are distinct intact datagrams received; duplicates and corrupt ones are errors.
 pub fn udp_flood(
     topo: &Topology,
     ip: IpAddr,
     upload: bool,
-    rate: u64,
+    flood: Flood,
     duration: Duration,
     meter: &Meter,
 ) -> Sample {
+    let Flood { rate, size, batch } = flood;
     let server = join(topo.in_server(move || UdpSocket::bind((ip, 0)).expect("bind udp")));
     let addr = server.local_addr().expect("udp address");
     let client = join(topo.in_client(move || udp_client(addr)));
@@ -654,7 +670,7 @@ pub fn udp_flood(
                 match receiver.recv(&mut buf) {
                     Ok(n) => {
                         last = Instant::now();
-                        match datagram_seq(&buf[..n], 0, FLOOD_SIZE).filter(|&s| s < total) {
+                        match datagram_seq(&buf[..n], 0, size).filter(|&s| s < total) {
                             Some(seq) => {
                                 let (word, bit) = ((seq / 64) as usize, 1_u64 << (seq % 64));
                                 if seen[word] & bit == 0 {
@@ -682,31 +698,41 @@ pub fn udp_flood(
             (good, bad, receiver)
         })
     };
-    let mut datagram = vec![0_u8; FLOOD_SIZE];
+    let mut datagrams = vec![0_u8; size * batch];
     let start = Instant::now();
     meter.start();
     let (mut seq, mut offered, mut errors) = (0_u64, 0_u64, 0_u64);
+    let batch = batch as u64;
     // Bounded in time too: a sender that cannot keep up stops at the end of the run.
     while seq < total && start.elapsed() < duration {
         let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
-        if due <= seq {
+        // A batch leaves whole, except the last, shorter one.
+        if due <= seq || (due < seq + batch && due < total) {
             thread::sleep(Duration::from_micros(50));
             continue;
         }
-        for _ in 0..(due - seq).min(UDP_BURST) {
-            fill_datagram(&mut datagram, 0, seq);
-            let sent =
-                socket2::SockRef::from(&sender).send_with_flags(&datagram, nix::libc::MSG_DONTWAIT);
+        for _ in 0..(due - seq).div_ceil(batch).min(UDP_BURST) {
+            let count = (due - seq).min(batch);
+            let len = count as usize * size;
+            for (i, datagram) in datagrams[..len].chunks_mut(size).enumerate() {
+                fill_datagram(datagram, 0, seq + i as u64);
+            }
+            let sent = if batch > 1 {
+                send_segmented(&sender, &datagrams[..len], size)
+            } else {
+                socket2::SockRef::from(&sender)
+                    .send_with_flags(&datagrams[..len], nix::libc::MSG_DONTWAIT)
+            };
             match sent {
-                Ok(_) => offered += 1,
+                Ok(_) => offered += count,
                 // A queue on the way (the shaper's) was full: the path lost it.
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => offered += 1,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => offered += count,
                 // The sender's own socket was full: not sent.
                 Err(e) if is_timeout(&e) => {}
                 // ECONNREFUSED and the like: the path reported an error.
                 Err(_) => errors += 1,
             }
-            seq += 1;
+            seq += count;
         }
     }
     let elapsed = start.elapsed();
@@ -718,13 +744,35 @@ pub fn udp_flood(
     Sample {
         drops: Some(drops),
         units: good,
-        bytes: good * FLOOD_SIZE as u64,
+        bytes: good * size as u64,
         elapsed,
         offered,
         due: ((elapsed.as_secs_f64() * rate as f64) as u64).min(total),
         errors: errors + bad,
         ..Sample::default()
     }
+}
+
+/// Sends `buf` on connected `socket` without blocking as datagrams of `size` bytes (the
+/// last may be shorter) in one `sendmsg` with a UDP_SEGMENT control message.
+fn send_segmented(socket: &UdpSocket, buf: &[u8], size: usize) -> std::io::Result<usize> {
+    use nix::libc::{SOL_UDP, UDP_SEGMENT, c_int, cmsghdr};
+    let segment = u16::try_from(size).expect("datagram size fits UDP_SEGMENT");
+    // One control message laid out as CMSG_LEN/CMSG_SPACE do on Linux: the header
+    // (length, level, type), then the u16, padded to the header's alignment.
+    const HEADER: usize = size_of::<cmsghdr>();
+    let mut control = [0_u8; HEADER + size_of::<usize>()];
+    let len = HEADER + size_of::<u16>();
+    control[..size_of::<usize>()].copy_from_slice(&len.to_ne_bytes());
+    let level = size_of::<usize>();
+    control[level..level + 4].copy_from_slice(&(SOL_UDP as c_int).to_ne_bytes());
+    control[level + 4..level + 8].copy_from_slice(&(UDP_SEGMENT as c_int).to_ne_bytes());
+    control[HEADER..HEADER + 2].copy_from_slice(&segment.to_ne_bytes());
+    let iov = [std::io::IoSlice::new(buf)];
+    let msg = socket2::MsgHdr::new()
+        .with_buffers(&iov)
+        .with_control(&control);
+    socket2::SockRef::from(socket).sendmsg(&msg, nix::libc::MSG_DONTWAIT)
 }
 
 /// What the kernel counted as dropped at the end of a flood, by place. The proxy and

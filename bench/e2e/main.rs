@@ -69,6 +69,10 @@ struct Args {
     /// (default 500)
     #[argh(option, default = "500")]
     stalled: usize,
+    /// udp-up and udp-down senders use UDP GSO as QUIC stacks do: 1,350-byte datagrams,
+    /// 44 to a sendmsg with a UDP_SEGMENT control message (receivers stay plain)
+    #[argh(switch)]
+    udp_gso: bool,
     /// run against the server's IPv6 address instead of its IPv4 one
     #[argh(switch)]
     ipv6: bool,
@@ -197,8 +201,8 @@ impl Scenario {
             Scenario::Rr8x1k => load::request_response(topo, ip, 8, 1024, d, meter),
             Scenario::Crr => load::connect_request_response(topo, ip, d, meter),
             Scenario::UdpEcho => load::udp_echo(topo, ip, settings.udp_rate, d, meter),
-            Scenario::UdpUp => load::udp_flood(topo, ip, true, settings.flood_rate, d, meter),
-            Scenario::UdpDown => load::udp_flood(topo, ip, false, settings.flood_rate, d, meter),
+            Scenario::UdpUp => load::udp_flood(topo, ip, true, settings.flood, d, meter),
+            Scenario::UdpDown => load::udp_flood(topo, ip, false, settings.flood, d, meter),
         }
     }
 }
@@ -269,8 +273,8 @@ fn start_microsocks(topo: &Topology, server: IpAddr) -> Result<Child, String> {
 struct Settings {
     duration: Duration,
     udp_rate: u64,
-    /// udp-up and udp-down, datagrams/s.
-    flood_rate: u64,
+    /// What udp-up and udp-down send.
+    flood: load::Flood,
     idle_window: Duration,
     after_load_wait: Duration,
     idle_tcp: [usize; 2],
@@ -758,14 +762,22 @@ fn main() {
     // Bytes each datagram takes on the wire, which is what the shaper counts: payload,
     // UDP, IP and Ethernet headers.
     let ip_header = if args.ipv6 { 40 } else { 20 };
-    let wire_bytes = (load::FLOOD_SIZE + 8 + ip_header + 14) as f64;
-    let flood_rate =
-        (line_rate * args.udp_load.clamp(1.0, 1000.0) / 100.0 / 8.0 / wire_bytes) as u64;
+    let (flood_size, flood_batch) = if args.udp_gso {
+        (load::GSO_FLOOD_SIZE, load::GSO_BATCH)
+    } else {
+        (load::FLOOD_SIZE, 1)
+    };
+    let wire_bytes = (flood_size + 8 + ip_header + 14) as f64;
+    let flood = load::Flood {
+        rate: (line_rate * args.udp_load.clamp(1.0, 1000.0) / 100.0 / 8.0 / wire_bytes) as u64,
+        size: flood_size,
+        batch: flood_batch,
+    };
     let settings = if args.smoke {
         Settings {
             duration: Duration::from_millis(300),
             udp_rate: args.udp_rate.min(5_000),
-            flood_rate,
+            flood,
             idle_window: Duration::from_secs(1),
             after_load_wait: Duration::from_secs(1),
             idle_tcp: [20, 100],
@@ -777,7 +789,7 @@ fn main() {
         Settings {
             duration: Duration::from_secs_f64(args.seconds),
             udp_rate: args.udp_rate,
-            flood_rate,
+            flood,
             idle_window: Duration::from_secs(20),
             // The proxy gives its pools' free pages back after 5 s without traffic:
             // measured well after that.
@@ -927,7 +939,9 @@ fn main() {
         seconds: settings.duration.as_secs_f64(),
         rounds,
         udp_rate: settings.udp_rate,
-        flood_rate: settings.flood_rate,
+        flood_rate: settings.flood.rate,
+        flood_size: settings.flood.size,
+        flood_batch: settings.flood.batch,
         flood_wire_bytes: wire_bytes as u64,
         line_rate: line_rate as u64,
         shaping: shaping.as_ref().map(|s| (s.name.clone(), s.tbf())),

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::load::{Drops, FLOOD_SIZE, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
+use crate::load::{Drops, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
 use crate::{Measured, Resources, Run, Scenario, Variant};
 
 pub struct Context {
@@ -16,6 +16,10 @@ pub struct Context {
     /// udp-up and udp-down: datagrams/s offered, and bytes each takes on the wire.
     pub flood_rate: u64,
     pub flood_wire_bytes: u64,
+    /// udp-up and udp-down: payload of each datagram, and datagrams per send (1
+    /// without `--udp-gso`).
+    pub flood_size: usize,
+    pub flood_batch: usize,
     /// Bits/s the flood's load is a share of: `--rate`, or 1 Gbit/s.
     pub line_rate: u64,
     /// `--rate` as given, and the qdisc put on both veth ends.
@@ -222,7 +226,8 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
     match outcome {
         Err(e) => format!("failed: {e}"),
         Ok(m) => {
-            let mut text = format_value(scenario, scenario.value(&m.sample));
+            let size = m.sample.bytes.checked_div(m.sample.units).unwrap_or(0);
+            let mut text = format_value(scenario, scenario.value(&m.sample), size as usize);
             if let Some(pct) = answered_pct(scenario, &m.sample) {
                 let _ = write!(text, " ({pct:.1}% answered)");
             }
@@ -245,11 +250,12 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
     }
 }
 
-fn format_value(scenario: Scenario, value: f64) -> String {
+/// `flood_size`: payload bytes of each udp-up/udp-down datagram.
+fn format_value(scenario: Scenario, value: f64, flood_size: usize) -> String {
     if scenario.is_bulk() {
         format!("{value:.2} Gbit/s")
     } else if scenario.is_flood() {
-        let gbit = value * FLOOD_SIZE as f64 * 8.0 / 1e9;
+        let gbit = value * flood_size as f64 * 8.0 / 1e9;
         format!(
             "{} {} ({gbit:.2} Gbit/s)",
             thousands(value),
@@ -332,12 +338,21 @@ pub fn markdown(
     };
     let _ = writeln!(
         md,
-        "udp-up and udp-down send {} datagrams/s of {FLOOD_SIZE} bytes ({} bytes on the wire, \
-         {:.0}% of {line_rate}) on one flow; lost = sent but not received intact.\n",
+        "udp-up and udp-down send {} datagrams/s of {} bytes ({} bytes on the wire, \
+         {:.0}% of {line_rate}) on one flow, {}; lost = sent but not received intact.\n",
         thousands(context.flood_rate as f64),
+        context.flood_size,
         context.flood_wire_bytes,
         (context.flood_rate * context.flood_wire_bytes * 8) as f64 / context.line_rate as f64
             * 100.0,
+        if context.flood_batch > 1 {
+            format!(
+                "{} per send with UDP_SEGMENT (`--udp-gso`)",
+                context.flood_batch
+            )
+        } else {
+            "one per send".to_string()
+        },
     );
     for variant in variants {
         if let Some(command) = &variant.command {
@@ -357,9 +372,10 @@ pub fn markdown(
                 // Not run: UDP does not go through that path.
                 continue;
             }
-            let mut result = cell
-                .value
-                .map_or_else(|| "failed".into(), |v| format_value(*scenario, v));
+            let mut result = cell.value.map_or_else(
+                || "failed".into(),
+                |v| format_value(*scenario, v, context.flood_size),
+            );
             if let Some(pct) = cell.answered_pct {
                 let _ = write!(result, " ({pct:.1}% answered)");
             }
@@ -587,7 +603,7 @@ pub fn json(
     let mut out = String::from("{\n");
     let _ = writeln!(
         out,
-        r#""machine":{},"unix_time":{},"command":{},"seconds_per_run":{},"rounds":{},"udp_rate":{},"flood_rate":{},"flood_size":{FLOOD_SIZE},"flood_wire_bytes":{},"rate":{},"qdisc":{},"family":{},"smoke":{},"#,
+        r#""machine":{},"unix_time":{},"command":{},"seconds_per_run":{},"rounds":{},"udp_rate":{},"flood_rate":{},"flood_size":{},"flood_batch":{},"flood_wire_bytes":{},"rate":{},"qdisc":{},"family":{},"smoke":{},"#,
         json_str(&context.machine),
         context.unix_time,
         json_str(&context.command),
@@ -595,6 +611,8 @@ pub fn json(
         context.rounds,
         context.udp_rate,
         context.flood_rate,
+        context.flood_size,
+        context.flood_batch,
         context.flood_wire_bytes,
         context
             .shaping
@@ -848,10 +866,16 @@ pub fn charts(
             value: cell.ratio.unwrap_or(0.0),
             label: match (cell.value, cell.ratio) {
                 (Some(value), Some(ratio)) => {
-                    format!("{} ({ratio:.2})", format_value(scenario, value))
+                    format!(
+                        "{} ({ratio:.2})",
+                        format_value(scenario, value, context.flood_size)
+                    )
                 }
                 (Some(value), None) => {
-                    format!("{} (no direct baseline)", format_value(scenario, value))
+                    format!(
+                        "{} (no direct baseline)",
+                        format_value(scenario, value, context.flood_size)
+                    )
                 }
                 (None, _) => "failed".into(),
             },
