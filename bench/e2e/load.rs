@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt};
 
-use crate::common::{Topology, is_timeout, join};
+use crate::common::{is_timeout, join};
+use crate::peer::Ends;
 use crate::procfs;
 
 /// Write/read size of bulk streams.
@@ -163,7 +164,7 @@ impl Meter {
 
 /// A listener on a free port of `ip` in the server namespace. Every run gets its own
 /// port, so nothing left of an earlier run can be in the way.
-fn listen(topo: &Topology, ip: IpAddr) -> (TcpListener, SocketAddr) {
+fn listen(topo: &Ends, ip: IpAddr) -> (TcpListener, SocketAddr) {
     let listener = join(topo.in_server(move || {
         TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"))
     }));
@@ -175,7 +176,7 @@ fn listen(topo: &Topology, ip: IpAddr) -> (TcpListener, SocketAddr) {
 }
 
 /// Connects from the client namespace; the socket stays there whatever thread uses it.
-fn connect_from_client(topo: &Topology, addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+fn connect_from_client(topo: &Ends, addr: SocketAddr, count: usize) -> Vec<TcpStream> {
     join(topo.in_client(move || {
         (0..count)
             .map(|i| {
@@ -211,7 +212,7 @@ fn accept_all(listener: TcpListener, count: usize) -> thread::JoinHandle<Vec<Tcp
 
 /// `count` connections from the client to the server namespace: (client ends, server
 /// ends).
-fn connection_pairs(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+fn connection_pairs(topo: &Ends, ip: IpAddr, count: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
     let (listener, addr) = listen(topo, ip);
     let acceptor = accept_all(listener, count);
     let clients = connect_from_client(topo, addr, count);
@@ -222,7 +223,7 @@ fn connection_pairs(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<TcpStream
 /// or server to client. Units are bytes, counted by the receiving side; a stream that
 /// fails or stalls before the end counts as an error.
 pub fn bulk(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     streams: usize,
     upload: bool,
@@ -323,7 +324,7 @@ pub fn bulk(
 /// Request/response of `size` bytes each way on `conns` connections for `duration`.
 /// Units are transactions; every response must equal its request.
 pub fn request_response(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     conns: usize,
     size: usize,
@@ -393,7 +394,7 @@ pub fn request_response(
 /// server closes first, as an HTTP/1.0 server would, so client ports do not pile up in
 /// TIME-WAIT. Units are connections.
 pub fn connect_request_response(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     duration: Duration,
     meter: &Meter,
@@ -470,7 +471,7 @@ pub fn answer_one_byte(stream: &mut TcpStream) {
 
 /// A UDP socket in the server namespace that echoes every datagram until `stop`.
 fn udp_echo_server(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     stop: &Arc<AtomicBool>,
 ) -> (SocketAddr, thread::JoinHandle<()>) {
@@ -499,13 +500,7 @@ fn udp_client(addr: SocketAddr) -> UdpSocket {
 /// UDP echo: `UDP_ECHO_FLOWS` client sockets offer `rate` datagrams/s of
 /// `UDP_ECHO_SIZE` bytes in total for `duration`. Units are datagrams echoed back
 /// intact; `offered` counts those the client's kernel accepted.
-pub fn udp_echo(
-    topo: &Topology,
-    ip: IpAddr,
-    rate: u64,
-    duration: Duration,
-    meter: &Meter,
-) -> Sample {
+pub fn udp_echo(topo: &Ends, ip: IpAddr, rate: u64, duration: Duration, meter: &Meter) -> Sample {
     let (flows, size) = (UDP_ECHO_FLOWS, UDP_ECHO_SIZE);
     let stop = Arc::new(AtomicBool::new(false));
     let (addr, echo) = udp_echo_server(topo, ip, &stop);
@@ -610,7 +605,7 @@ pub struct Flood {
 /// kernel takes all of it or none); the receiver is a plain socket either way. Units
 /// are distinct intact datagrams received; duplicates and corrupt ones are errors.
 pub fn udp_flood(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     upload: bool,
     flood: Flood,
@@ -777,11 +772,13 @@ fn send_segmented(socket: &UdpSocket, buf: &[u8], size: usize) -> std::io::Resul
 
 /// What the kernel counted as dropped at the end of a flood, by place. The proxy and
 /// its TUN are new for each run, so their counters are the run's.
-fn flood_drops(topo: &Topology, upload: bool, receiver: u64, proxy: Option<u32>) -> Drops {
+fn flood_drops(topo: &Ends, upload: bool, receiver: u64, proxy: Option<u32>) -> Drops {
     let proxy_inodes = proxy.map(procfs::socket_inodes).unwrap_or_default();
     let tun = topo.tun_name().to_string();
     let (client, tun_queue) =
         join(topo.in_client(move || (procfs::sockets("udp"), procfs::tx_drops(&tun))));
+    // A peer's sockets are not in its clients' namespace.
+    let proxy_side = join(topo.in_proxy_ns(|| procfs::sockets("udp")));
     let server = join(topo.in_server(|| procfs::sockets("udp")));
     let receiving_side = if upload { &server } else { &client };
     Drops {
@@ -791,7 +788,7 @@ fn flood_drops(topo: &Topology, upload: bool, receiver: u64, proxy: Option<u32>)
             .map(|row| row.drops)
             .sum(),
         proxy_sockets: proxy.map(|_| {
-            client
+            proxy_side
                 .iter()
                 .filter(|row| proxy_inodes.contains(&row.inode))
                 .map(|row| row.drops)
@@ -834,7 +831,7 @@ fn nanos(d: Duration) -> u32 {
 /// never accepts: idle flows through the proxy that hold no fd on the server side (this
 /// process could not hold both ends of 10,000 flows within its fd limit). The server
 /// namespace's somaxconn must allow the backlog. Dropping both results closes them.
-pub fn idle_tcp(topo: &Topology, ip: IpAddr, count: usize) -> (TcpListener, Vec<TcpStream>) {
+pub fn idle_tcp(topo: &Ends, ip: IpAddr, count: usize) -> (TcpListener, Vec<TcpStream>) {
     let listener = join(topo.in_server(move || {
         let addr = SocketAddr::new(ip, 0);
         let socket = socket2::Socket::new(
@@ -855,7 +852,7 @@ pub fn idle_tcp(topo: &Topology, ip: IpAddr, count: usize) -> (TcpListener, Vec<
 
 /// `count` UDP flows, each one datagram echoed; returns the sockets (holding the flows
 /// open in the proxy until dropped) and how many were answered.
-pub fn udp_flows(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<UdpSocket>, u64) {
+pub fn udp_flows(topo: &Ends, ip: IpAddr, count: usize) -> (Vec<UdpSocket>, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let (addr, echo) = udp_echo_server(topo, ip, &stop);
     let (sockets, answered) = join(topo.in_client(move || {
@@ -907,7 +904,7 @@ pub struct Stalled {
 /// it fills). Bounded by `duration` however the path behaves: the servers write without
 /// blocking.
 pub fn stalled_downloads(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     count: usize,
     duration: Duration,

@@ -9,6 +9,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod load;
+mod peer;
 mod procfs;
 mod report;
 mod shape;
@@ -29,6 +30,7 @@ use nix::unistd::Pid;
 
 use common::{PROXY_BIN, ROUTE_TABLE, Topology, wait_until};
 use load::{Meter, Sample};
+use peer::Ends;
 use shape::Shaping;
 
 /// The server port that answers start-up probes (one byte echoed, then closed).
@@ -50,6 +52,11 @@ struct Args {
     /// checkout's binary (repeatable)
     #[argh(option)]
     compare: Vec<String>,
+    /// a user-space stack that is no TUN proxy to run through the same scenarios:
+    /// `pasta` or `slirp4netns`; it serves a child namespace of the client namespace
+    /// through its own tap device, and the clients run there (repeatable)
+    #[argh(option)]
+    peer: Vec<String>,
     /// comma-separated scenarios to run (default: all)
     #[argh(option)]
     only: Option<String>,
@@ -188,7 +195,7 @@ impl Scenario {
         }
     }
 
-    fn run(self, topo: &Topology, ip: IpAddr, settings: &Settings, meter: &Meter) -> Sample {
+    fn run(self, topo: &Ends, ip: IpAddr, settings: &Settings, meter: &Meter) -> Sample {
         let d = settings.duration;
         match self {
             Scenario::TcpUp1 => load::bulk(topo, ip, 1, true, d, meter),
@@ -218,6 +225,9 @@ pub struct Variant {
     /// Another process on the path whose CPU time is counted with the proxy's (the
     /// SOCKS5 server of an --upstream run).
     pub helper: Option<u32>,
+    /// A peer that is no TUN proxy (`--peer`): it runs `command` to serve a child
+    /// namespace its clients run in.
+    pub peer: Option<peer::Kind>,
 }
 
 impl Variant {
@@ -227,6 +237,7 @@ impl Variant {
             command: command.map(str::to_string),
             udp: true,
             helper: None,
+            peer: None,
         }
     }
 }
@@ -595,21 +606,37 @@ fn measure(
     settings: &Settings,
     log: &File,
 ) -> Result<Measured, String> {
-    let mut proxy = match &variant.command {
-        Some(command) => Some(Running::start(topo, command, server, log)?),
-        None => None,
+    let (mut proxy, mut peer) = (None, None);
+    let ends = match (variant.peer, &variant.command) {
+        (Some(kind), _) => {
+            let running = peer::Running::start(topo, kind, server, log)?;
+            let ends = running.ends(topo);
+            peer = Some(running);
+            ends
+        }
+        (None, Some(command)) => {
+            proxy = Some(Running::start(topo, command, server, log)?);
+            Ends::of(topo)
+        }
+        (None, None) => Ends::of(topo),
     };
-    let pid = proxy.as_ref().map(Running::pid);
+    let pid = proxy
+        .as_ref()
+        .map(Running::pid)
+        .or(peer.as_ref().map(peer::Running::pid));
     if let Some(pid) = pid {
         procfs::reset_peak_rss(pid);
     }
     let meter = Meter::new(pid).with(variant.helper);
     let sample = panic::catch_unwind(AssertUnwindSafe(|| {
-        scenario.run(topo, server, settings, &meter)
+        scenario.run(&ends, server, settings, &meter)
     }))
     .map_err(|e| panic_message(&e))?;
     if let Some(proxy) = &mut proxy {
         proxy.still_in_path()?;
+    }
+    if let Some(peer) = &mut peer {
+        peer.still_running()?;
     }
     Ok(Measured {
         sample,
@@ -651,6 +678,7 @@ fn resources(
     };
     let pid = proxy.pid();
     figures.startup = Some(proxy.startup);
+    let ends = Ends::of(topo);
     thread::sleep(Duration::from_secs(1));
     figures.idle_rss_kib = procfs::rss_kib(pid);
     let before = procfs::context_switches(pid);
@@ -662,7 +690,7 @@ fn resources(
         let mut held = Vec::new();
         let mut open = 0;
         for (count, rss) in &mut figures.tcp_flows_rss {
-            held.push(load::idle_tcp(topo, server, *count - open));
+            held.push(load::idle_tcp(&ends, server, *count - open));
             open = *count;
             thread::sleep(Duration::from_millis(500));
             *rss = procfs::rss_kib(pid);
@@ -672,7 +700,7 @@ fn resources(
         procfs::reset_peak_rss(pid);
         let meter = Meter::new(None);
         for upload in [true, false] {
-            let sample = load::bulk(topo, server, 8, upload, settings.duration, &meter);
+            let sample = load::bulk(&ends, server, 8, upload, settings.duration, &meter);
             assert!(
                 sample.bytes > 0 && sample.errors == 0,
                 "8-stream load (upload {upload}): {} bytes, {} errors",
@@ -684,7 +712,7 @@ fn resources(
         thread::sleep(settings.after_load_wait);
         figures.after_load_rss_kib = procfs::rss_kib(pid);
 
-        let (sockets, answered) = load::udp_flows(topo, server, settings.udp_flows);
+        let (sockets, answered) = load::udp_flows(&ends, server, settings.udp_flows);
         thread::sleep(Duration::from_millis(500));
         figures.udp_answered = answered;
         figures.udp_flows_rss_kib = procfs::rss_kib(pid);
@@ -698,14 +726,14 @@ fn resources(
 
         // Last: whatever the stalled flows leave behind cannot distort the figures above.
         let bulk_gbps = || {
-            let sample = load::bulk(topo, server, 1, false, settings.duration, &meter);
+            let sample = load::bulk(&ends, server, 1, false, settings.duration, &meter);
             (sample.errors == 0 && sample.bytes > 0)
                 .then(|| sample.bytes as f64 * 8.0 / sample.elapsed.as_secs_f64() / 1e9)
         };
         figures.bulk_alone_gbps = bulk_gbps();
         let mut samples = Vec::new();
         let stalled = load::stalled_downloads(
-            topo,
+            &ends,
             server,
             settings.stalled_flows,
             settings.stalled_window,
@@ -815,6 +843,27 @@ fn main() {
             Some("env URINGPROXY_MAX_URING=6.1 {uringproxy} -i {iface} --tun {tun}"),
         ),
     ];
+    for name in &args.peer {
+        let kind = peer::Kind::parse(name).unwrap_or_else(|e| {
+            eprintln!("e2e: --peer: {e}");
+            std::process::exit(2)
+        });
+        if !kind.installed() {
+            eprintln!("e2e: --peer {name}: not installed (Debian: passt, slirp4netns)");
+            std::process::exit(2);
+        }
+        if args.ipv6 {
+            eprintln!("e2e: --peer {name}: IPv4 only (the child namespace gets 10.0.2.100)");
+            continue;
+        }
+        variants.push(Variant {
+            peer: Some(kind),
+            ..Variant::new(
+                &format!("{name} (own namespace, tap)"),
+                Some(kind.command()),
+            )
+        });
+    }
     for (i, command) in args.compare.iter().enumerate() {
         let program = command.split_whitespace().next().unwrap_or_default();
         let name = program.rsplit('/').next().unwrap_or(program);
@@ -917,7 +966,13 @@ fn main() {
     let mut figures = Vec::new();
     if !args.no_resources {
         for (v, variant) in variants.iter().enumerate() {
-            let Some(command) = variant.command.as_ref().filter(|_| variant.udp) else {
+            // A peer's clients live in a namespace of its own: the resource figures
+            // (which measure from the client namespace) are for TUN proxies.
+            let Some(command) = variant
+                .command
+                .as_ref()
+                .filter(|_| variant.udp && variant.peer.is_none())
+            else {
                 continue;
             };
             eprintln!("resources of {}...", variant.label);
