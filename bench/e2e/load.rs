@@ -105,17 +105,34 @@ impl Sample {
 }
 
 /// The proxy's CPU time between the start of a run's load and its end (set-up excluded),
-/// with the wall time it was measured over.
+/// with the wall time it was measured over, and how the proxy got there: its wake-ups
+/// and the packets it wrote to and read from its device (TUN or tap).
 #[derive(Clone)]
 pub struct Meter {
     pid: Option<u32>,
     /// Another process whose CPU time is counted with the proxy's.
     helper: Option<u32>,
-    /// (when, CPU seconds so far) at start and at stop.
-    samples: Arc<Mutex<[Option<CpuSample>; 2]>>,
+    /// The namespace and name of the device the proxy's clients send through.
+    device: Option<(String, String)>,
+    /// At start and at stop.
+    samples: Arc<Mutex<[Option<MeterSample>; 2]>>,
 }
 
-type CpuSample = (Instant, f64);
+#[derive(Clone, Copy)]
+struct MeterSample {
+    at: Instant,
+    cpu_seconds: f64,
+    switches: u64,
+    device: Option<procfs::DeviceCounters>,
+}
+
+/// What the proxy did over a run beside using CPU: wake-ups (context switches of its
+/// threads) and its device's counters (the device receives what the proxy writes).
+#[derive(Clone, Copy, Debug)]
+pub struct Activity {
+    pub wakeups: u64,
+    pub device: Option<procfs::DeviceCounters>,
+}
 
 impl Meter {
     /// Meters process `pid`; with None (the direct path) it measures nothing.
@@ -123,6 +140,7 @@ impl Meter {
         Meter {
             pid,
             helper: None,
+            device: None,
             samples: Arc::new(Mutex::new([None, None])),
         }
     }
@@ -132,13 +150,32 @@ impl Meter {
         Meter { helper, ..self }
     }
 
+    /// Also reads the counters of device `dev` in namespace `ns`.
+    pub fn with_device(self, ns: &str, dev: &str) -> Meter {
+        Meter {
+            device: Some((ns.into(), dev.into())),
+            ..self
+        }
+    }
+
     fn sample(&self, which: usize) {
         let helper = self.helper.map_or(Some(0.0), procfs::cpu_seconds);
+        let device = self.device.clone().and_then(|(ns, dev)| {
+            crate::common::in_netns(&ns, move || procfs::device_counters(&dev))
+                .join()
+                .ok()
+                .flatten()
+        });
         let now = self
             .pid
-            .and_then(procfs::cpu_seconds)
+            .and_then(|pid| Some((procfs::cpu_seconds(pid)?, pid)))
             .zip(helper)
-            .map(|(cpu, helper)| (Instant::now(), cpu + helper));
+            .map(|((cpu, pid), helper)| MeterSample {
+                at: Instant::now(),
+                cpu_seconds: cpu + helper,
+                switches: procfs::context_switches(pid).values().sum(),
+                device,
+            });
         self.samples.lock().expect("meter")[which] = now;
     }
 
@@ -157,8 +194,21 @@ impl Meter {
     /// (CPU seconds, wall time) between start and stop.
     pub fn cpu(&self) -> Option<(f64, Duration)> {
         let [start, stop] = *self.samples.lock().expect("meter");
-        let ((t0, c0), (t1, c1)) = (start?, stop?);
-        Some((c1 - c0, t1.saturating_duration_since(t0)))
+        let (start, stop) = (start?, stop?);
+        Some((
+            stop.cpu_seconds - start.cpu_seconds,
+            stop.at.saturating_duration_since(start.at),
+        ))
+    }
+
+    /// Wake-ups and device packets between start and stop.
+    pub fn activity(&self) -> Option<Activity> {
+        let [start, stop] = *self.samples.lock().expect("meter");
+        let (start, stop) = (start?, stop?);
+        Some(Activity {
+            wakeups: stop.switches.saturating_sub(start.switches),
+            device: stop.device.zip(start.device).map(|(b, a)| b.since(&a)),
+        })
     }
 }
 

@@ -57,6 +57,10 @@ struct Args {
     /// through its own tap device, and the clients run there (repeatable)
     #[argh(option)]
     peer: Vec<String>,
+    /// of uringproxy's own paths run only the default one (no --no-offload, single-read
+    /// or --upstream runs): for comparisons with --compare and --peer
+    #[argh(switch)]
+    default_path_only: bool,
     /// comma-separated scenarios to run (default: all)
     #[argh(option)]
     only: Option<String>,
@@ -307,6 +311,8 @@ pub struct Measured {
     /// The proxy's CPU seconds during the run, and the wall time they were measured
     /// over (None on the direct path).
     pub cpu: Option<(f64, Duration)>,
+    /// The proxy's wake-ups and device packets during the run (None on the direct path).
+    pub activity: Option<load::Activity>,
     /// The proxy's peak RSS during the run, KiB.
     pub peak_rss_kib: Option<u64>,
 }
@@ -627,7 +633,10 @@ fn measure(
     if let Some(pid) = pid {
         procfs::reset_peak_rss(pid);
     }
-    let meter = Meter::new(pid).with(variant.helper);
+    let mut meter = Meter::new(pid).with(variant.helper);
+    if pid.is_some() {
+        meter = meter.with_device(&ends.client_ns, ends.tun_name());
+    }
     let sample = panic::catch_unwind(AssertUnwindSafe(|| {
         scenario.run(&ends, server, settings, &meter)
     }))
@@ -641,6 +650,7 @@ fn measure(
     Ok(Measured {
         sample,
         cpu: meter.cpu(),
+        activity: meter.activity(),
         peak_rss_kib: pid.and_then(procfs::peak_rss_kib),
     })
 }
@@ -833,6 +843,8 @@ fn main() {
     let mut variants = vec![
         Variant::new("direct", None),
         Variant::new("uringproxy", Some("{uringproxy} -i {iface} --tun {tun}")),
+    ];
+    let other_paths = [
         Variant::new(
             "uringproxy --no-offload",
             Some("{uringproxy} -i {iface} --tun {tun} --no-offload"),
@@ -843,6 +855,9 @@ fn main() {
             Some("env URINGPROXY_MAX_URING=6.1 {uringproxy} -i {iface} --tun {tun}"),
         ),
     ];
+    if !args.default_path_only {
+        variants.extend(other_paths);
+    }
     for name in &args.peer {
         let kind = peer::Kind::parse(name).unwrap_or_else(|e| {
             eprintln!("e2e: --peer: {e}");
@@ -897,7 +912,12 @@ fn main() {
     serve_probes(&topo, server);
     // Through a SOCKS5 server on the server's host: microsocks relays TCP only (it has
     // no UDP ASSOCIATE), and its CPU is counted with the proxy's.
-    let mut socks = match start_microsocks(&topo, server) {
+    let socks = if args.default_path_only {
+        Err("--default-path-only".to_string())
+    } else {
+        start_microsocks(&topo, server)
+    };
+    let mut socks = match socks {
         Ok(child) => {
             let upstream = SocketAddr::new(server, SOCKS_PORT);
             variants.push(Variant {

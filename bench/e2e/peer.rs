@@ -19,7 +19,7 @@ use crate::{PROBE_PORT, STARTUP_TIMEOUT, cleanup_list, ip_ok, probe_once};
 /// share the client namespace with it; through a peer they live in the child namespace
 /// it serves.
 pub struct Ends {
-    client_ns: String,
+    pub client_ns: String,
     server_ns: String,
     /// Where the proxy's (or peer's) own sockets live.
     proxy_ns: String,

@@ -53,9 +53,33 @@ pub struct Cell {
     pub p50_added_us: Option<f64>,
     /// Kernel drops by place, summed over the rounds (udp-up, udp-down).
     pub drops: Option<Drops>,
+    /// Per MB of payload (bulk scenarios through a proxy or peer): wake-ups, packets
+    /// written to the device (TUN or tap), their mean size in bytes, packets read from
+    /// it (on downloads mostly the clients' ACKs).
+    pub per_mb: Option<PerMb>,
     /// Failed operations summed over the runs, and messages of runs that failed.
     pub errors: u64,
     pub failures: Vec<String>,
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct PerMb {
+    pub wakeups: f64,
+    pub writes: f64,
+    pub mean_write: f64,
+    pub reads: f64,
+}
+
+fn per_mb(scenario: Scenario, m: &Measured) -> Option<PerMb> {
+    let mb = m.sample.bytes as f64 / 1e6;
+    let activity = m.activity.filter(|_| scenario.is_bulk() && mb > 0.0)?;
+    let device = activity.device.unwrap_or_default();
+    Some(PerMb {
+        wakeups: activity.wakeups as f64 / mb,
+        writes: device.rx_packets as f64 / mb,
+        mean_write: device.rx_bytes as f64 / (device.rx_packets.max(1)) as f64,
+        reads: device.tx_packets as f64 / mb,
+    })
 }
 
 pub struct Summary {
@@ -192,6 +216,21 @@ pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> 
                                 sum
                             },
                         ),
+                        per_mb: {
+                            let figures: Vec<PerMb> = measured
+                                .iter()
+                                .filter_map(|m| per_mb(scenario, m))
+                                .collect();
+                            let med = |f: fn(&PerMb) -> f64| {
+                                median(&mut figures.iter().map(f).collect::<Vec<_>>())
+                            };
+                            (!figures.is_empty()).then(|| PerMb {
+                                wakeups: med(|p| p.wakeups).unwrap_or(0.0),
+                                writes: med(|p| p.writes).unwrap_or(0.0),
+                                mean_write: med(|p| p.mean_write).unwrap_or(0.0),
+                                reads: med(|p| p.reads).unwrap_or(0.0),
+                            })
+                        },
                         errors: measured.iter().map(|m| m.sample.errors).sum(),
                         failures: of_cell()
                             .filter_map(|r| r.outcome.as_ref().err().cloned())
@@ -427,6 +466,36 @@ pub fn markdown(
                 },
             );
         }
+    }
+    let per_mb_rows: Vec<String> = summary
+        .scenarios
+        .iter()
+        .zip(&summary.cells)
+        .flat_map(|(scenario, row)| {
+            row.iter().zip(variants).filter_map(move |(cell, variant)| {
+                let p = cell.per_mb?;
+                Some(format!(
+                    "| {} | {} | {:.1} | {:.1} | {} | {:.1} |\n",
+                    scenario.name(),
+                    variant.label,
+                    p.wakeups,
+                    p.writes,
+                    thousands(p.mean_write),
+                    p.reads
+                ))
+            })
+        })
+        .collect();
+    if !per_mb_rows.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nPer MB of payload (medians): the proxy's wake-ups (context switches), packets \
+             it wrote to its device (TUN or tap) and their mean size, packets it read from \
+             it (on downloads mostly the clients' ACKs).\n\n\
+             | scenario | path | wake-ups/MB | device writes/MB | mean write (B) | device reads/MB |\n\
+             |---|---|--:|--:|--:|--:|"
+        );
+        md.extend(per_mb_rows);
     }
     if resources.is_empty() {
         return md;
@@ -668,7 +737,7 @@ pub fn json(
     for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
         for (variant, cell) in variants.iter().zip(row) {
             summary_items.push(format!(
-                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"drops":{},"errors":{},"failed_runs":{}}}"#,
+                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"per_mb":{},"drops":{},"errors":{},"failed_runs":{}}}"#,
                 json_str(scenario.name()),
                 json_str(&variant.label),
                 json_num(cell.value),
@@ -683,6 +752,13 @@ pub fn json(
                 json_num(cell.loss_pct),
                 json_num(cell.sent_pct),
                 json_num(cell.p50_added_us),
+                cell.per_mb.map_or_else(
+                    || "null".to_string(),
+                    |p| format!(
+                        r#"{{"wakeups":{:.2},"device_writes":{:.2},"mean_write_bytes":{:.0},"device_reads":{:.2}}}"#,
+                        p.wakeups, p.writes, p.mean_write, p.reads
+                    )
+                ),
                 json_drops(cell.drops.as_ref()),
                 cell.errors,
                 cell.failures.len(),
