@@ -11,6 +11,7 @@ mod provided;
 mod reap;
 mod submit;
 pub mod token;
+pub mod wait;
 
 use std::collections::VecDeque;
 use std::io;
