@@ -36,6 +36,8 @@ use shape::Shaping;
 /// The server port that answers start-up probes (one byte echoed, then closed).
 const PROBE_PORT: u16 = 5000;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where proxies put their control sockets by default.
+const CONTROL_DIR: &str = "/run/uringproxy";
 
 /// End-to-end benchmark of uringproxy against the direct path (run as root).
 #[derive(FromArgs)]
@@ -431,9 +433,15 @@ impl Running {
             // Registered under the lock it was spawned under, so an interrupt cannot
             // come between and leave it running.
             let mut cleanup = cleanup_list();
+            // `ip netns exec` runs the command in a mount namespace of its own: a tmpfs
+            // there keeps the proxy's default control socket (/run/uringproxy/TUN.sock)
+            // apart from those of other benchmarks and tests using the same TUN name.
             let child = Command::new("ip")
                 .args(["netns", "exec", topo.client_ns(), "sh", "-c"])
-                .arg(format!("exec {command}"))
+                .arg(format!(
+                    "mkdir -p {CONTROL_DIR} && mount -t tmpfs e2e-bench {CONTROL_DIR} && \
+                     exec {command}"
+                ))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(|e| e.to_string())?)
                 .stderr(log.try_clone().map_err(|e| e.to_string())?)
