@@ -675,7 +675,7 @@ impl Harness {
                 assert!(flow.into_region().is_some(), "its memory is still held");
                 self.next = Next::default();
             }
-            Action::UserTimeout(_) | Action::Linger0 | Action::RecvLowat(_) => {}
+            Action::UserTimeout(_) | Action::Linger0 => {}
             Action::Discard(range) => {
                 // Never pages an operation in flight reads or writes.
                 assert!(range.end <= size, "discard {range:?}");

@@ -528,10 +528,6 @@ fn execute(
             Action::Linger0 => {
                 let _ = socket.set_linger(Some(Duration::ZERO));
             }
-            // Only a cost if it fails: receives complete per packet rather than batch.
-            Action::RecvLowat(bytes) => {
-                let _ = crate::sys::set_recv_lowat(socket.as_fd(), bytes);
-            }
             Action::Cancel => ring.cancel_fd(socket.as_fd()),
             Action::Close => {
                 if let Some(socket) = entry.socket.take() {

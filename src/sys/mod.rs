@@ -67,24 +67,6 @@ pub fn socket_drops(fd: BorrowedFd) -> io::Result<u32> {
     Ok(info[drops])
 }
 
-/// SO_RCVLOWAT of TCP socket `fd`: the kernel completes a pending receive (wakes a
-/// reader) only once this many bytes are queued, or the window is nearly closed, or the
-/// peer finished; lowering it wakes a receive that now has enough at once.
-pub fn set_recv_lowat(fd: BorrowedFd, bytes: u32) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `value` outlives the call, and its size is what is passed.
-    syscall!(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const value).cast(),
-            std::mem::size_of_val(&value) as libc::socklen_t,
-        )
-    })?;
-    Ok(())
-}
-
 /// Index of a network interface by name, or `None` if it does not exist.
 pub fn interface_index(name: &str) -> Option<u32> {
     let c_name = CString::new(name).ok()?;

@@ -111,13 +111,6 @@ impl Flow {
                     .map(|at| at.max(now + smoltcp::time::Duration::from_millis(1)));
             }
         }
-        let open = self.relay.phase() == Phase::Open;
-        if let Some(mark) = self.batching.poll(now, open) {
-            actions.push(Action::RecvLowat(mark));
-        }
-        if let Some(at) = self.batching.deadline() {
-            next.deadline = Some(next.deadline.map_or(at, |d| d.min(at)));
-        }
         next
     }
 

@@ -25,7 +25,6 @@
 //! the next call.
 
 pub mod admission;
-mod batching;
 mod lifecycle;
 mod memory;
 pub mod relay;
@@ -87,9 +86,6 @@ pub enum Action {
     Cancel,
     /// Close the outbound socket.
     Close,
-    /// SO_RCVLOWAT: the kernel completes a receive once this many bytes are queued
-    /// (receive batching of downloads, see `batching`).
-    RecvLowat(u32),
     /// These bytes of the flow's region hold nothing: their pages may go back to the
     /// kernel (madvise), whatever is in flight elsewhere in the region.
     Discard(Range<usize>),
@@ -204,8 +200,6 @@ pub struct Flow {
     starved: bool,
     /// Still counted as connecting by admission control.
     half_open: bool,
-    /// Whether the outbound socket's receives wait for a batch of bytes.
-    batching: batching::Batching,
 }
 
 impl Flow {
@@ -276,7 +270,6 @@ impl Flow {
             time_wait_since: None,
             starved: false,
             half_open: true,
-            batching: batching::Batching::default(),
         }
     }
 
@@ -386,7 +379,6 @@ impl Flow {
             self.settle_handshake();
             return 0;
         }
-        self.batching.on_received(*result.as_ref().unwrap_or(&0));
         let relay = &mut self.relay;
         let before = relay.committed();
         self.memory

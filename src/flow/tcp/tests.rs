@@ -487,8 +487,6 @@ impl Harness {
                 self.freed = Some(failure);
             }
             Action::UserTimeout(_) | Action::Linger0 => self.lifecycle.push(action),
-            // Only when the kernel completes a receive; this one completes them at once.
-            Action::RecvLowat(_) => {}
             Action::Discard(range) => {
                 // Never pages an operation in flight reads or writes.
                 for busy in [&self.stalled_send, &self.pending_recv]
