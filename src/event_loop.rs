@@ -81,9 +81,9 @@ impl Proxy {
             self.tun.arm_reads(&mut self.ring);
             self.signals.arm(&mut self.ring);
             self.tun.flush_writes(&mut self.ring, &mut self.stack.tx);
-            let (want, timeout) = self.tcp.wait.plan(self.now(), self.next_timeout());
+            let timeout = self.next_timeout();
             self.ring
-                .submit_and_wait_for(want, timeout)
+                .submit_and_wait(timeout)
                 .map_err(|err| Error::Io("io_uring_enter", err))?;
 
             let mut completions = std::mem::take(&mut self.completions);

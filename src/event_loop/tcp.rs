@@ -18,7 +18,6 @@ use crate::flow::budget::Budget;
 use crate::flow::tcp::admission::{Admission, Limits, Verdict};
 use crate::flow::tcp::{Action, Actions, Failure, Flow, Phase, Settings};
 use crate::flow::{Id, IoError, Table};
-use crate::uring::wait::Wait;
 use crate::uring::{Op, Region, Ring, Slice, Token};
 use crate::wire::FlowKey;
 use crate::wire::icmp::Quote;
@@ -109,8 +108,6 @@ pub struct TcpFlows {
     last_socket_warning: Option<std::time::Instant>,
     /// Flows connecting, open and closing, as of each one's last run.
     phases: [usize; 3],
-    /// How the loop waits while downloads run in bulk (fed their receives).
-    pub wait: Wait,
 }
 
 impl TcpFlows {
@@ -136,7 +133,6 @@ impl TcpFlows {
             spare: Vec::new(),
             last_socket_warning: None,
             phases: [0; 3],
-            wait: Wait::default(),
         }
     }
 
@@ -367,11 +363,6 @@ impl Proxy {
 
     /// An outbound operation of flow `id` completed with `result` (a count or -errno).
     pub(super) fn on_tcp_completion(&mut self, op: Op, id: Id, result: i32) {
-        if op == Op::Recv
-            && let Ok(bytes) = usize::try_from(result)
-        {
-            self.tcp.wait.on_received(self.now(), bytes);
-        }
         let Some(entry) = self.tcp.table.get_mut(id) else {
             return;
         };

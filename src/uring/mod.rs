@@ -11,7 +11,6 @@ mod provided;
 mod reap;
 mod submit;
 pub mod token;
-pub mod wait;
 
 use std::collections::VecDeque;
 use std::io;

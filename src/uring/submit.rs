@@ -226,19 +226,13 @@ impl Ring {
 
     /// Submits everything queued and waits for at least one completion or `timeout`.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        self.submit_and_wait_for(1, timeout)
-    }
-
-    /// Like `submit_and_wait`, waiting for `want` completions (or the timeout).
-    pub fn submit_and_wait_for(&mut self, want: u32, timeout: Option<Duration>) -> io::Result<()> {
         self.flush_backlog();
-        let want = want as usize;
         let result = match timeout {
-            None => self.ring.submit_and_wait(want),
+            None => self.ring.submit_and_wait(1),
             Some(timeout) => {
                 let ts = types::Timespec::from(timeout);
                 let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(want, &args)
+                self.ring.submitter().submit_with_args(1, &args)
             }
         };
         match result {
