@@ -497,23 +497,7 @@ impl Running {
         if !routed {
             return Err(format!("cannot route into {tun}"));
         }
-        let probe = SocketAddr::new(server, PROBE_PORT);
-        // The first tries are short, so a SYN lost while the TUN comes up is retried at
-        // once rather than after the kernel's one-second retransmission timeout; later
-        // ones give a slow proxy more time.
-        let works = common::join(topo.in_client(move || {
-            let mut timeout = Duration::from_millis(50);
-            wait_until(STARTUP_TIMEOUT, || {
-                let ok = probe_once(probe, timeout);
-                timeout = (timeout * 2).min(Duration::from_secs(1));
-                ok
-            })
-        }));
-        if !works {
-            return Err(format!(
-                "no connection through `{command}` in {STARTUP_TIMEOUT:?}"
-            ));
-        }
+        probe_until_works(topo.client_ns(), server, &command)?;
         // A probe that found no route went direct and proves nothing.
         running.still_in_path()?;
         running.startup = start.elapsed();
@@ -564,6 +548,29 @@ fn ip_ok(args: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Waits until a connection from namespace `ns` to the probe server on `server` works
+/// through the path `command` set up. The first tries are short, so a SYN lost while the
+/// path comes up is retried at once rather than after the kernel's one-second
+/// retransmission timeout; later ones give a slow proxy more time.
+fn probe_until_works(ns: &str, server: IpAddr, command: &str) -> Result<(), String> {
+    let probe = SocketAddr::new(server, PROBE_PORT);
+    let works = common::join(common::in_netns(ns, move || {
+        let mut timeout = Duration::from_millis(50);
+        wait_until(STARTUP_TIMEOUT, || {
+            let ok = probe_once(probe, timeout);
+            timeout = (timeout * 2).min(Duration::from_secs(1));
+            ok
+        })
+    }));
+    if works {
+        Ok(())
+    } else {
+        Err(format!(
+            "no connection through `{command}` in {STARTUP_TIMEOUT:?}"
+        ))
+    }
 }
 
 /// One connection to the probe server within `timeout`: one byte there and back.

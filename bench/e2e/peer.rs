@@ -3,7 +3,7 @@
 //! sockets leave from the client namespace. Also where each run's ends live.
 
 use std::fs::File;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
@@ -13,7 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::common::{self, Topology, in_netns, wait_until};
-use crate::{PROBE_PORT, STARTUP_TIMEOUT, cleanup_list, ip_ok, probe_once};
+use crate::{STARTUP_TIMEOUT, cleanup_list, ip_ok, probe_until_works};
 
 /// The namespaces a run's clients and servers live in. Through a TUN proxy the clients
 /// share the client namespace with it; through a peer they live in the child namespace
@@ -183,20 +183,7 @@ impl Running {
                 "`{command}` set up no {TAP} in {STARTUP_TIMEOUT:?}"
             ));
         }
-        let probe = SocketAddr::new(server, PROBE_PORT);
-        let works = common::join(in_netns(&ns, move || {
-            let mut timeout = Duration::from_millis(50);
-            wait_until(STARTUP_TIMEOUT, || {
-                let ok = probe_once(probe, timeout);
-                timeout = (timeout * 2).min(Duration::from_secs(1));
-                ok
-            })
-        }));
-        if !works {
-            return Err(format!(
-                "no connection through `{command}` in {STARTUP_TIMEOUT:?}"
-            ));
-        }
+        probe_until_works(&ns, server, &command)?;
         Ok(running)
     }
 
