@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt};
 
-use crate::common::{Topology, is_timeout, join};
+use crate::common::{is_timeout, join};
+use crate::peer::Ends;
 use crate::procfs;
 
 /// Write/read size of bulk streams.
@@ -35,6 +36,10 @@ pub const UDP_ECHO_FLOWS: usize = 8;
 /// Payload of each udp-up/udp-down datagram: a full-sized one that still fits the
 /// 1500-byte MTU over IPv6 (1448 bytes with headers).
 pub const FLOOD_SIZE: usize = 1400;
+/// With `--udp-gso`: the datagrams QUIC stacks send on Linux, 1,350 bytes, 44 to a
+/// `sendmsg` with a UDP_SEGMENT control message (one 59,400-byte super-datagram).
+pub const GSO_FLOOD_SIZE: usize = 1350;
+pub const GSO_BATCH: usize = 44;
 /// Socket buffers of the flood's sender and receiver (forced past rmem_max/wmem_max):
 /// ~90 ms of 1 Gbit/s at ~2.3 KiB of kernel memory per datagram, so that a receiver
 /// descheduled for a moment on these shared cores is not counted as the path's loss
@@ -100,17 +105,34 @@ impl Sample {
 }
 
 /// The proxy's CPU time between the start of a run's load and its end (set-up excluded),
-/// with the wall time it was measured over.
+/// with the wall time it was measured over, and how the proxy got there: its wake-ups
+/// and the packets it wrote to and read from its device (TUN or tap).
 #[derive(Clone)]
 pub struct Meter {
     pid: Option<u32>,
     /// Another process whose CPU time is counted with the proxy's.
     helper: Option<u32>,
-    /// (when, CPU seconds so far) at start and at stop.
-    samples: Arc<Mutex<[Option<CpuSample>; 2]>>,
+    /// The namespace and name of the device the proxy's clients send through.
+    device: Option<(String, String)>,
+    /// At start and at stop.
+    samples: Arc<Mutex<[Option<MeterSample>; 2]>>,
 }
 
-type CpuSample = (Instant, f64);
+#[derive(Clone, Copy)]
+struct MeterSample {
+    at: Instant,
+    cpu_seconds: f64,
+    switches: u64,
+    device: Option<procfs::DeviceCounters>,
+}
+
+/// What the proxy did over a run beside using CPU: wake-ups (context switches of its
+/// threads) and its device's counters (the device receives what the proxy writes).
+#[derive(Clone, Copy, Debug)]
+pub struct Activity {
+    pub wakeups: u64,
+    pub device: Option<procfs::DeviceCounters>,
+}
 
 impl Meter {
     /// Meters process `pid`; with None (the direct path) it measures nothing.
@@ -118,6 +140,7 @@ impl Meter {
         Meter {
             pid,
             helper: None,
+            device: None,
             samples: Arc::new(Mutex::new([None, None])),
         }
     }
@@ -127,13 +150,32 @@ impl Meter {
         Meter { helper, ..self }
     }
 
+    /// Also reads the counters of device `dev` in namespace `ns`.
+    pub fn with_device(self, ns: &str, dev: &str) -> Meter {
+        Meter {
+            device: Some((ns.into(), dev.into())),
+            ..self
+        }
+    }
+
     fn sample(&self, which: usize) {
         let helper = self.helper.map_or(Some(0.0), procfs::cpu_seconds);
+        let device = self.device.clone().and_then(|(ns, dev)| {
+            crate::common::in_netns(&ns, move || procfs::device_counters(&dev))
+                .join()
+                .ok()
+                .flatten()
+        });
         let now = self
             .pid
-            .and_then(procfs::cpu_seconds)
+            .and_then(|pid| Some((procfs::cpu_seconds(pid)?, pid)))
             .zip(helper)
-            .map(|(cpu, helper)| (Instant::now(), cpu + helper));
+            .map(|((cpu, pid), helper)| MeterSample {
+                at: Instant::now(),
+                cpu_seconds: cpu + helper,
+                switches: procfs::context_switches(pid).values().sum(),
+                device,
+            });
         self.samples.lock().expect("meter")[which] = now;
     }
 
@@ -152,14 +194,27 @@ impl Meter {
     /// (CPU seconds, wall time) between start and stop.
     pub fn cpu(&self) -> Option<(f64, Duration)> {
         let [start, stop] = *self.samples.lock().expect("meter");
-        let ((t0, c0), (t1, c1)) = (start?, stop?);
-        Some((c1 - c0, t1.saturating_duration_since(t0)))
+        let (start, stop) = (start?, stop?);
+        Some((
+            stop.cpu_seconds - start.cpu_seconds,
+            stop.at.saturating_duration_since(start.at),
+        ))
+    }
+
+    /// Wake-ups and device packets between start and stop.
+    pub fn activity(&self) -> Option<Activity> {
+        let [start, stop] = *self.samples.lock().expect("meter");
+        let (start, stop) = (start?, stop?);
+        Some(Activity {
+            wakeups: stop.switches.saturating_sub(start.switches),
+            device: stop.device.zip(start.device).map(|(b, a)| b.since(&a)),
+        })
     }
 }
 
 /// A listener on a free port of `ip` in the server namespace. Every run gets its own
 /// port, so nothing left of an earlier run can be in the way.
-fn listen(topo: &Topology, ip: IpAddr) -> (TcpListener, SocketAddr) {
+fn listen(topo: &Ends, ip: IpAddr) -> (TcpListener, SocketAddr) {
     let listener = join(topo.in_server(move || {
         TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"))
     }));
@@ -171,7 +226,7 @@ fn listen(topo: &Topology, ip: IpAddr) -> (TcpListener, SocketAddr) {
 }
 
 /// Connects from the client namespace; the socket stays there whatever thread uses it.
-fn connect_from_client(topo: &Topology, addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+fn connect_from_client(topo: &Ends, addr: SocketAddr, count: usize) -> Vec<TcpStream> {
     join(topo.in_client(move || {
         (0..count)
             .map(|i| {
@@ -207,7 +262,7 @@ fn accept_all(listener: TcpListener, count: usize) -> thread::JoinHandle<Vec<Tcp
 
 /// `count` connections from the client to the server namespace: (client ends, server
 /// ends).
-fn connection_pairs(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+fn connection_pairs(topo: &Ends, ip: IpAddr, count: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
     let (listener, addr) = listen(topo, ip);
     let acceptor = accept_all(listener, count);
     let clients = connect_from_client(topo, addr, count);
@@ -218,7 +273,7 @@ fn connection_pairs(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<TcpStream
 /// or server to client. Units are bytes, counted by the receiving side; a stream that
 /// fails or stalls before the end counts as an error.
 pub fn bulk(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     streams: usize,
     upload: bool,
@@ -319,7 +374,7 @@ pub fn bulk(
 /// Request/response of `size` bytes each way on `conns` connections for `duration`.
 /// Units are transactions; every response must equal its request.
 pub fn request_response(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     conns: usize,
     size: usize,
@@ -389,7 +444,7 @@ pub fn request_response(
 /// server closes first, as an HTTP/1.0 server would, so client ports do not pile up in
 /// TIME-WAIT. Units are connections.
 pub fn connect_request_response(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     duration: Duration,
     meter: &Meter,
@@ -466,7 +521,7 @@ pub fn answer_one_byte(stream: &mut TcpStream) {
 
 /// A UDP socket in the server namespace that echoes every datagram until `stop`.
 fn udp_echo_server(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     stop: &Arc<AtomicBool>,
 ) -> (SocketAddr, thread::JoinHandle<()>) {
@@ -495,13 +550,7 @@ fn udp_client(addr: SocketAddr) -> UdpSocket {
 /// UDP echo: `UDP_ECHO_FLOWS` client sockets offer `rate` datagrams/s of
 /// `UDP_ECHO_SIZE` bytes in total for `duration`. Units are datagrams echoed back
 /// intact; `offered` counts those the client's kernel accepted.
-pub fn udp_echo(
-    topo: &Topology,
-    ip: IpAddr,
-    rate: u64,
-    duration: Duration,
-    meter: &Meter,
-) -> Sample {
+pub fn udp_echo(topo: &Ends, ip: IpAddr, rate: u64, duration: Duration, meter: &Meter) -> Sample {
     let (flows, size) = (UDP_ECHO_FLOWS, UDP_ECHO_SIZE);
     let stop = Arc::new(AtomicBool::new(false));
     let (addr, echo) = udp_echo_server(topo, ip, &stop);
@@ -589,19 +638,31 @@ pub fn udp_echo(
     sample
 }
 
-/// One-way UDP at `rate` datagrams/s of `FLOOD_SIZE` bytes for `duration` on one flow:
-/// client to server (`upload`) or back. The sender paces with a token bucket and
-/// never blocks: a datagram its own socket has no room for is not sent (and `offered`
-/// falls short of `due`), one a local queue drops (ENOBUFS) counts as sent and lost.
-/// Units are distinct intact datagrams received; duplicates and corrupt ones are errors.
+/// What udp-up and udp-down send: `rate` datagrams/s of `size` bytes, `batch` to a send
+/// (more than one: a UDP_SEGMENT super-datagram).
+#[derive(Clone, Copy)]
+pub struct Flood {
+    pub rate: u64,
+    pub size: usize,
+    pub batch: usize,
+}
+
+/// One-way UDP at `flood.rate` datagrams/s for `duration` on one flow: client to server
+/// (`upload`) or back. The sender paces with a token bucket and never blocks: a send its
+/// own socket has no room for is not made (and `offered` falls short of `due`), one a
+/// local queue drops (ENOBUFS) counts as sent and lost. With `flood.batch` > 1 the
+/// sender waits until a whole batch is due and sends it as one super-datagram (the
+/// kernel takes all of it or none); the receiver is a plain socket either way. Units
+/// are distinct intact datagrams received; duplicates and corrupt ones are errors.
 pub fn udp_flood(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     upload: bool,
-    rate: u64,
+    flood: Flood,
     duration: Duration,
     meter: &Meter,
 ) -> Sample {
+    let Flood { rate, size, batch } = flood;
     let server = join(topo.in_server(move || UdpSocket::bind((ip, 0)).expect("bind udp")));
     let addr = server.local_addr().expect("udp address");
     let client = join(topo.in_client(move || udp_client(addr)));
@@ -654,7 +715,7 @@ pub fn udp_flood(
                 match receiver.recv(&mut buf) {
                     Ok(n) => {
                         last = Instant::now();
-                        match datagram_seq(&buf[..n], 0, FLOOD_SIZE).filter(|&s| s < total) {
+                        match datagram_seq(&buf[..n], 0, size).filter(|&s| s < total) {
                             Some(seq) => {
                                 let (word, bit) = ((seq / 64) as usize, 1_u64 << (seq % 64));
                                 if seen[word] & bit == 0 {
@@ -682,31 +743,41 @@ pub fn udp_flood(
             (good, bad, receiver)
         })
     };
-    let mut datagram = vec![0_u8; FLOOD_SIZE];
+    let mut datagrams = vec![0_u8; size * batch];
     let start = Instant::now();
     meter.start();
     let (mut seq, mut offered, mut errors) = (0_u64, 0_u64, 0_u64);
+    let batch = batch as u64;
     // Bounded in time too: a sender that cannot keep up stops at the end of the run.
     while seq < total && start.elapsed() < duration {
         let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
-        if due <= seq {
+        // A batch leaves whole, except the last, shorter one.
+        if due <= seq || (due < seq + batch && due < total) {
             thread::sleep(Duration::from_micros(50));
             continue;
         }
-        for _ in 0..(due - seq).min(UDP_BURST) {
-            fill_datagram(&mut datagram, 0, seq);
-            let sent =
-                socket2::SockRef::from(&sender).send_with_flags(&datagram, nix::libc::MSG_DONTWAIT);
+        for _ in 0..(due - seq).div_ceil(batch).min(UDP_BURST) {
+            let count = (due - seq).min(batch);
+            let len = count as usize * size;
+            for (i, datagram) in datagrams[..len].chunks_mut(size).enumerate() {
+                fill_datagram(datagram, 0, seq + i as u64);
+            }
+            let sent = if batch > 1 {
+                send_segmented(&sender, &datagrams[..len], size)
+            } else {
+                socket2::SockRef::from(&sender)
+                    .send_with_flags(&datagrams[..len], nix::libc::MSG_DONTWAIT)
+            };
             match sent {
-                Ok(_) => offered += 1,
+                Ok(_) => offered += count,
                 // A queue on the way (the shaper's) was full: the path lost it.
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => offered += 1,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => offered += count,
                 // The sender's own socket was full: not sent.
                 Err(e) if is_timeout(&e) => {}
                 // ECONNREFUSED and the like: the path reported an error.
                 Err(_) => errors += 1,
             }
-            seq += 1;
+            seq += count;
         }
     }
     let elapsed = start.elapsed();
@@ -718,7 +789,7 @@ pub fn udp_flood(
     Sample {
         drops: Some(drops),
         units: good,
-        bytes: good * FLOOD_SIZE as u64,
+        bytes: good * size as u64,
         elapsed,
         offered,
         due: ((elapsed.as_secs_f64() * rate as f64) as u64).min(total),
@@ -727,13 +798,37 @@ pub fn udp_flood(
     }
 }
 
+/// Sends `buf` on connected `socket` without blocking as datagrams of `size` bytes (the
+/// last may be shorter) in one `sendmsg` with a UDP_SEGMENT control message.
+fn send_segmented(socket: &UdpSocket, buf: &[u8], size: usize) -> std::io::Result<usize> {
+    use nix::libc::{SOL_UDP, UDP_SEGMENT, c_int, cmsghdr};
+    let segment = u16::try_from(size).expect("datagram size fits UDP_SEGMENT");
+    // One control message laid out as CMSG_LEN/CMSG_SPACE do on Linux: the header
+    // (length, level, type), then the u16, padded to the header's alignment.
+    const HEADER: usize = size_of::<cmsghdr>();
+    let mut control = [0_u8; HEADER + size_of::<usize>()];
+    let len = HEADER + size_of::<u16>();
+    control[..size_of::<usize>()].copy_from_slice(&len.to_ne_bytes());
+    let level = size_of::<usize>();
+    control[level..level + 4].copy_from_slice(&(SOL_UDP as c_int).to_ne_bytes());
+    control[level + 4..level + 8].copy_from_slice(&(UDP_SEGMENT as c_int).to_ne_bytes());
+    control[HEADER..HEADER + 2].copy_from_slice(&segment.to_ne_bytes());
+    let iov = [std::io::IoSlice::new(buf)];
+    let msg = socket2::MsgHdr::new()
+        .with_buffers(&iov)
+        .with_control(&control);
+    socket2::SockRef::from(socket).sendmsg(&msg, nix::libc::MSG_DONTWAIT)
+}
+
 /// What the kernel counted as dropped at the end of a flood, by place. The proxy and
 /// its TUN are new for each run, so their counters are the run's.
-fn flood_drops(topo: &Topology, upload: bool, receiver: u64, proxy: Option<u32>) -> Drops {
+fn flood_drops(topo: &Ends, upload: bool, receiver: u64, proxy: Option<u32>) -> Drops {
     let proxy_inodes = proxy.map(procfs::socket_inodes).unwrap_or_default();
     let tun = topo.tun_name().to_string();
     let (client, tun_queue) =
         join(topo.in_client(move || (procfs::sockets("udp"), procfs::tx_drops(&tun))));
+    // A peer's sockets are not in its clients' namespace.
+    let proxy_side = join(topo.in_proxy_ns(|| procfs::sockets("udp")));
     let server = join(topo.in_server(|| procfs::sockets("udp")));
     let receiving_side = if upload { &server } else { &client };
     Drops {
@@ -743,7 +838,7 @@ fn flood_drops(topo: &Topology, upload: bool, receiver: u64, proxy: Option<u32>)
             .map(|row| row.drops)
             .sum(),
         proxy_sockets: proxy.map(|_| {
-            client
+            proxy_side
                 .iter()
                 .filter(|row| proxy_inodes.contains(&row.inode))
                 .map(|row| row.drops)
@@ -786,7 +881,7 @@ fn nanos(d: Duration) -> u32 {
 /// never accepts: idle flows through the proxy that hold no fd on the server side (this
 /// process could not hold both ends of 10,000 flows within its fd limit). The server
 /// namespace's somaxconn must allow the backlog. Dropping both results closes them.
-pub fn idle_tcp(topo: &Topology, ip: IpAddr, count: usize) -> (TcpListener, Vec<TcpStream>) {
+pub fn idle_tcp(topo: &Ends, ip: IpAddr, count: usize) -> (TcpListener, Vec<TcpStream>) {
     let listener = join(topo.in_server(move || {
         let addr = SocketAddr::new(ip, 0);
         let socket = socket2::Socket::new(
@@ -807,7 +902,7 @@ pub fn idle_tcp(topo: &Topology, ip: IpAddr, count: usize) -> (TcpListener, Vec<
 
 /// `count` UDP flows, each one datagram echoed; returns the sockets (holding the flows
 /// open in the proxy until dropped) and how many were answered.
-pub fn udp_flows(topo: &Topology, ip: IpAddr, count: usize) -> (Vec<UdpSocket>, u64) {
+pub fn udp_flows(topo: &Ends, ip: IpAddr, count: usize) -> (Vec<UdpSocket>, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let (addr, echo) = udp_echo_server(topo, ip, &stop);
     let (sockets, answered) = join(topo.in_client(move || {
@@ -859,7 +954,7 @@ pub struct Stalled {
 /// it fills). Bounded by `duration` however the path behaves: the servers write without
 /// blocking.
 pub fn stalled_downloads(
-    topo: &Topology,
+    topo: &Ends,
     ip: IpAddr,
     count: usize,
     duration: Duration,

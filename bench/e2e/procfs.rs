@@ -150,3 +150,44 @@ pub fn tx_drops(dev: &str) -> Option<u64> {
     // 8 receive counters, then transmit: bytes packets errs drop ...
     line.split_whitespace().nth(11)?.parse().ok()
 }
+
+/// Packets and bytes a device received and sent. For a TUN or tap, the device receives
+/// what the process behind it writes and sends what that process reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl DeviceCounters {
+    pub fn since(&self, earlier: &DeviceCounters) -> DeviceCounters {
+        DeviceCounters {
+            rx_packets: self.rx_packets.saturating_sub(earlier.rx_packets),
+            rx_bytes: self.rx_bytes.saturating_sub(earlier.rx_bytes),
+            tx_packets: self.tx_packets.saturating_sub(earlier.tx_packets),
+            tx_bytes: self.tx_bytes.saturating_sub(earlier.tx_bytes),
+        }
+    }
+}
+
+/// Device `dev`'s counters, in the calling thread's namespace.
+pub fn device_counters(dev: &str) -> Option<DeviceCounters> {
+    let table = fs::read_to_string("/proc/thread-self/net/dev").ok()?;
+    let line = table
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(dev)?.strip_prefix(':'))?;
+    // receive: bytes packets errs drop fifo frame compressed multicast; transmit: bytes
+    // packets ...
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    Some(DeviceCounters {
+        rx_bytes: *fields.first()?,
+        rx_packets: *fields.get(1)?,
+        tx_bytes: *fields.get(8)?,
+        tx_packets: *fields.get(9)?,
+    })
+}

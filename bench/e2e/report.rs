@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::load::{Drops, FLOOD_SIZE, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
+use crate::load::{Drops, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
 use crate::{Measured, Resources, Run, Scenario, Variant};
 
 pub struct Context {
@@ -16,6 +16,10 @@ pub struct Context {
     /// udp-up and udp-down: datagrams/s offered, and bytes each takes on the wire.
     pub flood_rate: u64,
     pub flood_wire_bytes: u64,
+    /// udp-up and udp-down: payload of each datagram, and datagrams per send (1
+    /// without `--udp-gso`).
+    pub flood_size: usize,
+    pub flood_batch: usize,
     /// Bits/s the flood's load is a share of: `--rate`, or 1 Gbit/s.
     pub line_rate: u64,
     /// `--rate` as given, and the qdisc put on both veth ends.
@@ -49,9 +53,33 @@ pub struct Cell {
     pub p50_added_us: Option<f64>,
     /// Kernel drops by place, summed over the rounds (udp-up, udp-down).
     pub drops: Option<Drops>,
+    /// Per MB of payload (bulk scenarios through a proxy or peer): wake-ups, packets
+    /// written to the device (TUN or tap), their mean size in bytes, packets read from
+    /// it (on downloads mostly the clients' ACKs).
+    pub per_mb: Option<PerMb>,
     /// Failed operations summed over the runs, and messages of runs that failed.
     pub errors: u64,
     pub failures: Vec<String>,
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct PerMb {
+    pub wakeups: f64,
+    pub writes: f64,
+    pub mean_write: f64,
+    pub reads: f64,
+}
+
+fn per_mb(scenario: Scenario, m: &Measured) -> Option<PerMb> {
+    let mb = m.sample.bytes as f64 / 1e6;
+    let activity = m.activity.filter(|_| scenario.is_bulk() && mb > 0.0)?;
+    let device = activity.device.unwrap_or_default();
+    Some(PerMb {
+        wakeups: activity.wakeups as f64 / mb,
+        writes: device.rx_packets as f64 / mb,
+        mean_write: device.rx_bytes as f64 / (device.rx_packets.max(1)) as f64,
+        reads: device.tx_packets as f64 / mb,
+    })
 }
 
 pub struct Summary {
@@ -188,6 +216,21 @@ pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> 
                                 sum
                             },
                         ),
+                        per_mb: {
+                            let figures: Vec<PerMb> = measured
+                                .iter()
+                                .filter_map(|m| per_mb(scenario, m))
+                                .collect();
+                            let med = |f: fn(&PerMb) -> f64| {
+                                median(&mut figures.iter().map(f).collect::<Vec<_>>())
+                            };
+                            (!figures.is_empty()).then(|| PerMb {
+                                wakeups: med(|p| p.wakeups).unwrap_or(0.0),
+                                writes: med(|p| p.writes).unwrap_or(0.0),
+                                mean_write: med(|p| p.mean_write).unwrap_or(0.0),
+                                reads: med(|p| p.reads).unwrap_or(0.0),
+                            })
+                        },
                         errors: measured.iter().map(|m| m.sample.errors).sum(),
                         failures: of_cell()
                             .filter_map(|r| r.outcome.as_ref().err().cloned())
@@ -222,7 +265,8 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
     match outcome {
         Err(e) => format!("failed: {e}"),
         Ok(m) => {
-            let mut text = format_value(scenario, scenario.value(&m.sample));
+            let size = m.sample.bytes.checked_div(m.sample.units).unwrap_or(0);
+            let mut text = format_value(scenario, scenario.value(&m.sample), size as usize);
             if let Some(pct) = answered_pct(scenario, &m.sample) {
                 let _ = write!(text, " ({pct:.1}% answered)");
             }
@@ -245,11 +289,12 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
     }
 }
 
-fn format_value(scenario: Scenario, value: f64) -> String {
+/// `flood_size`: payload bytes of each udp-up/udp-down datagram.
+fn format_value(scenario: Scenario, value: f64, flood_size: usize) -> String {
     if scenario.is_bulk() {
         format!("{value:.2} Gbit/s")
     } else if scenario.is_flood() {
-        let gbit = value * FLOOD_SIZE as f64 * 8.0 / 1e9;
+        let gbit = value * flood_size as f64 * 8.0 / 1e9;
         format!(
             "{} {} ({gbit:.2} Gbit/s)",
             thousands(value),
@@ -332,12 +377,21 @@ pub fn markdown(
     };
     let _ = writeln!(
         md,
-        "udp-up and udp-down send {} datagrams/s of {FLOOD_SIZE} bytes ({} bytes on the wire, \
-         {:.0}% of {line_rate}) on one flow; lost = sent but not received intact.\n",
+        "udp-up and udp-down send {} datagrams/s of {} bytes ({} bytes on the wire, \
+         {:.0}% of {line_rate}) on one flow, {}; lost = sent but not received intact.\n",
         thousands(context.flood_rate as f64),
+        context.flood_size,
         context.flood_wire_bytes,
         (context.flood_rate * context.flood_wire_bytes * 8) as f64 / context.line_rate as f64
             * 100.0,
+        if context.flood_batch > 1 {
+            format!(
+                "{} per send with UDP_SEGMENT (`--udp-gso`)",
+                context.flood_batch
+            )
+        } else {
+            "one per send".to_string()
+        },
     );
     for variant in variants {
         if let Some(command) = &variant.command {
@@ -357,9 +411,10 @@ pub fn markdown(
                 // Not run: UDP does not go through that path.
                 continue;
             }
-            let mut result = cell
-                .value
-                .map_or_else(|| "failed".into(), |v| format_value(*scenario, v));
+            let mut result = cell.value.map_or_else(
+                || "failed".into(),
+                |v| format_value(*scenario, v, context.flood_size),
+            );
             if let Some(pct) = cell.answered_pct {
                 let _ = write!(result, " ({pct:.1}% answered)");
             }
@@ -411,6 +466,36 @@ pub fn markdown(
                 },
             );
         }
+    }
+    let per_mb_rows: Vec<String> = summary
+        .scenarios
+        .iter()
+        .zip(&summary.cells)
+        .flat_map(|(scenario, row)| {
+            row.iter().zip(variants).filter_map(move |(cell, variant)| {
+                let p = cell.per_mb?;
+                Some(format!(
+                    "| {} | {} | {:.1} | {:.1} | {} | {:.1} |\n",
+                    scenario.name(),
+                    variant.label,
+                    p.wakeups,
+                    p.writes,
+                    thousands(p.mean_write),
+                    p.reads
+                ))
+            })
+        })
+        .collect();
+    if !per_mb_rows.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nPer MB of payload (medians): the proxy's wake-ups (context switches), packets \
+             it wrote to its device (TUN or tap) and their mean size, packets it read from \
+             it (on downloads mostly the clients' ACKs).\n\n\
+             | scenario | path | wake-ups/MB | device writes/MB | mean write (B) | device reads/MB |\n\
+             |---|---|--:|--:|--:|--:|"
+        );
+        md.extend(per_mb_rows);
     }
     if resources.is_empty() {
         return md;
@@ -587,7 +672,7 @@ pub fn json(
     let mut out = String::from("{\n");
     let _ = writeln!(
         out,
-        r#""machine":{},"unix_time":{},"command":{},"seconds_per_run":{},"rounds":{},"udp_rate":{},"flood_rate":{},"flood_size":{FLOOD_SIZE},"flood_wire_bytes":{},"rate":{},"qdisc":{},"family":{},"smoke":{},"#,
+        r#""machine":{},"unix_time":{},"command":{},"seconds_per_run":{},"rounds":{},"udp_rate":{},"flood_rate":{},"flood_size":{},"flood_batch":{},"flood_wire_bytes":{},"rate":{},"qdisc":{},"family":{},"smoke":{},"#,
         json_str(&context.machine),
         context.unix_time,
         json_str(&context.command),
@@ -595,6 +680,8 @@ pub fn json(
         context.rounds,
         context.udp_rate,
         context.flood_rate,
+        context.flood_size,
+        context.flood_batch,
         context.flood_wire_bytes,
         context
             .shaping
@@ -650,7 +737,7 @@ pub fn json(
     for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
         for (variant, cell) in variants.iter().zip(row) {
             summary_items.push(format!(
-                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"drops":{},"errors":{},"failed_runs":{}}}"#,
+                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"per_mb":{},"drops":{},"errors":{},"failed_runs":{}}}"#,
                 json_str(scenario.name()),
                 json_str(&variant.label),
                 json_num(cell.value),
@@ -665,6 +752,13 @@ pub fn json(
                 json_num(cell.loss_pct),
                 json_num(cell.sent_pct),
                 json_num(cell.p50_added_us),
+                cell.per_mb.map_or_else(
+                    || "null".to_string(),
+                    |p| format!(
+                        r#"{{"wakeups":{:.2},"device_writes":{:.2},"mean_write_bytes":{:.0},"device_reads":{:.2}}}"#,
+                        p.wakeups, p.writes, p.mean_write, p.reads
+                    )
+                ),
                 json_drops(cell.drops.as_ref()),
                 cell.errors,
                 cell.failures.len(),
@@ -848,10 +942,16 @@ pub fn charts(
             value: cell.ratio.unwrap_or(0.0),
             label: match (cell.value, cell.ratio) {
                 (Some(value), Some(ratio)) => {
-                    format!("{} ({ratio:.2})", format_value(scenario, value))
+                    format!(
+                        "{} ({ratio:.2})",
+                        format_value(scenario, value, context.flood_size)
+                    )
                 }
                 (Some(value), None) => {
-                    format!("{} (no direct baseline)", format_value(scenario, value))
+                    format!(
+                        "{} (no direct baseline)",
+                        format_value(scenario, value, context.flood_size)
+                    )
                 }
                 (None, _) => "failed".into(),
             },
