@@ -103,7 +103,7 @@ pub fn set_mtu(ctl: &impl AsRawFd, name: &str, mtu: u32) -> io::Result<()> {
     let mut req = ifreq_named(name)?;
     req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
     // SAFETY: SIOCSIFMTU reads an ifreq; `req` is valid for the call.
-    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut req) })?;
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU as _, &mut req) })?;
     Ok(())
 }
 
@@ -113,7 +113,7 @@ pub fn set_tx_queue_len(ctl: &impl AsRawFd, name: &str, len: u32) -> io::Result<
     let mut req = ifreq_named(name)?;
     req.ifr_ifru.ifru_metric = len as libc::c_int;
     // SAFETY: SIOCSIFTXQLEN reads ifr_qlen (the int member of the union) from `req`.
-    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut req) })?;
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFTXQLEN as _, &mut req) })?;
     Ok(())
 }
 
@@ -121,12 +121,12 @@ pub fn set_tx_queue_len(ctl: &impl AsRawFd, name: &str, len: u32) -> io::Result<
 pub fn set_up(ctl: &impl AsRawFd, name: &str) -> io::Result<()> {
     let mut req = ifreq_named(name)?;
     // SAFETY: SIOCGIFFLAGS writes the flags into the valid `req`.
-    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) })?;
     // SAFETY: the union was just filled in as flags by the kernel.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads the valid `req`.
-    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) })?;
+    syscall!(unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req) })?;
     Ok(())
 }
 

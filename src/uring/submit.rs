@@ -270,7 +270,7 @@ pub(super) fn recvmsg_template() -> libc::msghdr {
     // SAFETY: msghdr is plain data (lengths, flags, pointers), for which all zeroes
     // (null pointers) is a valid value.
     let mut msghdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    msghdr.msg_controllen = super::RECVMSG_CONTROL;
+    msghdr.msg_controllen = super::RECVMSG_CONTROL as _;
     msghdr
 }
 
