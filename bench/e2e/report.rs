@@ -355,7 +355,11 @@ pub fn markdown(
     );
     let _ = writeln!(
         md,
-        "dns-fake and dns-fake-cached ask the fake-IP resolver ({DNS_RESOLVER}:53) for A          records from one UDP socket, {DNS_WINDOW} queries outstanding: all names distinct          (the table fills; an entry goes to a new name only after 2 s unused, SERVFAIL until          then), or {DNS_CACHED_NAMES} names over and over. The direct path has no resolver:          absolute figures, no ratio.\n",
+        "dns-fake and dns-fake-cached ask the fake-IP resolver ({DNS_RESOLVER}:53) for A \
+         records from one UDP socket, {DNS_WINDOW} queries outstanding: all names distinct \
+         (the table fills; an entry goes to a new name only after 2 s unused, SERVFAIL until \
+         then), or {DNS_CACHED_NAMES} names over and over. The direct path has no resolver: \
+         absolute figures, no ratio.\n",
     );
     for variant in variants {
         if let Some(command) = &variant.command {
