@@ -10,16 +10,15 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::socks::{Daemon, danted, microsocks};
-use common::tool_or_skip;
 use common::udp_echo_server;
 use common::{
     ANY, PROXY_BIN, Proxy, Topology, dns_query, echo_once, join, send_payload, udp_client,
 };
+use common::{NetnsEtc, tool_or_skip};
 use sha2::{Digest, Sha256};
 
 /// The TUN's peer with the default --tun-addr (198.18.0.1/30): the documented resolver
@@ -31,30 +30,6 @@ const FAKE_V6_PREFIX: &str = "fd7a:7072:7879:fa4e:";
 const UDP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The DNS response code of a server failure.
 const SERVFAIL: u8 = 2;
-
-/// Files `ip netns exec NS` mounts over those of /etc (hosts, resolv.conf), in
-/// /etc/netns/NS, removed again on drop.
-struct NetnsEtc {
-    dir: PathBuf,
-}
-
-impl NetnsEtc {
-    fn new(ns: &str, files: &[(&str, String)]) -> NetnsEtc {
-        let dir = PathBuf::from("/etc/netns").join(ns);
-        fs::create_dir_all(&dir).expect("create /etc/netns/NS");
-        let etc = NetnsEtc { dir };
-        for (name, text) in files {
-            fs::write(etc.dir.join(name), text).expect("write a namespace's /etc file");
-        }
-        etc
-    }
-}
-
-impl Drop for NetnsEtc {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The client namespace resolving through the proxy, and the server namespace knowing
 /// `hosts` (name, address) from its /etc/hosts.

@@ -798,3 +798,152 @@ fn the_upstreams_address_stays_direct_for_the_lan() {
     check_tcp(&gw, &wan, WAN_EXCLUDED[0], CLIENT[0], 300);
     check_udp(&gw, WAN_EXCLUDED[0], CLIENT[0]);
 }
+
+/// The name the WAN's /etc/hosts gives its proxied server (both families).
+const WAN_NAME: &str = "web.gw.test";
+/// The TUN's peer with the default --tun-addr: the resolver a LAN client is given.
+const RESOLVER: &str = "198.18.0.2";
+/// Where the proxy's fake addresses come from with the default --tun-addr.
+const FAKE_PREFIXES: [&str; 2] = ["198.19.", "fd7a:7072:7879:fa4e:"];
+
+/// microsocks in the WAN namespace on its router-facing address, resolving names with
+/// that namespace's /etc/hosts; killed on drop.
+struct WanSocks(std::process::Child);
+
+impl WanSocks {
+    const ADDR: &str = "10.71.9.2";
+    const PORT: u16 = 1080;
+
+    fn start(gw: &Gateway) -> WanSocks {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &gw.wan, "microsocks", "-i", Self::ADDR])
+            .args(["-p", &Self::PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn microsocks");
+        let socks = WanSocks(child);
+        let target = SocketAddr::new(addr(Self::ADDR), Self::PORT);
+        let listening = wait_until(Duration::from_secs(10), || {
+            join(in_netns(&gw.wan, move || {
+                TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
+            }))
+        });
+        assert!(listening, "microsocks not listening on {target} after 10 s");
+        socks
+    }
+}
+
+impl Drop for WanSocks {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn lan_clients_resolve_through_the_tun_peer_and_reach_servers_by_name() {
+    let test = "lan_clients_resolve_through_the_tun_peer_and_reach_servers_by_name";
+    if !["microsocks", "curl"]
+        .iter()
+        .all(|tool| common::tool_or_skip(tool, test))
+    {
+        return;
+    }
+    let Some(gw) = Gateway::for_test(test) else {
+        return;
+    };
+    // Before anything runs there: `ip netns exec` mounts these files at each start.
+    let hosts = format!(
+        "{} {WAN_NAME}\n{} {WAN_NAME}\n",
+        WAN_SERVER[0], WAN_SERVER[1]
+    );
+    let resolv = format!("nameserver {RESOLVER}\noptions timeout:2 attempts:3\n");
+    let _etc = [
+        common::NetnsEtc::new(&gw.wan, &[("hosts", hosts)]),
+        common::NetnsEtc::new(&gw.client, &[("resolv.conf", resolv)]),
+    ];
+    let wan = Servers::start(&gw.wan, &WAN_SERVER, false);
+    let _socks = WanSocks::start(&gw);
+    let upstream = format!("socks5://{}:{}", WanSocks::ADDR, WanSocks::PORT);
+    let _proxy = gw.start_proxy(&["--lan", "lan0", "--upstream", &upstream, "--dns", "fake"]);
+    let body = std::env::temp_dir().join(format!("upx-gw-{}-body", std::process::id()));
+    let mut used = Vec::new();
+    for (family, fake_prefix) in ["-4", "-6"].into_iter().zip(FAKE_PREFIXES) {
+        wan.clear();
+        let url = format!("http://{WAN_NAME}:{PORT}/");
+        let output = gw.exec(
+            &gw.client,
+            &[
+                "curl",
+                family,
+                "-sS",
+                "--max-time",
+                "30",
+                "-o",
+                body.to_str().unwrap(),
+                "-w",
+                "%{remote_ip}",
+                &url,
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "curl {family} {url}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // The name came back as a fake address, so the flow went by name.
+        let remote = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            remote.starts_with(fake_prefix),
+            "curl {family} {url} connected to {remote}"
+        );
+        used.push(remote);
+        let bytes = std::fs::read(&body).expect("read the body curl wrote");
+        let _ = std::fs::remove_file(&body);
+        assert_eq!(
+            recv_to_end(&mut &bytes[..]),
+            payload_digest(ANSWER_SEED, ANSWER),
+            "curl {family} {url}"
+        );
+        // microsocks connected (to whichever address of the name it picked) from the WAN
+        // itself: the client's address never got there.
+        let mut seen = Vec::new();
+        wait_until(Duration::from_secs(10), || {
+            seen = wan.accepted.lock().unwrap().clone();
+            !seen.is_empty()
+        });
+        assert!(
+            seen.iter().all(|a| !CLIENT.map(addr).contains(&a.peer)) && !seen.is_empty(),
+            "curl {family}: the WAN server saw {seen:?}"
+        );
+    }
+    // A resolver past the router (where nothing answers DNS) is the proxy too: every
+    // query entering the TUN is its to answer, with the name's fake address.
+    let resolver = SocketAddr::new(addr(WAN_SERVER[0]), 53);
+    let reply = join(in_netns(&gw.client, move || {
+        let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).unwrap();
+        socket.connect(resolver).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let query = dns_query(0x7272, WAN_NAME);
+        let mut buf = vec![0u8; 512];
+        (0..5).find_map(|_| {
+            socket.send(&query).unwrap();
+            let n = socket.recv(&mut buf).ok()?;
+            Some(buf[..n].to_vec())
+        })
+    }))
+    .unwrap_or_else(|| panic!("no DNS answer from {resolver}"));
+    let end = reply.len();
+    assert!(end >= 16 + 12 && reply[3] & 0x0f == 0, "{reply:?}");
+    let answer = IpAddr::from([
+        reply[end - 4],
+        reply[end - 3],
+        reply[end - 2],
+        reply[end - 1],
+    ]);
+    assert_eq!(answer.to_string(), used[0], "{WAN_NAME} from {resolver}");
+}

@@ -72,6 +72,9 @@ pub struct Sample {
     pub errors: u64,
     /// Where the kernel dropped datagrams (udp-up, udp-down).
     pub drops: Option<Drops>,
+    /// Queries answered SERVFAIL (dns-fake): every entry of the proxy's fake table was
+    /// handed out too recently to go to another name. Counted in `units` too.
+    pub servfail: u64,
 }
 
 /// Datagrams of a flood the kernel dropped, by place: how much of the loss these
@@ -1017,4 +1020,131 @@ pub fn stalled_downloads(
     // Clients with unread data close with RST, which tears every flow down at once.
     drop(clients);
     stalled
+}
+
+/// Queries a dns run keeps outstanding: enough to keep the proxy busy on one flow, few
+/// enough that none is lost to a socket buffer.
+pub const DNS_WINDOW: usize = 64;
+/// Names the cached variant cycles through: far fewer than the fake table holds, so
+/// after the first round every query finds its name.
+pub const DNS_CACHED_NAMES: u64 = 256;
+
+/// The TUN's peer address with the proxy's default --tun-addr: the documented resolver
+/// address, routed into the TUN by the TUN's own prefix. (The server's address would
+/// not do: the upstream runs there, and the proxy keeps its upstream's address out of
+/// the TUN.)
+pub const DNS_RESOLVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 2));
+
+/// A DNS query for type A of name number `name` (`q<hex>.bench.test`), with `id`.
+fn dns_query(buf: &mut Vec<u8>, id: u16, name: u64) {
+    buf.clear();
+    // Header: id, flags RD, one question, no other records.
+    buf.extend_from_slice(&id.to_be_bytes());
+    buf.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    let label = format!("q{name:x}");
+    buf.push(label.len() as u8);
+    buf.extend_from_slice(label.as_bytes());
+    for label in ["bench", "test"] {
+        buf.push(label.len() as u8);
+        buf.extend_from_slice(label.as_bytes());
+    }
+    // Root label, QTYPE A, QCLASS IN.
+    buf.extend_from_slice(&[0, 0, 1, 0, 1]);
+}
+
+/// DNS response code of a server failure.
+const SERVFAIL: u8 = 2;
+
+/// How `reply` answers `query` (same id and question, a response): NOERROR with at
+/// least one answer record (`Some(true)`), SERVFAIL (`Some(false)`); otherwise None.
+fn dns_answer(query: &[u8], reply: &[u8]) -> Option<bool> {
+    let matches = reply.len() >= query.len()
+        && reply[..2] == query[..2]
+        && reply[2] & 0x80 != 0
+        && reply[4..6] == [0, 1]
+        && reply[12..query.len()] == query[12..];
+    if !matches {
+        return None;
+    }
+    match reply[3] & 0x0f {
+        0 if u16::from_be_bytes([reply[6], reply[7]]) >= 1 => Some(true),
+        SERVFAIL => Some(false),
+        _ => None,
+    }
+}
+
+/// UDP DNS queries for type A to `DNS_RESOLVER`:53 for `duration`, `DNS_WINDOW` outstanding: each
+/// answer sends the next query. Names are all distinct (`cached` false: the proxy's
+/// fake table fills, then reuses its oldest entries) or cycle through
+/// `DNS_CACHED_NAMES`. Units are queries answered, with an address or SERVFAIL (also
+/// counted apart: the table had no entry free to reuse); a wrong answer, or a query
+/// left unanswered for `POLL`, counts as an error (the window is then refilled).
+pub fn dns_queries(topo: &Ends, cached: bool, duration: Duration, meter: &Meter) -> Sample {
+    let meter = meter.clone();
+    join(topo.in_client(move || {
+        let socket = udp_client(SocketAddr::new(DNS_RESOLVER, 53));
+        socket.set_read_timeout(Some(POLL)).expect("timeout");
+        // By id: (when sent, name number) of each outstanding query.
+        let mut outstanding: Vec<Option<(Instant, u64)>> = vec![None; 1 << 16];
+        let mut in_flight = 0;
+        let (mut next, mut errors, mut servfail) = (0_u64, 0_u64, 0_u64);
+        let mut latencies = Vec::new();
+        let (mut query, mut reply) = (Vec::with_capacity(512), vec![0_u8; 65536]);
+        let name_of = |seq: u64| if cached { seq % DNS_CACHED_NAMES } else { seq };
+        let start = Instant::now();
+        meter.start();
+        while start.elapsed() < duration && latencies.len() < MAX_SAMPLES {
+            while in_flight < DNS_WINDOW {
+                let (id, name) = (next as u16, name_of(next));
+                dns_query(&mut query, id, name);
+                next += 1;
+                match socket.send(&query) {
+                    Ok(_) => {
+                        outstanding[usize::from(id)] = Some((Instant::now(), name));
+                        in_flight += 1;
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            match socket.recv(&mut reply) {
+                Ok(n) => {
+                    let reply = &reply[..n];
+                    let id = reply.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+                    let Some((sent, name)) = id.and_then(|id| outstanding[usize::from(id)].take())
+                    else {
+                        errors += 1;
+                        continue;
+                    };
+                    in_flight -= 1;
+                    dns_query(&mut query, id.unwrap_or_default(), name);
+                    match dns_answer(&query, reply) {
+                        Some(address) => {
+                            servfail += u64::from(!address);
+                            let nanos = sent.elapsed().as_nanos();
+                            latencies.push(nanos.min(u32::MAX.into()) as u32);
+                        }
+                        None => errors += 1,
+                    }
+                }
+                Err(e) if is_timeout(&e) => {
+                    // Nothing for POLL: whatever is outstanding was lost.
+                    errors += in_flight as u64;
+                    outstanding.iter_mut().for_each(|slot| *slot = None);
+                    in_flight = 0;
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        let elapsed = start.elapsed();
+        meter.stop();
+        Sample {
+            units: latencies.len() as u64,
+            bytes: 0,
+            elapsed,
+            latencies,
+            errors,
+            servfail,
+            ..Sample::default()
+        }
+    }))
 }

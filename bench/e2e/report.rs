@@ -3,7 +3,9 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::load::{Drops, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE};
+use crate::load::{
+    DNS_CACHED_NAMES, DNS_RESOLVER, DNS_WINDOW, Drops, Sample, UDP_ECHO_FLOWS, UDP_ECHO_SIZE,
+};
 use crate::{Measured, Resources, Run, Scenario, Variant};
 
 pub struct Context {
@@ -49,6 +51,8 @@ pub struct Cell {
     pub loss_pct: Option<f64>,
     /// Datagrams sent, % of those due at the target rate (udp-up, udp-down).
     pub sent_pct: Option<f64>,
+    /// Share of answers that were SERVFAIL: no table entry free for a new name (dns).
+    pub servfail_pct: Option<f64>,
     /// Median latency added to the direct path's, microseconds (rr, crr).
     pub p50_added_us: Option<f64>,
     /// Kernel drops by place, summed over the rounds (udp-up, udp-down).
@@ -135,6 +139,11 @@ fn answered_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
         .then(|| sample.units as f64 / sample.offered as f64 * 100.0)
 }
 
+fn servfail_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
+    (scenario.is_dns() && sample.units > 0)
+        .then(|| sample.servfail as f64 / sample.units as f64 * 100.0)
+}
+
 fn loss_pct(scenario: Scenario, sample: &Sample) -> Option<f64> {
     (scenario.is_flood() && sample.offered > 0)
         .then(|| sample.offered.saturating_sub(sample.units) as f64 / sample.offered as f64 * 100.0)
@@ -209,6 +218,7 @@ pub fn summarize(scenarios: &[Scenario], variants: &[Variant], runs: &[Run]) -> 
                         answered_pct: med(&|m| answered_pct(scenario, &m.sample)),
                         loss_pct: med(&|m| loss_pct(scenario, &m.sample)),
                         sent_pct: med(&|m| sent_pct(scenario, &m.sample)),
+                        servfail_pct: med(&|m| servfail_pct(scenario, &m.sample)),
                         p50_added_us: None,
                         drops: measured.iter().filter_map(|m| m.sample.drops).reduce(
                             |mut sum, d| {
@@ -269,6 +279,9 @@ pub fn describe(scenario: Scenario, outcome: &Result<Measured, String>) -> Strin
             let mut text = format_value(scenario, scenario.value(&m.sample), size as usize);
             if let Some(pct) = answered_pct(scenario, &m.sample) {
                 let _ = write!(text, " ({pct:.1}% answered)");
+            }
+            if let Some(pct) = servfail_pct(scenario, &m.sample) {
+                let _ = write!(text, " ({pct:.1}% SERVFAIL)");
             }
             if scenario.is_flood() {
                 let figures = flood_text(
@@ -393,6 +406,14 @@ pub fn markdown(
             "one per send".to_string()
         },
     );
+    let _ = writeln!(
+        md,
+        "dns-fake and dns-fake-cached ask the fake-IP resolver ({DNS_RESOLVER}:53) for A \
+         records from one UDP socket, {DNS_WINDOW} queries outstanding: all names distinct \
+         (the table fills; an entry goes to a new name only after 2 s unused, SERVFAIL until \
+         then), or {DNS_CACHED_NAMES} names over and over. The direct path has no resolver: \
+         absolute figures, no ratio.\n",
+    );
     for variant in variants {
         if let Some(command) = &variant.command {
             let _ = writeln!(md, "- {}: `{command}`", variant.label);
@@ -407,8 +428,8 @@ pub fn markdown(
     let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
     for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
         for (variant, cell) in variants.iter().zip(row) {
-            if !variant.udp && !scenario.is_tcp() {
-                // Not run: UDP does not go through that path.
+            if !variant.runs(*scenario) {
+                // Not run: UDP does not go through that path, or it has no resolver.
                 continue;
             }
             let mut result = cell.value.map_or_else(
@@ -417,6 +438,9 @@ pub fn markdown(
             );
             if let Some(pct) = cell.answered_pct {
                 let _ = write!(result, " ({pct:.1}% answered)");
+            }
+            if let Some(pct) = cell.servfail_pct {
+                let _ = write!(result, " ({pct:.1}% SERVFAIL)");
             }
             if scenario.is_flood() {
                 let figures = flood_text(cell.loss_pct, cell.sent_pct, cell.drops.as_ref());
@@ -737,7 +761,7 @@ pub fn json(
     for (scenario, row) in summary.scenarios.iter().zip(&summary.cells) {
         for (variant, cell) in variants.iter().zip(row) {
             summary_items.push(format!(
-                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"per_mb":{},"drops":{},"errors":{},"failed_runs":{}}}"#,
+                r#"{{"scenario":{},"variant":{},"value":{},"unit":{},"ratio":{},"latency_us":{},"cpu_pct":{},"cpu_s_per_gb":{},"cpu_us_per_op":{},"peak_rss_kib":{},"answered_pct":{},"servfail_pct":{},"loss_pct":{},"sent_pct":{},"p50_added_us":{},"per_mb":{},"drops":{},"errors":{},"failed_runs":{}}}"#,
                 json_str(scenario.name()),
                 json_str(&variant.label),
                 json_num(cell.value),
@@ -749,6 +773,7 @@ pub fn json(
                 json_num(cell.cpu_us_per_op),
                 json_int(cell.peak_rss_kib),
                 json_num(cell.answered_pct),
+                json_num(cell.servfail_pct),
                 json_num(cell.loss_pct),
                 json_num(cell.sent_pct),
                 json_num(cell.p50_added_us),
@@ -930,7 +955,7 @@ pub fn charts(
                 bars: row
                     .iter()
                     .enumerate()
-                    .filter(|&(v, _)| variants[v].udp || scenario.is_tcp())
+                    .filter(|&(v, _)| variants[v].runs(scenario))
                     .filter_map(|(v, cell)| bar(scenario, v, cell))
                     .collect(),
             })

@@ -91,6 +91,30 @@ pub fn privileged_or_skip(test: &str) -> bool {
     false
 }
 
+/// Files `ip netns exec NS` mounts over those of /etc (hosts, resolv.conf), in
+/// /etc/netns/NS, removed again on drop.
+pub struct NetnsEtc {
+    dir: PathBuf,
+}
+
+impl NetnsEtc {
+    pub fn new(ns: &str, files: &[(&str, String)]) -> NetnsEtc {
+        let dir = PathBuf::from("/etc/netns").join(ns);
+        fs::create_dir_all(&dir).expect("create /etc/netns/NS");
+        let etc = NetnsEtc { dir };
+        for (name, text) in files {
+            fs::write(etc.dir.join(name), text).expect("write a namespace's /etc file");
+        }
+        etc
+    }
+}
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Whether `tool` is installed; otherwise prints why the test is skipped (or panics in
 /// CI, where .ci/test installs it).
 pub fn tool_or_skip(tool: &str, test: &str) -> bool {
