@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::socks::danted;
+use common::socks::{danted, danted_on};
 use common::tool_or_skip;
 use common::{Topology, join, wait_until};
 use nix::sys::socket::{setsockopt, sockopt};
@@ -332,6 +332,45 @@ fn segmented_and_plain_senders_keep_every_datagram_through_socks5() {
         udp_counter(&stats, "super-sends-up") >= 2 * ROUNDS as u64,
         "segmented sends to the relay:\n{stats}"
     );
+    proxy.assert_running();
+    drop(socks);
+}
+
+#[test]
+fn segments_to_an_ipv6_relay_keep_to_ipv6_limits_for_an_ipv4_server() {
+    const TEST: &str = "segments_to_an_ipv6_relay_keep_to_ipv6_limits";
+    if !tool_or_skip("danted", TEST) {
+        return;
+    }
+    let Some(topo) = Topology::for_test(TEST) else {
+        return;
+    };
+    let socks = danted_on(&topo, topo.server_v6());
+    let upstream = format!("socks5://{}", socks.addr);
+    let mut proxy = topo.start_proxy(&["--upstream", &upstream, "--mtu", "65535"]);
+    // 1,450 bytes and the 10-byte header of an IPv4 server: within IPv4's 1,472-byte
+    // segments at MTU 1500, beyond IPv6's 1,452, which the socket to the relay has.
+    let server = SocketAddr::new(topo.server_v4(), 7440);
+    let groups = vec![vec![1450; PER_SEND]; 4];
+    let lengths: Vec<usize> = groups.iter().flatten().copied().collect();
+    let (progress, warm) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let receiver = receive(
+        &topo,
+        server,
+        lengths.clone(),
+        progress.clone(),
+        warm.clone(),
+    );
+    let sent = send(&topo, server, Sender::Segmented, groups, progress, warm);
+    let received = join(receiver);
+    assert!(received.wrong.is_empty(), "datagrams not as sent");
+    assert_eq!(received.count, lengths.len(), "datagrams received");
+    assert_eq!(received.digest, sent, "digest");
+    let stats = proxy.stats();
+    assert_eq!(udp_counter(&stats, "gso-fallbacks"), 0, "{stats}");
     proxy.assert_running();
     drop(socks);
 }

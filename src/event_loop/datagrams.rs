@@ -56,6 +56,9 @@ pub struct Outbound {
     pub batch: Option<(u16, Batch)>,
     /// The socket may send segmented (until the kernel refuses it once).
     pub segmenting: bool,
+    /// The socket is IPv6 (its segment limits are IPv6's): the server's family, or the
+    /// relay's through an upstream, which may differ.
+    pub ipv6: bool,
     /// The name a flow to a fake address goes to (`--dns fake`), its table entry held.
     pub name: Option<Rc<str>>,
 }
@@ -71,6 +74,7 @@ impl Outbound {
             association,
             batch: None,
             segmenting: true,
+            ipv6: false,
             name,
         }
     }
@@ -341,7 +345,10 @@ impl Proxy {
                     Some(upstream) => Association::open(upstream, &udp.interface, now)
                         .map(|association| Outbound::new(None, Some(Box::new(association)), name)),
                     None => outbound::socket(Purpose::Datagram(kind), key.server, &udp.interface)
-                        .map(|socket| Outbound::new(Some(socket), None, None)),
+                        .map(|socket| Outbound {
+                            ipv6: matches!(key.server.addr, IpAddress::Ipv6(_)),
+                            ..Outbound::new(Some(socket), None, None)
+                        }),
                 };
                 let release = |dns: &mut Option<super::dns::Dns>| {
                     if let Some(dns) = dns.as_mut().filter(|dns| dns.is_fake(server_ip)) {
@@ -480,6 +487,7 @@ impl Proxy {
         };
         if let Some(flow) = udp.flows.get_mut(id) {
             flow.io.socket = Some(socket);
+            flow.io.ipv6 = relay.is_ipv6();
         }
         self.stats.upstream.associations += 1;
         udp.send_held(&mut self.ring, id);

@@ -134,7 +134,11 @@ pub fn microsocks(topo: &Topology, auth: Option<(&str, &str)>) -> Daemon {
 /// danted on the server's IPv4 address, relaying CONNECT and UDP for anyone, its
 /// configuration written into its own directory.
 pub fn danted(topo: &Topology) -> Daemon {
-    let ip = topo.server_v4();
+    danted_on(topo, topo.server_v4())
+}
+
+/// danted listening (and relaying UDP) on `ip`, one of the server's addresses.
+pub fn danted_on(topo: &Topology, ip: IpAddr) -> Daemon {
     let port = free_port(topo, ip);
     let dir = Daemon::dir("danted");
     let config = format!(

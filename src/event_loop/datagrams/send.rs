@@ -11,7 +11,6 @@ use std::os::fd::AsFd;
 use log::info;
 use nix::libc;
 use nix::sys::socket::{setsockopt, sockopt::UdpGsoSegment};
-use smoltcp::wire::IpAddress;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{Datagrams, MAX_DATAGRAM, SEND_SLOTS};
@@ -104,10 +103,10 @@ impl Datagrams {
         if flow.io.socket.is_none() {
             return self.fill(build);
         }
-        let limits = match (flow.io.segmenting, flow.key().server.addr) {
+        let limits = match (flow.io.segmenting, flow.io.ipv6) {
             (false, _) => Limits::SINGLE,
-            (true, IpAddress::Ipv4(_)) => self.limits[0],
-            (true, IpAddress::Ipv6(_)) => self.limits[1],
+            (true, false) => self.limits[0],
+            (true, true) => self.limits[1],
         };
         let gathering = flow.io.batch.is_some();
         if let Some((slot, batch)) = &mut flow.io.batch {
