@@ -13,7 +13,8 @@ pub struct Message<'a> {
     pub payload: &'a [u8],
     /// Its control messages (see `sys::cmsg`).
     pub control: &'a [u8],
-    /// It was longer than the buffer: `payload` is only its start.
+    /// It was longer than the buffer (`payload` is only its start), or its control
+    /// messages were (a segment size may be missing): either way not to be relayed.
     pub truncated: bool,
 }
 
@@ -52,7 +53,7 @@ impl Ring {
         Some(Message {
             payload: buffer.get(payload)?,
             control: buffer.get(control)?,
-            truncated: out.is_payload_truncated(),
+            truncated: out.is_payload_truncated() || out.is_control_data_truncated(),
         })
     }
 
