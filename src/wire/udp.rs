@@ -35,21 +35,24 @@ pub fn reply(buf: &mut [u8], key: FlowKey, payload: &[u8]) -> Option<usize> {
     )
 }
 
-/// The datagrams in `payload`, a UDP packet's data read from the TUN: with segmentation
-/// offload (USO) `segment_size` bytes each, back to back (the last may be shorter), else
-/// the whole payload; none longer than `max`. An empty payload is one empty datagram.
+/// The datagrams in `payload`, a UDP packet's data read from the TUN or a socket: with
+/// segmentation offload (USO, GRO) `segment_size` bytes each, back to back (the last may
+/// be shorter), else the whole payload. An empty payload is one empty datagram. None is
+/// cut to fit `max`: a datagram longer than that (an IPv6 one of up to 65,527 bytes)
+/// cannot be relayed whole, and cutting it would change its boundary, so there are then
+/// none (dropped); so too for a segment size of 0, which no valid packet carries.
 pub fn datagrams(
     payload: &[u8],
     segment_size: Option<u16>,
     max: usize,
 ) -> impl Iterator<Item = &[u8]> {
-    let chunk = segment_size
-        .map_or(payload.len(), usize::from)
-        .clamp(1, max.max(1));
+    let size = segment_size.map_or(payload.len(), usize::from);
+    let whole = size <= max && (size > 0 || payload.is_empty());
     // `chunks` of nothing yields nothing.
     payload
-        .chunks(chunk)
+        .chunks(size.max(1))
         .chain(payload.is_empty().then_some(payload))
+        .filter(move |_| whole)
 }
 
 #[cfg(test)]
@@ -92,8 +95,15 @@ mod tests {
         assert_eq!(parts.concat(), payload);
         let whole: Vec<&[u8]> = datagrams(&payload, None, 65507).collect();
         assert_eq!(whole, [&payload[..]]);
-        let capped: Vec<&[u8]> = datagrams(&payload, None, 600).collect();
-        assert_eq!(capped, [&payload[..600], &payload[600..]]);
+        let too_long: Vec<&[u8]> = datagrams(&payload, None, 600).collect();
+        assert!(too_long.is_empty(), "a datagram is never cut to fit");
+        let segments_too_long: Vec<&[u8]> = datagrams(&payload, Some(700), 600).collect();
+        assert!(segments_too_long.is_empty());
+        assert_eq!(
+            datagrams(&payload, Some(0), 600).count(),
+            0,
+            "no segment size 0"
+        );
         let empty: Vec<&[u8]> = datagrams(&[], Some(300), 65507).collect();
         assert_eq!(empty, [&[][..]], "an empty datagram is relayed too");
     }
