@@ -283,6 +283,15 @@ impl Proxy {
         Err(())
     }
 
+    /// Closes the DNS-over-TCP connections fallen idle by `now`.
+    pub(super) fn close_idle_dns(&mut self, now: Instant) {
+        if let Some(dns) = &mut self.dns {
+            let forwards = &dns.forwards;
+            let forwarding = |conn| forwards.as_ref().is_some_and(|f| f.serves(conn));
+            dns.conns.close_idle(&mut self.ring, now, forwarding);
+        }
+    }
+
     /// A completion on the proxy's end of a DNS-over-TCP flow.
     pub(super) fn on_dns_tcp_completion(&mut self, op: Op, id: Id, result: i32) {
         let now = self.now();
@@ -293,7 +302,8 @@ impl Proxy {
             slot: id.slot as usize,
             generation: id.generation,
         };
-        dns.conns.on_completion(op, conn, result, &mut dns.counters);
+        dns.conns
+            .on_completion(op, conn, result, now, &mut dns.counters);
         let upstream = self
             .udp
             .upstream

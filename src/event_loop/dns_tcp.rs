@@ -9,6 +9,7 @@
 
 use std::os::fd::AsFd;
 
+use smoltcp::time::{Duration, Instant};
 use socket2::{Domain, Socket, Type};
 
 use crate::flow::dns::stream::{self, Reassembler};
@@ -24,6 +25,10 @@ const RECV: usize = 4096;
 const OUT: usize = 16 * 1024;
 /// Complete queries the reassembler may hold (they are taken out at once).
 const PIPELINED: usize = 4;
+/// A connection with nothing queued, sent or forwarded for this long is closed (RFC 7766
+/// 6.2.3 suggests seconds): else idle clients would hold all `MAX_CONNS` slots and every
+/// later flow to port 53 would be refused.
+pub const IDLE: Duration = Duration::from_secs(10);
 
 /// A connection, by slot and generation (a completion for a slot since reused is not
 /// its).
@@ -47,6 +52,8 @@ struct Conn {
     /// nothing is in flight.
     ended: bool,
     generation: u32,
+    /// When a query last came in or a reply last went out.
+    active: Instant,
 }
 
 /// Every connection, and the queries received and not yet answered.
@@ -73,7 +80,7 @@ impl Default for Conns {
 impl Conns {
     /// A pair for a new flow: its end for the flow, ours served from now on (its first
     /// receive started). `None` when every slot is taken or no pair can be made.
-    pub fn open(&mut self, ring: &mut Ring) -> Option<Socket> {
+    pub fn open(&mut self, ring: &mut Ring, now: Instant) -> Option<Socket> {
         let slot = self.slots.iter().position(Option::is_none)?;
         let (flow_end, ours) = Socket::pair(Domain::UNIX, Type::STREAM.cloexec(), None).ok()?;
         let region = Region::new(RECV + OUT)?;
@@ -87,6 +94,7 @@ impl Conns {
             receiving: false,
             ended: false,
             generation: self.generation,
+            active: now,
         });
         self.pump(ring, slot);
         Some(flow_end)
@@ -101,7 +109,14 @@ impl Conns {
 
     /// A completion of `op` for connection `id`: a receive's queries go to the inbox
     /// (`take_query`), a send's bytes off the queue. The caller answers, then `pump`s.
-    pub fn on_completion(&mut self, op: Op, id: ConnId, result: i32, counters: &mut DnsStats) {
+    pub fn on_completion(
+        &mut self,
+        op: Op,
+        id: ConnId,
+        result: i32,
+        now: Instant,
+        counters: &mut DnsStats,
+    ) {
         let Some(conn) = self
             .slots
             .get_mut(id.slot)
@@ -117,6 +132,7 @@ impl Conns {
                 conn.ended = true;
                 return;
             }
+            conn.active = now;
             // What is left moves to the front, the replies queued since behind it.
             let queued = conn.queued;
             conn.region
@@ -132,6 +148,7 @@ impl Conns {
                 return;
             }
         };
+        conn.active = now;
         let (inbox, from) = (&mut self.inbox, &mut self.inbox_from);
         let (reassembler, region) = (&mut conn.reassembler, &conn.region);
         let mut taken = 0;
@@ -190,6 +207,46 @@ impl Conns {
         }
     }
 
+    /// When the next connection falls idle, if one may.
+    pub fn next_idle(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|conn| !conn.ended && conn.queued == 0)
+            .map(|conn| conn.active + IDLE)
+            .min()
+    }
+
+    /// Closes the connections idle since `IDLE` before `now`: nothing queued or being
+    /// sent, and no query of theirs still forwarded (`forwarding`).
+    pub fn close_idle(
+        &mut self,
+        ring: &mut Ring,
+        now: Instant,
+        forwarding: impl Fn(ConnId) -> bool,
+    ) {
+        for slot in 0..self.slots.len() {
+            let Some(conn) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            let id = ConnId {
+                slot,
+                generation: conn.generation,
+            };
+            if conn.ended || conn.queued > 0 || now < conn.active + IDLE {
+                continue;
+            }
+            if forwarding(id) {
+                // Its reply comes or the forward fails by its deadline; idle counts
+                // from then.
+                conn.active = now;
+                continue;
+            }
+            conn.ended = true;
+            self.pump(ring, slot);
+        }
+    }
+
     /// Starts what connection `slot` can do now (its receive, the send of its queue),
     /// or closes it once it ended and has nothing in flight.
     pub fn pump(&mut self, ring: &mut Ring, slot: usize) {
@@ -222,5 +279,71 @@ impl Conns {
             let out = RECV..RECV + conn.queued;
             ring.send(conn.socket.as_fd(), slice(out), token(Op::DnsTcpSend));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read};
+
+    use super::*;
+    use crate::uring::token::Token;
+
+    /// Carries out the ring's completions for `conns` at `now`, a few rounds.
+    fn run(ring: &mut Ring, conns: &mut Conns, now: Instant) {
+        let mut counters = DnsStats::default();
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            ring.submit_and_wait(Some(std::time::Duration::from_millis(5)))
+                .expect("io_uring_enter");
+            ring.drain(&mut batch, 64);
+            for done in batch.drain(..) {
+                let Some(token) = Token::decode(done.token) else {
+                    continue;
+                };
+                if let Op::DnsTcpRecv | Op::DnsTcpSend = token.op {
+                    let id = ConnId {
+                        slot: token.key as usize,
+                        generation: token.generation,
+                    };
+                    conns.on_completion(token.op, id, done.result, now, &mut counters);
+                    conns.pump(ring, id.slot);
+                }
+            }
+        }
+    }
+
+    /// Whether the flow's end of the pair reads end of stream (its peer closed).
+    fn closed(flow_end: &mut Socket) -> bool {
+        flow_end.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        match flow_end.read(&mut byte) {
+            Ok(0) => true,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+            other => panic!("unexpected read: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_after_the_idle_time() {
+        let mut ring = Ring::new().expect("io_uring");
+        let mut conns = Conns::default();
+        let start = Instant::from_secs(100);
+        let mut flow_end = conns.open(&mut ring, start).unwrap();
+        run(&mut ring, &mut conns, start);
+        assert_eq!(conns.next_idle(), Some(start + IDLE));
+        let before = start + IDLE - Duration::from_millis(1);
+        conns.close_idle(&mut ring, before, |_| false);
+        run(&mut ring, &mut conns, before);
+        assert!(!closed(&mut flow_end), "not idle long enough yet");
+        let forwarded = start + IDLE;
+        conns.close_idle(&mut ring, forwarded, |_| true);
+        run(&mut ring, &mut conns, forwarded);
+        assert!(!closed(&mut flow_end), "a query is still being forwarded");
+        let idle = forwarded + IDLE;
+        conns.close_idle(&mut ring, idle, |_| false);
+        run(&mut ring, &mut conns, idle);
+        assert!(closed(&mut flow_end));
+        assert!(conns.slots.iter().all(Option::is_none), "its slot is free");
     }
 }

@@ -77,6 +77,14 @@ impl Forwards {
             .min()
     }
 
+    /// Whether a query of DNS-over-TCP connection `conn` is being forwarded.
+    pub fn serves(&self, conn: ConnId) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|exchange| matches!(exchange.client, Client::Tcp(c) if c == conn))
+    }
+
     /// Takes `query` from `client` to forward through `upstream` (its
     /// socket bound to `interface`); its connect starts with `connect_pending`. Counted
     /// and dropped when every slot is taken or no socket can be had.
