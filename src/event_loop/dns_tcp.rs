@@ -20,9 +20,15 @@ use crate::uring::{Op, Region, Ring, Slice, Token};
 
 /// Connections served at once; a flow to port 53 past it is refused (RST, counted).
 pub const MAX_CONNS: usize = 64;
-/// Where bytes from the flow are received, and where replies wait to be sent.
+/// Where bytes from the flow are received.
 const RECV: usize = 4096;
+/// Replies queued unsent past this end the connection (its client is not reading them).
 const OUT: usize = 16 * 1024;
+/// Where replies wait to be sent: room for one of the largest a forward returns (2 +
+/// 65,535 bytes) behind less than `OUT` queued, so a single reply always fits. Mapped,
+/// not touched: only a large reply makes its pages resident, and they are given back once
+/// it is sent.
+const OUT_AREA: usize = OUT + stream::PREFIX + u16::MAX as usize;
 /// Complete queries the reassembler may hold (they are taken out at once).
 const PIPELINED: usize = 4;
 /// A connection with nothing queued, sent or forwarded for this long is closed (RFC 7766
@@ -41,7 +47,7 @@ pub struct ConnId {
 /// The proxy's end of one flow's pair.
 struct Conn {
     socket: Socket,
-    /// `[0, RECV)` receives, `[RECV, RECV + OUT)` the replies queued.
+    /// `[0, RECV)` receives, `[RECV, RECV + OUT_AREA)` the replies queued.
     region: Region,
     reassembler: Reassembler,
     /// Bytes queued, and of them in the send in flight.
@@ -83,7 +89,7 @@ impl Conns {
     pub fn open(&mut self, ring: &mut Ring, now: Instant) -> Option<Socket> {
         let slot = self.slots.iter().position(Option::is_none)?;
         let (flow_end, ours) = Socket::pair(Domain::UNIX, Type::STREAM.cloexec(), None).ok()?;
-        let region = Region::new(RECV + OUT)?;
+        let region = Region::new(RECV + OUT_AREA)?;
         self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
         self.slots[slot] = Some(Conn {
             socket: ours,
@@ -135,9 +141,14 @@ impl Conns {
             conn.active = now;
             // What is left moves to the front, the replies queued since behind it.
             let queued = conn.queued;
-            conn.region
-                .with_mut(RECV..RECV + OUT, |out| out.copy_within(sent..queued, 0));
+            conn.region.with_mut(RECV..RECV + OUT_AREA, |out| {
+                out.copy_within(sent..queued, 0)
+            });
             conn.queued -= sent;
+            if conn.queued == 0 && queued > OUT {
+                // The pages only a large reply touched go back until the next one.
+                conn.region.discard(RECV + OUT..RECV + OUT_AREA);
+            }
             return;
         }
         conn.receiving = false;
@@ -184,15 +195,15 @@ impl Conns {
         Some((n, id))
     }
 
-    /// Queues `reply` framed on connection `id`; one that does not fit ends the
-    /// connection (its client is not reading its replies).
+    /// Queues `reply` framed on connection `id`; with `OUT` bytes or more queued already
+    /// the connection ends instead (its client is not reading its replies).
     pub fn queue(&mut self, id: ConnId, reply: &[u8], counters: &mut DnsStats) {
         let Some(conn) = self.get(id) else {
             return;
         };
         let at = conn.queued;
-        let framed = conn.region.with_mut(RECV + at..RECV + OUT, |out| {
-            if out.len() < stream::PREFIX + reply.len() {
+        let framed = conn.region.with_mut(RECV + at..RECV + OUT_AREA, |out| {
+            if at >= OUT || out.len() < stream::PREFIX + reply.len() {
                 return None;
             }
             out[stream::PREFIX..stream::PREFIX + reply.len()].copy_from_slice(reply);
@@ -345,5 +356,49 @@ mod tests {
         run(&mut ring, &mut conns, idle);
         assert!(closed(&mut flow_end));
         assert!(conns.slots.iter().all(Option::is_none), "its slot is free");
+    }
+
+    /// Reads `len` bytes from the flow's end, carrying out the ring meanwhile.
+    fn receive(ring: &mut Ring, conns: &mut Conns, flow_end: &mut Socket, len: usize) -> Vec<u8> {
+        flow_end.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        for _ in 0..100 {
+            run(ring, conns, Instant::ZERO);
+            loop {
+                match flow_end.read(&mut buf) {
+                    Ok(0) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+            if got.len() >= len {
+                break;
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_reply_of_the_largest_size_is_delivered_whole() {
+        let mut ring = Ring::new().expect("io_uring");
+        let mut conns = Conns::default();
+        let mut flow_end = conns.open(&mut ring, Instant::ZERO).unwrap();
+        let id = ConnId {
+            slot: 0,
+            generation: conns.generation,
+        };
+        let mut counters = DnsStats::default();
+        for len in [20_000, usize::from(u16::MAX), 100] {
+            let reply: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            conns.queue(id, &reply, &mut counters);
+            conns.pump(&mut ring, id.slot);
+            let got = receive(&mut ring, &mut conns, &mut flow_end, 2 + len);
+            assert_eq!(got.len(), 2 + len, "a reply of {len} bytes");
+            assert_eq!(&got[..2], &(len as u16).to_be_bytes());
+            assert!(got[2..] == reply[..], "the bytes of {len}");
+        }
+        assert_eq!(counters.tcp_overflow, 0);
     }
 }
