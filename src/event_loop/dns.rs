@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::rc::Rc;
 
 use smoltcp::time::Instant;
-use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
+use smoltcp::wire::{IpVersion, Ipv4Cidr, Ipv6Cidr};
 
 use super::dns_tcp::Conns;
 use super::forward::{Client, Forwards};
@@ -54,6 +54,8 @@ pub struct Dns {
     query: Box<[u8]>,
     /// The TUN has an IPv6 address, and with it a routed IPv6 fake range.
     v6_routed: bool,
+    /// The TUN's MTU: no UDP reply is longer than one packet of it.
+    mtu: usize,
 }
 
 impl Dns {
@@ -73,6 +75,7 @@ impl Dns {
             conns: Conns::default(),
             query: vec![0; MAX_QUERY].into_boxed_slice(),
             v6_routed: dns.v6.is_some(),
+            mtu: config.mtu as usize,
         }))
     }
 
@@ -113,6 +116,17 @@ impl Dns {
         self.resolver.answer(query, now, &mut self.reply[..])
     }
 
+    /// The longest reply to UDP query `query` (to an IPv6 address if `ipv6`): what the
+    /// client offers (512 bytes, or its EDNS size), but no more than one TUN packet
+    /// holds. Replies go with DF set, so a longer one is dropped on the way (by the
+    /// router to a LAN client, say) and the client never sees TC to ask again over TCP.
+    fn udp_limit(&self, query: &[u8], ipv6: bool) -> u16 {
+        let offered = Query::parse(query).map_or(dns::UDP_MAX as u16, |q| q.udp_size);
+        let headers = if ipv6 { 40 + 8 } else { 20 + 8 };
+        let fits = u16::try_from(self.mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
+        offered.min(fits)
+    }
+
     /// A flow that `hold` gave a name ended.
     pub fn release(&mut self, addr: IpAddr) {
         self.resolver.release(addr);
@@ -136,11 +150,11 @@ impl Dns {
                 }
             }
             Answer::Forward => {
+                let limit = self.udp_limit(payload, key.server.addr.version() == IpVersion::Ipv6);
                 // The resolver forwards only with --dns-server, which needs --upstream.
                 if let (Some(forwards), Some((upstream, interface))) =
                     (&mut self.forwards, upstream)
                 {
-                    let limit = Query::parse(payload).map_or(dns::UDP_MAX as u16, |q| q.udp_size);
                     let client = Client::Udp(key, limit);
                     forwards.start(
                         payload,
@@ -365,5 +379,27 @@ mod tests {
             "the default TUN has IPv6"
         );
         assert_eq!(dns.counters().aaaa_without_range, 0);
+    }
+
+    /// `query(qtype)` with an EDNS record offering `size` bytes over UDP.
+    fn query_with_edns(qtype: u16, size: u16) -> Vec<u8> {
+        let mut query = query(qtype);
+        query[11] = 1;
+        query.extend_from_slice(&[0, 0, 41]);
+        query.extend_from_slice(&size.to_be_bytes());
+        query.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        query
+    }
+
+    #[test]
+    fn a_forwarded_udp_reply_fits_one_tun_packet() {
+        let dns = dns_for(&["--mtu", "1500"]);
+        let mx = 15;
+        assert_eq!(dns.udp_limit(&query(mx), false), 512, "no EDNS");
+        assert_eq!(dns.udp_limit(&query_with_edns(mx, 1232), false), 1232);
+        assert_eq!(dns.udp_limit(&query_with_edns(mx, 4096), false), 1472);
+        assert_eq!(dns.udp_limit(&query_with_edns(mx, 4096), true), 1452);
+        let dns = dns_for(&["--mtu", "9000"]);
+        assert_eq!(dns.udp_limit(&query_with_edns(mx, 4096), false), 4096);
     }
 }
