@@ -5,7 +5,7 @@
 // address the client asked, so no socket is involved. A flow to a fake address holds
 // its table entry while it lives, so the name cannot be given away under it.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use smoltcp::time::Instant;
@@ -21,7 +21,7 @@ use crate::flow::upstream::MAX_QUERY;
 use crate::stack::{Claim, TxPool};
 use crate::stats::DnsStats;
 use crate::uring::Ring;
-use crate::wire::dns::{self, Query, Rcode, TYPE_AAAA};
+use crate::wire::dns::{self, Query};
 use crate::wire::icmp::{self, Quote, Reason};
 use crate::wire::{Cidr, FlowKey, udp};
 
@@ -38,8 +38,6 @@ pub const PORT: u16 = 53;
 /// Largest reply written: the classic UDP limit, which every reply the resolver writes
 /// fits in.
 const MAX_REPLY: usize = 512;
-/// The IPv6 range the resolver is given when the TUN has no IPv6 address.
-const UNROUTED_V6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x7072, 0x7879, 0xfa4e, 0, 0, 0, 0);
 
 /// Fake-IP DNS in the loop.
 pub struct Dns {
@@ -52,8 +50,6 @@ pub struct Dns {
     /// DNS over TCP from clients, and where a query from one is copied to be answered.
     pub conns: Conns,
     query: Box<[u8]>,
-    /// The TUN has an IPv6 address, and with it a routed IPv6 fake range.
-    v6_routed: bool,
     /// The TUN's MTU: no UDP reply is longer than one packet of it.
     mtu: usize,
 }
@@ -74,7 +70,6 @@ impl Dns {
             forwards: dns.server.map(Forwards::new),
             conns: Conns::default(),
             query: vec![0; MAX_QUERY].into_boxed_slice(),
-            v6_routed: dns.v6.is_some(),
             mtu: config.mtu as usize,
         }))
     }
@@ -99,20 +94,8 @@ impl Dns {
         self.resolver.hold(addr).then_some(name)
     }
 
-    /// The resolver's answer to `query`, written into `self.reply`. Without an IPv6 TUN
-    /// address there is no IPv6 range routed: AAAA then gets no record, so clients use
-    /// the IPv4 answer instead of an address that leads nowhere.
+    /// The resolver's answer to `query`, written into `self.reply`.
     fn resolve(&mut self, query: &[u8], now: Instant) -> Answer {
-        if !self.v6_routed
-            && let Ok(parsed) = Query::parse(query)
-            && parsed.qtype == TYPE_AAAA
-        {
-            self.counters.aaaa_without_range += 1;
-            return match dns::reply(&mut self.reply[..], &parsed, Rcode::NoError, None) {
-                Some(len) => Answer::Reply(len),
-                None => Answer::Drop,
-            };
-        }
         self.resolver.answer(query, now, &mut self.reply[..])
     }
 
@@ -224,14 +207,13 @@ fn fake_config(dns: &FakeDns, config: &Config) -> Result<FakeConfig, String> {
     let IpAddr::V4(v4) = dns.v4.addr else {
         return Err(format!("{} is not an IPv4 range", dns.v4));
     };
-    // Without an IPv6 TUN address there is no IPv6 range to route; the resolver still
-    // wants one, and gets the default's place, never routed here.
+    // Without an IPv6 TUN address there is no IPv6 range to route.
     let v6 = match dns.v6 {
         Some(Cidr {
             addr: IpAddr::V6(addr),
             prefix,
-        }) => Ipv6Cidr::new(addr, prefix),
-        _ => Ipv6Cidr::new(UNROUTED_V6, 64),
+        }) => Some(Ipv6Cidr::new(addr, prefix)),
+        _ => None,
     };
     Ok(FakeConfig {
         v4: Ipv4Cidr::new(v4, dns.v4.prefix),
@@ -331,6 +313,7 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::dns::TYPE_AAAA;
 
     fn dns_for(extra: &[&str]) -> Dns {
         let mut args = vec![
@@ -371,14 +354,14 @@ mod tests {
         let mut dns = dns_for(&["--tun-addr", "10.0.0.1/30"]);
         assert_eq!(answered(&mut dns, dns::TYPE_A), (0, 1));
         assert_eq!(answered(&mut dns, TYPE_AAAA), (0, 0));
-        assert_eq!(dns.counters().aaaa_without_range, 1);
+        assert_eq!(dns.counters().resolver.aaaa_without_range, 1);
         let mut dns = dns_for(&[]);
         assert_eq!(
             answered(&mut dns, TYPE_AAAA),
             (0, 1),
             "the default TUN has IPv6"
         );
-        assert_eq!(dns.counters().aaaa_without_range, 0);
+        assert_eq!(dns.counters().resolver.aaaa_without_range, 0);
     }
 
     /// `query(qtype)` with an EDNS record offering `size` bytes over UDP.
