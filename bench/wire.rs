@@ -950,10 +950,10 @@ mod dns {
     fn resolver() -> Resolver {
         Resolver::new(FakeConfig {
             v4: Ipv4Cidr::new(Ipv4Address::new(198, 18, 0, 0), 16),
-            v6: Ipv6Cidr::new(
+            v6: Some(Ipv6Cidr::new(
                 Ipv6Address::new(0xfd7a, 0x7072, 0x7879, 0xf4, 0, 0, 0, 0),
                 64,
-            ),
+            )),
             exclude: Vec::new(),
             capacity: 65_536,
             forward: false,

@@ -120,6 +120,7 @@ impl Proxy {
             self.fire_timers(now);
             self.expire_datagrams(now);
             self.service_forwards(now);
+            self.close_idle_dns(now);
             self.housekeeping(now);
             self.service_tcp_work();
             let table = &self.tcp;
@@ -233,6 +234,7 @@ impl Proxy {
             self.dns
                 .as_ref()
                 .and_then(|dns| dns.forwards.as_ref()?.next_deadline()),
+            self.dns.as_ref().and_then(|dns| dns.conns.next_idle()),
             self.housekeeping.due(self.tcp.closed_since_peak()),
         ]
         .into_iter()

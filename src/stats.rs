@@ -66,9 +66,6 @@ pub struct DnsStats {
     pub tcp_refused: u64,
     pub tcp_malformed: u64,
     pub tcp_overflow: u64,
-    /// AAAA queries answered with no record: the TUN has no IPv6 address to route an
-    /// IPv6 fake range with.
-    pub aaaa_without_range: u64,
 }
 
 impl Stats {

@@ -611,3 +611,60 @@ fn names_reach_their_server_through_ssh_dynamic_forwarding() {
     );
     proxy.assert_running();
 }
+
+#[test]
+fn idle_dns_over_tcp_connections_are_closed_and_free_their_slots() {
+    const TEST: &str = "idle_dns_over_tcp_connections_are_closed_and_free_their_slots";
+    // The proxy's MAX_CONNS.
+    const SLOTS: usize = 64;
+    let Some(topo) = topology(TEST, &["microsocks"]) else {
+        return;
+    };
+    let socks = microsocks(&topo, None);
+    let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
+    let resolver = SocketAddr::new(RESOLVER.parse().unwrap(), 53);
+    let (refused, closed, reply) = join(topo.in_client(move || {
+        let timeout = Duration::from_secs(5);
+        let idle: Vec<TcpStream> = (0..SLOTS)
+            .map(|_| TcpStream::connect_timeout(&resolver, timeout).expect("connect"))
+            .collect();
+        // Every slot held: one more is refused (a RST to its SYN or right after).
+        let refused = match TcpStream::connect_timeout(&resolver, timeout) {
+            Err(_) => true,
+            Ok(mut extra) => {
+                extra.set_read_timeout(Some(timeout)).unwrap();
+                matches!(extra.read(&mut [0u8; 1]), Err(e) if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::TimedOut)
+            }
+        };
+        // Left idle, each is closed by the proxy (10 s), well within the deadline.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let closed = idle
+            .into_iter()
+            .filter_map(|mut conn| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                conn.set_read_timeout(Some(left.max(Duration::from_millis(10))))
+                    .unwrap();
+                matches!(conn.read(&mut [0u8; 1]), Ok(0)).then_some(())
+            })
+            .count();
+        // Then a new connection is served.
+        let mut conn = TcpStream::connect_timeout(&resolver, timeout).expect("connect after");
+        conn.set_read_timeout(Some(timeout)).unwrap();
+        let query = dns_query(0x4321, "after.fake.test");
+        let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&query);
+        conn.write_all(&framed).unwrap();
+        let mut len = [0u8; 2];
+        conn.read_exact(&mut len).expect("a reply");
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        conn.read_exact(&mut reply).expect("the reply");
+        (refused, closed, reply)
+    }));
+    assert!(refused, "a connection past {SLOTS} is refused");
+    assert_eq!(closed, SLOTS, "idle connections closed by the proxy");
+    assert_eq!(&reply[..2], &0x4321u16.to_be_bytes());
+    assert!(a_record(&reply).to_string().starts_with(FAKE_V4_PREFIX));
+    let stats = proxy.stats();
+    assert_eq!(dns_field(&stats, "tcp-refused"), 1, "{stats}");
+    proxy.assert_running();
+}

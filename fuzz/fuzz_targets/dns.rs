@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     // A /28 less one excluded address: 13 names, so a stream fills the table.
     let mut resolver = Resolver::new(FakeConfig {
         v4: Ipv4Cidr::new("198.18.0.0".parse().unwrap(), 28),
-        v6: Ipv6Cidr::new("fd7a:7072:7879:f4::".parse().unwrap(), 64),
+        v6: Some(Ipv6Cidr::new("fd7a:7072:7879:f4::".parse().unwrap(), 64)),
         exclude: vec!["198.18.0.1".parse().unwrap()],
         capacity: 65_536,
         forward: selector & 2 != 0,

@@ -342,7 +342,7 @@ table! {
     DNS_RESULTS &[("result", "dropped")], "dns_dropped", Dns "dropped",
         |s| s.stats.dns.resolver.dropped;
     DNS_RESULTS &[("result", "aaaa_without_range")], "dns_aaaa_without_range",
-        Dns "aaaa-without-range", |s| s.stats.dns.aaaa_without_range;
+        Dns "aaaa-without-range", |s| s.stats.dns.resolver.aaaa_without_range;
     FAKE_UNMAPPED &[TCP], "fake_unmapped_tcp", Dns "unmapped-tcp",
         |s| s.stats.dns.unmapped_tcp;
     FAKE_UNMAPPED &[UDP], "fake_unmapped_udp", Dns "unmapped-udp",

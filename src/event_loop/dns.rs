@@ -5,11 +5,11 @@
 // address the client asked, so no socket is involved. A flow to a fake address holds
 // its table entry while it lives, so the name cannot be given away under it.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use smoltcp::time::Instant;
-use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
+use smoltcp::wire::{IpVersion, Ipv4Cidr, Ipv6Cidr};
 
 use super::dns_tcp::Conns;
 use super::forward::{Client, Forwards};
@@ -21,7 +21,7 @@ use crate::flow::upstream::MAX_QUERY;
 use crate::stack::{Claim, TxPool};
 use crate::stats::DnsStats;
 use crate::uring::Ring;
-use crate::wire::dns::{self, Query, Rcode, TYPE_AAAA};
+use crate::wire::dns::{self, Query};
 use crate::wire::icmp::{self, Quote, Reason};
 use crate::wire::{Cidr, FlowKey, udp};
 
@@ -38,8 +38,6 @@ pub const PORT: u16 = 53;
 /// Largest reply written: the classic UDP limit, which every reply the resolver writes
 /// fits in.
 const MAX_REPLY: usize = 512;
-/// The IPv6 range the resolver is given when the TUN has no IPv6 address.
-const UNROUTED_V6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x7072, 0x7879, 0xfa4e, 0, 0, 0, 0);
 
 /// Fake-IP DNS in the loop.
 pub struct Dns {
@@ -52,8 +50,8 @@ pub struct Dns {
     /// DNS over TCP from clients, and where a query from one is copied to be answered.
     pub conns: Conns,
     query: Box<[u8]>,
-    /// The TUN has an IPv6 address, and with it a routed IPv6 fake range.
-    v6_routed: bool,
+    /// The TUN's MTU: no UDP reply is longer than one packet of it.
+    mtu: usize,
 }
 
 impl Dns {
@@ -72,7 +70,7 @@ impl Dns {
             forwards: dns.server.map(Forwards::new),
             conns: Conns::default(),
             query: vec![0; MAX_QUERY].into_boxed_slice(),
-            v6_routed: dns.v6.is_some(),
+            mtu: config.mtu as usize,
         }))
     }
 
@@ -96,21 +94,20 @@ impl Dns {
         self.resolver.hold(addr).then_some(name)
     }
 
-    /// The resolver's answer to `query`, written into `self.reply`. Without an IPv6 TUN
-    /// address there is no IPv6 range routed: AAAA then gets no record, so clients use
-    /// the IPv4 answer instead of an address that leads nowhere.
+    /// The resolver's answer to `query`, written into `self.reply`.
     fn resolve(&mut self, query: &[u8], now: Instant) -> Answer {
-        if !self.v6_routed
-            && let Ok(parsed) = Query::parse(query)
-            && parsed.qtype == TYPE_AAAA
-        {
-            self.counters.aaaa_without_range += 1;
-            return match dns::reply(&mut self.reply[..], &parsed, Rcode::NoError, None) {
-                Some(len) => Answer::Reply(len),
-                None => Answer::Drop,
-            };
-        }
         self.resolver.answer(query, now, &mut self.reply[..])
+    }
+
+    /// The longest reply to UDP query `query` (to an IPv6 address if `ipv6`): what the
+    /// client offers (512 bytes, or its EDNS size), but no more than one TUN packet
+    /// holds. Replies go with DF set, so a longer one is dropped on the way (by the
+    /// router to a LAN client, say) and the client never sees TC to ask again over TCP.
+    fn udp_limit(&self, query: &[u8], ipv6: bool) -> u16 {
+        let offered = Query::parse(query).map_or(dns::UDP_MAX as u16, |q| q.udp_size);
+        let headers = if ipv6 { 40 + 8 } else { 20 + 8 };
+        let fits = u16::try_from(self.mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
+        offered.min(fits)
     }
 
     /// A flow that `hold` gave a name ended.
@@ -136,11 +133,11 @@ impl Dns {
                 }
             }
             Answer::Forward => {
+                let limit = self.udp_limit(payload, key.server.addr.version() == IpVersion::Ipv6);
                 // The resolver forwards only with --dns-server, which needs --upstream.
                 if let (Some(forwards), Some((upstream, interface))) =
                     (&mut self.forwards, upstream)
                 {
-                    let limit = Query::parse(payload).map_or(dns::UDP_MAX as u16, |q| q.udp_size);
                     let client = Client::Udp(key, limit);
                     forwards.start(
                         payload,
@@ -210,14 +207,13 @@ fn fake_config(dns: &FakeDns, config: &Config) -> Result<FakeConfig, String> {
     let IpAddr::V4(v4) = dns.v4.addr else {
         return Err(format!("{} is not an IPv4 range", dns.v4));
     };
-    // Without an IPv6 TUN address there is no IPv6 range to route; the resolver still
-    // wants one, and gets the default's place, never routed here.
+    // Without an IPv6 TUN address there is no IPv6 range to route.
     let v6 = match dns.v6 {
         Some(Cidr {
             addr: IpAddr::V6(addr),
             prefix,
-        }) => Ipv6Cidr::new(addr, prefix),
-        _ => Ipv6Cidr::new(UNROUTED_V6, 64),
+        }) => Some(Ipv6Cidr::new(addr, prefix)),
+        _ => None,
     };
     Ok(FakeConfig {
         v4: Ipv4Cidr::new(v4, dns.v4.prefix),
@@ -283,6 +279,15 @@ impl Proxy {
         Err(())
     }
 
+    /// Closes the DNS-over-TCP connections fallen idle by `now`.
+    pub(super) fn close_idle_dns(&mut self, now: Instant) {
+        if let Some(dns) = &mut self.dns {
+            let forwards = &dns.forwards;
+            let forwarding = |conn| forwards.as_ref().is_some_and(|f| f.serves(conn));
+            dns.conns.close_idle(&mut self.ring, now, forwarding);
+        }
+    }
+
     /// A completion on the proxy's end of a DNS-over-TCP flow.
     pub(super) fn on_dns_tcp_completion(&mut self, op: Op, id: Id, result: i32) {
         let now = self.now();
@@ -293,7 +298,8 @@ impl Proxy {
             slot: id.slot as usize,
             generation: id.generation,
         };
-        dns.conns.on_completion(op, conn, result, &mut dns.counters);
+        dns.conns
+            .on_completion(op, conn, result, now, &mut dns.counters);
         let upstream = self
             .udp
             .upstream
@@ -307,6 +313,7 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::dns::TYPE_AAAA;
 
     fn dns_for(extra: &[&str]) -> Dns {
         let mut args = vec![
@@ -347,13 +354,35 @@ mod tests {
         let mut dns = dns_for(&["--tun-addr", "10.0.0.1/30"]);
         assert_eq!(answered(&mut dns, dns::TYPE_A), (0, 1));
         assert_eq!(answered(&mut dns, TYPE_AAAA), (0, 0));
-        assert_eq!(dns.counters().aaaa_without_range, 1);
+        assert_eq!(dns.counters().resolver.aaaa_without_range, 1);
         let mut dns = dns_for(&[]);
         assert_eq!(
             answered(&mut dns, TYPE_AAAA),
             (0, 1),
             "the default TUN has IPv6"
         );
-        assert_eq!(dns.counters().aaaa_without_range, 0);
+        assert_eq!(dns.counters().resolver.aaaa_without_range, 0);
+    }
+
+    /// `query(qtype)` with an EDNS record offering `size` bytes over UDP.
+    fn query_with_edns(qtype: u16, size: u16) -> Vec<u8> {
+        let mut query = query(qtype);
+        query[11] = 1;
+        query.extend_from_slice(&[0, 0, 41]);
+        query.extend_from_slice(&size.to_be_bytes());
+        query.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        query
+    }
+
+    #[test]
+    fn a_forwarded_udp_reply_fits_one_tun_packet() {
+        let dns = dns_for(&["--mtu", "1500"]);
+        let mx = 15;
+        assert_eq!(dns.udp_limit(&query(mx), false), 512, "no EDNS");
+        assert_eq!(dns.udp_limit(&query_with_edns(mx, 1232), false), 1232);
+        assert_eq!(dns.udp_limit(&query_with_edns(mx, 4096), false), 1472);
+        assert_eq!(dns.udp_limit(&query_with_edns(mx, 4096), true), 1452);
+        let dns = dns_for(&["--mtu", "9000"]);
+        assert_eq!(dns.udp_limit(&query_with_edns(mx, 4096), false), 4096);
     }
 }

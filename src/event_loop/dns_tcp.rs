@@ -9,6 +9,7 @@
 
 use std::os::fd::AsFd;
 
+use smoltcp::time::{Duration, Instant};
 use socket2::{Domain, Socket, Type};
 
 use crate::flow::dns::stream::{self, Reassembler};
@@ -19,11 +20,21 @@ use crate::uring::{Op, Region, Ring, Slice, Token};
 
 /// Connections served at once; a flow to port 53 past it is refused (RST, counted).
 pub const MAX_CONNS: usize = 64;
-/// Where bytes from the flow are received, and where replies wait to be sent.
+/// Where bytes from the flow are received.
 const RECV: usize = 4096;
+/// Replies queued unsent past this end the connection (its client is not reading them).
 const OUT: usize = 16 * 1024;
+/// Where replies wait to be sent: room for one of the largest a forward returns (2 +
+/// 65,535 bytes) behind less than `OUT` queued, so a single reply always fits. Mapped,
+/// not touched: only a large reply makes its pages resident, and they are given back once
+/// it is sent.
+const OUT_AREA: usize = OUT + stream::PREFIX + u16::MAX as usize;
 /// Complete queries the reassembler may hold (they are taken out at once).
 const PIPELINED: usize = 4;
+/// A connection with nothing queued, sent or forwarded for this long is closed (RFC 7766
+/// 6.2.3 suggests seconds): else idle clients would hold all `MAX_CONNS` slots and every
+/// later flow to port 53 would be refused.
+pub const IDLE: Duration = Duration::from_secs(10);
 
 /// A connection, by slot and generation (a completion for a slot since reused is not
 /// its).
@@ -36,7 +47,7 @@ pub struct ConnId {
 /// The proxy's end of one flow's pair.
 struct Conn {
     socket: Socket,
-    /// `[0, RECV)` receives, `[RECV, RECV + OUT)` the replies queued.
+    /// `[0, RECV)` receives, `[RECV, RECV + OUT_AREA)` the replies queued.
     region: Region,
     reassembler: Reassembler,
     /// Bytes queued, and of them in the send in flight.
@@ -47,6 +58,8 @@ struct Conn {
     /// nothing is in flight.
     ended: bool,
     generation: u32,
+    /// When a query last came in or a reply last went out.
+    active: Instant,
 }
 
 /// Every connection, and the queries received and not yet answered.
@@ -54,9 +67,11 @@ pub struct Conns {
     slots: Vec<Option<Conn>>,
     generation: u32,
     /// Framed queries (2-byte length, then the message) and the connection each came
-    /// on, in order; the buffers are reused.
+    /// on, in order; the buffers are reused. Taken from the front by moving a cursor
+    /// (bytes and queries taken), so a read of many queries costs linear time.
     inbox: Vec<u8>,
     inbox_from: Vec<ConnId>,
+    taken: (usize, usize),
 }
 
 impl Default for Conns {
@@ -66,6 +81,7 @@ impl Default for Conns {
             generation: 0,
             inbox: Vec::new(),
             inbox_from: Vec::new(),
+            taken: (0, 0),
         }
     }
 }
@@ -73,10 +89,10 @@ impl Default for Conns {
 impl Conns {
     /// A pair for a new flow: its end for the flow, ours served from now on (its first
     /// receive started). `None` when every slot is taken or no pair can be made.
-    pub fn open(&mut self, ring: &mut Ring) -> Option<Socket> {
+    pub fn open(&mut self, ring: &mut Ring, now: Instant) -> Option<Socket> {
         let slot = self.slots.iter().position(Option::is_none)?;
         let (flow_end, ours) = Socket::pair(Domain::UNIX, Type::STREAM.cloexec(), None).ok()?;
-        let region = Region::new(RECV + OUT)?;
+        let region = Region::new(RECV + OUT_AREA)?;
         self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
         self.slots[slot] = Some(Conn {
             socket: ours,
@@ -87,6 +103,7 @@ impl Conns {
             receiving: false,
             ended: false,
             generation: self.generation,
+            active: now,
         });
         self.pump(ring, slot);
         Some(flow_end)
@@ -101,7 +118,14 @@ impl Conns {
 
     /// A completion of `op` for connection `id`: a receive's queries go to the inbox
     /// (`take_query`), a send's bytes off the queue. The caller answers, then `pump`s.
-    pub fn on_completion(&mut self, op: Op, id: ConnId, result: i32, counters: &mut DnsStats) {
+    pub fn on_completion(
+        &mut self,
+        op: Op,
+        id: ConnId,
+        result: i32,
+        now: Instant,
+        counters: &mut DnsStats,
+    ) {
         let Some(conn) = self
             .slots
             .get_mut(id.slot)
@@ -117,11 +141,17 @@ impl Conns {
                 conn.ended = true;
                 return;
             }
+            conn.active = now;
             // What is left moves to the front, the replies queued since behind it.
             let queued = conn.queued;
-            conn.region
-                .with_mut(RECV..RECV + OUT, |out| out.copy_within(sent..queued, 0));
+            conn.region.with_mut(RECV..RECV + OUT_AREA, |out| {
+                out.copy_within(sent..queued, 0)
+            });
             conn.queued -= sent;
+            if conn.queued == 0 && queued > OUT {
+                // The pages only a large reply touched go back until the next one.
+                conn.region.discard(RECV + OUT..RECV + OUT_AREA);
+            }
             return;
         }
         conn.receiving = false;
@@ -132,6 +162,7 @@ impl Conns {
                 return;
             }
         };
+        conn.active = now;
         let (inbox, from) = (&mut self.inbox, &mut self.inbox_from);
         let (reassembler, region) = (&mut conn.reassembler, &conn.region);
         let mut taken = 0;
@@ -155,27 +186,30 @@ impl Conns {
 
     /// The next query received, copied into `out`: its length and connection.
     pub fn take_query(&mut self, out: &mut [u8]) -> Option<(usize, ConnId)> {
-        if self.inbox_from.is_empty() {
+        let (at, query) = self.taken;
+        let Some(&id) = self.inbox_from.get(query) else {
             self.inbox.clear();
+            self.inbox_from.clear();
+            self.taken = (0, 0);
             return None;
-        }
-        let id = self.inbox_from.remove(0);
-        let len = usize::from(u16::from_be_bytes([self.inbox[0], self.inbox[1]]));
+        };
+        let len = usize::from(u16::from_be_bytes([self.inbox[at], self.inbox[at + 1]]));
         let n = len.min(out.len());
-        out[..n].copy_from_slice(&self.inbox[stream::PREFIX..stream::PREFIX + n]);
-        self.inbox.drain(..stream::PREFIX + len);
+        let start = at + stream::PREFIX;
+        out[..n].copy_from_slice(&self.inbox[start..start + n]);
+        self.taken = (start + len, query + 1);
         Some((n, id))
     }
 
-    /// Queues `reply` framed on connection `id`; one that does not fit ends the
-    /// connection (its client is not reading its replies).
+    /// Queues `reply` framed on connection `id`; with `OUT` bytes or more queued already
+    /// the connection ends instead (its client is not reading its replies).
     pub fn queue(&mut self, id: ConnId, reply: &[u8], counters: &mut DnsStats) {
         let Some(conn) = self.get(id) else {
             return;
         };
         let at = conn.queued;
-        let framed = conn.region.with_mut(RECV + at..RECV + OUT, |out| {
-            if out.len() < stream::PREFIX + reply.len() {
+        let framed = conn.region.with_mut(RECV + at..RECV + OUT_AREA, |out| {
+            if at >= OUT || out.len() < stream::PREFIX + reply.len() {
                 return None;
             }
             out[stream::PREFIX..stream::PREFIX + reply.len()].copy_from_slice(reply);
@@ -187,6 +221,46 @@ impl Conns {
                 counters.tcp_overflow += 1;
                 conn.ended = true;
             }
+        }
+    }
+
+    /// When the next connection falls idle, if one may.
+    pub fn next_idle(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|conn| !conn.ended && conn.queued == 0)
+            .map(|conn| conn.active + IDLE)
+            .min()
+    }
+
+    /// Closes the connections idle since `IDLE` before `now`: nothing queued or being
+    /// sent, and no query of theirs still forwarded (`forwarding`).
+    pub fn close_idle(
+        &mut self,
+        ring: &mut Ring,
+        now: Instant,
+        forwarding: impl Fn(ConnId) -> bool,
+    ) {
+        for slot in 0..self.slots.len() {
+            let Some(conn) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            let id = ConnId {
+                slot,
+                generation: conn.generation,
+            };
+            if conn.ended || conn.queued > 0 || now < conn.active + IDLE {
+                continue;
+            }
+            if forwarding(id) {
+                // Its reply comes or the forward fails by its deadline; idle counts
+                // from then.
+                conn.active = now;
+                continue;
+            }
+            conn.ended = true;
+            self.pump(ring, slot);
         }
     }
 
@@ -221,6 +295,141 @@ impl Conns {
             conn.sending = conn.queued;
             let out = RECV..RECV + conn.queued;
             ring.send(conn.socket.as_fd(), slice(out), token(Op::DnsTcpSend));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read};
+
+    use super::*;
+    use crate::uring::token::Token;
+
+    /// Carries out the ring's completions for `conns` at `now`, a few rounds.
+    fn run(ring: &mut Ring, conns: &mut Conns, now: Instant) {
+        let mut counters = DnsStats::default();
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            ring.submit_and_wait(Some(std::time::Duration::from_millis(5)))
+                .expect("io_uring_enter");
+            ring.drain(&mut batch, 64);
+            for done in batch.drain(..) {
+                let Some(token) = Token::decode(done.token) else {
+                    continue;
+                };
+                if let Op::DnsTcpRecv | Op::DnsTcpSend = token.op {
+                    let id = ConnId {
+                        slot: token.key as usize,
+                        generation: token.generation,
+                    };
+                    conns.on_completion(token.op, id, done.result, now, &mut counters);
+                    conns.pump(ring, id.slot);
+                }
+            }
+        }
+    }
+
+    /// Whether the flow's end of the pair reads end of stream (its peer closed).
+    fn closed(flow_end: &mut Socket) -> bool {
+        flow_end.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        match flow_end.read(&mut byte) {
+            Ok(0) => true,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+            other => panic!("unexpected read: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_after_the_idle_time() {
+        let mut ring = Ring::new().expect("io_uring");
+        let mut conns = Conns::default();
+        let start = Instant::from_secs(100);
+        let mut flow_end = conns.open(&mut ring, start).unwrap();
+        run(&mut ring, &mut conns, start);
+        assert_eq!(conns.next_idle(), Some(start + IDLE));
+        let before = start + IDLE - Duration::from_millis(1);
+        conns.close_idle(&mut ring, before, |_| false);
+        run(&mut ring, &mut conns, before);
+        assert!(!closed(&mut flow_end), "not idle long enough yet");
+        let forwarded = start + IDLE;
+        conns.close_idle(&mut ring, forwarded, |_| true);
+        run(&mut ring, &mut conns, forwarded);
+        assert!(!closed(&mut flow_end), "a query is still being forwarded");
+        let idle = forwarded + IDLE;
+        conns.close_idle(&mut ring, idle, |_| false);
+        run(&mut ring, &mut conns, idle);
+        assert!(closed(&mut flow_end));
+        assert!(conns.slots.iter().all(Option::is_none), "its slot is free");
+    }
+
+    /// Reads `len` bytes from the flow's end, carrying out the ring meanwhile.
+    fn receive(ring: &mut Ring, conns: &mut Conns, flow_end: &mut Socket, len: usize) -> Vec<u8> {
+        flow_end.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        for _ in 0..100 {
+            run(ring, conns, Instant::ZERO);
+            loop {
+                match flow_end.read(&mut buf) {
+                    Ok(0) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+            if got.len() >= len {
+                break;
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_reply_of_the_largest_size_is_delivered_whole() {
+        let mut ring = Ring::new().expect("io_uring");
+        let mut conns = Conns::default();
+        let mut flow_end = conns.open(&mut ring, Instant::ZERO).unwrap();
+        let id = ConnId {
+            slot: 0,
+            generation: conns.generation,
+        };
+        let mut counters = DnsStats::default();
+        for len in [20_000, usize::from(u16::MAX), 100] {
+            let reply: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            conns.queue(id, &reply, &mut counters);
+            conns.pump(&mut ring, id.slot);
+            let got = receive(&mut ring, &mut conns, &mut flow_end, 2 + len);
+            assert_eq!(got.len(), 2 + len, "a reply of {len} bytes");
+            assert_eq!(&got[..2], &(len as u16).to_be_bytes());
+            assert!(got[2..] == reply[..], "the bytes of {len}");
+        }
+        assert_eq!(counters.tcp_overflow, 0);
+    }
+
+    #[test]
+    fn pipelined_queries_are_taken_in_order_and_the_inbox_reused() {
+        use std::io::Write;
+        let mut ring = Ring::new().expect("io_uring");
+        let mut conns = Conns::default();
+        let mut flow_end = conns.open(&mut ring, Instant::ZERO).unwrap();
+        let mut out = [0u8; 64];
+        for round in 0..2u8 {
+            let mut stream = Vec::new();
+            for len in 1..=3u8 {
+                stream.extend_from_slice(&[0, len]);
+                stream.extend(std::iter::repeat_n(round * 10 + len, usize::from(len)));
+            }
+            flow_end.write_all(&stream).unwrap();
+            run(&mut ring, &mut conns, Instant::ZERO);
+            for len in 1..=3u8 {
+                let (n, id) = conns.take_query(&mut out).expect("a query");
+                assert_eq!(id.slot, 0);
+                assert_eq!(&out[..n], &vec![round * 10 + len; usize::from(len)][..]);
+            }
+            assert!(conns.take_query(&mut out).is_none());
+            assert!(conns.inbox.is_empty() && conns.inbox_from.is_empty());
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct Forwards {
     /// let go of.
     pending: Vec<usize>,
     generation: u32,
+    /// Scratch of finished exchanges (nothing in flight on it), reused rather than a
+    /// ~70 KiB mapping made and unmapped per query; at most `MAX_FORWARDS`, dropped when
+    /// the loop goes quiet.
+    spare: Vec<Region>,
 }
 
 impl Forwards {
@@ -65,6 +69,7 @@ impl Forwards {
             slots: (0..MAX_FORWARDS).map(|_| None).collect(),
             pending: Vec::new(),
             generation: 0,
+            spare: Vec::new(),
         }
     }
 
@@ -75,6 +80,14 @@ impl Forwards {
             .flatten()
             .map(|exchange| exchange.forward.deadline())
             .min()
+    }
+
+    /// Whether a query of DNS-over-TCP connection `conn` is being forwarded.
+    pub fn serves(&self, conn: ConnId) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|exchange| matches!(exchange.client, Client::Tcp(c) if c == conn))
     }
 
     /// Takes `query` from `client` to forward through `upstream` (its
@@ -94,7 +107,8 @@ impl Forwards {
             return;
         };
         let socket = outbound::socket(Purpose::Tcp, upstream.server.into(), interface);
-        let (Ok(socket), Some(scratch)) = (socket, Region::new(FORWARD_SCRATCH)) else {
+        let scratch = self.spare.pop().or_else(|| Region::new(FORWARD_SCRATCH));
+        let (Ok(socket), Some(scratch)) = (socket, scratch) else {
             counters.forward_failed += 1;
             return;
         };
@@ -103,6 +117,7 @@ impl Forwards {
             Forward::new(handshake, query, bytes)
         });
         let Some(forward) = forward else {
+            self.spare.push(scratch);
             counters.forward_failed += 1;
             return;
         };
@@ -216,9 +231,16 @@ impl Forwards {
         if let Some(exchange) = self.slots[slot].take() {
             if exchange.forward.inflight() > 0 {
                 ring.cancel_fd(exchange.socket.as_fd());
+            } else if self.spare.len() < MAX_FORWARDS {
+                self.spare.push(exchange.scratch);
             }
             ring.close(exchange.socket.into());
         }
+    }
+
+    /// Lets go of the spare scratch (the loop is quiet).
+    pub fn drop_spares(&mut self) {
+        self.spare = Vec::new();
     }
 }
 
@@ -282,5 +304,64 @@ impl Proxy {
                 forwards.drive(&mut self.ring, slot, to);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Socks5;
+    use crate::wire::Offload;
+
+    #[test]
+    fn a_finished_exchange_leaves_its_scratch_for_the_next() {
+        let mut ring = Ring::new().expect("io_uring");
+        let socks5 = Socks5 {
+            host: "127.0.0.1".into(),
+            port: 9,
+            credentials: None,
+        };
+        let upstream = Upstream::new(
+            "127.0.0.1:9".parse().unwrap(),
+            &socks5,
+            Duration::from_secs(1),
+        );
+        let mut forwards = Forwards::new("127.0.0.1:53".parse().unwrap());
+        let (mut tx, mut conns) = (
+            TxPool::new(4, 1500, Offload::None).unwrap(),
+            Conns::default(),
+        );
+        let mut counters = DnsStats::default();
+        let query = [0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 15, 0, 1];
+        let client = Client::Tcp(ConnId {
+            slot: 0,
+            generation: 0,
+        });
+        for round in 0..3 {
+            forwards.start(
+                &query,
+                client,
+                &upstream,
+                "lo",
+                Instant::ZERO,
+                &mut counters,
+            );
+            assert_eq!(forwards.spare.len(), 0, "round {round}: the spare is taken");
+            let late = Instant::from_secs(10);
+            forwards.slots[0].as_mut().unwrap().forward.expire(late);
+            let to = To {
+                tx: &mut tx,
+                conns: &mut conns,
+                counters: &mut counters,
+            };
+            forwards.drive(&mut ring, 0, to);
+            assert!(forwards.slots[0].is_none());
+            assert_eq!(forwards.spare.len(), 1, "round {round}: kept");
+        }
+        assert_eq!(counters.forward_failed, 3);
+        forwards.drop_spares();
+        assert!(forwards.spare.is_empty());
     }
 }

@@ -73,6 +73,9 @@ impl Proxy {
             self.stack.tx.discard_free();
             self.udp.discard_free_slots();
             self.tcp.drop_spares();
+            if let Some(forwards) = self.dns.as_mut().and_then(|dns| dns.forwards.as_mut()) {
+                forwards.drop_spares();
+            }
         }
         if closed == 0 {
             house.follow_up = false;

@@ -89,7 +89,7 @@ impl Proxy {
         if let Some(dns) = &mut self.dns
             && server.port() == super::dns::PORT
         {
-            let Some(socket) = dns.conns.open(&mut self.ring) else {
+            let Some(socket) = dns.conns.open(&mut self.ring, now) else {
                 dns.counters.tcp_refused += 1;
                 return None;
             };

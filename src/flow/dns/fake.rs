@@ -143,6 +143,7 @@ impl FakeTable {
         })
     }
 
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.capacity as usize
     }

@@ -5,7 +5,7 @@
 pub mod fake;
 pub mod stream;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use smoltcp::time::Instant;
 use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
@@ -16,13 +16,18 @@ pub use fake::FakeTable;
 /// TTL of fake answers: short, so that a client asks again rather than keeping an
 /// address the table may since have given to another name.
 pub const TTL: u32 = 1;
+/// Where the table lays out IPv6 addresses when no IPv6 range is routed: never handed
+/// out (AAAA then gets no record), but the table gives every name one.
+const UNROUTED_V6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x7072, 0x7879, 0xfa4e, 0, 0, 0, 0);
 
 /// What the resolver is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FakeConfig {
     /// The ranges fake addresses come from (networks; host bits ignored).
     pub v4: Ipv4Cidr,
-    pub v6: Ipv6Cidr,
+    /// `None` when no IPv6 range is routed (the TUN has no IPv6 address): AAAA then
+    /// gets no record, so clients use the IPv4 answer, not an address leading nowhere.
+    pub v6: Option<Ipv6Cidr>,
     /// Addresses in the ranges never handed out (the TUN's own).
     pub exclude: Vec<IpAddr>,
     /// Names held at most; less if the IPv4 range is smaller.
@@ -64,6 +69,8 @@ pub struct DnsCounters {
     /// Names in the table, and entries reused for another name.
     pub table_size: u64,
     pub evictions: u64,
+    /// AAAA queries answered with no record: no IPv6 range is routed.
+    pub aaaa_without_range: u64,
 }
 
 /// Answers A and AAAA from the fake table, PTR of fake addresses from it too, HTTPS and
@@ -71,14 +78,18 @@ pub struct DnsCounters {
 /// forwards or refuses the rest.
 pub struct Resolver {
     table: FakeTable,
+    /// An IPv6 range is routed: AAAA gets a fake address.
+    v6: bool,
     forward: bool,
     counters: DnsCounters,
 }
 
 impl Resolver {
     pub fn new(config: FakeConfig) -> Result<Resolver, String> {
+        let v6 = config.v6.unwrap_or(Ipv6Cidr::new(UNROUTED_V6, 64));
         Ok(Resolver {
-            table: FakeTable::new(config.v4, config.v6, &config.exclude, config.capacity)?,
+            table: FakeTable::new(config.v4, v6, &config.exclude, config.capacity)?,
+            v6: config.v6.is_some(),
             forward: config.forward,
             counters: DnsCounters::default(),
         })
@@ -157,6 +168,10 @@ impl Resolver {
 
     /// A fake address for an A or AAAA question.
     fn address(&mut self, query: &Query, now: Instant, out: &mut [u8]) -> Answer {
+        if query.qtype == dns::TYPE_AAAA && !self.v6 {
+            self.counters.aaaa_without_range += 1;
+            return reply(&mut self.counters, out, query, Rcode::NoError, None);
+        }
         let mut text = [0u8; MAX_TEXT];
         let name = match query.name.text(&mut text) {
             Some(name) if !name.is_empty() => name,

@@ -88,6 +88,7 @@ impl Reassembler {
     }
 
     /// Bytes waiting, complete messages or not.
+    #[cfg(test)]
     pub fn buffered(&self) -> usize {
         self.end - self.start
     }

@@ -2,15 +2,18 @@ use super::*;
 use crate::wire::dns::{HEADER_LEN, Name, UDP_MAX};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-fn resolver(forward: bool, capacity: usize) -> Resolver {
-    Resolver::new(FakeConfig {
+fn config(forward: bool, capacity: usize) -> FakeConfig {
+    FakeConfig {
         v4: Ipv4Cidr::new(Ipv4Addr::new(198, 18, 0, 0), 16),
-        v6: Ipv6Cidr::new("fd7a:7072:7879:f4::".parse().unwrap(), 64),
+        v6: Some(Ipv6Cidr::new("fd7a:7072:7879:f4::".parse().unwrap(), 64)),
         exclude: vec!["198.18.0.1".parse().unwrap()],
         capacity,
         forward,
-    })
-    .unwrap()
+    }
+}
+
+fn resolver(forward: bool, capacity: usize) -> Resolver {
+    Resolver::new(config(forward, capacity)).unwrap()
 }
 
 /// A query for `name` with `qtype` (class IN, RD).
@@ -254,5 +257,25 @@ fn the_longest_replies_fit_512_bytes() {
     assert_eq!(
         dns.name_of("198.18.0.2".parse().unwrap()),
         Some(longest.as_str())
+    );
+}
+
+#[test]
+fn without_an_ipv6_range_aaaa_gets_no_record() {
+    let mut dns = Resolver::new(FakeConfig {
+        v6: None,
+        ..config(false, 16)
+    })
+    .unwrap();
+    let (rcode, v4) = ask(&mut dns, &query(1, "example.com", dns::TYPE_A), 0);
+    assert_eq!((rcode, v4.map(|a| a.len())), (0, Some(4)));
+    let aaaa = query(2, "example.com", dns::TYPE_AAAA);
+    assert_eq!(ask(&mut dns, &aaaa, 0), (0, None), "NOERROR, no record");
+    assert_eq!(dns.counters().aaaa_without_range, 1);
+    assert_eq!(resolver(false, 16).counters().aaaa_without_range, 0);
+    let mut routed = resolver(false, 16);
+    assert!(
+        ask(&mut routed, &aaaa, 0).1.is_some(),
+        "with a range, an address"
     );
 }
