@@ -340,6 +340,19 @@ pub struct StackDevice<'a> {
 }
 
 impl<'a> StackDevice<'a> {
+    /// Whether a smoltcp egress pass may start: only with a buffer for its packet (else
+    /// the pool is marked exhausted, so the flow waits for one). smoltcp asks for the
+    /// buffer after it has moved the socket on: a fast retransmit it decided on is
+    /// forgotten and the retransmission timer stays stopped when the packet finds
+    /// none, so lost bytes wait for the client's next duplicate ACKs (a keep-alive's,
+    /// a minute later, whose garbage byte lands on the sequence number of a byte
+    /// still unacknowledged).
+    pub fn egress_ready(&mut self) -> bool {
+        let ready = self.tx.has_free_for_egress();
+        self.tx.exhausted |= !ready;
+        ready
+    }
+
     /// For egress of `flow`: nothing to receive.
     pub fn egress(tx: &'a mut TxPool, flow: FlowTx<'a>) -> StackDevice<'a> {
         StackDevice {

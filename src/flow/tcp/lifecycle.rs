@@ -82,7 +82,8 @@ impl Flow {
             next.again = self.memory.with(|sockets, _| {
                 let mut device = StackDevice::egress(tx, flow);
                 (0..EGRESS_BUDGET).all(|_| {
-                    iface.poll_egress(now, &mut device, &mut sockets.set) != PollResult::None
+                    device.egress_ready()
+                        && iface.poll_egress(now, &mut device, &mut sockets.set) != PollResult::None
                 })
             });
         }
@@ -177,7 +178,9 @@ impl Flow {
         let flow = device_flow(self.segment_size, self.window_limit(), &mut self.window);
         self.memory.with(|sockets, _| {
             let mut device = StackDevice::egress(tx, flow);
-            iface.poll_egress(now, &mut device, &mut sockets.set);
+            if device.egress_ready() {
+                iface.poll_egress(now, &mut device, &mut sockets.set);
+            }
             iface.poll_at(now, &sockets.set).is_some()
         })
     }

@@ -922,6 +922,60 @@ fn vanished_client(order: Order) {
 }
 
 #[test]
+fn a_fast_retransmit_decided_without_a_buffer_goes_out_when_one_frees() {
+    let mut h = Harness::new(Server::default(), Order::Instant);
+    connect(&mut h, Ok(()));
+    h.steps_until(50, |h| {
+        h.client().state() == State::Established && h.pending_recv.is_some()
+    });
+    // 32 KiB first, so that the congestion window holds four segments; then 8 KiB that
+    // go out at once, with no new data after them to restart the retransmission timer.
+    let download = pattern(40 * 1024, 9);
+    h.server
+        .to_send
+        .extend(download[..32 * 1024].iter().copied());
+    let mut got = Vec::new();
+    h.steps_until(500, |h| {
+        client_recv(h, &mut got);
+        got.len() == 32 * 1024
+    });
+    h.server
+        .to_send
+        .extend(download[32 * 1024..].iter().copied());
+    // The first data segment is lost: the client answers the others with duplicate ACKs.
+    let data = |packet: &Vec<u8>| {
+        let ip = Ipv4Packet::new_checked(&packet[..]).unwrap();
+        TcpPacket::new_checked(ip.payload()).is_ok_and(|tcp| !tcp.payload().is_empty())
+    };
+    let mut segments = VecDeque::new();
+    for _ in 0..10 {
+        h.step();
+        segments.extend(h.client_dev.inbox.drain(..).filter(data));
+    }
+    assert!(segments.len() >= 4, "{} segments: too few", segments.len());
+    segments.pop_front();
+    h.client_dev.inbox.extend(segments);
+    // Every TUN write buffer egress may take is in use while the duplicate ACKs come.
+    let mut held = Vec::new();
+    while h.tx.emit(Claim::Egress, |buf| Some(buf.len().min(40))) {}
+    h.tx.take_ready(|index, _| held.push(index));
+    for _ in 0..5 {
+        h.step();
+    }
+    for index in held {
+        h.tx.release(index);
+    }
+    h.flow.as_mut().unwrap().on_tx_buffer();
+    // The retransmission follows within a second (steps of 1 ms), not after a minute's
+    // keep-alive, whose garbage byte the client would take for the stream's last.
+    h.steps_until(1000, |h| {
+        client_recv(h, &mut got);
+        got.len() == download.len()
+    });
+    assert_eq!(got, download);
+}
+
+#[test]
 fn the_flow_stays_until_its_rst_is_out() {
     let mut h = Harness::new(Server::default(), Order::Instant);
     connect(&mut h, Ok(()));
