@@ -40,7 +40,6 @@ use uringproxy::wire::{self, FlowKey, Offload, Parsed, udp, vnet};
 
 const CLIENT_PORT: u16 = 40000;
 /// Largest UDP payload the event loop relays per datagram.
-const MAX_DATAGRAM: usize = 65507;
 /// Simulated time, and turns, a clean network has to finish a transfer and a close.
 const SETTLE_LIMIT: Duration = Duration::from_secs(900);
 const SETTLE_TURNS: usize = 50_000;
@@ -963,7 +962,7 @@ impl Harness {
                 self.datagrams.on_datagram(id, now, Some(Quote::of(packet)));
                 let payload = &packet[payload_start..payload_start + payload_len];
                 let parts: Vec<&[u8]> =
-                    udp::datagrams(payload, udp_segment, MAX_DATAGRAM).collect();
+                    udp::datagrams(payload, udp_segment, udp::MAX_DATAGRAM).collect();
                 assert_eq!(parts.concat(), payload, "the datagrams are the payload");
                 let bytes = parts.iter().map(|part| part.len()).sum();
                 self.datagrams.relayed_up(id, parts.len(), bytes);

@@ -26,11 +26,10 @@ use crate::flow::upstream::{self, Deadlines, Step};
 use crate::sys;
 use crate::uring::{Op, Region, Ring, Token};
 use crate::wire::icmp::{self, Quote};
+use crate::wire::udp::MAX_DATAGRAM;
 use crate::wire::{Parsed, socks5, udp};
 use smoltcp::wire::IpAddress;
 
-/// Largest UDP payload (IPv4 limit), the size of each send buffer.
-pub(super) const MAX_DATAGRAM: usize = 65507;
 /// Size of each receive buffer: the kernel's header and control messages, then a
 /// datagram, or several coalesced (UDP_GRO) up to 64 KiB.
 const RECV_BUFFER: usize = crate::uring::RECVMSG_OVERHEAD + (64 << 10);

@@ -26,7 +26,6 @@ use crate::wire::icmp::{self, Quote, Reason};
 use crate::wire::{Cidr, FlowKey, udp};
 
 use super::Proxy;
-use super::datagrams::MAX_DATAGRAM;
 use super::dns_tcp::ConnId;
 use super::tun_io::{self, Frame};
 use crate::flow::Id;
@@ -105,7 +104,7 @@ impl Dns {
     /// router to a LAN client, say) and the client never sees TC to ask again over TCP.
     fn udp_limit(&self, query: &[u8], ipv6: bool) -> u16 {
         let offered = Query::parse(query).map_or(dns::UDP_MAX as u16, |q| q.udp_size);
-        let headers = if ipv6 { 40 + 8 } else { 20 + 8 };
+        let headers = udp::headers_len(ipv6);
         let fits = u16::try_from(self.mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
         offered.min(fits)
     }
@@ -251,7 +250,7 @@ impl Proxy {
             .upstream
             .as_ref()
             .map(|u| (u, self.udp.interface.as_str()));
-        for query in udp::datagrams(payload, frame.udp_segment, MAX_DATAGRAM) {
+        for query in udp::datagrams(payload, frame.udp_segment, udp::MAX_DATAGRAM) {
             dns.on_query(key, query, now, &mut self.stack.tx, upstream);
         }
         true

@@ -6,6 +6,14 @@ use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
 
 use super::FlowKey;
 
+/// Largest UDP payload relayed (the IPv4 limit): send slots and receives are sized to
+/// it, and a longer datagram (IPv6 allows 20 bytes more) is dropped, never cut.
+pub const MAX_DATAGRAM: usize = 65507;
+/// Bytes of IP and UDP header in front of a datagram's payload (no IP options).
+pub const fn headers_len(ipv6: bool) -> usize {
+    if ipv6 { 40 + 8 } else { 20 + 8 }
+}
+
 /// Writes into `buf` the server's `payload` as an IP packet carrying a UDP datagram from
 /// the server of flow `key` to its client; returns its length, `None` if it does not fit.
 pub fn reply(buf: &mut [u8], key: FlowKey, payload: &[u8]) -> Option<usize> {

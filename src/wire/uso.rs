@@ -33,10 +33,7 @@ pub struct Limits {
 
 /// Bytes of IP and UDP header in front of each datagram of a flow to `addr`'s family.
 pub fn header_len(addr: IpAddress) -> usize {
-    match addr {
-        IpAddress::Ipv4(_) => 20 + UDP_HEADER,
-        IpAddress::Ipv6(_) => 40 + UDP_HEADER,
-    }
+    super::udp::headers_len(matches!(addr, IpAddress::Ipv6(_)))
 }
 
 /// The segment size of a super-packet carrying datagrams of `lens` (in order) to a

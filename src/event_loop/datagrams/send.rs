@@ -17,7 +17,7 @@ use super::{Datagrams, MAX_DATAGRAM, SEND_SLOTS};
 use crate::flow::Id;
 use crate::flow::datagram::coalesce::{Batch, Limits, MAX_SEGMENTS};
 use crate::uring::{MESSAGE_ALIGN, MESSAGE_LEN, Op, Ring, Slice, Token};
-use crate::wire::socks5;
+use crate::wire::{socks5, udp};
 
 /// Bytes set aside per slot for a segmented send's message header.
 const MESSAGE_STRIDE: usize = MESSAGE_LEN.next_multiple_of(MESSAGE_ALIGN);
@@ -26,7 +26,7 @@ const MESSAGES_START: usize = (SEND_SLOTS as usize * MAX_DATAGRAM).next_multiple
 /// The slots' region: the slots, then one message header per slot.
 pub(super) const REGION_LEN: usize = MESSAGES_START + SEND_SLOTS as usize * MESSAGE_STRIDE;
 /// IP and UDP header bytes, IPv4 and IPv6: the segment size is at most the MTU less them.
-const HEADERS: [usize; 2] = [20 + 8, 40 + 8];
+const HEADERS: [usize; 2] = [udp::headers_len(false), udp::headers_len(true)];
 /// The MTU assumed when the outbound interface's cannot be read.
 const DEFAULT_MTU: usize = 1500;
 

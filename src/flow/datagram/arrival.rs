@@ -2,10 +2,7 @@
 
 use std::ops::Range;
 
-use crate::wire::udp;
-
-/// Largest UDP payload (IPv4 limit): no datagram of a coalesced receive is longer.
-const MAX_DATAGRAM: usize = 65507;
+use crate::wire::udp::{self, MAX_DATAGRAM};
 
 /// The server datagrams one receive brought, in order: `datagrams` are ranges of
 /// `bytes` (one datagram, or several a coalesced receive held back to back).
