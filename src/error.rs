@@ -23,6 +23,8 @@ pub enum Error {
     IoUring(io::Error),
     /// The kernel's io_uring lacks something the proxy needs.
     Kernel(crate::uring::features::Unsupported),
+    /// The TUN interface was deleted under the running proxy.
+    TunDeleted(String),
     /// Any other system call failure during set-up or in the event loop.
     Io(&'static str, io::Error),
     /// The control socket or metrics endpoint could not be set up, or `uringproxy
@@ -73,6 +75,7 @@ impl fmt::Display for Error {
                 ),
             },
             Error::Kernel(unsupported) => write!(f, "{unsupported}"),
+            Error::TunDeleted(name) => write!(f, "the TUN '{name}' was deleted; exiting"),
             Error::Io(what, err) => write!(f, "{what}: {err}"),
             Error::Control(text) => write!(f, "{text}"),
         }

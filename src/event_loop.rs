@@ -23,6 +23,7 @@ mod tun_io;
 use std::time::Duration;
 
 use log::info;
+use nix::libc;
 use smoltcp::time::Instant;
 
 use crate::config::Config;
@@ -142,7 +143,9 @@ impl Proxy {
             Op::TunRead => self.on_tun_read(completion),
             Op::TunWrite => {
                 self.stack.tx.release(token.key as u16);
-                if completion.result < 0 {
+                if completion.result == -libc::EBADFD {
+                    self.fatal.get_or_insert(self.tun.deleted());
+                } else if completion.result < 0 {
                     self.stats.tun_write_errors += 1;
                 } else {
                     self.stats.tun_writes += 1;
@@ -170,6 +173,11 @@ impl Proxy {
                 self.on_control_io(token.op, id, completion.result);
             }
             Op::ControlTick => self.on_control_tick(),
+            Op::LinkEvent => {
+                if let Err(err) = self.tun.on_link_event(completion.result) {
+                    self.fatal.get_or_insert(err);
+                }
+            }
             Op::AssociationConnect | Op::AssociationSend | Op::AssociationRecv => {
                 self.on_association_completion(token.op, id, completion.result);
             }

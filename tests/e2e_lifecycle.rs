@@ -1,6 +1,7 @@
 //! End-to-end tests of how the proxy stops: SIGHUP (the terminal closing) and SIGQUIT
 //! stop it as SIGTERM does, and a TUN deleted under it resets the outbound flows, so
-//! that servers see the transfer cut short rather than a clean end.
+//! that servers see the transfer cut short rather than a clean end; an idle proxy
+//! notices the deletion too.
 
 mod common;
 
@@ -142,7 +143,7 @@ fn a_deleted_tun_resets_outbound_flows_and_ends_in_one_error_line() {
     assert_eq!(status.code(), Some(1), "exit status {status}");
     let output = proxy.stderr();
     assert!(
-        matches!(common::error_lines(&output)[..], [line] if line.contains("TUN")),
+        matches!(common::error_lines(&output)[..], [line] if line.contains("was deleted")),
         "expected one `uringproxy: error:` line about the TUN:\n{output}"
     );
     assert_eq!(
@@ -150,4 +151,29 @@ fn a_deleted_tun_resets_outbound_flows_and_ends_in_one_error_line() {
         Err(ErrorKind::ConnectionReset),
         "the server must see the cut-short transfer as a reset, not a clean end"
     );
+}
+
+/// Without traffic no TUN read or write fails; the link notification of the deletion
+/// still ends the proxy.
+#[test]
+fn an_idle_proxy_exits_when_its_tun_is_deleted() {
+    let Some(topo) = Topology::for_test("an_idle_proxy_exits_when_its_tun_is_deleted") else {
+        return;
+    };
+    let mut proxy = topo.start_proxy(&[]);
+    common::ip(&format!(
+        "-n {} link del {}",
+        topo.client_ns(),
+        topo.tun_name()
+    ));
+    let status = proxy
+        .wait_exit(Duration::from_secs(30))
+        .expect("no exit after the TUN was deleted");
+    assert_eq!(status.code(), Some(1), "exit status {status}");
+    let output = proxy.stderr();
+    assert!(
+        matches!(common::error_lines(&output)[..], [line] if line.contains("was deleted")),
+        "expected one `uringproxy: error:` line about the deleted TUN:\n{output}"
+    );
+    assert_eq!(route_rules(&topo), 0, "rules left after exit");
 }

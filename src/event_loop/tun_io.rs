@@ -1,15 +1,20 @@
 //! The TUN side of the loop: the read buffers and the reads (one multishot read, or on
 //! kernels without it a chain of single reads), each packet's virtio-net header
-//! checked, and the writes the transmit pool has filled submitted.
+//! checked, the writes the transmit pool has filled submitted, and the TUN's deletion
+//! noticed.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
+
+use log::warn;
+use nix::libc;
 
 use crate::error::Error;
 use crate::stack::TxPool;
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stats::Stats;
+use crate::sys::netlink;
 use crate::tun::Tun;
-use crate::uring::{Completion, Features, Op, Ring, Token};
+use crate::uring::{Completion, Features, Op, Region, Ring, Slice, Token};
 use crate::wire::vnet;
 
 /// Buffer group of the TUN read buffers.
@@ -39,7 +44,23 @@ pub struct Frame {
 pub struct TunIo {
     pub tun: Tun,
     reads: Reads,
+    links: Option<LinkWatch>,
 }
+
+/// Link notifications of the namespace, read only as a doorbell: after each, the TUN
+/// is asked whether it still exists. A deleted TUN usually ends the pending read with
+/// EBADFD, but the kernel wakes its readers before it detaches the file
+/// (tun_detach_all), so a read retried in between finds no packet, waits again and is
+/// never woken. The RTM_DELLINK notification goes out after the detach.
+struct LinkWatch {
+    fd: OwnedFd,
+    /// The pending read's buffer; the notification itself is not parsed (a longer one
+    /// is cut short, which is fine).
+    buf: Region,
+    armed: bool,
+}
+
+const LINK_BUF: usize = 256;
 
 impl TunIo {
     /// Registers the read buffers and makes the transmit pool for `tun`.
@@ -68,7 +89,25 @@ impl TunIo {
         } else {
             Reads::chained(SINGLE_READS.min(read_buffers))
         };
-        Ok((TunIo { tun, reads }, tx))
+        let links = netlink::link_events()
+            .map_err(|err| Error::Io("open a netlink socket for link notifications", err))?;
+        let buf = Region::new(LINK_BUF).ok_or_else(|| {
+            Error::Io(
+                "allocate the link notification buffer",
+                std::io::ErrorKind::OutOfMemory.into(),
+            )
+        })?;
+        let links = Some(LinkWatch {
+            fd: links,
+            buf,
+            armed: false,
+        });
+        Ok((TunIo { tun, reads, links }, tx))
+    }
+
+    /// The error that ends the proxy once the TUN is gone.
+    pub fn deleted(&self) -> Error {
+        Error::TunDeleted(self.tun.name().to_string())
     }
 
     /// Single reads in a chain (1 with a multishot read).
@@ -86,6 +125,37 @@ impl TunIo {
             Submit::Multishot => ring.read_multishot(fd, READ_GROUP, token),
             Submit::Chain(count) => ring.read_chain(fd, READ_GROUP, count, token),
         }
+        if let Some(links) = self.links.as_mut().filter(|links| !links.armed) {
+            let buf = Slice {
+                region: links.buf.clone(),
+                range: 0..LINK_BUF,
+            };
+            let token = Token::new(Op::LinkEvent, 0, 0).encode();
+            ring.read(links.fd.as_fd(), buf, token);
+            links.armed = true;
+        }
+    }
+
+    /// A link notification (or an error, ENOBUFS when notifications were lost) came:
+    /// whatever it was about, the TUN is checked.
+    pub fn on_link_event(&mut self, result: i32) -> Result<(), Error> {
+        if let Some(links) = self.links.as_mut() {
+            links.armed = false;
+        }
+        if result < 0 && result != -libc::ENOBUFS {
+            // Re-reading would fail the same way every turn; reads and writes still
+            // see a deleted TUN in most cases.
+            warn!(
+                "link notifications: {}; no longer watching for the TUN's deletion",
+                std::io::Error::from_raw_os_error(-result)
+            );
+            self.links = None;
+        }
+        if self.tun.attached() {
+            Ok(())
+        } else {
+            Err(self.deleted())
+        }
     }
 
     /// A read completed: the buffer it filled, to be recycled once handled, and the
@@ -101,9 +171,11 @@ impl TunIo {
         let result = completion.result;
         self.reads.on_read(completion.more());
         let Some(bid) = completion.buffer_id() else {
-            if result == -nix::libc::ENOBUFS {
+            if result == -libc::ENOBUFS {
                 // Every circulating buffer was in use: let more circulate.
                 ring.more_buffers(READ_GROUP);
+            } else if result == -libc::EBADFD {
+                return Err(self.deleted());
             } else if result < 0 {
                 return Err(Error::Io(
                     "read from the TUN",

@@ -83,6 +83,20 @@ pub fn tun_set_iff(fd: RawFd, name: &str, flags: libc::c_int) -> io::Result<()> 
     Ok(())
 }
 
+/// Whether the TUN `fd` is still attached to its interface: TUNGETIFF fails with
+/// EBADFD once the interface was deleted (the fd stays open, detached).
+pub fn tun_attached(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: ifreq is a plain C struct/union; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes the interface's name and flags into `req`, a valid,
+    // live ifreq.
+    match syscall!(unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) }) {
+        Ok(_) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::EBADFD) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
 /// Asks the TUN to hand us (and accept from us) the offloads in `flags` (TUNSETOFFLOAD);
 /// EINVAL means the kernel does not know one of them.
 pub fn tun_set_offload(fd: RawFd, flags: libc::c_uint) -> io::Result<()> {

@@ -165,6 +165,12 @@ impl Tun {
         })
     }
 
+    /// Whether the interface still exists: its deletion detaches our fd. Should the
+    /// kernel not answer, the TUN is taken to be there (reads and writes still tell).
+    pub fn attached(&self) -> bool {
+        sys::tun_attached(self.fd.as_raw_fd()).unwrap_or(true)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

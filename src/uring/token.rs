@@ -29,6 +29,8 @@ pub enum Op {
     ControlSend = 13,
     /// The control clients' deadline check, once a second while any is connected.
     ControlTick = 14,
+    /// A link notification read from the netlink socket that watches the TUN.
+    LinkEvent = 15,
     /// Connect, send and receive of a UDP flow's control connection to its SOCKS5
     /// upstream (the key is the UDP flow's).
     AssociationConnect = 20,
@@ -60,6 +62,7 @@ impl Op {
             12 => Op::ControlRecv,
             13 => Op::ControlSend,
             14 => Op::ControlTick,
+            15 => Op::LinkEvent,
             20 => Op::AssociationConnect,
             21 => Op::AssociationSend,
             22 => Op::AssociationRecv,

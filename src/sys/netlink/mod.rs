@@ -10,9 +10,13 @@ mod request;
 
 use std::io::{self, Read};
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use nix::libc;
+use nix::sys::socket::{
+    AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+};
 use socket2::{Domain, Protocol, Type};
 
 use crate::wire::Cidr;
@@ -164,6 +168,22 @@ impl std::fmt::Display for Rule {
         }
         Ok(())
     }
+}
+
+/// A non-blocking NETLINK_ROUTE socket that receives the kernel's link notifications
+/// (RTMGRP_LINK: links added, changed, deleted in this network namespace).
+pub fn link_events() -> io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(
+        fd.as_raw_fd(),
+        &NetlinkAddr::new(0, libc::RTMGRP_LINK as u32),
+    )?;
+    Ok(fd)
 }
 
 /// A NETLINK_ROUTE socket for one request at a time.
