@@ -11,8 +11,8 @@ use socket2::Socket;
 
 use super::outbound::{self, Purpose, Upstream};
 use crate::flow::Id;
-use crate::flow::upstream::{self, Counters, SCRATCH, Step, WATCH};
-use crate::uring::{Op, Region, Ring, Slice, Token};
+use crate::flow::upstream::{self, Counters, Io, SCRATCH, Step, WATCH};
+use crate::uring::{Op, Region, Ring, Token};
 
 /// A UDP flow's association.
 pub struct Association {
@@ -76,33 +76,18 @@ impl Association {
         };
         let (flow, scratch) = (&mut self.flow, &self.scratch);
         let step = scratch.with_mut(0..SCRATCH, |bytes| flow.poll(bytes, counters));
-        let slice = |range| Slice {
-            region: scratch.clone(),
-            range,
-        };
+        let tokens = [
+            token(Op::AssociationSend, id),
+            token(Op::AssociationRecv, id),
+        ];
         match &step {
-            Step::Io(io) => {
-                if let Some(range) = io.recv.clone() {
-                    ring.recv(
-                        control.as_fd(),
-                        slice(range),
-                        token(Op::AssociationRecv, id),
-                    );
-                }
-                if let Some(range) = io.send.clone() {
-                    ring.send(
-                        control.as_fd(),
-                        slice(range),
-                        token(Op::AssociationSend, id),
-                    );
-                }
-            }
+            Step::Io(io) => outbound::start_io(ring, control.as_fd(), scratch, io, tokens),
             Step::Open(_) => {
-                ring.recv(
-                    control.as_fd(),
-                    slice(WATCH),
-                    token(Op::AssociationRecv, id),
-                );
+                let watch = Io {
+                    send: None,
+                    recv: Some(WATCH),
+                };
+                outbound::start_io(ring, control.as_fd(), scratch, &watch, tokens);
             }
             Step::Wait | Step::Close => {}
         }

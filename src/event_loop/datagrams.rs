@@ -333,8 +333,8 @@ impl Proxy {
                 }
                 // A fake destination goes by its name, held while the flow lives.
                 let server_ip = key.server_addr().ip();
-                let Ok(name) = self.fake_destination(frame, server_ip) else {
-                    return;
+                let Ok(name) = self.hold_name(server_ip) else {
+                    return self.refuse_unmapped(frame);
                 };
                 let udp = &mut self.udp;
                 if let Some(evicted) = udp.flows.evict_for_new() {
@@ -349,19 +349,14 @@ impl Proxy {
                             ..Outbound::new(Some(socket), None, None)
                         }),
                 };
-                let release = |dns: &mut Option<super::dns::Dns>| {
-                    if let Some(dns) = dns.as_mut().filter(|dns| dns.is_fake(server_ip)) {
-                        dns.release(server_ip);
-                    }
-                };
                 let Ok(io) = io else {
                     udp.flows.counters.socket_errors += 1;
-                    return release(&mut self.dns);
+                    return self.release_name(server_ip);
                 };
                 // Refused (counted) with its socket closed here: a ping flow finds every
                 // echo identifier towards its server taken.
                 let Ok(id) = udp.flows.open(kind, key, io, now) else {
-                    return release(&mut self.dns);
+                    return self.release_name(server_ip);
                 };
                 udp.associated(&mut self.ring, id);
                 id

@@ -257,25 +257,33 @@ impl Proxy {
     }
 
     /// The name a new flow to `server` goes by: `Ok(None)` for a real address, the name
-    /// (its entry now held) for a mapped fake one; `Err` when a fake address has no
-    /// name, which has then been refused to the client (the packet in `frame`).
-    pub(super) fn fake_destination(
-        &mut self,
-        frame: &Frame,
-        server: IpAddr,
-    ) -> Result<Option<Rc<str>>, ()> {
-        let Some(dns) = self.dns.as_mut().filter(|dns| dns.is_fake(server)) else {
-            return Ok(None);
-        };
-        if let Some(name) = dns.hold(server) {
-            return Ok(Some(name));
+    /// for a mapped fake one, its entry held until `release_name`; `Err` for a fake
+    /// address with no name (the caller refuses the flow).
+    pub(super) fn hold_name(&mut self, server: IpAddr) -> Result<Option<Rc<str>>, ()> {
+        match self.dns.as_mut().filter(|dns| dns.is_fake(server)) {
+            None => Ok(None),
+            Some(dns) => dns.hold(server).map(Some).ok_or(()),
         }
+    }
+
+    /// A flow that `hold_name` gave a name to ended, or was not opened after all.
+    pub(super) fn release_name(&mut self, server: IpAddr) {
+        if let Some(dns) = self.dns.as_mut().filter(|dns| dns.is_fake(server)) {
+            dns.release(server);
+        }
+    }
+
+    /// Refuses the datagram in `frame`, to a fake address with no name, with ICMP port
+    /// unreachable (counted).
+    pub(super) fn refuse_unmapped(&mut self, frame: &Frame) {
+        let Some(dns) = &mut self.dns else {
+            return;
+        };
         let packet = self
             .ring
             .buffer(tun_io::READ_GROUP, frame.bid, frame.len)
             .map_or(&[][..], |buffer| &buffer[frame.ip_start..]);
         dns.refuse_unmapped(packet, &mut self.stack.tx);
-        Err(())
     }
 
     /// Closes the DNS-over-TCP connections fallen idle by `now`.

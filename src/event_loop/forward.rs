@@ -18,7 +18,7 @@ use crate::flow::Id;
 use crate::flow::upstream::{FORWARD_SCRATCH, Forward, Target};
 use crate::stack::{Claim, TxPool};
 use crate::stats::DnsStats;
-use crate::uring::{Op, Region, Ring, Slice, Token};
+use crate::uring::{Op, Region, Ring, Token};
 use crate::wire::socks5::Command;
 use crate::wire::{FlowKey, dns, udp};
 
@@ -204,25 +204,9 @@ impl Forwards {
             None => {
                 let (forward, scratch) = (&mut exchange.forward, &exchange.scratch);
                 let io = scratch.with_mut(0..FORWARD_SCRATCH, |bytes| forward.pump(bytes));
-                let slice = |range| Slice {
-                    region: scratch.clone(),
-                    range,
-                };
-                let fd = exchange.socket.as_fd();
-                if let Some(range) = io.send {
-                    ring.send(
-                        fd,
-                        slice(range),
-                        token(Op::DnsSend, slot, exchange.generation),
-                    );
-                }
-                if let Some(range) = io.recv {
-                    ring.recv(
-                        fd,
-                        slice(range),
-                        token(Op::DnsRecv, slot, exchange.generation),
-                    );
-                }
+                let tokens =
+                    [Op::DnsSend, Op::DnsRecv].map(|op| token(op, slot, exchange.generation));
+                outbound::start_io(ring, exchange.socket.as_fd(), scratch, &io, tokens);
                 return;
             }
         }

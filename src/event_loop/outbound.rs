@@ -3,6 +3,8 @@
 //! back into the TUN, and the SOCKS5 upstream they may be re-originated through.
 
 use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::fd::BorrowedFd;
 use std::rc::Rc;
 
 use nix::errno::Errno;
@@ -15,7 +17,8 @@ use crate::config::Socks5;
 use crate::flow::IoError;
 use crate::flow::datagram::Kind;
 use crate::flow::tcp::KEEPALIVE_IDLE;
-use crate::flow::upstream::{Association, Handshake, Target};
+use crate::flow::upstream::{Association, Handshake, Io, Target};
+use crate::uring::{Region, Ring, Slice};
 use crate::wire::socks5::{Command, Credentials};
 
 /// Probes of a silent server: every 20 s after a minute idle, given up after six, so a
@@ -70,6 +73,27 @@ impl Upstream {
             self.credentials.clone(),
             now + self.timeout.into(),
         )
+    }
+}
+
+/// Starts on `fd` (a connection to the upstream) the handshake I/O `io` asks for, from
+/// and into `scratch`; the tokens say whose completions they are.
+pub fn start_io(
+    ring: &mut Ring,
+    fd: BorrowedFd<'_>,
+    scratch: &Region,
+    io: &Io,
+    [send, recv]: [u64; 2],
+) {
+    let slice = |range: &Range<usize>| Slice {
+        region: scratch.clone(),
+        range: range.clone(),
+    };
+    if let Some(range) = &io.send {
+        ring.send(fd, slice(range), send);
+    }
+    if let Some(range) = &io.recv {
+        ring.recv(fd, slice(range), recv);
     }
 }
 

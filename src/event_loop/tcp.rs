@@ -97,22 +97,15 @@ impl Proxy {
         }
         // A fake destination (`--dns fake`) is connected to by its name, which the flow
         // holds while it lives; one without a name is refused (RST) at once.
-        let name = match &mut self.dns {
-            Some(dns) if dns.is_fake(server.ip()) => match dns.hold(server.ip()) {
-                Some(name) => Some(name),
-                None => {
-                    dns.counters.unmapped_tcp += 1;
-                    return None;
-                }
-            },
-            _ => None,
+        let Ok(name) = self.hold_name(server.ip()) else {
+            if let Some(dns) = &mut self.dns {
+                dns.counters.unmapped_tcp += 1;
+            }
+            return None;
         };
-        let opened = self.open_tcp_to(key, mss, syn, now, name.clone(), None);
-        if opened.is_none()
-            && name.is_some()
-            && let Some(dns) = &mut self.dns
-        {
-            dns.release(server.ip());
+        let opened = self.open_tcp_to(key, mss, syn, now, name, None);
+        if opened.is_none() {
+            self.release_name(server.ip());
         }
         opened
     }
