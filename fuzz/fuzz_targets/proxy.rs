@@ -20,19 +20,21 @@ use std::ops::Range;
 
 use libfuzzer_sys::arbitrary::{Result as Arb, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{self, Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
+use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
-    HardwareAddress, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpCidr,
-    IpEndpoint, IpProtocol, IpRepr, Ipv4Address, Ipv4Packet, Ipv6Address, Ipv6Packet, UdpPacket,
-    UdpRepr,
+    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpEndpoint, IpProtocol, IpRepr,
+    Ipv4Packet, Ipv6Address, Ipv6Packet, UdpPacket, UdpRepr,
 };
 use uringproxy::flow::budget::Budget;
-use uringproxy::flow::datagram::{self, Arrival, Closing, Flows, Kind, Limits, Received, RecvError};
+use uringproxy::flow::datagram::{
+    self, Arrival, Closing, Flows, Kind, Limits, Received, RecvError,
+};
 use uringproxy::flow::tcp::{Action, Actions, Flow, Next, Phase, Settings};
 use uringproxy::flow::{Id, IoError};
+use uringproxy::stack::client::{self, QueueDevice};
 use uringproxy::stack::{Stack, TxPool};
 use uringproxy::uring::Region;
 use uringproxy::wire::icmp::{Quote, Reason};
@@ -79,57 +81,6 @@ fn stream(seed: u8, offset: usize, len: usize) -> Vec<u8> {
 fn fill(buf: &mut [u8], seed: u8, offset: usize) {
     for (i, byte) in (offset..).zip(buf) {
         *byte = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8;
-    }
-}
-
-/// The client's device: what it sends piles up in `sent`, what is for it in `inbox`.
-struct QueueDevice {
-    inbox: VecDeque<Vec<u8>>,
-    sent: VecDeque<Vec<u8>>,
-    mtu: usize,
-}
-
-struct QueueRx(Vec<u8>);
-struct QueueTx<'a>(&'a mut VecDeque<Vec<u8>>);
-
-impl phy::RxToken for QueueRx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl phy::TxToken for QueueTx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut packet = vec![0u8; len];
-        let result = f(&mut packet);
-        self.0.push_back(packet);
-        result
-    }
-}
-
-impl Device for QueueDevice {
-    type RxToken<'a> = QueueRx;
-    type TxToken<'a> = QueueTx<'a>;
-
-    fn receive(&mut self, _now: Instant) -> Option<(QueueRx, QueueTx<'_>)> {
-        let packet = self.inbox.pop_front()?;
-        Some((QueueRx(packet), QueueTx(&mut self.sent)))
-    }
-
-    fn transmit(&mut self, _now: Instant) -> Option<QueueTx<'_>> {
-        Some(QueueTx(&mut self.sent))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
-        // With checksum offload the proxy's TCP checksums are partial (the kernel would
-        // finish them): the client does not verify what it receives.
-        let mut checksum = ChecksumCapabilities::default();
-        checksum.tcp = Checksum::Tx;
-        caps.checksum = checksum;
-        caps
     }
 }
 
@@ -231,33 +182,8 @@ impl Harness {
         let now = Instant::from_millis(1);
         let tx = TxPool::new(buffers, mtu, offload).expect("transmit buffers");
         let stack = Stack::new(tx, now, 7);
-        let mut client_dev = QueueDevice {
-            inbox: VecDeque::new(),
-            sent: VecDeque::new(),
-            mtu,
-        };
-        let mut client_iface =
-            Interface::new(Config::new(HardwareAddress::Ip), &mut client_dev, now);
-        client_iface.update_ip_addrs(|addrs| {
-            let cidr = if v6 {
-                IpCidr::new(IpAddress::v6(0xfd00, 0, 0, 0, 0, 0, 0, 1), 64)
-            } else {
-                IpCidr::new(IpAddress::v4(198, 18, 0, 1), 30)
-            };
-            addrs.push(cidr).unwrap();
-        });
-        if v6 {
-            let gateway = Ipv6Address::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
-            client_iface
-                .routes_mut()
-                .add_default_ipv6_route(gateway)
-                .unwrap();
-        } else {
-            client_iface
-                .routes_mut()
-                .add_default_ipv4_route(Ipv4Address::new(198, 18, 0, 2))
-                .unwrap();
-        }
+        let mut client_dev = QueueDevice::new(mtu, true);
+        let mut client_iface = client::interface(&mut client_dev, v6, now);
         let mut client_sockets = SocketSet::new(Vec::new());
         let client = client_sockets.add(tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0u8; 64 * 1024]),

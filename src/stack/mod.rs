@@ -2,6 +2,8 @@
 //! the pool of transmit buffers that become TUN writes, and the receive window the
 //! device holds each flow's segments to.
 
+#[cfg(any(test, fuzzing))]
+pub mod client;
 pub mod device;
 #[cfg(test)]
 mod fuzz;

@@ -6,16 +6,14 @@
 
 use std::collections::VecDeque;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{
-    HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket,
-};
+use smoltcp::wire::{IpAddress, IpEndpoint, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket};
 
 use super::*;
 use crate::flow::budget::{Budget, FLOOR};
+use crate::stack::client::QueueDevice;
 use crate::stack::{self, Claim, StackDevice, TxPool};
 use crate::uring::Region;
 use crate::wire::{self, Offload, Parsed};
@@ -27,52 +25,6 @@ const SERVER: IpEndpoint = IpEndpoint {
     port: 80,
 };
 const FLOW_BUFFER: usize = 64 * 1024;
-
-/// The client's device: packets it sends pile up in `sent`, packets for it in `inbox`.
-struct QueueDevice {
-    inbox: VecDeque<Vec<u8>>,
-    sent: VecDeque<Vec<u8>>,
-    mtu: usize,
-}
-
-struct QueueRx(Vec<u8>);
-struct QueueTx<'a>(&'a mut VecDeque<Vec<u8>>);
-
-impl phy::RxToken for QueueRx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl phy::TxToken for QueueTx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut packet = vec![0u8; len];
-        let result = f(&mut packet);
-        self.0.push_back(packet);
-        result
-    }
-}
-
-impl Device for QueueDevice {
-    type RxToken<'a> = QueueRx;
-    type TxToken<'a> = QueueTx<'a>;
-
-    fn receive(&mut self, _now: Instant) -> Option<(QueueRx, QueueTx<'_>)> {
-        let packet = self.inbox.pop_front()?;
-        Some((QueueRx(packet), QueueTx(&mut self.sent)))
-    }
-
-    fn transmit(&mut self, _now: Instant) -> Option<QueueTx<'_>> {
-        Some(QueueTx(&mut self.sent))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
-        caps
-    }
-}
 
 impl Flow {
     /// The client's bytes the flow holds.
@@ -197,22 +149,8 @@ impl Harness {
     /// it allows).
     fn with_mtu(server: Server, order: Order, mtu: usize) -> Harness {
         let now = Instant::from_millis(1);
-        let mut client_dev = QueueDevice {
-            inbox: VecDeque::new(),
-            sent: VecDeque::new(),
-            mtu,
-        };
-        let mut client_iface =
-            Interface::new(Config::new(HardwareAddress::Ip), &mut client_dev, now);
-        client_iface.update_ip_addrs(|addrs| {
-            addrs
-                .push(IpCidr::new(IpAddress::v4(198, 18, 0, 1), 30))
-                .unwrap();
-        });
-        client_iface
-            .routes_mut()
-            .add_default_ipv4_route(Ipv4Address::new(198, 18, 0, 2))
-            .unwrap();
+        let mut client_dev = QueueDevice::new(mtu, false);
+        let client_iface = stack::client::interface(&mut client_dev, false, now);
         let mut client_sockets = SocketSet::new(Vec::new());
         let client = client_sockets.add(client_socket());
         let buffers = if matches!(order, Order::Strict(_)) {
