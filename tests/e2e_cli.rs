@@ -5,7 +5,6 @@
 mod common;
 
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use common::{KIB, PROXY_BIN, Topology, echo, exchange, join};
 
@@ -232,8 +231,8 @@ fn cpu_is_checked_against_the_affinity_mask() {
 
     let mut refused = topo.spawn_proxy_wrapped(&taskset, topo.client_veth(), &["--cpu", &low], &[]);
     let exit = refused
-        .wait_exit(Duration::from_secs(5))
-        .expect("still running after 5 s");
+        .wait_exit(common::EVENT_DEADLINE)
+        .expect("still running after 30 s");
     assert_eq!(exit.code(), Some(1), "exit status {exit}");
     assert_eq!(
         refused.stderr().trim_end(),

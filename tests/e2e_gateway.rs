@@ -158,11 +158,11 @@ impl Gateway {
             (r, "lan1"),
             (r, "wan0"),
         ] {
-            let up = wait_until(Duration::from_secs(5), || {
+            let up = wait_until(common::EVENT_DEADLINE, || {
                 run("ip", &["-n", ns, "-j", "link", "show", "dev", dev])
                     .contains(r#""operstate":"UP""#)
             });
-            assert!(up, "{dev} in {ns} not operationally up after 5 s");
+            assert!(up, "{dev} in {ns} not operationally up after 30 s");
         }
     }
 
@@ -710,14 +710,14 @@ fn rules_go_at_sigterm_and_a_killed_run_s_at_the_next_start() {
     // exclude, main and the TUN; IPv6: the LANs' main and TUN rules.
     assert_eq!(installed.len(), 5 + 2 * 3 + 2 * 2, "{installed:?}");
     proxy.signal(nix::sys::signal::Signal::SIGKILL);
-    assert!(proxy.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(proxy.wait_exit(common::EVENT_DEADLINE).is_some());
     assert_eq!(
         gw.our_rules(),
         installed,
         "a killed proxy cannot remove its rules"
     );
     // The TUN may outlive the killed process by a few ms.
-    let gone = wait_until(Duration::from_secs(5), || {
+    let gone = wait_until(common::EVENT_DEADLINE, || {
         !run("ip", &["-n", &gw.router, "link", "show"]).contains(TUN)
     });
     assert!(gone, "the killed proxy's TUN stayed");

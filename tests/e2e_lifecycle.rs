@@ -43,7 +43,7 @@ fn sighup_and_sigquit_reset_every_flow_exit_zero_and_remove_the_rules() {
     for signal in [Signal::SIGHUP, Signal::SIGQUIT] {
         let mut proxy = topo.start_proxy_unrouted(&["--route", &v4, "--route", &v6], &[]);
         assert!(
-            wait_until(Duration::from_secs(5), || route_rules(&topo) == 4),
+            wait_until(common::EVENT_DEADLINE, || route_rules(&topo) == 4),
             "{signal}: rules not installed"
         );
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -66,7 +66,7 @@ fn sighup_and_sigquit_reset_every_flow_exit_zero_and_remove_the_rules() {
         }
         proxy.signal(signal);
         let status = proxy
-            .wait_exit(Duration::from_secs(5))
+            .wait_exit(common::EVENT_DEADLINE)
             .unwrap_or_else(|| panic!("no exit after {signal}"));
         assert!(status.success(), "{signal}: exit status {status}");
         let clients_reset = clients
@@ -134,7 +134,7 @@ fn a_deleted_tun_resets_outbound_flows_and_ends_in_one_error_line() {
         topo.tun_name()
     ));
     let status = proxy
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(common::EVENT_DEADLINE)
         .expect("no exit after the TUN was deleted");
     stop.store(true, Ordering::Relaxed);
     // Unblocks a write stuck on the vanished path.

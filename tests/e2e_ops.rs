@@ -453,7 +453,7 @@ fn fd_exhaustion_refuses_new_flows_and_keeps_old_ones() {
         .count();
     assert_eq!(warnings, 1, "the condition is logged once per interval");
     // With the old flows closed, new ones get through again.
-    wait_until(Duration::from_secs(5), || proxy.fd_count() < FD_LIMIT / 2);
+    wait_until(common::EVENT_DEADLINE, || proxy.fd_count() < FD_LIMIT / 2);
     let reopened = join(topo.in_client(move || common::try_connect(addr).is_ok()));
     assert!(reopened, "no new flow after fds were freed");
     proxy.assert_running();
@@ -604,11 +604,11 @@ fn expected_rules(
     rules
 }
 
-/// Waits (up to 5 s: the TUN is up before the rules are in) until the namespace's rules
+/// Waits (up to 30 s: the TUN is up before the rules are in) until the namespace's rules
 /// are exactly `expected`.
 fn assert_rules(topo: &Topology, expected: &[String]) {
     let mut rules = Vec::new();
-    let reached = wait_until(Duration::from_secs(5), || {
+    let reached = wait_until(common::EVENT_DEADLINE, || {
         rules = policy_rules(topo);
         rules == expected
     });
@@ -618,8 +618,8 @@ fn assert_rules(topo: &Topology, expected: &[String]) {
 /// Waits for `proxy` to exit with status 1 having printed only `uringproxy: error: {error}`.
 fn assert_fails_in_one_line(proxy: &mut common::Proxy, error: &str) {
     let status = proxy
-        .wait_exit(Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("still running after 5 s; expected {error:?}"));
+        .wait_exit(common::EVENT_DEADLINE)
+        .unwrap_or_else(|| panic!("still running after 30 s; expected {error:?}"));
     assert_eq!(status.code(), Some(1), "exit status {status}");
     let stderr = proxy.stderr();
     let lines: Vec<&str> = common::without_override_warnings(&stderr).collect();
@@ -923,7 +923,7 @@ fn rules_left_by_a_killed_proxy_are_removed_at_the_next_start() {
     assert_rules(&topo, &ours);
     drop(killed); // SIGKILL
     assert!(
-        wait_until(Duration::from_secs(5), || !topo.tun_exists()),
+        wait_until(common::EVENT_DEADLINE, || !topo.tun_exists()),
         "the killed proxy's TUN is still there"
     );
     assert_eq!(
@@ -1023,7 +1023,7 @@ fn user_flag_drops_root_and_keeps_working() {
     let v4 = format!("{}/32", topo.server_v4());
     let mut proxy = topo.start_proxy_unrouted(&["--user", "nobody", "--route", &v4], &[]);
     // The TUN is up before the switch: wait for the proxy to report it.
-    let switched = wait_until(Duration::from_secs(5), || {
+    let switched = wait_until(common::EVENT_DEADLINE, || {
         proxy.stderr().contains("running as nobody")
     });
     assert!(switched, "no privilege drop reported");

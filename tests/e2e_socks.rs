@@ -364,7 +364,7 @@ fn udp_echo_and_dns_through_a_danted_association_until_it_ends() {
     // it the flow (its sockets closed).
     let before = proxy.fd_count();
     socks.stop();
-    let ended = wait_until(Duration::from_secs(5), || {
+    let ended = wait_until(common::EVENT_DEADLINE, || {
         proxy.stats().contains(&format!("ended {} ", FLOWS + 1))
     });
     assert!(ended, "associations still open:\n{}", proxy.stats());

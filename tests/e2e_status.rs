@@ -385,7 +385,7 @@ fn only_the_proxys_user_and_root_may_use_its_control_socket() {
     let mut proxy = topo.start_proxy_default_control(&tun, &["--user", "nobody"]);
     let path = format!("/run/uringproxy/{tun}.sock");
     common::wait_for_control(Path::new(&path));
-    let switched = wait_until(Duration::from_secs(5), || {
+    let switched = wait_until(common::EVENT_DEADLINE, || {
         proxy.stderr().contains("running as nobody")
     });
     assert!(switched, "no privilege drop reported");
@@ -452,7 +452,7 @@ fn only_the_proxys_user_and_root_may_use_its_control_socket() {
     let mut refused = topo.spawn_proxy_default_control(&tun, &["--user", "nobody"]);
     assert!(
         refused
-            .wait_exit(Duration::from_secs(5))
+            .wait_exit(common::EVENT_DEADLINE)
             .is_some_and(|status| !status.success()),
         "started in a directory of another user"
     );
@@ -484,7 +484,7 @@ fn a_stale_control_socket_is_replaced_and_a_live_one_refused() {
     let mut second =
         topo.spawn_proxy_on("upxtun1", topo.client_veth(), &["--control", shared], &[]);
     let status_code = second
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(common::EVENT_DEADLINE)
         .expect("the second one exits");
     assert!(!status_code.success());
     let output = second.stderr();
@@ -500,13 +500,13 @@ fn a_stale_control_socket_is_replaced_and_a_live_one_refused() {
     // Killed: its socket stays behind, and the next proxy takes its place.
     drop(first);
     assert!(path.exists());
-    let tun_gone = wait_until(Duration::from_secs(5), || !topo.tun_exists());
+    let tun_gone = wait_until(common::EVENT_DEADLINE, || !topo.tun_exists());
     assert!(tun_gone, "the killed proxy's TUN is still there");
     let mut third = topo.start_proxy(&["--control", shared]);
     // Until the third has replaced it, the killed one's socket may still take
     // connections (the kernel tears its ring down after it, longer on a loaded
     // machine), and one made there is reset without a reply: wait for the third's own.
-    let replaced = wait_until(Duration::from_secs(5), || {
+    let replaced = wait_until(common::EVENT_DEADLINE, || {
         third
             .stderr()
             .contains("uringproxy: info: control socket at")
@@ -526,7 +526,7 @@ fn a_stale_control_socket_is_replaced_and_a_live_one_refused() {
     let mut fourth = topo.spawn_proxy(topo.client_veth(), &["--control", shared]);
     assert!(
         fourth
-            .wait_exit(Duration::from_secs(5))
+            .wait_exit(common::EVENT_DEADLINE)
             .is_some_and(|s| !s.success())
     );
     let output = fourth.stderr();
@@ -579,7 +579,7 @@ fn metrics_parse_and_count_the_bytes_of_a_hash_checked_transfer() {
         )
     };
     let mut after = HashMap::new();
-    let counted = wait_until(Duration::from_secs(5), || {
+    let counted = wait_until(common::EVENT_DEADLINE, || {
         after = scrape(&topo);
         tcp(&after, "up") - tcp(&before, "up") == up
             && tcp(&after, "down") - tcp(&before, "down") == down

@@ -264,7 +264,7 @@ fn client_abort_frees_outbound_socket() {
     }
 
     clients.into_iter().for_each(abort);
-    let freed = wait_until(Duration::from_secs(5), || proxy.fd_count() <= baseline);
+    let freed = wait_until(common::EVENT_DEADLINE, || proxy.fd_count() <= baseline);
     assert!(
         freed,
         "proxy fds: baseline {baseline}, {loaded} with flows open, {} 5 s after aborting them",
@@ -315,8 +315,8 @@ fn bad_interface_exits_nonzero() {
     };
     let mut proxy = topo.spawn_proxy("doesnotexist0", &[]);
     let status = proxy
-        .wait_exit(Duration::from_secs(5))
-        .expect("still running after 5 s");
+        .wait_exit(common::EVENT_DEADLINE)
+        .expect("still running after 30 s");
     let output = proxy.stderr();
     assert!(!status.success(), "exit status {status}");
     let errors: Vec<&str> = output

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{MIB, Topology, echo, exchange, join, request_after_half_close};
 
 /// With the 6.1 cap the proxy must say it uses single reads and relay both families,
@@ -53,8 +51,8 @@ fn kernel_below_the_floor_is_refused_before_anything_is_created() {
         &[("URINGPROXY_MAX_URING", "5.15")],
     );
     let status = proxy
-        .wait_exit(Duration::from_secs(5))
-        .expect("still running after 5 s");
+        .wait_exit(common::EVENT_DEADLINE)
+        .expect("still running after 30 s");
     assert!(!status.success(), "exit status {status}");
     let output = proxy.stderr();
     let errors: Vec<&str> = output

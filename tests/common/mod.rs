@@ -35,6 +35,9 @@ use sha2::{Digest, Sha256};
 use socket2::SockRef;
 
 /// Both families' unspecified address (an IPv6 socket bound to it takes IPv4 too).
+/// How long a test waits for an event that should come at once (an exit, a rule, a
+/// counter): generous, for a loaded machine; the wait ends as soon as it comes.
+pub const EVENT_DEADLINE: Duration = Duration::from_secs(30);
 pub const ANY: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
 pub const KIB: u64 = 1 << 10;
@@ -357,10 +360,10 @@ impl Topology {
         // retransmission timeout. Operational state UP is set in the same
         // step, so wait for it on every end.
         for (ns, dev, _, _) in &ends {
-            let up = wait_until(Duration::from_secs(5), || {
+            let up = wait_until(EVENT_DEADLINE, || {
                 link_json(ns, dev).is_some_and(|json| json.contains(r#""operstate":"UP""#))
             });
-            assert!(up, "{dev} in {ns} not operationally up after 5 s");
+            assert!(up, "{dev} in {ns} not operationally up after 30 s");
         }
     }
 
@@ -918,7 +921,7 @@ impl Proxy {
         let reports = |text: &str| text.matches("drops:").count();
         let before = reports(&self.stderr());
         self.signal(nix::sys::signal::Signal::SIGUSR1);
-        let printed = wait_until(Duration::from_secs(5), || reports(&self.stderr()) > before);
+        let printed = wait_until(EVENT_DEADLINE, || reports(&self.stderr()) > before);
         assert!(printed, "no counters printed after SIGUSR1");
         self.stderr()
     }
@@ -933,7 +936,7 @@ impl Proxy {
         let start = Instant::now();
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let status = self
-            .wait_exit(Duration::from_secs(5))
+            .wait_exit(EVENT_DEADLINE)
             .expect("no exit after SIGTERM");
         assert!(status.success(), "exit status {status}");
         start.elapsed()
