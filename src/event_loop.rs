@@ -96,7 +96,12 @@ impl Proxy {
 
             let mut completions = std::mem::take(&mut self.completions);
             self.ring.drain(&mut completions, MAX_COMPLETIONS_PER_TURN);
-            if !completions.is_empty() {
+            // Link notifications are no traffic: on a host where links come and go they
+            // would keep the pools from ever giving their pages back.
+            let traffic = completions
+                .iter()
+                .any(|c| Token::decode(c.token).is_none_or(|token| token.op != Op::LinkEvent));
+            if traffic {
                 self.housekeeping.busy(self.now());
             }
             for completion in &completions {

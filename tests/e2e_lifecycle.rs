@@ -167,7 +167,7 @@ fn an_idle_proxy_exits_when_its_tun_is_deleted() {
         topo.tun_name()
     ));
     let status = proxy
-        .wait_exit(Duration::from_secs(30))
+        .wait_exit(common::EVENT_DEADLINE)
         .expect("no exit after the TUN was deleted");
     assert_eq!(status.code(), Some(1), "exit status {status}");
     let output = proxy.stderr();

@@ -491,11 +491,11 @@ impl Proxy {
     /// Closes datagram flows idle past their timeout, and associations not set up by
     /// their deadline.
     pub(super) fn expire_datagrams(&mut self, now: Instant) {
-        if let Some(dns) = &mut self.dns {
-            for addr in self.udp.released.drain(..) {
-                dns.release(addr);
-            }
+        let mut released = std::mem::take(&mut self.udp.released);
+        for addr in released.drain(..) {
+            self.release_name(addr);
         }
+        self.udp.released = released;
         self.expire_associations(now);
         for _ in 0..MAX_TIMERS_PER_TURN {
             let Some(id) = self.udp.flows.expired(now) else {

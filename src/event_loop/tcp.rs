@@ -306,16 +306,19 @@ impl Proxy {
             if let Some(failure) = failure {
                 self.stats.count_failure(failure);
             }
+            let mut named = None;
             if let Some(entry) = tcp.table.remove(id) {
-                if entry.name.is_some()
-                    && let Some(dns) = &mut self.dns
-                {
-                    dns.release(entry.flow.key().server_addr().ip());
-                }
+                named = entry
+                    .name
+                    .is_some()
+                    .then(|| entry.flow.key().server_addr().ip());
                 let touched = entry.flow.touched();
                 if let Some(region) = entry.flow.into_region() {
                     tcp.keep_spare(region, touched);
                 }
+            }
+            if let Some(server) = named {
+                self.release_name(server);
             }
             self.stats.flows_closed += 1;
             return;

@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::stack::TxPool;
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
 use crate::stats::Stats;
-use crate::sys::netlink;
+use crate::sys::{self, netlink};
 use crate::tun::Tun;
 use crate::uring::{Completion, Features, Op, Region, Ring, Slice, Token};
 use crate::wire::vnet;
@@ -47,17 +47,19 @@ pub struct TunIo {
     links: Option<LinkWatch>,
 }
 
-/// Link notifications of the namespace, read only as a doorbell: after each, the TUN
-/// is asked whether it still exists. A deleted TUN usually ends the pending read with
-/// EBADFD, but the kernel wakes its readers before it detaches the file
-/// (tun_detach_all), so a read retried in between finds no packet, waits again and is
-/// never woken. The RTM_DELLINK notification goes out after the detach.
+/// Link notifications of the namespace, watched for the TUN's deletion. A deleted TUN
+/// usually ends the pending read with EBADFD, but the kernel wakes its readers before it
+/// detaches the file (tun_detach_all), and a multishot read retried in between finds no
+/// packet and waits for a wake-up that does not come; RTM_DELLINK goes out after the
+/// detach. Only an RTM_DELLINK of the TUN's index (or lost notifications) is checked
+/// with TUNGETIFF, which takes the kernel's RTNL lock.
 struct LinkWatch {
     fd: OwnedFd,
-    /// The pending read's buffer; the notification itself is not parsed (a longer one
-    /// is cut short, which is fine).
+    /// The pending read's buffer: the start of a notification is all that is looked at
+    /// (the rest of a longer one is cut off).
     buf: Region,
     armed: bool,
+    tun_index: u32,
 }
 
 const LINK_BUF: usize = 256;
@@ -97,10 +99,13 @@ impl TunIo {
                 std::io::ErrorKind::OutOfMemory.into(),
             )
         })?;
+        let tun_index = sys::interface_index(tun.name())
+            .ok_or_else(|| Error::Io("look up the TUN", std::io::ErrorKind::NotFound.into()))?;
         let links = Some(LinkWatch {
             fd: links,
             buf,
             armed: false,
+            tun_index,
         });
         Ok((TunIo { tun, reads, links }, tx))
     }
@@ -136,25 +141,36 @@ impl TunIo {
         }
     }
 
-    /// A link notification (or an error, ENOBUFS when notifications were lost) came:
-    /// whatever it was about, the TUN is checked.
+    /// A link notification (or an error: ENOBUFS when notifications were lost) came.
     pub fn on_link_event(&mut self, result: i32) -> Result<(), Error> {
-        if let Some(links) = self.links.as_mut() {
-            links.armed = false;
-        }
-        if result < 0 && result != -libc::ENOBUFS {
-            // Re-reading would fail the same way every turn; reads and writes still
-            // see a deleted TUN in most cases.
-            warn!(
-                "link notifications: {}; no longer watching for the TUN's deletion",
-                std::io::Error::from_raw_os_error(-result)
-            );
-            self.links = None;
-        }
-        if self.tun.attached() {
-            Ok(())
-        } else {
+        let Some(links) = self.links.as_mut() else {
+            return Ok(());
+        };
+        links.armed = false;
+        let maybe_deleted = match usize::try_from(result) {
+            Ok(len) => {
+                let len = len.min(LINK_BUF);
+                let deleted = links
+                    .buf
+                    .with_mut(0..len, |bytes| netlink::deleted_link(bytes));
+                deleted == Some(links.tun_index)
+            }
+            Err(_) if result == -libc::ENOBUFS => true,
+            Err(_) => {
+                // Re-reading would fail the same way every turn; reads and writes still
+                // see a deleted TUN in most cases.
+                warn!(
+                    "link notifications: {}; no longer watching for the TUN's deletion",
+                    std::io::Error::from_raw_os_error(-result)
+                );
+                self.links = None;
+                false
+            }
+        };
+        if maybe_deleted && !self.tun.attached() {
             Err(self.deleted())
+        } else {
+            Ok(())
         }
     }
 

@@ -34,10 +34,10 @@ use nix::sched::{CloneFlags, setns};
 use sha2::{Digest, Sha256};
 use socket2::SockRef;
 
-/// Both families' unspecified address (an IPv6 socket bound to it takes IPv4 too).
 /// How long a test waits for an event that should come at once (an exit, a rule, a
 /// counter): generous, for a loaded machine; the wait ends as soon as it comes.
 pub const EVENT_DEADLINE: Duration = Duration::from_secs(30);
+/// Both families' unspecified address (an IPv6 socket bound to it takes IPv4 too).
 pub const ANY: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
 pub const KIB: u64 = 1 << 10;
@@ -931,7 +931,8 @@ impl Proxy {
         nix::sys::signal::kill(pid, signal).unwrap_or_else(|e| panic!("send {signal}: {e}"));
     }
 
-    /// Sends SIGTERM, asserts a clean exit within 5 s and returns how long it took.
+    /// Sends SIGTERM, asserts a clean exit within `EVENT_DEADLINE` and returns how long it
+    /// took.
     pub fn terminate(&mut self) -> Duration {
         let start = Instant::now();
         self.signal(nix::sys::signal::Signal::SIGTERM);

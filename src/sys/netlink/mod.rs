@@ -28,6 +28,8 @@ const NLMSG_HDR: usize = 16;
 const FIXED: usize = 12;
 /// `struct ifaddrmsg`: family, prefix length, flags, scope, interface index.
 const IFADDRMSG: usize = 8;
+/// Where `struct ifinfomsg` holds the interface index.
+const IFINFOMSG_INDEX: usize = 4;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -35,6 +37,7 @@ const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
+const RTM_DELLINK: u16 = 17;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_NEWRULE: u16 = 32;
@@ -184,6 +187,16 @@ pub fn link_events() -> io::Result<OwnedFd> {
         &NetlinkAddr::new(0, libc::RTMGRP_LINK as u32),
     )?;
     Ok(fd)
+}
+
+/// The interface a link notification says was deleted (RTM_DELLINK), from the start of
+/// the datagram: its netlink header and `struct ifinfomsg` (family, pad, type, index).
+/// Link notifications come one per datagram.
+pub fn deleted_link(datagram: &[u8]) -> Option<u32> {
+    let header = datagram.get(..NLMSG_HDR + IFINFOMSG_INDEX + 4)?;
+    let kind = u16::from_ne_bytes([header[4], header[5]]);
+    let index = &header[NLMSG_HDR + IFINFOMSG_INDEX..];
+    (kind == RTM_DELLINK).then(|| u32::from_ne_bytes([index[0], index[1], index[2], index[3]]))
 }
 
 /// A NETLINK_ROUTE socket for one request at a time.

@@ -398,3 +398,25 @@ fn dump_request_asks_for_both_families() {
     );
     assert_eq!(payload(&message)[0], 0); // AF_UNSPEC
 }
+
+#[test]
+fn deleted_link_names_the_interface_of_an_rtm_dellink_only() {
+    // nlmsghdr (len, type, flags, seq, pid), then ifinfomsg (family, pad, type, index,
+    // flags, change); a real notification goes on with attributes.
+    let notification = |kind: u16, index: u32| {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&1200u32.to_ne_bytes());
+        bytes.extend_from_slice(&kind.to_ne_bytes());
+        bytes.extend_from_slice(&[0; 10]);
+        bytes.extend_from_slice(&[0, 0, 0xfe, 0xff]);
+        bytes.extend_from_slice(&index.to_ne_bytes());
+        bytes.extend_from_slice(&[0; 8]);
+        bytes
+    };
+    assert_eq!(deleted_link(&notification(RTM_DELLINK, 7)), Some(7));
+    let new_link = 16;
+    assert_eq!(deleted_link(&notification(new_link, 7)), None);
+    // Cut short before the index: nothing said.
+    assert_eq!(deleted_link(&notification(RTM_DELLINK, 7)[..23]), None);
+    assert_eq!(deleted_link(&[]), None);
+}
