@@ -90,8 +90,8 @@ impl Proxy {
             self.signals.arm(&mut self.ring);
             self.tun.flush_writes(&mut self.ring, &mut self.stack.tx);
             let timeout = self.next_timeout();
-            self.ring
-                .submit_and_wait(timeout)
+            self.tun
+                .submit_and_wait(&mut self.ring, timeout)
                 .map_err(|err| Error::Io("io_uring_enter", err))?;
 
             let mut completions = std::mem::take(&mut self.completions);

@@ -202,7 +202,11 @@ fn stalled_client(addr: SocketAddr, mode: u8, seed: u64, release: &AtomicBool) -
         _ => common::payload_digest(0, 0),
     };
     stream.shutdown(Shutdown::Write).expect("shutdown write");
-    if mode == STALLED_DOWNLOAD {
+    // A stalled flow's end comes only after the release, which waits for the bulk
+    // download (up to a minute): its read timeout must start there. An upload's bytes
+    // often all fit in the kernels' and the proxy's buffers, so its sends finish long
+    // before its server reads them and closes.
+    if mode != BULK_DOWNLOAD {
         await_release(release);
     }
     [sent, recv_to_end(&mut stream)]

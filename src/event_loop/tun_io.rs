@@ -4,6 +4,7 @@
 //! noticed.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
 use log::warn;
 use nix::libc;
@@ -174,6 +175,21 @@ impl TunIo {
         }
     }
 
+    /// Submits what is queued and waits for completions or `timeout`, or, while a chain
+    /// of single reads is taking packets, lets the kernel run it on through those
+    /// queued without sleeping (`Ring::submit_and_run`): otherwise each turn would take
+    /// only the first link or two, and the TUN queue would overflow under load.
+    pub fn submit_and_wait(
+        &mut self,
+        ring: &mut Ring,
+        timeout: Option<Duration>,
+    ) -> std::io::Result<()> {
+        match self.reads.run_on() {
+            Some(reads) => ring.submit_and_run(u32::from(reads)),
+            None => ring.submit_and_wait(timeout),
+        }
+    }
+
     /// A read completed: the buffer it filled, to be recycled once handled, and the
     /// packet in it, if usable (its header checked and counted). A read error other
     /// than ENOBUFS (every buffer in use; re-armed next turn) is fatal: EBADFD from a
@@ -260,15 +276,18 @@ enum Submit {
 /// How the TUN is read. With a multishot read, one read stays armed. Without (before
 /// 6.7), a chain of single reads, each issued once the one before it completed (hard
 /// links): one read waits for the next packet at a time, and those queued are taken one
-/// after the other within the same turn. Several reads armed side by side would instead
-/// all be woken by each packet (and on 6.1, those woken for nothing are handed to io-wq
-/// worker threads).
+/// after the other, within the same turn as long as the wait lets the kernel run the
+/// chain on (`run_on`). Several reads armed side by side would instead all be woken by
+/// each packet (and on 6.1, those woken for nothing are handed to io-wq worker threads).
 #[derive(Debug)]
 struct Reads {
     multishot: bool,
     limit: u16,
     /// Reads (the multishot one, or those of the chain) not completed for good yet.
     in_flight: u16,
+    /// A read of the chain completed since the last wait: the kernel has issued the
+    /// next one, which takes a packet at once if one is queued.
+    progressed: bool,
 }
 
 impl Reads {
@@ -277,6 +296,7 @@ impl Reads {
             multishot: true,
             limit: 1,
             in_flight: 0,
+            progressed: false,
         }
     }
 
@@ -285,6 +305,7 @@ impl Reads {
             multishot: false,
             limit: limit.max(1),
             in_flight: 0,
+            progressed: false,
         }
     }
 
@@ -304,7 +325,16 @@ impl Reads {
     fn on_read(&mut self, still_armed: bool) {
         if !still_armed {
             self.in_flight = self.in_flight.saturating_sub(1);
+            self.progressed = !self.multishot;
         }
+    }
+
+    /// How many reads of the chain the next wait should let the kernel run on through
+    /// what is queued, without sleeping; `None` to wait as usual (multishot, or a chain
+    /// whose waiting read has taken nothing since the last wait: the TUN is empty).
+    fn run_on(&mut self) -> Option<u16> {
+        let progressed = std::mem::take(&mut self.progressed);
+        (progressed && self.in_flight > 0).then_some(self.in_flight)
     }
 }
 
@@ -336,5 +366,32 @@ mod tests {
         }
         reads.on_read(false);
         assert_eq!(reads.next_submission(), Submit::Chain(64));
+    }
+
+    #[test]
+    fn a_chain_that_takes_packets_is_run_on_and_an_idle_one_waited_for() {
+        let mut reads = Reads::chained(64);
+        assert_eq!(reads.next_submission(), Submit::Chain(64));
+        assert_eq!(reads.run_on(), None, "nothing taken yet: sleep");
+        reads.on_read(false);
+        reads.on_read(false);
+        assert_eq!(reads.run_on(), Some(62), "the rest of the chain, at once");
+        assert_eq!(reads.run_on(), None, "took nothing since: the TUN is empty");
+        for _ in 0..62 {
+            reads.on_read(false);
+        }
+        assert_eq!(reads.next_submission(), Submit::Chain(64));
+        assert_eq!(reads.run_on(), Some(64), "the new chain runs on, too");
+    }
+
+    #[test]
+    fn a_multishot_read_is_always_waited_for() {
+        let mut reads = Reads::multishot();
+        assert_eq!(reads.next_submission(), Submit::Multishot);
+        reads.on_read(true);
+        assert_eq!(reads.run_on(), None);
+        reads.on_read(false);
+        assert_eq!(reads.next_submission(), Submit::Multishot);
+        assert_eq!(reads.run_on(), None);
     }
 }

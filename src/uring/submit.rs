@@ -238,13 +238,28 @@ impl Ring {
 
     /// Submits everything queued and waits for at least one completion or `timeout`.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.enter(1, timeout)
+    }
+
+    /// Submits everything queued and lets the kernel finish what it can at once, up to
+    /// `completions`, without sleeping. This is for a chain of reads over packets
+    /// already queued: the kernel issues each link from task work once the one before
+    /// it completed, and a wait for one completion returns after the first link or two,
+    /// so the chain would take one or two packets a turn; asked for more, the kernel
+    /// runs the chain on until a read finds nothing (it then waits for the file) or
+    /// `completions` are there.
+    pub fn submit_and_run(&mut self, completions: u32) -> io::Result<()> {
+        self.enter(completions as usize, Some(Duration::ZERO))
+    }
+
+    fn enter(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
         self.flush_backlog();
         let result = match timeout {
-            None => self.ring.submit_and_wait(1),
+            None => self.ring.submit_and_wait(want),
             Some(timeout) => {
                 let ts = types::Timespec::from(timeout);
                 let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+                self.ring.submitter().submit_with_args(want, &args)
             }
         };
         match result {
