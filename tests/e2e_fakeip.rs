@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use common::socks::{Daemon, danted, microsocks};
 use common::udp_echo_server;
 use common::{
-    ANY, IO_TIMEOUT, PROXY_BIN, Proxy, Topology, dns_query, echo_once, join, send_payload,
-    udp_client,
+    ANY, EVENT_DEADLINE, IO_TIMEOUT, PROXY_BIN, Proxy, Topology, dns_query, echo_once, join,
+    send_payload, udp_client,
 };
 use common::{NetnsEtc, tool_or_skip};
 use sha2::{Digest, Sha256};
@@ -540,10 +540,15 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
     proxy.assert_running();
 }
 
-/// The reply to `query` from the DNS server at `server` over TCP (RFC 1035 4.2.2 framing).
+/// The reply to `query` from the DNS server at `server` over TCP.
 fn tcp_exchange(server: SocketAddr, query: &[u8]) -> Vec<u8> {
     let mut conn = TcpStream::connect_timeout(&server, IO_TIMEOUT).expect("connect");
     common::set_timeouts(&conn);
+    tcp_query(&mut conn, query)
+}
+
+/// The reply to `query` asked on connection `conn` (RFC 1035 4.2.2 framing).
+fn tcp_query(conn: &mut TcpStream, query: &[u8]) -> Vec<u8> {
     let mut framed = (query.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(query);
     conn.write_all(&framed).unwrap();
@@ -734,8 +739,8 @@ fn names_reach_their_server_through_ssh_dynamic_forwarding() {
 }
 
 #[test]
-fn idle_dns_over_tcp_connections_are_closed_and_free_their_slots() {
-    const TEST: &str = "idle_dns_over_tcp_connections_are_closed_and_free_their_slots";
+fn idle_dns_over_tcp_connections_make_room_for_new_ones_and_are_closed() {
+    const TEST: &str = "idle_dns_over_tcp_connections_make_room_for_new_ones_and_are_closed";
     // The proxy's MAX_CONNS.
     const SLOTS: usize = 64;
     let Some(topo) = topology(TEST, &["microsocks"]) else {
@@ -744,48 +749,50 @@ fn idle_dns_over_tcp_connections_are_closed_and_free_their_slots() {
     let socks = microsocks(&topo, None);
     let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
     let resolver = SocketAddr::new(RESOLVER.parse().unwrap(), 53);
-    let (refused, closed, reply) = join(topo.in_client(move || {
-        let timeout = Duration::from_secs(5);
-        let idle: Vec<TcpStream> = (0..SLOTS)
-            .map(|_| TcpStream::connect_timeout(&resolver, timeout).expect("connect"))
-            .collect();
-        // Every slot held: one more is refused (a RST to its SYN or right after).
-        let refused = match TcpStream::connect_timeout(&resolver, timeout) {
-            Err(_) => true,
-            Ok(mut extra) => {
-                extra.set_read_timeout(Some(timeout)).unwrap();
-                matches!(extra.read(&mut [0u8; 1]), Err(e) if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::TimedOut)
-            }
+    let (extra, oldest_closed, next_open, closed, after) = join(topo.in_client(move || {
+        let connect = || {
+            let conn = TcpStream::connect_timeout(&resolver, IO_TIMEOUT).expect("connect");
+            common::set_timeouts(&conn);
+            conn
         };
-        // Left idle, each is closed by the proxy (10 s), well within the deadline.
+        let mut idle: Vec<TcpStream> = (0..SLOTS).map(|_| connect()).collect();
+        // Every slot held by a silent client: a query on one more is answered all the
+        // same, in the slot of the one silent longest (the first), which is closed.
+        let extra = tcp_query(&mut connect(), &dns_query(0x6565, "extra.fake.test"));
+        idle[0].set_read_timeout(Some(EVENT_DEADLINE)).unwrap();
+        let oldest_closed = matches!(idle[0].read(&mut [0u8; 1]), Ok(0));
+        idle[1].set_nonblocking(true).unwrap();
+        let next_open =
+            matches!(idle[1].read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock);
+        // Left idle, the others are closed by the proxy (10 s), well within the deadline.
         let deadline = Instant::now() + Duration::from_secs(40);
         let closed = idle
             .into_iter()
-            .filter_map(|mut conn| {
+            .skip(1)
+            .filter_map(|conn| {
+                conn.set_nonblocking(false).unwrap();
                 let left = deadline.saturating_duration_since(Instant::now());
                 conn.set_read_timeout(Some(left.max(Duration::from_millis(10))))
                     .unwrap();
-                matches!(conn.read(&mut [0u8; 1]), Ok(0)).then_some(())
+                matches!((&conn).read(&mut [0u8; 1]), Ok(0)).then_some(())
             })
             .count();
         // Then a new connection is served.
-        let mut conn = TcpStream::connect_timeout(&resolver, timeout).expect("connect after");
-        conn.set_read_timeout(Some(timeout)).unwrap();
-        let query = dns_query(0x4321, "after.fake.test");
-        let mut framed = (query.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(&query);
-        conn.write_all(&framed).unwrap();
-        let mut len = [0u8; 2];
-        conn.read_exact(&mut len).expect("a reply");
-        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        conn.read_exact(&mut reply).expect("the reply");
-        (refused, closed, reply)
+        let after = tcp_query(&mut connect(), &dns_query(0x4321, "after.fake.test"));
+        (extra, oldest_closed, next_open, closed, after)
     }));
-    assert!(refused, "a connection past {SLOTS} is refused");
-    assert_eq!(closed, SLOTS, "idle connections closed by the proxy");
-    assert_eq!(&reply[..2], &0x4321u16.to_be_bytes());
-    assert!(a_record(&reply).to_string().starts_with(FAKE_V4_PREFIX));
+    for (reply, id) in [(&extra, 0x6565u16), (&after, 0x4321)] {
+        assert_eq!(&reply[..2], &id.to_be_bytes());
+        assert!(a_record(reply).to_string().starts_with(FAKE_V4_PREFIX));
+    }
+    assert!(
+        oldest_closed,
+        "the connection silent longest is closed for the new one"
+    );
+    assert!(next_open, "only that one");
+    assert_eq!(closed, SLOTS - 1, "idle connections closed by the proxy");
     let stats = proxy.stats();
-    assert_eq!(dns_field(&stats, "tcp-refused"), 1, "{stats}");
+    assert_eq!(dns_field(&stats, "tcp-evicted"), 1, "{stats}");
+    assert_eq!(dns_field(&stats, "tcp-refused"), 0, "{stats}");
     proxy.assert_running();
 }
