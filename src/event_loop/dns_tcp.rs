@@ -33,8 +33,8 @@ const OUT_AREA: usize = OUT + stream::PREFIX + u16::MAX as usize;
 /// Complete queries the reassembler may hold (they are taken out at once).
 const PIPELINED: usize = 4;
 /// A connection with nothing queued, sent or forwarded for this long is closed (RFC 7766
-/// 6.2.3 suggests seconds): else idle clients would hold all `MAX_CONNS` slots and every
-/// later flow to port 53 would be refused.
+/// 6.2.3 suggests seconds): a forgotten connection does not hold its slot (and the flow
+/// its buffers) until a new one needs the slot.
 pub const IDLE: Duration = Duration::from_secs(10);
 
 /// A connection, by slot and generation (a completion for a slot since reused is not
