@@ -61,9 +61,11 @@ pub struct DnsStats {
     /// ones that failed (the upstream or the server refused, closed or was silent).
     pub forward_busy: u64,
     pub forward_failed: u64,
-    /// DNS over TCP: flows to port 53 refused (every connection slot taken), streams
-    /// ended for a bad length prefix, or for replies their client did not read.
+    /// DNS over TCP: flows to port 53 refused (every connection slot busy), idle
+    /// connections closed to make room for a new one, streams ended for a bad length
+    /// prefix, or for replies their client did not read.
     pub tcp_refused: u64,
+    pub tcp_evicted: u64,
     pub tcp_malformed: u64,
     pub tcp_overflow: u64,
 }

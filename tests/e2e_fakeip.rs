@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use common::socks::{Daemon, danted, microsocks};
 use common::udp_echo_server;
 use common::{
-    ANY, PROXY_BIN, Proxy, Topology, dns_query, echo_once, join, send_payload, udp_client,
+    ANY, EVENT_DEADLINE, IO_TIMEOUT, PROXY_BIN, Proxy, Topology, dns_query, echo_once, join,
+    send_payload, udp_client,
 };
 use common::{NetnsEtc, tool_or_skip};
 use sha2::{Digest, Sha256};
@@ -64,8 +65,13 @@ fn fake_dns_proxy(topo: &Topology, tun: &str, socks: &Daemon, extra: &[&str]) ->
 
 /// `program args` in the client namespace (with its /etc files), to completion.
 fn in_client(topo: &Topology, program: &str, args: &[&str]) -> Output {
+    in_ns(topo.client_ns(), program, args)
+}
+
+/// `program args` in namespace `ns`, to completion.
+fn in_ns(ns: &str, program: &str, args: &[&str]) -> Output {
     Command::new("ip")
-        .args(["netns", "exec", topo.client_ns(), program])
+        .args(["netns", "exec", ns, program])
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run {program}: {e}"))
@@ -422,6 +428,27 @@ fn more_names_than_the_table_holds_reuse_its_entries() {
     proxy.assert_running();
 }
 
+/// dnsmasq in the server namespace on the server's address, answering from `records`
+/// (its options) alone: reachable only there, so an answer in the client namespace came
+/// through the upstream. The daemon, and the address it serves.
+fn dnsmasq(topo: &Topology, records: &[&str]) -> (Daemon, SocketAddr) {
+    let server = SocketAddr::new(topo.server_v4(), 53);
+    let listen = format!("--listen-address={}", topo.server_v4());
+    let mut args = vec![
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--pid-file=",
+        "--log-queries",
+        "--log-facility=-",
+        &listen,
+    ];
+    args.extend_from_slice(records);
+    let daemon = Daemon::start(topo, Daemon::dir("dnsmasq"), server, "dnsmasq", &args);
+    (daemon, server)
+}
+
 #[test]
 fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
     const TEST: &str = "other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server";
@@ -429,30 +456,12 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
         return;
     };
     let socks = microsocks(&topo, None);
-    // dnsmasq in the server namespace, answering MX from its command line: reachable
-    // only there, so an answer came through the upstream.
-    let server = SocketAddr::new(topo.server_v4(), 53);
-    let (listen, mx) = (
-        format!("--listen-address={}", topo.server_v4()),
-        "--mx-host=mail.fake.test,mx1.fake.test,10",
-    );
     // Three strings of 250 bytes: a reply longer than 512 bytes.
     let big_txt = format!("--txt-record=big.fake.test,{0},{0},{0}", "x".repeat(250));
-    let _dnsmasq = Daemon::start(
+    let (_dnsmasq, server) = dnsmasq(
         &topo,
-        Daemon::dir("dnsmasq"),
-        server,
-        "dnsmasq",
         &[
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--pid-file=",
-            "--log-queries",
-            "--log-facility=-",
-            &listen,
-            mx,
+            "--mx-host=mail.fake.test,mx1.fake.test,10",
             "--txt-record=note.fake.test,through the upstream",
             &big_txt,
         ],
@@ -528,6 +537,123 @@ fn other_types_are_forwarded_over_tcp_through_the_upstream_to_the_dns_server() {
     }
     assert_eq!(dns_field(&stats, "forward-failed"), 0, "{stats}");
     assert_eq!(dns_field(&stats, "refused"), 0, "{stats}");
+    proxy.assert_running();
+}
+
+/// The reply to `query` from the DNS server at `server` over TCP.
+fn tcp_exchange(server: SocketAddr, query: &[u8]) -> Vec<u8> {
+    let mut conn = TcpStream::connect_timeout(&server, IO_TIMEOUT).expect("connect");
+    common::set_timeouts(&conn);
+    tcp_query(&mut conn, query)
+}
+
+/// The reply to `query` asked on connection `conn` (RFC 1035 4.2.2 framing).
+fn tcp_query(conn: &mut TcpStream, query: &[u8]) -> Vec<u8> {
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(query);
+    conn.write_all(&framed).unwrap();
+    let mut len = [0u8; 2];
+    conn.read_exact(&mut len).expect("a reply's length");
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    conn.read_exact(&mut reply).expect("the reply");
+    reply
+}
+
+/// What dig prints for `args` asked of `server` from namespace `ns`, which must be a
+/// NOERROR answer.
+fn dig_text(ns: &str, server: IpAddr, args: &[&str]) -> String {
+    let at = format!("@{server}");
+    let mut all = vec!["+time=5", "+tries=2", at.as_str()];
+    all.extend_from_slice(args);
+    let output = in_ns(ns, "dig", &all);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && text.contains("status: NOERROR"),
+        "dig {all:?} in {ns}: {text}"
+    );
+    text
+}
+
+/// The records of dig's answer section in `text`, as printed.
+fn answer_section(text: &str) -> Vec<&str> {
+    text.lines()
+        .skip_while(|line| !line.starts_with(";; ANSWER SECTION:"))
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .collect()
+}
+
+#[test]
+fn a_forwarded_reply_larger_than_16_kib_comes_whole_over_tcp_and_truncated_over_udp() {
+    const TEST: &str =
+        "a_forwarded_reply_larger_than_16_kib_comes_whole_over_tcp_and_truncated_over_udp";
+    const RECORDS: usize = 24;
+    let Some(topo) = topology(TEST, &["microsocks", "dnsmasq", "dig"]) else {
+        return;
+    };
+    let socks = microsocks(&topo, None);
+    // 24 TXT records of three 250-byte strings each: an answer of about 18 KiB, more
+    // than the 16 KiB a DNS-over-TCP connection queues before its client reads.
+    let records: Vec<String> = (0..RECORDS)
+        .map(|i| {
+            format!(
+                "--txt-record=huge.fake.test,{0},{0},{0}",
+                format!("{i:02}{}", "t".repeat(248))
+            )
+        })
+        .collect();
+    let records: Vec<&str> = records.iter().map(String::as_str).collect();
+    let (_dnsmasq, server) = dnsmasq(&topo, &records);
+    let mut proxy = fake_dns_proxy(
+        &topo,
+        topo.tun_name(),
+        &socks,
+        &["--dns-server", &server.to_string()],
+    );
+    let resolver: IpAddr = RESOLVER.parse().unwrap();
+
+    // Byte for byte: the same query through the proxy and straight to dnsmasq.
+    let mut query = dns_query(0x5a5a, "huge.fake.test");
+    let qtype = query.len() - 4;
+    query[qtype..qtype + 2].copy_from_slice(&16u16.to_be_bytes()); // TXT
+    let through = {
+        let query = query.clone();
+        let resolver = SocketAddr::new(resolver, 53);
+        join(topo.in_client(move || tcp_exchange(resolver, &query)))
+    };
+    let direct = join(topo.in_server(move || tcp_exchange(server, &query)));
+    assert!(
+        direct.len() > 16 << 10,
+        "dnsmasq's reply: {} bytes",
+        direct.len()
+    );
+    assert_eq!(u16::from_be_bytes([direct[6], direct[7]]), RECORDS as u16);
+    assert!(
+        through == direct,
+        "{} bytes through the proxy",
+        through.len()
+    );
+
+    // Record for record with dig, over TCP.
+    let txt = ["huge.fake.test", "TXT"];
+    let direct = dig_text(topo.server_ns(), server.ip(), &["+tcp", txt[0], txt[1]]);
+    let direct = answer_section(&direct);
+    assert_eq!(direct.len(), RECORDS, "{direct:?}");
+    let tcp = dig_text(topo.client_ns(), resolver, &["+tcp", txt[0], txt[1]]);
+    assert_eq!(answer_section(&tcp), direct);
+
+    // Over UDP the reply is longer than the client takes (dig's EDNS 1232 bytes, and
+    // the TUN's MTU): cut to the question with TC set, then dig asks again over TCP.
+    let udp = dig_text(topo.client_ns(), resolver, &txt);
+    assert!(udp.contains(";; Truncated, retrying in TCP mode."), "{udp}");
+    assert_eq!(answer_section(&udp), direct);
+
+    let stats = proxy.stats();
+    // The exchange, dig over TCP, and dig over UDP then TCP.
+    assert_eq!(dns_field(&stats, "forwarded"), 4, "{stats}");
+    for label in ["forward-failed", "tcp-overflow", "tcp-malformed", "refused"] {
+        assert_eq!(dns_field(&stats, label), 0, "{label}: {stats}");
+    }
     proxy.assert_running();
 }
 
@@ -613,8 +739,8 @@ fn names_reach_their_server_through_ssh_dynamic_forwarding() {
 }
 
 #[test]
-fn idle_dns_over_tcp_connections_are_closed_and_free_their_slots() {
-    const TEST: &str = "idle_dns_over_tcp_connections_are_closed_and_free_their_slots";
+fn idle_dns_over_tcp_connections_make_room_for_new_ones_and_are_closed() {
+    const TEST: &str = "idle_dns_over_tcp_connections_make_room_for_new_ones_and_are_closed";
     // The proxy's MAX_CONNS.
     const SLOTS: usize = 64;
     let Some(topo) = topology(TEST, &["microsocks"]) else {
@@ -623,48 +749,50 @@ fn idle_dns_over_tcp_connections_are_closed_and_free_their_slots() {
     let socks = microsocks(&topo, None);
     let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
     let resolver = SocketAddr::new(RESOLVER.parse().unwrap(), 53);
-    let (refused, closed, reply) = join(topo.in_client(move || {
-        let timeout = Duration::from_secs(5);
-        let idle: Vec<TcpStream> = (0..SLOTS)
-            .map(|_| TcpStream::connect_timeout(&resolver, timeout).expect("connect"))
-            .collect();
-        // Every slot held: one more is refused (a RST to its SYN or right after).
-        let refused = match TcpStream::connect_timeout(&resolver, timeout) {
-            Err(_) => true,
-            Ok(mut extra) => {
-                extra.set_read_timeout(Some(timeout)).unwrap();
-                matches!(extra.read(&mut [0u8; 1]), Err(e) if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::TimedOut)
-            }
+    let (extra, oldest_closed, next_open, closed, after) = join(topo.in_client(move || {
+        let connect = || {
+            let conn = TcpStream::connect_timeout(&resolver, IO_TIMEOUT).expect("connect");
+            common::set_timeouts(&conn);
+            conn
         };
-        // Left idle, each is closed by the proxy (10 s), well within the deadline.
+        let mut idle: Vec<TcpStream> = (0..SLOTS).map(|_| connect()).collect();
+        // Every slot held by a silent client: a query on one more is answered all the
+        // same, in the slot of the one silent longest (the first), which is closed.
+        let extra = tcp_query(&mut connect(), &dns_query(0x6565, "extra.fake.test"));
+        idle[0].set_read_timeout(Some(EVENT_DEADLINE)).unwrap();
+        let oldest_closed = matches!(idle[0].read(&mut [0u8; 1]), Ok(0));
+        idle[1].set_nonblocking(true).unwrap();
+        let next_open =
+            matches!(idle[1].read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock);
+        // Left idle, the others are closed by the proxy (10 s), well within the deadline.
         let deadline = Instant::now() + Duration::from_secs(40);
         let closed = idle
             .into_iter()
-            .filter_map(|mut conn| {
+            .skip(1)
+            .filter_map(|conn| {
+                conn.set_nonblocking(false).unwrap();
                 let left = deadline.saturating_duration_since(Instant::now());
                 conn.set_read_timeout(Some(left.max(Duration::from_millis(10))))
                     .unwrap();
-                matches!(conn.read(&mut [0u8; 1]), Ok(0)).then_some(())
+                matches!((&conn).read(&mut [0u8; 1]), Ok(0)).then_some(())
             })
             .count();
         // Then a new connection is served.
-        let mut conn = TcpStream::connect_timeout(&resolver, timeout).expect("connect after");
-        conn.set_read_timeout(Some(timeout)).unwrap();
-        let query = dns_query(0x4321, "after.fake.test");
-        let mut framed = (query.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(&query);
-        conn.write_all(&framed).unwrap();
-        let mut len = [0u8; 2];
-        conn.read_exact(&mut len).expect("a reply");
-        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        conn.read_exact(&mut reply).expect("the reply");
-        (refused, closed, reply)
+        let after = tcp_query(&mut connect(), &dns_query(0x4321, "after.fake.test"));
+        (extra, oldest_closed, next_open, closed, after)
     }));
-    assert!(refused, "a connection past {SLOTS} is refused");
-    assert_eq!(closed, SLOTS, "idle connections closed by the proxy");
-    assert_eq!(&reply[..2], &0x4321u16.to_be_bytes());
-    assert!(a_record(&reply).to_string().starts_with(FAKE_V4_PREFIX));
+    for (reply, id) in [(&extra, 0x6565u16), (&after, 0x4321)] {
+        assert_eq!(&reply[..2], &id.to_be_bytes());
+        assert!(a_record(reply).to_string().starts_with(FAKE_V4_PREFIX));
+    }
+    assert!(
+        oldest_closed,
+        "the connection silent longest is closed for the new one"
+    );
+    assert!(next_open, "only that one");
+    assert_eq!(closed, SLOTS - 1, "idle connections closed by the proxy");
     let stats = proxy.stats();
-    assert_eq!(dns_field(&stats, "tcp-refused"), 1, "{stats}");
+    assert_eq!(dns_field(&stats, "tcp-evicted"), 1, "{stats}");
+    assert_eq!(dns_field(&stats, "tcp-refused"), 0, "{stats}");
     proxy.assert_running();
 }

@@ -349,6 +349,8 @@ table! {
         |s| s.stats.dns.unmapped_udp;
     FAKE_EVICTIONS &[], "fake_evictions", Dns "evictions",
         |s| s.stats.dns.resolver.evictions;
+    DNS_TCP_EVICTIONS &[], "dns_tcp_evicted", Dns "tcp-evicted",
+        |s| s.stats.dns.tcp_evicted;
 
     CONTROL_CLIENTS &[CONTROL, ("event", "accepted")], "control_accepted",
         Control "accepted", |s| s.control.accepted;

@@ -10,6 +10,7 @@ use std::rc::Rc;
 
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpVersion, Ipv4Cidr, Ipv6Cidr};
+use socket2::Socket;
 
 use super::dns_tcp::Conns;
 use super::forward::{Client, Forwards};
@@ -293,6 +294,21 @@ impl Proxy {
             let forwarding = |conn| forwards.as_ref().is_some_and(|f| f.serves(conn));
             dns.conns.close_idle(&mut self.ring, now, forwarding);
         }
+    }
+
+    /// The flow's end of a new DNS-over-TCP connection (an idle one closed for it if
+    /// every slot is taken); `None`, counted, when every connection is busy.
+    pub(super) fn open_dns_tcp(&mut self, now: Instant) -> Option<Socket> {
+        let dns = self.dns.as_mut()?;
+        let forwards = &dns.forwards;
+        let forwarding = |conn| forwards.as_ref().is_some_and(|f| f.serves(conn));
+        let socket = dns
+            .conns
+            .open(&mut self.ring, now, forwarding, &mut dns.counters);
+        if socket.is_none() {
+            dns.counters.tcp_refused += 1;
+        }
+        socket
     }
 
     /// A completion on the proxy's end of a DNS-over-TCP flow.

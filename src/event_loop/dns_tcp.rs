@@ -18,7 +18,8 @@ use crate::stats::DnsStats;
 use crate::uring::token::GENERATION_MASK;
 use crate::uring::{Op, Region, Ring, Slice, Token};
 
-/// Connections served at once; a flow to port 53 past it is refused (RST, counted).
+/// Connections served at once; past it the least recently active idle one is closed for
+/// the new flow (RFC 7766 6.2.3), and only with none idle is the flow refused (RST).
 pub const MAX_CONNS: usize = 64;
 /// Where bytes from the flow are received.
 const RECV: usize = 4096;
@@ -32,8 +33,8 @@ const OUT_AREA: usize = OUT + stream::PREFIX + u16::MAX as usize;
 /// Complete queries the reassembler may hold (they are taken out at once).
 const PIPELINED: usize = 4;
 /// A connection with nothing queued, sent or forwarded for this long is closed (RFC 7766
-/// 6.2.3 suggests seconds): else idle clients would hold all `MAX_CONNS` slots and every
-/// later flow to port 53 would be refused.
+/// 6.2.3 suggests seconds): a forgotten connection does not hold its slot (and the flow
+/// its buffers) until a new one needs the slot.
 pub const IDLE: Duration = Duration::from_secs(10);
 
 /// A connection, by slot and generation (a completion for a slot since reused is not
@@ -88,9 +89,33 @@ impl Default for Conns {
 
 impl Conns {
     /// A pair for a new flow: its end for the flow, ours served from now on (its first
-    /// receive started). `None` when every slot is taken or no pair can be made.
-    pub fn open(&mut self, ring: &mut Ring, now: Instant) -> Option<Socket> {
-        let slot = self.slots.iter().position(Option::is_none)?;
+    /// receive started). With every slot taken, the least recently active idle
+    /// connection (nothing queued or sent, no query `forwarding`) is closed to make room
+    /// (counted). `None` when every connection is busy or no pair can be made.
+    pub fn open(
+        &mut self,
+        ring: &mut Ring,
+        now: Instant,
+        forwarding: impl Fn(ConnId) -> bool,
+        counters: &mut DnsStats,
+    ) -> Option<Socket> {
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(slot) => slot,
+            None => {
+                let slot = least_recent(self.slots.iter().enumerate().map(|(slot, conn)| {
+                    let conn = conn.as_ref()?;
+                    let id = ConnId {
+                        slot,
+                        generation: conn.generation,
+                    };
+                    let idle = !conn.ended && conn.queued == 0 && !forwarding(id);
+                    idle.then_some(conn.active)
+                }))?;
+                self.evict(ring, slot);
+                counters.tcp_evicted += 1;
+                slot
+            }
+        };
         let (flow_end, ours) = Socket::pair(Domain::UNIX, Type::STREAM.cloexec(), None).ok()?;
         let region = Region::new(RECV + OUT_AREA)?;
         self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
@@ -107,6 +132,19 @@ impl Conns {
         });
         self.pump(ring, slot);
         Some(flow_end)
+    }
+
+    /// Closes the connection in `slot` now and frees the slot: its receive (nothing else
+    /// is in flight on an idle one) is cancelled, and its completion, of an older
+    /// generation, is not taken for the slot's next connection. The ring keeps the bytes
+    /// it receives into until then.
+    fn evict(&mut self, ring: &mut Ring, slot: usize) {
+        if let Some(conn) = self.slots[slot].take() {
+            if conn.receiving {
+                ring.cancel_fd(conn.socket.as_fd());
+            }
+            ring.close(conn.socket.into());
+        }
     }
 
     fn get(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -299,6 +337,16 @@ impl Conns {
     }
 }
 
+/// Of the slots that say when their connection was last active (`None`: not to be
+/// closed), the one active longest ago; the lowest slot of equals.
+fn least_recent(slots: impl Iterator<Item = Option<Instant>>) -> Option<usize> {
+    slots
+        .enumerate()
+        .filter_map(|(slot, active)| Some((active?, slot)))
+        .min()
+        .map(|(_, slot)| slot)
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{ErrorKind, Read};
@@ -346,7 +394,10 @@ mod tests {
         let mut ring = Ring::new().expect("io_uring");
         let mut conns = Conns::default();
         let start = Instant::from_secs(100);
-        let mut flow_end = conns.open(&mut ring, start).unwrap();
+        let mut counters = DnsStats::default();
+        let mut flow_end = conns
+            .open(&mut ring, start, |_| false, &mut counters)
+            .unwrap();
         run(&mut ring, &mut conns, start);
         assert_eq!(conns.next_idle(), Some(start + IDLE));
         let before = start + IDLE - Duration::from_millis(1);
@@ -390,12 +441,14 @@ mod tests {
     fn a_reply_of_the_largest_size_is_delivered_whole() {
         let mut ring = Ring::new().expect("io_uring");
         let mut conns = Conns::default();
-        let mut flow_end = conns.open(&mut ring, Instant::ZERO).unwrap();
+        let mut counters = DnsStats::default();
+        let mut flow_end = conns
+            .open(&mut ring, Instant::ZERO, |_| false, &mut counters)
+            .unwrap();
         let id = ConnId {
             slot: 0,
             generation: conns.generation,
         };
-        let mut counters = DnsStats::default();
         for len in [20_000, usize::from(u16::MAX), 100] {
             let reply: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             conns.queue(id, &reply, &mut counters);
@@ -413,7 +466,10 @@ mod tests {
         use std::io::Write;
         let mut ring = Ring::new().expect("io_uring");
         let mut conns = Conns::default();
-        let mut flow_end = conns.open(&mut ring, Instant::ZERO).unwrap();
+        let mut counters = DnsStats::default();
+        let mut flow_end = conns
+            .open(&mut ring, Instant::ZERO, |_| false, &mut counters)
+            .unwrap();
         let mut out = [0u8; 64];
         for round in 0..2u8 {
             let mut stream = Vec::new();
@@ -431,5 +487,73 @@ mod tests {
             assert!(conns.take_query(&mut out).is_none());
             assert!(conns.inbox.is_empty() && conns.inbox_from.is_empty());
         }
+    }
+
+    #[test]
+    fn the_connection_active_longest_ago_is_chosen_among_those_that_may_close() {
+        let at = Instant::from_secs;
+        assert_eq!(least_recent([None, None].into_iter()), None, "none idle");
+        let slots = [Some(at(5)), None, Some(at(3)), Some(at(4)), Some(at(3))];
+        assert_eq!(
+            least_recent(slots.into_iter()),
+            Some(2),
+            "oldest, lowest slot"
+        );
+        let slots = [None, Some(at(9)), None];
+        assert_eq!(
+            least_recent(slots.into_iter()),
+            Some(1),
+            "the only idle one"
+        );
+    }
+
+    #[test]
+    fn when_every_slot_is_taken_the_idle_connection_active_longest_ago_makes_room() {
+        let mut ring = Ring::new().expect("io_uring");
+        let mut conns = Conns::default();
+        let mut counters = DnsStats::default();
+        let not_forwarding = |_: ConnId| false;
+        // Slot i opened at second 100 + i: slot 0 is the oldest.
+        let mut flow_ends: Vec<Socket> = (0..MAX_CONNS)
+            .map(|i| {
+                let now = Instant::from_secs(100 + i as i64);
+                conns
+                    .open(&mut ring, now, not_forwarding, &mut counters)
+                    .unwrap()
+            })
+            .collect();
+        let now = Instant::from_secs(100 + MAX_CONNS as i64);
+        run(&mut ring, &mut conns, now);
+        // Slot 0 has a query forwarded, slot 1 a reply queued: busy. Slot 2 goes.
+        let id = |conns: &Conns, slot: usize| ConnId {
+            slot,
+            generation: conns.slots[slot].as_ref().unwrap().generation,
+        };
+        let (forwarded, queued) = (id(&conns, 0), id(&conns, 1));
+        conns.slots[1].as_mut().unwrap().queued = 1;
+        let forwarding = |conn: ConnId| conn == forwarded;
+        let new_end = conns.open(&mut ring, now, forwarding, &mut counters);
+        assert!(new_end.is_some(), "admitted");
+        assert_eq!(counters.tcp_evicted, 1);
+        run(&mut ring, &mut conns, now);
+        assert!(closed(&mut flow_ends[2]), "the oldest idle one is closed");
+        for slot in [0, 1, 3, MAX_CONNS - 1] {
+            assert!(!closed(&mut flow_ends[slot]), "slot {slot} stays");
+        }
+        // The evicted one's cancelled receive did not end its successor in the slot.
+        let successor = conns.slots[2].as_ref().unwrap();
+        assert!(!successor.ended && successor.receiving);
+        assert_eq!(id(&conns, 1), queued);
+        // With every connection busy, a new one is refused and none closed.
+        for conn in conns.slots.iter_mut().flatten() {
+            conn.queued = 1;
+        }
+        assert!(
+            conns
+                .open(&mut ring, now, forwarding, &mut counters)
+                .is_none()
+        );
+        assert_eq!(counters.tcp_evicted, 1);
+        drop(new_end);
     }
 }

@@ -86,13 +86,8 @@ impl Proxy {
             return None;
         }
         let server = key.server_addr();
-        if let Some(dns) = &mut self.dns
-            && server.port() == super::dns::PORT
-        {
-            let Some(socket) = dns.conns.open(&mut self.ring, now) else {
-                dns.counters.tcp_refused += 1;
-                return None;
-            };
+        if self.dns.is_some() && server.port() == super::dns::PORT {
+            let socket = self.open_dns_tcp(now)?;
             return self.open_tcp_to(key, mss, syn, now, None, Some(socket));
         }
         // A fake destination (`--dns fake`) is connected to by its name, which the flow

@@ -230,6 +230,12 @@ family!(
     "Fake-address table entries given to another name (the least recently used, held by no flow)."
 );
 family!(
+    DNS_TCP_EVICTIONS,
+    "dns_tcp_evictions_total",
+    Counter,
+    "Idle DNS-over-TCP connections closed to admit a new one when every slot was taken (RFC 7766 6.2.3)."
+);
+family!(
     FAKE_ENTRIES,
     "fake_entries",
     Gauge,
