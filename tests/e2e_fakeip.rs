@@ -749,50 +749,59 @@ fn idle_dns_over_tcp_connections_make_room_for_new_ones_and_are_closed() {
     let socks = microsocks(&topo, None);
     let mut proxy = fake_dns_proxy(&topo, topo.tun_name(), &socks, &[]);
     let resolver = SocketAddr::new(RESOLVER.parse().unwrap(), 53);
-    let (extra, oldest_closed, next_open, closed, after) = join(topo.in_client(move || {
-        let connect = || {
-            let conn = TcpStream::connect_timeout(&resolver, IO_TIMEOUT).expect("connect");
-            common::set_timeouts(&conn);
-            conn
-        };
-        let mut idle: Vec<TcpStream> = (0..SLOTS).map(|_| connect()).collect();
-        // Every slot held by a silent client: a query on one more is answered all the
-        // same, in the slot of the one silent longest (the first), which is closed.
-        let extra = tcp_query(&mut connect(), &dns_query(0x6565, "extra.fake.test"));
-        idle[0].set_read_timeout(Some(EVENT_DEADLINE)).unwrap();
-        let oldest_closed = matches!(idle[0].read(&mut [0u8; 1]), Ok(0));
-        idle[1].set_nonblocking(true).unwrap();
-        let next_open =
-            matches!(idle[1].read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock);
-        // Left idle, the others are closed by the proxy (10 s), well within the deadline.
-        let deadline = Instant::now() + Duration::from_secs(40);
-        let closed = idle
-            .into_iter()
-            .skip(1)
-            .filter_map(|conn| {
-                conn.set_nonblocking(false).unwrap();
-                let left = deadline.saturating_duration_since(Instant::now());
-                conn.set_read_timeout(Some(left.max(Duration::from_millis(10))))
-                    .unwrap();
-                matches!((&conn).read(&mut [0u8; 1]), Ok(0)).then_some(())
-            })
-            .count();
-        // Then a new connection is served.
-        let after = tcp_query(&mut connect(), &dns_query(0x4321, "after.fake.test"));
-        (extra, oldest_closed, next_open, closed, after)
-    }));
+    let (extra, oldest_closed, next_open, closed, after, filled_in) =
+        join(topo.in_client(move || {
+            let connect = || {
+                let conn = TcpStream::connect_timeout(&resolver, IO_TIMEOUT).expect("connect");
+                common::set_timeouts(&conn);
+                conn
+            };
+            let started = Instant::now();
+            let mut idle: Vec<TcpStream> = (0..SLOTS).map(|_| connect()).collect();
+            // Every slot held by a silent client: a query on one more is answered all the
+            // same, in the slot of the one silent longest (the first), which is closed.
+            let extra = tcp_query(&mut connect(), &dns_query(0x6565, "extra.fake.test"));
+            let filled_in = started.elapsed();
+            idle[0].set_read_timeout(Some(EVENT_DEADLINE)).unwrap();
+            let oldest_closed = matches!(idle[0].read(&mut [0u8; 1]), Ok(0));
+            idle[1].set_nonblocking(true).unwrap();
+            let next_open =
+                matches!(idle[1].read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock);
+            // Left idle, the others are closed by the proxy (10 s), well within the deadline.
+            let deadline = Instant::now() + Duration::from_secs(40);
+            let closed = idle
+                .into_iter()
+                .skip(1)
+                .filter_map(|conn| {
+                    conn.set_nonblocking(false).unwrap();
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    conn.set_read_timeout(Some(left.max(Duration::from_millis(10))))
+                        .unwrap();
+                    matches!((&conn).read(&mut [0u8; 1]), Ok(0)).then_some(())
+                })
+                .count();
+            // Then a new connection is served.
+            let after = tcp_query(&mut connect(), &dns_query(0x4321, "after.fake.test"));
+            (extra, oldest_closed, next_open, closed, after, filled_in)
+        }));
     for (reply, id) in [(&extra, 0x6565u16), (&after, 0x4321)] {
         assert_eq!(&reply[..2], &id.to_be_bytes());
         assert!(a_record(reply).to_string().starts_with(FAKE_V4_PREFIX));
     }
-    assert!(
-        oldest_closed,
-        "the connection silent longest is closed for the new one"
-    );
-    assert!(next_open, "only that one");
     assert_eq!(closed, SLOTS - 1, "idle connections closed by the proxy");
     let stats = proxy.stats();
-    assert_eq!(dns_field(&stats, "tcp-evicted"), 1, "{stats}");
+    // Had filling the slots taken the proxy's idle timeout (10 s, a machine far too
+    // loaded), the first connections would have been closed as idle, not evicted.
+    if filled_in < Duration::from_secs(9) {
+        assert!(
+            oldest_closed,
+            "the connection silent longest is closed for the new one"
+        );
+        assert!(next_open, "only that one");
+        assert_eq!(dns_field(&stats, "tcp-evicted"), 1, "{stats}");
+    } else {
+        eprintln!("filling the slots took {filled_in:?}: the eviction is not told apart");
+    }
     assert_eq!(dns_field(&stats, "tcp-refused"), 0, "{stats}");
     proxy.assert_running();
 }
