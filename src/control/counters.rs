@@ -243,6 +243,8 @@ table! {
         |s| s.stats.udp.super_packets_down;
     UDP_SUPER_PACKET_DATAGRAMS &[DOWN], "udp_super_packet_datagrams_down",
         Offload "udp-datagrams-in-super-packets-out", |s| s.stats.udp.super_packet_datagrams_down;
+    UDP_GATHERED_WRITES &[DOWN], "udp_gathered_writes_down", Offload "udp-gathered-out",
+        |s| s.stats.udp.gathered_down;
     UDP_COALESCED_RECEIVES &[], "udp_coalesced_receives", Offload "udp-coalesced-receives",
         |s| s.stats.udp.coalesced_receives;
     UDP_PER_DATAGRAM_FALLBACKS &[DOWN], "udp_per_datagram_fallbacks_down",

@@ -39,10 +39,14 @@ impl Proxy {
             let _ = self.ring.submit_and_wait(Some(Duration::from_millis(10)));
             self.ring.drain(&mut completions, MAX_COMPLETIONS_PER_TURN);
             for completion in &completions {
-                if let Some(token) = Token::decode(completion.token)
-                    && token.op == Op::TunWrite
-                {
-                    self.stack.tx.release(token.key as u16);
+                match Token::decode(completion.token) {
+                    Some(token) if token.op == Op::TunWrite => {
+                        self.stack.tx.release(token.key as u16);
+                    }
+                    Some(token) if token.op == Op::TunGather => {
+                        self.stack.tx.release_gathered(token.key as u16);
+                    }
+                    _ => {}
                 }
             }
             if !owed {

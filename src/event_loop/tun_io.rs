@@ -10,8 +10,8 @@ use log::warn;
 use nix::libc;
 
 use crate::error::Error;
-use crate::stack::TxPool;
 use crate::stack::device::MAX_SEGMENTATION_PACKET;
+use crate::stack::{TxPool, Write};
 use crate::stats::Stats;
 use crate::sys::{self, netlink};
 use crate::tun::Tun;
@@ -252,15 +252,30 @@ impl TunIo {
         }
     }
 
-    /// Submits a write for every packet the pool has filled.
+    /// Submits a write for every packet the pool has queued, in order.
     pub fn flush_writes(&self, ring: &mut Ring, tx: &mut TxPool) {
         let fd = self.tun.as_fd();
-        tx.take_ready(|index, packet| {
-            ring.write(
-                fd,
-                packet,
-                Token::new(Op::TunWrite, 0, usize::from(index)).encode(),
-            );
+        tx.take_writes(|write| match write {
+            Write::Packet(index, packet) => {
+                let token = Token::new(Op::TunWrite, 0, usize::from(index));
+                ring.write(fd, packet, token.encode());
+                true
+            }
+            Write::Gathered {
+                slot,
+                headers,
+                iovecs,
+                payload,
+            } => {
+                let token = Token::new(Op::TunGather, 0, usize::from(slot)).encode();
+                let queued = ring.write_gathered(fd, headers, iovecs, payload, token);
+                if !queued {
+                    // Not a buffer we hold (never expected): the packet is lost, as a
+                    // failed write's would be, and the buffer goes back.
+                    ring.unhold(payload.group, payload.bid);
+                }
+                queued
+            }
         });
     }
 }

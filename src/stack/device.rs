@@ -7,8 +7,9 @@ use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Med
 use smoltcp::time::Instant;
 use smoltcp::wire::IpVersion;
 
+use super::gather;
 use super::window::{self, WindowState};
-use crate::uring::{Region, Slice};
+use crate::uring::{InBuffer, Region, Slice};
 use crate::wire::{Offload, offload, uso, vnet};
 
 /// Largest packet smoltcp may hand the TUN for segmentation: the IPv4 length limit.
@@ -64,14 +65,46 @@ impl FlowTx<'_> {
     }
 }
 
+/// A packet queued for the TUN, in the order queued.
+#[derive(Clone, Copy, Debug)]
+enum Ready {
+    /// Pool buffer `index`, holding a whole packet of `len` bytes.
+    Packet { index: u16, len: u32 },
+    /// Header slot `slot`'s `len` bytes, then `payload` where it was received.
+    Gathered {
+        slot: u16,
+        len: u32,
+        payload: InBuffer,
+    },
+}
+
+/// One TUN write to submit (see `TxPool::take_writes`).
+pub enum Write {
+    /// Pool buffer `index`, holding the whole packet.
+    Packet(u16, Slice),
+    /// Header slot `slot`'s headers, then `payload`: one packet, written with the
+    /// slot's iovec array (bytes `iovecs` of the headers' region).
+    Gathered {
+        slot: u16,
+        headers: Slice,
+        iovecs: std::ops::Range<usize>,
+        payload: InBuffer,
+    },
+}
+
 /// Fixed transmit buffers, in one region the ring writes from; each filled buffer
 /// becomes one TUN write, and returns to the pool when that write completes. When the
-/// pool is empty smoltcp holds its data back.
+/// pool is empty smoltcp holds its data back. Beside them, slots for the headers of
+/// packets whose payload is written from where it was received (`emit_gathered`).
 pub struct TxPool {
     region: Region,
     buf_size: usize,
     free: Vec<u16>,
-    ready: Vec<(u16, u32)>,
+    ready: Vec<Ready>,
+    gathered: gather::Slots,
+    /// `emit_gathered` queued a packet since `take_gathered`: its payload must stay
+    /// where it was received until the write completes.
+    gathered_since: bool,
     /// Where replies go when no buffer is free during ingress: written, then dropped.
     scratch: Box<[u8]>,
     /// Set when smoltcp asked for a buffer and none was free.
@@ -100,7 +133,9 @@ impl TxPool {
             region: Region::new(usize::from(count) * buf_size)?,
             buf_size,
             free: (0..count).rev().collect(),
-            ready: Vec::with_capacity(usize::from(count)),
+            ready: Vec::with_capacity(usize::from(count) + usize::from(gather::SLOTS)),
+            gathered: gather::Slots::new()?,
+            gathered_since: false,
             scratch: vec![0u8; buf_size].into_boxed_slice(),
             exhausted: false,
             reserve: usize::from(count / 8),
@@ -117,20 +152,48 @@ impl TxPool {
         start..start + self.buf_size
     }
 
-    /// Buffers filled since the last call, as (index, the packet's bytes); the caller
-    /// submits them and `release`s each once its write has completed.
-    pub fn take_ready(&mut self, mut each: impl FnMut(u16, Slice)) {
-        for &(index, len) in &self.ready {
-            let start = self.range(index).start;
-            each(
-                index,
-                Slice {
-                    region: self.region.clone(),
-                    range: start..start + len as usize,
-                },
-            );
+    /// Packets queued since the last call, in order; the caller submits them and
+    /// `release`s each pool buffer (`release_gathered` each header slot) once its write
+    /// has completed. `each` returns false for a write it could not queue: a gathered
+    /// one's slot is free again at once.
+    pub fn take_writes(&mut self, mut each: impl FnMut(Write) -> bool) {
+        for &ready in &self.ready {
+            let queued = each(match ready {
+                Ready::Packet { index, len } => {
+                    let start = self.range(index).start;
+                    let packet = Slice {
+                        region: self.region.clone(),
+                        range: start..start + len as usize,
+                    };
+                    Write::Packet(index, packet)
+                }
+                Ready::Gathered { slot, len, payload } => {
+                    let (headers, iovecs) = self.gathered.write(slot, len);
+                    Write::Gathered {
+                        slot,
+                        headers,
+                        iovecs,
+                        payload,
+                    }
+                }
+            });
+            if let (false, Ready::Gathered { slot, .. }) = (queued, ready) {
+                self.gathered.release(slot);
+            }
         }
         self.ready.clear();
+    }
+
+    /// The pool buffers filled since the last call, as (index, the packet's bytes), for
+    /// callers that queue no gathered packets (tests, benchmarks): one would be dropped.
+    pub fn take_ready(&mut self, mut each: impl FnMut(u16, Slice)) {
+        self.take_writes(|write| match write {
+            Write::Packet(index, packet) => {
+                each(index, packet);
+                true
+            }
+            Write::Gathered { .. } => false,
+        });
     }
 
     /// The MSS our own MTU allows for IPv6 (40 bytes of IPv6, 20 of TCP header).
@@ -148,6 +211,11 @@ impl TxPool {
 
     pub fn has_free(&self) -> bool {
         !self.free.is_empty()
+    }
+
+    /// Returns header slot `slot` after its gathered write completed.
+    pub fn release_gathered(&mut self, slot: u16) {
+        self.gathered.release(slot);
     }
 
     /// Buffers holding a packet (queued or being written), and buffers in the pool.
@@ -221,8 +289,43 @@ impl TxPool {
             return false;
         };
         self.free.pop();
-        self.ready.push((index, (self.header_len + len) as u32));
+        let len = (self.header_len + len) as u32;
+        self.ready.push(Ready::Packet { index, len });
         true
+    }
+
+    /// Queues one packet for the TUN whose headers `build` writes (returning their
+    /// length and what to ask of the TUN in the virtio-net header, as for
+    /// `emit_with_header`) and whose payload the write takes from `payload`, where it
+    /// was received: no copy. False, with nothing queued, when every header slot is in
+    /// use (each holds a receive buffer until its write completes) or the headers did
+    /// not fit: the caller copies the payload instead.
+    pub fn emit_gathered(
+        &mut self,
+        payload: InBuffer,
+        build: impl FnOnce(&mut [u8]) -> Option<(usize, vnet::Header)>,
+    ) -> bool {
+        let (header_len, vnet_header) = (self.header_len, self.offload.vnet_header());
+        let filled = self.gathered.fill(|buf| {
+            let (header, packet) = buf.split_at_mut_checked(header_len)?;
+            let (len, vnet) = build(packet)?;
+            if vnet_header {
+                vnet.emit(header);
+            }
+            Some(header_len + len)
+        });
+        let Some((slot, len)) = filled else {
+            return false;
+        };
+        self.ready.push(Ready::Gathered { slot, len, payload });
+        self.gathered_since = true;
+        true
+    }
+
+    /// Whether `emit_gathered` queued a packet since the last call (and clears it): the
+    /// caller then keeps the receive buffer its payload lies in until it is written.
+    pub fn take_gathered(&mut self) -> bool {
+        std::mem::take(&mut self.gathered_since)
     }
 
     /// Hands smoltcp a free buffer for a `len`-byte packet, then shapes what it wrote for
@@ -285,7 +388,8 @@ impl TxPool {
             (result, true)
         });
         if kept {
-            self.ready.push((index, total as u32));
+            let len = total as u32;
+            self.ready.push(Ready::Packet { index, len });
         } else {
             self.free.push(index);
             self.counters.hidden_window_updates += 1;

@@ -7,9 +7,10 @@ pub mod client;
 pub mod device;
 #[cfg(test)]
 mod fuzz;
+mod gather;
 pub mod window;
 
-pub use device::{Claim, StackDevice, TxPool};
+pub use device::{Claim, StackDevice, TxPool, Write};
 
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::time::Instant;

@@ -33,6 +33,9 @@ pub struct BufRing {
     group: u16,
     /// Buffers a completion has handed to us and we have not given back (a bitset).
     ours: Vec<u64>,
+    /// Of those, buffers an operation in flight reads (a gathered write): not given
+    /// back until it completes, whoever asks (a bitset).
+    lent: Vec<u64>,
     /// Buffers neither in the ring nor ours, set aside while fewer circulate.
     parked: Vec<u16>,
     /// How many buffers to keep in circulation (in the ring or ours).
@@ -66,6 +69,7 @@ impl BufRing {
             tail: 0,
             group,
             ours: vec![0; usize::from(count).div_ceil(64)],
+            lent: vec![0; usize::from(count).div_ceil(64)],
             parked: (circulating..count).rev().collect(),
             circulating,
         };
@@ -97,11 +101,39 @@ impl BufRing {
     }
 
     fn set_ours(&mut self, bid: u16, ours: bool) {
-        let (word, bit) = (usize::from(bid / 64), 1u64 << (bid % 64));
-        if ours {
-            self.ours[word] |= bit;
-        } else {
-            self.ours[word] &= !bit;
+        set_bit(&mut self.ours, bid, ours);
+    }
+
+    fn is_lent(&self, bid: u16) -> bool {
+        bid < self.count && self.lent[usize::from(bid / 64)] & (1 << (bid % 64)) != 0
+    }
+
+    /// Keeps buffer `bid` (ours) out of the ring for an operation that is to read it
+    /// (`lent`): `give_back` leaves it alone until `end_lend`. A buffer not ours is
+    /// left alone.
+    pub fn lend(&mut self, bid: u16) {
+        if self.is_ours(bid) {
+            set_bit(&mut self.lent, bid, true);
+        }
+    }
+
+    /// Where bytes `range` of lent buffer `bid` are, for the operation it is lent to;
+    /// `None` for a buffer not lent or a range past its end.
+    pub fn lent(&self, bid: u16, range: std::ops::Range<usize>) -> Option<*const u8> {
+        if !self.is_lent(bid) || range.start > range.end || range.end > self.buf_size {
+            return None;
+        }
+        let start = usize::from(bid) * self.buf_size + range.start;
+        // SAFETY: inside the mapping (`range` is inside buffer `bid`, checked above).
+        Some(unsafe { self.storage.as_ptr().add(start) }.cast_const())
+    }
+
+    /// The operation that read lent buffer `bid` has completed (or none will): it goes
+    /// back.
+    pub fn end_lend(&mut self, bid: u16) {
+        if self.is_lent(bid) {
+            set_bit(&mut self.lent, bid, false);
+            self.give_back(bid);
         }
     }
 
@@ -130,9 +162,10 @@ impl BufRing {
 
     /// Gives buffer `bid` back: into the ring (visible after `publish`), or set aside
     /// while fewer buffers circulate. Buffers not ours are left alone: handing the
-    /// kernel one twice would let it write into a buffer still being read.
+    /// kernel one twice would let it write into a buffer still being read; so are lent
+    /// ones, which go back when the operation reading them completes (`end_lend`).
     pub fn give_back(&mut self, bid: u16) {
-        if !self.is_ours(bid) {
+        if !self.is_ours(bid) || self.is_lent(bid) {
             return;
         }
         self.set_ours(bid, false);
@@ -202,6 +235,15 @@ impl BufRing {
         // the kernel reads it concurrently, hence the atomic release store.
         let tail = unsafe { &*(BufRingEntry::tail(self.entries).cast::<AtomicU16>()) };
         tail.store(self.tail, Ordering::Release);
+    }
+}
+
+fn set_bit(bits: &mut [u64], bid: u16, on: bool) {
+    let (word, bit) = (usize::from(bid / 64), 1u64 << (bid % 64));
+    if on {
+        bits[word] |= bit;
+    } else {
+        bits[word] &= !bit;
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod buf_ring;
 pub mod features;
+mod gather;
 pub mod memory;
 mod provided;
 mod reap;
@@ -25,6 +26,7 @@ use socket2::SockAddr;
 
 use buf_ring::BufRing;
 pub use features::{Features, KernelVersion};
+pub use gather::{IOVECS_ALIGN, IOVECS_LEN, InBuffer};
 pub use memory::Region;
 pub(crate) use memory::{Family, Lent};
 pub use provided::Message;
@@ -98,6 +100,9 @@ enum Keep {
     Accept,
     /// A multishot recvmsg's header (the kernel may read it at any re-issue).
     Msghdr(Box<libc::msghdr>),
+    /// A gathered write's region (header and iovecs), and the provided buffer (group,
+    /// id) lent for its payload, given back when it completes.
+    Gathered(Region, u16, u16),
 }
 
 /// The ring, set up for one thread that submits and reaps everything itself.

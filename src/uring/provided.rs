@@ -78,7 +78,7 @@ impl Ring {
         }
     }
 
-    fn buf_ring_mut(&mut self, group: u16) -> Option<&mut BufRing> {
+    pub(super) fn buf_ring_mut(&mut self, group: u16) -> Option<&mut BufRing> {
         self.buf_rings.get_mut(usize::from(group))?.as_mut()
     }
 
@@ -100,7 +100,7 @@ impl Ring {
         self.buf_ring(group).map_or(0, BufRing::buf_size)
     }
 
-    fn buf_ring(&self, group: u16) -> Option<&BufRing> {
+    pub(super) fn buf_ring(&self, group: u16) -> Option<&BufRing> {
         self.buf_rings.get(usize::from(group))?.as_ref()
     }
 }

@@ -43,8 +43,11 @@ impl Ring {
             {
                 buffers.take(bid);
             }
-            if !cqueue::more(flags) {
-                self.inflight.remove(index);
+            if !cqueue::more(flags)
+                && let Keep::Gathered(_, group, bid) = self.inflight.remove(index).keep
+                && let Some(Some(buffers)) = self.buf_rings.get_mut(usize::from(group))
+            {
+                buffers.end_lend(bid);
             }
             out.push(Completion {
                 token,

@@ -90,6 +90,6 @@ impl Ring {
     }
 }
 
-fn overlap(a: &Range<usize>, b: &Range<usize>) -> bool {
+pub(super) fn overlap(a: &Range<usize>, b: &Range<usize>) -> bool {
     a.start < b.end && b.start < a.end
 }

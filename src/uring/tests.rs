@@ -277,3 +277,81 @@ fn a_segmented_send_arrives_as_its_datagrams_and_bad_message_ranges_are_refused(
     }
     assert_eq!(region.holders(), 1, "let go once complete");
 }
+
+#[test]
+fn a_gathered_write_keeps_its_payload_buffer_until_it_completes() {
+    let mut ring = Ring::new().expect("io_uring");
+    let size = RECVMSG_OVERHEAD + 256;
+    ring.provide_buffers(3, 4, size).unwrap();
+    let (ours, peer) = UnixDatagram::pair().expect("socketpair");
+    ring.recvmsg_multishot(ours.as_fd(), 3, 9);
+    let _ = ring.submit_and_wait(Some(Duration::ZERO));
+    peer.send(b"payload").unwrap();
+    let done = completions(&mut ring, 1);
+    let bid = done[0].buffer_id().expect("a provided buffer");
+    let region = Region::new(4096).unwrap();
+    region.kernel_write(64, b"HDR");
+    let headers = Slice {
+        region: region.clone(),
+        range: 64..67,
+    };
+    let payload = InBuffer {
+        group: 3,
+        bid,
+        start: RECVMSG_OVERHEAD as u32,
+        len: 7,
+    };
+    let (reader, writer) = pipe();
+    let write = |ring: &mut Ring, headers: &Slice, iovecs, payload| {
+        ring.write_gathered(writer.as_fd(), headers.clone(), iovecs, payload, 5)
+    };
+    assert!(
+        !write(&mut ring, &headers, 0..IOVECS_LEN, payload),
+        "not held"
+    );
+    ring.hold(3, bid);
+    assert!(
+        !write(&mut ring, &headers, 4..4 + IOVECS_LEN, payload),
+        "misaligned"
+    );
+    assert!(
+        !write(&mut ring, &headers, 56..56 + IOVECS_LEN, payload),
+        "overlapping"
+    );
+    let past = InBuffer {
+        len: 257,
+        ..payload
+    };
+    assert!(
+        !write(&mut ring, &headers, 0..IOVECS_LEN, past),
+        "past the buffer"
+    );
+    // A full pipe: the write waits, and the buffer with it, recycled or not.
+    let full = vec![0u8; 65536];
+    assert_eq!(nix::unistd::write(&writer, &full), Ok(full.len()));
+    assert!(write(&mut ring, &headers, 0..IOVECS_LEN, payload));
+    ring.recycle(3, bid);
+    let _ = ring.submit_and_wait(Some(Duration::from_millis(10)));
+    let mut batch = Vec::new();
+    ring.drain(&mut batch, 64);
+    assert!(batch.is_empty(), "the write waits for room");
+    let held = ring
+        .message(3, bid, RECVMSG_OVERHEAD + 7)
+        .expect("still ours");
+    assert_eq!(held.payload, b"payload");
+    let mut drained = vec![0u8; full.len()];
+    assert_eq!(nix::unistd::read(&reader, &mut drained), Ok(full.len()));
+    let done = completions(&mut ring, 1);
+    assert_eq!((done[0].token, done[0].result), (5, 10));
+    let mut packet = [0u8; 16];
+    assert_eq!(nix::unistd::read(&reader, &mut packet), Ok(10));
+    assert_eq!(&packet[..10], b"HDRpayload");
+    assert_eq!(
+        ring.message(3, bid, RECVMSG_OVERHEAD + 7),
+        None,
+        "given back once written"
+    );
+    drop(headers);
+    assert_eq!(region.holders(), 1, "let go once complete");
+    assert!(ring.cancel_all(Duration::from_secs(1)));
+}

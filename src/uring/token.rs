@@ -10,6 +10,9 @@ pub enum Op {
     TunWrite = 2,
     /// Outbound connect of a flow.
     Connect = 3,
+    /// Gathered write of one packet to the TUN (headers, then a payload where it was
+    /// received); the key is the header slot.
+    TunGather = 6,
     /// Send of client bytes to the outbound socket.
     Send = 4,
     /// Receive of server bytes from the outbound socket.
@@ -55,6 +58,7 @@ impl Op {
             3 => Op::Connect,
             4 => Op::Send,
             5 => Op::Recv,
+            6 => Op::TunGather,
             8 => Op::Signal,
             9 => Op::UdpSend,
             10 => Op::UdpRecv,
@@ -125,6 +129,7 @@ mod tests {
             Op::Connect,
             Op::Send,
             Op::Recv,
+            Op::TunGather,
             Op::Signal,
             Op::UdpSend,
             Op::UdpRecv,

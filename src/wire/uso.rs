@@ -7,7 +7,8 @@
 // lengths and checksum (the last piece may be shorter). Only what came as equal
 // datagrams is put together, so the client sees exactly the datagrams the server sent.
 
-use smoltcp::wire::{IpAddress, IpProtocol, UdpPacket, checksum};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, UdpPacket, checksum};
 
 use super::FlowKey;
 use super::vnet::{self, Gso};
@@ -67,8 +68,7 @@ pub fn segment_size(
 /// Writes into `buf` the super-packet carrying `datagrams` (of `segment_size` bytes
 /// each, as `segment_size` found) from the server of flow `key` to its client; returns
 /// its length and the virtio-net header that asks the kernel to split it, or `None` if
-/// it does not fit. The UDP checksum holds the pseudo-header sum: the kernel completes
-/// each datagram's.
+/// it does not fit.
 pub fn reply<'d>(
     buf: &mut [u8],
     key: FlowKey,
@@ -76,27 +76,49 @@ pub fn reply<'d>(
     segment_size: u16,
 ) -> Option<(usize, vnet::Header)> {
     let payload: usize = datagrams.clone().map(<[u8]>::len).sum();
+    let (len, header) = headers(buf, key, payload, segment_size)?;
+    let mut at = len;
+    for datagram in datagrams {
+        buf.get_mut(at..at + datagram.len())?
+            .copy_from_slice(datagram);
+        at += datagram.len();
+    }
+    Some((at, header))
+}
+
+/// Writes into `buf` the IP and UDP headers of a super-packet whose `payload` bytes
+/// (datagrams of `segment_size` bytes, as `segment_size` found) are to follow them,
+/// from the server of flow `key` to its client: for a write that gathers the payload
+/// from where it was received. Returns their length and the virtio-net header, or
+/// `None` if they do not fit `buf` or the packet would pass the IP length limit. The
+/// UDP checksum holds the pseudo-header sum: the kernel completes each datagram's.
+pub fn headers(
+    buf: &mut [u8],
+    key: FlowKey,
+    payload: usize,
+    segment_size: u16,
+) -> Option<(usize, vnet::Header)> {
     let udp_len = UDP_HEADER + payload;
     let (src, dst) = (key.server.addr, key.client.addr);
-    let len = super::emit_ip(buf, (src, dst), IpProtocol::Udp, udp_len, |segment| {
-        let mut packet = UdpPacket::new_unchecked(&mut *segment);
-        packet.set_src_port(key.server.port);
-        packet.set_dst_port(key.client.port);
-        packet.set_len(udp_len as u16);
-        packet.set_checksum(checksum::pseudo_header(
-            &src,
-            &dst,
-            IpProtocol::Udp,
-            udp_len as u32,
-        ));
-        let mut at = UDP_HEADER;
-        for datagram in datagrams {
-            segment[at..at + datagram.len()].copy_from_slice(datagram);
-            at += datagram.len();
-        }
-    })?;
-    let ip_len = len - udp_len;
-    let header = vnet::Header {
+    let ip = IpRepr::new(src, dst, IpProtocol::Udp, udp_len, 64);
+    let ip_len = ip.header_len();
+    if ip_len + udp_len > MAX_IP_LEN {
+        return None;
+    }
+    let header = buf.get_mut(..ip_len + UDP_HEADER)?;
+    // Only the IP header's own bytes are written and summed: the payload is not here.
+    ip.emit(&mut *header, &ChecksumCapabilities::default());
+    let mut packet = UdpPacket::new_unchecked(&mut header[ip_len..]);
+    packet.set_src_port(key.server.port);
+    packet.set_dst_port(key.client.port);
+    packet.set_len(udp_len as u16);
+    packet.set_checksum(checksum::pseudo_header(
+        &src,
+        &dst,
+        IpProtocol::Udp,
+        udp_len as u32,
+    ));
+    let vnet = vnet::Header {
         needs_csum: true,
         gso: Gso::UdpL4,
         ecn: false,
@@ -105,7 +127,7 @@ pub fn reply<'d>(
         csum_start: ip_len as u16,
         csum_offset: UDP_CHECKSUM_OFFSET,
     };
-    Some((len, header))
+    Some((ip_len + UDP_HEADER, vnet))
 }
 
 #[cfg(test)]
@@ -216,6 +238,20 @@ mod tests {
                 let alone_len = udp::reply(&mut alone, key, datagram).unwrap();
                 assert_eq!(piece, &alone[..alone_len]);
             }
+            let mut gathered = vec![0u8; 64];
+            let (head, gathered_header) = headers(&mut gathered, key, 3000, size).unwrap();
+            assert_eq!(gathered_header, header);
+            gathered.truncate(head);
+            gathered.extend(&data);
+            assert_eq!(
+                gathered,
+                buf[..len],
+                "headers, then the payload where it lies"
+            );
+            let too_small = &mut [0u8; 64][..head - 1];
+            assert_eq!(headers(too_small, key, 3000, size), None);
+            let above_ip_limit = MAX_IP_LEN - head + UDP_HEADER + 1;
+            assert_eq!(headers(&mut [0u8; 64], key, above_ip_limit, size), None);
             let mut short = vec![0u8; len - 1];
             assert_eq!(
                 reply(&mut short, key, datagrams.iter().copied(), size),

@@ -67,6 +67,12 @@ family!(
     "Receives from servers that brought several UDP datagrams at once (UDP_GRO)."
 );
 family!(
+    UDP_GATHERED_WRITES,
+    "udp_gathered_writes_total",
+    Counter,
+    "UDP super-packets written to the TUN from the buffer they were received into, without copying them (the rest of uringproxy_udp_super_packets_total were copied)."
+);
+family!(
     UDP_PER_DATAGRAM_FALLBACKS,
     "udp_per_datagram_fallbacks_total",
     Counter,

@@ -14,7 +14,7 @@ use crate::flow::Id;
 use crate::flow::datagram::{self, Arrival, Received, RecvError};
 use crate::flow::upstream;
 use crate::sys;
-use crate::uring::{Completion, Message};
+use crate::uring::{Completion, InBuffer, Message, RECVMSG_OVERHEAD};
 use crate::wire::icmp::Reason;
 
 impl Proxy {
@@ -51,6 +51,14 @@ impl Proxy {
                 bytes
             }),
         };
+        // A direct flow's datagrams are the buffer's payload as received.
+        let received_in = bid.filter(|_| relay.is_none()).zip(bytes.as_ref().ok());
+        let received_in = received_in.map(|(bid, bytes)| InBuffer {
+            group: RECV_GROUP,
+            bid,
+            start: RECVMSG_OVERHEAD as u32,
+            len: bytes.len() as u32,
+        });
         let received = match bytes {
             // Nothing for the client: every datagram from the relay was dropped.
             Ok(_) if ranges.is_empty() => udp.flows.on_dropped(id, more),
@@ -58,6 +66,7 @@ impl Proxy {
                 let batch = Arrival {
                     bytes,
                     datagrams: &ranges,
+                    received_in,
                 };
                 let tx = &mut self.stack.tx;
                 udp.flows.on_received(id, now, Ok(batch), more, tx)
@@ -69,6 +78,11 @@ impl Proxy {
         };
         udp.batch = ranges;
         if let Some(bid) = bid {
+            // A TUN write queued to take the payload from this buffer: it goes back
+            // when that write completes (the recycle below leaves it alone until then).
+            if self.stack.tx.take_gathered() {
+                self.ring.hold(RECV_GROUP, bid);
+            }
             self.ring.recycle(RECV_GROUP, bid);
         }
         match received {

@@ -2,6 +2,7 @@
 
 use std::ops::Range;
 
+use crate::uring::InBuffer;
 use crate::wire::udp::{self, MAX_DATAGRAM};
 
 /// The server datagrams one receive brought, in order: `datagrams` are ranges of
@@ -10,6 +11,9 @@ use crate::wire::udp::{self, MAX_DATAGRAM};
 pub struct Arrival<'a> {
     pub bytes: &'a [u8],
     pub datagrams: &'a [Range<usize>],
+    /// Where `bytes` lie in the receive buffer, when a TUN write may take them from
+    /// there (the datagrams are the buffer's bytes as received, no relay header cut out).
+    pub received_in: Option<InBuffer>,
 }
 
 impl<'a> Arrival<'a> {
@@ -49,6 +53,7 @@ mod tests {
         let batch = Arrival {
             bytes: &payload,
             datagrams: &ranges,
+            received_in: None,
         };
         assert_eq!(batch.iter().collect::<Vec<_>>().concat(), payload);
         split(&payload, None, &mut ranges);
@@ -60,6 +65,7 @@ mod tests {
         let outside = Arrival {
             bytes: &payload[..10],
             datagrams: &[5..20],
+            received_in: None,
         };
         assert_eq!(outside.iter().collect::<Vec<_>>(), [&[][..]]);
     }

@@ -118,6 +118,8 @@ pub struct Counters {
     /// server datagrams in them (also counted in `datagrams_down`).
     pub super_packets_down: u64,
     pub super_packet_datagrams_down: u64,
+    /// Of those super-packets, the ones written from the receive buffer, not copied.
+    pub gathered_down: u64,
 }
 
 /// One flow; `io` is the event loop's (its socket), the rest is ours.

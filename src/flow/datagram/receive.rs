@@ -106,10 +106,22 @@ fn reply_as_one<S>(
         return false;
     };
     let count = batch.datagrams.len() as u64;
-    if tx.emit_with_header(Claim::Egress, |buf| {
-        uso::reply(buf, key, batch.iter(), size)
-    }) {
-        let bytes = lens.sum::<usize>() as u64;
+    let bytes = lens.sum::<usize>();
+    // The datagrams are the received bytes back to back: the write can take them from
+    // the receive buffer behind headers of its own, while a header slot is free.
+    let gathered = batch
+        .received_in
+        .filter(|within| within.len as usize == bytes);
+    let gathered = gathered.is_some_and(|payload| {
+        tx.emit_gathered(payload, |buf| uso::headers(buf, key, bytes, size))
+    });
+    if gathered
+        || tx.emit_with_header(Claim::Egress, |buf| {
+            uso::reply(buf, key, batch.iter(), size)
+        })
+    {
+        let bytes = bytes as u64;
+        counters.gathered_down += u64::from(gathered);
         counters.super_packets_down += 1;
         counters.super_packet_datagrams_down += count;
         counters.datagrams_down += count;

@@ -1,7 +1,8 @@
 //! The datagram flows' tests, on a simulated clock: timeouts, eviction, replies, pings.
 
 use super::*;
-use crate::stack::TxPool;
+use crate::stack::{TxPool, Write};
+use crate::uring::InBuffer;
 use crate::wire::demux::tests::v4;
 use crate::wire::icmp;
 use crate::wire::{Offload, Parsed, parse};
@@ -34,6 +35,7 @@ fn receive<S>(
     let batch = Arrival {
         bytes: datagram,
         datagrams: std::slice::from_ref(&whole),
+        received_in: None,
     };
     flows.on_received(id, now, Ok(batch), more, tx)
 }
@@ -338,4 +340,78 @@ fn ping_flows_are_counted_apart_and_flows_carry_their_bytes_and_age() {
     assert_eq!(flows.open_by_kind(), (1, 0), "a closing flow is not open");
     assert!(flows.at_slot(ping.slot).unwrap().is_closing());
     assert!(flows.at_slot(flows.slot_end()).is_none());
+}
+
+/// What `tx` holds for the client, taken: each packet's bytes, and for a gathered one
+/// its headers and where the rest is to come from.
+fn writes(tx: &mut TxPool) -> Vec<(Vec<u8>, Option<InBuffer>)> {
+    let mut all = Vec::new();
+    tx.take_writes(|write| {
+        all.push(match write {
+            Write::Packet(_, packet) => (packet.region.kernel_read(packet.range), None),
+            Write::Gathered {
+                headers, payload, ..
+            } => (headers.region.kernel_read(headers.range), Some(payload)),
+        });
+        true
+    });
+    all
+}
+
+#[test]
+fn a_direct_flows_super_packet_is_written_from_its_receive_buffer_while_slots_last() {
+    let mut flows: Flows<()> = Flows::new(limits(8));
+    let mut tx = TxPool::new(4, 1500, Offload::Uso).unwrap();
+    let id = flows.open(Kind::Udp, key(5000, 443), (), at(0)).unwrap();
+    flows.arm_recv(id);
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    let mut ranges = Vec::new();
+    split(&data, Some(1200), &mut ranges);
+    let within = InBuffer {
+        group: 1,
+        bid: 7,
+        start: 80,
+        len: 3000,
+    };
+    let mut receive = |tx: &mut TxPool, received_in, datagrams: &[std::ops::Range<usize>]| {
+        let batch = Arrival {
+            bytes: &data,
+            datagrams,
+            received_in,
+        };
+        flows.on_received(id, at(1), Ok(batch), true, tx);
+        tx.take_gathered()
+    };
+    assert!(receive(&mut tx, Some(within), &ranges), "gathered");
+    assert!(!receive(&mut tx, None, &ranges), "through a relay: copied");
+    let lone = std::slice::from_ref(&(0..1200));
+    assert!(
+        !receive(&mut tx, Some(within), lone),
+        "one datagram: copied"
+    );
+    let written = writes(&mut tx);
+    assert_eq!(written.len(), 3);
+    assert_eq!(written[0].1, Some(within));
+    let mut gathered = written[0].0.clone();
+    gathered.extend(&data);
+    assert_eq!(gathered, written[1].0, "the same packet as the copy");
+    assert_eq!(written[1].1, None);
+    assert_eq!(written[2].0.len(), 10 + 28 + 1200);
+    // Every slot holds a receive buffer until its write completes (the first still
+    // does): then copies.
+    let more = (0..100)
+        .take_while(|_| receive(&mut tx, Some(within), &ranges))
+        .count();
+    assert_eq!(more, 63);
+    let written = writes(&mut tx);
+    assert_eq!(written.len(), 64);
+    assert!(written[..63].iter().all(|(_, payload)| payload.is_some()));
+    assert_eq!(written[63].1, None, "copied with no slot free");
+    tx.release_gathered(3);
+    assert!(receive(&mut tx, Some(within), &ranges), "a slot back");
+    let counters = &flows.counters;
+    assert_eq!(
+        (counters.gathered_down, counters.super_packets_down),
+        (65, 67)
+    );
 }
