@@ -3,7 +3,8 @@
 //! and a client that receives without GRO and checks every datagram's length, sequence
 //! number and bytes, in order, and the hash of them all; over IPv4 and IPv6, with the
 //! TUN's USO on (coalesced receives leave as one super-packet each) and off (one write
-//! per datagram), and through a SOCKS5 relay (danted). The proxy's counters say which.
+//! per datagram), and through a SOCKS5 relay (danted). The proxy's counters say which,
+//! and that a direct flow's super-packets are written from the receive buffer (gathered).
 
 mod common;
 
@@ -243,6 +244,8 @@ fn gso_and_plain_datagrams_reach_the_client_as_sent_in_super_packets() {
         "{stats}"
     );
     assert!(counter(&stats, "udp-coalesced-receives") >= super_packets);
+    // Rounds go one at a time, so a header slot is always free: no payload is copied.
+    assert_eq!(counter(&stats, "udp-gathered-out"), super_packets, "{stats}");
     proxy.assert_running();
 }
 
@@ -350,5 +353,7 @@ fn through_a_socks5_relay_coalesced_datagrams_lose_each_header() {
         0,
         "{stats}"
     );
+    // Each datagram had its relay header in front: the payload is copied without them.
+    assert_eq!(counter(&stats, "udp-gathered-out"), 0, "{stats}");
     proxy.assert_running();
 }
