@@ -245,7 +245,11 @@ fn gso_and_plain_datagrams_reach_the_client_as_sent_in_super_packets() {
     );
     assert!(counter(&stats, "udp-coalesced-receives") >= super_packets);
     // Rounds go one at a time, so a header slot is always free: no payload is copied.
-    assert_eq!(counter(&stats, "udp-gathered-out"), super_packets, "{stats}");
+    assert_eq!(
+        counter(&stats, "udp-gathered-out"),
+        super_packets,
+        "{stats}"
+    );
     proxy.assert_running();
 }
 
