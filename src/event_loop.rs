@@ -88,7 +88,8 @@ impl Proxy {
         loop {
             self.tun.arm_reads(&mut self.ring);
             self.signals.arm(&mut self.ring);
-            self.tun.flush_writes(&mut self.ring, &mut self.stack.tx);
+            self.tun
+                .flush_writes(&mut self.ring, &mut self.stack.tx, &mut self.stats);
             let timeout = self.next_timeout();
             self.tun
                 .submit_and_wait(&mut self.ring, timeout)
@@ -160,7 +161,10 @@ impl Proxy {
                     self.stats.tun_writes += 1;
                     self.stats.tun_write_bytes += completion.result as u64;
                 }
-                self.tcp.wake_starved();
+                // Only a transmit buffer freed can feed a flow starved of them.
+                if token.op == Op::TunWrite {
+                    self.tcp.wake_starved();
+                }
             }
             Op::Signal => match self.signals.on_read(completion.result) {
                 Some(Request::Counters) => self.print_counters(),

@@ -35,7 +35,8 @@ impl Proxy {
                 owed |= entry.flow.flush(now, iface, &mut self.stack.tx);
             }
             self.stack.tx.take_exhausted();
-            self.tun.flush_writes(&mut self.ring, &mut self.stack.tx);
+            self.tun
+                .flush_writes(&mut self.ring, &mut self.stack.tx, &mut self.stats);
             let _ = self.ring.submit_and_wait(Some(Duration::from_millis(10)));
             self.ring.drain(&mut completions, MAX_COMPLETIONS_PER_TURN);
             for completion in &completions {

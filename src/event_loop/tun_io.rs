@@ -253,7 +253,7 @@ impl TunIo {
     }
 
     /// Submits a write for every packet the pool has queued, in order.
-    pub fn flush_writes(&self, ring: &mut Ring, tx: &mut TxPool) {
+    pub fn flush_writes(&self, ring: &mut Ring, tx: &mut TxPool, stats: &mut Stats) {
         let fd = self.tun.as_fd();
         tx.take_writes(|write| match write {
             Write::Packet(index, packet) => {
@@ -273,6 +273,7 @@ impl TunIo {
                     // Not a buffer we hold (never expected): the packet is lost, as a
                     // failed write's would be, and the buffer goes back.
                     ring.unhold(payload.group, payload.bid);
+                    stats.tun_write_errors += 1;
                 }
                 queued
             }

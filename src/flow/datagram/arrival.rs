@@ -24,6 +24,19 @@ impl<'a> Arrival<'a> {
             .iter()
             .map(move |range| bytes.get(range.clone()).unwrap_or(&[]))
     }
+
+    /// The datagrams are all of `bytes`, back to back and in order: written as they lie,
+    /// they are the payload of a super-packet.
+    pub fn contiguous(&self) -> bool {
+        let mut end = 0;
+        for range in self.datagrams {
+            if range.start != end {
+                return false;
+            }
+            end = range.end;
+        }
+        end == self.bytes.len()
+    }
 }
 
 /// Fills `ranges` with the datagrams in `payload`, what one receive brought: with a
@@ -68,5 +81,20 @@ mod tests {
             received_in: None,
         };
         assert_eq!(outside.iter().collect::<Vec<_>>(), [&[][..]]);
+    }
+
+    #[test]
+    fn only_datagrams_that_are_all_the_bytes_in_order_are_contiguous() {
+        let bytes = [0u8; 10];
+        let arrival = |datagrams: &'static [Range<usize>]| Arrival {
+            bytes: &bytes,
+            datagrams,
+            received_in: None,
+        };
+        assert!(arrival(&[0..4, 4..8, 8..10]).contiguous());
+        assert!(!arrival(&[0..4, 8..10]).contiguous(), "a gap");
+        assert!(!arrival(&[4..8, 0..4, 8..10]).contiguous(), "out of order");
+        assert!(!arrival(&[0..4, 4..8]).contiguous(), "short of the end");
+        assert!(!arrival(&[2..10]).contiguous(), "not from the start");
     }
 }

@@ -111,7 +111,7 @@ fn reply_as_one<S>(
     // the receive buffer behind headers of its own, while a header slot is free.
     let gathered = batch
         .received_in
-        .filter(|within| within.len as usize == bytes);
+        .filter(|within| within.len as usize == bytes && batch.contiguous());
     let gathered = gathered.is_some_and(|payload| {
         tx.emit_gathered(payload, |buf| uso::headers(buf, key, bytes, size))
     });
