@@ -123,10 +123,14 @@ fn udp_segmentation_super_packets_are_split_into_their_datagrams() {
         "datagrams the server received"
     );
     let stats = proxy.stats();
-    assert!(
-        !stats.contains("super-packets in 0 "),
-        "the send should have crossed the TUN as a super-packet:\n{stats}"
-    );
+    // A suite run with the TUN's offload capped (URINGPROXY_MAX_OFFLOAD, inherited by
+    // the proxy) has no USO: the client's kernel then splits the send itself.
+    if std::env::var_os("URINGPROXY_MAX_OFFLOAD").is_none() {
+        assert!(
+            !stats.contains("super-packets in 0 "),
+            "the send should have crossed the TUN as a super-packet:\n{stats}"
+        );
+    }
     proxy.assert_running();
 }
 
