@@ -949,9 +949,12 @@ impl Harness {
         let segment_size = segment_size.filter(|_| kind == Kind::Udp);
         let mut ranges = Vec::new();
         datagram::split(&received, segment_size, &mut ranges);
+        // The simulated kernel has no provided buffers: replies are copied, as through a
+        // relay (the gathered path's buffer handling is the ring's, tested there).
         let batch = Arrival {
             bytes: &received,
             datagrams: &ranges,
+            received_in: None,
         };
         let down_before = self.datagrams.counters.datagrams_down;
         let result = self
