@@ -10,7 +10,6 @@ use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
@@ -61,7 +60,7 @@ fn sighup_and_sigquit_reset_every_flow_exit_zero_and_remove_the_rules() {
             join(topo.in_client(move || addrs.into_iter().map(connect).collect::<Vec<_>>()));
         for i in 0..FLOWS {
             ready_rx
-                .recv_timeout(Duration::from_secs(10))
+                .recv_timeout(common::EVENT_DEADLINE)
                 .unwrap_or_else(|e| panic!("{signal}: only {i} of {FLOWS} flows got through: {e}"));
         }
         proxy.signal(signal);
@@ -121,31 +120,18 @@ fn a_deleted_tun_resets_outbound_flows_and_ends_in_one_error_line() {
         }
     });
     let stream = stream_rx
-        .recv_timeout(Duration::from_secs(10))
+        .recv_timeout(common::EVENT_DEADLINE)
         .expect("client connected");
     assert!(
-        wait_until(Duration::from_secs(10), || received.load(Ordering::Relaxed)
+        wait_until(common::EVENT_DEADLINE, || received.load(Ordering::Relaxed)
             >= 4 * MIB),
         "the transfer did not get going"
     );
-    common::ip(&format!(
-        "-n {} link del {}",
-        topo.client_ns(),
-        topo.tun_name()
-    ));
-    let status = proxy
-        .wait_exit(common::EVENT_DEADLINE)
-        .expect("no exit after the TUN was deleted");
+    delete_tun_and_expect_exit(&topo, &mut proxy);
     stop.store(true, Ordering::Relaxed);
     // Unblocks a write stuck on the vanished path.
     let _ = stream.shutdown(Shutdown::Both);
     join(client);
-    assert_eq!(status.code(), Some(1), "exit status {status}");
-    let output = proxy.stderr();
-    assert!(
-        matches!(common::error_lines(&output)[..], [line] if line.contains("was deleted")),
-        "expected one `uringproxy: error:` line about the TUN:\n{output}"
-    );
     assert_eq!(
         server.join().remove(0),
         Err(ErrorKind::ConnectionReset),
@@ -161,6 +147,12 @@ fn an_idle_proxy_exits_when_its_tun_is_deleted() {
         return;
     };
     let mut proxy = topo.start_proxy(&[]);
+    delete_tun_and_expect_exit(&topo, &mut proxy);
+    assert_eq!(route_rules(&topo), 0, "rules left after exit");
+}
+
+/// Deletes the proxy's TUN; the proxy must exit 1 with one error line saying so.
+fn delete_tun_and_expect_exit(topo: &Topology, proxy: &mut common::Proxy) {
     common::ip(&format!(
         "-n {} link del {}",
         topo.client_ns(),
@@ -175,5 +167,4 @@ fn an_idle_proxy_exits_when_its_tun_is_deleted() {
         matches!(common::error_lines(&output)[..], [line] if line.contains("was deleted")),
         "expected one `uringproxy: error:` line about the deleted TUN:\n{output}"
     );
-    assert_eq!(route_rules(&topo), 0, "rules left after exit");
 }
