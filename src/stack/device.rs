@@ -102,9 +102,9 @@ pub struct TxPool {
     free: Vec<u16>,
     ready: Vec<Ready>,
     gathered: gather::Slots,
-    /// `emit_gathered` queued a packet since `take_gathered`: its payload must stay
-    /// where it was received until the write completes.
-    gathered_since: bool,
+    /// Where the payload of the packet `emit_gathered` queued since `take_gathered`
+    /// lies: it must stay there until the write completes.
+    gathered_since: Option<InBuffer>,
     /// Where replies go when no buffer is free during ingress: written, then dropped.
     scratch: Box<[u8]>,
     /// Set when smoltcp asked for a buffer and none was free.
@@ -135,7 +135,7 @@ impl TxPool {
             free: (0..count).rev().collect(),
             ready: Vec::with_capacity(usize::from(count) + usize::from(gather::SLOTS)),
             gathered: gather::Slots::new()?,
-            gathered_since: false,
+            gathered_since: None,
             scratch: vec![0u8; buf_size].into_boxed_slice(),
             exhausted: false,
             reserve: usize::from(count / 8),
@@ -318,13 +318,13 @@ impl TxPool {
             return false;
         };
         self.ready.push(Ready::Gathered { slot, len, payload });
-        self.gathered_since = true;
+        self.gathered_since = Some(payload);
         true
     }
 
-    /// Whether `emit_gathered` queued a packet since the last call (and clears it): the
-    /// caller then keeps the receive buffer its payload lies in until it is written.
-    pub fn take_gathered(&mut self) -> bool {
+    /// The receive buffer of the packet `emit_gathered` queued since the last call, if
+    /// any (cleared): the caller keeps it until the packet is written.
+    pub fn take_gathered(&mut self) -> Option<InBuffer> {
         std::mem::take(&mut self.gathered_since)
     }
 

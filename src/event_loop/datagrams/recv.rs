@@ -80,8 +80,8 @@ impl Proxy {
         if let Some(bid) = bid {
             // A TUN write queued to take the payload from this buffer: it goes back
             // when that write completes (the recycle below leaves it alone until then).
-            if self.stack.tx.take_gathered() {
-                self.ring.hold(RECV_GROUP, bid);
+            if let Some(payload) = self.stack.tx.take_gathered() {
+                self.ring.hold(payload.group, payload.bid);
             }
             self.ring.recycle(RECV_GROUP, bid);
         }
