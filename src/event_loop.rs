@@ -148,11 +148,7 @@ impl Proxy {
         match token.op {
             Op::TunRead => self.on_tun_read(completion),
             Op::TunWrite | Op::TunGather => {
-                if token.op == Op::TunWrite {
-                    self.stack.tx.release(token.key as u16);
-                } else {
-                    self.stack.tx.release_gathered(token.key as u16);
-                }
+                tun_io::release_write(&mut self.stack.tx, token);
                 if completion.result == -libc::EBADFD {
                     self.fatal.get_or_insert(self.tun.deleted());
                 } else if completion.result < 0 {

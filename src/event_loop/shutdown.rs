@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use log::warn;
 
+use super::tun_io;
 use super::{MAX_COMPLETIONS_PER_TURN, Proxy};
 use crate::sys;
-use crate::uring::{Op, Token};
+use crate::uring::Token;
 
 /// How long resetting every flow may take before the process exits.
 const RESET_LIMIT: Duration = Duration::from_millis(800);
@@ -40,14 +41,8 @@ impl Proxy {
             let _ = self.ring.submit_and_wait(Some(Duration::from_millis(10)));
             self.ring.drain(&mut completions, MAX_COMPLETIONS_PER_TURN);
             for completion in &completions {
-                match Token::decode(completion.token) {
-                    Some(token) if token.op == Op::TunWrite => {
-                        self.stack.tx.release(token.key as u16);
-                    }
-                    Some(token) if token.op == Op::TunGather => {
-                        self.stack.tx.release_gathered(token.key as u16);
-                    }
-                    _ => {}
+                if let Some(token) = Token::decode(completion.token) {
+                    tun_io::release_write(&mut self.stack.tx, token);
                 }
             }
             if !owed {

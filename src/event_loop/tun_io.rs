@@ -281,6 +281,17 @@ impl TunIo {
     }
 }
 
+/// Frees what the TUN write of `token` used (a pool buffer, or a gathered write's
+/// header slot) once it has completed; false for a token of no TUN write.
+pub fn release_write(tx: &mut TxPool, token: Token) -> bool {
+    match token.op {
+        Op::TunWrite => tx.release(token.key as u16),
+        Op::TunGather => tx.release_gathered(token.key as u16),
+        _ => return false,
+    }
+    true
+}
+
 /// What to submit for TUN reads this turn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Submit {
