@@ -389,15 +389,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_idle_connection_is_closed_after_the_idle_time() {
+    /// A ring and connections with one connection opened at `now`, and the flow's end
+    /// of it.
+    fn one_connection(now: Instant) -> (Ring, Conns, DnsStats, Socket) {
         let mut ring = Ring::new().expect("io_uring");
         let mut conns = Conns::default();
-        let start = Instant::from_secs(100);
         let mut counters = DnsStats::default();
-        let mut flow_end = conns
-            .open(&mut ring, start, |_| false, &mut counters)
+        let flow_end = conns
+            .open(&mut ring, now, |_| false, &mut counters)
             .unwrap();
+        (ring, conns, counters, flow_end)
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_after_the_idle_time() {
+        let start = Instant::from_secs(100);
+        let (mut ring, mut conns, _, mut flow_end) = one_connection(start);
         run(&mut ring, &mut conns, start);
         assert_eq!(conns.next_idle(), Some(start + IDLE));
         let before = start + IDLE - Duration::from_millis(1);
@@ -439,12 +446,7 @@ mod tests {
 
     #[test]
     fn a_reply_of_the_largest_size_is_delivered_whole() {
-        let mut ring = Ring::new().expect("io_uring");
-        let mut conns = Conns::default();
-        let mut counters = DnsStats::default();
-        let mut flow_end = conns
-            .open(&mut ring, Instant::ZERO, |_| false, &mut counters)
-            .unwrap();
+        let (mut ring, mut conns, mut counters, mut flow_end) = one_connection(Instant::ZERO);
         let id = ConnId {
             slot: 0,
             generation: conns.generation,
@@ -464,12 +466,7 @@ mod tests {
     #[test]
     fn pipelined_queries_are_taken_in_order_and_the_inbox_reused() {
         use std::io::Write;
-        let mut ring = Ring::new().expect("io_uring");
-        let mut conns = Conns::default();
-        let mut counters = DnsStats::default();
-        let mut flow_end = conns
-            .open(&mut ring, Instant::ZERO, |_| false, &mut counters)
-            .unwrap();
+        let (mut ring, mut conns, _, mut flow_end) = one_connection(Instant::ZERO);
         let mut out = [0u8; 64];
         for round in 0..2u8 {
             let mut stream = Vec::new();
